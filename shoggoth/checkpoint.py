@@ -1,0 +1,224 @@
+"""Hugging Face model directories in and out, and atomic resume checkpoints.
+
+Every stage reads and writes a Hugging Face directory (config.json,
+model.safetensors, tokenizer files, generation_config.json). Resume state
+(weights, optimizer, step) lives in `out_dir/checkpoints/step_NNNNNN.pt`.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ModelDirError
+from .model import GPT, GPTConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), fsync it, then rename over path: a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# ---------------------------------------------------------------- HF config
+
+
+def hf_config(c: GPTConfig, dtype="float32"):
+    """GPTConfig -> the config.json of the matching Hugging Face architecture."""
+    if c.qk_norm and c.qkv_bias:
+        raise ModelDirError("q/k norm together with q/k/v bias has no Hugging Face architecture")
+    model_type = "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama"
+    d = {
+        "architectures": [ARCHS[model_type]],
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps,
+        # transformers 5 reads rope_parameters; older releases and other tools read rope_theta.
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+    if model_type == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    elif model_type == "qwen3":
+        d.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
+    else:
+        d.update(use_sliding_window=False, sliding_window=None)
+    return d
+
+
+def gpt_config(d: dict, where="config.json"):
+    """A Hugging Face config.json (Llama, Qwen2, Qwen3) -> GPTConfig, or a clear error."""
+    mt = d.get("model_type")
+    if mt not in ARCHS:
+        raise ModelDirError(f"{where}: model_type {mt!r} is not supported (use one of {', '.join(ARCHS)})")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ModelDirError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
+    if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias"):
+        raise ModelDirError(f"{where}: only a bias-free SiLU MLP is supported")
+    if d.get("use_sliding_window"):
+        raise ModelDirError(f"{where}: sliding-window attention is not supported")
+    if mt in ("llama", "qwen3") and d.get("attention_bias"):
+        raise ModelDirError(f"{where}: attention_bias (which also biases o_proj) is not supported")
+    n_head = d["num_attention_heads"]
+    return GPTConfig(
+        vocab_size=d["vocab_size"],
+        n_layer=d["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=d.get("num_key_value_heads") or n_head,
+        n_embd=d["hidden_size"],
+        head_dim=d.get("head_dim") or d["hidden_size"] // n_head,
+        intermediate_size=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        tie_embeddings=d.get("tie_word_embeddings", mt != "qwen2"),
+        qkv_bias=mt == "qwen2",
+        qk_norm=mt == "qwen3",
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=_first(d.get("eos_token_id")),
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+# ---------------------------------------------------------------- HF directories
+
+
+def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation=None):
+    """Write model as a Hugging Face causal-LM directory, weights in fp32."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    if c.tie_embeddings:
+        sd.pop("lm_head.weight")
+    atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    write_json(out / "config.json", hf_config(c))
+    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
+    write_json(out / "generation_config.json", {**gen, **(generation or {})})
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+
+
+def read_config(model_dir):
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirError(f"{d}: no such model directory")
+    if not (d / "config.json").exists():
+        raise ModelDirError(f"{d}: not a model directory (no config.json)")
+    try:
+        return json.loads((d / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{d / 'config.json'}: invalid JSON ({e})") from None
+
+
+def load_state_dict(model_dir):
+    """All tensors of a directory's model.safetensors (or its shards)."""
+    d = Path(model_dir)
+    files = sorted(d.glob("model*.safetensors"))
+    if not files:
+        raise ModelDirError(f"{d}: no model.safetensors")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def load_pretrained(model_dir, dtype=torch.float32):
+    """A Hugging Face Llama/Qwen2/Qwen3 (or shoggoth) directory -> GPT."""
+    d = Path(model_dir)
+    config = gpt_config(read_config(d), where=str(d / "config.json"))
+    model = GPT(config)
+    load_weights(model, load_state_dict(d), where=str(d))
+    return model.to(dtype)
+
+
+def load_weights(module, sd, where):
+    """Copy sd into module, failing with the names of missing or misshapen weights."""
+    own = module.state_dict()
+    tied = getattr(getattr(module, "config", None), "tie_embeddings", False)
+    if tied:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        own.pop("lm_head.weight", None)
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise ModelDirError(f"{where}: weights missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(k for k in set(sd) - set(own) if "rotary_emb" not in k)
+    if extra:
+        raise ModelDirError(f"{where}: unexpected weights: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    for k, v in own.items():
+        if sd[k].shape != v.shape:
+            raise ModelDirError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the config says {tuple(v.shape)}")
+    module.load_state_dict({k: sd[k] for k in own}, strict=False)
+
+
+# ---------------------------------------------------------------- resume checkpoints
+
+
+def save_checkpoint(out_dir, step, state: dict, keep=3):
+    """Atomically write out_dir/checkpoints/step_NNNNNN.pt and keep the last `keep`."""
+    ckdir = Path(out_dir) / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    path = ckdir / f"step_{step:06d}.pt"
+    atomic_write(path, lambda p: torch.save({**state, "step": step}, p))
+    for old in sorted(ckdir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(out_dir):
+    found = sorted((Path(out_dir) / "checkpoints").glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,90 @@
+"""Byte-level BPE with Hugging Face `tokenizers`: train, save, load.
+
+Saved as `tokenizer.json` + `tokenizer_config.json`, which
+`transformers.AutoTokenizer.from_pretrained(dir)` loads offline.
+"""
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import ModelDirError
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # chat turns: <|im_start|>role\n...<|im_end|>
+SPECIALS = [BOS, EOS, PAD, IM_START, IM_END]
+
+
+def train(docs, vocab_size):
+    """A byte-level BPE tokenizer trained on an iterable of strings; specials get ids 0..4."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer)
+    return Tok(tok, dict(bos_token=BOS, eos_token=EOS, pad_token=PAD))
+
+
+def save(tok, out_dir, model_max_length=None):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.tok.save(str(out / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **tok.special,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length or 1_000_000,
+    }
+    old = out / "tokenizer_config.json"
+    if old.exists():  # keep what later stages added (the chat template)
+        cfg = {**json.loads(old.read_text()), **cfg}
+    old.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def load(model_dir):
+    d = Path(model_dir)
+    if not (d / "tokenizer.json").exists():
+        raise ModelDirError(f"{d}: no tokenizer.json")
+    cfg_path = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    special = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        v = cfg.get(key)
+        special[key] = v["content"] if isinstance(v, dict) else v
+    return Tok(Tokenizer.from_file(str(d / "tokenizer.json")), special)
+
+
+class Tok:
+    """The tokenizer and its special-token ids; plain lists of ints in and out."""
+
+    def __init__(self, tok: Tokenizer, special: dict):
+        self.tok, self.special = tok, special
+        self.bos_id = self._id(special.get("bos_token"))
+        self.eos_id = self._id(special.get("eos_token"))
+        pad = self._id(special.get("pad_token"))
+        self.pad_id = pad if pad is not None else self.eos_id
+
+    def _id(self, token):
+        return None if token is None else self.tok.token_to_id(token)
+
+    def __len__(self):
+        return self.tok.get_vocab_size()
+
+    def token_id(self, token):
+        return self.tok.token_to_id(token)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def check_model(self, vocab_size, where):
+        """A tokenizer whose ids do not all fit the model's embedding is an error."""
+        if len(self) > vocab_size:
+            raise ModelDirError(f"{where}: tokenizer has {len(self)} tokens but the model's vocab_size is {vocab_size}")

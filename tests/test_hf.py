@@ -1,0 +1,74 @@
+"""Hugging Face in and out: logits of imported and exported models match transformers."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from shoggoth.checkpoint import ModelDirError, load_pretrained, save_pretrained
+from shoggoth.model import GPT, GPTConfig
+
+SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+KINDS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24, tie_word_embeddings=True)),
+}
+
+
+def randomize(model):
+    # Random norms and biases too, so that a swapped or dropped weight shows in the logits.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_import_matches_transformers(kind, tmp_path):
+    cfg_cls, model_cls, extra = KINDS[kind]
+    torch.manual_seed(0)
+    hf = model_cls(cfg_cls(**SHAPE, **extra)).eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path).eval()
+    assert ours.config.qkv_bias == (kind == "qwen2") and ours.config.qk_norm == (kind == "qwen3")
+    idx = torch.randint(0, 97, (3, 17))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
+def test_export_loads_in_transformers(kw, tmp_path):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64, **kw)).eval()
+    randomize(ours)
+    save_pretrained(ours, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 10000.0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 97, (2, 33))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    again = load_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+def test_bad_model_dirs(tmp_path):
+    with pytest.raises(ModelDirError, match="no such model directory"):
+        load_pretrained(tmp_path / "nope")
+    with pytest.raises(ModelDirError, match="no config.json"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelDirError, match="'gpt2' is not supported"):
+        load_pretrained(tmp_path)
+    save_pretrained(GPT(GPTConfig(vocab_size=50, n_layer=1, n_embd=32, n_head=2)), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDirError, match="has shape"):
+        load_pretrained(tmp_path)
