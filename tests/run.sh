@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need, then runs them.
+# Debian's chromium drives the web-app tests; Debian's postgresql serves the
+# Postgres path (the tests start their own server in a temporary folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq chromium postgresql >/dev/null
+fi
+python -m pip install -q -e '.[test]'
+python -m pytest -q "$@"
