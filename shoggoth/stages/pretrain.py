@@ -1,0 +1,216 @@
+"""Pretraining: next-token prediction on raw text, from scratch or from a Hugging Face model.
+
+    shoggoth pretrain --config demo-cpu --out runs/pretrain
+    torchrun --nproc_per_node 8 -m shoggoth pretrain --config gpt2-124m --corpus data/ --out runs/p
+
+The loop is written out: lr schedule, micro-steps, clip, step, log, eval,
+sample, checkpoint. The output directory is a Hugging Face LlamaForCausalLM
+directory; resume state lives in out/checkpoints/.
+"""
+
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, data, dist, tokenizer
+from ..errors import ShoggothError, TrainingError
+from ..metrics import Metrics, peak_flops
+from ..model import GPT, GPTConfig
+
+
+@dataclass
+class Config:
+    """Pretrain a GPT by next-token prediction on raw text."""
+
+    corpus: list[str] = field(default_factory=list)  # .txt/.md files, folders, or JSONL with "text"; empty = King James Bible
+    out: str = "runs/pretrain"  # output Hugging Face model directory
+    init: str = ""  # continue from this Hugging Face model directory (Llama/Qwen2/Qwen3); its tokenizer is used
+    tokenizer: str = ""  # tokenizer directory; empty = train one on the corpus (or use init's)
+    vocab_size: int = 4096  # vocabulary of a newly trained tokenizer
+    n_layer: int = 4  # decoder blocks (ignored with --init)
+    n_head: int = 4  # attention heads
+    n_kv_head: int = 0  # key/value heads; 0 = n_head
+    n_embd: int = 256  # residual width
+    seq_len: int = 256  # tokens per training sequence
+    rope_theta: float = 10000.0  # RoPE base
+    tie_embeddings: bool = True  # share the input embedding with the output projection
+    batch_size: int = 16  # sequences per micro-step, summed over all ranks
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 3e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms or biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype (auto = bf16 where fast)
+    compile: bool = False  # torch.compile the model
+    device: str = ""  # cpu | cuda; empty = cuda when available
+    val_every: int = 50  # hold out every N-th document for the validation loss
+    eval_every: int = 100  # steps between validation losses
+    eval_batches: int = 8  # batches per validation loss
+    sample_every: int = 250  # steps between printed samples; 0 = never
+    sample_tokens: int = 48  # tokens per printed sample
+    ckpt_every: int = 100  # steps between resume checkpoints
+    keep: int = 3  # resume checkpoints kept
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    seed: int = 1337  # seeds the initial weights and the data order
+
+
+# Fields a resumed run may change; the rest must match the checkpoint's.
+MAY_CHANGE = {"max_steps", "eval_every", "eval_batches", "sample_every", "sample_tokens", "ckpt_every", "keep",
+              "resume", "device", "compile"}
+SAMPLE_PROMPTS = ["In the beginning", "And the LORD said", "Blessed are"]
+
+
+def lr_at(step, c: Config):
+    """Linear warmup to lr, then cosine decay to lr * min_lr_frac at max_steps (steps count from 1)."""
+    if step <= c.warmup_steps:
+        return c.lr * step / max(1, c.warmup_steps)
+    progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
+    return c.lr * (c.min_lr_frac + (1 - c.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def run(c: Config):
+    d = dist.setup(c.device)
+    out = Path(c.out)
+    ckpt_path = checkpoint.latest_checkpoint(out)
+    if ckpt_path and not c.resume:
+        raise ShoggothError(f"{out} has checkpoints from an earlier run: pass --resume to continue it, or pick another --out")
+    if c.resume and not ckpt_path:
+        raise ShoggothError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    state = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
+    if state:
+        diff = {k: (v, getattr(c, k)) for k, v in state["config"].items() if k not in MAY_CHANGE and getattr(c, k) != v}
+        if diff:
+            raise ShoggothError(f"--resume: config differs from the checkpoint's: {diff}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- tokenizer and data (rank 0 builds, the others wait and read)
+    if c.init:
+        tok_dir = c.init
+    elif c.tokenizer:
+        tok_dir = c.tokenizer
+    else:
+        tok_dir = out
+        if d.main and not (out / "tokenizer.json").exists():
+            dist.print0(f"tokenizer: training a {c.vocab_size}-token byte-level BPE on the corpus")
+            tokenizer.save(tokenizer.train(data.read_corpus(c.corpus), c.vocab_size), out, c.seq_len)
+    dist.barrier()
+    tok = tokenizer.load(tok_dir)
+    if d.main:
+        data.build_shards(c.corpus, tok, out / "tokens", c.val_every, log=dist.print0)
+    dist.barrier()
+    shards = data.TokenShards(out / "tokens", seed=c.seed)
+
+    # ---- model and optimizer
+    torch.manual_seed(c.seed)
+    if c.init:
+        model = checkpoint.load_pretrained(c.init)
+        if c.seq_len > model.config.max_seq_len:
+            raise ShoggothError(f"seq_len {c.seq_len} exceeds {c.init}'s max_position_embeddings {model.config.max_seq_len}")
+    else:
+        model = GPT(GPTConfig(vocab_size=64 * math.ceil(len(tok) / 64), n_layer=c.n_layer, n_head=c.n_head,
+                              n_kv_head=c.n_kv_head, n_embd=c.n_embd, max_seq_len=c.seq_len,
+                              rope_theta=c.rope_theta, tie_embeddings=c.tie_embeddings))
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
+    tok.check_model(model.config.vocab_size, tok_dir)
+    model.to(d.device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=c.lr, betas=(c.beta1, c.beta2), fused=True)
+    step = 0
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step = state["step"]
+        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    train_model = model
+    if d.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if c.compile:
+        train_model = torch.compile(train_model)
+
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
+    flops_per_step = model.flops_per_token(c.seq_len) * tokens_per_step
+    peak = peak_flops(d.device, amp_dtype) * d.world
+    dist.print0(f"model: {model.num_params():,} parameters, {model.config.n_layer} layers, d={model.config.n_embd}; "
+                f"{tokens_per_step:,} tokens/step on {d.world} {d.device.type} process(es), autocast {amp_dtype}; "
+                f"train {shards.tokens('train'):,} tokens ({step * tokens_per_step / max(1, shards.tokens('train')):.2f} epochs done)")
+    metrics = Metrics(out, c.max_steps, resume_step=step, enabled=d.main)
+
+    def evaluate():
+        model.eval()
+        losses = []
+        with torch.no_grad(), amp:
+            for i in range(c.eval_batches):
+                x, y = shards.batch("val", c.batch_size, c.seq_len, step=i, rank=d.rank, world=d.world)
+                losses.append(model(x.to(d.device), y.to(d.device)))
+        model.train()
+        return dist.all_mean(torch.stack(losses).mean()).item()
+
+    def save():
+        # Rank 0 writes; ranks hold identical weights after each DDP step.
+        if d.main:
+            checkpoint.save_checkpoint(out, step, {"model": model.state_dict(), "optim": opt.state_dict(),
+                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
+        dist.barrier()
+
+    # ---- the loop
+    model.train()
+    while step < c.max_steps:
+        step += 1
+        t0 = time.perf_counter()
+        lr = lr_at(step, c)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(c.grad_accum):
+            x, y = shards.batch("train", c.batch_size, c.seq_len, step, micro, d.rank, d.world)
+            x, y = x.to(d.device), y.to(d.device)
+            sync = micro == c.grad_accum - 1 or d.world == 1
+            with amp, (nullcontext() if sync else train_model.no_sync()):
+                loss = train_model(x, y) / c.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        loss_val = dist.all_mean(loss_sum).item()
+        if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
+            last = checkpoint.latest_checkpoint(out)
+            raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped without "
+                                f"updating. Last good checkpoint: {last or 'none'} (lower --lr, then --resume)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        metrics.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens_per_step / dt},
+                    mfu=flops_per_step / dt / peak, dt=dt)
+        if step % c.eval_every == 0 or step == c.max_steps:
+            metrics.log(step, val_loss=evaluate())
+        if d.main and c.sample_every and (step % c.sample_every == 0 or step == c.max_steps):
+            print_samples(model, tok, c.sample_tokens)
+        if step % c.ckpt_every == 0 or step == c.max_steps:
+            save()
+
+    if d.main:
+        checkpoint.save_pretrained(model, out, tokenizer_dir=tok_dir)
+        dist.print0(f"saved Hugging Face model directory {out}")
+    metrics.close()
+    dist.cleanup()
+    return out
+
+
+def print_samples(model, tok, n_tokens):
+    from ..sampling import complete
+
+    texts = complete((model, tok), SAMPLE_PROMPTS, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=0)
+    for prompt, text in zip(SAMPLE_PROMPTS, texts):
+        print(f"  sample> {prompt}{text}".replace("\n", " / "), flush=True)
