@@ -21,6 +21,7 @@ PRESETS = Path(__file__).parent / "configs"
 # command -> module with `Config` and `run(cfg)`; imported only when used.
 STAGES = {
     "pretrain": "shoggoth.stages.pretrain",
+    "sft": "shoggoth.stages.sft",
 }
 
 
@@ -143,7 +144,61 @@ def cmd_demo(argv):
     demo.run(a.out)
 
 
-COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "demo": cmd_demo}
+def cmd_feedback(argv):
+    p = argparse.ArgumentParser(prog="shoggoth feedback", description="Human (and simulated) rankings of completions.")
+    sub = p.add_subparsers(dest="action", required=True)
+    db_help = "SQLAlchemy URL (postgresql://user@host/db) or a SQLite file path (default: feedback.db)"
+    g = sub.add_parser("generate", help="sample K completions per prompt and store them as ranking tasks")
+    g.add_argument("--policy", required=True, help="model directory to sample from")
+    g.add_argument("--prompts", required=True, help="JSONL of {prompt} or {messages}, optionally {references}")
+    g.add_argument("-k", type=int, default=4, help="completions per prompt")
+    g.add_argument("--db", default="feedback.db", help=db_help)
+    g.add_argument("--campaign", help="campaign name (default: the prompts file's name)")
+    g.add_argument("--rankings-per-task", type=int, default=3, help="N: rankings each task collects")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("serve", help="run the ranking web app")
+    s.add_argument("--db", default="feedback.db", help=db_help)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--admin-token", help="admin token (default: a random one, printed)")
+    m = sub.add_parser("simulate", help="simulated labelers rank the open tasks")
+    m.add_argument("--db", default="feedback.db", help=db_help)
+    m.add_argument("--persona", default="balanced", help="balanced, helpful, friendly or concise")
+    m.add_argument("--labelers", type=int, default=3)
+    m.add_argument("--campaign", help="only this campaign's tasks")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--noise", type=float, help="score noise of each labeler (default: the persona's)")
+    m.add_argument("--max-tasks", type=int, help="at most this many rankings per labeler")
+    e = sub.add_parser("export", help="write rankings (or TRL pairs) as JSONL")
+    e.add_argument("--db", default="feedback.db", help=db_help)
+    e.add_argument("--out", required=True)
+    e.add_argument("--pairs", action="store_true", help="TRL pairs {prompt, chosen, rejected} instead of rankings")
+    e.add_argument("--campaign", help="only this campaign")
+    a = p.parse_args(argv)
+    from .feedback import jobs
+
+    if a.action == "generate":
+        name, n = jobs.generate(a.policy, a.prompts, a.k, a.db, a.campaign, a.rankings_per_task, a.max_new_tokens,
+                                a.temperature, a.top_k, a.top_p, a.seed)
+        print(f"campaign {name!r}: {n} tasks of {a.k} completions stored in {a.db}")
+    elif a.action == "serve":
+        from .feedback.app import serve
+
+        serve(a.db, a.host, a.port, a.admin_token)
+    elif a.action == "simulate":
+        done = jobs.simulate(a.db, a.persona, a.labelers, a.campaign, a.seed, a.noise, a.max_tasks)
+        print(f"{sum(done.values())} rankings by {len(done)} simulated labelers: "
+              + ", ".join(f"{k} {v}" for k, v in done.items()))
+    else:
+        n = jobs.export(a.db, a.out, a.pairs, a.campaign)
+        print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")
+
+
+COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "demo": cmd_demo, "feedback": cmd_feedback}
 
 
 def main(argv=None):

@@ -1,0 +1,273 @@
+"""The ranking web app: `create_app(db)` returns a FastAPI app; `serve` runs it with uvicorn.
+
+Who may do what:
+- Labelers sign in with an invite link `/join/<token>`, which sets an HttpOnly
+  cookie; scripts send `Authorization: Bearer <token>` instead. Every labeler
+  endpoint acts on the caller's own assignments and rankings only.
+- The admin signs in with `/admin?token=<admin token>` (printed at start).
+- A state-changing request authenticated by a cookie must carry the CSRF token
+  of the page (header `X-CSRF-Token`, or form field `csrf`), an HMAC of the
+  session token under a secret kept in the database, and an `Origin`, when the
+  browser sends one, that is this server. A bearer header needs neither: no
+  other site can make a browser send it.
+- Model output is untrusted: the labeler page puts it into the DOM as text
+  only, templates autoescape, and a Content-Security-Policy forbids inline
+  script as a second wall.
+"""
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from pathlib import Path as FsPath
+from urllib.parse import urlsplit
+
+from fastapi import Body, FastAPI, Form, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from . import db as D
+from .agreement import agreement
+
+HERE = FsPath(__file__).parent
+LABELER_COOKIE, ADMIN_COOKIE = "sg_labeler", "sg_admin"
+ID = dict(ge=1, le=2**31 - 1)  # ids fit the database's integer column
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+class RankingIn(BaseModel):
+    ranking: list[list[StrictInt]] = Field(max_length=D.MAX_K, description="groups of completion ids, best first")
+    flags: list[StrictStr] = Field(default=[], max_length=len(D.FLAGS))
+
+
+def create_app(db, admin_token=None):
+    """The app on database `db` (URL or SQLite path); admin_token None makes a random one (app.state.admin_token)."""
+    engine = D.connect(db)
+    key = D.secret(engine).encode()
+    admin_token = admin_token or secrets.token_urlsafe(24)
+    app = FastAPI(title="Shoggoth feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.admin_token = engine, admin_token
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+
+    def csrf_for(role, token):
+        return hmac.new(key, f"{role}:{token}".encode(), hashlib.sha256).hexdigest()[:40]
+
+    def page(request, template, status=200, **ctx):
+        return templates.TemplateResponse(request, template, ctx, status_code=status)
+
+    # ------------------------------------------------------------ errors: 4xx with one clear message
+
+    def wants_html(request):
+        return not request.url.path.startswith(("/api/", "/admin/api/")) and request.method == "GET"
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        if wants_html(request):
+            return page(request, "message.html", exc.status_code, title=f"Error {exc.status_code}", message=exc.detail)
+        return JSONResponse({"error": exc.detail}, exc.status_code)
+
+    @app.exception_handler(D.Rejected)
+    async def rejected(request, exc):
+        return JSONResponse({"error": str(exc)}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        msgs = []
+        for e in exc.errors()[:3]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            msgs.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return JSONResponse({"error": "; ".join(msgs) or "invalid request"}, 422)
+
+    @app.middleware("http")
+    async def headers(request, call_next):
+        resp = await call_next(request)
+        resp.headers["Content-Security-Policy"] = CSP
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "no-referrer"  # invite tokens are in URLs
+        if not request.url.path.startswith("/static/"):
+            resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    # ------------------------------------------------------------ who is asking
+
+    def bearer(request):
+        h = request.headers.get("authorization", "")
+        return h[7:].strip() if h[:7].lower() == "bearer " else None
+
+    def check_csrf(request, role, token, sent):
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            raise HTTPException(403, "cross-origin request refused")
+        if not sent or not hmac.compare_digest(str(sent), csrf_for(role, token)):
+            raise HTTPException(403, "missing or stale CSRF token: reload the page")
+
+    def labeler(request, csrf=None):
+        """(id, name) of the signed-in labeler, or 401; checks CSRF where a cookie signed in."""
+        token, via_cookie = bearer(request), False
+        if token is None:
+            token, via_cookie = request.cookies.get(LABELER_COOKIE), True
+        who = D.labeler_by_token(engine, token)
+        if who is None:
+            raise HTTPException(401, "not signed in: open your invite link")
+        if via_cookie and request.method != "GET":
+            check_csrf(request, "labeler", token, request.headers.get("x-csrf-token") if csrf is None else csrf)
+        return who
+
+    def admin(request, csrf=None):
+        token, via_cookie = bearer(request), False
+        if token is None:
+            token, via_cookie = request.cookies.get(ADMIN_COOKIE), True
+        if not token or not hmac.compare_digest(token.encode(), admin_token.encode()):
+            raise HTTPException(401, "admin only: open the admin link printed by `shoggoth feedback serve`")
+        if via_cookie and request.method != "GET":
+            check_csrf(request, "admin", token, request.headers.get("x-csrf-token") if csrf is None else csrf)
+
+    def set_cookie(resp, name, value):
+        resp.set_cookie(name, value, httponly=True, samesite="lax", max_age=90 * 24 * 3600, path="/")
+
+    # ------------------------------------------------------------ labelers
+
+    @app.get("/", include_in_schema=False)
+    def home(request: Request):
+        return RedirectResponse("/label", 303)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)
+
+    @app.get("/join/{token}", response_class=HTMLResponse)
+    def join(request: Request, token: str = Path(max_length=200)):
+        if D.labeler_by_token(engine, token) is None:
+            raise HTTPException(404, "this invite link is not valid (ask for a new one)")
+        resp = RedirectResponse("/label", 303)
+        set_cookie(resp, LABELER_COOKIE, token)
+        return resp
+
+    @app.get("/label", response_class=HTMLResponse)
+    def label_page(request: Request):
+        lid, name = labeler(request)
+        token = request.cookies.get(LABELER_COOKIE) or bearer(request)
+        return page(request, "label.html", name=name, csrf=csrf_for("labeler", token), flags=D.FLAGS)
+
+    @app.get("/api/me")
+    def me(request: Request):
+        lid, name = labeler(request)
+        return {"name": name, "progress": D.progress(engine, lid)}
+
+    @app.post("/api/next")
+    def next_(request: Request):
+        lid, _ = labeler(request)
+        return {"task": D.next_task(engine, lid), "progress": D.progress(engine, lid)}
+
+    @app.post("/api/tasks/{task_id}/ranking", status_code=201)
+    def submit(request: Request, body: RankingIn, task_id: int = Path(**ID)):
+        lid, _ = labeler(request)
+        rid = D.submit(engine, lid, task_id, body.ranking, body.flags)
+        return {"ranking_id": rid, "progress": D.progress(engine, lid)}
+
+    @app.post("/api/tasks/{task_id}/skip")
+    def skip(request: Request, task_id: int = Path(**ID)):
+        lid, _ = labeler(request)
+        D.skip(engine, lid, task_id)
+        return {"progress": D.progress(engine, lid)}
+
+    @app.get("/api/rankings")
+    def my_rankings(request: Request, limit: int = Query(20, ge=1, le=500)):
+        lid, _ = labeler(request)
+        return {"rankings": D.rankings(engine, labeler=lid, limit=limit)}
+
+    # ------------------------------------------------------------ admin
+
+    def admin_page(request, status=200, **extra):
+        camps, labs = D.overview(engine)
+        for c in camps:
+            c["agreement"] = agreement(D.rankings(engine, campaign=c["name"]))
+        per = {}
+        for c in camps:
+            for name, t in c["agreement"]["per_labeler"].items():
+                per.setdefault(name, []).append(t)
+        for lab in labs:
+            ts = [t for t in per.get(lab["name"], []) if t is not None]
+            lab["tau"] = sum(ts) / len(ts) if ts else None
+        return page(request, "admin.html", status, campaigns=camps, labelers=labs,
+                    csrf=csrf_for("admin", request.cookies.get(ADMIN_COOKIE, "")), **extra)
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin_home(request: Request, token: str | None = Query(None, max_length=200)):
+        if token is not None:  # the admin link: trade the token in the URL for a cookie
+            if not hmac.compare_digest(token.encode(), admin_token.encode()):
+                raise HTTPException(401, "wrong admin token")
+            resp = RedirectResponse("/admin", 303)
+            set_cookie(resp, ADMIN_COOKIE, token)
+            return resp
+        admin(request)
+        return admin_page(request)
+
+    @app.post("/admin/invite", response_class=HTMLResponse)
+    def invite(request: Request, name: str = Form(max_length=100), campaign_id: str = Form(""),
+               csrf: str = Form("", max_length=100)):
+        admin(request, csrf)
+        cid = None
+        if campaign_id:
+            if not campaign_id.isdigit() or not 1 <= int(campaign_id) < 2**31:
+                raise HTTPException(422, "campaign_id must be a campaign's id")
+            cid = int(campaign_id)
+        try:
+            _, token = D.create_labeler(engine, name, cid)
+        except D.Rejected as e:
+            return admin_page(request, e.status, error=str(e))
+        link = str(request.base_url).rstrip("/") + f"/join/{token}"
+        return admin_page(request, 201, invite={"name": name.strip(), "link": link})
+
+    @app.post("/admin/campaigns/{cid}/n", response_class=HTMLResponse)
+    def set_n(request: Request, cid: int = Path(**ID), n: int = Form(ge=1, le=100), csrf: str = Form("", max_length=100)):
+        admin(request, csrf)
+        D.set_rankings_per_task(engine, cid, n)
+        return RedirectResponse("/admin", 303)
+
+    @app.get("/admin/labelers/{lid}", response_class=HTMLResponse)
+    def labeler_detail(request: Request, lid: int = Path(**ID)):
+        admin(request)
+        labs = {lab["id"]: lab for lab in D.overview(engine)[1]}
+        if lid not in labs:
+            raise HTTPException(404, f"no labeler {lid}")
+        rows = D.rankings(engine, labeler=lid, limit=200)
+        for r in rows:
+            r["ordered"] = sorted(zip(r["ranks"], r["completions"]), key=lambda x: x[0])
+        return page(request, "labeler.html", labeler=labs[lid], rows=rows)
+
+    @app.get("/admin/api/overview")
+    def overview(request: Request):
+        admin(request)
+        camps, labs = D.overview(engine)
+        for c in camps:
+            c["agreement"] = agreement(D.rankings(engine, campaign=c["name"]))
+        return {"campaigns": camps, "labelers": labs}
+
+    @app.get("/admin/export.jsonl")
+    def export(request: Request, campaign: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$"),
+               pairs: bool = False):
+        admin(request)
+        rows = D.export_rows(engine, campaign, pairs)
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        fname = re.sub(r"[^A-Za-z0-9._-]", "_", f"{'pairs' if pairs else 'rankings'}-{campaign or 'all'}.jsonl")
+        return Response(body, media_type="application/jsonl",
+                        headers={"Content-Disposition": f'attachment; filename="{fname}"'})
+
+    return app
+
+
+def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning"):
+    import uvicorn
+
+    app = create_app(db, admin_token)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"feedback app on http://{shown}:{port}/  (database {D.normalize_url(db)})")
+    print(f"admin: http://{shown}:{port}/admin?token={app.state.admin_token}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,538 @@
+"""Storage of the ranking app: SQLAlchemy tables and the assignment/submission logic.
+
+The invariants live in the database, so that they hold for any number of
+server threads, processes and simulated labelers at once:
+
+- A labeler holds at most one assignment per task, UNIQUE(task_id, labeler_id):
+  nobody gets the same task twice, even after skipping it.
+- A ranking is stored once per assignment and once per (task, labeler).
+- A task's slots are `n_open + n_done < rankings_per_task`; a slot is taken by
+  a conditional UPDATE, which the database serialises, so concurrent labelers
+  cannot over-assign a task, and an assignment moves open -> done by another
+  conditional UPDATE, so two submissions of one task cannot both count.
+- Every change of a task's counters happens in the transaction that changes
+  the assignment it counts.
+
+SQLite (a file, the default) runs every transaction as BEGIN IMMEDIATE with a
+busy timeout; PostgreSQL runs at READ COMMITTED, where a conditional UPDATE
+re-checks its WHERE clause after waiting for a row lock.
+"""
+
+import hashlib
+import random
+import secrets
+import time
+from pathlib import Path
+
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
+                        event, func, select, update)
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from ..errors import DataError
+
+FLAGS = ("all_bad", "unsafe")  # what a labeler may flag a task as
+LEASE_S = 3600.0  # an unanswered assignment frees its slot after this long
+MAX_K = 16  # completions per task, at most
+
+
+class Rejected(DataError):
+    """A request that cannot be done as asked; `status` is the HTTP status the app answers with."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    k: Mapped[int] = mapped_column(Integer)  # completions per task
+    rankings_per_task: Mapped[int] = mapped_column(Integer)  # N: rankings each task collects
+    source: Mapped[str] = mapped_column(Text, default="")  # the policy the completions came from
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    refs: Mapped[list] = mapped_column(JSON, default=list)  # reference answers (simulated labelers use them)
+    n_open: Mapped[int] = mapped_column(Integer, default=0)  # assignments handed out, not yet answered
+    n_done: Mapped[int] = mapped_column(Integer, default=0)  # rankings stored
+    n_skipped: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Completion(Base):
+    __tablename__ = "completions"
+    __table_args__ = (UniqueConstraint("task_id", "idx"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    idx: Mapped[int] = mapped_column(Integer)  # position in the exported `completions` list
+    text: Mapped[str] = mapped_column(Text)
+
+
+class Labeler(Base):
+    __tablename__ = "labelers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the invite token
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), nullable=True)  # None: any
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("task_id", "labeler_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    status: Mapped[str] = mapped_column(String(10), index=True)  # open | done | skipped | expired
+    display_order: Mapped[list] = mapped_column(JSON)  # completion ids in the order this labeler sees them
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Ranking(Base):
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("task_id", "labeler_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    ranks: Mapped[list] = mapped_column(JSON)  # rank of completion idx i; 0 best, ties share a rank
+    flags: Mapped[list] = mapped_column(JSON, default=list)
+    seconds: Mapped[float] = mapped_column(Float)  # from assignment to submission
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Setting(Base):
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(50), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+# ---------------------------------------------------------------- connecting
+
+
+def normalize_url(db):
+    """A SQLAlchemy URL from `--db`: a URL as given, or a file path for SQLite."""
+    db = str(db)
+    if "://" not in db:
+        return f"sqlite:///{Path(db).expanduser().resolve()}"
+    for prefix in ("postgresql://", "postgres://"):
+        if db.startswith(prefix):
+            return "postgresql+psycopg://" + db[len(prefix):]
+    return db
+
+
+def connect(db, create=True):
+    """An Engine on `db` (URL or SQLite path) with the tables created."""
+    url = normalize_url(db)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60}, pool_size=20,
+                               max_overflow=40)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _):
+            dbapi_conn.isolation_level = None  # let the "begin" hook below issue BEGIN itself
+            cur = dbapi_conn.cursor()
+            for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON", "synchronous=NORMAL"):
+                cur.execute(f"PRAGMA {pragma}")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
+    else:
+        try:
+            engine = create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
+        except Exception as e:  # a malformed URL or a missing driver
+            raise DataError(f"--db {db!r}: {e}") from None
+    if create:
+        try:
+            Base.metadata.create_all(engine)
+        except OperationalError as e:
+            raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
+    return engine
+
+
+def retrying(fn, attempts=8):
+    """Run fn() again after a lost race (a unique-key clash, a deadlock, a serialisation failure)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (IntegrityError, OperationalError) as e:
+            if i == attempts - 1:
+                raise Rejected(503, f"the database is busy, try again ({type(e.orig).__name__})") from None
+            time.sleep(0.005 * (2 ** i) * random.random())
+        except DBAPIError as e:
+            if getattr(e.orig, "sqlstate", None) in ("40001", "40P01") and i < attempts - 1:
+                continue
+            raise
+
+
+def clean_text(s):
+    """Text the database can store: PostgreSQL refuses NUL characters, so they become U+FFFD."""
+    return str(s).replace("\x00", "\ufffd")
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def secret(engine):
+    """The server's signing secret (CSRF tokens), made once and kept in the database."""
+    with Session(engine) as s, s.begin():
+        row = s.get(Setting, "secret")
+        if row is None:
+            row = Setting(key="secret", value=secrets.token_hex(32))
+            s.add(row)
+        return row.value
+
+
+# ---------------------------------------------------------------- campaigns and labelers
+
+
+def add_tasks(engine, campaign, tasks, rankings_per_task=3, source=""):
+    """Store ranking tasks under a campaign (made if new); tasks: dicts with prompt, completions, references."""
+    if not tasks:
+        raise DataError(f"campaign {campaign!r}: no tasks to add")
+    ks = {len(t["completions"]) for t in tasks}
+    if len(ks) != 1 or not 2 <= min(ks) <= MAX_K:
+        raise DataError(f"campaign {campaign!r}: every task needs the same number K of completions, 2 <= K <= {MAX_K}"
+                        f" (got {sorted(ks)})")
+    k = ks.pop()
+    if rankings_per_task < 1:
+        raise DataError(f"campaign {campaign!r}: rankings per task must be at least 1")
+    with Session(engine) as s, s.begin():
+        c = s.scalar(select(Campaign).where(Campaign.name == campaign))
+        if c is None:
+            c = Campaign(name=clean_text(campaign), k=k, rankings_per_task=rankings_per_task, source=clean_text(source))
+            s.add(c)
+            s.flush()
+        elif c.k != k:
+            raise DataError(f"campaign {campaign!r} has K={c.k} completions per task; these tasks have {k}")
+        for t in tasks:
+            task = Task(campaign_id=c.id, prompt=clean_text(t["prompt"]),
+                        refs=[clean_text(r) for r in t.get("references") or []], n_open=0, n_done=0, n_skipped=0)
+            s.add(task)
+            s.flush()
+            s.add_all(Completion(task_id=task.id, idx=i, text=clean_text(x)) for i, x in enumerate(t["completions"]))
+        return c.id
+
+
+def set_rankings_per_task(engine, campaign_id, n):
+    if not 1 <= n <= 100:
+        raise Rejected(422, "rankings per task must be between 1 and 100")
+    with Session(engine) as s, s.begin():
+        if s.execute(update(Campaign).where(Campaign.id == campaign_id).values(rankings_per_task=n)).rowcount != 1:
+            raise Rejected(404, f"no campaign {campaign_id}")
+
+
+def create_labeler(engine, name, campaign_id=None, simulated=False):
+    """A new labeler; returns (id, token). The token is shown once: only its hash is kept."""
+    name = clean_text(name).strip()
+    if not 1 <= len(name) <= 100:
+        raise Rejected(422, "a labeler's name must have 1 to 100 characters")
+    token = secrets.token_urlsafe(24)
+    try:
+        with Session(engine) as s, s.begin():
+            if campaign_id is not None and s.get(Campaign, campaign_id) is None:
+                raise Rejected(404, f"no campaign {campaign_id}")
+            lab = Labeler(name=name, token_hash=hash_token(token), campaign_id=campaign_id, simulated=simulated)
+            s.add(lab)
+            s.flush()
+            return lab.id, token
+    except IntegrityError:
+        raise Rejected(409, f"there is already a labeler named {name!r}") from None
+
+
+def labeler_id(engine, name, simulated=True):
+    """The id of the labeler called `name`, made (with a fresh token) if there is none."""
+    with Session(engine) as s:
+        found = s.scalar(select(Labeler.id).where(Labeler.name == name))
+    if found is not None:
+        return found
+    try:
+        return create_labeler(engine, name, simulated=simulated)[0]
+    except Rejected:  # made meanwhile by someone else
+        with Session(engine) as s:
+            return s.scalar(select(Labeler.id).where(Labeler.name == name))
+
+
+def labeler_by_token(engine, token):
+    """(id, name) of the labeler holding `token`, or None."""
+    if not token or len(token) > 200:
+        return None
+    with Session(engine) as s:
+        row = s.execute(select(Labeler.id, Labeler.name).where(Labeler.token_hash == hash_token(token))).first()
+    return tuple(row) if row else None
+
+
+def campaign_id(engine, name):
+    with Session(engine) as s:
+        cid = s.scalar(select(Campaign.id).where(Campaign.name == name))
+    if cid is None:
+        raise DataError(f"no campaign named {name!r}")
+    return cid
+
+
+# ---------------------------------------------------------------- the labeling loop
+
+
+def _task_view(s, a):
+    task = s.get(Task, a.task_id)
+    texts = dict(s.execute(select(Completion.id, Completion.text).where(Completion.task_id == a.task_id)).all())
+    camp = s.get(Campaign, task.campaign_id)
+    return {"task_id": task.id, "campaign": camp.name, "prompt": task.prompt,
+            "completions": [{"id": cid, "text": texts[cid]} for cid in a.display_order]}
+
+
+def _release_expired(s, now):
+    """Free the slots of assignments whose lease ran out (their labeler may still submit them)."""
+    stale = s.execute(select(Assignment.id, Assignment.task_id).where(Assignment.status == "open",
+                                                                      Assignment.expires_at < now)
+                      .order_by(Assignment.id).limit(50)).all()
+    for aid, tid in stale:
+        if s.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "open")
+                     .values(status="expired")).rowcount == 1:
+            s.execute(update(Task).where(Task.id == tid).values(n_open=Task.n_open - 1))
+
+
+def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None):
+    """The labeler's open task, or a new one assigned now; None when nothing is left for them.
+
+    A new task is one that still wants rankings and that this labeler never had;
+    among those, the fullest first (so tasks complete and agreement can be measured)."""
+
+    def attempt():
+        now = time.time()
+        with Session(engine) as s, s.begin():
+            _release_expired(s, now)
+            mine = select(Assignment).where(Assignment.labeler_id == labeler_id, Assignment.status == "open")
+            if campaign_id is not None:
+                mine = mine.join(Task, Assignment.task_id == Task.id).where(Task.campaign_id == campaign_id)
+            mine = s.scalar(mine.order_by(Assignment.id).limit(1))
+            if mine is not None:
+                return _task_view(s, mine)
+            scope = s.scalar(select(Labeler.campaign_id).where(Labeler.id == labeler_id))
+            if scope is not None and campaign_id is not None and scope != campaign_id:
+                return None
+            scope = scope if scope is not None else campaign_id
+            had = select(Assignment.task_id).where(Assignment.labeler_id == labeler_id)
+            q = (select(Task.id, Campaign.rankings_per_task).join(Campaign, Task.campaign_id == Campaign.id)
+                 .where(Task.n_open + Task.n_done < Campaign.rankings_per_task, Task.id.not_in(had))
+                 .order_by((Task.n_open + Task.n_done).desc(), Task.id).limit(20))
+            if scope is not None:
+                q = q.where(Task.campaign_id == scope)
+            for tid, n in s.execute(q).all():
+                took = s.execute(update(Task).where(Task.id == tid, Task.n_open + Task.n_done < n)
+                                 .values(n_open=Task.n_open + 1)).rowcount
+                if took != 1:
+                    continue  # another labeler filled it meanwhile
+                order = list(s.scalars(select(Completion.id).where(Completion.task_id == tid)))
+                rng.shuffle(order)
+                a = Assignment(task_id=tid, labeler_id=labeler_id, status="open", display_order=order,
+                               created_at=now, expires_at=now + lease_s)
+                s.add(a)
+                s.flush()
+                return _task_view(s, a)
+            return None
+
+    return retrying(attempt)
+
+
+def ranks_from_groups(groups, completion_ids):
+    """Ranks by completion position from groups of completion ids, best group first.
+
+    completion_ids: the task's completion ids in position order. Ranks are dense:
+    the first group gets 0, the next 1, and so on; a group of several is a tie."""
+    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+        raise Rejected(422, "ranking must be a list of groups (lists) of completion ids, best first")
+    pos = {cid: i for i, cid in enumerate(completion_ids)}
+    ranks = [None] * len(completion_ids)
+    seen = 0
+    for r, group in enumerate(groups):
+        if not group:
+            raise Rejected(422, f"rank group {r + 1} is empty")
+        for cid in group:
+            if isinstance(cid, bool) or not isinstance(cid, int) or cid not in pos:
+                raise Rejected(422, f"completion {cid!r} is not one of this task's completions")
+            if ranks[pos[cid]] is not None:
+                raise Rejected(422, f"completion {cid} appears more than once in the ranking")
+            ranks[pos[cid]] = r
+            seen += 1
+    if seen != len(completion_ids):
+        raise Rejected(422, f"the ranking places {seen} completions; this task has {len(completion_ids)}"
+                            " and each must be placed exactly once")
+    return ranks
+
+
+def _check_flags(flags):
+    if not isinstance(flags, list) or len(flags) > len(FLAGS) or any(f not in FLAGS for f in flags):
+        raise Rejected(422, f"flags must be a list drawn from {', '.join(FLAGS)}")
+    return sorted(set(flags))
+
+
+def _assignment(s, labeler_id, task_id):
+    a = s.scalar(select(Assignment).where(Assignment.task_id == task_id, Assignment.labeler_id == labeler_id))
+    if a is None:
+        if s.get(Task, task_id) is None:
+            raise Rejected(404, f"there is no task {task_id}")
+        raise Rejected(403, f"task {task_id} is not assigned to you")
+    if a.status == "done":
+        raise Rejected(409, f"you have already submitted a ranking of task {task_id}")
+    if a.status == "skipped":
+        raise Rejected(409, f"you skipped task {task_id}")
+    return a
+
+
+def submit(engine, labeler_id, task_id, groups, flags=()):
+    """Store a labeler's ranking of their task; returns the ranking's id. Nothing is stored on a Rejected."""
+    flags = _check_flags(list(flags))
+
+    def attempt():
+        now = time.time()
+        with Session(engine) as s, s.begin():
+            a = _assignment(s, labeler_id, task_id)
+            ids = list(s.scalars(select(Completion.id).where(Completion.task_id == task_id).order_by(Completion.idx)))
+            ranks = ranks_from_groups(groups, ids)
+            was = a.status  # open, or expired (its slot was freed; a late answer still counts)
+            if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
+                         .values(status="done")).rowcount != 1:
+                raise Rejected(409, f"task {task_id} was submitted or skipped meanwhile")
+            r = Ranking(assignment_id=a.id, task_id=task_id, labeler_id=labeler_id, ranks=ranks, flags=flags,
+                        seconds=now - a.created_at, created_at=now)
+            s.add(r)
+            s.execute(update(Task).where(Task.id == task_id)
+                      .values(n_done=Task.n_done + 1, n_open=Task.n_open - (1 if was == "open" else 0)))
+            s.flush()
+            return r.id
+
+    return retrying(attempt)
+
+
+def skip(engine, labeler_id, task_id):
+    """Give a task back; this labeler will not be offered it again."""
+
+    def attempt():
+        with Session(engine) as s, s.begin():
+            a = _assignment(s, labeler_id, task_id)
+            was = a.status
+            if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
+                         .values(status="skipped")).rowcount != 1:
+                raise Rejected(409, f"task {task_id} was submitted or skipped meanwhile")
+            s.execute(update(Task).where(Task.id == task_id)
+                      .values(n_skipped=Task.n_skipped + 1, n_open=Task.n_open - (1 if was == "open" else 0)))
+
+    retrying(attempt)
+
+
+def progress(engine, labeler_id):
+    """What this labeler did, and how many tasks are still there for them."""
+    with Session(engine) as s:
+        counts = dict(s.execute(select(Assignment.status, func.count()).where(Assignment.labeler_id == labeler_id)
+                                .group_by(Assignment.status)).all())
+        scope = s.scalar(select(Labeler.campaign_id).where(Labeler.id == labeler_id))
+        had = select(Assignment.task_id).where(Assignment.labeler_id == labeler_id)
+        q = (select(func.count()).select_from(Task).join(Campaign, Task.campaign_id == Campaign.id)
+             .where(Task.n_open + Task.n_done < Campaign.rankings_per_task, Task.id.not_in(had)))
+        if scope is not None:
+            q = q.where(Task.campaign_id == scope)
+        left = s.scalar(q)
+    return {"done": counts.get("done", 0), "skipped": counts.get("skipped", 0), "open": counts.get("open", 0),
+            "left": left}
+
+
+# ---------------------------------------------------------------- reading it back
+
+
+def rankings(engine, campaign=None, labeler=None, limit=None):
+    """Stored rankings in the export format (DESIGN.md), oldest first."""
+    with Session(engine) as s:
+        q = (select(Ranking, Task, Campaign.name, Labeler.name).join(Task, Ranking.task_id == Task.id)
+             .join(Campaign, Task.campaign_id == Campaign.id).join(Labeler, Ranking.labeler_id == Labeler.id)
+             .order_by(Ranking.id))
+        if campaign is not None:
+            q = q.where(Campaign.name == campaign)
+        if labeler is not None:
+            q = q.where(Ranking.labeler_id == labeler)
+        if limit is not None:
+            q = q.order_by(None).order_by(Ranking.id.desc()).limit(limit)
+        rows = s.execute(q).all()
+        task_ids = {t.id for _, t, _, _ in rows}
+        texts = {}
+        for tid, text in s.execute(select(Completion.task_id, Completion.text).where(Completion.task_id.in_(task_ids))
+                                   .order_by(Completion.task_id, Completion.idx)).all() if task_ids else []:
+            texts.setdefault(tid, []).append(text)
+    return [{"prompt": t.prompt, "completions": texts[t.id], "ranks": list(r.ranks), "labeler": lab,
+             "flags": list(r.flags), "campaign": camp, "task_id": t.id, "seconds": round(r.seconds, 3)}
+            for r, t, camp, lab in rows]
+
+
+EXPORT_KEYS = ("prompt", "completions", "ranks", "labeler", "flags", "campaign", "task_id")
+
+
+def export_rows(engine, campaign=None, as_pairs=False):
+    """Rankings as DESIGN.md's rankings format, or as TRL pairs."""
+    rows = rankings(engine, campaign=campaign)
+    if as_pairs:
+        return [p for r in rows for p in pairs(r)]
+    return [{k: r[k] for k in EXPORT_KEYS} for r in rows]
+
+
+def pairs(row):
+    """TRL preference pairs from one ranking: every two completions with different ranks."""
+    c, r = row["completions"], row["ranks"]
+    return [{"prompt": row["prompt"], "chosen": c[i], "rejected": c[j]}
+            for i in range(len(c)) for j in range(len(c)) if r[i] < r[j]]
+
+
+def tasks_for_simulation(engine, task_ids):
+    """prompt, references and completion texts (by id) of tasks, for simulated labelers."""
+    with Session(engine) as s:
+        out = {t.id: {"prompt": t.prompt, "references": list(t.refs), "completions": {}}
+               for t in s.scalars(select(Task).where(Task.id.in_(task_ids)))}
+        for cid, tid, text in s.execute(select(Completion.id, Completion.task_id, Completion.text)
+                                        .where(Completion.task_id.in_(task_ids))):
+            out[tid]["completions"][cid] = text
+    return out
+
+
+def overview(engine):
+    """Campaigns with their progress, labelers with their counts: what the admin page shows."""
+    with Session(engine) as s:
+        camps = []
+        for c in s.scalars(select(Campaign).order_by(Campaign.id)):
+            n_tasks, done, open_, skipped, complete = s.execute(
+                select(func.count(), func.coalesce(func.sum(Task.n_done), 0), func.coalesce(func.sum(Task.n_open), 0),
+                       func.coalesce(func.sum(Task.n_skipped), 0),
+                       func.coalesce(func.sum((Task.n_done >= c.rankings_per_task).cast(Integer)), 0))
+                .where(Task.campaign_id == c.id)).one()
+            camps.append({"id": c.id, "name": c.name, "k": c.k, "n": c.rankings_per_task, "source": c.source,
+                          "tasks": n_tasks, "done": int(done), "open": int(open_), "skipped": int(skipped),
+                          "complete": int(complete), "wanted": n_tasks * c.rankings_per_task})
+        labs = []
+        rows = s.execute(select(Labeler.id, Labeler.name, Labeler.simulated, Campaign.name)
+                         .outerjoin(Campaign, Labeler.campaign_id == Campaign.id).order_by(Labeler.id)).all()
+        stats = {lid: (n, sec, last) for lid, n, sec, last in s.execute(
+            select(Ranking.labeler_id, func.count(), func.avg(Ranking.seconds), func.max(Ranking.created_at))
+            .group_by(Ranking.labeler_id)).all()}
+        skips = dict(s.execute(select(Assignment.labeler_id, func.count()).where(Assignment.status == "skipped")
+                               .group_by(Assignment.labeler_id)).all())
+        flagged = dict(s.execute(select(Ranking.labeler_id, func.count()).where(func.length(Ranking.flags.cast(Text)) > 2)
+                                 .group_by(Ranking.labeler_id)).all())
+        for lid, name, sim, camp in rows:
+            n, sec, last = stats.get(lid, (0, None, None))
+            labs.append({"id": lid, "name": name, "simulated": sim, "campaign": camp, "rankings": n,
+                         "skipped": skips.get(lid, 0), "flagged": flagged.get(lid, 0),
+                         "avg_seconds": sec, "last": last})
+    return camps, labs

@@ -1,0 +1,130 @@
+"""The work behind `shoggoth feedback generate|simulate|export`: no argument parsing here."""
+
+import json
+import zlib
+from pathlib import Path
+
+from ..data import read_jsonl
+from ..errors import DataError
+from . import db as D
+
+
+def read_prompts(path):
+    """Prompt records {"prompt", "references"} from JSONL lines {"prompt": ...} or {"messages": [...]}.
+
+    A `messages` record's prompt is its last user message. Blank lines are
+    passed over; anything else that is not a prompt record is an error naming
+    the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such prompts file")
+    out = []
+    for n, rec in read_jsonl(path):
+        where = f"{path}:{n}"
+        if isinstance(rec.get("prompt"), str):
+            prompt = rec["prompt"]
+        elif isinstance(rec.get("messages"), list):
+            users = [m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            if not users or not isinstance(users[-1], str):
+                raise DataError(f"{where}: 'messages' has no user message with text content")
+            prompt = users[-1]
+        else:
+            raise DataError(f"{where}: expected a string 'prompt' or a list 'messages'")
+        refs = rec.get("references", [])
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"{where}: 'references' must be a list of strings")
+        out.append({"prompt": prompt, "references": refs})
+    if not out:
+        raise DataError(f"{path}: no prompts in the file")
+    return out
+
+
+def prompt_ids(tok, prompt):
+    """Token ids the policy continues for a prompt (the one place to switch to the chat template)."""
+    return [tok.bos_id] + tok.encode(prompt)
+
+
+def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,
+             top_k=0, top_p=1.0, seed=0, batch_size=32):
+    """Sample k completions per prompt from `policy` and store them as the ranking tasks of `campaign`."""
+    from .. import engine as E
+    from .. import sampling
+
+    if not 2 <= k <= D.MAX_K:
+        raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
+    records = read_prompts(prompts_path)
+    model, tok = sampling.load(policy)
+    eng = E.Engine(model)
+    limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+    rows = []  # (record index, prompt ids), k per record
+    for i, rec in enumerate(records):
+        ids = prompt_ids(tok, rec["prompt"])
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            ids = ids[-(limit - max_new_tokens):]  # keep the end of a long prompt
+        rows += [(i, ids)] * k
+    texts = [[] for _ in records]
+    stop = [tok.eos_id] if tok.eos_id is not None else []
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        gen = eng.generate([ids for _, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, stop_ids=stop, seed=seed + b)
+        for (i, _), toks, mask in zip(batch, gen.tokens.tolist(), gen.mask.tolist()):
+            texts[i].append(tok.decode([t for t, m in zip(toks, mask) if m]))
+    tasks = [{"prompt": r["prompt"], "references": r["references"], "completions": t} for r, t in zip(records, texts)]
+    name = campaign or Path(prompts_path).stem
+    engine = D.connect(db)
+    D.add_tasks(engine, name, tasks, rankings_per_task, source=str(policy))
+    return name, len(tasks)
+
+
+def labeler_seed(persona, i, seed):
+    return zlib.crc32(f"{persona}/{i}/{seed}".encode())
+
+
+def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=None, max_tasks=None):
+    """Simulated labelers `sim-<persona>-<i>` rank tasks through the same assignment and submission
+    code as people, in turns, until nothing is left for them (or each did max_tasks). Returns
+    {labeler name: rankings submitted}."""
+    from ..labelers import SimulatedLabeler, persona as get_persona
+
+    get_persona(persona)  # a clear error for an unknown name
+    if labelers < 1:
+        raise DataError("--labelers must be at least 1")
+    engine = D.connect(db)
+    cid = D.campaign_id(engine, campaign) if campaign else None
+    crowd = []
+    for i in range(labelers):
+        name = f"sim-{persona}-{i}"
+        crowd.append((name, D.labeler_id(engine, name), SimulatedLabeler(persona, labeler_seed(persona, i, seed), noise)))
+    done = {name: 0 for name, _, _ in crowd}
+    while crowd:
+        for entry in list(crowd):
+            name, lid, sim = entry
+            task = D.next_task(engine, lid, campaign_id=cid)
+            if task is None or (max_tasks is not None and done[name] >= max_tasks):
+                crowd.remove(entry)
+                continue
+            refs = D.tasks_for_simulation(engine, [task["task_id"]])[task["task_id"]]["references"]
+            shown = task["completions"]
+            ranks, flags = sim.rank(task["prompt"], [c["text"] for c in shown], refs)
+            groups = [[c["id"] for c, r in zip(shown, ranks) if r == g] for g in range(max(ranks) + 1)]
+            D.submit(engine, lid, task["task_id"], groups, flags)
+            done[name] += 1
+    return done
+
+
+def export(db, out, pairs=False, campaign=None):
+    """Write rankings (or TRL pairs) as JSONL; returns how many lines."""
+    engine = D.connect(db, create=False)
+    try:
+        rows = D.export_rows(engine, campaign, pairs)
+    except Exception as e:  # a database without our tables
+        if type(e).__module__.startswith("sqlalchemy"):
+            raise DataError(f"--db {db}: not a feedback database ({type(e).__name__})") from None
+        raise
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
+    return len(rows)

@@ -1,0 +1,129 @@
+"""Simulated labelers ("personas") that rank completions by a written-down taste.
+
+The taste has three parts, each in [0, 1]:
+- relevance: token-overlap F1 with the prompt's reference answers (the best
+  match among them), or with the prompt itself when it has none;
+- friendliness: VADER's compound sentiment of the completion, mapped to [0, 1];
+- brevity: 1 / (1 + words / 30), so a 30-word answer scores 0.5.
+
+A persona weighs them; `gold_score` is the noise-free taste (the gold reward the
+learned reward model is measured against). A `SimulatedLabeler` adds its own
+seeded noise: a jitter of the persona's weights (a labeler's private taste) and
+Gaussian noise on every score (attention), and calls scores closer than
+`tie_margin` a tie. So labelers of one persona agree on the whole but disagree
+on close calls, as people do.
+"""
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+_WORD = re.compile(r"[a-z0-9']+")
+_vader = None
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    relevance: float  # weight of the overlap with the reference answers
+    friendliness: float  # weight of VADER sentiment
+    brevity: float  # weight of shortness
+    noise: float = 0.08  # std of the Gaussian noise a labeler adds to each score
+    tie_margin: float = 0.02  # scores closer than this are ranked as a tie
+
+
+PERSONAS = {
+    "balanced": Persona("balanced", relevance=0.6, friendliness=0.25, brevity=0.15),
+    "helpful": Persona("helpful", relevance=0.85, friendliness=0.1, brevity=0.05),
+    "friendly": Persona("friendly", relevance=0.3, friendliness=0.6, brevity=0.1),
+    "concise": Persona("concise", relevance=0.45, friendliness=0.1, brevity=0.45),
+}
+
+
+def persona(name):
+    if name not in PERSONAS:
+        from .errors import DataError
+
+        raise DataError(f"no persona named {name!r} (personas: {', '.join(PERSONAS)})")
+    return PERSONAS[name]
+
+
+def words(text):
+    return _WORD.findall(text.lower())
+
+
+def token_f1(a, b):
+    """F1 of the bag-of-words overlap of two texts (SQuAD's answer metric)."""
+    ta, tb = Counter(words(a)), Counter(words(b))
+    common = sum((ta & tb).values())
+    if common == 0:
+        return 0.0
+    p, r = common / sum(ta.values()), common / sum(tb.values())
+    return 2 * p * r / (p + r)
+
+
+def relevance(prompt, completion, references=None):
+    refs = [r for r in references or [] if r] or [prompt]
+    return max(token_f1(completion, r) for r in refs)
+
+
+def friendliness(completion):
+    global _vader
+    if _vader is None:
+        _vader = SentimentIntensityAnalyzer()
+    return (_vader.polarity_scores(completion)["compound"] + 1) / 2
+
+
+def brevity(completion):
+    return 1.0 / (1.0 + len(words(completion)) / 30)
+
+
+def features(prompt, completion, references=None):
+    return {"relevance": relevance(prompt, completion, references), "friendliness": friendliness(completion),
+            "brevity": brevity(completion)}
+
+
+def taste(p: Persona, feats):
+    return p.relevance * feats["relevance"] + p.friendliness * feats["friendliness"] + p.brevity * feats["brevity"]
+
+
+def gold_score(prompt, completion, references=None, persona_name="balanced"):
+    """The noise-free taste of a persona: the gold reward. Empty completions score 0."""
+    if not completion.strip():
+        return 0.0
+    return taste(persona(persona_name), features(prompt, completion, references))
+
+
+def ranks_from_scores(scores, tie_margin=0.0):
+    """Dense ranks, 0 for the best score; a score within tie_margin of the one above shares its rank."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranks, r = [0] * len(scores), 0
+    for pos, i in enumerate(order):
+        if pos and scores[order[pos - 1]] - scores[i] > tie_margin:
+            r += 1
+        ranks[i] = r
+    return ranks
+
+
+class SimulatedLabeler:
+    """One simulated person of a persona; `seed` fixes their taste jitter and their noise."""
+
+    def __init__(self, persona_name="balanced", seed=0, noise=None):
+        base = persona(persona_name)
+        self.rng = random.Random(seed)
+        jitter = lambda w: max(0.0, w * (1 + self.rng.gauss(0, 0.25)))  # noqa: E731
+        self.persona = replace(base, relevance=jitter(base.relevance), friendliness=jitter(base.friendliness),
+                               brevity=jitter(base.brevity), noise=base.noise if noise is None else noise)
+
+    def scores(self, prompt, completions, references=None):
+        return [(taste(self.persona, features(prompt, c, references)) if c.strip() else 0.0)
+                + self.rng.gauss(0, self.persona.noise) for c in completions]
+
+    def rank(self, prompt, completions, references=None):
+        """(ranks, flags): ranks 0 best with ties, flags as a person would set them."""
+        s = self.scores(prompt, completions, references)
+        flags = ["all_bad"] if max(s) < 0.15 else []
+        return ranks_from_scores(s, self.persona.tie_margin), flags

@@ -1,0 +1,138 @@
+"""Shared fixtures: a real PostgreSQL server, a real headless Chromium, the feedback app served over HTTP.
+
+Nothing here is a fake: the Postgres fixture runs initdb in a temporary folder
+and starts the server on a free loopback port (as the `postgres` user when the
+tests run as root, since postgres refuses to run as root); Chromium is Debian's,
+driven by Playwright.
+"""
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin():
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """(host, port, user) of a PostgreSQL server started for this test session, stopped at its end."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (tests/run.sh installs them)")
+    root = tmp_path_factory.mktemp("pg")
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user = []
+    if os.geteuid() == 0:  # postgres will not run as root
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        os.chmod(root.parent, 0o755)
+        os.chmod(root.parent.parent, 0o755)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+    run(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start", "-o",
+        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=200")
+    try:
+        yield "127.0.0.1", port, "postgres"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+
+
+_db_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def pg_url(postgres_server):
+    """A fresh, empty database on the session's server, as a SQLAlchemy URL."""
+    import psycopg
+
+    host, port, user = postgres_server
+    name = f"t{next(_db_counter)}_{os.getpid()}"
+    with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """Each test that takes it runs twice: on a SQLite file and on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium under Playwright."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium not installed (tests/run.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=path, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+class LiveServer:
+    """The feedback app served by uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app, self.port = app, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    @property
+    def admin_url(self):
+        return f"{self.url}/admin?token={self.app.state.admin_token}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.dispose()
+
+
+@pytest.fixture
+def live_app(db_url):
+    """A running feedback app on a fresh database (SQLite and PostgreSQL both)."""
+    from shoggoth.feedback.app import create_app
+
+    srv = LiveServer(create_app(db_url, admin_token="admin-secret-token"))
+    yield srv
+    srv.stop()

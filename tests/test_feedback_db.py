@@ -1,0 +1,215 @@
+"""Assignment and submission rules of the ranking app, on SQLite and on a real PostgreSQL server."""
+
+import threading
+from collections import Counter
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shoggoth.feedback import db as D
+
+
+def make_tasks(n, k=4, tag=""):
+    return [{"prompt": f"prompt {tag}{i}", "references": [f"answer {i}"],
+             "completions": [f"completion {i}.{j}" for j in range(k)]} for i in range(n)]
+
+
+def groups_in_order(task):
+    """A strict ranking: the completions in the order they were shown."""
+    return [[c["id"]] for c in task["completions"]]
+
+
+def count(engine, table):
+    with Session(engine) as s:
+        return s.scalar(select(func.count()).select_from(table))
+
+
+def test_each_task_collects_n_rankings_from_different_labelers(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(3), rankings_per_task=2)
+    labs = [D.create_labeler(e, name)[0] for name in "abc"]
+    seen = {lid: [] for lid in labs}
+    for lid in labs[:2]:
+        while (t := D.next_task(e, lid)) is not None:
+            assert D.next_task(e, lid)["task_id"] == t["task_id"]  # an open task is handed back, not a new one
+            D.submit(e, lid, t["task_id"], groups_in_order(t))
+            seen[lid].append(t["task_id"])
+    assert sorted(seen[labs[0]]) == sorted(seen[labs[1]]) == [1, 2, 3]
+    assert D.next_task(e, labs[2]) is None  # every task has its 2 rankings
+    rows = D.rankings(e)
+    assert len(rows) == 6 and Counter(r["task_id"] for r in rows) == {1: 2, 2: 2, 3: 2}
+    assert D.progress(e, labs[0]) == {"done": 3, "skipped": 0, "open": 0, "left": 0}
+
+
+def test_skipped_task_never_comes_back_and_frees_its_slot(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(2), rankings_per_task=1)
+    a, b = D.create_labeler(e, "a")[0], D.create_labeler(e, "b")[0]
+    first = D.next_task(e, a)
+    D.skip(e, a, first["task_id"])
+    second = D.next_task(e, a)
+    assert second["task_id"] != first["task_id"]
+    D.submit(e, a, second["task_id"], groups_in_order(second))
+    assert D.next_task(e, a) is None
+    assert D.next_task(e, b)["task_id"] == first["task_id"]  # the skip gave the slot back
+    assert D.progress(e, a)["skipped"] == 1
+
+
+def test_completions_are_shown_in_a_random_order(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1, k=8), rankings_per_task=30)
+    orders = set()
+    for i in range(12):
+        t = D.next_task(e, D.create_labeler(e, f"l{i}")[0])
+        orders.add(tuple(c["text"] for c in t["completions"]))
+        assert sorted(c["text"] for c in t["completions"]) == [f"completion 0.{j}" for j in range(8)]
+    assert len(orders) > 6
+
+
+@pytest.mark.parametrize("bad, status, message", [
+    ("short", 422, "places 3 completions; this task has 4"),
+    ("unknown", 422, "is not one of this task's completions"),
+    ("duplicate", 422, "appears more than once"),
+    ("empty_group", 422, "rank group 2 is empty"),
+    ("not_a_list", 422, "must be a list of groups"),
+    ("bad_flag", 422, "flags must be a list drawn from"),
+    ("not_assigned", 403, "is not assigned to you"),
+    ("no_such_task", 404, "there is no task"),
+])
+def test_invalid_ranking_is_refused_and_stores_nothing(db_url, bad, status, message):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(2), rankings_per_task=1)
+    lid = D.create_labeler(e, "a")[0]
+    t = D.next_task(e, lid)
+    ids = [c["id"] for c in t["completions"]]
+    tid, groups, flags = t["task_id"], [[i] for i in ids], []
+    if bad == "short":
+        groups = groups[:3]
+    elif bad == "unknown":
+        groups[0] = [10_000]
+    elif bad == "duplicate":
+        groups = [[ids[0]], [ids[0], ids[1]], [ids[2]], [ids[3]]]
+    elif bad == "empty_group":
+        groups.insert(1, [])
+    elif bad == "not_a_list":
+        groups = {"a": 1}
+    elif bad == "bad_flag":
+        flags = ["boring"]
+    elif bad == "not_assigned":
+        tid = 3 - tid
+    elif bad == "no_such_task":
+        tid = 999
+    with pytest.raises(D.Rejected, match=message) as err:
+        D.submit(e, lid, tid, groups, flags)
+    assert err.value.status == status
+    assert count(e, D.Ranking) == 0
+    assert D.progress(e, lid) == {"done": 0, "skipped": 0, "open": 1, "left": 1}
+    D.submit(e, lid, t["task_id"], [[ids[0], ids[1]], [ids[3]], [ids[2]]], ["unsafe"])  # the task is still open
+    with pytest.raises(D.Rejected, match="already submitted") as err:
+        D.submit(e, lid, t["task_id"], [[i] for i in ids])
+    assert err.value.status == 409
+    row = D.rankings(e)[0]
+    assert count(e, D.Ranking) == 1 and row["flags"] == ["unsafe"]
+    by_text = dict(zip(row["completions"], row["ranks"]))
+    shown = [c["text"] for c in t["completions"]]
+    assert [by_text[x] for x in shown] == [0, 0, 2, 1]
+
+
+def test_concurrent_labelers_never_lose_or_duplicate(db_url):
+    """Eight labelers at once, each submitting every task twice from two threads: one copy counts."""
+    e = D.connect(db_url)
+    n_tasks, n = 12, 3
+    D.add_tasks(e, "c", make_tasks(n_tasks), rankings_per_task=n)
+    labs = [D.create_labeler(e, f"l{i}")[0] for i in range(8)]
+    accepted, refused, errors = Counter(), Counter(), []
+    lock = threading.Lock()
+
+    def send(lid, t):
+        try:
+            D.submit(e, lid, t["task_id"], groups_in_order(t))
+            with lock:
+                accepted[lid] += 1
+        except D.Rejected as err:
+            with lock:
+                refused[err.status] += 1
+
+    def work(lid):
+        try:
+            while (t := D.next_task(e, lid)) is not None:
+                twins = [threading.Thread(target=send, args=(lid, t)) for _ in range(2)]
+                [x.start() for x in twins]
+                [x.join() for x in twins]
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(lid,)) for lid in labs]
+    [x.start() for x in threads]
+    [x.join() for x in threads]
+    assert not errors
+    assert sum(accepted.values()) == n_tasks * n == count(e, D.Ranking)
+    assert refused == {409: n_tasks * n}  # every twin was refused as a duplicate
+    rows = D.rankings(e)
+    assert len({(r["task_id"], r["labeler"]) for r in rows}) == len(rows)
+    assert Counter(r["task_id"] for r in rows) == {i: n for i in range(1, n_tasks + 1)}
+    camp = D.overview(e)[0][0]
+    assert (camp["done"], camp["open"], camp["complete"]) == (n_tasks * n, 0, n_tasks)
+
+
+def test_expired_assignment_frees_its_slot_but_a_late_answer_still_counts(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1), rankings_per_task=1)
+    a, b = D.create_labeler(e, "a")[0], D.create_labeler(e, "b")[0]
+    late = D.next_task(e, a, lease_s=-1)  # expired at once
+    other = D.next_task(e, b)
+    assert other["task_id"] == late["task_id"]
+    D.submit(e, b, other["task_id"], groups_in_order(other))
+    D.submit(e, a, late["task_id"], groups_in_order(late))
+    assert count(e, D.Ranking) == 2
+    assert D.overview(e)[0][0]["open"] == 0
+
+
+def test_labeler_scoped_to_a_campaign_sees_only_its_tasks(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "one", make_tasks(2, tag="one-"), rankings_per_task=1)
+    two = D.add_tasks(e, "two", make_tasks(2, tag="two-"), rankings_per_task=1)
+    lid = D.create_labeler(e, "scoped", campaign_id=two)[0]
+    got = []
+    while (t := D.next_task(e, lid)) is not None:
+        got.append(t["prompt"])
+        D.skip(e, lid, t["task_id"])
+    assert sorted(got) == ["prompt two-0", "prompt two-1"]
+
+
+def test_export_formats(tmp_path):
+    e = D.connect(tmp_path / "x.db")
+    D.add_tasks(e, "c", make_tasks(1, k=3), rankings_per_task=1)
+    lid = D.create_labeler(e, "ann")[0]
+    t = D.next_task(e, lid)
+    by_text = {c["text"]: c["id"] for c in t["completions"]}
+    D.submit(e, lid, t["task_id"], [[by_text["completion 0.2"]], [by_text["completion 0.0"], by_text["completion 0.1"]]],
+             ["all_bad"])
+    (row,) = D.export_rows(e)
+    assert row == {"prompt": "prompt 0", "completions": ["completion 0.0", "completion 0.1", "completion 0.2"],
+                   "ranks": [1, 1, 0], "labeler": "ann", "flags": ["all_bad"], "campaign": "c", "task_id": 1}
+    assert D.export_rows(e, as_pairs=True) == [
+        {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.0"},
+        {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.1"}]
+
+
+def test_bad_campaigns_and_labelers(tmp_path):
+    e = D.connect(tmp_path / "x.db")
+    with pytest.raises(D.DataError, match="same number K"):
+        D.add_tasks(e, "c", make_tasks(1, k=3) + make_tasks(1, k=4))
+    D.add_tasks(e, "c", make_tasks(1, k=3))
+    with pytest.raises(D.DataError, match="has K=3"):
+        D.add_tasks(e, "c", make_tasks(1, k=4))
+    D.create_labeler(e, "ann")
+    with pytest.raises(D.Rejected, match="already a labeler named"):
+        D.create_labeler(e, "ann")
+    with pytest.raises(D.Rejected, match="1 to 100 characters"):
+        D.create_labeler(e, "  ")
+    # PostgreSQL refuses NUL characters in text: they are replaced, not a crash
+    D.add_tasks(e, "nul", [{"prompt": "a\x00b", "completions": ["x\x00", "y"]}])
+    assert D.normalize_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"
+    assert D.normalize_url("f.db").startswith("sqlite:////")
