@@ -1,0 +1,187 @@
+"""The ranking app over real HTTP: who may do what, CSRF, and bad input (4xx with a message, never a 500)."""
+
+import json
+import random
+
+import httpx
+import pytest
+
+from shoggoth.feedback import db as D
+
+ADMIN = "admin-secret-token"
+
+
+def setup_campaign(srv, n_tasks=3, k=4, per_task=2):
+    D.add_tasks(srv.engine, "camp", [{"prompt": f"p{i}", "completions": [f"c{i}.{j}" for j in range(k)]}
+                                     for i in range(n_tasks)], rankings_per_task=per_task)
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def n_rankings(srv):
+    return len(D.rankings(srv.engine))
+
+
+def test_tokens_gate_labeler_and_admin_endpoints(live_app):
+    srv = live_app
+    setup_campaign(srv)
+    _, alice = D.create_labeler(srv.engine, "alice")
+    _, bob = D.create_labeler(srv.engine, "bob")
+    with httpx.Client(base_url=srv.url) as c:
+        for headers in ({}, bearer("wrong"), bearer(ADMIN)):  # the admin token is no labeler token
+            r = c.post("/api/next", headers=headers)
+            assert r.status_code == 401 and "invite link" in r.json()["error"]
+        for path in ("/admin", "/admin/api/overview", "/admin/export.jsonl", "/admin/labelers/1"):
+            assert c.get(path, headers=bearer(alice)).status_code == 401
+            assert c.get(path, headers=bearer(ADMIN)).status_code == 200
+        assert c.get("/admin?token=wrong").status_code == 401
+        task = c.post("/api/next", headers=bearer(alice)).json()["task"]
+        groups = [[x["id"]] for x in task["completions"]]
+        tid = task["task_id"]
+        # bob can neither answer nor skip alice's task, nor read her rankings
+        r = c.post(f"/api/tasks/{tid}/ranking", json={"ranking": groups}, headers=bearer(bob))
+        assert r.status_code == 403 and "not assigned to you" in r.json()["error"]
+        assert c.post(f"/api/tasks/{tid}/skip", headers=bearer(bob)).status_code == 403
+        assert c.post(f"/api/tasks/{tid}/ranking", json={"ranking": groups}, headers=bearer(alice)).status_code == 201
+        assert [r["labeler"] for r in c.get("/api/rankings", headers=bearer(alice)).json()["rankings"]] == ["alice"]
+        assert c.get("/api/rankings", headers=bearer(bob)).json()["rankings"] == []
+        # bob gets the same task (2 rankings per task) and answers it: alice's ranking is untouched
+        assert c.post("/api/next", headers=bearer(bob)).json()["task"]["task_id"] == tid
+        r = c.post(f"/api/tasks/{tid}/ranking", json={"ranking": groups[::-1]}, headers=bearer(bob))
+        assert r.status_code == 201
+        mine = c.get("/api/rankings", headers=bearer(alice)).json()["rankings"]
+        assert len(mine) == 1 and mine[0]["ranks"] != c.get("/api/rankings", headers=bearer(bob)).json()["rankings"][0]["ranks"]
+        me = c.get("/api/me", headers=bearer(alice)).json()
+        assert me["name"] == "alice" and me["progress"]["done"] == 1
+
+
+def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
+    srv = live_app
+    setup_campaign(srv)
+    _, token = D.create_labeler(srv.engine, "carol")
+    with httpx.Client(base_url=srv.url) as c:
+        r = c.get(f"/join/{token}")
+        assert r.status_code == 303 and r.headers["location"] == "/label"
+        assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=lax" in r.headers["set-cookie"]
+        page = c.get("/label").text
+        csrf = page.split('name="csrf-token" content="')[1].split('"')[0]
+        r = c.post("/api/next")  # cookie only: what a forged cross-site request would carry
+        assert r.status_code == 403 and "CSRF" in r.json()["error"]
+        r = c.post("/api/next", headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"})
+        assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+        r = c.post("/api/next", headers={"X-CSRF-Token": csrf, "Origin": srv.url})
+        assert r.status_code == 200
+        task = r.json()["task"]
+        body = {"ranking": [[x["id"]] for x in task["completions"]]}
+        assert c.post(f"/api/tasks/{task['task_id']}/ranking", json=body).status_code == 403
+        assert n_rankings(srv) == 0
+        assert c.post(f"/api/tasks/{task['task_id']}/ranking", json=body, headers={"X-CSRF-Token": csrf}).status_code == 201
+        assert n_rankings(srv) == 1
+        assert c.get("/join/not-a-token").status_code == 404
+    with httpx.Client(base_url=srv.url) as admin:
+        r = admin.get(f"/admin?token={ADMIN}")
+        assert r.status_code == 303 and "sg_admin" in r.headers["set-cookie"]
+        page = admin.get("/admin").text
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        assert admin.post("/admin/invite", data={"name": "dave"}).status_code == 403  # no CSRF field
+        assert admin.post("/admin/invite", data={"name": "dave", "csrf": csrf},
+                          headers={"Origin": "http://evil.example"}).status_code == 403
+        r = admin.post("/admin/invite", data={"name": "dave", "csrf": csrf})
+        assert r.status_code == 201
+        link = r.text.split('id="invite-link">')[1].split("<")[0]
+        assert link.startswith(f"{srv.url}/join/") and D.labeler_by_token(srv.engine, link.rsplit("/", 1)[1])[1] == "dave"
+        r = admin.post("/admin/invite", data={"name": "dave", "csrf": csrf})
+        assert r.status_code == 409 and "already a labeler named" in r.text
+        r = admin.post("/admin/campaigns/1/n", data={"n": "5", "csrf": csrf})
+        assert r.status_code == 303 and D.overview(srv.engine)[0][0]["n"] == 5
+
+
+def test_bad_input_gets_a_clear_4xx_and_stores_nothing(live_app):
+    srv = live_app
+    setup_campaign(srv, n_tasks=2, per_task=1)
+    _, token = D.create_labeler(srv.engine, "eve")
+    h = bearer(token)
+    with httpx.Client(base_url=srv.url, headers=h) as c:
+        task = c.post("/api/next").json()["task"]
+        tid, ids = task["task_id"], [x["id"] for x in task["completions"]]
+        other = 3 - tid
+        cases = [
+            (f"/api/tasks/{tid}/ranking", {"ranking": [[i] for i in ids[:3]]}, 422, "places 3 completions; this task has 4"),
+            (f"/api/tasks/{tid}/ranking", {"ranking": [[ids[0]], [ids[0]], [ids[1]], [ids[2]]]}, 422, "more than once"),
+            (f"/api/tasks/{tid}/ranking", {"ranking": [[999999]] + [[i] for i in ids[1:]]}, 422, "not one of this task"),
+            (f"/api/tasks/{tid}/ranking", {"ranking": [[i] for i in ids], "flags": ["meh"]}, 422, "flags must be"),
+            (f"/api/tasks/{tid}/ranking", {"ranking": [["1"]]}, 422, "valid integer"),
+            (f"/api/tasks/{tid}/ranking", {"ranking": "best"}, 422, "valid list"),
+            (f"/api/tasks/{tid}/ranking", {}, 422, "ranking: Field required"),
+            (f"/api/tasks/{other}/ranking", {"ranking": [[i] for i in ids]}, 403, "not assigned to you"),
+            ("/api/tasks/424242/ranking", {"ranking": [[i] for i in ids]}, 404, "no task 424242"),
+            (f"/api/tasks/{2**40}/ranking", {"ranking": [[i] for i in ids]}, 422, "less than or equal"),
+            ("/api/tasks/abc/ranking", {"ranking": [[i] for i in ids]}, 422, "valid integer"),
+        ]
+        for path, body, status, message in cases:
+            r = c.post(path, json=body)
+            assert r.status_code == status, (path, body, r.text)
+            assert message in r.json()["error"], (message, r.json())
+        r = c.post(f"/api/tasks/{tid}/ranking", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "JSON" in r.json()["error"]
+        assert n_rankings(srv) == 0
+        assert c.post(f"/api/tasks/{tid}/ranking", json={"ranking": [ids]}).status_code == 201  # all tied is fine
+        r = c.post(f"/api/tasks/{tid}/ranking", json={"ranking": [ids]})
+        assert r.status_code == 409 and "already submitted" in r.json()["error"]
+        assert n_rankings(srv) == 1
+
+
+def test_no_input_gets_a_500(live_app):
+    """Random junk at every endpoint, as labeler, admin and nobody: only 2xx/3xx/4xx come back."""
+    srv = live_app
+    setup_campaign(srv, n_tasks=2)
+    _, token = D.create_labeler(srv.engine, "mallory")
+    rng = random.Random(0)
+    junk = [None, "", "x", "\x00", "\ud800", "😀" * 50, -1, 0, 2**63, 1e308, True, [], {}, [[]], [[None]],
+            [[1, 2], [3]] * 20, {"ranking": None}, {"ranking": [[2**70]]}, {"ranking": [[1]], "flags": [None]},
+            {"ranking": [[1]] * 100}, {"flags": "all_bad"}, "a" * 5000]
+    paths = ["/api/next", "/api/tasks/1/ranking", "/api/tasks/1/skip", "/api/tasks/0/ranking", "/api/tasks/-5/skip",
+             "/api/me", "/api/rankings?limit=0", "/api/rankings?limit=x", "/admin/invite", "/admin/campaigns/1/n",
+             "/admin/campaigns/99999999999/n", "/admin/labelers/0", "/admin/export.jsonl?campaign=%00",
+             "/admin/export.jsonl?pairs=maybe", "/admin?token=%00", "/join/%00", "/join/" + "x" * 300]
+    with httpx.Client(base_url=srv.url) as c:
+        c.post("/api/next", headers=bearer(token))
+        for path in paths:
+            for headers in ({}, bearer(token), bearer(ADMIN), {"Cookie": "sg_labeler=\x01; sg_admin=zz"}):
+                for body in rng.sample(junk, 6):
+                    r = c.post(path, content=json.dumps(body).encode(),  # ASCII: a lone surrogate travels escaped
+                               headers={**headers, "Content-Type": "application/json"})
+                    assert r.status_code < 500, (path, body, headers, r.status_code, r.text[:200])
+                    text = str(body).encode("utf-8", "replace").decode()
+                    r = c.post(path, data={"name": text, "n": text, "csrf": text}, headers=headers)
+                    assert r.status_code < 500, (path, body, headers, r.status_code, r.text[:200])
+                assert c.get(path, headers=headers).status_code < 500, path
+
+
+def test_export_endpoint(live_app):
+    srv = live_app
+    setup_campaign(srv, n_tasks=1, k=3, per_task=1)
+    _, token = D.create_labeler(srv.engine, "ann")
+    with httpx.Client(base_url=srv.url) as c:
+        task = c.post("/api/next", headers=bearer(token)).json()["task"]
+        ids = [x["id"] for x in task["completions"]]
+        assert c.post(f"/api/tasks/{task['task_id']}/ranking", json={"ranking": [[i] for i in ids]},
+                      headers=bearer(token)).status_code == 201
+        r = c.get("/admin/export.jsonl?campaign=camp", headers=bearer(ADMIN))
+        assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+        (row,) = [json.loads(x) for x in r.text.splitlines()]
+        assert sorted(row) == sorted(D.EXPORT_KEYS) and sorted(row["ranks"]) == [0, 1, 2]
+        pairs = [json.loads(x) for x in c.get("/admin/export.jsonl?pairs=true", headers=bearer(ADMIN)).text.splitlines()]
+        assert len(pairs) == 3 and all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
+        assert c.get("/admin/export.jsonl?campaign=nope", headers=bearer(ADMIN)).text == ""
+
+
+@pytest.mark.parametrize("name", ["<b>x</b>"])
+def test_admin_pages_escape_names(live_app, name):
+    srv = live_app
+    D.create_labeler(srv.engine, name)
+    r = httpx.get(f"{srv.url}/admin", headers=bearer(ADMIN))
+    assert "&lt;b&gt;x&lt;/b&gt;" in r.text and "<b>x</b>" not in r.text
+    assert "script-src 'self'" in r.headers["content-security-policy"]

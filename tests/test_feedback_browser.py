@@ -1,0 +1,168 @@
+"""The ranking app in real headless Chromium, on SQLite and on PostgreSQL: rank by keyboard and by
+drag and drop, submit, get the next task, see it on the admin page; untrusted text never runs."""
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from shoggoth.feedback import db as D
+
+TEXTS = ["alpha answer", "beta answer", "gamma answer", "delta answer"]
+
+
+@pytest.fixture
+def context(chromium):
+    ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(10_000)
+    yield ctx
+    ctx.close()
+
+
+def ranks_by_text(srv, prompt):
+    (row,) = [r for r in D.rankings(srv.engine) if r["prompt"] == prompt]
+    return {c: r for c, r in zip(row["completions"], row["ranks"])}, row
+
+
+def focused_text(page):
+    return page.locator(".card.focused .card-text").text_content()
+
+
+def focus(page, text):
+    """Pick the card showing `text` with the keyboard alone: to the top with k, then down with j."""
+    for _ in range(len(TEXTS)):
+        page.keyboard.press("k")
+    for _ in range(len(TEXTS)):
+        if focused_text(page) == text:
+            return
+        page.keyboard.press("j")
+    assert focused_text(page) == text
+
+
+def drag(page, text, target):
+    """Drag the card showing `text` with the mouse and drop it on the element `target` selects."""
+    box = page.locator(".card", has_text=text).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 12, y + 12, steps=3)  # past the threshold: the drop targets open up
+    assert page.locator("body.dragging").count() == 1
+    tbox = page.locator(target).bounding_box()
+    page.mouse.move(tbox["x"] + tbox["width"] / 2, tbox["y"] + tbox["height"] / 2, steps=8)
+    assert page.locator(f"{target}.drop-over").count() == 1  # the target shows it will take the card
+    page.mouse.up()
+    assert page.locator("body.dragging").count() == 0
+
+
+def test_rank_by_keyboard_and_drag_then_admin_sees_it(live_app, context):
+    srv = live_app
+    D.add_tasks(srv.engine, "camp", [{"prompt": f"prompt number {i}", "completions": TEXTS} for i in (1, 2)],
+                rankings_per_task=1)
+    _, token = D.create_labeler(srv.engine, "lena")
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(e))
+    page.goto(f"{srv.url}/join/{token}")
+    assert page.url == f"{srv.url}/label"
+    page.wait_for_selector(".card")
+    first_prompt = page.locator("#prompt").text_content()
+    assert page.locator("#progress").text_content() == "0 ranked · 0 skipped · 2 to go"
+
+    # 1. keyboard only: alpha best, beta = gamma, delta last; with a detour that undo takes back
+    focus(page, "alpha answer")
+    page.keyboard.press("1")
+    focus(page, "delta answer")
+    page.keyboard.press("Shift+ArrowUp")
+    page.keyboard.press("z")
+    focus(page, "beta answer")
+    page.keyboard.press("2")
+    focus(page, "gamma answer")
+    page.keyboard.press("3")
+    page.keyboard.press("=")
+    assert page.locator(".group.tied .card-text").all_text_contents() == ["beta answer", "gamma answer"]
+    assert page.locator(".group").nth(0).locator(".card-text").text_content() == "alpha answer"
+    page.keyboard.press("f")
+    assert page.locator('.flag[data-flag="all_bad"]').get_attribute("aria-pressed") == "true"
+    page.wait_for_timeout(450)  # Enter is ignored in the first 400 ms of a task (a doubled key)
+    page.keyboard.press("Enter")
+    expect(page.locator("#prompt")).not_to_have_text(first_prompt)  # (the page's CSP forbids eval'd waits)
+    expect(page.locator("#progress")).to_have_text(re.compile(r"^1 ranked"))
+    ranks, row = ranks_by_text(srv, first_prompt)
+    assert ranks == {"alpha answer": 0, "beta answer": 1, "gamma answer": 1, "delta answer": 2}
+    assert row["flags"] == ["all_bad"] and row["labeler"] == "lena"
+
+    # 2. the next task came without a page load; rank it by drag and drop: delta on top, beta tied with gamma
+    second_prompt = page.locator("#prompt").text_content()
+    assert second_prompt != first_prompt
+    assert page.locator('.flag[aria-pressed="true"]').count() == 0
+    drag(page, "delta answer", '.gap[data-gap="0"]')
+    assert page.locator(".group").nth(0).locator(".card-text").all_text_contents() == ["delta answer"]
+    drag(page, "beta answer", '.group:has(.card-text:text-is("gamma answer"))')
+    assert sorted(page.locator(".group.tied .card-text").all_text_contents()) == ["beta answer", "gamma answer"]
+    drag(page, "alpha answer", f'.gap[data-gap="{page.locator(".group").count()}"]')  # to the bottom
+    page.click("#submit")
+    page.wait_for_selector("#empty:not([hidden])")
+    assert "Nothing left to rank" in page.locator("#empty").text_content()
+    ranks, _ = ranks_by_text(srv, second_prompt)
+    assert ranks == {"delta answer": 0, "beta answer": 1, "gamma answer": 1, "alpha answer": 2}
+    assert not errors
+
+    # 3. the admin sees both rankings
+    admin = context.new_page()
+    admin.goto(srv.admin_url)
+    assert admin.url == f"{srv.url}/admin"  # the token left the address bar for a cookie
+    camp = admin.locator('#campaigns tr[data-campaign="camp"]')
+    assert re.search(r"\b2\s*/\s*2\b", camp.text_content())
+    assert admin.locator('#labelers tr[data-labeler="lena"] .rankings').text_content() == "2"
+    admin.locator('#labelers tr[data-labeler="lena"] a').click()
+    admin.wait_for_selector("#rankings")
+    body = admin.locator("#rankings").text_content()
+    assert first_prompt in body and second_prompt in body and "all_bad" in body
+
+
+PAYLOADS = [
+    '<script>window.__xss = "script"</script>',
+    '<img src=x onerror="window.__xss = \'img\'">',
+    '<svg/onload="window.__xss = \'svg\'">',
+    '"><iframe src="javascript:window.__xss=\'iframe\'"></iframe>',
+    "</textarea><script>alert('alert')</script>",
+    "<a href=\"javascript:window.__xss='link'\">click</a> {{ 7 * 7 }}",
+]
+
+
+def test_untrusted_text_never_runs(live_app, chromium):
+    """Payloads in prompts, completions, a campaign and a labeler's name stay text. The context
+    bypasses the Content-Security-Policy, so the rendering alone must keep them from running."""
+    srv = live_app
+    prompt = " ".join(PAYLOADS[:3])
+    completions = PAYLOADS[2:]
+    D.add_tasks(srv.engine, '<b onmouseover="window.__xss=1">camp</b>',
+                [{"prompt": prompt, "completions": completions}], rankings_per_task=1)
+    _, token = D.create_labeler(srv.engine, "<img src=x onerror=\"window.__xss='name'\">")
+    ctx = chromium.new_context(bypass_csp=True)
+    dialogs = []
+    ctx.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        page = ctx.new_page()
+        page.goto(f"{srv.url}/join/{token}")
+        page.wait_for_selector(".card")
+        assert page.locator("#prompt").text_content() == prompt
+        assert sorted(page.locator(".card-text").all_text_contents()) == sorted(completions)
+        page.locator(".card").first.hover()
+        page.locator(".card").first.click()
+        page.wait_for_timeout(450)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#empty:not([hidden])")
+        admin = ctx.new_page()
+        admin.goto(srv.admin_url)
+        admin.locator("#labelers a").first.click()
+        admin.wait_for_selector("#rankings")
+        assert prompt in admin.locator("#rankings").text_content()
+        for p in (page, admin):
+            p.locator("text=camp").first.hover()
+            assert p.evaluate("window.__xss") is None
+            assert p.locator("img, iframe, svg, script:not([src])").count() == 0
+            assert "{{ 7 * 7 }}" not in p.content() or "49" not in p.locator("body").text_content()
+        assert dialogs == []
+    finally:
+        ctx.close()
