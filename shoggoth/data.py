@@ -6,6 +6,7 @@ it read and what it skipped, and nothing is dropped without being counted.
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 import importlib.util
 from pathlib import Path
@@ -272,3 +273,83 @@ class TokenShards:
         win = np.stack([shards[w][s:s + seq_len + 1] for w, s in zip(which[rows], starts[rows])]).astype(np.int64)
         win = torch.from_numpy(win)
         return win[:, :-1], win[:, 1:]
+
+
+# ---------------------------------------------------------------- SFT conversations
+
+
+def conversation(obj, where):
+    """A JSON record in TRL's conversational ({"messages": [...]}) or prompt/completion
+    format (strings, or lists of messages) -> a validated list of messages."""
+    from .tokenizer import ROLES
+
+    if "messages" in obj:
+        msgs = obj["messages"]
+    elif "prompt" in obj and "completion" in obj:
+        p, c = obj["prompt"], obj["completion"]
+        msgs = (p if isinstance(p, list) else [{"role": "user", "content": p}]) + \
+               (c if isinstance(c, list) else [{"role": "assistant", "content": c}])
+    else:
+        raise DataError(f"{where}: expected 'messages', or 'prompt' and 'completion'")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise DataError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise DataError(f"{where}: message {i} ({m['role']}) has empty or non-string content")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: no assistant turn to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def read_conversations(path, skip_invalid=False, log=print):
+    """Conversations of an SFT JSONL file. A bad line is an error naming it, or
+    with skip_invalid a counted, reported skip; never a silent drop."""
+    out, skipped, first_error = [], 0, None
+    lines = read_text(path).splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            out.append(conversation(obj, f"{path}:{lineno}"))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            skipped += 1
+            first_error = first_error or str(e)
+    log(f"data: {path}: {len(out)} conversations read, {skipped} invalid line(s) skipped"
+        + (f" (first: {first_error})" if first_error else ""))
+    if not out:
+        raise DataError(f"{path}: no usable conversations")
+    return out
+
+
+def chatterbot_conversations(split, heldout_every=10):
+    """The English chatterbot-corpus as conversations, split by opening question:
+    a question (and all its answers) is held out when crc32(question) % heldout_every == 0.
+    Dialogues alternate user/assistant; a trailing unanswered user turn is dropped."""
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None:
+        raise DataError("built-in SFT data: chatterbot-corpus is not installed (pip install chatterbot-corpus==1.3.3)")
+    root = Path(spec.submodule_search_locations[0]) / "data" / "english"
+    out = []
+    for f in sorted(root.glob("*.yml")):
+        for conv in yaml.safe_load(f.read_text())["conversations"]:
+            turns = [str(t).strip() for t in conv]
+            turns = turns[: len(turns) // 2 * 2]
+            if not turns or any(not t for t in turns):
+                continue
+            held = zlib.crc32(turns[0].lower().encode()) % heldout_every == 0
+            if held == (split == "heldout"):
+                out.append([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
+    return out

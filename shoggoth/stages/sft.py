@@ -1,0 +1,271 @@
+"""Supervised fine-tuning: learn to answer like an assistant from human-written conversations.
+
+    shoggoth sft --init runs/pretrain --out runs/sft            # built-in chatterbot-corpus
+    shoggoth sft --init DIR --data chats.jsonl --out runs/sft   # TRL messages or prompt/completion JSONL
+
+Conversations are rendered with the chat template; the loss covers each
+assistant turn's tokens and its <|im_end|> only. Examples are packed into rows
+of seq_len; a block-diagonal causal mask and per-example positions keep each
+example's attention to itself, so packing changes speed, not the math.
+"""
+
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint, data, dist, tokenizer
+from ..errors import ShoggothError, TrainingError
+from ..metrics import Metrics, peak_flops
+
+
+@dataclass
+class Config:
+    """Supervised fine-tuning on conversations (loss on assistant turns only)."""
+
+    init: str = ""  # model directory to fine-tune (a pretrain output or a Hugging Face Llama/Qwen directory)
+    data: str = ""  # JSONL of {"messages": [...]} or {"prompt", "completion"}; empty = built-in chatterbot-corpus
+    eval_data: str = ""  # held-out JSONL; empty = the built-in held-out questions, or 5% of --data
+    out: str = "runs/sft"  # output Hugging Face model directory
+    skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
+    seq_len: int = 0  # packed row length; 0 = the model's max_seq_len
+    batch_size: int = 16  # packed rows per micro-step, summed over ranks
+    grad_accum: int = 1  # micro-steps per optimizer step
+    epochs: int = 3  # passes over the training conversations
+    max_steps: int = 0  # stop after this many steps; 0 = run all epochs
+    lr: float = 1e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    dtype: str = "auto"  # auto | bf16 | fp32 autocast
+    device: str = ""  # cpu | cuda; empty = cuda when available
+    eval_every: int = 50  # steps between held-out losses
+    sample_every: int = 100  # steps between held-out answers printed; 0 = never
+    ckpt_every: int = 50  # steps between resume checkpoints
+    keep: int = 3  # resume checkpoints kept
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    seed: int = 1337  # data order
+
+
+MAY_CHANGE = {"max_steps", "eval_every", "sample_every", "ckpt_every", "keep", "resume", "device"}
+
+
+def load_conversations(c: Config, log):
+    """(train, held-out) conversations from the flags."""
+    if not c.data:
+        train, held = data.chatterbot_conversations("train"), data.chatterbot_conversations("heldout")
+        log(f"data: built-in chatterbot-corpus: {len(train)} train / {len(held)} held-out conversations (split by question)")
+        return train, held
+    train = data.read_conversations(c.data, c.skip_invalid, log)
+    if c.eval_data:
+        return train, data.read_conversations(c.eval_data, c.skip_invalid, log)
+    n = max(1, len(train) // 20) if len(train) > 1 else 0
+    return train[n:], train[:n] or train
+
+
+def encode(convs, tok, seq_len):
+    """Conversations -> (ids, labels) arrays, labels -100 where there is no loss; longer
+    ones truncated to seq_len (counted)."""
+    out, cut = [], 0
+    for conv in convs:
+        ids, mask = tok.render_chat(conv)
+        ids, labels = np.array(ids), np.array(mask)
+        # Predict token t+1 from t: the label of position t is the next token, if it is trained on.
+        labels = np.where(np.roll(labels, -1) == 1, np.roll(ids, -1), -100)
+        labels[-1] = -100
+        if len(ids) > seq_len:
+            ids, labels, cut = ids[:seq_len], labels[:seq_len], cut + 1
+        if (labels != -100).any():
+            out.append((ids, labels))
+    return out, cut
+
+
+def pack(examples, seq_len, order):
+    """Greedy packing in `order`: a new row starts when the next example does not fit."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if used + n > seq_len and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate(examples, rows, seq_len, pad_id):
+    """Packed rows -> ids, labels, positions (B, T) and the (B, 1, T, T) attention mask."""
+    B = len(rows)
+    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((B, seq_len), -100, dtype=torch.long)
+    pos = torch.zeros((B, seq_len), dtype=torch.long)
+    seg = torch.full((B, seq_len), -1, dtype=torch.long)  # which example each token belongs to
+    for b, row in enumerate(rows):
+        t = 0
+        for j, i in enumerate(row):
+            x, y = examples[i]
+            n = len(x)
+            ids[b, t:t + n], labels[b, t:t + n] = torch.from_numpy(x), torch.from_numpy(y)
+            pos[b, t:t + n], seg[b, t:t + n] = torch.arange(n), j
+            t += n
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    same = seg[:, :, None] == seg[:, None, :]  # padding (-1) attends to padding: no empty rows, no NaN
+    return ids, labels, pos, (same & causal)[:, None]
+
+
+def lr_at(step, total, c: Config):
+    if step <= c.warmup_steps:
+        return c.lr * step / max(1, c.warmup_steps)
+    progress = (step - c.warmup_steps) / max(1, total - c.warmup_steps)
+    return c.lr * (c.min_lr_frac + (1 - c.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def run(c: Config):
+    if not c.init:
+        raise ShoggothError("sft: --init DIR is required (a pretrain output or a Hugging Face model directory)")
+    d = dist.setup(c.device)
+    out = Path(c.out)
+    ckpt_path = checkpoint.latest_checkpoint(out)
+    if ckpt_path and not c.resume:
+        raise ShoggothError(f"{out} has checkpoints from an earlier run: pass --resume to continue it, or pick another --out")
+    if c.resume and not ckpt_path:
+        raise ShoggothError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    state = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
+    if state:
+        diff = {k: (v, getattr(c, k)) for k, v in state["config"].items() if k not in MAY_CHANGE and getattr(c, k) != v}
+        if diff:
+            raise ShoggothError(f"--resume: config differs from the checkpoint's: {diff}")
+
+    model = checkpoint.load_pretrained(c.init)
+    tok = tokenizer.load(c.init)
+    tok.check_model(model.config.vocab_size, c.init)
+    seq_len = c.seq_len or model.config.max_seq_len
+    train_convs, held_convs = load_conversations(c, dist.print0)
+    train, cut = encode(train_convs, tok, seq_len)
+    held, held_cut = encode(held_convs, tok, seq_len)
+    n_loss = sum(int((y != -100).sum()) for _, y in train)
+    dist.print0(f"data: {len(train)} train / {len(held)} held-out examples, {n_loss:,} trained tokens per epoch; "
+                f"{cut + held_cut} truncated to seq_len={seq_len}")
+
+    # Every epoch's packed batches, fixed by the seed: step s always sees the same batch.
+    batches = []
+    for epoch in range(c.epochs):
+        order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
+        rows = pack(train, seq_len, order)
+        batches += [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
+    total = len(batches) // c.grad_accum
+    if c.max_steps:
+        total = min(total, c.max_steps)
+    held_rows = pack(held, seq_len, range(len(held)))
+
+    model.to(d.device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=c.lr, betas=(0.9, 0.95), fused=True)
+    step = 0
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step = state["step"]
+        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    train_model = model
+    if d.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    peak = peak_flops(d.device, amp_dtype) * d.world
+    metrics = Metrics(out, total, resume_step=step, enabled=d.main)
+    dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} rows "
+                f"x {seq_len} tokens per micro-step), autocast {amp_dtype}")
+
+    def micro_loss(examples, rows):
+        """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
+        ids, labels, pos, mask = collate(examples, rows, seq_len, tok.pad_id)
+        count = (labels != -100).sum().to(d.device, torch.float32)
+        share = slice(d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world)
+        ids, labels, pos, mask = (t[share].to(d.device) for t in (ids, labels, pos, mask))
+        logits = train_model(ids, pos=pos, mask=mask)
+        loss_sum = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                     ignore_index=-100, reduction="sum")
+        return loss_sum, count
+
+    def evaluate():
+        model.eval()
+        total_loss, total_n = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
+        with torch.no_grad(), amp:
+            for i in range(0, len(held_rows), c.batch_size):
+                s, n = micro_loss(held, held_rows[i:i + c.batch_size])
+                total_loss += dist.all_mean(s) * d.world
+                total_n += n
+        model.train()
+        return (total_loss / total_n).item()
+
+    def save():
+        if d.main:
+            checkpoint.save_checkpoint(out, step, {"model": model.state_dict(), "optim": opt.state_dict(),
+                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
+        dist.barrier()
+
+    if step == 0:
+        metrics.log(0, val_loss=evaluate())
+    model.train()
+    while step < total:
+        step += 1
+        t0 = time.perf_counter()
+        lr = lr_at(step, total, c)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
+        # Normalise by the loss tokens of the whole optimizer step, over all ranks; DDP
+        # averages gradients over ranks, hence the factor world.
+        n_tokens = sum(sum(int((train[i][1] != -100).sum()) for row in rows for i in row) for rows in micro_batches)
+        loss_total, tokens = torch.zeros((), device=d.device), 0
+        for micro, rows in enumerate(micro_batches):
+            sync = micro == len(micro_batches) - 1 or d.world == 1
+            with amp, (nullcontext() if sync else train_model.no_sync()):
+                s, n = micro_loss(train, rows)
+                (s * d.world / n_tokens).backward()
+            loss_total += s.detach()
+            tokens += sum(len(train[i][0]) for row in rows for i in row)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        loss_val = (dist.all_mean(loss_total) * d.world / n_tokens).item()
+        if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
+            raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped "
+                                f"without updating. Last good checkpoint: {checkpoint.latest_checkpoint(out) or 'none'}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        mfu = model.flops_per_token(seq_len) * tokens / dt / peak
+        metrics.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / dt}, mfu=mfu)
+        if step % c.eval_every == 0 or step == total:
+            metrics.log(step, val_loss=evaluate())
+        if d.main and c.sample_every and (step % c.sample_every == 0 or step == total):
+            print_answers(model, tok, held_convs[:: max(1, len(held_convs) // 3)][:3])
+        if step % c.ckpt_every == 0 or step == total:
+            save()
+
+    if d.main:
+        checkpoint.save_pretrained(model, out, tokenizer_dir=c.init)
+        tokenizer.save(tok, out)  # the chat template this model was trained with
+        dist.print0(f"saved Hugging Face model directory {out}")
+    metrics.close()
+    dist.cleanup()
+    return out
+
+
+def print_answers(model, tok, convs):
+    from ..sampling import chat_reply
+
+    for conv in convs:
+        prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv
+        answer = chat_reply((model, tok), prompt, max_new_tokens=48, temperature=0.0)
+        print(f"  user> {prompt[-1]['content']}\n  assistant> {answer}", flush=True)
