@@ -131,12 +131,13 @@ def _first(x):
 # ---------------------------------------------------------------- HF directories
 
 
-def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation=None):
-    """Write model as a Hugging Face causal-LM directory, weights in fp32."""
+def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation=None, state_dict=None):
+    """Write model as a Hugging Face causal-LM directory, weights in fp32 (state_dict
+    instead of model's own, e.g. gathered from FSDP shards by dist.model_state)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
-    sd = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     if c.tie_embeddings:
         sd.pop("lm_head.weight")
     atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
@@ -222,3 +223,25 @@ def latest_checkpoint(out_dir):
 
 def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume_state(out_dir, config, resume, may_change):
+    """(state, path) of the checkpoint to continue from, or (None, None) for a fresh run.
+
+    Refuses to start over a run that has checkpoints (no silent overwrite) and to
+    resume with a config that differs, in fields outside may_change, from the saved one."""
+    from .errors import ShoggothError
+
+    path = latest_checkpoint(out_dir)
+    if path and not resume:
+        raise ShoggothError(f"{out_dir} has checkpoints from an earlier run: pass --resume to continue it, or pick another --out")
+    if resume and not path:
+        raise ShoggothError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
+    if not path:
+        return None, None
+    state = load_checkpoint(path)
+    diff = {k: (v, getattr(config, k)) for k, v in state["config"].items()
+            if k not in may_change and getattr(config, k, v) != v}
+    if diff:
+        raise ShoggothError(f"--resume: config differs from the checkpoint's (saved, now): {diff}")
+    return state, path

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, tokenizer
+from .. import checkpoint, data, dist, optim, tokenizer
 from ..errors import ShoggothError, TrainingError
 from ..metrics import Metrics, peak_flops
 
@@ -121,28 +121,12 @@ def collate(examples, rows, seq_len, pad_id):
     return ids, labels, pos, (same & causal)[:, None]
 
 
-def lr_at(step, total, c: Config):
-    if step <= c.warmup_steps:
-        return c.lr * step / max(1, c.warmup_steps)
-    progress = (step - c.warmup_steps) / max(1, total - c.warmup_steps)
-    return c.lr * (c.min_lr_frac + (1 - c.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def run(c: Config):
     if not c.init:
         raise ShoggothError("sft: --init DIR is required (a pretrain output or a Hugging Face model directory)")
     d = dist.setup(c.device)
     out = Path(c.out)
-    ckpt_path = checkpoint.latest_checkpoint(out)
-    if ckpt_path and not c.resume:
-        raise ShoggothError(f"{out} has checkpoints from an earlier run: pass --resume to continue it, or pick another --out")
-    if c.resume and not ckpt_path:
-        raise ShoggothError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    state = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
-    if state:
-        diff = {k: (v, getattr(c, k)) for k, v in state["config"].items() if k not in MAY_CHANGE and getattr(c, k) != v}
-        if diff:
-            raise ShoggothError(f"--resume: config differs from the checkpoint's: {diff}")
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
 
     model = checkpoint.load_pretrained(c.init)
     tok = tokenizer.load(c.init)
@@ -167,10 +151,7 @@ def run(c: Config):
     held_rows = pack(held, seq_len, range(len(held)))
 
     model.to(d.device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=c.lr, betas=(0.9, 0.95), fused=True)
+    opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
     step = 0
     if state:
         model.load_state_dict(state["model"])
@@ -221,7 +202,7 @@ def run(c: Config):
     while step < total:
         step += 1
         t0 = time.perf_counter()
-        lr = lr_at(step, total, c)
+        lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
