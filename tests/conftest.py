@@ -31,32 +31,50 @@ def _pg_bin():
     return os.path.dirname(initdb) if initdb else None
 
 
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
-    """(host, port, user) of a PostgreSQL server started for this test session, stopped at its end."""
+def start_postgres(root):
+    """Start a PostgreSQL server with its data in the empty folder `root`: returns (host, port, user, stop)."""
     bindir = _pg_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not installed (tests/run.sh installs them)")
-    root = tmp_path_factory.mktemp("pg")
+        raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not installed")
     data, sock = root / "data", root / "sock"
     sock.mkdir()
     as_user = []
     if os.geteuid() == 0:  # postgres will not run as root
         shutil.chown(root, "postgres")
         shutil.chown(sock, "postgres")
-        os.chmod(root.parent, 0o755)
-        os.chmod(root.parent.parent, 0o755)
+        for up in (root.parent, root.parent.parent):
+            os.chmod(up, os.stat(up).st_mode | 0o055)
         as_user = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
     run(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
     run(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start", "-o",
         f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-        "-c full_page_writes=off -c max_connections=200")
+        "-c full_page_writes=off -c max_connections=300")
+    stop = lambda: subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],  # noqa: E731
+                                  capture_output=True)
+    return "127.0.0.1", port, "postgres", stop
+
+
+def create_database(host, port, user, name):
+    """A new database on the server; its SQLAlchemy URL."""
+    import psycopg
+
+    with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """(host, port, user) of a PostgreSQL server started for this test session, stopped at its end."""
+    if _pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries not installed (tests/run.sh installs them)")
+    host, port, user, stop = start_postgres(tmp_path_factory.mktemp("pg"))
     try:
-        yield "127.0.0.1", port, "postgres"
+        yield host, port, user
     finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        stop()
 
 
 _db_counter = iter(range(1_000_000))
@@ -65,13 +83,7 @@ _db_counter = iter(range(1_000_000))
 @pytest.fixture
 def pg_url(postgres_server):
     """A fresh, empty database on the session's server, as a SQLAlchemy URL."""
-    import psycopg
-
-    host, port, user = postgres_server
-    name = f"t{next(_db_counter)}_{os.getpid()}"
-    with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+    return create_database(*postgres_server, f"t{next(_db_counter)}_{os.getpid()}")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

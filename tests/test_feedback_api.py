@@ -94,6 +94,7 @@ def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
         assert link.startswith(f"{srv.url}/join/") and D.labeler_by_token(srv.engine, link.rsplit("/", 1)[1])[1] == "dave"
         r = admin.post("/admin/invite", data={"name": "dave", "csrf": csrf})
         assert r.status_code == 409 and "already a labeler named" in r.text
+        assert r.headers["referrer-policy"] == "same-origin"  # "no-referrer" makes Chromium post Origin: null
         r = admin.post("/admin/campaigns/1/n", data={"n": "5", "csrf": csrf})
         assert r.status_code == 303 and D.overview(srv.engine)[0][0]["n"] == 5
 

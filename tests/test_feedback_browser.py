@@ -114,6 +114,10 @@ def test_rank_by_keyboard_and_drag_then_admin_sees_it(live_app, context):
     camp = admin.locator('#campaigns tr[data-campaign="camp"]')
     assert re.search(r"\b2\s*/\s*2\b", camp.text_content())
     assert admin.locator('#labelers tr[data-labeler="lena"] .rankings').text_content() == "2"
+    admin.fill("#invite-form input[name=name]", "otto")  # a form post: CSRF field and Origin must pass
+    admin.click("#invite-form button")
+    link = admin.locator("#invite-link").text_content()
+    assert link.startswith(f"{srv.url}/join/") and D.labeler_by_token(srv.engine, link.rsplit("/", 1)[1])[1] == "otto"
     admin.locator('#labelers tr[data-labeler="lena"] a').click()
     admin.wait_for_selector("#rankings")
     body = admin.locator("#rankings").text_content()

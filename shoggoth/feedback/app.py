@@ -64,7 +64,7 @@ def create_app(db, admin_token=None):
     # ------------------------------------------------------------ errors: 4xx with one clear message
 
     def wants_html(request):
-        return not request.url.path.startswith(("/api/", "/admin/api/")) and request.method == "GET"
+        return not request.url.path.startswith(("/api/", "/admin/api/", "/admin/export"))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -89,7 +89,8 @@ def create_app(db, admin_token=None):
         resp = await call_next(request)
         resp.headers["Content-Security-Policy"] = CSP
         resp.headers["X-Content-Type-Options"] = "nosniff"
-        resp.headers["Referrer-Policy"] = "no-referrer"  # invite tokens are in URLs
+        # invite tokens are in URLs: never sent to other sites ("no-referrer" would make form posts send Origin: null)
+        resp.headers["Referrer-Policy"] = "same-origin"
         if not request.url.path.startswith("/static/"):
             resp.headers["Cache-Control"] = "no-store"
         return resp
@@ -168,8 +169,7 @@ def create_app(db, admin_token=None):
     @app.post("/api/tasks/{task_id}/ranking", status_code=201)
     def submit(request: Request, body: RankingIn, task_id: int = Path(**ID)):
         lid, _ = labeler(request)
-        rid = D.submit(engine, lid, task_id, body.ranking, body.flags)
-        return {"ranking_id": rid, "progress": D.progress(engine, lid)}
+        return {"ranking_id": D.submit(engine, lid, task_id, body.ranking, body.flags)}  # /api/next tells progress
 
     @app.post("/api/tasks/{task_id}/skip")
     def skip(request: Request, task_id: int = Path(**ID)):
@@ -184,10 +184,14 @@ def create_app(db, admin_token=None):
 
     # ------------------------------------------------------------ admin
 
-    def admin_page(request, status=200, **extra):
+    def overview_with_agreement():
         camps, labs = D.overview(engine)
         for c in camps:
-            c["agreement"] = agreement(D.rankings(engine, campaign=c["name"]))
+            c["agreement"] = agreement(D.rank_vectors(engine, c["id"]))
+        return camps, labs
+
+    def admin_page(request, status=200, **extra):
+        camps, labs = overview_with_agreement()
         per = {}
         for c in camps:
             for name, t in c["agreement"]["per_labeler"].items():
@@ -245,9 +249,7 @@ def create_app(db, admin_token=None):
     @app.get("/admin/api/overview")
     def overview(request: Request):
         admin(request)
-        camps, labs = D.overview(engine)
-        for c in camps:
-            c["agreement"] = agreement(D.rankings(engine, campaign=c["name"]))
+        camps, labs = overview_with_agreement()
         return {"campaigns": camps, "labelers": labs}
 
     @app.get("/admin/export.jsonl")

@@ -21,7 +21,9 @@ re-checks its WHERE clause after waiting for a row lock.
 import hashlib
 import random
 import secrets
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
@@ -150,7 +152,10 @@ def connect(db, create=True):
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
+            # Writers take the write lock up front (no lock-upgrade deadlocks); readers do not block anyone in WAL.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE")
+
+        engine.shoggoth_write_lock = threading.Lock()  # this process's writers queue here, not in busy-waits
     else:
         try:
             engine = create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
@@ -162,6 +167,19 @@ def connect(db, create=True):
         except OperationalError as e:
             raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
     return engine
+
+
+@contextmanager
+def writing(engine):
+    """A session in a write transaction, committed at the end (rolled back on an exception)."""
+    lock = getattr(engine, "shoggoth_write_lock", None)
+    with lock or nullcontext(), Session(engine) as s, s.begin():
+        yield s
+
+
+def reading(engine):
+    """The engine for read-only work (on SQLite a plain BEGIN, which does not wait for writers)."""
+    return engine.execution_options(readonly=True)
 
 
 def retrying(fn, attempts=8):
@@ -190,7 +208,7 @@ def hash_token(token):
 
 def secret(engine):
     """The server's signing secret (CSRF tokens), made once and kept in the database."""
-    with Session(engine) as s, s.begin():
+    with writing(engine) as s:
         row = s.get(Setting, "secret")
         if row is None:
             row = Setting(key="secret", value=secrets.token_hex(32))
@@ -212,7 +230,7 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source=""):
     k = ks.pop()
     if rankings_per_task < 1:
         raise DataError(f"campaign {campaign!r}: rankings per task must be at least 1")
-    with Session(engine) as s, s.begin():
+    with writing(engine) as s:
         c = s.scalar(select(Campaign).where(Campaign.name == campaign))
         if c is None:
             c = Campaign(name=clean_text(campaign), k=k, rankings_per_task=rankings_per_task, source=clean_text(source))
@@ -232,7 +250,7 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source=""):
 def set_rankings_per_task(engine, campaign_id, n):
     if not 1 <= n <= 100:
         raise Rejected(422, "rankings per task must be between 1 and 100")
-    with Session(engine) as s, s.begin():
+    with writing(engine) as s:
         if s.execute(update(Campaign).where(Campaign.id == campaign_id).values(rankings_per_task=n)).rowcount != 1:
             raise Rejected(404, f"no campaign {campaign_id}")
 
@@ -244,7 +262,7 @@ def create_labeler(engine, name, campaign_id=None, simulated=False):
         raise Rejected(422, "a labeler's name must have 1 to 100 characters")
     token = secrets.token_urlsafe(24)
     try:
-        with Session(engine) as s, s.begin():
+        with writing(engine) as s:
             if campaign_id is not None and s.get(Campaign, campaign_id) is None:
                 raise Rejected(404, f"no campaign {campaign_id}")
             lab = Labeler(name=name, token_hash=hash_token(token), campaign_id=campaign_id, simulated=simulated)
@@ -257,14 +275,14 @@ def create_labeler(engine, name, campaign_id=None, simulated=False):
 
 def labeler_id(engine, name, simulated=True):
     """The id of the labeler called `name`, made (with a fresh token) if there is none."""
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         found = s.scalar(select(Labeler.id).where(Labeler.name == name))
     if found is not None:
         return found
     try:
         return create_labeler(engine, name, simulated=simulated)[0]
     except Rejected:  # made meanwhile by someone else
-        with Session(engine) as s:
+        with Session(reading(engine)) as s:
             return s.scalar(select(Labeler.id).where(Labeler.name == name))
 
 
@@ -272,13 +290,13 @@ def labeler_by_token(engine, token):
     """(id, name) of the labeler holding `token`, or None."""
     if not token or len(token) > 200:
         return None
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         row = s.execute(select(Labeler.id, Labeler.name).where(Labeler.token_hash == hash_token(token))).first()
     return tuple(row) if row else None
 
 
 def campaign_id(engine, name):
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         cid = s.scalar(select(Campaign.id).where(Campaign.name == name))
     if cid is None:
         raise DataError(f"no campaign named {name!r}")
@@ -289,10 +307,10 @@ def campaign_id(engine, name):
 
 
 def _task_view(s, a):
-    task = s.get(Task, a.task_id)
-    texts = dict(s.execute(select(Completion.id, Completion.text).where(Completion.task_id == a.task_id)).all())
-    camp = s.get(Campaign, task.campaign_id)
-    return {"task_id": task.id, "campaign": camp.name, "prompt": task.prompt,
+    tid, prompt, camp = s.execute(select(Task.id, Task.prompt, Campaign.name).join(Campaign, Task.campaign_id == Campaign.id)
+                                  .where(Task.id == a.task_id)).one()
+    texts = dict(s.execute(select(Completion.id, Completion.text).where(Completion.task_id == tid)).all())
+    return {"task_id": tid, "campaign": camp, "prompt": prompt,
             "completions": [{"id": cid, "text": texts[cid]} for cid in a.display_order]}
 
 
@@ -315,7 +333,7 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
 
     def attempt():
         now = time.time()
-        with Session(engine) as s, s.begin():
+        with writing(engine) as s:
             _release_expired(s, now)
             mine = select(Assignment).where(Assignment.labeler_id == labeler_id, Assignment.status == "open")
             if campaign_id is not None:
@@ -330,22 +348,27 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
             had = select(Assignment.task_id).where(Assignment.labeler_id == labeler_id)
             q = (select(Task.id, Campaign.rankings_per_task).join(Campaign, Task.campaign_id == Campaign.id)
                  .where(Task.n_open + Task.n_done < Campaign.rankings_per_task, Task.id.not_in(had))
-                 .order_by((Task.n_open + Task.n_done).desc(), Task.id).limit(20))
+                 .order_by((Task.n_open + Task.n_done).desc(), Task.id).limit(5))
             if scope is not None:
                 q = q.where(Task.campaign_id == scope)
-            for tid, n in s.execute(q).all():
-                took = s.execute(update(Task).where(Task.id == tid, Task.n_open + Task.n_done < n)
-                                 .values(n_open=Task.n_open + 1)).rowcount
-                if took != 1:
-                    continue  # another labeler filled it meanwhile
-                order = list(s.scalars(select(Completion.id).where(Completion.task_id == tid)))
-                rng.shuffle(order)
-                a = Assignment(task_id=tid, labeler_id=labeler_id, status="open", display_order=order,
-                               created_at=now, expires_at=now + lease_s)
-                s.add(a)
-                s.flush()
-                return _task_view(s, a)
-            return None
+            unlocked = q.with_for_update(of=Task, skip_locked=True)  # PostgreSQL: pass rows others hold now
+            for _ in range(50):  # READ COMMITTED: candidates seen free may be filled meanwhile; look again
+                candidates = s.execute(unlocked).all() or s.execute(q).all()  # (the held ones may have room)
+                if not candidates:
+                    return None
+                for tid, n in candidates:
+                    took = s.execute(update(Task).where(Task.id == tid, Task.n_open + Task.n_done < n)
+                                     .values(n_open=Task.n_open + 1)).rowcount
+                    if took != 1:
+                        continue  # another labeler filled it meanwhile
+                    order = list(s.scalars(select(Completion.id).where(Completion.task_id == tid)))
+                    rng.shuffle(order)
+                    a = Assignment(task_id=tid, labeler_id=labeler_id, status="open", display_order=order,
+                                   created_at=now, expires_at=now + lease_s)
+                    s.add(a)
+                    s.flush()
+                    return _task_view(s, a)
+            raise OperationalError("next_task", None, Exception("no free task after 50 looks"))  # retried
 
     return retrying(attempt)
 
@@ -401,7 +424,7 @@ def submit(engine, labeler_id, task_id, groups, flags=()):
 
     def attempt():
         now = time.time()
-        with Session(engine) as s, s.begin():
+        with writing(engine) as s:
             a = _assignment(s, labeler_id, task_id)
             ids = list(s.scalars(select(Completion.id).where(Completion.task_id == task_id).order_by(Completion.idx)))
             ranks = ranks_from_groups(groups, ids)
@@ -424,7 +447,7 @@ def skip(engine, labeler_id, task_id):
     """Give a task back; this labeler will not be offered it again."""
 
     def attempt():
-        with Session(engine) as s, s.begin():
+        with writing(engine) as s:
             a = _assignment(s, labeler_id, task_id)
             was = a.status
             if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
@@ -438,7 +461,7 @@ def skip(engine, labeler_id, task_id):
 
 def progress(engine, labeler_id):
     """What this labeler did, and how many tasks are still there for them."""
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         counts = dict(s.execute(select(Assignment.status, func.count()).where(Assignment.labeler_id == labeler_id)
                                 .group_by(Assignment.status)).all())
         scope = s.scalar(select(Labeler.campaign_id).where(Labeler.id == labeler_id))
@@ -457,7 +480,7 @@ def progress(engine, labeler_id):
 
 def rankings(engine, campaign=None, labeler=None, limit=None):
     """Stored rankings in the export format (DESIGN.md), oldest first."""
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         q = (select(Ranking, Task, Campaign.name, Labeler.name).join(Task, Ranking.task_id == Task.id)
              .join(Campaign, Task.campaign_id == Campaign.id).join(Labeler, Ranking.labeler_id == Labeler.id)
              .order_by(Ranking.id))
@@ -476,6 +499,14 @@ def rankings(engine, campaign=None, labeler=None, limit=None):
     return [{"prompt": t.prompt, "completions": texts[t.id], "ranks": list(r.ranks), "labeler": lab,
              "flags": list(r.flags), "campaign": camp, "task_id": t.id, "seconds": round(r.seconds, 3)}
             for r, t, camp, lab in rows]
+
+
+def rank_vectors(engine, campaign_id):
+    """{task_id, labeler, ranks} of a campaign's rankings: what agreement statistics need, without texts."""
+    with Session(reading(engine)) as s:
+        rows = s.execute(select(Ranking.task_id, Labeler.name, Ranking.ranks).join(Labeler, Ranking.labeler_id == Labeler.id)
+                         .join(Task, Ranking.task_id == Task.id).where(Task.campaign_id == campaign_id)).all()
+    return [{"task_id": t, "labeler": name, "ranks": list(r)} for t, name, r in rows]
 
 
 EXPORT_KEYS = ("prompt", "completions", "ranks", "labeler", "flags", "campaign", "task_id")
@@ -498,7 +529,7 @@ def pairs(row):
 
 def tasks_for_simulation(engine, task_ids):
     """prompt, references and completion texts (by id) of tasks, for simulated labelers."""
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         out = {t.id: {"prompt": t.prompt, "references": list(t.refs), "completions": {}}
                for t in s.scalars(select(Task).where(Task.id.in_(task_ids)))}
         for cid, tid, text in s.execute(select(Completion.id, Completion.task_id, Completion.text)
@@ -509,7 +540,7 @@ def tasks_for_simulation(engine, task_ids):
 
 def overview(engine):
     """Campaigns with their progress, labelers with their counts: what the admin page shows."""
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         camps = []
         for c in s.scalars(select(Campaign).order_by(Campaign.id)):
             n_tasks, done, open_, skipped, complete = s.execute(

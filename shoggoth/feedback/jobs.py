@@ -47,12 +47,12 @@ def prompt_ids(tok, prompt):
 def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,
              top_k=0, top_p=1.0, seed=0, batch_size=32):
     """Sample k completions per prompt from `policy` and store them as the ranking tasks of `campaign`."""
+    if not 2 <= k <= D.MAX_K:
+        raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
+    records = read_prompts(prompts_path)  # bad input fails before the model loads
     from .. import engine as E
     from .. import sampling
 
-    if not 2 <= k <= D.MAX_K:
-        raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
-    records = read_prompts(prompts_path)
     model, tok = sampling.load(policy)
     eng = E.Engine(model)
     limit = getattr(getattr(model, "config", None), "max_seq_len", None)

@@ -1,0 +1,127 @@
+"""`shoggoth feedback generate|simulate|export` through the real command line, and the simulated labelers."""
+
+import json
+
+import pytest
+
+from shoggoth.cli import main
+from shoggoth.feedback import db as D
+from shoggoth.feedback.agreement import agreement, kendall_tau_b, krippendorff_alpha
+from shoggoth.labelers import SimulatedLabeler, gold_score, ranks_from_scores
+
+QA = [("What is the capital of France?", "The capital of France is Paris."),
+      ("How do I boil an egg?", "Put the egg in boiling water for about eight minutes."),
+      ("What color is the sky?", "The sky is blue on a clear day."),
+      ("Who wrote Hamlet?", "Hamlet was written by William Shakespeare."),
+      ("What do cows drink?", "Cows drink water."),
+      ("How many legs does a spider have?", "A spider has eight legs.")]
+FILLER = ["And it came to pass in those days that the multitude went up unto the mountain.",
+          "I hate this. Terrible, awful question, go away.",
+          "Thank you so much, that is a wonderful question! I am happy to help."]
+
+
+def campaign(db):
+    tasks = [{"prompt": q, "references": [a], "completions": [a, *FILLER]} for q, a in QA]
+    D.add_tasks(D.connect(db), "qa", tasks, rankings_per_task=3)
+
+
+def read_jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_simulate_then_export(tmp_path, capsys):
+    db = tmp_path / "f.db"
+    campaign(db)
+    assert main(["feedback", "simulate", "--db", str(db), "--persona", "helpful", "--labelers", "4"]) == 0
+    assert "18 rankings by 4 simulated labelers" in capsys.readouterr().out
+    assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path / "p.jsonl"), "--pairs"]) == 0
+    rows, pairs = read_jsonl(tmp_path / "r.jsonl"), read_jsonl(tmp_path / "p.jsonl")
+    assert len(rows) == 18 and {r["labeler"] for r in rows} == {f"sim-helpful-{i}" for i in range(4)}
+    for r in rows:
+        assert list(r) == ["prompt", "completions", "ranks", "labeler", "flags", "campaign", "task_id"]
+        assert r["ranks"][r["completions"].index(dict(QA)[r["prompt"]])] == 0  # the reference answer wins
+    assert len(pairs) == sum(sum(1 for a in r["ranks"] for b in r["ranks"] if a < b) for r in rows)
+    stats = agreement(rows)
+    assert 0.4 < stats["tau"] < 1.0 and stats["alpha"] > 0.4  # they agree on the whole, not on everything
+    # a second run finds nothing left: every task has its 3 rankings
+    assert main(["feedback", "simulate", "--db", str(db), "--persona", "helpful", "--labelers", "4"]) == 0
+    assert "0 rankings" in capsys.readouterr().out
+
+
+def test_bad_prompts_file_names_file_and_line(tmp_path, capsys):
+    cases = [('{"prompt": "ok"}\n\n{"prompt": "ok", \n', ":3: invalid JSON"),
+             ('{"prompt": "ok"}\n{"text": "no prompt"}\n', ":2: expected a string 'prompt' or a list 'messages'"),
+             ('{"messages": [{"role": "assistant", "content": "hi"}]}\n', ":1: 'messages' has no user message"),
+             ('{"prompt": "ok", "references": "one"}\n', ":1: 'references' must be a list of strings"),
+             ('[1, 2]\n', ":1: expected a JSON object"),
+             ("\n\n", ": no prompts in the file")]
+    for i, (text, message) in enumerate(cases):
+        f = tmp_path / f"p{i}.jsonl"
+        f.write_text(text)
+        code = main(["feedback", "generate", "--policy", str(tmp_path), "--prompts", str(f), "--db", str(tmp_path / "x.db")])
+        err = capsys.readouterr().err
+        assert code == 1 and f"{f}{message}" in err and err.count("\n") == 1, err
+    assert main(["feedback", "simulate", "--db", str(tmp_path / "x.db"), "--persona", "grumpy"]) == 1
+    assert "no persona named 'grumpy'" in capsys.readouterr().err
+
+
+def test_generate_with_a_tiny_model(tmp_path, capsys):
+    pytest.importorskip("shoggoth.sampling")
+    from shoggoth import tokenizer
+    from shoggoth.checkpoint import save_pretrained
+    from shoggoth.model import GPT, GPTConfig
+
+    tok = tokenizer.train([q + " " + a for q, a in QA] * 20, vocab_size=300)
+    model_dir = tmp_path / "policy"
+    tokenizer.save(tok, model_dir)
+    save_pretrained(GPT(GPTConfig(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, max_seq_len=64,
+                                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)),
+                    model_dir, tokenizer_dir=model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": QA[0][0], "references": [QA[0][1]]}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
+                                                  {"role": "user", "content": QA[1][0]}]}) + "\n")
+    db = tmp_path / "f.db"
+    assert main(["feedback", "generate", "--policy", str(model_dir), "--prompts", str(prompts), "-k", "3", "--db", str(db),
+                 "--campaign", "tiny", "--max-new-tokens", "8"]) == 0
+    assert "campaign 'tiny': 2 tasks of 3 completions" in capsys.readouterr().out
+    assert main(["feedback", "simulate", "--db", str(db), "--labelers", "3"]) == 0
+    rows = D.rankings(D.connect(db))
+    assert [r["prompt"] for r in rows[:1]] == [QA[0][0]] and {r["prompt"] for r in rows} == {QA[0][0], QA[1][0]}
+    assert all(len(r["completions"]) == 3 and len(r["ranks"]) == 3 for r in rows)
+
+
+def test_agreement_statistics_match_published_values():
+    # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", the 4 coders x 12 units example
+    n = None
+    coders = [[1, 2, 3, 3, 2, 1, 4, 1, 2, n, n, n], [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, n, 3],
+              [n, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, n], [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, n]]
+    units = list(zip(*coders))
+    assert round(krippendorff_alpha(units, "nominal"), 3) == 0.743
+    assert round(krippendorff_alpha(units, "ordinal"), 3) == 0.815
+    assert round(krippendorff_alpha(units, "interval"), 3) == 0.849
+    assert kendall_tau_b([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0 and kendall_tau_b([0, 1, 2], [2, 1, 0]) == -1.0
+    assert kendall_tau_b([0, 0, 1, 2], [0, 1, 1, 2]) == pytest.approx(0.8)  # C=4, D=0, 1 tie each side
+    assert kendall_tau_b([0, 0, 0], [0, 1, 2]) is None
+
+
+def test_simulated_labelers_have_a_taste_and_their_own_noise():
+    q, a = QA[0]
+    assert gold_score(q, a, [a]) > gold_score(q, FILLER[0], [a]) > 0
+    assert gold_score(q, "", [a]) == 0.0
+    assert gold_score(q, FILLER[2], [a], "friendly") > gold_score(q, FILLER[1], [a], "friendly")
+    long = "Paris. " + "It is a lovely city with many museums and parks. " * 6
+    assert gold_score(q, "Paris.", [a], "concise") > gold_score(q, long, [a], "concise")
+    assert gold_score(q, "Paris is the capital", None) > gold_score(q, "bananas", None)  # relevance to the prompt
+    assert ranks_from_scores([0.5, 0.9, 0.5, 0.1]) == [1, 0, 1, 2]
+    assert ranks_from_scores([0.5, 0.51, 0.1], tie_margin=0.02) == [0, 0, 1]
+    comps = [a, *FILLER, "Paris, I think.", "France's capital is Paris, a lovely city."]
+    one = [SimulatedLabeler("balanced", seed=1).rank(q, comps, [a]) for _ in range(1)]
+    again = [SimulatedLabeler("balanced", seed=1).rank(q, comps, [a]) for _ in range(1)]
+    assert one == again  # seeded
+    crowd = [SimulatedLabeler("balanced", seed=s).rank(q, comps, [a])[0] for s in range(8)]
+    assert len({tuple(r) for r in crowd}) > 1  # they disagree somewhere
+    gold = [gold_score(q, c, [a]) for c in comps]
+    taus = [kendall_tau_b([-g for g in gold], r) for r in crowd]
+    assert sum(taus) / len(taus) > 0.5  # and follow the gold taste on the whole
