@@ -272,4 +272,6 @@ def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning"
     shown = f"[{host}]" if ":" in host else host
     print(f"feedback app on http://{shown}:{port}/  (database {D.normalize_url(db)})")
     print(f"admin: http://{shown}:{port}/admin?token={app.state.admin_token}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # Keep idle connections 75 s (nginx's default), not uvicorn's 5 s: a labeler reading a task for a while
+    # would otherwise race the server's close with their next request.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=75)
