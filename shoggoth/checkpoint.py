@@ -139,7 +139,7 @@ def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation=None, st
     c = model.config
     sd = {k: v.detach().float().contiguous().cpu() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     if c.tie_embeddings:
-        sd.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)  # a reward model has no lm_head
     atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     write_json(out / "config.json", hf_config(c))
     gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
@@ -200,6 +200,46 @@ def load_weights(module, sd, where):
         if sd[k].shape != v.shape:
             raise ModelDirError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the config says {tuple(v.shape)}")
     module.load_state_dict({k: sd[k] for k in own}, strict=False)
+
+
+# ---------------------------------------------------------------- reward models
+
+
+def save_reward(model, out_dir, shift=0.0, tokenizer_dir=None, state_dict=None):
+    """Write a RewardModel as a Hugging Face sequence-classification directory (one label,
+    `score.weight`), with its normalisation in config.json as `reward_shift`.
+
+    transformers reads the score at the last token that is not pad_token_id and knows
+    nothing of the shift: its logits are raw scores; shoggoth's scores are raw - shift."""
+    from .model import RewardModel  # noqa: F401  (the type this writes)
+
+    out = Path(out_dir)
+    save_pretrained(model, out, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
+    cfg = hf_config(model.config)
+    cfg["architectures"] = [cfg["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+    cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, reward_shift=float(shift))
+    write_json(out / "config.json", cfg)
+
+
+def load_reward(model_dir, dtype=torch.float32):
+    """A reward directory -> (RewardModel, shift); shoggoth's score is the model's output - shift."""
+    from .model import RewardModel
+
+    d = Path(model_dir)
+    cfg = read_config(d)
+    if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []) \
+            or cfg.get("num_labels", len(cfg.get("id2label") or {})) != 1:
+        raise ModelDirError(f"{d}: not a reward model (expected a *ForSequenceClassification with one label)")
+    model = RewardModel(gpt_config(cfg, where=str(d / "config.json")))
+    load_weights(model, load_state_dict(d), where=str(d))
+    return model.to(dtype), float(cfg.get("reward_shift", 0.0))
+
+
+def load_trunk(model, model_dir):
+    """Copy the trunk (`model.*`) of a causal-LM or reward directory into model; the head stays as it is."""
+    d = Path(model_dir)
+    sd = {k: v for k, v in load_state_dict(d).items() if k.startswith("model.")}
+    load_weights(model.model, {k[len("model."):]: v for k, v in sd.items()}, where=str(d))
 
 
 # ---------------------------------------------------------------- resume checkpoints

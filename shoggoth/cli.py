@@ -22,6 +22,10 @@ PRESETS = Path(__file__).parent / "configs"
 STAGES = {
     "pretrain": "shoggoth.stages.pretrain",
     "sft": "shoggoth.stages.sft",
+    "reward": "shoggoth.stages.reward",
+    "ppo": "shoggoth.stages.ppo",
+    "dpo": "shoggoth.stages.dpo",
+    "grpo": "shoggoth.stages.grpo",
 }
 
 
@@ -135,6 +139,18 @@ def cmd_sample(argv):
         print("-" * 40)
 
 
+def cmd_score(argv):
+    p = argparse.ArgumentParser(prog="shoggoth score", description="Print a reward model's score of a completion.")
+    p.add_argument("model_dir", help="a `shoggoth reward` output directory")
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument("--completion", required=True, help="the assistant's reply")
+    p.add_argument("--raw", action="store_true", help="without the normalisation shift (what transformers gives)")
+    a = p.parse_args(argv)
+    from .stages.reward import score_texts
+
+    print(f"{score_texts(a.model_dir, a.prompt, [a.completion], raw=a.raw)[0]:.4f}")
+
+
 def cmd_demo(argv):
     p = argparse.ArgumentParser(prog="shoggoth demo", description="Every stage on the built-in defaults.")
     p.add_argument("--out", default="runs/demo")
@@ -198,7 +214,8 @@ def cmd_feedback(argv):
         print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")
 
 
-COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "demo": cmd_demo, "feedback": cmd_feedback}
+COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "demo": cmd_demo, "feedback": cmd_feedback,
+            "score": cmd_score}
 
 
 def main(argv=None):

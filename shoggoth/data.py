@@ -307,6 +307,12 @@ def conversation(obj, where):
 def read_conversations(path, skip_invalid=False, log=print):
     """Conversations of an SFT JSONL file. A bad line is an error naming it, or
     with skip_invalid a counted, reported skip; never a silent drop."""
+    return read_records(path, conversation, "conversations", skip_invalid, log)
+
+
+def read_records(path, parse, what, skip_invalid=False, log=print):
+    """parse(obj, "file:line") of every non-blank line of a JSONL file; a bad line is a
+    DataError naming it, or with skip_invalid a counted, reported skip."""
     out, skipped, first_error = [], 0, None
     lines = read_text(path).splitlines()
     for lineno, line in enumerate(lines, 1):
@@ -319,16 +325,16 @@ def read_conversations(path, skip_invalid=False, log=print):
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
-            out.append(conversation(obj, f"{path}:{lineno}"))
+            out.append(parse(obj, f"{path}:{lineno}"))
         except DataError as e:
             if not skip_invalid:
                 raise
             skipped += 1
             first_error = first_error or str(e)
-    log(f"data: {path}: {len(out)} conversations read, {skipped} invalid line(s) skipped"
+    log(f"data: {path}: {len(out)} {what} read, {skipped} invalid line(s) skipped"
         + (f" (first: {first_error})" if first_error else ""))
     if not out:
-        raise DataError(f"{path}: no usable conversations")
+        raise DataError(f"{path}: no usable {what}")
     return out
 
 
@@ -353,3 +359,74 @@ def chatterbot_conversations(split, heldout_every=10):
             if held == (split == "heldout"):
                 out.append([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
     return out
+
+
+# ---------------------------------------------------------------- rankings
+
+
+def ranking(obj, where):
+    """A rankings record {"prompt", "completions", "ranks"} (rank 0 best, ties share a
+    rank) or a TRL pair {"prompt", "chosen", "rejected"} (standard or conversational,
+    explicit or implicit prompt) -> {"prompt": messages, "completions", "ranks"}."""
+    from .tokenizer import ROLES
+
+    prompt = obj.get("prompt", obj.get("messages"))
+    if "chosen" in obj or "rejected" in obj:
+        completions, ranks = [obj.get("chosen"), obj.get("rejected")], [0, 1]
+        if all(isinstance(c, list) and c and isinstance(c[-1], dict) for c in completions):
+            if prompt is None:  # implicit prompt: the conversation before the last turn
+                prompt = completions[0][:-1]
+            completions = [c[-1].get("content") for c in completions]
+    else:
+        completions, ranks = obj.get("completions"), obj.get("ranks")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(f"{where}: expected 'prompt' as a string or a non-empty list of messages")
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: prompt message {i} needs a role ({', '.join(ROLES)}) and string content")
+    if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+        raise DataError(f"{where}: expected 'completions' as a list of strings (or 'chosen' and 'rejected')")
+    if len(completions) < 2:
+        raise DataError(f"{where}: {len(completions)} completion(s): a ranking needs at least 2")
+    if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
+                                              for r in ranks):
+        raise DataError(f"{where}: expected 'ranks' as a list of non-negative integers (0 = best)")
+    if len(ranks) != len(completions):
+        raise DataError(f"{where}: {len(ranks)} ranks for {len(completions)} completions")
+    if len(set(ranks)) < 2:
+        raise DataError(f"{where}: all completions tied: no pair to learn from")
+    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+            "completions": completions, "ranks": ranks, "where": where}
+
+
+def read_rankings(path, skip_invalid=False, log=print):
+    """Rankings (or TRL pairs) of a JSONL file; every line is its own ranking, also when
+    several labelers ranked the same completions."""
+    return read_records(path, ranking, "rankings", skip_invalid, log)
+
+
+def reward_rows(tok, prompt, completions):
+    """Token ids a reward model scores: the prompt messages and each completion as the
+    assistant turn, in the chat template, ending at that turn's <|im_end|>."""
+    from .tokenizer import IM_END
+
+    end = tok.token_id(IM_END)
+    rows = []
+    for c in completions:
+        ids, _ = tok.render_chat(prompt + [{"role": "assistant", "content": c}])
+        rows.append(ids[:len(ids) - ids[::-1].index(end)])
+    return rows
+
+
+def pad_right(rows, pad_id):
+    """Rows of token ids -> idx (B, T) right-padded with pad_id, and last (B,) the column
+    of each row's last real token (where a reward model reads its score)."""
+    import torch
+
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for b, r in enumerate(rows):
+        idx[b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return idx, torch.tensor([len(r) - 1 for r in rows])

@@ -195,3 +195,33 @@ class GPT(nn.Module):
         if c.tie_embeddings:
             matmul += self.lm_head.weight.numel()
         return 6 * matmul + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+
+class RewardModel(nn.Module):
+    """Reward model: the Trunk plus a scalar head read at each row's last real token.
+
+    The layout of Hugging Face's `LlamaForSequenceClassification` with one label
+    (`model.*`, `score.weight`). The head starts at N(0, 1/(d+1)), as InstructGPT's did."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = Trunk(config)
+        self.score = nn.Linear(config.n_embd, 1, bias=False)
+        self.apply(GPT._init)
+        nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
+
+    def forward(self, idx, pos=None, mask=None, last=None):
+        """Scores (B,) float32 of rows idx (B, T), read at column last (B,) of each row
+        (default T-1); or, with last (B, N), scores (B, N) at N columns of each row (the
+        per-token values of a PPO value model). With right padding and no mask, plain
+        causal attention is exact: no real token attends to the pads after it."""
+        h = self.model(idx, pos, mask)  # (B, T, d)
+        if last is None:
+            last = torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device)
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        h = h[rows[:, None] if last.dim() == 2 else rows, last]  # (B, d) or (B, N, d)
+        return self.score(h).squeeze(-1).float()  # (B,) or (B, N)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())

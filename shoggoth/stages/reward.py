@@ -1,0 +1,309 @@
+"""Reward model: learn to predict the human rankings (InstructGPT, Ouyang et al. 2022, section 3.5).
+
+    shoggoth reward --init runs/sft --rankings rankings.jsonl --out runs/reward
+    shoggoth score runs/reward --prompt "Hi" --completion "Hello!"
+
+The SFT model's trunk plus a scalar head, read at the <|im_end|> that closes each
+(prompt, completion) rendered with the chat template. Each ranking (one labeler,
+one prompt, K completions) is one batch element: its K completions are scored in
+one forward and all its untied pairs are averaged in the loss (losses.ranking_loss),
+so a completion is never seen in many separate batch elements. TRL pairs
+{"prompt", "chosen", "rejected"} are rankings with K = 2.
+
+After training, the reward is shifted so that its mean over completions the SFT
+policy samples for the training prompts is 0; the shift is stored in config.json
+(`reward_shift`). The directory is a Hugging Face sequence-classification model:
+transformers gives the raw score, shoggoth raw - shift.
+"""
+
+import dataclasses
+import json
+import math
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint, data, dist, losses, optim, tokenizer
+from ..errors import DataError, ShoggothError, TrainingError
+from ..feedback.agreement import kendall_tau_b
+from ..metrics import Metrics
+from ..model import RewardModel
+
+
+@dataclass
+class Config:
+    """Reward model on K-way rankings (or TRL pairs), InstructGPT's loss."""
+
+    init: str = ""  # model directory whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
+    rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
+    eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
+    eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
+    out: str = "runs/reward"  # output Hugging Face sequence-classification directory
+    skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
+    seq_len: int = 0  # longest (prompt, completion) row; longer ones keep their end; 0 = the model's max_seq_len
+    batch_size: int = 8  # rankings per micro-step (each with all its K completions), summed over ranks
+    grad_accum: int = 1  # micro-steps per optimizer step
+    epochs: int = 1  # passes over the training rankings (InstructGPT: 1; more overfits)
+    max_steps: int = 0  # stop after this many steps; 0 = run all epochs
+    lr: float = 1e-4  # peak learning rate
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
+    warmup_steps: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    dtype: str = "auto"  # auto | bf16 | fp32 autocast
+    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
+    device: str = ""  # cpu | cuda; empty = cuda when available
+    eval_every: int = 50  # steps between held-out accuracy, Kendall tau and loss
+    ckpt_every: int = 50  # steps between resume checkpoints
+    keep: int = 3  # resume checkpoints kept
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    seed: int = 1337  # data order, and the normalisation samples
+    normalize_samples: int = 256  # training prompts whose SFT-policy completion sets the reward's zero; 0 = no shift
+    normalize_max_new_tokens: int = 64  # longest completion sampled for the normalisation
+    normalize_temperature: float = 1.0  # sampling temperature of the normalisation completions
+
+
+MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out",
+              "normalize_samples", "normalize_max_new_tokens", "normalize_temperature"}
+
+
+def prompt_key(rec):
+    return json.dumps(rec["prompt"], sort_keys=True)
+
+
+def load_rankings(c: Config, log):
+    """(train, held-out) rankings. Without --eval-rankings the held-out share is a set of
+    prompts (chosen by a hash), so that no held-out prompt has rankings in training."""
+    train = data.read_rankings(c.rankings, c.skip_invalid, log)
+    if c.eval_rankings:
+        return train, data.read_rankings(c.eval_rankings, c.skip_invalid, log)
+    prompts = sorted({prompt_key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
+    n = math.ceil(c.eval_frac * len(prompts)) if len(prompts) > 1 else 0
+    held = set(prompts[:n])
+    return [r for r in train if prompt_key(r) not in held], [r for r in train if prompt_key(r) in held]
+
+
+def encode(records, tok, seq_len):
+    """Add each ranking's token rows (prompt + completion, to its <|im_end|>); rows longer
+    than seq_len keep their last seq_len tokens (counted)."""
+    cut = 0
+    for r in records:
+        rows = data.reward_rows(tok, r["prompt"], r["completions"])
+        if any(tok.pad_id in row for row in rows):
+            raise DataError(f"{r['where']}: the text holds the pad token {tok.tok.id_to_token(tok.pad_id)!r}, which "
+                            "would end the row early for transformers' sequence classification")
+        cut += sum(len(row) > seq_len for row in rows)
+        r["rows"] = [row[-seq_len:] for row in rows]
+    return cut
+
+
+def flatten(records):
+    """Rankings -> their rows, and ranks (N,), groups (N,) for losses.ranking_loss."""
+    rows, ranks, groups = [], [], []
+    for g, r in enumerate(records):
+        rows += r["rows"]
+        ranks += r["ranks"]
+        groups += [g] * len(r["rows"])
+    return rows, torch.tensor(ranks), torch.tensor(groups)
+
+
+def scores(model, rows, pad_id, device, batch_size=64):
+    """Raw scores (N,) of token rows, right-padded in batches."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        idx, last = data.pad_right(rows[i:i + batch_size], pad_id)
+        out.append(model(idx.to(device), last=last.to(device)).float())
+    return torch.cat(out)
+
+
+def score_texts(model_dir, prompt, completions, raw=False):
+    """Scores of completions of a prompt (a string or messages): raw - shift, or raw."""
+    model, shift = checkpoint.load_reward(model_dir)
+    tok = tokenizer.load(model_dir)
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    with torch.no_grad():
+        s = scores(model.eval(), data.reward_rows(tok, prompt, completions), tok.pad_id, "cpu")
+    return (s if raw else s - shift).tolist()
+
+
+def normalization_shift(model, c: Config, tok, prompts, device, amp, log):
+    """Mean raw reward of one completion per prompt sampled from the SFT policy (--init)."""
+    from ..engine import Engine
+
+    policy = checkpoint.load_pretrained(c.init).to(device)
+    eng = Engine(policy, pad_id=tok.pad_id)
+    stop = [t for t in (tok.token_id(tokenizer.IM_END), tok.eos_id) if t is not None]
+    room = policy.config.max_seq_len - c.normalize_max_new_tokens
+    texts = []
+    for i in range(0, len(prompts), 64):
+        ids = [tok.render_chat(p, add_generation_prompt=True)[0][-room:] for p in prompts[i:i + 64]]
+        gen = eng.generate(ids, max_new_tokens=c.normalize_max_new_tokens, temperature=c.normalize_temperature,
+                           stop_ids=stop, seed=c.seed + i)
+        texts += [tok.decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(gen.tokens.tolist(), gen.mask.tolist())]
+    del policy, eng
+    rows = [data.reward_rows(tok, p, [t])[0][-(c.seq_len or model.config.max_seq_len):] for p, t in zip(prompts, texts)]
+    with torch.no_grad(), amp:
+        raw = scores(model.eval(), rows, tok.pad_id, device)
+    log(f"normalisation: {len(rows)} SFT-policy completions of training prompts: raw reward mean "
+        f"{raw.mean().item():.4f}, std {raw.std().item() if len(raw) > 1 else 0.0:.4f}; stored shift = the mean")
+    return raw.mean().item()
+
+
+def run(c: Config):
+    if not c.init or not c.rankings:
+        raise ShoggothError("reward: --init DIR (the SFT model) and --rankings FILE.jsonl are required")
+    d = dist.setup(c.device)
+    out = Path(c.out)
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+
+    tok = tokenizer.load(c.init)
+    config = checkpoint.gpt_config(checkpoint.read_config(c.init), where=f"{c.init}/config.json")
+    tok.check_model(config.vocab_size, c.init)
+    if tok.pad_id in (tok.token_id(tokenizer.IM_END), None):
+        raise ShoggothError(f"{c.init}: the tokenizer's pad token must be a token of its own (not <|im_end|>)")
+    config.pad_token_id = tok.pad_id  # transformers reads the score at the last token that is not pad
+    seq_len = c.seq_len or config.max_seq_len
+    train, held = load_rankings(c, dist.print0)
+    cut = encode(train, tok, seq_len) + encode(held, tok, seq_len)
+    n_pairs = lambda recs: sum(sum(a < b for a in r["ranks"] for b in r["ranks"]) for r in recs)  # noqa: E731
+    dist.print0(f"data: {len(train)} train / {len(held)} held-out rankings ({n_pairs(train)} / {n_pairs(held)} untied "
+                f"pairs), K = {sorted({len(r['rows']) for r in train})}; {cut} rows truncated to seq_len={seq_len}")
+    if c.batch_size < d.world:
+        raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
+
+    # Every epoch's batches of rankings, fixed by the seed: step s always sees the same batch.
+    batches = []
+    for epoch in range(c.epochs):
+        order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
+        batches += [[train[i] for i in order[b:b + c.batch_size]] for b in range(0, len(order), c.batch_size)]
+    total = len(batches) // c.grad_accum
+    if c.max_steps:
+        total = min(total, c.max_steps)
+
+    torch.manual_seed(c.seed)
+    model = RewardModel(config)  # head ~ N(0, 1/(d+1))
+    checkpoint.load_trunk(model, c.init)
+    model.to(d.device)
+    if state:
+        model.load_state_dict(state["model"])
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)
+    opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
+    step = 0
+    if state:
+        dist.load_optim_state(model, opt, state["optim"])
+        step = state["step"]
+        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    metrics = Metrics(out, total, resume_step=step, enabled=d.main)
+    dist.print0(f"reward: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} "
+                f"rankings per micro-step), autocast {amp_dtype}")
+
+    def micro(records, fwd):
+        """This rank's share of rankings -> (loss, margins, tokens)."""
+        rows, ranks, groups = flatten(records)
+        idx, last = data.pad_right(rows, tok.pad_id)
+        rewards = fwd(idx.to(d.device), last=last.to(d.device))  # (N,)
+        loss, margins = losses.ranking_loss(rewards, ranks.to(d.device), groups.to(d.device))
+        return loss, margins, sum(map(len, rows))
+
+    def evaluate():
+        """Held-out loss, pairwise accuracy, margin, and mean Kendall tau-b of the model's
+        ordering against each human ranking."""
+        model.eval()
+        sums = torch.zeros(4, device=d.device)  # loss * rankings, rankings, correct pairs, pairs
+        margin, taus = torch.zeros((), device=d.device), []
+        mine = dist.share(held, d)
+        with torch.no_grad(), amp:
+            for i in range(0, len(mine), c.batch_size):
+                recs = mine[i:i + c.batch_size]
+                rows, ranks, groups = flatten(recs)
+                r = scores(model, rows, tok.pad_id, d.device)
+                loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
+                sums += torch.stack([loss * len(recs), torch.tensor(len(recs), device=d.device),
+                                     (m > 0).sum(), torch.tensor(len(m), device=d.device)]).float()
+                margin += m.float().sum()
+                k = 0
+                for rec in recs:
+                    s = r[k:k + len(rec["rows"])].tolist()
+                    k += len(rec["rows"])
+                    t = kendall_tau_b(rec["ranks"], [-x for x in s])  # rank 0 best, score high best
+                    if t is not None:
+                        taus.append(t)
+        sums, margin = dist.all_sum(sums), dist.all_sum(margin)
+        tau = dist.all_sum(torch.tensor([sum(taus), len(taus)], dtype=torch.float64, device=d.device))
+        model.train()
+        return {"val_loss": (sums[0] / sums[1]).item(), "val_accuracy": (sums[2] / sums[3]).item(),
+                "val_margin": (margin / sums[3]).item(), "val_tau": (tau[0] / tau[1]).item() if tau[1] else float("nan")}
+
+    def save():
+        model_sd, optim_sd = dist.model_state(model), dist.optim_state(model, opt)
+        if d.main:
+            checkpoint.save_checkpoint(out, step, {"model": model_sd, "optim": optim_sd,
+                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
+        dist.barrier()
+
+    final_eval = None
+    if step == 0 and held:
+        metrics.log(0, **evaluate())
+    model.train()
+    while step < total:
+        step += 1
+        t0 = time.perf_counter()
+        lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
+        n_rankings = sum(map(len, micro_batches))
+        # Each ranking weighs the same in the step's mean, over micro-steps and ranks (DDP averages over ranks).
+        sums, tokens = torch.zeros(4, device=d.device), 0  # loss * rankings, correct pairs, pairs, margin sum
+        for k, recs in enumerate(micro_batches):
+            mine = dist.share(recs, d)
+            with amp, dist.grad_sync(train_model, k == len(micro_batches) - 1):
+                loss, m, n_tok = micro(mine, train_model)
+                (loss * len(mine) * d.world / n_rankings).backward()
+            sums += torch.stack([loss.detach() * len(mine), (m > 0).sum(), torch.tensor(len(m), device=d.device), m.detach().sum()]).float()
+            tokens += n_tok
+        grad_norm = dist.clip_grad_norm(model, c.grad_clip)
+        sums = dist.all_sum(sums)
+        loss_val = (sums[0] / n_rankings).item()
+        if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
+            raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped "
+                                f"without updating. Last good checkpoint: {checkpoint.latest_checkpoint(out) or 'none'}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        metrics.log(step, loss=loss_val, accuracy=(sums[1] / sums[2]).item(), margin=(sums[3] / sums[2]).item(),
+                    lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens * d.world / dt})
+        if held and (step % c.eval_every == 0 or step == total):
+            final_eval = evaluate()
+            metrics.log(step, **final_eval)
+        if step % c.ckpt_every == 0 or step == total:
+            save()
+    if held and final_eval is None:  # resumed after the last step
+        final_eval = evaluate()
+    if held:
+        e = final_eval
+        dist.print0(f"held-out: pairwise accuracy {e['val_accuracy']:.3f} over {n_pairs(held)} pairs, mean Kendall "
+                    f"tau-b {e['val_tau']:.3f} over {len(held)} rankings, margin {e['val_margin']:.3f}, loss {e['val_loss']:.4f}")
+
+    shift = 0.0
+    if c.normalize_samples:
+        unique = list({prompt_key(r): r["prompt"] for r in train}.values())
+        pick = np.random.default_rng(c.seed).permutation(len(unique))[:c.normalize_samples]
+        shift = normalization_shift(model, c, tok, [unique[i] for i in sorted(pick)], d.device, amp, dist.print0)
+        metrics.log(step, echo=False, reward_shift=shift)
+    final = dist.model_state(model)
+    if d.main:
+        checkpoint.save_reward(model, out, shift, tokenizer_dir=c.init, state_dict=final)
+        tokenizer.save(tok, out)
+        dist.print0(f"saved Hugging Face sequence-classification model {out} (reward_shift {shift:.4f})")
+    metrics.close()
+    dist.cleanup()
+    return out

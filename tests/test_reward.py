@@ -1,0 +1,178 @@
+"""Reward model: the ranking loss by hand, rankings and TRL pairs, transformers parity, a tiny run, resume."""
+
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from common import shoggoth, tiny_model_dir
+from shoggoth import checkpoint, data, losses, tokenizer
+from shoggoth.errors import DataError
+from shoggoth.model import RewardModel
+from shoggoth.stages import reward
+
+
+def sp(x):  # softplus(x) = -log sigmoid(-x)
+    return math.log1p(math.exp(x))
+
+
+def test_ranking_loss_by_hand_with_ties():
+    # Ranking 0: K = 3, completions 1 and 2 tied. Ranking 1: K = 2, the model has it backwards.
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0])
+    ranks = torch.tensor([0, 1, 1, 1, 0])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    loss, margins = losses.ranking_loss(rewards, ranks, groups)
+    # Ranking 0's untied pairs: (0 over 1) margin 1.0, (0 over 2) margin 0.5; the tie (1, 2) is no pair.
+    # Ranking 1: (4 over 3) margin -1 - 2 = -3.
+    assert sorted(margins.tolist()) == [-3.0, 0.5, 1.0]
+    # -log sigmoid(m) = softplus(-m): log(1 + e^-1) = 0.3132617, log(1 + e^-0.5) = 0.4740770, log(1 + e^3) = 3.0485874.
+    # Per ranking: (0.3132617 + 0.4740770) / 2 = 0.3936693 and 3.0485874; their mean 1.7211284.
+    assert loss.item() == pytest.approx(((0.3132617 + 0.4740770) / 2 + 3.0485874) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(((sp(-1.0) + sp(-0.5)) / 2 + sp(3.0)) / 2, abs=1e-6)
+    # Not the mean over the three pairs: a large K must not outweigh a small one.
+    assert loss.item() != pytest.approx((sp(-1.0) + sp(-0.5) + sp(3.0)) / 3, abs=1e-3)
+    # Groups need not be contiguous or ordered.
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    assert losses.ranking_loss(rewards[perm], ranks[perm], groups[perm])[0].item() == pytest.approx(loss.item())
+
+
+def test_k2_ranking_is_a_trl_pair():
+    pair = data.ranking({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "f:1")
+    k2 = data.ranking({"prompt": "Hi", "completions": ["Hello!", "Go away."], "ranks": [0, 1]}, "f:2")
+    assert {**pair, "where": ""} == {**k2, "where": ""}
+    conv = data.ranking({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}, "f:3")
+    assert {**conv, "where": ""} == {**k2, "where": ""}  # TRL's conversational format, implicit prompt
+    r = torch.tensor([0.3, -0.4, 1.0, 2.0])
+    loss, _ = losses.ranking_loss(r, torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1]))
+    assert loss.item() == pytest.approx(-(torch.nn.functional.logsigmoid(torch.tensor([0.7, 1.0]))).mean().item())
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [0, 1]}, "2 ranks for 3 completions"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranks": [0, 1.5]}, "non-negative integers"),
+    ({"prompt": "p", "completions": ["a", "b"], "ranks": [0, True]}, "non-negative integers"),
+    ({"prompt": "p", "completions": ["a"], "ranks": [0]}, "at least 2"),
+    ({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [1, 1, 1]}, "all completions tied"),
+    ({"prompt": 3, "completions": ["a", "b"], "ranks": [0, 1]}, "'prompt'"),
+    ({"prompt": "p", "chosen": "a"}, "'completions'"),
+    ("not json", "invalid JSON"),
+])
+def test_bad_rankings_lines_name_file_and_line(tmp_path, line, message):
+    f = tmp_path / "r.jsonl"
+    good = {"prompt": [{"role": "user", "content": "p"}], "completions": ["a", "b"], "ranks": [0, 1], "labeler": "x"}
+    f.write_text(json.dumps(good) + "\n\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
+    with pytest.raises(DataError, match=f"{f}:3: .*{message}"):
+        data.read_rankings(f, log=lambda *a: None)
+    assert len(data.read_rankings(f, skip_invalid=True, log=lambda *a: None)) == 1
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "m")
+
+
+def test_reward_model_matches_transformers(model_dir, tmp_path):
+    tok = tokenizer.load(model_dir)
+    c = checkpoint.gpt_config(checkpoint.read_config(model_dir))
+    torch.manual_seed(0)
+    model = RewardModel(c)
+    checkpoint.load_trunk(model, model_dir)
+    assert model.score.weight.std().item() == pytest.approx(1 / math.sqrt(c.n_embd + 1), rel=0.3)
+    checkpoint.save_reward(model, tmp_path / "rm", shift=0.25, tokenizer_dir=model_dir)
+    tokenizer.save(tok, tmp_path / "rm")
+    ours, shift = checkpoint.load_reward(tmp_path / "rm")
+    assert shift == 0.25
+
+    prompt = [{"role": "user", "content": "And God said, Let there be light"}]
+    rows = data.reward_rows(tok, prompt, ["and there was light.", "", "In the beginning God created the heaven and the earth."])
+    assert all(r[-1] == tok.token_id(tokenizer.IM_END) for r in rows)
+    idx, last = data.pad_right(rows, tok.pad_id)
+    with torch.no_grad():
+        want = ours(idx, last=last)  # (B,) raw
+        alone = torch.cat([ours(torch.tensor([r])) for r in rows])  # unpadded, one at a time
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+        assert hf.config.num_labels == 1 and hf.config.pad_token_id == tok.pad_id
+        got = hf(idx, attention_mask=(idx != tok.pad_id).long()).logits[:, 0]
+    assert torch.allclose(want, alone, atol=1e-5)
+    # transformers gives raw scores (it knows nothing of reward_shift); shoggoth's score is raw - shift.
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    r = shoggoth("score", tmp_path / "rm", "--prompt", prompt[0]["content"], "--completion", "and there was light.")
+    assert float(r.stdout) == pytest.approx(want[0].item() - 0.25, abs=1e-4)
+    r = shoggoth("score", tmp_path / "rm", "--raw", "--prompt", prompt[0]["content"], "--completion", "and there was light.")
+    assert float(r.stdout) == pytest.approx(want[0].item(), abs=1e-4)
+
+
+WORDS = "the and of to in that he shall unto for his a they be is him not them it with all thou was".split()
+
+
+def synthetic(path, n, seed, pairs=False):
+    """Rankings with a learnable taste: more 'LORD' is better (ties when equal), K = 3."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        prompt = " ".join(rng.choices(WORDS, k=4))
+        counts = [rng.randint(0, 2) for _ in range(3)]
+        while len(set(counts)) == 1:
+            counts = [rng.randint(0, 2) for _ in range(3)]
+        comps = []
+        for c in counts:
+            w = rng.choices(WORDS, k=6)
+            for _ in range(c):
+                w.insert(rng.randrange(len(w) + 1), "LORD")
+            comps.append(" ".join(w))
+        ranks = [sorted(set(counts), reverse=True).index(c) for c in counts]
+        if pairs:
+            best, worst = ranks.index(min(ranks)), ranks.index(max(ranks))
+            lines.append({"prompt": prompt, "chosen": comps[best], "rejected": comps[worst]})
+        else:
+            lines.append({"prompt": prompt, "completions": comps, "ranks": ranks, "labeler": f"sim-{i % 3}"})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+ARGS = ["--batch-size", 8, "--lr", 1e-3, "--warmup-steps", 3, "--dtype", "fp32", "--eval-every", 5, "--ckpt-every", 3,
+        "--normalize-samples", 8, "--normalize-max-new-tokens", 8]  # 64 rankings, one epoch: 8 steps
+
+
+def test_tiny_reward_run_learns_rankings_and_resumes(model_dir, tmp_path):
+    train = synthetic(tmp_path / "train.jsonl", 64, 0)
+    held = synthetic(tmp_path / "held.jsonl", 32, 1, pairs=True)  # TRL pairs are accepted too
+    out = tmp_path / "rm"
+    r = shoggoth("reward", "--init", model_dir, "--rankings", train, "--eval-rankings", held, "--out", out, *ARGS)
+    assert "held-out: pairwise accuracy" in r.stdout
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in recs if "val_accuracy" in x]
+    assert {"loss", "accuracy", "margin"} <= set(recs[1]) and evals[0]["step"] == 0
+    assert evals[-1]["val_accuracy"] > 0.85 and evals[-1]["val_tau"] > 0.7, evals
+    # The normalisation: SFT-policy completions of training prompts average 0 after the shift.
+    shift = json.loads((out / "config.json").read_text())["reward_shift"]
+    assert shift == recs[-1]["reward_shift"] and shift != 0.0
+
+    # Stopped after step 3 (later checkpoints and the model gone) and resumed: the same final model.
+    part = tmp_path / "part"
+    shutil.copytree(out, part)
+    (part / "model.safetensors").unlink()
+    for f in sorted((part / "checkpoints").glob("*.pt"))[1:]:
+        f.unlink()
+    assert [f.name for f in (part / "checkpoints").glob("*.pt")] == ["step_000003.pt"]
+    r = shoggoth("reward", "--init", model_dir, "--rankings", train, "--eval-rankings", held, "--out", part, *ARGS,
+                 "--resume")
+    assert "resumed from" in r.stdout
+    a, b = checkpoint.load_state_dict(out), checkpoint.load_state_dict(part)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((part / "config.json").read_text())["reward_shift"] == pytest.approx(shift, abs=1e-5)
+    assert (part / "metrics.jsonl").read_text().count('"step": 4,') == 1
+    r = shoggoth("reward", "--init", model_dir, "--rankings", train, "--out", part, check=False)
+    assert r.returncode == 1 and "--resume" in r.stderr
+
+
+def test_bad_rankings_file_fails_cleanly(model_dir, tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranks": [0]}) + "\n")
+    r = shoggoth("reward", "--init", model_dir, "--rankings", f, "--out", tmp_path / "o", check=False)
+    assert r.returncode == 1 and f"{f}:1: 1 ranks for 2 completions" in r.stderr and "Traceback" not in r.stderr
