@@ -6,6 +6,7 @@ it read and what it skipped, and nothing is dropped without being counted.
 
 import hashlib
 import json
+import math
 import zlib
 from dataclasses import dataclass, field
 import importlib.util
@@ -405,6 +406,19 @@ def read_rankings(path, skip_invalid=False, log=print):
     """Rankings (or TRL pairs) of a JSONL file; every line is its own ranking, also when
     several labelers ranked the same completions."""
     return read_records(path, ranking, "rankings", skip_invalid, log)
+
+
+def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=print):
+    """(train, held-out) rankings of path. Without eval_path the held-out share is a set of
+    ceil(eval_frac * prompts) prompts, chosen by a hash of the prompt (the same every run), so
+    that no held-out prompt has rankings in training."""
+    train = read_rankings(path, skip_invalid, log)
+    if eval_path:
+        return train, read_rankings(eval_path, skip_invalid, log)
+    key = lambda r: json.dumps(r["prompt"], sort_keys=True)  # noqa: E731
+    prompts = sorted({key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
+    held = set(prompts[:math.ceil(eval_frac * len(prompts))] if len(prompts) > 1 else [])
+    return [r for r in train if key(r) not in held], [r for r in train if key(r) in held]
 
 
 def reward_rows(tok, prompt, completions):

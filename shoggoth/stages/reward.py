@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import time
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +78,7 @@ def prompt_key(rec):
 def load_rankings(c: Config, log):
     """(train, held-out) rankings. Without --eval-rankings the held-out share is a set of
     prompts (chosen by a hash), so that no held-out prompt has rankings in training."""
-    train = data.read_rankings(c.rankings, c.skip_invalid, log)
-    if c.eval_rankings:
-        return train, data.read_rankings(c.eval_rankings, c.skip_invalid, log)
-    prompts = sorted({prompt_key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
-    n = math.ceil(c.eval_frac * len(prompts)) if len(prompts) > 1 else 0
-    held = set(prompts[:n])
-    return [r for r in train if prompt_key(r) not in held], [r for r in train if prompt_key(r) in held]
+    return data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log)
 
 
 def encode(records, tok, seq_len):

@@ -1,0 +1,217 @@
+"""DPO: learn the rankings directly, without a reward model (Rafailov et al. 2023), written out.
+
+    shoggoth dpo --policy runs/sft --rankings rankings.jsonl --out runs/dpo
+    shoggoth dpo --policy DIR --rankings pairs.jsonl --beta 0.1 --out DIR     # TRL pairs work too
+
+Each K-way ranking expands into its untied pairs (better, worse): C(K, 2) pairs when
+there are no ties. Each pair's two responses are scored by their summed log-prob
+under the policy and under the frozen reference (the SFT model; its log-probs are
+computed once, before training), and losses.dpo_loss pushes the policy's implicit
+reward beta * log(pi / pi_ref) of the better response above the worse one's.
+The logged `rewards/*` are those implicit rewards (TRL's names).
+"""
+
+import dataclasses
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint, data, dist, losses, optim, rl, tokenizer
+from ..errors import ShoggothError
+from ..metrics import Metrics
+
+
+@dataclass
+class Config:
+    """DPO on K-way rankings (every untied pair) or TRL pairs, with a frozen reference."""
+
+    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
+    rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
+    eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
+    eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
+    out: str = "runs/dpo"  # output Hugging Face model directory
+    skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
+    seq_len: int = 0  # longest (prompt, response) row; longer ones keep their end; 0 = the model's max_seq_len
+    batch_size: int = 16  # pairs per optimizer step, summed over ranks
+    epochs: int = 1  # passes over the training pairs
+    max_steps: int = 0  # stop after this many steps; 0 = run all epochs
+    lr: float = 1e-6  # peak learning rate (the DPO paper's)
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
+    warmup_steps: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    beta: float = 0.1  # DPO's beta: strength of the implicit KL leash to the reference
+    label_smoothing: float = 0.0  # assumed probability that a pair's label is flipped (conservative DPO); 0 = plain DPO
+    dtype: str = "auto"  # auto | bf16 | fp32 autocast
+    device: str = ""  # cpu | cuda; empty = cuda when available
+    eval_every: int = 50  # steps between held-out loss and implicit-reward accuracy
+    ckpt_every: int = 50  # steps between resume checkpoints
+    keep: int = 3  # resume checkpoints kept
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    seed: int = 1337  # pair order
+
+
+MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "out"}
+
+
+def encode_pairs(records, tok, seq_len):
+    """Rankings -> (rows, pairs): rows are (ids, labels) arrays, labels -100 except on the
+    last assistant turn (its text and <|im_end|>); pairs are (better row, worse row) indices."""
+    im_start = tok.token_id(tokenizer.IM_START)
+    rows, pairs = [], []
+    for r in records:
+        first = len(rows)
+        for comp in r["completions"]:
+            ids, mask = tok.render_chat(r["prompt"] + [{"role": "assistant", "content": comp}])
+            ids, mask = np.array(ids), np.array(mask)
+            mask[:len(ids) - ids[::-1].tolist().index(im_start)] = 0  # only the response, not earlier turns
+            end = int(np.nonzero(mask)[0].max()) + 1  # through its <|im_end|>
+            ids, mask = ids[:end][-seq_len:], mask[:end][-seq_len:]
+            # Predict token t+1 at position t: the label of position t is the next token, where it is trained on.
+            labels = np.where(np.roll(mask, -1) == 1, np.roll(ids, -1), -100)
+            labels[-1] = -100
+            rows.append((ids, labels))
+        ranks = r["ranks"]
+        pairs += [(first + i, first + j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+    return rows, pairs
+
+
+def sequence_logps(model, rows, pad_id, device):
+    """Summed log-probs (B,) of each row's labelled tokens, right-padded in one batch."""
+    T = max(len(x) for x, _ in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, (x, y) in enumerate(rows):
+        idx[b, :len(x)], labels[b, :len(y)] = torch.from_numpy(x), torch.from_numpy(y)
+    idx, labels = idx.to(device), labels.to(device)
+    logits = model(idx)  # (B, T, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view(labels.shape).sum(1)  # (B,)
+
+
+def run(c: Config):
+    if not c.policy or not c.rankings:
+        raise ShoggothError("dpo: --policy DIR (the SFT model) and --rankings FILE.jsonl are required")
+    d = dist.setup(c.device)
+    out = Path(c.out)
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+
+    tok, policy, ref = rl.load_policy(c.policy, d.device)
+    seq_len = c.seq_len or policy.config.max_seq_len
+    train_recs, held_recs = data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, dist.print0)
+    rows, pairs = encode_pairs(train_recs, tok, seq_len)
+    held_rows, held_pairs = encode_pairs(held_recs, tok, seq_len)
+    dist.print0(f"data: {len(train_recs)} train / {len(held_recs)} held-out rankings -> {len(pairs)} / {len(held_pairs)} "
+                f"(better, worse) pairs over {len(rows)} / {len(held_rows)} responses")
+    if not pairs:
+        raise ShoggothError(f"{c.rankings}: no untied pair to train on")
+    if c.batch_size < d.world:
+        raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
+
+    # Every epoch's batches of pairs, fixed by the seed: step s always sees the same batch.
+    batches = []
+    for epoch in range(c.epochs):
+        order = np.random.default_rng([c.seed, epoch]).permutation(len(pairs))
+        batches += [[pairs[i] for i in order[b:b + c.batch_size]] for b in range(0, len(order), c.batch_size)
+                    if len(order) - b >= d.world]  # a last batch too small to give every rank a pair is dropped
+    total = min(len(batches), c.max_steps) if c.max_steps else len(batches)
+
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+
+    def all_logps(model, rows_):
+        """Summed response log-probs of every row, in batches of rows (no grad)."""
+        out_ = []
+        with torch.no_grad(), amp:
+            for i in range(0, len(rows_), 2 * c.batch_size):
+                out_.append(sequence_logps(model, rows_[i:i + 2 * c.batch_size], tok.pad_id, d.device).float())
+        return torch.cat(out_) if out_ else torch.zeros(0, device=d.device)
+
+    # The reference's log-probs once, before training: it never changes.
+    t0 = time.perf_counter()
+    ref_logps, ref_held = all_logps(ref, rows), all_logps(ref, held_rows)
+    del ref
+    dist.print0(f"reference log-probs of {len(rows) + len(held_rows)} responses in {time.perf_counter() - t0:.1f}s")
+
+    if state:
+        policy.load_state_dict(state["model"])
+    train_model = dist.wrap(policy, d)
+    opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
+    step = 0
+    if state:
+        opt.load_state_dict(state["optim"])
+        step = state["step"]
+        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    metrics = Metrics(out, total, resume_step=step, enabled=d.main)
+    dist.print0(f"dpo: {policy.num_params():,} parameters, {total} steps of {c.batch_size} pairs, beta {c.beta}, "
+                f"autocast {amp_dtype}")
+
+    def pair_stats(chosen, rejected, ref_chosen, ref_rejected):
+        loss, rc, rr = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, c.beta, c.label_smoothing)
+        return loss, torch.stack([rc.sum(), rr.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
+                                  chosen.detach().sum(), rejected.detach().sum()])
+
+    def evaluate():
+        """Held-out loss and implicit-reward accuracy and margin over this rank's share of the held-out pairs."""
+        if not held_pairs:
+            return {}
+        logps = all_logps(policy, held_rows)
+        mine = torch.tensor(dist.share(held_pairs, d), dtype=torch.long, device=d.device).view(-1, 2)
+        s = torch.zeros(7, device=d.device)  # loss * pairs, then pair_stats' sums
+        if len(mine):  # more ranks than held-out pairs leaves some with none
+            w, l = mine[:, 0], mine[:, 1]
+            loss, st = pair_stats(logps[w], logps[l], ref_held[w], ref_held[l])
+            s = torch.cat([(loss * len(mine))[None], st])
+        s = dist.all_sum(s)
+        n = len(held_pairs)
+        return {"val_loss": (s[0] / n).item(), "val/rewards/accuracies": (s[3] / n).item(),
+                "val/rewards/margins": (s[4] / n).item()}
+
+    def save():
+        if d.main:
+            checkpoint.save_checkpoint(out, step, {"model": policy.state_dict(), "optim": opt.state_dict(),
+                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
+        dist.barrier()
+
+    if step == 0 and held_pairs:
+        metrics.log(0, **evaluate())
+    while step < total:
+        step += 1
+        t0 = time.perf_counter()
+        lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = batches[step - 1]
+        mine = dist.share(batch, d)
+        w = torch.tensor([p[0] for p in mine], device=d.device)
+        l = torch.tensor([p[1] for p in mine], device=d.device)
+        with amp:
+            logps = sequence_logps(train_model, [rows[i] for i in w.tolist() + l.tolist()], tok.pad_id, d.device)
+        chosen, rejected = logps[:len(mine)], logps[len(mine):]
+        loss, s = pair_stats(chosen, rejected, ref_logps[w], ref_logps[l])
+        (loss * len(mine) * d.world / len(batch)).backward()  # each pair weighs the same over ranks (DDP averages)
+        grad_norm = rl.optimizer_step(opt, policy, c.grad_clip, out, f"step {step}")
+        s = dist.all_sum(torch.cat([(loss.detach() * len(mine))[None], s]))
+        n = len(batch)
+        tokens = sum(len(rows[i][0]) for p in batch for i in p)
+        metrics.log(step, loss=(s[0] / n).item(), **{"rewards/chosen": (s[1] / n).item(), "rewards/rejected": (s[2] / n).item(),
+                    "rewards/accuracies": (s[3] / n).item(), "rewards/margins": (s[4] / n).item(),
+                    "logps/chosen": (s[5] / n).item(), "logps/rejected": (s[6] / n).item()},
+                    lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / (time.perf_counter() - t0)})
+        if held_pairs and (step % c.eval_every == 0 or step == total):
+            metrics.log(step, **evaluate())
+        if step % c.ckpt_every == 0 or step == total:
+            save()
+
+    if d.main:
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy)
+        tokenizer.save(tok, out)
+        dist.print0(f"saved Hugging Face model directory {out}")
+    metrics.close()
+    dist.cleanup()
+    return out

@@ -1,0 +1,206 @@
+"""GRPO: critic-free RL against a reward model (Shao et al. 2024, DeepSeekMath, section 4), written out.
+
+    shoggoth grpo --policy runs/sft --reward runs/reward --out runs/grpo        # built-in chatterbot questions
+    shoggoth grpo --policy DIR --reward DIR --prompts prompts.jsonl --advantage rloo --out DIR
+
+No value model: each prompt gets G responses and each response's advantage is its
+reward against its group's (losses.group_advantages, or RLOO's leave-one-out
+baseline, losses.rloo_advantages). Each iteration:
+
+  1. rollout: batch_size prompts (each rank its share), group_size responses each;
+  2. score: the reward (minus missing_eos_penalty for a response without <|im_end|>),
+     old and reference log-probs;
+  3. advantages: one per response, from its group;
+  4. update: epochs passes over the responses in minibatches on GRPO's loss: the
+     clipped ratio times the advantage on every token, plus beta times the k3 KL
+     estimate to the reference (losses.grpo_loss).
+"""
+
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, dist, losses, optim, rl, tokenizer
+from ..errors import ShoggothError
+from ..metrics import Metrics
+
+
+@dataclass
+class Config:
+    """GRPO (or RLOO): group-relative advantages over G responses per prompt, KL to the SFT model."""
+
+    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
+    reward: str = ""  # reward model directory (a `shoggoth reward` output)
+    prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
+    eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
+    out: str = "runs/grpo"  # output Hugging Face model directory (the policy)
+    toy_reward: str = ""  # test/debug aid: reward = fraction of response tokens that are this word (no reward model)
+    skip_invalid: bool = False  # skip (and count) invalid prompt lines instead of stopping at the first
+    advantage: str = "grpo"  # grpo: (r - group mean) / group std | drgrpo: r - group mean | rloo: r - mean of the others
+    iterations: int = 100  # iterations (rollout + update)
+    batch_size: int = 16  # prompts per iteration, summed over ranks
+    group_size: int = 4  # responses per prompt (G)
+    minibatch_size: int = 32  # responses per optimizer step, summed over ranks
+    epochs: int = 1  # passes over each rollout batch (1: the ratio is 1 and the clip never acts)
+    max_new_tokens: int = 48  # longest response
+    temperature: float = 1.0  # rollout sampling temperature; training log-probs use the same
+    lr: float = 1e-5  # peak learning rate
+    min_lr_frac: float = 1.0  # final lr as a fraction of the peak (cosine decay; 1 = constant)
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    beta: float = 0.04  # weight of the KL term (k3 estimate, per token) in the loss
+    clip: float = 0.2  # policy ratio clip (epsilon)
+    missing_eos_penalty: float = 1.0  # subtracted from the reward of a response that never emits <|im_end|>
+    dtype: str = "auto"  # auto | bf16 | fp32 autocast (rollouts and training)
+    device: str = ""  # cpu | cuda; empty = cuda when available
+    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
+    eval_samples: int = 64  # held-out prompts per evaluation
+    ckpt_every: int = 20  # iterations between resume checkpoints
+    keep: int = 3  # resume checkpoints kept
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    seed: int = 1337  # prompt order, sampling and minibatch order
+
+
+MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "out"}
+
+
+def run(c: Config):
+    if not c.policy or not (c.reward or c.toy_reward):
+        raise ShoggothError("grpo: --policy DIR (the SFT model) and --reward DIR (the reward model) are required")
+    if c.advantage not in ("grpo", "drgrpo", "rloo") or c.group_size < 2:
+        raise ShoggothError(f"grpo: --advantage must be grpo, drgrpo or rloo and --group-size at least 2 "
+                            f"(got {c.advantage!r}, {c.group_size})")
+    d = dist.setup(c.device)
+    rows = c.batch_size * c.group_size  # responses per iteration
+    if c.batch_size % d.world or rows % c.minibatch_size or c.minibatch_size % d.world:
+        raise ShoggothError(f"grpo: --batch-size {c.batch_size} must be a multiple of the number of processes "
+                            f"({d.world}), and batch_size x group_size ({rows}) of --minibatch-size {c.minibatch_size}, "
+                            "itself a multiple of the number of processes")
+    out = Path(c.out)
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+    torch.manual_seed(c.seed)
+
+    # ---- models: policy (trained), reference and reward (frozen)
+    tok, policy, ref = rl.load_policy(c.policy, d.device)
+    reward_fn = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
+    if state:
+        policy.load_state_dict(state["policy"])
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    bf16 = amp_dtype == torch.bfloat16
+    policy_t = dist.wrap(policy, d)
+    opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
+    it = 0
+    if state:
+        opt.load_state_dict(state["optim"])
+        it = state["step"]
+        dist.print0(f"resumed from {ckpt_path} (iteration {it})")
+
+    # ---- prompts
+    prompts, held = rl.load_prompt_sets(c, dist.print0)
+    room = policy.config.max_seq_len - c.max_new_tokens
+    prompt_ids = rl.encode_prompts(tok, prompts, room)
+    mb = c.minibatch_size // d.world
+    n_mb = rows // c.minibatch_size
+    total_steps = c.iterations * c.epochs * n_mb
+    metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main)
+    dist.print0(f"grpo: policy {policy.num_params():,} parameters; {c.iterations} iterations of {c.batch_size} prompts "
+                f"x {c.group_size} responses (<= {c.max_new_tokens} tokens), {c.advantage} advantages, "
+                f"{c.epochs} epoch(s) x {n_mb} minibatches; reward "
+                f"{'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}")
+
+    def score_rollout(r):
+        """Old and reference log-probs and rewards of a rollout."""
+        with torch.no_grad(), amp:
+            logprobs = rl.logprobs_of(policy, r, c.temperature, mb)  # (B, N)
+            ref_logprobs = rl.logprobs_of(ref, r, c.temperature, mb)  # (B, N)
+            scores = rl.in_chunks(reward_fn, r, mb).float()  # (B,)
+        return logprobs, ref_logprobs, scores
+
+    def evaluate():
+        return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
+
+    def save():
+        if d.main:
+            checkpoint.save_checkpoint(out, it, {"policy": policy.state_dict(), "optim": opt.state_dict(),
+                                                 "config": dataclasses.asdict(c)}, keep=c.keep)
+        dist.barrier()
+
+    if it == 0 and held:
+        metrics.log(0, **evaluate())
+    while it < c.iterations:
+        # ---- 1. rollout: this rank's prompts, each repeated group_size times (a group stays on one rank)
+        t0 = time.perf_counter()
+        mine = [i for i in dist.share(rl.prompt_batch(len(prompts), c.batch_size, it, c.seed), d)
+                for _ in range(c.group_size)]
+        records = [prompts[i] for i in mine]
+        r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
+                        seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
+        t1 = time.perf_counter()
+
+        # ---- 2. score: rewards, old and reference log-probs
+        old_logprobs, ref_logprobs, scores = score_rollout(r)
+        scores = scores - c.missing_eos_penalty * (~r.ended).float()  # (B,)
+
+        # ---- 3. advantages: each response against its own group
+        if c.advantage == "rloo":
+            advantages = losses.rloo_advantages(scores, c.group_size)  # (B,)
+        else:
+            advantages = losses.group_advantages(scores, c.group_size, scale=c.advantage == "grpo")  # (B,)
+        t2 = time.perf_counter()
+
+        # ---- 4. update
+        sums = torch.zeros(4, device=d.device)  # loss, clipfrac, k3 KL per token, entropy
+        g = torch.Generator().manual_seed(c.seed * 7919 + it)
+        for epoch in range(c.epochs):
+            perm = torch.randperm(len(mine), generator=g).to(d.device)
+            for k in range(n_mb):
+                step = (it * c.epochs + epoch) * n_mb + k + 1
+                lr = optim.cosine_lr(step, total_steps, c.lr, c.warmup_steps, c.min_lr_frac)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = perm[k * mb:(k + 1) * mb]
+                sub = r.rows(idx)
+                with amp:
+                    logits = rl.response_logits(policy_t, sub)  # (b, N, V)
+                    logprobs = rl.token_logprobs(logits, sub.tokens, c.temperature)  # (b, N)
+                loss, st = losses.grpo_loss(logprobs, old_logprobs[idx], ref_logprobs[idx], advantages[idx],
+                                            sub.mask, c.clip, c.beta)
+                loss.backward()
+                grad_norm = rl.optimizer_step(opt, policy, c.grad_clip, out, f"iteration {it + 1}")
+                with torch.no_grad():
+                    entropy = losses.masked_mean(losses.entropy_from_logits(logits / c.temperature), sub.mask)
+                sums += torch.stack([loss.detach(), st["clipfrac"], st["kl"], entropy]).float()
+        sums = dist.all_mean(sums / (c.epochs * n_mb))
+        it += 1
+        t3 = time.perf_counter()
+
+        mean = rl.all_mean
+        group_std = scores.view(-1, c.group_size).std(1)  # (prompts,)
+        values = {"objective/scores": mean(scores), "objective/kl": mean(((old_logprobs - ref_logprobs) * r.mask).sum(1))}
+        if not math.isnan(gold_mean := rl.all_nanmean(rl.gold_scores(records, rl.decode(tok, r)), d.device)):
+            values["objective/gold"] = gold_mean
+        values.update({"reward_std": mean(group_std), "zero_std_frac": mean(group_std < 1e-6),
+                       "policy/clipfrac": sums[1].item(), "policy/kl": sums[2].item(), "policy/entropy": sums[3].item(),
+                       "loss/policy": sums[0].item(), "eot_rate": mean(r.ended), "response_length": mean(r.lengths),
+                       "lr": lr, "grad_norm": grad_norm.item(),
+                       "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
+        metrics.log(it, **values)
+        if held and (it % c.eval_every == 0 or it == c.iterations):
+            metrics.log(it, **evaluate())
+        if it % c.ckpt_every == 0 or it == c.iterations:
+            save()
+
+    if d.main:
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy)
+        tokenizer.save(tok, out)
+        dist.print0(f"saved Hugging Face model directory {out}")
+    metrics.close()
+    dist.cleanup()
+    return out

@@ -1,0 +1,259 @@
+"""PPO against a reward model: InstructGPT's RL stage (Ouyang et al. 2022, section 3.5), written out.
+
+    shoggoth ppo --policy runs/sft --reward runs/reward --out runs/ppo        # built-in chatterbot questions
+    shoggoth ppo --policy DIR --reward DIR --prompts prompts.jsonl --out DIR
+
+Four models: the policy (trained, starts as the SFT model), the reference (the SFT
+model, frozen), the value model (the reward model's trunk and head, trained) and
+the reward model (frozen). Each iteration:
+
+  1. rollout: batch_size prompts (each rank its share), one response each, sampled by
+     the Engine at `temperature` until <|im_end|> or max_new_tokens;
+  2. score: old log-probs, reference log-probs and values in one forward each; the
+     reward model's score at the response's end, minus missing_eos_penalty when the
+     response never emitted <|im_end|>; per-token rewards -beta * (logp - logp_ref)
+     with the score on the last token (losses.kl_penalized_rewards);
+  3. advantages: GAE (gamma, lambda) over the values, whitened over the whole batch;
+  4. update: ppo_epochs shuffled passes over the batch in minibatches, each one
+     optimizer step on the clipped policy loss plus vf_coef times the clipped value
+     loss (plus ptx_coef times the pretraining loss: PPO-ptx);
+  5. the adaptive KL controller moves beta toward target_kl (when set); the EMA
+     copy of the policy (when ema_decay > 0) moves toward the policy.
+
+Log-probs in training use logits / temperature, the distribution the Engine sampled
+from, so the first minibatch's ratio is exactly 1. The model has no dropout.
+"""
+
+import copy
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, data, dist, losses, optim, rl, tokenizer
+from ..errors import ShoggothError
+from ..metrics import Metrics
+from ..model import RewardModel
+
+
+@dataclass
+class Config:
+    """PPO against a reward model with a KL penalty to the SFT model (InstructGPT)."""
+
+    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
+    reward: str = ""  # reward model directory (a `shoggoth reward` output); also initialises the value model
+    prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
+    eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
+    out: str = "runs/ppo"  # output Hugging Face model directory (the policy)
+    toy_reward: str = ""  # test/debug aid: reward = fraction of response tokens that are this word (no reward model)
+    skip_invalid: bool = False  # skip (and count) invalid prompt lines instead of stopping at the first
+    iterations: int = 100  # PPO iterations (rollout + update)
+    batch_size: int = 64  # prompts (one response each) per iteration, summed over ranks
+    minibatch_size: int = 16  # responses per optimizer step, summed over ranks
+    ppo_epochs: int = 4  # passes over each rollout batch
+    max_new_tokens: int = 48  # longest response
+    temperature: float = 1.0  # rollout sampling temperature; training log-probs use the same
+    lr: float = 1e-5  # peak learning rate (policy and value model)
+    min_lr_frac: float = 1.0  # final lr as a fraction of the peak (cosine decay; 1 = constant)
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    grad_clip: float = 1.0  # max global grad norm of policy and value model together; 0 = off
+    beta: float = 0.05  # KL penalty coefficient (the start value when target_kl is set)
+    target_kl: float = 0.0  # adaptive KL controller's target KL per response (nats); 0 = fixed beta
+    kl_horizon: int = 10000  # adaptive KL controller's horizon, in responses
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    clip: float = 0.2  # policy ratio clip (epsilon)
+    vf_clip: float = 0.2  # value clip: how far a value may move from its rollout-time prediction
+    vf_coef: float = 0.1  # weight of the value loss
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits <|im_end|>
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed into each update (InstructGPT's gamma); 0 = off
+    ptx_data: str = ""  # token shards for PPO-ptx (a pretrain run's out/tokens folder)
+    ema_decay: float = 0.0  # keep an EMA of the policy's weights with this decay, saved to out/ema; 0 = off
+    dtype: str = "auto"  # auto | bf16 | fp32 autocast (rollouts and training)
+    device: str = ""  # cpu | cuda; empty = cuda when available
+    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
+    eval_samples: int = 64  # held-out prompts per evaluation
+    ckpt_every: int = 20  # iterations between resume checkpoints
+    keep: int = 3  # resume checkpoints kept
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    seed: int = 1337  # prompt order, sampling and minibatch order
+
+
+MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "out"}
+
+
+def run(c: Config):
+    if not c.policy or not (c.reward or c.toy_reward):
+        raise ShoggothError("ppo: --policy DIR (the SFT model) and --reward DIR (the reward model) are required")
+    if c.ptx_coef and not c.ptx_data:
+        raise ShoggothError("ppo: --ptx-coef needs --ptx-data (a pretrain run's tokens folder)")
+    d = dist.setup(c.device)
+    if c.batch_size % d.world or c.batch_size % c.minibatch_size or c.minibatch_size % d.world:
+        raise ShoggothError(f"ppo: --batch-size {c.batch_size} must be a multiple of --minibatch-size "
+                            f"{c.minibatch_size}, and both of the number of processes ({d.world})")
+    out = Path(c.out)
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+    torch.manual_seed(c.seed)
+
+    # ---- the four models: policy, reference, value (trained), reward (frozen)
+    tok, policy, ref = rl.load_policy(c.policy, d.device)
+    reward_fn = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
+    if c.toy_reward:  # no reward model to start from: the policy's trunk and a zero head
+        value = RewardModel(policy.config)
+        checkpoint.load_trunk(value, c.policy)
+        torch.nn.init.zeros_(value.score.weight)
+    else:
+        value, _ = checkpoint.load_reward(c.reward)
+    value.to(d.device)
+    ema = copy.deepcopy(policy).requires_grad_(False) if c.ema_decay else None
+    if state:
+        policy.load_state_dict(state["policy"])
+        value.load_state_dict(state["value"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    policy_t, value_t = dist.wrap(policy, d), dist.wrap(value, d)  # DDP over ranks; the models themselves on one
+    both = torch.nn.ModuleList([policy, value])
+    opt = optim.adamw(both, c.lr, c.weight_decay, (0.9, 0.95))
+    it, beta = 0, c.beta
+    if state:
+        opt.load_state_dict(state["optim"])
+        it, beta = state["step"], state["beta"]
+        dist.print0(f"resumed from {ckpt_path} (iteration {it}, beta {beta:.4g})")
+    shards = data.TokenShards(c.ptx_data, seed=c.seed) if c.ptx_coef else None
+
+    # ---- prompts
+    prompts, held = rl.load_prompt_sets(c, dist.print0)
+    room = policy.config.max_seq_len - c.max_new_tokens
+    prompt_ids = rl.encode_prompts(tok, prompts, room)
+    mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
+    n_mb = c.batch_size // c.minibatch_size
+    total_steps = c.iterations * c.ppo_epochs * n_mb
+    metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main)
+    dist.print0(f"ppo: policy {policy.num_params():,} parameters; {c.iterations} iterations of {c.batch_size} "
+                f"responses (<= {c.max_new_tokens} tokens), {c.ppo_epochs} epochs x {n_mb} minibatches; "
+                f"reward {'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}")
+    bf16 = amp_dtype == torch.bfloat16
+
+    def score_rollout(r):
+        """Old log-probs, reference log-probs, values and scores of a rollout."""
+        with torch.no_grad(), amp:
+            logprobs = rl.logprobs_of(policy, r, c.temperature, mb)  # (B, N)
+            ref_logprobs = rl.logprobs_of(ref, r, c.temperature, mb)  # (B, N)
+            values = rl.in_chunks(lambda s: rl.response_values(value, s), r, mb)  # (B, N)
+            scores = rl.in_chunks(reward_fn, r, mb).float()  # (B,)
+        return logprobs, ref_logprobs, values, scores
+
+    def evaluate():
+        return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
+
+    def save():
+        if d.main:
+            checkpoint.save_checkpoint(out, it, {"policy": policy.state_dict(), "value": value.state_dict(),
+                                                 "optim": opt.state_dict(), "beta": beta,
+                                                 "ema": ema.state_dict() if ema is not None else None,
+                                                 "config": dataclasses.asdict(c)}, keep=c.keep)
+        dist.barrier()
+
+    if it == 0 and held:
+        metrics.log(0, **evaluate())
+    while it < c.iterations:
+        # ---- 1. rollout: this rank's share of the iteration's prompts, one response each
+        t0 = time.perf_counter()
+        mine = dist.share(rl.prompt_batch(len(prompts), c.batch_size, it, c.seed), d)
+        records = [prompts[i] for i in mine]
+        r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
+                        seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
+        t1 = time.perf_counter()
+
+        # ---- 2. score: log-probs, values, reward; per-token rewards with the KL penalty
+        old_logprobs, ref_logprobs, old_values, scores = score_rollout(r)
+        scores = scores - c.missing_eos_penalty * (~r.ended).float()  # (B,)
+        rewards, kl = losses.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, r.mask, beta)  # (B, N)
+
+        # ---- 3. advantages: GAE, whitened over every rank's masked tokens
+        advantages, returns = losses.gae(rewards, old_values, r.mask, c.gamma, c.lam)  # (B, N)
+        advantages = losses.masked_whiten(advantages, r.mask, rl.masked_moments(advantages, r.mask))
+        t2 = time.perf_counter()
+
+        # ---- 4. update: ppo_epochs passes in shuffled minibatches, one optimizer step each
+        sums = torch.zeros(8, device=d.device)  # pg loss, vf loss, clipfrac, vf clipfrac, approxkl, ratio, entropy, ptx
+        g = torch.Generator().manual_seed(c.seed * 7919 + it)
+        for epoch in range(c.ppo_epochs):
+            perm = torch.randperm(len(mine), generator=g).to(d.device)
+            for k in range(n_mb):
+                step = (it * c.ppo_epochs + epoch) * n_mb + k + 1
+                lr = optim.cosine_lr(step, total_steps, c.lr, c.warmup_steps, c.min_lr_frac)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = perm[k * mb:(k + 1) * mb]
+                sub = r.rows(idx)
+                with amp:
+                    logits = rl.response_logits(policy_t, sub)  # (b, N, V)
+                    logprobs = rl.token_logprobs(logits, sub.tokens, c.temperature)  # (b, N)
+                    values = rl.response_values(value_t, sub)  # (b, N)
+                pg_loss, pg = losses.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], sub.mask, c.clip)
+                vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], sub.mask, c.vf_clip)
+                with dist.grad_sync(policy_t, not c.ptx_coef):
+                    (pg_loss + c.vf_coef * vf_loss).backward()
+                ptx = torch.zeros((), device=d.device)
+                if c.ptx_coef:  # PPO-ptx: next-token loss on pretraining text, in the same optimizer step
+                    x, y = shards.batch("train", c.minibatch_size, policy.config.max_seq_len, step, 0, d.rank, d.world)
+                    with amp:
+                        ptx = policy_t(x.to(d.device), targets=y.to(d.device))
+                    (c.ptx_coef * ptx).backward()
+                grad_norm = rl.optimizer_step(opt, both, c.grad_clip, out, f"iteration {it + 1}")
+                with torch.no_grad():
+                    entropy = losses.masked_mean(losses.entropy_from_logits(logits / c.temperature), sub.mask)
+                sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg["clipfrac"], vf_clipfrac, pg["approxkl"],
+                                     pg["ratio"], entropy, ptx.detach()]).float()
+        sums = dist.all_mean(sums / (c.ppo_epochs * n_mb))
+        it += 1
+        t3 = time.perf_counter()
+
+        # ---- 5. adaptive KL coefficient, EMA of the policy
+        kl_sum = dist.all_mean(kl.sum(1).mean()).item()  # KL(pi || pi_ref) per response, on this batch
+        beta_used = beta
+        if c.target_kl:
+            beta = losses.adaptive_kl_beta(beta, kl_sum, c.target_kl, c.kl_horizon, c.batch_size)
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), policy.parameters()):
+                    pe.lerp_(p, 1 - c.ema_decay)
+
+        mean = rl.all_mean
+        score = mean(scores)
+        non_score = -beta_used * kl_sum
+        values = {"objective/scores": score, "objective/kl": kl_sum, "objective/non_score_reward": non_score,
+                  "objective/rlhf_reward": score + non_score}
+        if not math.isnan(gold_mean := rl.all_nanmean(rl.gold_scores(records, rl.decode(tok, r)), d.device)):
+            values["objective/gold"] = gold_mean
+        values.update({"policy/approxkl": sums[4].item(), "policy/clipfrac": sums[2].item(),
+                       "policy/entropy": sums[6].item(), "loss/policy": sums[0].item(), "loss/value": sums[1].item(),
+                       "val/clipfrac": sums[3].item(), "val/ratio": sums[5].item(), "eot_rate": mean(r.ended),
+                       "response_length": mean(r.lengths), "beta": beta_used, "lr": lr, "grad_norm": grad_norm.item()})
+        if c.ptx_coef:
+            values["loss/ptx"] = sums[7].item()
+        values.update({"time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
+        metrics.log(it, **values)
+        if held and (it % c.eval_every == 0 or it == c.iterations):
+            metrics.log(it, **evaluate())
+        if it % c.ckpt_every == 0 or it == c.iterations:
+            save()
+
+    if d.main:
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy)
+        tokenizer.save(tok, out)
+        if ema is not None:
+            checkpoint.save_pretrained(ema, out / "ema", tokenizer_dir=c.policy)
+            tokenizer.save(tok, out / "ema")
+        dist.print0(f"saved Hugging Face model directory {out}" + (f" (and the EMA policy in {out / 'ema'})" if ema else ""))
+    metrics.close()
+    dist.cleanup()
+    return out

@@ -1,0 +1,224 @@
+"""PPO, GRPO and DPO end to end through the CLI on a tiny model: a toy reward with a known optimum
+goes up while the KL stays bounded, runs resume exactly, outputs load in shoggoth and transformers.
+
+The toy reward is the fraction of response tokens that are the word " the" (`--toy-reward the`).
+The tiny model is first trained for a moment on Bible verses, so that it says " the" now and then
+(about 2% of its tokens) and RL has something to reinforce.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from common import bible_corpus, shoggoth, tiny_model_dir
+from shoggoth import checkpoint, data, rl, sampling, tokenizer
+from shoggoth.model import RewardModel
+
+# One thread per run: the tiny models gain nothing from more, and a loaded machine
+# makes OpenMP's spinning threads many times slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FAST = ["--dtype", "fp32", "--max-new-tokens", "8", "--eval-samples", "16", "--missing-eos-penalty", "0"]
+
+
+def records(path):
+    return [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(path, key):
+    return [r[key] for r in records(path) if key in r]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process work here on one thread too (see ENV)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """tiny_model_dir trained for 100 steps of next-token prediction on 2000 verses."""
+    d = tiny_model_dir(tmp_path_factory.mktemp("lm") / "lm")
+    tok, model = tokenizer.load(d), checkpoint.load_pretrained(d)
+    lines = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:2000]]
+    ids = torch.tensor([t for row in tok.encode_batch(lines) for t in row + [tok.eos_id]])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        starts = torch.randint(0, len(ids) - 65, (16,))
+        w = torch.stack([ids[s:s + 65] for s in starts])
+        model(w[:, :-1], targets=w[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    checkpoint.save_pretrained(model, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def rm_dir(lm_dir, tmp_path_factory):
+    """A reward model with a random head on the tiny model's trunk (for the reward-model code path)."""
+    d = tmp_path_factory.mktemp("rm") / "rm"
+    torch.manual_seed(1)
+    model = RewardModel(checkpoint.load_pretrained(lm_dir).config)
+    checkpoint.load_trunk(model, lm_dir)
+    checkpoint.save_reward(model, d, shift=0.25, tokenizer_dir=lm_dir)
+    tokenizer.save(tokenizer.load(lm_dir), d)
+    return d
+
+
+def sampled_fraction(model_dir, n=64, seed=0):
+    """Toy reward of responses to n held-out questions sampled at temperature 1."""
+    model, tok = sampling.load(model_dir)
+    recs = rl.builtin_prompts("heldout")[:n]
+    r = rl.generate(model, tok, rl.encode_prompts(tok, recs, 100), 16, 1.0, seed=seed)
+    return rl.toy_scores(r, rl.toy_target_ids(tok, "the")).mean().item()
+
+
+def check_outputs(out, lm_dir):
+    """The output is a Hugging Face directory: shoggoth and transformers load it, with the same logits."""
+    model, tok = sampling.load(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.tensor([tok.render_chat([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf(x).logits, atol=1e-4)
+    assert not torch.equal(checkpoint.load_state_dict(out)["model.embed_tokens.weight"],
+                           checkpoint.load_state_dict(lm_dir)["model.embed_tokens.weight"])  # it did train
+    assert (out / "chat_template.jinja").exists()
+
+
+def interrupt_and_resume(stage, args, out, ckpt_step):
+    """Delete a finished run's outputs after ckpt_step, resume it, and return (weights before, after)."""
+    before = checkpoint.load_state_dict(out)
+    for f in (out / "checkpoints").glob("step_*.pt"):
+        if int(f.stem.split("_")[1]) > ckpt_step:
+            f.unlink()
+    (out / "model.safetensors").unlink()
+    shoggoth(stage, *args, "--resume", env=ENV)
+    return before, checkpoint.load_state_dict(out)
+
+
+def test_rollout_logprobs_are_the_training_forwards(lm_dir):
+    """The Engine's log-probs at temperature T are log_softmax(logits / T) of a plain forward over the
+    right-padded [prompt | response] rows, and <|im_end|> ends a response (pad is another token)."""
+    model, tok = sampling.load(lm_dir)
+    recs = rl.builtin_prompts("train")[:6]
+    r = rl.generate(model, tok, rl.encode_prompts(tok, recs, 100), 12, 0.7, seed=3)
+    with torch.no_grad():
+        lp = rl.token_logprobs(rl.response_logits(model, r), r.tokens, 0.7)
+    assert torch.allclose(lp * r.mask, r.logprobs, atol=1e-4)
+    assert tok.pad_id not in rl.stop_ids(tok) and tok.token_id(tokenizer.IM_END) in rl.stop_ids(tok)
+    for b in range(len(recs)):  # the response sits right after its prompt, pad after
+        n = int(r.lengths[b])
+        assert r.seq[b, r.start[b]:r.start[b] + n].tolist() == r.tokens[b, :n].tolist()
+
+
+def test_ppo_raises_toy_reward_with_bounded_kl(lm_dir, tmp_path):
+    out = tmp_path / "ppo"
+    shoggoth("ppo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20, "--batch-size", 32,
+             "--minibatch-size", 16, "--ppo-epochs", 2, "--lr", 1e-3, "--beta", 0.05, "--eval-every", 20, *FAST, env=ENV)
+    scores, kl = series(out, "objective/scores"), series(out, "objective/kl")
+    before, after = sum(scores[:2]) / 2, sum(scores[-5:]) / 5
+    print(f"ppo toy reward {before:.3f} -> {after:.3f}, KL {kl[0]:.2f} -> {kl[-1]:.2f}")
+    assert kl[0] == pytest.approx(0, abs=1e-4)  # the first rollout's policy is the reference
+    # With beta = 0.05 over 8 tokens, the KL-regularised optimum says " the" with p ~ 0.27
+    # (1 = 0.4 * log-odds ratio against the model's 3%), at a KL of ~3.1 nats per response.
+    assert after > 3 * before and after > 0.06
+    assert max(kl) < 8
+    rec = records(out)[-2]
+    for key in ("objective/rlhf_reward", "objective/non_score_reward", "objective/gold", "policy/approxkl",
+                "policy/clipfrac", "policy/entropy", "loss/policy", "loss/value", "val/ratio", "val/clipfrac",
+                "eot_rate", "response_length", "time/generate", "time/update"):
+        assert key in rec, key
+    assert series(out, "eval/scores")[-1] > series(out, "eval/scores")[0]
+    check_outputs(out, lm_dir)
+    assert sampled_fraction(out) > sampled_fraction(lm_dir)
+
+
+def test_ppo_with_reward_model_ptx_ema_adaptive_kl_resumes_exactly(lm_dir, rm_dir, tmp_path):
+    tok = tokenizer.load(lm_dir)
+    data.build_shards([bible_corpus(tmp_path / "corpus.jsonl", verses=300)], tok, tmp_path / "tokens", log=lambda *a: None)
+    out = tmp_path / "ppo"
+    args = ["--policy", lm_dir, "--reward", rm_dir, "--out", out, "--iterations", 4, "--batch-size", 8,
+            "--minibatch-size", 4, "--ppo-epochs", 2, "--lr", 1e-4, "--ckpt-every", 2, "--eval-every", 2,
+            "--target-kl", 0.5, "--ptx-coef", 0.5, "--ptx-data", tmp_path / "tokens", "--ema-decay", 0.9, *FAST[:6]]
+    r = shoggoth("ppo", *args, env=ENV)
+    assert "objective/gold" in r.stdout and "loss/ptx" in r.stdout
+    betas = series(out, "beta")
+    assert betas[0] == 0.05 and betas[-1] != 0.05  # the adaptive controller moved it
+    before, after = interrupt_and_resume("ppo", args, out, 2)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    check_outputs(out, lm_dir)
+    check_outputs(out / "ema", lm_dir)
+
+
+def test_grpo_raises_toy_reward(lm_dir, tmp_path):
+    out = tmp_path / "grpo"
+    shoggoth("grpo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20, "--batch-size", 8,
+             "--group-size", 4, "--minibatch-size", 16, "--lr", 1e-3, "--beta", 0.04, "--eval-every", 20, *FAST, env=ENV)
+    scores, kl = series(out, "objective/scores"), series(out, "objective/kl")
+    before, after = sum(scores[:2]) / 2, sum(scores[-5:]) / 5
+    print(f"grpo toy reward {before:.3f} -> {after:.3f}, KL {kl[0]:.2f} -> {kl[-1]:.2f}")
+    assert after > 5 * before and after > 0.15
+    assert max(kl) < 8 * 5.7  # below 8 tokens x log(vocab): the policy never collapses onto one token
+    check_outputs(out, lm_dir)
+    assert sampled_fraction(out) > sampled_fraction(lm_dir)
+
+
+def test_grpo_rloo_with_reward_model_resumes_exactly(lm_dir, rm_dir, tmp_path):
+    out = tmp_path / "grpo"
+    args = ["--policy", lm_dir, "--reward", rm_dir, "--out", out, "--iterations", 4, "--batch-size", 4,
+            "--group-size", 2, "--minibatch-size", 4, "--epochs", 2, "--advantage", "rloo", "--lr", 1e-4,
+            "--ckpt-every", 2, "--eval-every", 2, *FAST[:6]]
+    shoggoth("grpo", *args, env=ENV)
+    assert "objective/gold" in records(out)[-2]
+    before, after = interrupt_and_resume("grpo", args, out, 2)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def toy_pairs(path, n, seed):
+    """Pairs whose chosen response is a verse and whose rejected one is the same verse without " the "."""
+    import random
+
+    rng = random.Random(seed)
+    verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:3000]]
+    verses = [v for v in verses if v.count(" the ") >= 2 and len(v) < 120]
+    questions = [p["messages"][0]["content"] for p in rl.builtin_prompts("train")]
+    with open(path, "w") as f:
+        for _ in range(n):
+            v = rng.choice(verses)
+            f.write(json.dumps({"prompt": rng.choice(questions), "chosen": v, "rejected": v.replace(" the ", " ")}) + "\n")
+    return path
+
+
+def test_dpo_learns_toy_pairs(lm_dir, tmp_path):
+    out = tmp_path / "dpo"
+    shoggoth("dpo", "--policy", lm_dir, "--rankings", toy_pairs(tmp_path / "pairs.jsonl", 240, 0), "--out", out,
+             "--lr", 1e-3, "--batch-size", 16, "--warmup-steps", 2, "--eval-every", 7, "--dtype", "fp32", env=ENV)
+    acc, margin = series(out, "val/rewards/accuracies"), series(out, "val/rewards/margins")
+    print(f"dpo held-out implicit-reward accuracy {acc[0]:.2f} -> {acc[-1]:.2f}, margin {margin[0]:.3f} -> {margin[-1]:.3f}")
+    assert series(out, "val_loss")[0] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the reference
+    assert acc[-1] > 0.9 and margin[-1] > 0.3
+    check_outputs(out, lm_dir)
+    before, after = sampled_fraction(lm_dir), sampled_fraction(out)
+    print(f"dpo sampled fraction of ' the' {before:.3f} -> {after:.3f}")
+    assert after > 2 * before
+
+
+def test_dpo_expands_rankings_and_resumes_exactly(lm_dir, tmp_path):
+    rankings = tmp_path / "rankings.jsonl"
+    rows = [{"prompt": q, "completions": ["In the beginning.", "the LORD", "And God said", "Let there be light"],
+             "ranks": [0, 1, 1, 2]} for q in ["Hi", "Who are you?", "What is love?", "Tell me a joke."] * 3]
+    rankings.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "dpo"
+    args = ["--policy", lm_dir, "--rankings", rankings, "--out", out, "--eval-frac", 0.25, "--lr", 1e-4,
+            "--batch-size", 5, "--epochs", 2, "--ckpt-every", 3, "--dtype", "fp32"]
+    r = shoggoth("dpo", *args, env=ENV)
+    # 9 train rankings of ranks (0, 1, 1, 2): 5 untied pairs each (the tie is no pair).
+    assert "-> 45 / 15 (better, worse) pairs" in r.stdout
+    before, after = interrupt_and_resume("dpo", args, out, 12)
+    assert all(torch.equal(before[k], after[k]) for k in before)
