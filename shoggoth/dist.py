@@ -1,6 +1,19 @@
-"""torchrun set-up: one process or many, the same code. No-ops on one process."""
+"""torchrun set-up and the parallel wrappers: one process or many, the same stage code.
+
+Every helper is a no-op (or the plain PyTorch call) on one process, so a stage
+reads the same with or without torchrun:
+
+    d = dist.setup(c.device)
+    model.load_state_dict(...)                            # on the CPU, before wrapping
+    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)  # to the device; DDP, or FSDP2 in place
+    opt = AdamW(model.parameters(), ...)                  # after wrap: FSDP2 swaps in sharded parameters
+    with dist.grad_sync(train_model, last_micro_step): loss.backward()
+    grad_norm = dist.clip_grad_norm(model, c.grad_clip)
+    dist.save_checkpoint(out, step, model, opt, c, c.keep)  # every rank; rank 0 writes the full state
+"""
 
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +59,14 @@ def barrier():
         dist.barrier()
 
 
+def all_sum(x: torch.Tensor):
+    """Sum of a tensor over ranks (itself on one process)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 def all_mean(x: torch.Tensor):
     """Mean of a tensor over ranks (itself on one process)."""
     if dist.is_initialized():
@@ -54,6 +75,21 @@ def all_mean(x: torch.Tensor):
         if x.device.type != "cuda":  # gloo has no AVG
             x /= dist.get_world_size()
     return x
+
+
+def share(items, d: Dist):
+    """This rank's contiguous share of a sequence (rows of a global batch, prompts to roll out)."""
+    n = len(items)
+    return items[d.rank * n // d.world:(d.rank + 1) * n // d.world]
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: rollouts, samples)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup():
@@ -73,3 +109,149 @@ def autocast_dtype(device, dtype):
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be auto, bf16 or fp32, not {dtype!r}")
     return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+# ---------------------------------------------------------------- DDP / FSDP2
+
+
+def wrap(model, d: Dist, fsdp=False, amp_dtype=torch.float32):
+    """Move model (built or loaded on the CPU) to d.device and return the module to train.
+    One process: model itself. Several: DDP (a full copy per rank, gradients all-reduced),
+    or with fsdp FSDP2, which shards each decoder block and then the root (embeddings,
+    final norm, head) over the ranks *in place*: model itself becomes the sharded module,
+    tied embeddings stay one parameter, and only a shard of each block ever stays on the
+    device. Build the optimizer after this call. Under FSDP2 on CUDA the parameters are
+    gathered in amp_dtype and gradients reduced in fp32."""
+    if d.world == 1 or not fsdp:
+        model.to(d.device)
+    if d.world == 1:
+        return model
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    mp = MixedPrecisionPolicy()
+    if d.device.type == "cuda" and amp_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:  # the Hugging Face layout: model.model.layers[i]
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def _fsdp(module):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def grad_sync(train_model, sync):
+    """Context for one micro-step's backward: gradients are reduced over ranks only
+    when sync is true (the last micro-step of an optimizer step)."""
+    m = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext() if sync else m.no_sync()
+    if _fsdp(m):
+        m.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+@contextmanager
+def full_weights(model):
+    """Inside, every rank holds model's full weights (under FSDP2; a no-op otherwise), for
+    sampling: the engine calls the trunk and head directly, which FSDP2's root hooks do not
+    see, and decoding one token at a time should not all-gather every block at every token.
+    Every rank must enter it (it all-gathers) and run the same forward passes inside."""
+    if not _fsdp(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root, then each block
+    for m in sharded:
+        m.unshard()
+    for m in sharded[1:]:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in sharded[1:]:
+            m.set_reshard_after_forward(True, recurse=False)
+        for m in sharded:
+            m.reshard()
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the global gradient norm to max_norm (0 = no clipping); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+
+
+def _full():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model):
+    """model.state_dict() as one process holds it. Under FSDP2 it is gathered to rank 0's
+    CPU (the other ranks get {}); a collective there: call it on every rank."""
+    if not _fsdp(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model, options=_full())
+    if not sd:
+        return sd
+    # The gathered dict names a tied parameter once; a plain state_dict names it under every owner.
+    first = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {k: sd[k] if k in sd else sd[first[id(params[k])]] for k in model.state_dict()}
+
+
+def optim_state(model, opt):
+    """opt.state_dict() as one process holds it (state keyed by parameter index). Under
+    FSDP2 it is gathered to rank 0's CPU (the other ranks get {}); call it on every rank."""
+    if not _fsdp(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, opt, options=_full())
+    if not sd:
+        return sd
+    index = {}
+    groups = [{**g, "params": [index.setdefault(f, len(index)) for f in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {index[f]: s for f, s in sd["state"].items()}, "param_groups": groups}
+
+
+def save_checkpoint(out_dir, step, model, opt, config, keep=3):
+    """Every rank calls this: rank 0 writes out_dir/checkpoints/step_NNNNNN.pt (weights, optimizer,
+    config dataclass) in the one-process format, gathered first under FSDP2; the others wait for it."""
+    from dataclasses import asdict
+
+    from .checkpoint import save_checkpoint
+
+    model_sd, optim_sd = model_state(model), optim_state(model, opt)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint(out_dir, step, {"model": model_sd, "optim": optim_sd, "config": asdict(config)}, keep=keep)
+    barrier()
+
+
+def load_optim_state(model, opt, sd):
+    """The inverse of optim_state: load a full (one-process) optimizer state dict, on every rank."""
+    if not _fsdp(model):
+        return opt.load_state_dict(sd)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    fqn = {id(p): name for name, p in model.named_parameters()}
+    names = [fqn[id(p)] for g in opt.param_groups for p in g["params"]]
+    groups, i = [], 0
+    for g in sd["param_groups"]:
+        groups.append({**g, "params": names[i:i + len(g["params"])]})
+        i += len(g["params"])
+    by_name = {"state": {names[k]: s for k, s in sd["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))

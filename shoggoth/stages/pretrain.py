@@ -8,7 +8,6 @@ sample, checkpoint. The output directory is a Hugging Face LlamaForCausalLM
 directory; resume state lives in out/checkpoints/.
 """
 
-import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, data, dist, tokenizer
+from .. import checkpoint, data, dist, optim, tokenizer
 from ..errors import ShoggothError, TrainingError
 from ..metrics import Metrics, peak_flops
 from ..model import GPT, GPTConfig
@@ -51,6 +50,7 @@ class Config:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype (auto = bf16 where fast)
     compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     val_every: int = 50  # hold out every N-th document for the validation loss
     eval_every: int = 100  # steps between validation losses
@@ -65,31 +65,16 @@ class Config:
 
 # Fields a resumed run may change; the rest must match the checkpoint's.
 MAY_CHANGE = {"max_steps", "eval_every", "eval_batches", "sample_every", "sample_tokens", "ckpt_every", "keep",
-              "resume", "device", "compile"}
+              "resume", "device", "compile", "fsdp", "out"}
 SAMPLE_PROMPTS = ["In the beginning", "And the LORD said", "Blessed are"]
-
-
-def lr_at(step, c: Config):
-    """Linear warmup to lr, then cosine decay to lr * min_lr_frac at max_steps (steps count from 1)."""
-    if step <= c.warmup_steps:
-        return c.lr * step / max(1, c.warmup_steps)
-    progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
-    return c.lr * (c.min_lr_frac + (1 - c.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def run(c: Config):
     d = dist.setup(c.device)
+    if c.batch_size % d.world:
+        raise ShoggothError(f"batch_size {c.batch_size} (summed over ranks) is not a multiple of the {d.world} ranks")
     out = Path(c.out)
-    ckpt_path = checkpoint.latest_checkpoint(out)
-    if ckpt_path and not c.resume:
-        raise ShoggothError(f"{out} has checkpoints from an earlier run: pass --resume to continue it, or pick another --out")
-    if c.resume and not ckpt_path:
-        raise ShoggothError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    state = checkpoint.load_checkpoint(ckpt_path) if ckpt_path else None
-    if state:
-        diff = {k: (v, getattr(c, k)) for k, v in state["config"].items() if k not in MAY_CHANGE and getattr(c, k) != v}
-        if diff:
-            raise ShoggothError(f"--resume: config differs from the checkpoint's: {diff}")
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- tokenizer and data (rank 0 builds, the others wait and read)
@@ -121,24 +106,19 @@ def run(c: Config):
                               rope_theta=c.rope_theta, tie_embeddings=c.tie_embeddings))
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
     tok.check_model(model.config.vocab_size, tok_dir)
-    model.to(d.device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=c.lr, betas=(c.beta1, c.beta2), fused=True)
-    step = 0
     if state:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)  # to the device; DDP, or FSDP2 sharding model in place
+    opt = optim.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
+    step = 0
+    if state:
+        dist.load_optim_state(model, opt, state["optim"])
         step = state["step"]
         dist.print0(f"resumed from {ckpt_path} (step {step})")
-    train_model = model
-    if d.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     if c.compile:
         train_model = torch.compile(train_model)
 
-    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
     flops_per_step = model.flops_per_token(c.seq_len) * tokens_per_step
@@ -159,30 +139,25 @@ def run(c: Config):
         return dist.all_mean(torch.stack(losses).mean()).item()
 
     def save():
-        # Rank 0 writes; ranks hold identical weights after each DDP step.
-        if d.main:
-            checkpoint.save_checkpoint(out, step, {"model": model.state_dict(), "optim": opt.state_dict(),
-                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
-        dist.barrier()
+        dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes (gathered under FSDP); all resume from it
 
     # ---- the loop
     model.train()
     while step < c.max_steps:
         step += 1
         t0 = time.perf_counter()
-        lr = lr_at(step, c)
+        lr = optim.cosine_lr(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(c.grad_accum):
             x, y = shards.batch("train", c.batch_size, c.seq_len, step, micro, d.rank, d.world)
             x, y = x.to(d.device), y.to(d.device)
-            sync = micro == c.grad_accum - 1 or d.world == 1
-            with amp, (nullcontext() if sync else train_model.no_sync()):
+            with amp, dist.grad_sync(train_model, micro == c.grad_accum - 1):
                 loss = train_model(x, y) / c.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        grad_norm = dist.clip_grad_norm(model, c.grad_clip)
         loss_val = dist.all_mean(loss_sum).item()
         if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
             last = checkpoint.latest_checkpoint(out)
@@ -195,22 +170,25 @@ def run(c: Config):
                     mfu=flops_per_step / dt / peak, dt=dt)
         if step % c.eval_every == 0 or step == c.max_steps:
             metrics.log(step, val_loss=evaluate())
-        if d.main and c.sample_every and (step % c.sample_every == 0 or step == c.max_steps):
-            print_samples(model, tok, c.sample_tokens)
+        if (d.main or c.fsdp) and c.sample_every and (step % c.sample_every == 0 or step == c.max_steps):
+            with dist.full_weights(model):  # under FSDP every rank gathers the weights and samples
+                print_samples(model, tok, c.sample_tokens, show=d.main)
         if step % c.ckpt_every == 0 or step == c.max_steps:
             save()
 
+    final = dist.model_state(model)
     if d.main:
-        checkpoint.save_pretrained(model, out, tokenizer_dir=tok_dir)
+        checkpoint.save_pretrained(model, out, tokenizer_dir=tok_dir, state_dict=final)
         dist.print0(f"saved Hugging Face model directory {out}")
     metrics.close()
     dist.cleanup()
     return out
 
 
-def print_samples(model, tok, n_tokens):
+def print_samples(model, tok, n_tokens, show=True):
     from ..sampling import complete
 
     texts = complete((model, tok), SAMPLE_PROMPTS, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=0)
     for prompt, text in zip(SAMPLE_PROMPTS, texts):
-        print(f"  sample> {prompt}{text}".replace("\n", " / "), flush=True)
+        if show:
+            print(f"  sample> {prompt}{text}".replace("\n", " / "), flush=True)

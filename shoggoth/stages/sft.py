@@ -9,7 +9,6 @@ of seq_len; a block-diagonal causal mask and per-example positions keep each
 example's attention to itself, so packing changes speed, not the math.
 """
 
-import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -44,6 +43,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW decay on matrices
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     dtype: str = "auto"  # auto | bf16 | fp32 autocast
+    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out losses
     sample_every: int = 100  # steps between held-out answers printed; 0 = never
@@ -53,7 +53,7 @@ class Config:
     seed: int = 1337  # data order
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "sample_every", "ckpt_every", "keep", "resume", "device"}
+MAY_CHANGE = {"max_steps", "eval_every", "sample_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
 
 
 def load_conversations(c: Config, log):
@@ -150,18 +150,16 @@ def run(c: Config):
         total = min(total, c.max_steps)
     held_rows = pack(held, seq_len, range(len(held)))
 
-    model.to(d.device)
+    if state:
+        model.load_state_dict(state["model"])
+    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)  # to the device; DDP, or FSDP2 sharding model in place
     opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
     step = 0
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
+        dist.load_optim_state(model, opt, state["optim"])
         step = state["step"]
         dist.print0(f"resumed from {ckpt_path} (step {step})")
-    train_model = model
-    if d.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     peak = peak_flops(d.device, amp_dtype) * d.world
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
@@ -173,6 +171,8 @@ def run(c: Config):
         ids, labels, pos, mask = collate(examples, rows, seq_len, tok.pad_id)
         count = (labels != -100).sum().to(d.device, torch.float32)
         share = slice(d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world)
+        if share.start == share.stop:  # fewer rows than ranks: run one row without loss tokens, so collectives match
+            share, labels = slice(0, 1), torch.full_like(labels, -100)
         ids, labels, pos, mask = (t[share].to(d.device) for t in (ids, labels, pos, mask))
         logits = train_model(ids, pos=pos, mask=mask)
         loss_sum = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
@@ -191,10 +191,7 @@ def run(c: Config):
         return (total_loss / total_n).item()
 
     def save():
-        if d.main:
-            checkpoint.save_checkpoint(out, step, {"model": model.state_dict(), "optim": opt.state_dict(),
-                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
-        dist.barrier()
+        dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes (gathered under FSDP); all resume from it
 
     if step == 0:
         metrics.log(0, val_loss=evaluate())
@@ -211,13 +208,12 @@ def run(c: Config):
         n_tokens = sum(sum(int((train[i][1] != -100).sum()) for row in rows for i in row) for rows in micro_batches)
         loss_total, tokens = torch.zeros((), device=d.device), 0
         for micro, rows in enumerate(micro_batches):
-            sync = micro == len(micro_batches) - 1 or d.world == 1
-            with amp, (nullcontext() if sync else train_model.no_sync()):
+            with amp, dist.grad_sync(train_model, micro == len(micro_batches) - 1):
                 s, n = micro_loss(train, rows)
                 (s * d.world / n_tokens).backward()
             loss_total += s.detach()
             tokens += sum(len(train[i][0]) for row in rows for i in row)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        grad_norm = dist.clip_grad_norm(model, c.grad_clip)
         loss_val = (dist.all_mean(loss_total) * d.world / n_tokens).item()
         if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
             raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped "
@@ -229,13 +225,15 @@ def run(c: Config):
         metrics.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / dt}, mfu=mfu)
         if step % c.eval_every == 0 or step == total:
             metrics.log(step, val_loss=evaluate())
-        if d.main and c.sample_every and (step % c.sample_every == 0 or step == total):
-            print_answers(model, tok, held_convs[:: max(1, len(held_convs) // 3)][:3])
+        if (d.main or c.fsdp) and c.sample_every and (step % c.sample_every == 0 or step == total):
+            with dist.full_weights(model):  # under FSDP every rank gathers the weights and samples
+                print_answers(model, tok, held_convs[:: max(1, len(held_convs) // 3)][:3], show=d.main)
         if step % c.ckpt_every == 0 or step == total:
             save()
 
+    final = dist.model_state(model)
     if d.main:
-        checkpoint.save_pretrained(model, out, tokenizer_dir=c.init)
+        checkpoint.save_pretrained(model, out, tokenizer_dir=c.init, state_dict=final)
         tokenizer.save(tok, out)  # the chat template this model was trained with
         dist.print0(f"saved Hugging Face model directory {out}")
     metrics.close()
@@ -243,10 +241,11 @@ def run(c: Config):
     return out
 
 
-def print_answers(model, tok, convs):
+def print_answers(model, tok, convs, show=True):
     from ..sampling import chat_reply
 
     for conv in convs:
         prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv
         answer = chat_reply((model, tok), prompt, max_new_tokens=48, temperature=0.0)
-        print(f"  user> {prompt[-1]['content']}\n  assistant> {answer}", flush=True)
+        if show:
+            print(f"  user> {prompt[-1]['content']}\n  assistant> {answer}", flush=True)

@@ -1,0 +1,186 @@
+"""Distributed training through real `torchrun` processes (gloo, 2 ranks on the CPU).
+
+A 2-rank run with global batch B must train like one process with global batch
+B (fp32, so that only the order of the gradient sums differs); FSDP2 must save
+checkpoints and model directories that one process loads and resumes; a killed
+2-rank run must resume to the uninterrupted run's weights.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import bible_corpus, shoggoth, tiny_model_dir
+from shoggoth import checkpoint, data
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+STEPS = 20  # tiny checkpoints every 10 steps
+TINY = ["--config", "tiny", "--vocab-size", "300", "--dtype", "fp32", "--max-steps", STEPS]
+RTOL = 1e-5
+
+
+def torchrun(*args, nproc=2):
+    """The command line of `torchrun --standalone --nproc_per_node N -m shoggoth ARGS`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "shoggoth", *map(str, args)]
+
+
+def run2(*args):
+    r = subprocess.run(torchrun(*args), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def losses(run_dir, key="loss"):
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in recs if key in r}
+
+
+def assert_same_run(a, b, rtol=RTOL):
+    """Per-step losses and final weights of run directories a and b agree to rtol (relative)."""
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) and la
+    worst = max(abs(la[s] - lb[s]) / abs(la[s]) for s in la)
+    assert worst < rtol, f"losses differ by {worst:.2e} (relative)"
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    rel = {k: ((wa[k] - wb[k]).norm() / wa[k].norm()).item() for k in wa}
+    k = max(rel, key=rel.get)
+    print(f"{b.name} vs {a.name}: losses within {worst:.1e}, weights within {rel[k]:.1e} ({k}) relative")
+    assert rel[k] < rtol, f"{k} differs by {rel[k]:.2e} (relative norm)"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return bible_corpus(tmp_path_factory.mktemp("corpus") / "verses.jsonl")
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    """One process, global batch 8."""
+    out = tmp_path_factory.mktemp("single") / "p"
+    shoggoth("pretrain", *TINY, "--corpus", corpus, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp(corpus, tmp_path_factory):
+    """Two processes, global batch 8 (4 rows each)."""
+    out = tmp_path_factory.mktemp("ddp") / "p"
+    r = run2("pretrain", *TINY, "--corpus", corpus, "--out", out)
+    assert "on 2 cpu process(es)" in r.stdout
+    return out
+
+
+def test_ddp_pretrain_matches_single_process(single, ddp):
+    assert_same_run(single, ddp)
+    assert losses(single, "val_loss").keys() == losses(ddp, "val_loss").keys() == {10, STEPS}
+    # Rank 0 alone wrote the checkpoints, in the one-process format.
+    a = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(single))
+    b = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(ddp))
+    assert a["model"].keys() == b["model"].keys() and a["optim"]["param_groups"] == b["optim"]["param_groups"]
+
+
+def test_fsdp_checkpoints_load_and_resume_in_one_process(single, corpus, tmp_path):
+    out = tmp_path / "fsdp"
+    r = run2("pretrain", *TINY, "--corpus", corpus, "--out", out, "--fsdp", "--sample-every", 10, "--sample-tokens", 8)
+    assert r.stdout.count("  sample> ") == 6  # every rank gathers the weights and samples; rank 0 prints
+    assert_same_run(single, out)  # sharded training is the same training
+    # The gathered checkpoint is a one-process checkpoint: same keys, shapes, optimizer layout.
+    a = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(single))
+    b = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out))
+    assert [(k, v.shape) for k, v in a["model"].items()] == [(k, v.shape) for k, v in b["model"].items()]
+    assert a["optim"]["param_groups"] == b["optim"]["param_groups"]
+    assert a["optim"]["state"].keys() == b["optim"]["state"].keys()
+    assert torch.equal(b["model"]["lm_head.weight"], b["model"]["model.embed_tokens.weight"])  # still tied
+    # The model directory loads in one process.
+    model = checkpoint.load_pretrained(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = checkpoint.load_pretrained(single)
+    for (k, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert ((p - q).norm() / q.norm()).item() < RTOL, k
+
+    # One process resumes the FSDP run's step-10 checkpoint ...
+    one = tmp_path / "one"
+    shutil.copytree(out, one)
+    (one / "checkpoints" / f"step_{STEPS:06d}.pt").unlink()
+    (one / "model.safetensors").unlink()
+    r = shoggoth("pretrain", *TINY, "--corpus", corpus, "--out", one, "--resume")
+    assert "step_000010.pt" in r.stdout
+    assert_same_run(single, one)
+    # ... and FSDP resumes the one-process run's (the optimizer state is sharded on load).
+    sharded = tmp_path / "sharded"
+    shutil.copytree(single, sharded)
+    (sharded / "checkpoints" / f"step_{STEPS:06d}.pt").unlink()
+    (sharded / "model.safetensors").unlink()
+    r = run2("pretrain", *TINY, "--corpus", corpus, "--out", sharded, "--resume", "--fsdp")
+    assert "step_000010.pt" in r.stdout
+    assert_same_run(single, sharded)
+
+
+def _descendants(pid):
+    """Process ids below pid (torchrun starts each rank in a session of its own)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += map(int, open(f"/proc/{pid}/task/{task}/children").read().split())
+        except FileNotFoundError:
+            pass
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def test_killed_two_process_run_resumes(ddp, corpus, tmp_path):
+    out = tmp_path / "p"
+    args = ["pretrain", *TINY, "--corpus", corpus, "--out", out]
+    proc = subprocess.Popen(torchrun(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 12/"):  # checkpoint 10 written, 20 still far
+            pids = _descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher ...
+            for pid in pids:  # ... and every rank, as a lost machine would
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()
+    assert checkpoint.latest_checkpoint(out).name == "step_000010.pt"
+    r = run2(*args, "--resume")
+    assert "resumed from" in r.stdout and "step_000010.pt" in r.stdout
+    assert losses(out) == losses(ddp)  # the same curve, to the last bit
+    a, b = load_file(out / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_must_split_evenly(corpus, tmp_path):
+    r = subprocess.run(torchrun("pretrain", *TINY, "--corpus", corpus, "--out", tmp_path / "p", "--batch-size", 7),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "batch_size 7 (summed over ranks) is not a multiple of the 2 ranks" in r.stdout + r.stderr
+
+
+def test_ddp_sft_matches_single_process(tmp_path):
+    init = tiny_model_dir(tmp_path / "init")
+    convs = data.chatterbot_conversations("train")
+    for name, part in (("train", convs[:300]), ("held", convs[-21:])):  # 21 held-out: a last batch of 1 row
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in part))
+    args = ["--init", init, "--data", tmp_path / "train.jsonl", "--eval-data", tmp_path / "held.jsonl", "--dtype", "fp32", "--max-steps", 8, "--batch-size", 8, "--eval-every", 4,
+            "--ckpt-every", 4, "--sample-every", 0]
+    shoggoth("sft", *args, "--out", tmp_path / "one")
+    run2("sft", *args, "--out", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    one, two = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
+    assert one.keys() == two.keys() == {0, 4, 8}  # held-out: 17 rows, the last batch of 1 leaves rank 1 idle
+    assert all(abs(one[s] - two[s]) / one[s] < RTOL for s in one)
