@@ -63,6 +63,8 @@ def save(tok, out_dir, model_max_length=None):
 
 def load(model_dir):
     d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirError(f"{d}: no such model directory")
     if not (d / "tokenizer.json").exists():
         raise ModelDirError(f"{d}: no tokenizer.json")
     cfg_path = d / "tokenizer_config.json"
