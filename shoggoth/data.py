@@ -396,16 +396,22 @@ def ranking(obj, where):
         raise DataError(f"{where}: expected 'ranks' as a list of non-negative integers (0 = best)")
     if len(ranks) != len(completions):
         raise DataError(f"{where}: {len(ranks)} ranks for {len(completions)} completions")
-    if len(set(ranks)) < 2:
-        raise DataError(f"{where}: all completions tied: no pair to learn from")
     return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
             "completions": completions, "ranks": ranks, "where": where}
 
 
 def read_rankings(path, skip_invalid=False, log=print):
     """Rankings (or TRL pairs) of a JSONL file; every line is its own ranking, also when
-    several labelers ranked the same completions."""
-    return read_records(path, ranking, "rankings", skip_invalid, log)
+    several labelers ranked the same completions. A ranking that ties all its completions
+    is valid but holds no pair: it is left out, and counted."""
+    recs = read_records(path, ranking, "rankings", skip_invalid, log)
+    tied = [r["where"] for r in recs if len(set(r["ranks"])) == 1]
+    if tied:
+        log(f"data: {path}: {len(tied)} ranking(s) tie all their completions (no pair to learn from), left out "
+            f"(first: {tied[0]})")
+    if len(tied) == len(recs):
+        raise DataError(f"{path}: every ranking ties all its completions: no pair to learn from")
+    return [r for r in recs if len(set(r["ranks"])) > 1]
 
 
 def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=print):

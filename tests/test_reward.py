@@ -57,7 +57,6 @@ def test_k2_ranking_is_a_trl_pair():
     ({"prompt": "p", "completions": ["a", "b"], "ranks": [0, 1.5]}, "non-negative integers"),
     ({"prompt": "p", "completions": ["a", "b"], "ranks": [0, True]}, "non-negative integers"),
     ({"prompt": "p", "completions": ["a"], "ranks": [0]}, "at least 2"),
-    ({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [1, 1, 1]}, "all completions tied"),
     ({"prompt": 3, "completions": ["a", "b"], "ranks": [0, 1]}, "'prompt'"),
     ({"prompt": "p", "chosen": "a"}, "'completions'"),
     ("not json", "invalid JSON"),
@@ -69,6 +68,18 @@ def test_bad_rankings_lines_name_file_and_line(tmp_path, line, message):
     with pytest.raises(DataError, match=f"{f}:3: .*{message}"):
         data.read_rankings(f, log=lambda *a: None)
     assert len(data.read_rankings(f, skip_invalid=True, log=lambda *a: None)) == 1
+
+
+def test_all_tied_rankings_are_left_out_and_counted(tmp_path):
+    f = tmp_path / "r.jsonl"
+    tied = {"prompt": "p", "completions": ["a", "b", "c"], "ranks": [1, 1, 1]}
+    f.write_text(json.dumps({**tied, "ranks": [0, 1, 1]}) + "\n" + json.dumps(tied) + "\n")
+    said = []
+    recs = data.read_rankings(f, log=said.append)
+    assert [r["ranks"] for r in recs] == [[0, 1, 1]] and "1 ranking(s) tie all" in said[-1] and f"{f}:2" in said[-1]
+    f.write_text(json.dumps(tied) + "\n")
+    with pytest.raises(DataError, match="every ranking ties all"):
+        data.read_rankings(f, log=said.append)
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def score_texts(model_dir, prompt, completions, raw=False):
     return (s if raw else s - shift).tolist()
 
 
-def normalization_shift(model, c: Config, tok, prompts, device, amp, log):
+def normalization_shift(model, c: Config, tok, prompts, device, log):
     """Mean raw reward of one completion per prompt sampled from the SFT policy (--init)."""
     from ..engine import Engine
 
@@ -141,7 +141,7 @@ def normalization_shift(model, c: Config, tok, prompts, device, amp, log):
         texts += [tok.decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(gen.tokens.tolist(), gen.mask.tolist())]
     del policy, eng
     rows = [data.reward_rows(tok, p, [t])[0][-(c.seq_len or model.config.max_seq_len):] for p, t in zip(prompts, texts)]
-    with torch.no_grad(), amp:
+    with torch.no_grad():  # fp32, as `shoggoth score` and transformers compute it
         raw = scores(model.eval(), rows, tok.pad_id, device)
     log(f"normalisation: {len(rows)} SFT-policy completions of training prompts: raw reward mean "
         f"{raw.mean().item():.4f}, std {raw.std().item() if len(raw) > 1 else 0.0:.4f}; stored shift = the mean")
@@ -174,7 +174,8 @@ def run(c: Config):
     batches = []
     for epoch in range(c.epochs):
         order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
-        batches += [[train[i] for i in order[b:b + c.batch_size]] for b in range(0, len(order), c.batch_size)]
+        batches += [[train[i] for i in order[b:b + c.batch_size]] for b in range(0, len(order), c.batch_size)
+                    if len(order) - b >= d.world]  # a last batch too small to give every rank a ranking is dropped
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
@@ -212,10 +213,11 @@ def run(c: Config):
         model.eval()
         sums = torch.zeros(4, device=d.device)  # loss * rankings, rankings, correct pairs, pairs
         margin, taus = torch.zeros((), device=d.device), []
-        mine = dist.share(held, d)
         with torch.no_grad(), amp:
-            for i in range(0, len(mine), c.batch_size):
-                recs = mine[i:i + c.batch_size]
+            for i in range(0, len(held), c.batch_size):  # every rank takes its share of the same batches
+                recs = dist.share(held[i:i + c.batch_size], d)
+                if not recs:
+                    continue
                 rows, ranks, groups = flatten(recs)
                 r = scores(model, rows, tok.pad_id, d.device)
                 loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
@@ -290,7 +292,7 @@ def run(c: Config):
     if c.normalize_samples:
         unique = list({prompt_key(r): r["prompt"] for r in train}.values())
         pick = np.random.default_rng(c.seed).permutation(len(unique))[:c.normalize_samples]
-        shift = normalization_shift(model, c, tok, [unique[i] for i in sorted(pick)], d.device, amp, dist.print0)
+        shift = normalization_shift(model, c, tok, [unique[i] for i in sorted(pick)], d.device, dist.print0)
         metrics.log(step, echo=False, reward_shift=shift)
     final = dist.model_state(model)
     if d.main:
