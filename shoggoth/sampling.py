@@ -1,0 +1,63 @@
+"""Text in, text out, over the Engine: load a model directory and complete prompts."""
+
+from . import checkpoint, tokenizer
+from .engine import Engine
+
+
+def load(model_dir):
+    """A Hugging Face model directory -> (GPT in eval mode, Tok), checked to fit each other."""
+    model = checkpoint.load_pretrained(model_dir).eval()
+    tok = tokenizer.load(model_dir)
+    tok.check_model(model.config.vocab_size, model_dir)
+    return model, tok
+
+
+def complete(model, prompts, max_new_tokens=100, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_ids=None):
+    """Continuations (new text only) of each prompt string. `model` is a model
+    directory or a (model, tok) pair. Each prompt is encoded after BOS (when the
+    tokenizer has one), so that an empty prompt starts a fresh document; rows
+    stop at end-of-text unless stop_ids names the stop tokens."""
+    model, tok = load(model) if not isinstance(model, tuple) else model
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    ids = [bos + p for p in tok.encode_batch(list(prompts))]
+    if stop_ids is None:
+        stop_ids = [] if tok.eos_id is None else [tok.eos_id]
+    gen = Engine(model, pad_id=tok.pad_id or 0).generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                         top_k=top_k, top_p=top_p, stop_ids=stop_ids, seed=seed)
+    return [tok.decode(row[m].tolist()) for row, m in zip(gen.tokens, gen.mask)]
+
+
+def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_k=0, top_p=1.0, seed=None):
+    """The assistant's next reply to each conversation (lists of messages), in one batch.
+    Rendered with the chat template; a reply ends at <|im_end|> (or end-of-text)."""
+    from .rl import stop_ids
+
+    model, tok = load(model) if not isinstance(model, tuple) else model
+    ids = [tok.render_chat(conv, add_generation_prompt=True)[0] for conv in conversations]
+    gen = Engine(model, pad_id=tok.pad_id).generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                    top_k=top_k, top_p=top_p, stop_ids=stop_ids(tok), seed=seed)
+    return [tok.decode(row[m].tolist()).strip() for row, m in zip(gen.tokens, gen.mask)]
+
+
+def chat_reply(model, conversation, **kw):
+    return chat_replies(model, [conversation], **kw)[0]
+
+
+def chat_stream(model, conversation, max_new_tokens=128, temperature=0.7, top_k=0, top_p=1.0, seed=None):
+    """Yield the reply's text as it is sampled. Decoding the whole reply so far each
+    time (not token by token) keeps multi-byte characters split over tokens intact."""
+    from .rl import stop_ids
+
+    model, tok = load(model) if not isinstance(model, tuple) else model
+    ids = tok.render_chat(conversation, add_generation_prompt=True)[0]
+    stops = stop_ids(tok)
+    reply, shown = [], ""
+    for t in Engine(model, pad_id=tok.pad_id).stream(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                     top_k=top_k, top_p=top_p, stop_ids=stops, seed=seed):
+        if t in stops:
+            break
+        reply.append(t)
+        text = tok.decode(reply).lstrip()
+        if not text.endswith("\ufffd"):  # wait for the rest of a split character
+            yield text[len(shown):]
+            shown = text

@@ -1,0 +1,207 @@
+"""The sampling engine against naive full-recompute decoding, full forward passes and transformers."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from shoggoth import sampling, tokenizer
+from shoggoth.checkpoint import save_pretrained
+from shoggoth.engine import Engine
+from shoggoth.model import GPT, GPTConfig
+
+V = 97
+PROMPTS = [[3, 14, 15, 92, 65], [35], [89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]]  # ragged on purpose
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64)).eval()
+    # Large random weights spread the logits, so greedy choices are not near-ties.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def naive_greedy(model, prompt, n):
+    """Greedy decoding the slow, obvious way: the whole sequence through the model at every step."""
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return x[0, len(prompt):].tolist()
+
+
+def reference_logprobs(logits, temperature, top_k, top_p):
+    """log-probs (T, V) of the distribution each row samples from, one row at a time with plain Python."""
+    out = []
+    for row in (logits / temperature).tolist():
+        order = sorted(range(len(row)), key=lambda i: -row[i])
+        keep = order[:top_k] if top_k else order
+        probs = torch.tensor([row[i] for i in keep]).softmax(0).tolist()
+        kept, total = [], 0.0
+        for i, p in zip(keep, probs):
+            if total >= top_p:
+                break
+            kept.append(i)
+            total += p
+        masked = torch.full((len(row),), float("-inf"))
+        masked[kept] = torch.tensor([row[i] for i in kept])
+        out.append(masked.log_softmax(0))
+    return torch.stack(out)
+
+
+def test_greedy_matches_naive_recompute(model):
+    gen = Engine(model).generate(PROMPTS, max_new_tokens=20, temperature=0)
+    assert gen.tokens.shape == gen.mask.shape == gen.logprobs.shape == (3, 20)
+    assert gen.mask.all()
+    for i, p in enumerate(PROMPTS):
+        assert gen.tokens[i].tolist() == naive_greedy(model, p, 20), f"row {i}"
+        # Greedy log-probs are those of the plain temperature-1 softmax.
+        seq = torch.tensor([p + gen.tokens[i].tolist()])
+        with torch.no_grad():
+            logp = model(seq)[0, len(p) - 1:-1].log_softmax(-1)
+        want = logp.gather(-1, gen.tokens[i][:, None])[:, 0]
+        torch.testing.assert_close(gen.logprobs[i], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.7)])
+def test_logprobs_match_full_forward(model, temperature, top_k, top_p):
+    gen = Engine(model).generate(PROMPTS, max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=1)
+    for i, p in enumerate(PROMPTS):
+        new = gen.tokens[i][gen.mask[i]]
+        seq = torch.tensor([p + new.tolist()])
+        with torch.no_grad():
+            logits = model(seq)[0, len(p) - 1:-1]
+        logp = reference_logprobs(logits, temperature, top_k, top_p)
+        want = logp.gather(-1, new[:, None])[:, 0]
+        assert torch.isfinite(want).all(), "sampled a token outside the top-k/top-p set"
+        assert (gen.logprobs[i][~gen.mask[i]] == 0).all()
+        torch.testing.assert_close(gen.logprobs[i][gen.mask[i]], want, atol=1e-4, rtol=0)
+
+
+def test_stop_ids_per_row(model):
+    full = Engine(model).generate(PROMPTS, max_new_tokens=16, temperature=0).tokens.tolist()
+    stops = {full[0][2], full[1][6]}  # rows stop at different steps; any row may hit either id
+    gen = Engine(model).generate(PROMPTS, max_new_tokens=16, temperature=0, stop_ids=stops)
+    ends = [next((j + 1 for j, t in enumerate(row) if t in stops), 16) for row in full]
+    assert len(set(ends)) > 1, "the test needs rows that stop at different steps"
+    assert gen.tokens.shape[1] == max(ends)  # the batch stops once every row has
+    for i, end in enumerate(ends):
+        assert gen.mask[i].tolist() == [j < end for j in range(max(ends))]
+        assert gen.tokens[i, :end].tolist() == full[i][:end]  # the stop token itself is real
+        assert (gen.tokens[i, end:] == 0).all() and (gen.logprobs[i, end:] == 0).all()
+        assert (gen.logprobs[i, :end] < 0).all()
+
+
+def test_seeded_sampling_is_reproducible(model):
+    engine = Engine(model)
+    a = engine.generate(PROMPTS, max_new_tokens=20, temperature=1.5, seed=7)
+    b = engine.generate(PROMPTS, max_new_tokens=20, temperature=1.5, seed=7)
+    c = engine.generate(PROMPTS, max_new_tokens=20, temperature=1.5, seed=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_top_k_1_is_greedy(model):
+    engine = Engine(model)
+    greedy = engine.generate(PROMPTS, max_new_tokens=12, temperature=0)
+    top1 = engine.generate(PROMPTS, max_new_tokens=12, temperature=1.0, top_k=1, seed=3)
+    assert torch.equal(top1.tokens, greedy.tokens)
+    assert (top1.logprobs == 0).all()  # one candidate: probability 1
+
+
+def test_stream_yields_what_generate_returns(model):
+    engine = Engine(model)
+    kw = dict(max_new_tokens=15, temperature=0.9, top_p=0.9, seed=5)
+    row = engine.generate([PROMPTS[2]], **kw).tokens[0].tolist()
+    assert list(engine.stream(PROMPTS[2], **kw)) == row
+    stop = row[4]
+    assert list(engine.stream(PROMPTS[2], **kw, stop_ids=[stop])) == row[:row.index(stop) + 1]
+
+
+def test_bf16_autocast_logprobs(model):
+    # The bf16 path samples from bf16 logits; its log-probs match a bf16 autocast forward pass.
+    gen = Engine(model, bf16=True).generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=0)
+    assert gen.mask.all()
+    for i, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + gen.tokens[i].tolist()])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(seq)[0, len(p) - 1:-1]
+        want = logits.float().log_softmax(-1).gather(-1, gen.tokens[i][:, None])[:, 0]
+        torch.testing.assert_close(gen.logprobs[i], want, atol=0.1, rtol=0)
+
+
+def test_training_mode_is_restored(model):
+    model.train()
+    try:
+        Engine(model).generate(PROMPTS, max_new_tokens=2)
+        assert model.training
+    finally:
+        model.eval()
+    Engine(model).generate(PROMPTS, max_new_tokens=2)
+    assert not model.training
+
+
+def test_bad_requests(model):
+    engine = Engine(model)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate([[1], []])
+    with pytest.raises(ValueError, match="context window"):
+        engine.generate([[1] * 65])
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate([[1]], top_p=0)
+    # The context window caps the new tokens: 60 + 4 = max_seq_len.
+    assert Engine(model).generate([[1] * 60], max_new_tokens=10, temperature=0).tokens.shape == (1, 4)
+
+
+def test_greedy_matches_transformers_generate(model, tmp_path):
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    P = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in PROMPTS])
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)[:, P:]
+    gen = Engine(model).generate(PROMPTS, max_new_tokens=20, temperature=0)
+    for i in range(len(PROMPTS)):
+        assert gen.tokens[i].tolist() == out[i].tolist(), f"row {i}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    lines = ["In the beginning God created the heaven and the earth.",
+             "And the earth was without form, and void; and darkness was upon the face of the deep.",
+             "And God said, Let there be light: and there was light."] * 20
+    tok = tokenizer.train(lines, 300)
+    tokenizer.save(tok, d)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, max_seq_len=64,
+                    bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    save_pretrained(GPT(cfg), d, tokenizer_dir=d)
+    return d
+
+
+def test_complete_and_cli_sample(model_dir):
+    prompt = "And God said"
+    kw = dict(max_new_tokens=12, temperature=0.8, top_k=50, top_p=1.0, seed=0)
+    model, tok = sampling.load(model_dir)
+    texts = sampling.complete((model, tok), [prompt, ""], **kw)
+    # The same continuations straight from the engine, BOS prepended, stopping at end-of-text.
+    gen = Engine(model).generate([[tok.bos_id] + tok.encode(prompt), [tok.bos_id]], stop_ids=[tok.eos_id], **kw)
+    assert texts == [tok.decode(r[m].tolist()) for r, m in zip(gen.tokens, gen.mask)]
+    assert texts[0] and texts[1]
+    # The command line samples the prompt alone (the random stream depends on the batch).
+    alone = sampling.complete(model_dir, [prompt], **kw)[0]
+    out = subprocess.run([sys.executable, "-m", "shoggoth", "sample", str(model_dir), "--prompt", prompt,
+                          "--max-new-tokens", "12", "--seed", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n" + "-" * 40)[0] == prompt + alone
