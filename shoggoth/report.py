@@ -1,0 +1,433 @@
+"""`shoggoth report RUN_DIR`: one self-contained HTML file showing what every stage of a run did.
+
+Reads what the run directory holds (each stage's metrics.jsonl, mask.json,
+summary.json) and renders whatever is there, naming what is missing: a run that
+stopped early still gets a report. Plots are inline SVG drawn here (no plotting
+library, no script, nothing fetched), so the file opens anywhere, offline.
+Everything read from the run directory, model text above all, is untrusted and
+goes through html.escape.
+"""
+
+import html
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import ShoggothError
+
+STAGES = ["pretrain", "sft", "reward", "ppo", "dpo"]  # a full demo run; grpo is shown only when present
+STAGE_NAMES = {"pretrain": "Pretraining", "sft": "Supervised fine-tuning", "reward": "Reward model",
+               "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}
+MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}  # mask columns
+HEADLINE = {
+    "pretrain_val_loss": "Pretraining held-out loss",
+    "sft_val_loss_base": "SFT held-out loss, pretrained model",
+    "sft_val_loss": "SFT held-out loss, after SFT",
+    "labeler_agreement": "Labelers' mutual Kendall τ",
+    "labeler_alpha": "Labelers' Krippendorff α",
+    "reward_accuracy": "Reward model held-out accuracy",
+    "gold_sft": "Gold reward, SFT", "gold_ppo": "Gold reward, PPO", "gold_dpo": "Gold reward, DPO",
+    "proxy_sft": "Proxy reward, SFT", "proxy_ppo": "Proxy reward, PPO", "proxy_dpo": "Proxy reward, DPO",
+    "kl_ppo": "KL(PPO ‖ SFT) per reply",
+}
+COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#dc2626"]
+OVEROPT = ("Each point is one iteration; the line is a running mean along KL. The policy climbs the reward "
+           "model (proxy); the gold reward is the simulated labelers' own taste. Proxy still rising while gold "
+           "flattens or falls as KL grows is over-optimisation: the policy exploits the reward model's mistakes "
+           "(Gao et al., 2022).")
+KL = "KL(policy ‖ SFT) per reply"
+
+
+class Plot(NamedTuple):
+    stage: str
+    id: str
+    title: str
+    x: str  # "step", or a metric key: one point per logged line holding both x and y
+    left: list  # [(metric key, legend label)] on the left axis
+    right: list = []  # the same on the right axis (other units), drawn dashed
+    note: str = ""
+    xlabel: str = "step"
+
+
+PLOTS = [
+    Plot("pretrain", "pretrain-loss", "Pretraining loss", "step", [("loss", "train"), ("val_loss", "held-out")]),
+    Plot("pretrain", "pretrain-optim", "Pretraining gradient norm and learning rate", "step",
+         [("grad_norm", "grad norm")], [("lr", "learning rate")]),
+    Plot("sft", "sft-loss", "SFT loss (response tokens)", "step", [("loss", "train"), ("val_loss", "held-out")]),
+    Plot("sft", "sft-optim", "SFT gradient norm and learning rate", "step",
+         [("grad_norm", "grad norm")], [("lr", "learning rate")]),
+    Plot("reward", "reward-loss", "Reward model ranking loss", "step", [("loss", "train"), ("val_loss", "held-out")]),
+    Plot("reward", "reward-accuracy", "Reward model pairwise accuracy", "step",
+         [("accuracy", "train"), ("val_accuracy", "held-out")], [("val_tau", "held-out Kendall τ")],
+         "How often the reward model orders a pair of completions as the labelers did."),
+    Plot("ppo", "ppo-reward-kl", "PPO: proxy reward and KL per iteration", "step",
+         [("objective/scores", "proxy reward"), ("objective/rlhf_reward", "proxy − β·KL")],
+         [("objective/kl", "KL to SFT")], xlabel="iteration"),
+    Plot("ppo", "ppo-overopt", "PPO: gold vs proxy reward as KL grows", "objective/kl",
+         [("objective/scores", "proxy (reward model)")], [("objective/gold", "gold (labelers)")], OVEROPT, KL),
+    Plot("ppo", "ppo-heldout", "PPO held-out prompts: gold vs proxy as KL grows", "eval/kl",
+         [("eval/scores", "proxy (reward model)")], [("eval/gold", "gold (labelers)")],
+         "The same held-out prompts and sampling seed at every evaluation.", KL),
+    Plot("ppo", "ppo-loss", "PPO losses", "step", [("loss/policy", "policy")], [("loss/value", "value")],
+         xlabel="iteration"),
+    Plot("dpo", "dpo-loss", "DPO loss", "step", [("loss", "train"), ("val_loss", "held-out")]),
+    Plot("dpo", "dpo-accuracy", "DPO implicit-reward accuracy", "step",
+         [("rewards/accuracies", "train"), ("val/rewards/accuracies", "held-out")], [("rewards/margins", "margin")]),
+    Plot("grpo", "grpo-reward-kl", "GRPO: proxy reward and KL per iteration", "step",
+         [("objective/scores", "proxy reward")], [("objective/kl", "KL to SFT")], xlabel="iteration"),
+    Plot("grpo", "grpo-overopt", "GRPO: gold vs proxy reward as KL grows", "objective/kl",
+         [("objective/scores", "proxy (reward model)")], [("objective/gold", "gold (labelers)")], OVEROPT, KL),
+    Plot("grpo", "grpo-loss", "GRPO loss", "step", [("loss/policy", "policy")], xlabel="iteration"),
+]
+
+e = html.escape
+
+
+# ---------------------------------------------------------------- reading the run
+
+
+def read_metrics(path):
+    """metrics.jsonl -> (list of dicts, number of unreadable lines): a run killed mid-write leaves a torn line."""
+    rows, bad = [], 0
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            rows.append(rec)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def read_json(path, notes):
+    """The JSON object in path, or {} with a note in `notes` saying why not."""
+    if not path.exists():
+        notes.append(f"no {path.name}")
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
+        notes.append(f"{path.name} is not valid JSON ({err})")
+        return {}
+    if not isinstance(obj, dict):
+        notes.append(f"{path.name} does not hold a JSON object")
+        return {}
+    return obj
+
+
+def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def points(rows, x, y):
+    return [(r[x], r[y]) for r in rows if number(r.get(x)) and number(r.get(y))]
+
+
+# ---------------------------------------------------------------- SVG plots
+
+W, H, TOP, BOTTOM, LEFT = 560, 280, 14, 38, 58
+
+
+def minmax(values):
+    v = list(values)
+    return min(v), max(v)
+
+
+def ticks(lo, hi, n=5):
+    """About n round values (1, 2, 2.5, 5 x 10^k apart) from at or below lo to at or above hi."""
+    if hi - lo < 1e-12:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * 0.999)
+    start = math.floor(lo / step + 1e-9) * step
+    count = math.ceil((hi - start) / step - 1e-9)
+    return [start + i * step for i in range(count + 1)]
+
+
+def tick_label(v):
+    if abs(v) >= 1000 and float(v).is_integer():
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def thin(pts, n=400):
+    """At most n points, as means of consecutive runs: a 5000-step loss curve stays small and readable."""
+    if len(pts) <= n:
+        return pts
+    k = math.ceil(len(pts) / n)
+    runs = [pts[i:i + k] for i in range(0, len(pts), k)]
+    return [(sum(x for x, _ in r) / len(r), sum(y for _, y in r) / len(r)) for r in runs]
+
+
+def trend(pts):
+    """Running mean of the points sorted by x: the shape of a noisy scatter (gold rising, then falling)."""
+    pts = sorted(pts)
+    k = max(1, len(pts) // 5)
+    windows = [pts[i:i + k] for i in range(len(pts) - k + 1)]
+    return [(sum(x for x, _ in w) / k, sum(y for _, y in w) / k) for w in windows]
+
+
+def svg(p: Plot, rows):
+    """The plot as an inline <svg> in a <figure>, or None when none of its series was logged."""
+    left = [(k, lbl, thin(points(rows, p.x, k))) for k, lbl in p.left]
+    right = [(k, lbl, thin(points(rows, p.x, k))) for k, lbl in p.right]
+    left, right = [s for s in left if s[2]], [s for s in right if s[2]]
+    if not left and not right:
+        return None
+    if not left:  # only the right-hand series was logged: it gets the left axis
+        left, right = right, []
+    absent = [k for k, _ in p.left + p.right if k not in {s[0] for s in left + right}]
+    r_margin = 58 if right else 16
+    xt = ticks(*minmax(x for s in left + right for x, _ in s[2]))
+    yt = ticks(*minmax(y for s in left for _, y in s[2]))
+    rt = ticks(*minmax(y for s in right for _, y in s[2])) if right else None
+    x0, x1, pw, ph = xt[0], xt[-1], W - LEFT - r_margin, H - TOP - BOTTOM
+
+    def sx(x):
+        return LEFT + (x - x0) / (x1 - x0) * pw
+
+    def sy(y, t):
+        return TOP + ph - (y - t[0]) / (t[-1] - t[0]) * ph
+
+    out = [f'<svg id="plot-{e(p.id)}" class="plot" viewBox="0 0 {W} {H}" role="img">', f"<title>{e(p.title)}</title>"]
+    for v in yt:  # grid and left axis labels
+        y = sy(v, yt)
+        out.append(f'<line class="grid" x1="{LEFT}" x2="{LEFT + pw}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{tick_label(v)}</text>')
+    for v in rt or []:
+        out.append(f'<text x="{LEFT + pw + 6}" y="{sy(v, rt) + 4:.1f}">{tick_label(v)}</text>')
+    for v in xt:
+        out.append(f'<text x="{sx(v):.1f}" y="{H - BOTTOM + 16}" text-anchor="middle">{tick_label(v)}</text>')
+    out.append(f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}"/>')
+    out.append(f'<text class="axis" x="{LEFT + pw / 2}" y="{H - 4}" text-anchor="middle">{e(p.xlabel)}</text>')
+    # Scatter plots (x is a metric, not time): a marker per logged line and a trend line. Short series get markers too.
+    scatter = p.x != "step"
+    legend = []
+    for i, (key, label, pts, t, dash) in enumerate([(*s, yt, False) for s in left] + [(*s, rt, True) for s in right]):
+        color = COLORS[i % len(COLORS)]
+        line = trend(pts) if scatter else pts
+        d = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y, t):.1f}" for j, (x, y) in enumerate(line))
+        style = ' stroke-dasharray="5 3"' if dash else ""
+        out.append(f'<path class="series" data-key="{e(key)}" d="{d}" stroke="{color}"{style}/>')
+        if scatter or len(pts) <= 40:
+            dot = ' fill-opacity="0.45"' if scatter else ""
+            for x, y in pts:
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y, t):.1f}" r="3" fill="{color}"{dot}>'
+                           f"<title>{e(label)}: {y:.4g} at {e(p.xlabel)} {x:.4g}</title></circle>")
+        legend.append(f'<span><i style="background:{color}"></i>{e(label)}{" (right axis)" if dash else ""}</span>')
+    out.append("</svg>")
+    note = p.note + (f" Not logged: {', '.join(absent)}." if absent else "")
+    return (f'<figure><figcaption>{e(p.title)}</figcaption><div class="legend">{"".join(legend)}</div>'
+            f'{"".join(out)}{f"<p class=note>{e(note.strip())}</p>" if note else ""}</figure>')
+
+
+# ---------------------------------------------------------------- sections
+
+
+def fmt(v, digits=None):
+    """A value for a table: floats to `digits` decimals, else 4 significant digits; None as a dash."""
+    if v is None:
+        return "—"
+    if number(v):
+        return str(v) if isinstance(v, int) else f"{v:.{digits}f}" if digits is not None else f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def duration(s):
+    s = round(s)
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def section(sid, title, body):
+    return f'<section id="{sid}"><h2>{e(title)}</h2>{body}</section>'
+
+
+def missing(text):
+    return f'<p class="missing">{e(text)}</p>'
+
+
+def headline_section(head):
+    keys = [k for k in HEADLINE if k in head] + [k for k in head if k not in HEADLINE]
+    cards = "".join(f'<div class="card"><div class="v">{e(fmt(head[k]))}</div><div class="k">{e(HEADLINE.get(k, k))}'
+                    "</div></div>" for k in keys)
+    return section("headline", "Headline numbers", f'<div class="cards">{cards}</div>') if cards else ""
+
+
+def mask_section(mask):
+    prompts = mask.get("prompts") if isinstance(mask.get("prompts"), list) else []
+    prompts = [p for p in prompts if isinstance(p, dict)]
+    title = "The mask: same prompts, every model"
+    if not prompts:
+        return section("mask-section", title, missing("No mask.json answers in this run (it stopped before the comparison)."))
+    seen = {m for p in prompts if isinstance(p.get("answers"), dict) for m in p["answers"]}
+    cols = [m for m in MODELS if m in seen] + sorted(seen - set(MODELS))
+    head = "".join(f'<th data-model="{e(m)}">{e(MODELS.get(m, m))}</th>' for m in cols)
+    body = []
+    for p in prompts:
+        answers = p.get("answers") if isinstance(p.get("answers"), dict) else {}
+        golds = [a.get("gold") for a in answers.values() if isinstance(a, dict) and number(a.get("gold"))]
+        refs = [r for r in p.get("references") or [] if isinstance(r, str)]
+        refs = f'<div class="refs">references: {" | ".join(e(r) for r in refs[:3])}</div>' if refs else ""
+        cells = [f'<td class="prompt">{e(str(p.get("prompt", "")))}{refs}</td>']
+        for m in cols:
+            a = answers.get(m)
+            if not isinstance(a, dict):
+                cells.append('<td class="answer empty">—</td>')
+                continue
+            best = len(golds) > 1 and number(a.get("gold")) and a["gold"] == max(golds)
+            cells.append(f'<td class="answer{" best" if best else ""}" data-model="{e(m)}">'
+                         f'<div class="text">{e(str(a.get("text", "")))}</div><div class="scores">'
+                         f'proxy <b>{e(fmt(a.get("proxy"), 2))}</b> · gold <b>{e(fmt(a.get("gold"), 2))}</b>'
+                         f'{" ★" if best else ""}</div></td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return section("mask-section", title, (
+        '<p class="lead">Held-out prompts answered by each stage\'s model. <b>Proxy</b>: the learned reward model. '
+        '<b>Gold</b>: the simulated labelers\' taste the reward model tries to learn. ★ best gold in the row.</p>'
+        f'<table id="mask" class="mask"><thead><tr><th class="prompt">Prompt</th>{head}</tr></thead>'
+        f'<tbody>{"".join(body)}</tbody></table>'))
+
+
+def config_section(config, timings):
+    parts = []
+    timings = {k: v for k, v in timings.items() if number(v)} if isinstance(timings, dict) else {}
+    if timings:
+        top = max(timings.values()) or 1
+        rows = "".join(f'<tr><td>{e(k)}</td><td class="num">{duration(v)}</td>'
+                       f'<td class="barcell"><div class="bar" style="width:{100 * v / top:.1f}%"></div></td></tr>'
+                       for k, v in timings.items())
+        total = sum(v for k, v in timings.items() if k != "total")
+        parts.append('<table id="timings" class="timings"><thead><tr><th>Part of the run</th><th>Time</th><th></th>'
+                     f'</tr></thead><tbody>{rows}<tr class="total"><td>total</td><td class="num">{duration(total)}</td>'
+                     "<td></td></tr></tbody></table>")
+    if isinstance(config, dict) and config:
+        for stage, fields in config.items():
+            if not isinstance(fields, dict):
+                continue
+            rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
+                           for k, v in fields.items())  # exact values: this is what reproduces the run
+            parts.append(f'<details><summary>{e(STAGE_NAMES.get(stage, stage))} configuration ({len(fields)} fields)'
+                         f'</summary><table class="kv">{rows}</table></details>')
+    return section("config", "Configuration and timings", "".join(parts) or missing("Not recorded (no summary.json)."))
+
+
+# ---------------------------------------------------------------- the page
+
+
+def write(run_dir, out=None) -> Path:
+    """Render RUN_DIR's metrics, mask and summary into one HTML file (default RUN_DIR/report.html); its path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ShoggothError(f"{run}: no such run directory")
+    notes = []
+    summary = read_json(run / "summary.json", notes)
+    mask = read_json(run / "mask.json", notes)
+    stages = STAGES + [s for s in STAGE_NAMES if s not in STAGES and (run / s / "metrics.jsonl").exists()]
+    sections, status = [], []
+    for stage in stages:
+        path = run / stage / "metrics.jsonl"
+        if not path.exists():
+            notes.append(f"no {stage}/metrics.jsonl")
+            status.append(f'<span class="pill missing-pill">{stage}: missing</span>')
+            sections.append(section(f"stage-{stage}", STAGE_NAMES[stage], missing(
+                f"Missing: {stage}/metrics.jsonl not found (the stage did not run, or the run stopped before it).")))
+            continue
+        rows, bad = read_metrics(path)
+        if bad:
+            notes.append(f"{stage}/metrics.jsonl: skipped {bad} unreadable line(s)")
+        figs = [f for f in (svg(p, rows) for p in PLOTS if p.stage == stage) if f]
+        last = max((r["step"] for r in rows if number(r.get("step"))), default=0)
+        status.append(f'<span class="pill">{stage}: {e(str(last))} steps</span>')
+        body = f'<div class="plots">{"".join(figs)}</div>' if figs else missing("metrics.jsonl holds no plottable values.")
+        sections.append(section(f"stage-{stage}", STAGE_NAMES[stage], body))
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = [f"run <code>{e(str(run.resolve()))}</code>"]
+    meta += [f"{k} {e(str(summary[k]))}" for k in ("started", "machine") if summary.get(k)]
+    gaps = (f'<div class="missing" id="missing"><b>Missing or unreadable:</b> {e("; ".join(notes))}. The report '
+            "shows what is there; re-run the same command to continue a stopped run.</div>") if notes else ""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Shoggoth report: {e(run.name)}</title><style>{CSS}</style></head>
+<body><main>
+<header><h1>Shoggoth run report</h1>
+<p class="meta">{" · ".join(meta)} · generated {when}</p>
+<p class="meta">pretrain → SFT → rankings → reward model → PPO (DPO for comparison)</p>
+<div class="pills">{"".join(status)}</div>{gaps}</header>
+{headline_section(summary.get("headline") if isinstance(summary.get("headline"), dict) else {})}
+{mask_section(mask)}
+{"".join(sections)}
+{config_section(summary.get("config"), summary.get("timings"))}
+</main></body></html>
+"""
+    dest = Path(out) if out else run / "report.html"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(page, encoding="utf-8")
+    return dest
+
+
+CSS = """
+:root{--fg:#1e293b;--muted:#64748b;--line:#e2e8f0;--bg:#f8fafc;--accent:#2563eb}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+main{max-width:1320px;margin:0 auto;padding:28px 32px 72px}
+h1{margin:0 0 4px;font-size:30px}
+h2{font-size:20px;margin:40px 0 14px;padding-bottom:6px;border-bottom:1px solid var(--line)}
+code{font-size:13px}
+.meta,.lead{color:var(--muted);margin:2px 0}
+.pills{margin:12px 0}
+.pill{display:inline-block;padding:2px 10px;margin:0 6px 6px 0;border-radius:999px;font-size:13px;
+  background:#dbeafe;color:#1e40af}
+.missing-pill{background:#ffedd5;color:#9a3412}
+.missing{background:#fff7ed;border:1px solid #fed7aa;color:#9a3412;border-radius:10px;padding:10px 14px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:12px}
+.card{background:#fff;border:1px solid var(--line);border-radius:10px;padding:12px 14px}
+.card .v{font-size:24px;font-weight:650}
+.card .k{color:var(--muted);font-size:13px}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:16px}
+figure{margin:0;background:#fff;border:1px solid var(--line);border-radius:10px;padding:12px 14px}
+figcaption{font-weight:600}
+.legend{font-size:13px;color:var(--muted);margin:2px 0 4px}
+.legend span{margin-right:14px;white-space:nowrap}
+.legend i{display:inline-block;width:16px;height:3px;vertical-align:middle;margin-right:5px;border-radius:2px}
+.note{font-size:13px;color:var(--muted);margin:6px 0 0}
+svg.plot{width:100%;height:auto;display:block;font-size:11px}
+svg.plot text{fill:var(--muted)}
+svg.plot text.axis{font-size:12px}
+svg.plot .grid{stroke:#eef2f7}
+svg.plot .frame{fill:none;stroke:#cbd5e1}
+svg.plot .series{fill:none;stroke-width:2;stroke-linejoin:round}
+table{border-collapse:collapse;background:#fff;width:100%}
+th,td{border:1px solid var(--line);padding:8px 10px;vertical-align:top;text-align:left}
+th{background:#f1f5f9;font-weight:600}
+table.mask{table-layout:fixed}
+table.mask th.prompt{width:17%}
+td.prompt{font-weight:600}
+.refs{color:var(--muted);font-size:12px;font-weight:400;margin-top:6px}
+td.answer .text{white-space:pre-wrap;overflow-wrap:anywhere;max-height:15em;overflow:auto;
+  font:13px/1.45 ui-monospace,Menlo,Consolas,monospace}
+td.answer.best{background:#f0fdf4}
+td.empty{color:var(--muted);text-align:center}
+.scores{margin-top:6px;font-size:12px;color:var(--muted)}
+.scores b{color:var(--fg)}
+.timings{width:auto;min-width:420px;margin-bottom:14px}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+.barcell{width:200px}
+.bar{height:8px;background:var(--accent);border-radius:4px}
+tr.total td{font-weight:600}
+details{margin:8px 0;background:#fff;border:1px solid var(--line);border-radius:10px;padding:8px 12px}
+summary{cursor:pointer;font-weight:600}
+.kv{margin-top:8px}
+.kv td{padding:4px 8px;font-size:13px}
+.kv td:first-child{font-family:ui-monospace,Menlo,Consolas,monospace;width:35%}
+"""
