@@ -151,6 +151,64 @@ def cmd_score(argv):
     print(f"{score_texts(a.model_dir, a.prompt, [a.completion], raw=a.raw)[0]:.4f}")
 
 
+def cmd_chat(argv):
+    p = argparse.ArgumentParser(prog="shoggoth chat", description="Talk to a model directory in the terminal.")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", help="answer this once and exit (for scripts)")
+    p.add_argument("--system", help="a system message opening the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    a = p.parse_args(argv)
+    from . import sampling
+
+    model = sampling.load(a.model_dir)
+    opts = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    start = [{"role": "system", "content": a.system}] if a.system else []
+    history = list(start)
+
+    def answer(text):
+        history.append({"role": "user", "content": text})
+        reply = ""
+        for piece in sampling.chat_stream(model, history, **opts):
+            print(piece, end="", flush=True)
+            reply += piece
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+    if a.prompt is not None:
+        answer(a.prompt)
+        return
+    print(f"chatting with {a.model_dir}; /reset clears the history, /quit exits")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history[:] = start
+            print("(history cleared)")
+        elif text:
+            print("assistant> ", end="", flush=True)
+            answer(text)
+
+
+def cmd_report(argv):
+    p = argparse.ArgumentParser(prog="shoggoth report",
+                                description="One self-contained HTML page of a run: every stage's curves and the mask.")
+    p.add_argument("run_dir", help="a `shoggoth demo` output directory (a run that stopped early works too)")
+    p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    a = p.parse_args(argv)
+    from . import report
+
+    print(f"report written to {report.write(a.run_dir, a.out)}")
+
+
 def cmd_demo(argv):
     p = argparse.ArgumentParser(prog="shoggoth demo", description="Every stage on the built-in defaults.")
     p.add_argument("--out", default="runs/demo")
@@ -214,8 +272,8 @@ def cmd_feedback(argv):
         print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")
 
 
-COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "demo": cmd_demo, "feedback": cmd_feedback,
-            "score": cmd_score}
+COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "chat": cmd_chat, "demo": cmd_demo, "feedback": cmd_feedback,
+            "score": cmd_score, "report": cmd_report}
 
 
 def main(argv=None):

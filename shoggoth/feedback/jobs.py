@@ -40,8 +40,9 @@ def read_prompts(path):
 
 
 def prompt_ids(tok, prompt):
-    """Token ids the policy continues for a prompt (the one place to switch to the chat template)."""
-    return [tok.bos_id] + tok.encode(prompt)
+    """Token ids the policy continues for a prompt: the chat template's user turn and
+    the opening of the assistant's, as in SFT and PPO."""
+    return tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
 
 
 def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,
@@ -51,10 +52,10 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
         raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
     records = read_prompts(prompts_path)  # bad input fails before the model loads
     from .. import engine as E
-    from .. import sampling
+    from .. import rl, sampling
 
     model, tok = sampling.load(policy)
-    eng = E.Engine(model)
+    eng = E.Engine(model, pad_id=tok.pad_id)
     limit = getattr(getattr(model, "config", None), "max_seq_len", None)
     rows = []  # (record index, prompt ids), k per record
     for i, rec in enumerate(records):
@@ -63,7 +64,7 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
             ids = ids[-(limit - max_new_tokens):]  # keep the end of a long prompt
         rows += [(i, ids)] * k
     texts = [[] for _ in records]
-    stop = [tok.eos_id] if tok.eos_id is not None else []
+    stop = rl.stop_ids(tok)
     for b in range(0, len(rows), batch_size):
         batch = rows[b:b + batch_size]
         gen = eng.generate([ids for _, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,

@@ -1,0 +1,183 @@
+"""`shoggoth demo`: every layer of the cake on the built-in defaults, one after the other.
+
+pretrain (King James Bible) -> SFT (chatterbot-corpus) -> K completions per
+prompt -> simulated labelers rank them through the feedback app's database ->
+reward model -> PPO, and DPO on the same rankings for comparison -> the mask
+(held-out prompts through every model, proxy and gold scores) -> report.html.
+
+Each step writes its own directory under the run directory; a finished step is
+skipped on a second run and an interrupted stage resumes from its last
+checkpoint, so re-running the same command continues where it stopped.
+"""
+
+import dataclasses
+import importlib
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import checkpoint
+
+MODELS = ("pretrained", "sft", "ppo", "dpo")
+K = 4  # completions per prompt
+LABELERS = 3  # simulated labelers; each task collects 2 rankings, so they overlap and disagree
+MASK_PROMPTS = 6  # held-out prompts shown side by side in the report
+
+
+class Run:
+    def __init__(self, out):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        path = self.out / "summary.json"
+        self.summary = json.loads(path.read_text()) if path.exists() else {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {platform.processor() or ''}, {__import__('os').cpu_count()} CPUs".strip(),
+            "config": {}, "timings": {}, "headline": {}}
+
+    def log(self, msg):
+        print(f"[demo {time.time() - self.t0:5.0f}s] {msg}", flush=True)
+
+    def save(self):
+        checkpoint.write_json(self.out / "summary.json", self.summary)
+
+    def stage(self, name, argv, out=None):
+        """`shoggoth <name> argv --out DIR` unless it already finished; --resume if it had started."""
+        from .cli import STAGES, make_config
+
+        out = out or self.out / name
+        if (out / "config.json").exists() and any(out.glob("model*.safetensors")):
+            self.log(f"{name}: done earlier ({out}), skipping")
+            return out
+        resume = checkpoint.latest_checkpoint(out) is not None
+        self.log(f"{name}: {'resuming' if resume else 'starting'} -> {out}")
+        mod = importlib.import_module(STAGES[name])
+        cfg = make_config(mod.Config, [*map(str, argv), "--out", str(out), *(["--resume"] if resume else [])], name)
+        t = time.time()
+        mod.run(cfg)
+        self.summary["config"][name] = dataclasses.asdict(cfg)
+        self.summary["timings"][name] = self.summary["timings"].get(name, 0) + round(time.time() - t, 1)
+        self.save()
+        self.log(f"{name}: finished in {time.time() - t:.0f}s")
+        return out
+
+
+def metric(path, key, which=-1):
+    vals = [json.loads(ln)[key] for ln in Path(path).read_text().splitlines() if f'"{key}"' in ln]
+    return vals[which] if vals else None
+
+
+def feedback(run: Run):
+    """K completions per training prompt from the SFT model, ranked by simulated
+    labelers through the feedback app's database; exported as rankings JSONL."""
+    from . import rl
+    from .feedback import db as D, jobs
+    from .feedback.agreement import agreement
+
+    fb = run.out / "feedback"
+    rankings = fb / "rankings.jsonl"
+    if rankings.exists():
+        run.log(f"feedback: done earlier ({rankings}), skipping")
+        return rankings
+    fb.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    prompts = fb / "prompts.jsonl"
+    recs = [{"prompt": rl.prompt_text(r), "references": r["references"]} for r in rl.builtin_prompts("train")]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    db = f"sqlite:///{(fb / 'feedback.db').resolve()}"
+    (fb / "feedback.db").unlink(missing_ok=True)  # an interrupted generate starts over
+    run.log(f"feedback: sampling {K} completions for each of {len(recs)} prompts from the SFT model")
+    jobs.generate(run.out / "sft", prompts, K, db, campaign="demo", rankings_per_task=2, max_new_tokens=48)
+    done = jobs.simulate(db, persona="balanced", labelers=LABELERS, campaign="demo")
+    run.log(f"feedback: simulated labelers submitted {sum(done.values())} rankings ({done})")
+    engine = D.connect(db)
+    agree = agreement(D.rank_vectors(engine, D.campaign_id(engine, "demo")))
+    n = jobs.export(db, rankings)
+    run.summary["headline"]["labeler_agreement"] = agree["tau"]
+    run.summary["headline"]["labeler_alpha"] = agree["alpha"]
+    run.summary["timings"]["feedback"] = round(time.time() - t, 1)
+    run.save()
+    run.log(f"feedback: {n} rankings exported to {rankings}; labelers' mutual Kendall tau {agree['tau']:.3f}")
+    return rankings
+
+
+def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
+    """Mean gold (simulated labelers' noise-free taste) and proxy (reward model) score of one
+    sampled reply per held-out prompt (temperature 1, the same seed for every model)."""
+    from . import labelers, rl, sampling
+    from .stages.reward import score_texts
+
+    model = sampling.load(model_dir)
+    replies = sampling.chat_replies(model, [r["messages"] for r in records], max_new_tokens=48, temperature=1.0, seed=0)
+    gold = [labelers.gold_score(rl.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
+    proxy = [score_texts(reward_dir, r["messages"], [t])[0] for r, t in zip(records, replies)]
+    return sum(gold) / len(gold), sum(proxy) / len(proxy)
+
+
+def mask(run: Run, reward_dir):
+    """The same held-out prompts answered by every model, greedy, with proxy and gold scores."""
+    from . import labelers, rl, sampling
+    from .stages.reward import score_texts
+
+    held = rl.builtin_prompts("heldout")
+    shown = held[:: max(1, len(held) // MASK_PROMPTS)][:MASK_PROMPTS]
+    table = [{"prompt": rl.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
+    dirs = {"pretrained": run.out / "pretrain", "sft": run.out / "sft", "ppo": run.out / "ppo", "dpo": run.out / "dpo"}
+    for name, d in dirs.items():
+        if not (d / "config.json").exists():
+            continue
+        model = sampling.load(d)
+        replies = sampling.chat_replies(model, [r["messages"] for r in shown], max_new_tokens=48, temperature=0.0)
+        for row, r, text in zip(table, shown, replies):
+            row["answers"][name] = {"text": text, "proxy": score_texts(reward_dir, r["messages"], [text])[0],
+                                    "gold": labelers.gold_score(rl.prompt_text(r), text, r["references"])}
+        if name != "pretrained":
+            g, p = gold_and_proxy(run, name, d, held, reward_dir)
+            run.summary["headline"][f"gold_{name}"], run.summary["headline"][f"proxy_{name}"] = g, p
+    checkpoint.write_json(run.out / "mask.json", {"prompts": table})
+    run.save()
+
+
+def run(out="runs/demo"):
+    r = Run(out)
+    o = r.out
+    r.stage("pretrain", ["--config", "demo-cpu"])
+    r.stage("sft", ["--config", "demo-sft", "--init", o / "pretrain"])
+    rankings = feedback(r)
+    r.stage("reward", ["--config", "demo-reward", "--init", o / "sft", "--rankings", rankings])
+    r.stage("ppo", ["--config", "demo-ppo", "--policy", o / "sft", "--reward", o / "reward"])
+    r.stage("dpo", ["--config", "demo-dpo", "--policy", o / "sft", "--rankings", rankings])
+
+    h = r.summary["headline"]
+    t = time.time()
+    r.log("mask: held-out prompts through every model, scored by the reward model (proxy) and the labelers' taste (gold)")
+    mask(r, o / "reward")
+    h["sft_val_loss_base"] = metric(o / "sft" / "metrics.jsonl", "val_loss", 0)
+    h["sft_val_loss"] = metric(o / "sft" / "metrics.jsonl", "val_loss")
+    h["pretrain_val_loss"] = metric(o / "pretrain" / "metrics.jsonl", "val_loss")
+    h["reward_accuracy"] = metric(o / "reward" / "metrics.jsonl", "val_accuracy")
+    h["kl_ppo"] = metric(o / "ppo" / "metrics.jsonl", "eval/kl") or metric(o / "ppo" / "metrics.jsonl", "objective/kl")
+    r.summary["timings"]["mask"] = round(time.time() - t, 1)
+    r.save()
+
+    from . import report
+
+    html = report.write(o)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\n=== What each layer did (held-out data, default seed) ===")
+    print(f"pretraining : Bible held-out loss {fmt(h.get('pretrain_val_loss'))}")
+    print(f"SFT         : held-out chat loss {fmt(h.get('sft_val_loss_base'))} (pretrained) -> {fmt(h.get('sft_val_loss'))} (SFT)")
+    print(f"reward model: held-out pairwise accuracy {fmt(h.get('reward_accuracy'))} "
+          f"(labelers agree with each other at Kendall tau {fmt(h.get('labeler_agreement'))})")
+    print(f"gold reward : SFT {fmt(h.get('gold_sft'))} -> PPO {fmt(h.get('gold_ppo'))} (KL to SFT {fmt(h.get('kl_ppo'))}); "
+          f"DPO {fmt(h.get('gold_dpo'))}")
+    print(f"proxy reward: SFT {fmt(h.get('proxy_sft'))} -> PPO {fmt(h.get('proxy_ppo'))}; DPO {fmt(h.get('proxy_dpo'))}")
+    for row in json.loads((o / "mask.json").read_text())["prompts"][:3]:
+        print(f"\nuser> {row['prompt']}")
+        for name in MODELS:
+            if name in row["answers"]:
+                a = row["answers"][name]
+                print(f"  {name:10s}> {a['text'][:100]!r}  (gold {a['gold']:.2f}, proxy {a['proxy']:.2f})")
+    print(f"\nreport: {html}\nall done in {sum(r.summary['timings'].values()):.0f}s of stage time; models in {o}/")
