@@ -219,10 +219,27 @@ def generate(model, tok, prompt_ids, max_new_tokens, temperature, seed, bf16=Fal
 
 
 def response_logits(model, r: Rollout):
-    """Logits (B, N, V) that predict each response token, from one forward pass over r.seq."""
-    logits = model(r.seq)  # (B, T, V)
+    """Logits (B, N, V) that predict each response token of r, from one pass of a GPT's trunk
+    over r.seq; the output projection runs at the response columns only."""
     cols = r.columns().clamp(max=r.seq.shape[1] - 1)  # (B, N)
-    return logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))  # (B, N, V)
+    h = model.model(r.seq)  # (B, T, d)
+    return model.lm_head(h[torch.arange(len(cols), device=cols.device)[:, None], cols])  # (B, N, V)
+
+
+class PolicyValue(torch.nn.Module):
+    """The trained models of an RL stage as one module, so that one forward and one DDP wrapper
+    serve them all: a Rollout in; response-token logits (B, N, V), per-token values (B, N) (None
+    without a value model) and, given lm = (x, y) rows of text, the policy's next-token loss on
+    them (PPO-ptx; else None) out. Holds the models; adds no weights of its own."""
+
+    def __init__(self, policy, value=None):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, r: Rollout, lm=None):
+        logits = response_logits(self.policy, r)
+        values = None if self.value is None else response_values(self.value, r)
+        return logits, values, None if lm is None else self.policy(lm[0], targets=lm[1])
 
 
 def token_logprobs(logits, tokens, temperature=1.0):
@@ -298,7 +315,7 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, show=2):
                  seed=c.seed + 1_000_003 + d.rank, bf16=bf16)
     chunk = max(1, c.minibatch_size // d.world)
     with torch.no_grad(), amp:
-        kl = ((logprobs_of(policy, r, c.temperature, chunk) - logprobs_of(ref, r, c.temperature, chunk)) * r.mask).sum(1)
+        kl = ((r.logprobs - logprobs_of(ref, r, c.temperature, chunk)) * r.mask).sum(1)
         scores = in_chunks(reward_fn, r, chunk)
     texts = decode(tok, r)
     if d.main:

@@ -8,8 +8,8 @@ reward against its group's (losses.group_advantages, or RLOO's leave-one-out
 baseline, losses.rloo_advantages). Each iteration:
 
   1. rollout: batch_size prompts (each rank its share), group_size responses each;
-  2. score: the reward (minus missing_eos_penalty for a response without <|im_end|>),
-     old and reference log-probs;
+  2. score: the reward (minus missing_eos_penalty for a response without <|im_end|>)
+     and the reference's log-probs (the old log-probs are the Engine's);
   3. advantages: one per response, from its group;
   4. update: epochs passes over the responses in minibatches on GRPO's loss: the
      clipped ratio times the advantage on every token, plus beta times the k3 KL
@@ -94,7 +94,7 @@ def run(c: Config):
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     bf16 = amp_dtype == torch.bfloat16
-    policy_t = dist.wrap(policy, d)
+    policy_t = dist.wrap(rl.PolicyValue(policy), d)  # DDP over ranks; the policy itself on one
     opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
     it = 0
     if state:
@@ -116,12 +116,11 @@ def run(c: Config):
                 f"{'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}")
 
     def score_rollout(r):
-        """Old and reference log-probs and rewards of a rollout."""
+        """Reference log-probs and rewards of a rollout."""
         with torch.no_grad(), amp:
-            logprobs = rl.logprobs_of(policy, r, c.temperature, mb)  # (B, N)
             ref_logprobs = rl.logprobs_of(ref, r, c.temperature, mb)  # (B, N)
             scores = rl.in_chunks(reward_fn, r, mb).float()  # (B,)
-        return logprobs, ref_logprobs, scores
+        return ref_logprobs, scores
 
     def evaluate():
         return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
@@ -145,7 +144,8 @@ def run(c: Config):
         t1 = time.perf_counter()
 
         # ---- 2. score: rewards, old and reference log-probs
-        old_logprobs, ref_logprobs, scores = score_rollout(r)
+        old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
+        ref_logprobs, scores = score_rollout(r)
         scores = scores - c.missing_eos_penalty * (~r.ended).float()  # (B,)
 
         # ---- 3. advantages: each response against its own group
@@ -168,7 +168,7 @@ def run(c: Config):
                 idx = perm[k * mb:(k + 1) * mb]
                 sub = r.rows(idx)
                 with amp:
-                    logits = rl.response_logits(policy_t, sub)  # (b, N, V)
+                    logits, _, _ = policy_t(sub)  # (b, N, V)
                     logprobs = rl.token_logprobs(logits, sub.tokens, c.temperature)  # (b, N)
                 loss, st = losses.grpo_loss(logprobs, old_logprobs[idx], ref_logprobs[idx], advantages[idx],
                                             sub.mask, c.clip, c.beta)

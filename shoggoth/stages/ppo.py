@@ -9,8 +9,8 @@ the reward model (frozen). Each iteration:
 
   1. rollout: batch_size prompts (each rank its share), one response each, sampled by
      the Engine at `temperature` until <|im_end|> or max_new_tokens;
-  2. score: old log-probs, reference log-probs and values in one forward each; the
-     reward model's score at the response's end, minus missing_eos_penalty when the
+  2. score: reference log-probs and values in one forward each (the old log-probs
+     are the Engine's, sampled at the same temperature); the reward model's score at the response's end, minus missing_eos_penalty when the
      response never emitted <|im_end|>; per-token rewards -beta * (logp - logp_ref)
      with the score on the last token (losses.kl_penalized_rewards);
   3. advantages: GAE (gamma, lambda) over the values, whitened over the whole batch;
@@ -21,7 +21,8 @@ the reward model (frozen). Each iteration:
      copy of the policy (when ema_decay > 0) moves toward the policy.
 
 Log-probs in training use logits / temperature, the distribution the Engine sampled
-from, so the first minibatch's ratio is exactly 1. The model has no dropout.
+from, so the rollout's log-probs are the old log-probs of the ratio (tests/test_rl.py
+holds them equal to a training forward's). The model has no dropout.
 """
 
 import copy
@@ -118,8 +119,8 @@ def run(c: Config):
             ema.load_state_dict(state["ema"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    policy_t, value_t = dist.wrap(policy, d), dist.wrap(value, d)  # DDP over ranks; the models themselves on one
-    both = torch.nn.ModuleList([policy, value])
+    both = rl.PolicyValue(policy, value)
+    both_t = dist.wrap(both, d)  # DDP over ranks; the models themselves on one
     opt = optim.adamw(both, c.lr, c.weight_decay, (0.9, 0.95))
     it, beta = 0, c.beta
     if state:
@@ -142,13 +143,12 @@ def run(c: Config):
     bf16 = amp_dtype == torch.bfloat16
 
     def score_rollout(r):
-        """Old log-probs, reference log-probs, values and scores of a rollout."""
+        """Reference log-probs, values and scores of a rollout."""
         with torch.no_grad(), amp:
-            logprobs = rl.logprobs_of(policy, r, c.temperature, mb)  # (B, N)
             ref_logprobs = rl.logprobs_of(ref, r, c.temperature, mb)  # (B, N)
             values = rl.in_chunks(lambda s: rl.response_values(value, s), r, mb)  # (B, N)
             scores = rl.in_chunks(reward_fn, r, mb).float()  # (B,)
-        return logprobs, ref_logprobs, values, scores
+        return ref_logprobs, values, scores
 
     def evaluate():
         return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
@@ -173,7 +173,8 @@ def run(c: Config):
         t1 = time.perf_counter()
 
         # ---- 2. score: log-probs, values, reward; per-token rewards with the KL penalty
-        old_logprobs, ref_logprobs, old_values, scores = score_rollout(r)
+        old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
+        ref_logprobs, old_values, scores = score_rollout(r)
         scores = scores - c.missing_eos_penalty * (~r.ended).float()  # (B,)
         rewards, kl = losses.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, r.mask, beta)  # (B, N)
 
@@ -194,20 +195,17 @@ def run(c: Config):
                     group["lr"] = lr
                 idx = perm[k * mb:(k + 1) * mb]
                 sub = r.rows(idx)
-                with amp:
-                    logits = rl.response_logits(policy_t, sub)  # (b, N, V)
-                    logprobs = rl.token_logprobs(logits, sub.tokens, c.temperature)  # (b, N)
-                    values = rl.response_values(value_t, sub)  # (b, N)
-                pg_loss, pg = losses.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], sub.mask, c.clip)
-                vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], sub.mask, c.vf_clip)
-                with dist.grad_sync(policy_t, not c.ptx_coef):
-                    (pg_loss + c.vf_coef * vf_loss).backward()
-                ptx = torch.zeros((), device=d.device)
+                lm = None
                 if c.ptx_coef:  # PPO-ptx: next-token loss on pretraining text, in the same optimizer step
                     x, y = shards.batch("train", c.minibatch_size, policy.config.max_seq_len, step, 0, d.rank, d.world)
-                    with amp:
-                        ptx = policy_t(x.to(d.device), targets=y.to(d.device))
-                    (c.ptx_coef * ptx).backward()
+                    lm = x.to(d.device), y.to(d.device)
+                with amp:
+                    logits, values, ptx = both_t(sub, lm)  # (b, N, V), (b, N), ()
+                    logprobs = rl.token_logprobs(logits, sub.tokens, c.temperature)  # (b, N)
+                pg_loss, pg = losses.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], sub.mask, c.clip)
+                vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], sub.mask, c.vf_clip)
+                ptx = torch.zeros((), device=d.device) if ptx is None else ptx
+                (pg_loss + c.vf_coef * vf_loss + c.ptx_coef * ptx).backward()
                 grad_norm = rl.optimizer_step(opt, both, c.grad_clip, out, f"iteration {it + 1}")
                 with torch.no_grad():
                     entropy = losses.masked_mean(losses.entropy_from_logits(logits / c.temperature), sub.mask)
