@@ -212,10 +212,11 @@ def cmd_report(argv):
 def cmd_demo(argv):
     p = argparse.ArgumentParser(prog="shoggoth demo", description="Every stage on the built-in defaults.")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="the same pipeline at toy scale (about a minute), for smoke tests")
     a = p.parse_args(argv)
     from . import demo
 
-    demo.run(a.out)
+    demo.run(a.out, a.quick)
 
 
 def cmd_feedback(argv):

@@ -24,10 +24,20 @@ MODELS = ("pretrained", "sft", "ppo", "dpo")
 K = 4  # completions per prompt
 LABELERS = 3  # simulated labelers; each task collects 2 rankings, so they overlap and disagree
 MASK_PROMPTS = 6  # held-out prompts shown side by side in the report
+# --quick: the same pipeline at toy scale (about a minute), for smoke tests.
+QUICK = {
+    "pretrain": ["--config", "tiny", "--vocab-size", "512", "--seq-len", "128", "--max-steps", "30"],
+    "sft": ["--max-steps", "20", "--sample-every", "0"],
+    "reward": ["--normalize-samples", "16"],
+    "ppo": ["--iterations", "2", "--batch-size", "8", "--minibatch-size", "4", "--eval-samples", "8", "--eval-every", "2",
+            "--max-new-tokens", "16"],
+    "dpo": ["--max-steps", "4"],
+}
 
 
 class Run:
-    def __init__(self, out):
+    def __init__(self, out, quick=False):
+        self.quick = quick
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
@@ -54,7 +64,8 @@ class Run:
         resume = checkpoint.latest_checkpoint(out) is not None
         self.log(f"{name}: {'resuming' if resume else 'starting'} -> {out}")
         mod = importlib.import_module(STAGES[name])
-        cfg = make_config(mod.Config, [*map(str, argv), "--out", str(out), *(["--resume"] if resume else [])], name)
+        extra = QUICK.get(name, []) if self.quick else []
+        cfg = make_config(mod.Config, [*map(str, argv), *extra, "--out", str(out), *(["--resume"] if resume else [])], name)
         t = time.time()
         mod.run(cfg)
         self.summary["config"][name] = dataclasses.asdict(cfg)
@@ -85,11 +96,13 @@ def feedback(run: Run):
     t = time.time()
     prompts = fb / "prompts.jsonl"
     recs = [{"prompt": rl.prompt_text(r), "references": r["references"]} for r in rl.builtin_prompts("train")]
+    recs = recs[:40] if run.quick else recs
     prompts.write_text("".join(json.dumps(r) + "\n" for r in recs))
     db = f"sqlite:///{(fb / 'feedback.db').resolve()}"
     (fb / "feedback.db").unlink(missing_ok=True)  # an interrupted generate starts over
     run.log(f"feedback: sampling {K} completions for each of {len(recs)} prompts from the SFT model")
-    jobs.generate(run.out / "sft", prompts, K, db, campaign="demo", rankings_per_task=2, max_new_tokens=48)
+    jobs.generate(run.out / "sft", prompts, K, db, campaign="demo", rankings_per_task=2,
+                  max_new_tokens=16 if run.quick else 48)
     done = jobs.simulate(db, persona="balanced", labelers=LABELERS, campaign="demo")
     run.log(f"feedback: simulated labelers submitted {sum(done.values())} rankings ({done})")
     engine = D.connect(db)
@@ -122,6 +135,7 @@ def mask(run: Run, reward_dir):
     from .stages.reward import score_texts
 
     held = rl.builtin_prompts("heldout")
+    held = held[:12] if run.quick else held
     shown = held[:: max(1, len(held) // MASK_PROMPTS)][:MASK_PROMPTS]
     table = [{"prompt": rl.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
     dirs = {"pretrained": run.out / "pretrain", "sft": run.out / "sft", "ppo": run.out / "ppo", "dpo": run.out / "dpo"}
@@ -140,8 +154,8 @@ def mask(run: Run, reward_dir):
     run.save()
 
 
-def run(out="runs/demo"):
-    r = Run(out)
+def run(out="runs/demo", quick=False):
+    r = Run(out, quick)
     o = r.out
     r.stage("pretrain", ["--config", "demo-cpu"])
     r.stage("sft", ["--config", "demo-sft", "--init", o / "pretrain"])
