@@ -221,7 +221,10 @@ class RewardModel(nn.Module):
             last = torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device)
         rows = torch.arange(idx.shape[0], device=idx.device)
         h = h[rows[:, None] if last.dim() == 2 else rows, last]  # (B, d) or (B, N, d)
-        return self.score(h).squeeze(-1).float()  # (B,) or (B, N)
+        # The head in fp32, also under autocast: rewards are compared by small margins
+        # that bf16's 8-bit mantissa would round away (0.008 steps near 1.0).
+        with torch.autocast(h.device.type, enabled=False):
+            return self.score(h.float()).squeeze(-1)  # (B,) or (B, N) float32
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -110,6 +110,9 @@ def test_reward_model_matches_transformers(model_dir, tmp_path):
         assert hf.config.num_labels == 1 and hf.config.pad_token_id == tok.pad_id
         got = hf(idx, attention_mask=(idx != tok.pad_id).long()).logits[:, 0]
     assert torch.allclose(want, alone, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ours(idx, last=last)
+    assert mixed.dtype == torch.float32 and len(set(mixed.tolist())) == len(rows)  # the head stays fp32
     # transformers gives raw scores (it knows nothing of reward_shift); shoggoth's score is raw - shift.
     assert torch.allclose(got, want, atol=1e-4), (got, want)
     r = shoggoth("score", tmp_path / "rm", "--prompt", prompt[0]["content"], "--completion", "and there was light.")
