@@ -120,20 +120,21 @@ def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
     """Mean gold (simulated labelers' noise-free taste) and proxy (reward model) score of one
     sampled reply per held-out prompt (temperature 1, the same seed for every model)."""
     from . import labelers, rl, sampling
-    from .stages.reward import score_texts
+    from .stages.reward import load_scorer, score_texts
 
-    model = sampling.load(model_dir)
+    model, scorer = sampling.load(model_dir), load_scorer(reward_dir)
     replies = sampling.chat_replies(model, [r["messages"] for r in records], max_new_tokens=48, temperature=1.0, seed=0)
     gold = [labelers.gold_score(rl.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
-    proxy = [score_texts(reward_dir, r["messages"], [t])[0] for r, t in zip(records, replies)]
+    proxy = [score_texts(scorer, r["messages"], [t])[0] for r, t in zip(records, replies)]
     return sum(gold) / len(gold), sum(proxy) / len(proxy)
 
 
 def mask(run: Run, reward_dir):
     """The same held-out prompts answered by every model, greedy, with proxy and gold scores."""
     from . import labelers, rl, sampling
-    from .stages.reward import score_texts
+    from .stages.reward import load_scorer, score_texts
 
+    scorer = load_scorer(reward_dir)
     held = rl.builtin_prompts("heldout")
     held = held[:12] if run.quick else held
     shown = held[:: max(1, len(held) // MASK_PROMPTS)][:MASK_PROMPTS]
@@ -145,7 +146,7 @@ def mask(run: Run, reward_dir):
         model = sampling.load(d)
         replies = sampling.chat_replies(model, [r["messages"] for r in shown], max_new_tokens=48, temperature=0.0)
         for row, r, text in zip(table, shown, replies):
-            row["answers"][name] = {"text": text, "proxy": score_texts(reward_dir, r["messages"], [text])[0],
+            row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
                                     "gold": labelers.gold_score(rl.prompt_text(r), text, r["references"])}
         if name != "pretrained":
             g, p = gold_and_proxy(run, name, d, held, reward_dir)

@@ -31,7 +31,7 @@ class Persona:
     relevance: float  # weight of the overlap with the reference answers
     friendliness: float  # weight of VADER sentiment
     brevity: float  # weight of shortness
-    noise: float = 0.08  # std of the Gaussian noise a labeler adds to each score
+    noise: float = 0.03  # std of the Gaussian noise a labeler adds to each score
     tie_margin: float = 0.02  # scores closer than this are ranked as a tie
 
 
@@ -91,8 +91,9 @@ def taste(p: Persona, feats):
 
 
 def gold_score(prompt, completion, references=None, persona_name="balanced"):
-    """The noise-free taste of a persona: the gold reward. Empty completions score 0."""
-    if not completion.strip():
+    """The noise-free taste of a persona: the gold reward. A completion without a word
+    (empty, or only punctuation) scores 0: it is neither brief nor friendly, only empty."""
+    if not words(completion):
         return 0.0
     return taste(persona(persona_name), features(prompt, completion, references))
 
@@ -119,7 +120,7 @@ class SimulatedLabeler:
                                brevity=jitter(base.brevity), noise=base.noise if noise is None else noise)
 
     def scores(self, prompt, completions, references=None):
-        return [(taste(self.persona, features(prompt, c, references)) if c.strip() else 0.0)
+        return [(taste(self.persona, features(prompt, c, references)) if words(c) else 0.0)
                 + self.rng.gauss(0, self.persona.noise) for c in completions]
 
     def rank(self, prompt, completions, references=None):

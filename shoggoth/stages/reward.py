@@ -114,10 +114,16 @@ def scores(model, rows, pad_id, device, batch_size=64):
     return torch.cat(out)
 
 
-def score_texts(model_dir, prompt, completions, raw=False):
-    """Scores of completions of a prompt (a string or messages): raw - shift, or raw."""
+def load_scorer(model_dir):
+    """(reward model in eval mode, shift, tokenizer) of a reward directory, for score_texts."""
     model, shift = checkpoint.load_reward(model_dir)
-    tok = tokenizer.load(model_dir)
+    return model.eval(), shift, tokenizer.load(model_dir)
+
+
+def score_texts(scorer, prompt, completions, raw=False):
+    """Scores of completions of a prompt (a string or messages): raw - shift, or raw.
+    `scorer` is a reward directory or what load_scorer returned (to score many times)."""
+    model, shift, tok = load_scorer(scorer) if not isinstance(scorer, tuple) else scorer
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     with torch.no_grad():
