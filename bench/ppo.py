@@ -1,0 +1,196 @@
+"""Seconds per PPO iteration (rollout + update): `shoggoth ppo` against TRL's PPOTrainer, same model, same batch.
+
+    python bench/ppo.py --trl-python /tmp/trlvenv/bin/python [--iters 3] [--threads 1]
+
+One fixed tiny Llama-shaped model (4 layers, d=256, 4 heads, 2 KV heads, vocab 4096,
+random weights, seed 0) is written as a Hugging Face directory: the policy and
+reference, and with a random score head the reward and value model. Both trainers
+run the same recipe: 32 chat prompts per iteration, responses of exactly 32 tokens
+sampled at temperature 1 (the random model never emits a stop token), 4 PPO epochs
+of 4 minibatches of 8, fp32, on the same number of threads. The first iteration is
+a warm-up and not counted.
+
+TRL removed PPOTrainer in 2026; the TRL half runs in another interpreter with a TRL
+release that still ships `trl.PPOTrainer` (0.23.1 here), given by --trl-python: e.g.
+
+    python -m venv /tmp/trlvenv
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/trlvenv/lib/python3.11/site-packages/main.pth  # same torch, transformers
+    /tmp/trlvenv/bin/pip install trl==0.23.1 accelerate datasets
+
+Split of an iteration: generate (sampling the responses), score (reference/value/reward
+forward passes, rewards, advantages) and update (the PPO epochs).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, MINIBATCH, EPOCHS, RESPONSE = 32, 8, 4, 32
+
+
+def make_models(root):
+    """Tokenizer, policy (also the reference) and reward model directories, and the prompts file."""
+    import torch
+
+    from shoggoth import checkpoint, data, rl, tokenizer
+    from shoggoth.model import GPT, GPTConfig, RewardModel
+
+    verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:5000]]
+    tok = tokenizer.train(verses, 4096)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, n_embd=256, max_seq_len=256,
+                    bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    policy = GPT(cfg)
+    checkpoint.save_pretrained(policy, root / "policy")
+    tokenizer.save(tok, root / "policy")
+    rm = RewardModel(cfg)
+    rm.model.load_state_dict(policy.model.state_dict())
+    checkpoint.save_reward(rm, root / "reward", shift=0.0)
+    tokenizer.save(tok, root / "reward")
+    prompts = rl.builtin_prompts("train")[:BATCH]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": p["messages"]}) + "\n" for p in prompts))
+    ids = rl.encode_prompts(tok, prompts, 256 - RESPONSE)
+    (root / "prompt_ids.json").write_text(json.dumps(ids))
+    return policy.num_params()
+
+
+def run_shoggoth(root, iters, dtype, tag):
+    from shoggoth.stages import ppo
+
+    out = root / f"shoggoth_{tag}"
+    ppo.run(ppo.Config(policy=str(root / "policy"), reward=str(root / "reward"), prompts=str(root / "prompts.jsonl"),
+                       out=str(out), iterations=iters + 1, batch_size=BATCH, minibatch_size=MINIBATCH,
+                       ppo_epochs=EPOCHS, max_new_tokens=RESPONSE, temperature=1.0, dtype=dtype,
+                       missing_eos_penalty=0.0, ckpt_every=10_000, seed=0))
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "time/generate" in r][1:]  # drop the warm-up iteration
+    lengths = [r["response_length"] for r in recs]
+    return {"generate": [r["time/generate"] for r in recs], "score": [r["time/score"] for r in recs],
+            "update": [r["time/update"] for r in recs], "response_length": sum(lengths) / len(lengths)}
+
+
+def run_trl(root, iters, dtype, tag):
+    """Runs inside the TRL interpreter."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.trainer import ppo_trainer as P
+
+    tok = AutoTokenizer.from_pretrained(root / "policy", padding_side="left")
+    ids = json.loads((root / "prompt_ids.json").read_text())
+    marks = {"gen": [], "whiten": [], "step": []}
+    gen, whiten = P.batch_generation, P.masked_whiten
+
+    def timed_generation(*a, **k):
+        t0 = time.perf_counter()
+        out = gen(*a, **k)
+        marks["gen"].append(time.perf_counter() - t0)
+        return out
+
+    def timed_whiten(values, mask, shift_mean=True):
+        out = whiten(values, mask, shift_mean)
+        if shift_mean:  # the advantages: the last step of scoring
+            marks["whiten"].append(time.perf_counter())
+        return out
+
+    P.batch_generation, P.masked_whiten = timed_generation, timed_whiten
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks["step"].append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            marks["step"].append(time.perf_counter())
+
+    # TRL 0.23: a rollout batch is per_device_train_batch_size x gradient_accumulation_steps prompts, cut into
+    # num_mini_batches minibatches of one optimizer step each.
+    args = trl.PPOConfig(output_dir=str(root / f"trl_{tag}"), per_device_train_batch_size=BATCH,
+                         gradient_accumulation_steps=1, num_mini_batches=BATCH // MINIBATCH, num_ppo_epochs=EPOCHS,
+                         local_rollout_forward_batch_size=BATCH, total_episodes=BATCH * (iters + 1),
+                         response_length=RESPONSE, temperature=1.0, stop_token=None, missing_eos_penalty=None,
+                         kl_coef=0.05, learning_rate=1e-5, num_sample_generations=0, report_to=[], save_strategy="no",
+                         logging_steps=1, use_cpu=True, bf16=dtype == "bf16", seed=0, disable_tqdm=True)
+    load = lambda cls, d: cls.from_pretrained(root / d, dtype=torch.float32)  # noqa: E731
+    trainer = trl.PPOTrainer(args=args, processing_class=tok, model=load(AutoModelForCausalLM, "policy"),
+                             ref_model=load(AutoModelForCausalLM, "policy"),
+                             reward_model=load(AutoModelForSequenceClassification, "reward"),
+                             value_model=load(AutoModelForSequenceClassification, "reward"),
+                             train_dataset=Dataset.from_dict({"input_ids": ids}), callbacks=[Clock()])
+    trainer.train()
+    assert trainer.state.episode == BATCH * (iters + 1), trainer.state.episode  # the same batch as shoggoth's
+    steps = marks["step"]
+    gens, ends_of_scoring = marks["gen"], marks["whiten"]
+    res = {"generate": [], "score": [], "update": [], "trl": trl.__version__}
+    for i in range(1, iters + 1):  # iteration i runs from steps[i] to steps[i + 1]; 0 is the warm-up
+        total = steps[i + 1] - steps[i]
+        score_end = ends_of_scoring[i] - steps[i]
+        res["generate"].append(gens[i])
+        res["score"].append(score_end - gens[i])
+        res["update"].append(total - score_end)
+    return res
+
+
+def mean(x):
+    return sum(x) / len(x)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trl-python", help="interpreter with trl (a release that has PPOTrainer)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per run (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each trainer, alternating (a shared machine is noisy)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="precision of both (bf16: autocast)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of both trainers")
+    p.add_argument("--half", choices=["trl"], help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--tag", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if a.half == "trl":
+        print("RESULT " + json.dumps(run_trl(Path(a.root), a.iters, a.dtype, a.tag)), flush=True)
+        return
+    root = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
+    n_params = make_models(root)
+    print(f"model: {n_params:,} parameters (4 layers, d=256, 2 KV heads, vocab 4096); batch {BATCH} prompts x {RESPONSE} "
+          f"tokens, {EPOCHS} epochs x {BATCH // MINIBATCH} minibatches of {MINIBATCH}; {a.dtype}; {a.threads} thread(s); "
+          f"{a.rounds} alternating rounds of 1 + {a.iters} iterations; {root}")
+    runs = {"shoggoth": [], "trl": []}
+    for k in range(a.rounds):
+        runs["shoggoth"].append(run_shoggoth(root, a.iters, a.dtype, k))
+        if a.trl_python:
+            env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+            r = subprocess.run([a.trl_python, __file__, "--half", "trl", "--root", str(root), "--iters", str(a.iters),
+                                "--threads", str(a.threads), "--dtype", a.dtype, "--tag", str(k)],
+                               capture_output=True, text=True, env=env)
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"TRL half failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+            runs["trl"].append(json.loads(line[len("RESULT "):]))
+    print("\n| trainer | s/iteration | generate s | score s | update s | generate share | all rounds s/iteration |\n"
+          "|---|---|---|---|---|---|---|")
+    totals = {}
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        per_round = [mean(r["generate"]) + mean(r["score"]) + mean(r["update"]) for r in rs]
+        r = rs[per_round.index(min(per_round))]  # the least disturbed round
+        g, s_, u = mean(r["generate"]), mean(r["score"]), mean(r["update"])
+        totals[name] = g + s_ + u
+        label = "shoggoth ppo" if name == "shoggoth" else f"TRL {r['trl']} PPOTrainer"
+        print(f"| {label} | {g + s_ + u:.2f} | {g:.2f} | {s_:.2f} | {u:.2f} | {100 * g / (g + s_ + u):.0f}% | "
+              f"{', '.join(f'{t:.2f}' for t in per_round)} |")
+    if "trl" in totals:
+        print(f"\nshoggoth / TRL speed: {totals['trl'] / totals['shoggoth']:.2f}x per PPO iteration (each trainer's best "
+              f"round, mean of {a.iters} iterations after a warm-up)")
+
+
+if __name__ == "__main__":
+    main()
