@@ -138,7 +138,8 @@ def test_bad_input_gets_clear_errors(tmp_path):
     # A tokenizer larger than the model's embedding.
     mdir = tiny_model_dir(tmp_path / "m", vocab=300)
     cfg = json.loads((mdir / "config.json").read_text())
-    tokenizer.save(tokenizer.train(["some other words entirely"] * 50 + ["x y z"], 400), mdir)
+    verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:3000]]
+    tokenizer.save(tokenizer.train(verses, 600), mdir)
     big = len(tokenizer.load(mdir))
     assert big > cfg["vocab_size"]
     r = shoggoth("sample", mdir, "--prompt", "hi", check=False)
