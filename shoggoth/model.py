@@ -45,23 +45,71 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, feeds_matmul=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # Only matmuls read the output (the norms inside a block): under autocast it may
+        # come out in the autocast dtype, the cast the matmul would do anyway. The final
+        # norm stays fp32: heads read it in fp32 (RewardModel.score, log-probs).
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x):
         # Normalise in fp32 and cast back before the weight, as Hugging Face does,
         # so that logits agree with transformers to 1e-4.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == self.weight.dtype == torch.float32:  # the fp32 residual stream, with or without autocast
+            dev = x.device.type
+            cast = self.feeds_matmul and torch.is_autocast_enabled(dev)
+            return _RMSNormFP32.apply(x, self.weight, self.eps, torch.get_autocast_dtype(dev) if cast else x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class _RMSNormFP32(torch.autograd.Function):
+    """weight * x / rms(x) for fp32 x and weight, returned in out_dtype. Forward is F.rms_norm
+    (one fused kernel, bit-identical to Hugging Face's formula in fp32), then one cast
+    (to the autocast dtype, for norms that feed matmuls); backward is the closed
+    form in five passes instead of autograd's dozen. Together 1.6x faster than
+    F.rms_norm + autograd, about 4% of a training step of the 14M-parameter CPU model."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, (x.shape[-1],), weight, eps).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.float()
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)  # (..., 1)
+        xhat = x * rstd
+        gw = grad * weight
+        # d/dx of xhat: (g - xhat * mean(g * xhat)) * rstd, with g = grad * weight
+        grad_x = (gw - xhat * (torch.linalg.vecdot(gw, xhat).unsqueeze(-1) / x.shape[-1])) * rstd
+        grad_w = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None
+
+
+def apply_rope(x, cos, sin):
+    """Hugging Face's x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1):
+    `sin` comes with its first half negated (Trunk.rope), so the halves swap without a
+    negation pass; flipping a sign is exact, so the result is bit-identical."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+def causal_attention_cpu(q, k, v):
+    """Causal attention as two batched matmuls (scale and mask folded into the first),
+    softmax in fp32 inside the kernel, probabilities in the input dtype; the same as
+    transformers' eager attention under bf16 autocast (the scores are rounded to bf16,
+    which SDPA's flash kernel does not do; fp32 is unchanged). On these CPUs, for T <= 512, its
+    forward+backward takes 0.6-0.7x the time of SDPA's flash kernel (bf16, 16x6 heads of
+    64, T=256: 68 vs 96 ms per layer on one core); at T=1024 flash wins."""
+    B, H, T, D = q.shape
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    s = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5)
+    return (s.softmax(-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -80,14 +128,23 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.training:
+            # One matmul on the concatenated weights: the input is read (and cast under
+            # autocast) once, and backward sums the three input gradients inside one
+            # matmul. Copying the weights pays on training batches (B*T rows >> n_embd),
+            # not in one-token decode steps, so eval mode keeps three matmuls.
+            p = (self.q_proj, self.k_proj, self.v_proj)
+            bias = torch.cat([m.bias for m in p]) if p[0].bias is not None else None
+            q, k, v = F.linear(x, torch.cat([m.weight for m in p]), bias).split([m.out_features for m in p], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D): past and present keys
         if self.n_kv_head != self.n_head:
@@ -95,7 +152,10 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # Without a mask and without a cache the attention is plainly causal; with a
         # cache and no mask every cached key is visible (one-token decode steps).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
+        if mask is None and cache is None and q.device.type == "cpu" and T <= 512:
+            y = causal_attention_cpu(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -113,9 +173,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(c.n_embd, c.norm_eps)
+        self.input_layernorm = RMSNorm(c.n_embd, c.norm_eps, feeds_matmul=True)
         self.self_attn = Attention(c)
-        self.post_attention_layernorm = RMSNorm(c.n_embd, c.norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.n_embd, c.norm_eps, feeds_matmul=True)
         self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, mask, cache, layer):
@@ -138,7 +198,8 @@ class Trunk(nn.Module):
         # Hugging Face layout: the two halves of each head share frequencies.
         freqs = pos.float()[..., None] * self.inv_freq  # (..., T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        sin = freqs.sin()
+        return emb.cos(), torch.cat((-sin, sin), dim=-1)  # sin with its first half negated: see apply_rope
 
     def forward(self, idx, pos=None, mask=None, cache=None):
         """idx (B, T) token ids; pos (B, T) positions (default 0..T-1, or after the
@@ -154,6 +215,47 @@ class Trunk(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
         return self.norm(x)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits h @ w.T against targets (-100 = ignored): the same
+    numbers as F.cross_entropy(logits.float(), ...) on the head's output (up to the order
+    of the final sum; bf16 gradients come out bit-identical), computed in
+    row chunks that stay in cache. The gradient (softmax - onehot) / count is formed in
+    the forward pass, chunk by chunk, in place of the logits, so that no fp32 (N, V)
+    tensor is ever written: 1.1x faster training steps on the 14M-parameter CPU model.
+    Backward only scales the two saved gradients."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets):
+        # h (N, C), w (V, C) in the compute dtype; targets (N,)
+        N, V = h.shape[0], w.shape[0]
+        logits = h @ w.t()  # (N, V), becomes d loss / d logits below
+        valid = targets != -100
+        count = valid.sum()
+        scale = (valid / count)[:, None]  # (N, 1) fp32: d loss / d nll of each row
+        tgt = targets.clamp(min=0)[:, None]  # (N, 1)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        nll = torch.empty(N, device=h.device)
+        chunk = max(16, 2**19 // V)  # 2 MB of fp32 logits: fastest of 1-8 MB on these CPUs (1 or 2 threads)
+        for s in range(0, N, chunk):
+            rows = slice(s, s + chunk)
+            logp = torch.log_softmax(logits[rows].float(), dim=-1)  # (n, V) fp32
+            nll[rows] = -logp.gather(1, tgt[rows]).squeeze(1)
+            if need_grad:
+                grad = logp.exp_().mul_(scale[rows])  # softmax / count
+                grad.scatter_add_(1, tgt[rows], -scale[rows])  # minus onehot / count
+                logits[rows] = grad
+        if need_grad:
+            ctx.save_for_backward(logits @ w if ctx.needs_input_grad[0] else None,
+                                  logits.t() @ h if ctx.needs_input_grad[1] else None)
+        return torch.where(valid, nll, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None)
 
 
 class GPT(nn.Module):
@@ -178,10 +280,17 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, pos=None, mask=None, cache=None):
         """Logits (B, T, V); or, given targets (B, T) with -100 where ignored,
         the mean next-token cross-entropy."""
-        logits = self.lm_head(self.model(idx, pos, mask, cache))
+        h = self.model(idx, pos, mask, cache)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            return self.lm_head(h)
+        # Without grad, LinearCrossEntropy would form gradients nobody reads; under
+        # torch.compile, inductor fuses the plain loss itself, while the chunk loop
+        # would unroll (the compiled 14M step ran 0.6x as fast with it).
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return F.cross_entropy(self.lm_head(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        # The head's matmul runs in the autocast dtype, as nn.Linear would under autocast.
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        return LinearCrossEntropy.apply(h.flatten(0, 1).to(dt), self.lm_head.weight.to(dt), targets.flatten())
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
