@@ -92,13 +92,18 @@ def read_jsonl(path, stats=None):
             stats.lines += 1
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield lineno, obj
+        yield lineno, json_object(line, f"{path}:{lineno}")
+
+
+def json_object(line, where):
+    """One JSONL line as a dict, or a DataError naming `where` (file:line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def iter_documents(paths, stats: CorpusStats):
@@ -320,13 +325,7 @@ def read_records(path, parse, what, skip_invalid=False, log=print):
         if not line.strip():
             continue
         try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            out.append(parse(obj, f"{path}:{lineno}"))
+            out.append(parse(json_object(line, f"{path}:{lineno}"), f"{path}:{lineno}"))
         except DataError as e:
             if not skip_invalid:
                 raise
