@@ -11,7 +11,6 @@ reward beta * log(pi / pi_ref) of the better response above the worse one's.
 The logged `rewards/*` are those implicit rewards (TRL's names).
 """
 
-import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -172,12 +171,6 @@ def run(c: Config):
         return {"val_loss": (s[0] / n).item(), "val/rewards/accuracies": (s[3] / n).item(),
                 "val/rewards/margins": (s[4] / n).item()}
 
-    def save():
-        if d.main:
-            checkpoint.save_checkpoint(out, step, {"model": policy.state_dict(), "optim": opt.state_dict(),
-                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
-        dist.barrier()
-
     if step == 0 and held_pairs:
         metrics.log(0, **evaluate())
     while step < total:
@@ -206,7 +199,7 @@ def run(c: Config):
         if held_pairs and (step % c.eval_every == 0 or step == total):
             metrics.log(step, **evaluate())
         if step % c.ckpt_every == 0 or step == total:
-            save()
+            dist.save_checkpoint(out, step, policy, opt, c, c.keep)  # rank 0 writes; every rank resumes from it
 
     if d.main:
         checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy)

@@ -16,7 +16,6 @@ policy samples for the training prompts is 0; the shift is stored in config.json
 transformers gives the raw score, shoggoth raw - shift.
 """
 
-import dataclasses
 import json
 import math
 import time
@@ -243,13 +242,6 @@ def run(c: Config):
         return {"val_loss": (sums[0] / sums[1]).item(), "val_accuracy": (sums[2] / sums[3]).item(),
                 "val_margin": (margin / sums[3]).item(), "val_tau": (tau[0] / tau[1]).item() if tau[1] else float("nan")}
 
-    def save():
-        model_sd, optim_sd = dist.model_state(model), dist.optim_state(model, opt)
-        if d.main:
-            checkpoint.save_checkpoint(out, step, {"model": model_sd, "optim": optim_sd,
-                                                   "config": dataclasses.asdict(c)}, keep=c.keep)
-        dist.barrier()
-
     final_eval = None
     if step == 0 and held:
         metrics.log(0, **evaluate())
@@ -286,7 +278,7 @@ def run(c: Config):
             final_eval = evaluate()
             metrics.log(step, **final_eval)
         if step % c.ckpt_every == 0 or step == total:
-            save()
+            dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes; every rank resumes from it
     if held and final_eval is None:  # resumed after the last step
         final_eval = evaluate()
     if held:
