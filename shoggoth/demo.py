@@ -24,6 +24,7 @@ MODELS = ("pretrained", "sft", "ppo", "dpo")
 K = 4  # completions per prompt
 LABELERS = 3  # simulated labelers; each task collects 2 rankings, so they overlap and disagree
 MASK_PROMPTS = 6  # held-out prompts shown side by side in the report
+SAMPLES = 4  # sampled replies per held-out prompt behind each model's mean gold and proxy reward
 # --quick: the same pipeline at toy scale (about a minute), for smoke tests.
 QUICK = {
     "pretrain": ["--config", "tiny", "--vocab-size", "512", "--seq-len", "128", "--max-steps", "30"],
@@ -117,12 +118,13 @@ def feedback(run: Run):
 
 
 def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
-    """Mean gold (simulated labelers' noise-free taste) and proxy (reward model) score of one
-    sampled reply per held-out prompt (temperature 1, the same seed for every model)."""
+    """Mean gold (simulated labelers' noise-free taste) and proxy (reward model) score of
+    SAMPLES sampled replies per held-out prompt (temperature 1, the same seed for every model)."""
     from . import labelers, rl, sampling
     from .stages.reward import load_scorer, score_texts
 
     model, scorer = sampling.load(model_dir), load_scorer(reward_dir)
+    records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], max_new_tokens=48, temperature=1.0, seed=0)
     gold = [labelers.gold_score(rl.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
     proxy = [score_texts(scorer, r["messages"], [t])[0] for r, t in zip(records, replies)]

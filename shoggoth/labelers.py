@@ -1,8 +1,16 @@
 """Simulated labelers ("personas") that rank completions by a written-down taste.
 
-The taste has three parts, each in [0, 1]:
+The taste has four parts, each in [0, 1]:
 - relevance: token-overlap F1 with the prompt's reference answers (the best
   match among them), or with the prompt itself when it has none;
+- fluency: the share of the completion's words that are English words, i.e.
+  words of the built-in corpora (the King James Bible and the English
+  chatterbot-corpus, about 15,000 words). People punish gibberish before
+  anything else; without this part "Vachorthord young pga, I am" beat a real
+  sentence on a lucky "I am", and a small model's completions, mostly made-up
+  words, differed only in what no reader could see (measured: a reward model
+  reached 0.55-0.62 held-out accuracy on such rankings, a bag-of-words
+  baseline 0.62-0.67; with fluency 0.75);
 - friendliness: VADER's compound sentiment of the completion, mapped to [0, 1];
 - brevity: 1 / (1 + words / 30), so a 30-word answer scores 0.5.
 
@@ -23,12 +31,14 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 _WORD = re.compile(r"[a-z0-9']+")
 _vader = None
+_english = None
 
 
 @dataclass(frozen=True)
 class Persona:
     name: str
     relevance: float  # weight of the overlap with the reference answers
+    fluency: float  # weight of the share of real English words
     friendliness: float  # weight of VADER sentiment
     brevity: float  # weight of shortness
     noise: float = 0.03  # std of the Gaussian noise a labeler adds to each score
@@ -36,10 +46,10 @@ class Persona:
 
 
 PERSONAS = {
-    "balanced": Persona("balanced", relevance=0.6, friendliness=0.25, brevity=0.15),
-    "helpful": Persona("helpful", relevance=0.85, friendliness=0.1, brevity=0.05),
-    "friendly": Persona("friendly", relevance=0.3, friendliness=0.6, brevity=0.1),
-    "concise": Persona("concise", relevance=0.45, friendliness=0.1, brevity=0.45),
+    "balanced": Persona("balanced", relevance=0.45, fluency=0.25, friendliness=0.15, brevity=0.15),
+    "helpful": Persona("helpful", relevance=0.65, fluency=0.25, friendliness=0.05, brevity=0.05),
+    "friendly": Persona("friendly", relevance=0.2, fluency=0.2, friendliness=0.5, brevity=0.1),
+    "concise": Persona("concise", relevance=0.35, fluency=0.2, friendliness=0.05, brevity=0.4),
 }
 
 
@@ -70,6 +80,28 @@ def relevance(prompt, completion, references=None):
     return max(token_f1(completion, r) for r in refs)
 
 
+def english_words():
+    """The words of the built-in corpora (King James Bible, English chatterbot-corpus), built once."""
+    global _english
+    if _english is None:
+        from . import data
+
+        vocab = set()
+        for _, rec in data.read_jsonl(data.bible_path()):
+            vocab.update(words(str(rec.get("text", ""))))
+        for split in ("train", "heldout"):
+            for conv in data.chatterbot_conversations(split):
+                for m in conv:
+                    vocab.update(words(m["content"]))
+        _english = frozenset(vocab)
+    return _english
+
+
+def fluency(completion):
+    ws = words(completion)
+    return sum(w in english_words() for w in ws) / len(ws) if ws else 0.0
+
+
 def friendliness(completion):
     global _vader
     if _vader is None:
@@ -82,12 +114,13 @@ def brevity(completion):
 
 
 def features(prompt, completion, references=None):
-    return {"relevance": relevance(prompt, completion, references), "friendliness": friendliness(completion),
-            "brevity": brevity(completion)}
+    return {"relevance": relevance(prompt, completion, references), "fluency": fluency(completion),
+            "friendliness": friendliness(completion), "brevity": brevity(completion)}
 
 
 def taste(p: Persona, feats):
-    return p.relevance * feats["relevance"] + p.friendliness * feats["friendliness"] + p.brevity * feats["brevity"]
+    return (p.relevance * feats["relevance"] + p.fluency * feats["fluency"] + p.friendliness * feats["friendliness"]
+            + p.brevity * feats["brevity"])
 
 
 def gold_score(prompt, completion, references=None, persona_name="balanced"):
@@ -116,8 +149,9 @@ class SimulatedLabeler:
         base = persona(persona_name)
         self.rng = random.Random(seed)
         jitter = lambda w: max(0.0, w * (1 + self.rng.gauss(0, 0.25)))  # noqa: E731
-        self.persona = replace(base, relevance=jitter(base.relevance), friendliness=jitter(base.friendliness),
-                               brevity=jitter(base.brevity), noise=base.noise if noise is None else noise)
+        self.persona = replace(base, relevance=jitter(base.relevance), fluency=jitter(base.fluency),
+                               friendliness=jitter(base.friendliness), brevity=jitter(base.brevity),
+                               noise=base.noise if noise is None else noise)
 
     def scores(self, prompt, completions, references=None):
         return [(taste(self.persona, features(prompt, c, references)) if words(c) else 0.0)

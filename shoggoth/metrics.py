@@ -35,7 +35,9 @@ def peak_flops(device, dtype):
 
 def _fmt(k, v):
     if isinstance(v, float):
-        if k in ("mfu",) or k.endswith("rate") or k.endswith("frac"):
+        if k.startswith("time/"):
+            return f"{k} {v:.2f}s"
+        if k in ("mfu",) or k.endswith("_rate") or k.endswith("frac"):
             return f"{k} {100 * v:.1f}%"
         if k == "tok/s":
             return f"{k} {v:,.0f}"

@@ -7,7 +7,7 @@ import pytest
 from shoggoth.cli import main
 from shoggoth.feedback import db as D
 from shoggoth.feedback.agreement import agreement, kendall_tau_b, krippendorff_alpha
-from shoggoth.labelers import SimulatedLabeler, gold_score, ranks_from_scores
+from shoggoth.labelers import SimulatedLabeler, fluency, gold_score, ranks_from_scores
 
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("How do I boil an egg?", "Put the egg in boiling water for about eight minutes."),
@@ -114,6 +114,8 @@ def test_simulated_labelers_have_a_taste_and_their_own_noise():
     long = "Paris. " + "It is a lovely city with many museums and parks. " * 6
     assert gold_score(q, "Paris.", [a], "concise") > gold_score(q, long, [a], "concise")
     assert gold_score(q, "Paris is the capital", None) > gold_score(q, "bananas", None)  # relevance to the prompt
+    assert fluency("And the LORD said unto Moses") == 1.0 and fluency("Vachorthord zqxpga") == 0.0
+    assert gold_score(q, "I like it.", [a]) > gold_score(q, "Iqz lipke itx.", [a])  # real words beat made-up ones
     assert ranks_from_scores([0.5, 0.9, 0.5, 0.1]) == [1, 0, 1, 2]
     assert ranks_from_scores([0.5, 0.51, 0.1], tie_margin=0.02) == [0, 0, 1]
     comps = [a, *FILLER, "Paris, I think.", "France's capital is Paris, a lovely city."]
