@@ -22,7 +22,7 @@ from . import checkpoint
 
 MODELS = ("pretrained", "sft", "ppo", "dpo")
 K = 4  # completions per prompt
-LABELERS = 3  # simulated labelers; each task collects 2 rankings, so they overlap and disagree
+LABELERS = 3  # simulated labelers; each ranks every task, so they overlap and disagree
 MASK_PROMPTS = 6  # held-out prompts shown side by side in the report
 SAMPLES = 4  # sampled replies per held-out prompt behind each model's mean gold and proxy reward
 # --quick: the same pipeline at toy scale (about a minute), for smoke tests.
@@ -102,7 +102,7 @@ def feedback(run: Run):
     db = f"sqlite:///{(fb / 'feedback.db').resolve()}"
     (fb / "feedback.db").unlink(missing_ok=True)  # an interrupted generate starts over
     run.log(f"feedback: sampling {K} completions for each of {len(recs)} prompts from the SFT model")
-    jobs.generate(run.out / "sft", prompts, K, db, campaign="demo", rankings_per_task=2,
+    jobs.generate(run.out / "sft", prompts, K, db, campaign="demo", rankings_per_task=LABELERS,
                   max_new_tokens=16 if run.quick else 48)
     done = jobs.simulate(db, persona="balanced", labelers=LABELERS, campaign="demo")
     run.log(f"feedback: simulated labelers submitted {sum(done.values())} rankings ({done})")
