@@ -114,14 +114,15 @@ def autocast_dtype(device, dtype):
 # ---------------------------------------------------------------- DDP / FSDP2
 
 
-def wrap(model, d: Dist, fsdp=False, amp_dtype=torch.float32):
+def wrap(model, d: Dist, fsdp=False, amp_dtype=torch.float32, blocks=None):
     """Move model (built or loaded on the CPU) to d.device and return the module to train.
     One process: model itself. Several: DDP (a full copy per rank, gradients all-reduced),
     or with fsdp FSDP2, which shards each decoder block and then the root (embeddings,
     final norm, head) over the ranks *in place*: model itself becomes the sharded module,
     tied embeddings stay one parameter, and only a shard of each block ever stays on the
-    device. Build the optimizer after this call. Under FSDP2 on CUDA the parameters are
-    gathered in amp_dtype and gradients reduced in fp32."""
+    device. blocks: the modules sharded one by one (default model.model.layers; the RL
+    stages pass the blocks of every trained model). Build the optimizer after this call.
+    Under FSDP2 on CUDA the parameters are gathered in amp_dtype and gradients reduced in fp32."""
     if d.world == 1 or not fsdp:
         model.to(d.device)
     if d.world == 1:
@@ -135,7 +136,7 @@ def wrap(model, d: Dist, fsdp=False, amp_dtype=torch.float32):
     mp = MixedPrecisionPolicy()
     if d.device.type == "cuda" and amp_dtype != torch.float32:
         mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
-    for block in model.model.layers:  # the Hugging Face layout: model.model.layers[i]
+    for block in model.model.layers if blocks is None else blocks:  # the Hugging Face layout: model.model.layers[i]
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
@@ -170,6 +171,9 @@ def full_weights(model):
     from torch.distributed.fsdp import FSDPModule
 
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root, then each block
+    # FSDP2 takes the first module to run forward as its root; the engine calls the blocks
+    # directly, so settle that first (an RL stage samples before its first training forward).
+    model._get_fsdp_state()._lazy_init()
     for m in sharded:
         m.unshard()
     for m in sharded[1:]:

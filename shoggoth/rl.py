@@ -242,6 +242,15 @@ class PolicyValue(torch.nn.Module):
         return logits, values, None if lm is None else self.policy(lm[0], targets=lm[1])
 
 
+def split_state(sd):
+    """A PolicyValue's state dict (e.g. dist.model_state's) -> {"policy": ..., "value": ...}, each model's own."""
+    out = {}
+    for k, v in sd.items():
+        name, _, rest = k.partition(".")
+        out.setdefault(name, {})[rest] = v
+    return out
+
+
 def token_logprobs(logits, tokens, temperature=1.0):
     """log pi(token) (B, N) float32 under log_softmax(logits / temperature), as the Engine samples."""
     logp = (logits.float() / temperature).log_softmax(-1)

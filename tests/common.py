@@ -36,3 +36,22 @@ def shoggoth(*args, check=True, **kw):
     if check and r.returncode != 0:
         raise AssertionError(f"shoggoth {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def tiny_lm_dir(path, steps=100):
+    """tiny_model_dir trained for `steps` steps of next-token prediction on 2000 verses, so that it
+    says " the" now and then (about 2% of its tokens): a toy reward has something to reinforce."""
+    d = tiny_model_dir(path)
+    tok, model = tokenizer.load(d), checkpoint.load_pretrained(d)
+    lines = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:2000]]
+    ids = torch.tensor([t for row in tok.encode_batch(lines) for t in row + [tok.eos_id]])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,))
+        w = torch.stack([ids[s:s + 65] for s in starts])
+        model(w[:, :-1], targets=w[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    checkpoint.save_pretrained(model, d)
+    return d

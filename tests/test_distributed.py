@@ -3,7 +3,9 @@
 A 2-rank run with global batch B must train like one process with global batch
 B (fp32, so that only the order of the gradient sums differs); FSDP2 must save
 checkpoints and model directories that one process loads and resumes; a killed
-2-rank run must resume to the uninterrupted run's weights.
+2-rank run must resume to the uninterrupted run's weights. PPO and GRPO spread
+their rollouts over the ranks with a seed per rank, so there a 2-rank run is
+checked against itself: stopped and resumed, it ends where it would have.
 """
 
 import json
@@ -17,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import bible_corpus, shoggoth, tiny_model_dir
-from shoggoth import checkpoint, data
+from common import bible_corpus, shoggoth, tiny_lm_dir, tiny_model_dir
+from shoggoth import checkpoint, data, rl
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -184,3 +186,180 @@ def test_ddp_sft_matches_single_process(tmp_path):
     one, two = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
     assert one.keys() == two.keys() == {0, 4, 8}  # held-out: 17 rows, the last batch of 1 leaves rank 1 idle
     assert all(abs(one[s] - two[s]) / one[s] < RTOL for s in one)
+
+
+# ---------------------------------------------------------------- reward, DPO, PPO, GRPO
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "init")
+
+
+@pytest.fixture(scope="module")
+def rankings(tmp_path_factory):
+    """(train, held-out) rankings JSONL, K = 3, of chatterbot questions: the question's own answer
+    first, two other questions' answers after it (tied in every third ranking); 32 and 5 of them."""
+    convs = data.chatterbot_conversations("train")
+    rows = [{"prompt": convs[i][0]["content"], "completions": [convs[i + j][1]["content"] for j in range(3)],
+             "ranks": [0, 1, 1 if i % 9 == 0 else 2]} for i in range(0, 3 * 37, 3)]
+    paths = tmp_path_factory.mktemp("rankings") / "train.jsonl", tmp_path_factory.mktemp("rankings") / "held.jsonl"
+    for path, part in zip(paths, (rows[:32], rows[32:])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    return paths
+
+
+def one_process_checkpoints(a, b):
+    """The last checkpoints of runs a and b have the same models (names and shapes) and optimizer layout."""
+    a = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(a))
+    b = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(b))
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict) and k not in ("optim", "config"):
+            assert [(n, v.shape) for n, v in a[k].items()] == [(n, v.shape) for n, v in b[k].items()], k
+    assert a["optim"]["param_groups"] == b["optim"]["param_groups"]
+    assert a["optim"]["state"].keys() == b["optim"]["state"].keys()
+
+
+def cut(run, to, step):
+    """A copy of run as if it had stopped after the checkpoint of `step`."""
+    shutil.copytree(run, to)
+    for f in (to / "checkpoints").glob("step_*.pt"):
+        if int(f.stem.split("_")[1]) > step:
+            f.unlink()
+    (to / "model.safetensors").unlink()
+    return to
+
+
+# 32 rankings, 4 per step: 8 steps; 5 held-out rankings: the last batch of 1 leaves rank 1 idle.
+REWARD = ["--dtype", "fp32", "--batch-size", 4, "--lr", 1e-4, "--warmup-steps", 2, "--eval-every", 4, "--ckpt-every", 4,
+          "--normalize-samples", 4, "--normalize-max-new-tokens", 8]
+
+
+def test_ddp_and_fsdp_reward_match_single_process(tiny, rankings, tmp_path):
+    args = ["reward", "--init", tiny, "--rankings", rankings[0], "--eval-rankings", rankings[1], *REWARD]
+    shoggoth(*args, "--out", tmp_path / "one")
+    run2(*args, "--out", tmp_path / "two")
+    run2(*args, "--out", tmp_path / "fsdp", "--fsdp")
+    shift = lambda run: json.loads((tmp_path / run / "config.json").read_text())["reward_shift"]  # noqa: E731
+    for run in ("two", "fsdp"):
+        assert_same_run(tmp_path / "one", tmp_path / run)
+        one, two = losses(tmp_path / "one", "val_loss"), losses(tmp_path / run, "val_loss")
+        assert one.keys() == two.keys() == {0, 4, 8}
+        assert all(abs(one[s] - two[s]) / one[s] < RTOL for s in one)
+        assert shift(run) == pytest.approx(shift("one"), abs=1e-5)  # every rank samples the same normalisation set
+    one_process_checkpoints(tmp_path / "one", tmp_path / "fsdp")
+
+
+DPO = ["--dtype", "fp32", "--batch-size", 4, "--lr", 1e-4, "--warmup-steps", 2, "--eval-every", 4, "--ckpt-every", 4,
+       "--max-steps", 8]
+
+
+def test_ddp_and_fsdp_dpo_match_single_process(tiny, rankings, tmp_path):
+    args = ["dpo", "--policy", tiny, "--rankings", rankings[0], "--eval-rankings", rankings[1], *DPO]
+    shoggoth(*args, "--out", tmp_path / "one")
+    run2(*args, "--out", tmp_path / "two")
+    run2(*args, "--out", tmp_path / "fsdp", "--fsdp")
+    for run in ("two", "fsdp"):
+        assert_same_run(tmp_path / "one", tmp_path / run)
+        one, two = losses(tmp_path / "one", "val_loss"), losses(tmp_path / run, "val_loss")
+        assert one.keys() == two.keys() == {0, 4, 8}
+        assert all(abs(one[s] - two[s]) / one[s] < RTOL for s in one)
+    model = checkpoint.load_pretrained(tmp_path / "fsdp")  # the gathered model directory loads in one process
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    one_process_checkpoints(tmp_path / "one", tmp_path / "fsdp")
+    # One process resumes the FSDP run's step-4 checkpoint to the same end.
+    r = shoggoth(*args, "--out", cut(tmp_path / "fsdp", tmp_path / "resumed", 4), "--resume")
+    assert "step_000004.pt" in r.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "resumed")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return tiny_lm_dir(tmp_path_factory.mktemp("lm") / "lm")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    """16 chatterbot questions with their answers as references; no held-out prompts, so no evaluation."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p["messages"], "references": p["references"]}) + "\n"
+                            for p in rl.builtin_prompts("train")[:16]))
+    return path
+
+
+def rl_args(stage, lm, prompts):
+    """A tiny run on the toy reward (the fraction of " the" in a response), a checkpoint every 2 iterations."""
+    args = [stage, "--policy", lm, "--prompts", prompts, "--toy-reward", "the", "--dtype", "fp32", "--batch-size", 4,
+            "--max-new-tokens", 8, "--lr", 1e-3, "--missing-eos-penalty", 0, "--ckpt-every", 2]
+    if stage == "ppo":
+        return args + ["--minibatch-size", 2, "--ppo-epochs", 2]
+    return args + ["--group-size", 2, "--minibatch-size", 4]
+
+
+def rl_records(run):
+    """metrics.jsonl of a run without the timings."""
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in recs]
+
+
+def same_weights(a, b):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def rl_runs(lm, prompts, tmp_path_factory):
+    """stage -> an uninterrupted 2-process DDP run of 4 iterations, made on first use."""
+    made = {}
+
+    def run(stage):
+        if stage not in made:
+            made[stage] = tmp_path_factory.mktemp(stage) / "full"
+            run2(*rl_args(stage, lm, prompts), "--iterations", 4, "--out", made[stage])
+        return made[stage]
+    return run
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_two_process_rl_run_resumes_exactly(stage, lm, prompts, rl_runs, tmp_path):
+    args = rl_args(stage, lm, prompts)
+    full, part = rl_runs(stage), tmp_path / "part"
+    run2(*args, "--iterations", 2, "--out", part)
+    r = run2(*args, "--iterations", 4, "--out", part, "--resume")
+    assert "resumed from" in r.stdout and "step_000002.pt" in r.stdout
+    assert same_weights(full, part) and rl_records(full) == rl_records(part)
+    assert [x["step"] for x in rl_records(full)] == [1, 2, 3, 4]
+    # A Hugging Face directory that one process loads, and the run trained it.
+    model, init = checkpoint.load_pretrained(full), checkpoint.load_pretrained(lm)
+    assert not torch.equal(model.model.embed_tokens.weight, init.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_fsdp_rl_run_trains_like_ddp_and_resumes_in_one_process(stage, lm, prompts, rl_runs, tmp_path):
+    # Held-out evaluation too (3 prompts: 1 and 2 per rank); it does not touch training.
+    args = [*rl_args(stage, lm, prompts), "--iterations", 4, "--eval-prompts", prompts, "--eval-samples", 3,
+            "--eval-every", 2]
+    out = tmp_path / "fsdp"
+    run2(*args, "--out", out, "--fsdp")
+    # The same rollouts and, to float noise, the same weights as DDP: sharded training is the same training.
+    ddp = rl_runs(stage)
+    series = lambda run: [x["objective/scores"] for x in rl_records(run) if "objective/scores" in x]  # noqa: E731
+    assert series(out) == series(ddp)
+    wa, wb = load_file(ddp / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(((wa[k] - wb[k]).norm() / wa[k].norm()).item() < RTOL for k in wa)
+    assert [x["step"] for x in rl_records(out) if "eval/scores" in x] == [0, 2, 4]
+    model = checkpoint.load_pretrained(out)  # the gathered model directory loads in one process
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # FSDP resumes its step-2 checkpoint to the same end ...
+    again = cut(out, tmp_path / "again", 2)
+    r = run2(*args, "--out", again, "--resume", "--fsdp")
+    assert "step_000002.pt" in r.stdout
+    assert same_weights(out, again) and rl_records(out) == rl_records(again)
+    # ... and one process resumes it (with its own rollouts from there: one rank, other seeds),
+    # writing checkpoints of the same layout.
+    one = cut(out, tmp_path / "one", 2)
+    r = shoggoth(*args, "--out", one, "--resume")
+    assert "step_000002.pt" in r.stdout
+    checkpoint.load_pretrained(one)
+    one_process_checkpoints(one, out)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from common import bible_corpus, shoggoth, tiny_model_dir
+from common import bible_corpus, shoggoth, tiny_lm_dir
 from shoggoth import checkpoint, data, rl, sampling, tokenizer
 from shoggoth.model import RewardModel
 
@@ -42,21 +42,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    """tiny_model_dir trained for 100 steps of next-token prediction on 2000 verses."""
-    d = tiny_model_dir(tmp_path_factory.mktemp("lm") / "lm")
-    tok, model = tokenizer.load(d), checkpoint.load_pretrained(d)
-    lines = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:2000]]
-    ids = torch.tensor([t for row in tok.encode_batch(lines) for t in row + [tok.eos_id]])
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(100):
-        starts = torch.randint(0, len(ids) - 65, (16,))
-        w = torch.stack([ids[s:s + 65] for s in starts])
-        model(w[:, :-1], targets=w[:, 1:]).backward()
-        opt.step()
-        opt.zero_grad()
-    checkpoint.save_pretrained(model, d)
-    return d
+    """The tiny model trained for a moment on verses (common.tiny_lm_dir)."""
+    return tiny_lm_dir(tmp_path_factory.mktemp("lm") / "lm")
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ class Config:
     beta: float = 0.1  # DPO's beta: strength of the implicit KL leash to the reference
     label_smoothing: float = 0.0  # assumed probability that a pair's label is flipped (conservative DPO); 0 = plain DPO
     dtype: str = "auto"  # auto | bf16 | fp32 autocast
+    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out loss and implicit-reward accuracy
     ckpt_every: int = 50  # steps between resume checkpoints
@@ -55,7 +56,7 @@ class Config:
     seed: int = 1337  # pair order
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "out"}
+MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
 
 
 def encode_pairs(records, tok, seq_len):
@@ -139,11 +140,11 @@ def run(c: Config):
 
     if state:
         policy.load_state_dict(state["model"])
-    train_model = dist.wrap(policy, d)
+    train_model = dist.wrap(policy, d, c.fsdp, amp_dtype)  # DDP, or FSDP2 sharding policy in place
     opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
     step = 0
     if state:
-        opt.load_state_dict(state["optim"])
+        dist.load_optim_state(policy, opt, state["optim"])
         step = state["step"]
         dist.print0(f"resumed from {ckpt_path} (step {step})")
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
@@ -201,8 +202,9 @@ def run(c: Config):
         if step % c.ckpt_every == 0 or step == total:
             dist.save_checkpoint(out, step, policy, opt, c, c.keep)  # rank 0 writes; every rank resumes from it
 
+    final = dist.model_state(policy)  # gathered to rank 0 under FSDP2
     if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy)
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final)
         tokenizer.save(tok, out)
         dist.print0(f"saved Hugging Face model directory {out}")
     metrics.close()

@@ -58,6 +58,7 @@ class Config:
     clip: float = 0.2  # policy ratio clip (epsilon)
     missing_eos_penalty: float = 1.0  # subtracted from the reward of a response that never emits <|im_end|>
     dtype: str = "auto"  # auto | bf16 | fp32 autocast (rollouts and training)
+    fsdp: bool = False  # under torchrun, shard the policy over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
     eval_samples: int = 64  # held-out prompts per evaluation
@@ -67,7 +68,7 @@ class Config:
     seed: int = 1337  # prompt order, sampling and minibatch order
 
 
-MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "out"}
+MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
 
 
 def run(c: Config):
@@ -94,11 +95,12 @@ def run(c: Config):
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     bf16 = amp_dtype == torch.bfloat16
-    policy_t = dist.wrap(rl.PolicyValue(policy), d)  # DDP over ranks; the policy itself on one
+    pv = rl.PolicyValue(policy)
+    policy_t = dist.wrap(pv, d, c.fsdp, amp_dtype, blocks=policy.model.layers)  # DDP or FSDP2 over ranks; pv on one
     opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
     it = 0
     if state:
-        opt.load_state_dict(state["optim"])
+        dist.load_optim_state(pv, opt, state["optim"])
         it = state["step"]
         dist.print0(f"resumed from {ckpt_path} (iteration {it})")
 
@@ -123,12 +125,14 @@ def run(c: Config):
         return ref_logprobs, scores
 
     def evaluate():
-        return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
+        with dist.full_weights(pv):
+            return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
 
     def save():
+        models, optim_sd = rl.split_state(dist.model_state(pv)), dist.optim_state(pv, opt)  # gathered under FSDP2
         if d.main:
-            checkpoint.save_checkpoint(out, it, {"policy": policy.state_dict(), "optim": opt.state_dict(),
-                                                 "config": dataclasses.asdict(c)}, keep=c.keep)
+            checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "config": dataclasses.asdict(c)},
+                                       keep=c.keep)
         dist.barrier()
 
     if it == 0 and held:
@@ -139,8 +143,9 @@ def run(c: Config):
         mine = [i for i in dist.share(rl.prompt_batch(len(prompts), c.batch_size, it, c.seed), d)
                 for _ in range(c.group_size)]
         records = [prompts[i] for i in mine]
-        r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
-                        seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
+        with dist.full_weights(pv):  # under FSDP2 every rank gathers the policy to sample
+            r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
+                            seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
         t1 = time.perf_counter()
 
         # ---- 2. score: rewards, old and reference log-probs
@@ -197,8 +202,9 @@ def run(c: Config):
         if it % c.ckpt_every == 0 or it == c.iterations:
             save()
 
+    final = rl.split_state(dist.model_state(pv))
     if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy)
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final["policy"])
         tokenizer.save(tok, out)
         dist.print0(f"saved Hugging Face model directory {out}")
     metrics.close()

@@ -76,6 +76,7 @@ class Config:
     ptx_data: str = ""  # token shards for PPO-ptx (a pretrain run's out/tokens folder)
     ema_decay: float = 0.0  # keep an EMA of the policy's weights with this decay, saved to out/ema; 0 = off
     dtype: str = "auto"  # auto | bf16 | fp32 autocast (rollouts and training)
+    fsdp: bool = False  # under torchrun, shard policy and value model over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
     eval_samples: int = 64  # held-out prompts per evaluation
@@ -85,7 +86,7 @@ class Config:
     seed: int = 1337  # prompt order, sampling and minibatch order
 
 
-MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "out"}
+MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
 
 
 def run(c: Config):
@@ -93,6 +94,8 @@ def run(c: Config):
         raise ShoggothError("ppo: --policy DIR (the SFT model) and --reward DIR (the reward model) are required")
     if c.ptx_coef and not c.ptx_data:
         raise ShoggothError("ppo: --ptx-coef needs --ptx-data (a pretrain run's tokens folder)")
+    if c.ema_decay and c.fsdp:
+        raise ShoggothError("ppo: --ema-decay does not work with --fsdp (the EMA needs the whole policy on every rank)")
     d = dist.setup(c.device)
     if c.batch_size % d.world or c.batch_size % c.minibatch_size or c.minibatch_size % d.world:
         raise ShoggothError(f"ppo: --batch-size {c.batch_size} must be a multiple of --minibatch-size "
@@ -120,11 +123,12 @@ def run(c: Config):
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     both = rl.PolicyValue(policy, value)
-    both_t = dist.wrap(both, d)  # DDP over ranks; the models themselves on one
+    # DDP over ranks, or FSDP2 sharding every block of both models, then the rest; the models themselves on one
+    both_t = dist.wrap(both, d, c.fsdp, amp_dtype, blocks=[*policy.model.layers, *value.model.layers])
     opt = optim.adamw(both, c.lr, c.weight_decay, (0.9, 0.95))
     it, beta = 0, c.beta
     if state:
-        opt.load_state_dict(state["optim"])
+        dist.load_optim_state(both, opt, state["optim"])
         it, beta = state["step"], state["beta"]
         dist.print0(f"resumed from {ckpt_path} (iteration {it}, beta {beta:.4g})")
     shards = data.TokenShards(c.ptx_data, seed=c.seed) if c.ptx_coef else None
@@ -143,7 +147,7 @@ def run(c: Config):
     bf16 = amp_dtype == torch.bfloat16
 
     def score_rollout(r):
-        """Reference log-probs, values and scores of a rollout."""
+        """Reference log-probs, values and scores of a rollout (call inside dist.full_weights(both))."""
         with torch.no_grad(), amp:
             ref_logprobs = rl.logprobs_of(ref, r, c.temperature, mb)  # (B, N)
             values = rl.in_chunks(lambda s: rl.response_values(value, s), r, mb)  # (B, N)
@@ -151,12 +155,13 @@ def run(c: Config):
         return ref_logprobs, values, scores
 
     def evaluate():
-        return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
+        with dist.full_weights(both):
+            return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
 
     def save():
+        models, optim_sd = rl.split_state(dist.model_state(both)), dist.optim_state(both, opt)  # gathered under FSDP2
         if d.main:
-            checkpoint.save_checkpoint(out, it, {"policy": policy.state_dict(), "value": value.state_dict(),
-                                                 "optim": opt.state_dict(), "beta": beta,
+            checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "beta": beta,
                                                  "ema": ema.state_dict() if ema is not None else None,
                                                  "config": dataclasses.asdict(c)}, keep=c.keep)
         dist.barrier()
@@ -168,13 +173,14 @@ def run(c: Config):
         t0 = time.perf_counter()
         mine = dist.share(rl.prompt_batch(len(prompts), c.batch_size, it, c.seed), d)
         records = [prompts[i] for i in mine]
-        r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
-                        seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
-        t1 = time.perf_counter()
+        with dist.full_weights(both):  # under FSDP2 every rank gathers both models to sample and score
+            r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
+                            seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
+            t1 = time.perf_counter()
 
-        # ---- 2. score: log-probs, values, reward; per-token rewards with the KL penalty
-        old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
-        ref_logprobs, old_values, scores = score_rollout(r)
+            # ---- 2. score: log-probs, values, reward; per-token rewards with the KL penalty
+            old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
+            ref_logprobs, old_values, scores = score_rollout(r)
         scores = scores - c.missing_eos_penalty * (~r.ended).float()  # (B,)
         rewards, kl = losses.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, r.mask, beta)  # (B, N)
 
@@ -245,8 +251,9 @@ def run(c: Config):
         if it % c.ckpt_every == 0 or it == c.iterations:
             save()
 
+    final = rl.split_state(dist.model_state(both))
     if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy)
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final["policy"])
         tokenizer.save(tok, out)
         if ema is not None:
             checkpoint.save_pretrained(ema, out / "ema", tokenizer_dir=c.policy)

@@ -218,7 +218,9 @@ def run(c: Config):
         model.eval()
         sums = torch.zeros(4, device=d.device)  # loss * rankings, rankings, correct pairs, pairs
         margin, taus = torch.zeros((), device=d.device), []
-        with torch.no_grad(), amp:
+        # Weights gathered once (under FSDP2): a rank left without rankings by a small last batch
+        # skips it, which sharded forwards, each an all-gather on every rank, would not allow.
+        with torch.no_grad(), amp, dist.full_weights(model):
             for i in range(0, len(held), c.batch_size):  # every rank takes its share of the same batches
                 recs = dist.share(held[i:i + c.batch_size], d)
                 if not recs:
