@@ -1,0 +1,44 @@
+"""`shoggoth demo`, the README's main job, end to end at toy scale (--quick): every stage
+runs, the headline is printed, the report is written, and a run killed midway continues
+where it stopped when the same command runs again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from common import shoggoth
+
+
+def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "shoggoth", "demo", "--quick", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "reward: starting" in line:  # pretrain, sft and the rankings are done
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert (out / "feedback" / "rankings.jsonl").exists() and not (out / "report.html").exists()
+
+    r = shoggoth("demo", "--quick", "--out", out)
+    for stage in ("pretrain", "sft", "feedback"):
+        assert f"{stage}: done earlier" in r.stdout  # not run again
+    for stage in ("reward", "ppo", "dpo"):
+        assert f"{stage}: finished" in r.stdout
+    assert "=== What each layer did" in r.stdout and "reward model: held-out pairwise accuracy" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    h = summary["headline"]
+    for key in ("pretrain_val_loss", "sft_val_loss", "sft_val_loss_base", "reward_accuracy", "gold_sft", "gold_ppo",
+                "gold_dpo", "proxy_ppo", "kl_ppo", "labeler_agreement"):
+        assert isinstance(h[key], float), key
+    assert 0 <= h["reward_accuracy"] <= 1 and h["sft_val_loss"] < h["sft_val_loss_base"]
+    assert set(summary["timings"]) >= {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask"}
+    mask = json.loads((out / "mask.json").read_text())["prompts"]
+    assert mask and all(set(row["answers"]) == {"pretrained", "sft", "ppo", "dpo"} for row in mask)
+    html = (out / "report.html").read_text()
+    assert "the mask" in html.lower() and "<svg" in html
