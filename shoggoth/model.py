@@ -112,6 +112,20 @@ def causal_attention_cpu(q, k, v):
     return (s.softmax(-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
+def decode_attention_cpu(q, k, v, mask=None):
+    """One new query per row (B, H, 1, D) against the cached keys and values (B, Hkv, S, D),
+    in fp32, each group of query heads against its shared key/value head without copying it;
+    mask (B, 1, 1, S) bool, True where a key is visible. On these CPUs SDPA's flash kernel
+    is slow for a single query in bf16 (batch 16, 4 heads, 300 keys: 1.07 ms vs 0.31 ms for
+    this); in fp32 the two take the same time. Scores and softmax in fp32 also round less."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    s = q.float().view(B, Hkv, H // Hkv, D) @ k.float().transpose(-1, -2) * D**-0.5  # (B, Hkv, H/Hkv, S)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v.float()).view(B, H, 1, D).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
@@ -150,7 +164,9 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         # Without a mask and without a cache the attention is plainly causal; with a
         # cache and no mask every cached key is visible (one-token decode steps).
-        if mask is None and cache is None and q.device.type == "cpu" and T <= 512:
+        if cache is not None and T == 1 and q.device.type == "cpu" and (mask is None or mask.dtype == torch.bool):
+            y = decode_attention_cpu(q, k, v, mask)
+        elif mask is None and cache is None and q.device.type == "cpu" and T <= 512:
             if gqa:
                 rep = self.n_head // self.n_kv_head
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
