@@ -361,6 +361,18 @@ def chatterbot_conversations(split, heldout_every=10):
     return out
 
 
+def epoch_batches(items, batch_size, epochs, seed, world):
+    """Every epoch's batches of items, each epoch in a fresh order fixed by the seed, so that
+    step s always sees the same batch; a last batch too small to give each of world ranks an
+    item is dropped."""
+    batches = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(items))
+        batches += [[items[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)
+                    if len(order) - b >= world]
+    return batches
+
+
 # ---------------------------------------------------------------- rankings
 
 

@@ -111,6 +111,11 @@ def autocast_dtype(device, dtype):
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
+def autocast(device, amp_dtype):
+    """The autocast context of a run's amp_dtype (autocast_dtype's answer); none for fp32."""
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+
+
 # ---------------------------------------------------------------- DDP / FSDP2
 
 

@@ -6,11 +6,11 @@ The taste has four parts, each in [0, 1]:
 - fluency: the share of the completion's words that are English words, i.e.
   words of the built-in corpora (the King James Bible and the English
   chatterbot-corpus, about 15,000 words). People punish gibberish before
-  anything else; without this part "Vachorthord young pga, I am" beat a real
-  sentence on a lucky "I am", and a small model's completions, mostly made-up
-  words, differed only in what no reader could see (measured: a reward model
-  reached 0.55-0.62 held-out accuracy on such rankings, a bag-of-words
-  baseline 0.62-0.67; with fluency 0.75);
+  anything else; without this part "Vachorthord young pga, I am accear(peri?"
+  was ranked first of four on a lucky "I am", and a small model's completions,
+  mostly made-up words, differed only in what no reader could see (measured: a
+  reward model reached 0.55-0.62 held-out accuracy on such rankings, a
+  bag-of-words baseline 0.62-0.67; with fluency 0.72-0.74);
 - friendliness: VADER's compound sentiment of the completion, mapped to [0, 1];
 - brevity: 1 / (1 + words / 30), so a 30-word answer scores 0.5.
 
@@ -98,8 +98,8 @@ def english_words():
 
 
 def fluency(completion):
-    ws = words(completion)
-    return sum(w in english_words() for w in ws) / len(ws) if ws else 0.0
+    ws, vocab = words(completion), english_words()
+    return sum(w in vocab for w in ws) / len(ws) if ws else 0.0
 
 
 def friendliness(completion):

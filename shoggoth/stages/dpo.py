@@ -12,7 +12,6 @@ The logged `rewards/*` are those implicit rewards (TRL's names).
 """
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,16 +112,11 @@ def run(c: Config):
     if c.batch_size < d.world:
         raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
 
-    # Every epoch's batches of pairs, fixed by the seed: step s always sees the same batch.
-    batches = []
-    for epoch in range(c.epochs):
-        order = np.random.default_rng([c.seed, epoch]).permutation(len(pairs))
-        batches += [[pairs[i] for i in order[b:b + c.batch_size]] for b in range(0, len(order), c.batch_size)
-                    if len(order) - b >= d.world]  # a last batch too small to give every rank a pair is dropped
+    batches = data.epoch_batches(pairs, c.batch_size, c.epochs, c.seed, d.world)  # of pairs
     total = min(len(batches), c.max_steps) if c.max_steps else len(batches)
 
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    amp = dist.autocast(d.device, amp_dtype)
 
     def all_logps(model, rows_):
         """Summed response log-probs of every row, in batches of rows (no grad)."""

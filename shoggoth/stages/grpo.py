@@ -19,7 +19,6 @@ baseline, losses.rloo_advantages). Each iteration:
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def run(c: Config):
     if state:
         policy.load_state_dict(state["policy"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    amp = dist.autocast(d.device, amp_dtype)
     bf16 = amp_dtype == torch.bfloat16
     pv = rl.PolicyValue(policy)
     policy_t = dist.wrap(pv, d, c.fsdp, amp_dtype, blocks=policy.model.layers)  # DDP or FSDP2 over ranks; pv on one

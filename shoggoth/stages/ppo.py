@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +120,7 @@ def run(c: Config):
         if ema is not None:
             ema.load_state_dict(state["ema"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    amp = dist.autocast(d.device, amp_dtype)
     both = rl.PolicyValue(policy, value)
     # DDP over ranks, or FSDP2 sharding every block of both models, then the rest; the models themselves on one
     both_t = dist.wrap(both, d, c.fsdp, amp_dtype, blocks=[*policy.model.layers, *value.model.layers])

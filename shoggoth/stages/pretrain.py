@@ -10,7 +10,6 @@ directory; resume state lives in out/checkpoints/.
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +118,7 @@ def run(c: Config):
     if c.compile:
         train_model = torch.compile(train_model)
 
-    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    amp = dist.autocast(d.device, amp_dtype)
     tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
     flops_per_step = model.flops_per_token(c.seq_len) * tokens_per_step
     peak = peak_flops(d.device, amp_dtype) * d.world

@@ -19,7 +19,6 @@ transformers gives the raw score, shoggoth raw - shift.
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,12 +174,7 @@ def run(c: Config):
     if c.batch_size < d.world:
         raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
 
-    # Every epoch's batches of rankings, fixed by the seed: step s always sees the same batch.
-    batches = []
-    for epoch in range(c.epochs):
-        order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
-        batches += [[train[i] for i in order[b:b + c.batch_size]] for b in range(0, len(order), c.batch_size)
-                    if len(order) - b >= d.world]  # a last batch too small to give every rank a ranking is dropped
+    batches = data.epoch_batches(train, c.batch_size, c.epochs, c.seed, d.world)  # of rankings
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
@@ -199,7 +193,7 @@ def run(c: Config):
         dist.load_optim_state(model, opt, state["optim"])
         step = state["step"]
         dist.print0(f"resumed from {ckpt_path} (step {step})")
-    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    amp = dist.autocast(d.device, amp_dtype)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"reward: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} "
                 f"rankings per micro-step), autocast {amp_dtype}")

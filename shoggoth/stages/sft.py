@@ -11,7 +11,6 @@ example's attention to itself, so packing changes speed, not the math.
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +159,7 @@ def run(c: Config):
         dist.load_optim_state(model, opt, state["optim"])
         step = state["step"]
         dist.print0(f"resumed from {ckpt_path} (step {step})")
-    amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    amp = dist.autocast(d.device, amp_dtype)
     peak = peak_flops(d.device, amp_dtype) * d.world
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} rows "
