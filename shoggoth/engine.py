@@ -19,9 +19,13 @@ temperature-1 softmax, no top-k/top-p.
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
+
+from .model import MLP, Attention
 
 
 @dataclass
@@ -47,6 +51,8 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
+        if start == 0:
+            return k, v  # the prefill: nothing cached before, and k, v stay in the model's dtype
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D) views, no copies
 
 
@@ -78,6 +84,67 @@ def sample(logits, temperature, top_k, top_p, generator=None):
     lp = logp.gather(-1, choice)[:, 0]
     tok = choice[:, 0] if ids is None else ids.gather(-1, choice)[:, 0]
     return tok, lp
+
+
+def _packed_linear(weight, bias, dtype, x):
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
+
+
+def _fused_project(linear, sizes, x):
+    return linear(x).split(sizes, dim=-1)
+
+
+def _fused_mlp(gate_up, down, x):
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    return down(F.silu(gate) * up)
+
+
+class PackedWeights:
+    """The model's Linear weights reordered once into oneDNN's blocked layout, with q/k/v
+    and gate/up each concatenated into one matrix.
+
+    F.linear on CPU repacks its weight at every call; a decode step multiplies a few
+    rows by every weight, so repacking is a large share of the step (bf16, 16 rows x
+    [256, 4096]: 164 us with F.linear, 109 us prepacked; fp32 305 vs 172), and one
+    matmul for q/k/v instead of three saves a third of their time (99 vs 64 us, bf16).
+    Packing the 4.3M-parameter demo model takes about 3 ms, so it is done once per
+    generate call: a PPO policy's weights change between calls. `applied()` routes the
+    model's modules through the packed copies; outside it they are untouched."""
+
+    def __init__(self, model, rows, dtype):
+        def pack(*linears):
+            w = torch.cat([m.weight.detach() for m in linears]).to(dtype)
+            b = torch.cat([m.bias.detach() for m in linears]).to(dtype) if linears[0].bias is not None else None
+            return partial(_packed_linear, torch.ops.mkldnn._reorder_linear_weight(w, rows), b, dtype)
+
+        # (module, attribute, replacement): an instance attribute shadows the class's method.
+        self.patches = []
+        for m in model.modules():
+            if isinstance(m, Attention):
+                p = (m.q_proj, m.k_proj, m.v_proj)
+                self.patches.append((m, "project", partial(_fused_project, pack(*p), [x.out_features for x in p])))
+                self.patches.append((m.o_proj, "forward", pack(m.o_proj)))
+            elif isinstance(m, MLP):
+                self.patches.append((m, "forward", partial(_fused_mlp, pack(m.gate_proj, m.up_proj), pack(m.down_proj))))
+        self.patches.append((model.lm_head, "forward", pack(model.lm_head)))
+
+    @staticmethod
+    def supported(model, dtype):
+        """CPU, plain tensors (not the DTensors of a sharded model), and oneDNN able to run dtype."""
+        w = next(model.parameters())
+        return (w.device.type == "cpu" and type(w.data) is torch.Tensor and torch.backends.mkldnn.is_available()
+                and (dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+    @contextmanager
+    def applied(self):
+        # Set in __dict__ directly: this runs around every decode step, and Module.__setattr__ is slow.
+        for m, name, fn in self.patches:
+            m.__dict__[name] = fn
+        try:
+            yield
+        finally:
+            for m, name, _ in self.patches:
+                m.__dict__.pop(name, None)
 
 
 class Engine:
@@ -169,12 +236,19 @@ class Engine:
         prefill_mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
         ragged = bool((pad > 0).any())
 
-        cache = KVCache(c.n_layer, B, c.n_kv_head, P + N, c.head_dim, self.dtype, dev)
+        # On CPU, decode attention computes in fp32 (model.decode_attention_cpu): a cache kept
+        # in fp32 (bf16 -> fp32 is exact) spares converting every cached key and value at
+        # every step, which took a quarter of a bf16 decode's time.
+        cache_dtype = torch.float32 if dev.type == "cpu" else self.dtype
+        cache = KVCache(c.n_layer, B, c.n_kv_head, P + N, c.head_dim, cache_dtype, dev)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         trunk, head = self.model.model, self.model.lm_head
+        packed = PackedWeights(self.model, B, self.dtype) if PackedWeights.supported(self.model, self.dtype) else None
+        fast = packed.applied if packed else nullcontext  # entered per forward: never held across a yield
         # Prefill all prompts in one forward; only the last column needs logits.
-        logits = head(trunk(idx, pos=pos, mask=prefill_mask, cache=cache)[:, -1])  # (B, V)
+        with fast():
+            logits = head(trunk(idx, pos=pos, mask=prefill_mask, cache=cache)[:, -1])  # (B, V)
         cache.length = P
         step_pos = lengths[:, None] + torch.arange(N, device=dev)  # (B, N): position of each new token
         for t in range(N):
@@ -188,5 +262,6 @@ class Engine:
                 return
             end = P + t + 1
             step_mask = valid[:, None, None, :end] if ragged else None  # (B, 1, 1, S)
-            logits = head(trunk(tok[:, None], pos=step_pos[:, t:t + 1], mask=step_mask, cache=cache)[:, -1])
+            with fast():
+                logits = head(trunk(tok[:, None], pos=step_pos[:, t:t + 1], mask=step_mask, cache=cache)[:, -1])
             cache.length = end

@@ -60,7 +60,10 @@ class RMSNorm(nn.Module):
         if x.dtype == self.weight.dtype == torch.float32:  # the fp32 residual stream, with or without autocast
             dev = x.device.type
             cast = self.feeds_matmul and torch.is_autocast_enabled(dev)
-            return _RMSNormFP32.apply(x, self.weight, self.eps, torch.get_autocast_dtype(dev) if cast else x.dtype)
+            out = torch.get_autocast_dtype(dev) if cast else x.dtype
+            if not torch.is_grad_enabled():  # decoding: the same forward without the autograd.Function's overhead
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps).to(out)
+            return _RMSNormFP32.apply(x, self.weight, self.eps, out)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -113,17 +116,14 @@ def causal_attention_cpu(q, k, v):
 
 
 def decode_attention_cpu(q, k, v, mask=None):
-    """One new query per row (B, H, 1, D) against the cached keys and values (B, Hkv, S, D),
-    in fp32, each group of query heads against its shared key/value head without copying it;
-    mask (B, 1, 1, S) bool, True where a key is visible. On these CPUs SDPA's flash kernel
-    is slow for a single query in bf16 (batch 16, 4 heads, 300 keys: 1.07 ms vs 0.31 ms for
-    this); in fp32 the two take the same time. Scores and softmax in fp32 also round less."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    s = q.float().view(B, Hkv, H // Hkv, D) @ k.float().transpose(-1, -2) * D**-0.5  # (B, Hkv, H/Hkv, S)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return (s.softmax(-1) @ v.float()).view(B, H, 1, D).to(q.dtype)
+    """One new query per row (B, H, 1, D) against the cached keys and values (B, Hkv, S, D)
+    in fp32; mask (B, 1, 1, S) bool, True where a key is visible. On these CPUs SDPA's
+    flash kernel is slow for a single query in bf16 (batch 16, 4 heads, 300 keys: 1.07 ms
+    vs 0.31 ms in fp32), and fp32 scores and softmax round less. The engine keeps its
+    cache in fp32 on CPU, so k and v arrive in fp32 and only q is converted."""
+    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    return y.to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -140,18 +140,22 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        B, T, _ = x.shape
+    def project(self, x):
+        """q, k, v of x (B, T, C), each (B, T, heads * head_dim)."""
         if self.training:
             # One matmul on the concatenated weights: the input is read (and cast under
             # autocast) once, and backward sums the three input gradients inside one
             # matmul. Copying the weights pays on training batches (B*T rows >> n_embd),
-            # not in one-token decode steps, so eval mode keeps three matmuls.
+            # not in one-token decode steps, so eval mode keeps three matmuls (the
+            # engine fuses them once per generate call: engine.PackedWeights).
             p = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([m.bias for m in p]) if p[0].bias is not None else None
-            q, k, v = F.linear(x, torch.cat([m.weight for m in p]), bias).split([m.out_features for m in p], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return F.linear(x, torch.cat([m.weight for m in p]), bias).split([m.out_features for m in p], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -230,7 +234,10 @@ class Trunk(nn.Module):
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
         cos, sin = self.rope(pos)  # (B or 1, T, D)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        # In the dtype q and k will have (the matmuls'), once here rather than in every layer.
+        dev = idx.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.embed_tokens.weight.dtype
+        cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)  # broadcast over heads
         x = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)

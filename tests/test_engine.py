@@ -1,5 +1,6 @@
 """The sampling engine against naive full-recompute decoding, full forward passes and transformers."""
 
+import copy
 import subprocess
 import sys
 
@@ -147,6 +148,29 @@ def test_training_mode_is_restored(model):
         model.eval()
     Engine(model).generate(PROMPTS, max_new_tokens=2)
     assert not model.training
+
+
+def test_packed_weights_follow_the_model_and_leave_it_untouched(model):
+    # The engine decodes through copies of the weights packed for oneDNN, made per generate
+    # call: a policy trained between calls must be sampled with its new weights.
+    m = copy.deepcopy(model)
+    engine = Engine(m)
+    before = engine.generate(PROMPTS, max_new_tokens=8, temperature=0).tokens
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    after = engine.generate(PROMPTS, max_new_tokens=8, temperature=0).tokens
+    assert not torch.equal(before, after)
+    for i, p in enumerate(PROMPTS):
+        assert after[i].tolist() == naive_greedy(m, p, 8), f"row {i}"
+    steps = engine.stream(PROMPTS[0], max_new_tokens=8)
+    next(steps)  # a stream left half-read between steps
+    patched = [name for name, mod in m.named_modules() if {"forward", "project"} & set(vars(mod))]
+    assert patched == []
+    m.train()
+    x = torch.tensor([PROMPTS[2]])
+    m(x, targets=x).backward()  # training still reaches every weight itself
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
 def test_bad_requests(model):
