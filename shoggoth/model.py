@@ -120,9 +120,12 @@ def decode_attention_cpu(q, k, v, mask=None):
     in fp32; mask (B, 1, 1, S) bool, True where a key is visible. On these CPUs SDPA's
     flash kernel is slow for a single query in bf16 (batch 16, 4 heads, 300 keys: 1.07 ms
     vs 0.31 ms in fp32), and fp32 scores and softmax round less. The engine keeps its
-    cache in fp32 on CPU, so k and v arrive in fp32 and only q is converted."""
-    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                       enable_gqa=k.shape[1] != q.shape[1])
+    cache in fp32 on CPU, so k and v arrive in fp32 and only q is converted. Autocast is
+    off here: it would cast all three back to bf16 (a PPO rollout's decode attention ran
+    7x slower under it)."""
+    with torch.autocast(q.device.type, enabled=False):
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                           enable_gqa=k.shape[1] != q.shape[1])
     return y.to(q.dtype)
 
 

@@ -10,7 +10,7 @@ import transformers
 
 from shoggoth import sampling, tokenizer
 from shoggoth.checkpoint import save_pretrained
-from shoggoth.engine import Engine
+from shoggoth.engine import Engine, sample
 from shoggoth.model import GPT, GPTConfig
 
 V = 97
@@ -116,6 +116,20 @@ def test_top_k_1_is_greedy(model):
     top1 = engine.generate(PROMPTS, max_new_tokens=12, temperature=1.0, top_k=1, seed=3)
     assert torch.equal(top1.tokens, greedy.tokens)
     assert (top1.logprobs == 0).all()  # one candidate: probability 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.75)])
+def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
+    # 40,000 draws from one row of logits: each token's frequency within 0.01 of the
+    # probability that sample() reports for it (standard error here is at most 0.0025),
+    # and tokens that top-k/top-p cut are never drawn. Token 5 underflows to probability 0.
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -200.0]]).repeat(40_000, 1)
+    tok, lp = sample(logits, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    want = reference_logprobs(logits[:1], temperature, top_k, top_p)[0].exp()
+    freq = torch.bincount(tok, minlength=6).float() / len(tok)
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+    assert (freq[want == 0] == 0).all() and freq[5] == 0
+    torch.testing.assert_close(lp, want[tok].log(), atol=1e-5, rtol=0)
 
 
 def test_stream_yields_what_generate_returns(model):
