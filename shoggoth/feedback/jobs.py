@@ -1,6 +1,7 @@
 """The work behind `shoggoth feedback generate|simulate|export`: no argument parsing here."""
 
 import json
+import random
 import zlib
 from pathlib import Path
 
@@ -96,12 +97,16 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
     crowd = []
     for i in range(labelers):
         name = f"sim-{persona}-{i}"
-        crowd.append((name, D.labeler_id(engine, name), SimulatedLabeler(persona, labeler_seed(persona, i, seed), noise)))
-    done = {name: 0 for name, _, _ in crowd}
+        sim = SimulatedLabeler(persona, labeler_seed(persona, i, seed), noise)
+        # The order completions are shown in is shuffled (against position bias); seeded here,
+        # so that the same seed gives the same rankings: the labeler's noise follows that order.
+        shuffle = random.Random(f"display/{persona}/{i}/{seed}")
+        crowd.append((name, D.labeler_id(engine, name), sim, shuffle))
+    done = {entry[0]: 0 for entry in crowd}
     while crowd:
         for entry in list(crowd):
-            name, lid, sim = entry
-            task = D.next_task(engine, lid, campaign_id=cid)
+            name, lid, sim, shuffle = entry
+            task = D.next_task(engine, lid, rng=shuffle, campaign_id=cid)
             if task is None or (max_tasks is not None and done[name] >= max_tasks):
                 crowd.remove(entry)
                 continue
