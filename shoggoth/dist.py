@@ -94,10 +94,6 @@ def gather_objects(obj):
 
 def cleanup():
     if dist.is_initialized():
-        # Every rank reaches the end before any tears gloo down: rank 1 of a 2-process CPU run
-        # once aborted at exit ("terminate called without an active exception") while rank 0
-        # was still saving the final model.
-        dist.barrier()
         dist.destroy_process_group()
 
 
