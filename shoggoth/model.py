@@ -237,7 +237,10 @@ class Trunk(nn.Module):
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
         cos, sin = self.rope(pos)  # (B or 1, T, D)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        # In the dtype q and k will have (the matmuls'), once here rather than in every layer.
+        dev = idx.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.embed_tokens.weight.dtype
+        cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)  # broadcast over heads
         x = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
