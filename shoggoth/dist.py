@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 
 
+launched = False  # this process joined a torchrun process group (cli.main then exits without finalizing)
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -44,6 +47,8 @@ def setup(device=""):
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
+    global launched
+    launched = True
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, world, local, dev)
