@@ -10,7 +10,7 @@ import transformers
 
 from shoggoth import sampling, tokenizer
 from shoggoth.checkpoint import save_pretrained
-from shoggoth.engine import Engine, sample
+from shoggoth.engine import Engine, PackedWeights, sample
 from shoggoth.model import GPT, GPTConfig
 
 V = 97
@@ -185,6 +185,27 @@ def test_packed_weights_follow_the_model_and_leave_it_untouched(model):
     x = torch.tensor([PROMPTS[2]])
     m(x, targets=x).backward()  # training still reaches every weight itself
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16 autocast", "bf16"])
+def test_decode_step_is_the_models_forward(kw, dtype, monkeypatch):
+    # PackedWeights.decode writes the model's one-token forward out op for op: with it,
+    # sampling gives the very tokens and log-probs that the model's modules give.
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64, **kw)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(10).add_(0.1)  # norms and biases away from 1 and 0 too
+    m = m.bfloat16() if dtype == "bf16" else m
+    run = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=0)
+    fast = Engine(m, bf16=dtype == "bf16 autocast").generate(PROMPTS, **run)
+    monkeypatch.setattr(PackedWeights, "decodes", staticmethod(lambda model: False))
+    plain = Engine(m, bf16=dtype == "bf16 autocast").generate(PROMPTS, **run)
+    assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.logprobs, plain.logprobs)
+    if dtype == "fp32":
+        for i, p in enumerate(PROMPTS):
+            assert Engine(m).generate([p], max_new_tokens=12, temperature=0).tokens[0].tolist() == naive_greedy(m, p, 12)
 
 
 def test_bad_requests(model):
