@@ -307,10 +307,14 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None, pos=None, mask=None, cache=None):
+    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, at=None):
         """Logits (B, T, V); or, given targets (B, T) with -100 where ignored,
-        the mean next-token cross-entropy."""
+        the mean next-token cross-entropy. at (B, T) bool: logits (M, V) at those
+        positions only, row by row (the output projection and softmax of a DPO step
+        need only the response's tokens)."""
         h = self.model(idx, pos, mask, cache)
+        if at is not None:
+            return self.lm_head(h[at])
         if targets is None:
             return self.lm_head(h)
         # Without grad, LinearCrossEntropy would form gradients nobody reads; under

@@ -182,6 +182,32 @@ def toy_pairs(path, n, seed):
     return path
 
 
+def test_dpo_sequence_logps_are_the_full_forwards():
+    # DPO projects to the vocabulary at the labelled positions only; the summed
+    # log-probs of ragged rows must be those of the whole forward pass.
+    import numpy as np
+
+    from shoggoth.model import GPT, GPTConfig
+    from shoggoth.stages.dpo import sequence_logps
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, max_seq_len=32)).eval()
+    g = np.random.default_rng(0)
+    rows = []
+    for n, start in [(12, 4), (7, 2), (20, 15)]:
+        x = g.integers(1, 50, n)
+        y = np.full(n, -100)
+        y[start - 1:n - 1] = x[start:]  # the next tokens after the prompt
+        rows.append((x, y))
+    with torch.no_grad():
+        got = sequence_logps(m, rows, 0, "cpu")
+        for (x, y), lp in zip(rows, got):
+            logp = m(torch.as_tensor(x)[None])[0].log_softmax(-1)
+            keep = torch.as_tensor(y) != -100
+            want = logp[keep].gather(1, torch.as_tensor(y)[keep][:, None]).sum()
+            torch.testing.assert_close(lp, want, rtol=0, atol=1e-5)
+
+
 def test_dpo_learns_toy_pairs(lm_dir, tmp_path):
     out = tmp_path / "dpo"
     shoggoth("dpo", "--policy", lm_dir, "--rankings", toy_pairs(tmp_path / "pairs.jsonl", 240, 0), "--out", out,

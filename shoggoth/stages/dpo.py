@@ -88,9 +88,12 @@ def sequence_logps(model, rows, pad_id, device):
     for b, (x, y) in enumerate(rows):
         idx[b, :len(x)], labels[b, :len(y)] = torch.from_numpy(x), torch.from_numpy(y)
     idx, labels = idx.to(device), labels.to(device)
-    logits = model(idx)  # (B, T, V)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    return -nll.view(labels.shape).sum(1)  # (B,)
+    # Logits at the labelled positions only: a DPO step spent about a fifth of its time
+    # projecting and normalising prompt positions whose log-probs it never reads.
+    labelled = labels != -100
+    logits = model(idx, at=labelled)  # (M, V)
+    nll = F.cross_entropy(logits.float(), labels[labelled], reduction="none")  # (M,)
+    return -torch.zeros(len(rows), device=device).index_add_(0, labelled.nonzero()[:, 0], nll)  # (B,)
 
 
 def run(c: Config):
