@@ -25,6 +25,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .model import apply_rope
+
 
 @dataclass
 class Generation:
@@ -158,40 +160,36 @@ class PackedWeights:
         """Logits (B, V) of one new token per row: the model's forward for T = 1, written out
         op for op (the same kernels in the same dtypes, so the same numbers) without the
         modules' generality: no module calls, RoPE on q and k at once, tables and mask made
-        once per generate call, no no-op casts. On the demo model a batch-16 step takes
-        0.86-0.90x the time of the modules' (1 and 2 threads), a batch-1 step 0.71-0.76x.
+        once per generate call. On the demo model, in four A/B runs (1 and 2 threads, a
+        noisy machine), a batch-16 step took 0.83-1.00x the time of the modules', a
+        batch-1 step 0.78-0.86x.
         cos, sin (B, 1, D) in the q/k dtype (sin as Trunk.rope gives it); bias (B, 1, 1, S)
         additive fp32 mask over the cache, or None."""
         c = self.config
         H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
-        B, end, h = tok.shape[0], cache.length + 1, D // 2
+        B, end = tok.shape[0], cache.length + 1
         x = self.trunk.embed_tokens(tok)  # (B, C)
-        with torch.autocast("cpu", enabled=False):  # as in decode_attention_cpu; the rest runs no autocast op
+        # The norms' own forward() and the model's apply_rope, without Module.__call__.
+        # Autocast is off for the whole step, as decode_attention_cpu turns it off for
+        # attention (no other op here is an autocast op); that function's per-call
+        # context made batch-1 steps 4-10% slower, so its one SDPA call is written here.
+        with torch.autocast("cpu", enabled=False):
             for (norm1, qkv, o, norm2, gate_up, down), (k, v) in zip(self.layers, cache.layers):
-                qk, v_new = qkv(_norm(norm1, x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
-                qk = qk.view(B, H + Hkv, D)
-                qk = qk * cos + torch.cat((qk[..., h:], qk[..., :h]), dim=-1) * sin  # apply_rope on q and k at once
+                qk, v_new = qkv(norm1.forward(x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
+                qk = apply_rope(qk.view(B, H + Hkv, D), cos, sin)  # q and k at once
                 k.select(2, end - 1).copy_(qk[:, H:])
                 v.select(2, end - 1).copy_(v_new.view(B, Hkv, D))
-                q = qk[:, :H, None]  # (B, H, 1, D)
-                y = F.scaled_dot_product_attention(q.float(), k.narrow(2, 0, end), v.narrow(2, 0, end), attn_mask=bias,
-                                                   enable_gqa=Hkv != H)  # fp32, as decode_attention_cpu
+                y = F.scaled_dot_product_attention(qk[:, :H, None].float(), k.narrow(2, 0, end), v.narrow(2, 0, end),
+                                                   attn_mask=bias, enable_gqa=Hkv != H)  # (B, H, 1, D) fp32
                 x = x + o(y.view(B, H * D))  # o casts to its dtype
-                gate, up = gate_up(_norm(norm2, x)).chunk(2, dim=-1)
+                gate, up = gate_up(norm2.forward(x)).chunk(2, dim=-1)
                 x = x + down(F.silu(gate) * up)
-            return self.head(_norm(self.trunk.norm, x))
+            return self.head(self.trunk.norm.forward(x))
 
     @staticmethod
     def decodes(model):
         """Whether decode() computes what the model would: a GPT without per-head q/k norms (Qwen3)."""
         return not model.config.qk_norm
-
-
-def _norm(norm, x):
-    """RMSNorm.forward of an inference step (its no-grad branches), without the module call."""
-    if x.dtype == norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)  # the packed matmul casts to its dtype
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
 
 
 class Engine:
@@ -302,7 +300,8 @@ class Engine:
         if packed and PackedWeights.decodes(self.model):
             # RoPE tables and the additive padding mask of every step, made once.
             cos, sin = (x[:, :, None].to(self.dtype) for x in trunk.rope(step_pos))  # (B, N, 1, D)
-            bias = torch.zeros(B, 1, 1, P + N, device=dev).masked_fill_(~valid[:, None, None], float("-inf"))
+            if ragged:
+                bias = torch.zeros(B, 1, 1, P + N, device=dev).masked_fill_(~valid[:, None, None], float("-inf"))
             decode = packed.decode
         for t in range(N):
             tok, lp = sample(logits, temperature, top_k, top_p, generator)
