@@ -6,6 +6,7 @@ stop, batch 1, 16 and 64. Prints a table of new tokens/s and the ratio, and
 appends it to bench/RESULTS.md under "## Generation (bench/generate.py)".
 
     python bench/generate.py [--dtypes float32 bfloat16] [--batches 1 16 64] [--shape demo|gpt2] [--no-record]
+    python bench/generate.py --device cuda   # the engine's CUDA-graph step; also times it without the graph
 """
 
 import argparse
@@ -42,6 +43,8 @@ def prompts(batch, vocab, seed=0):
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
+    if out.is_cuda:
+        torch.cuda.synchronize()  # both generators return before the GPU is done
     return time.perf_counter() - t0, out
 
 
@@ -51,8 +54,8 @@ def run_ours(engine, batch_prompts, new):
 
 def run_hf(hf, batch_prompts, new):
     P = max(map(len, batch_prompts))
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in batch_prompts])
-    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in batch_prompts])
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in batch_prompts], device=hf.device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in batch_prompts], device=hf.device)
     with torch.inference_mode():
         out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new, min_new_tokens=new,
                           do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -66,9 +69,12 @@ def main():
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     a = p.parse_args()
     transformers.logging.set_verbosity_error()
+    dev = torch.device(a.device)
+    gpu = dev.type == "cuda"
 
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
@@ -78,34 +84,43 @@ def main():
         save_pretrained(model, d)
         for dt in a.dtypes:
             dtype = getattr(torch, dt)
-            ours = Engine(model.to(dtype))
-            hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype).eval()
+            model = model.to(dev, dtype)
+            ours = Engine(model)
+            eager = Engine(model, static=False)  # on CUDA: the same engine without the graph, for the record
+            hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype).eval().to(dev)
             for b in a.batches:
                 ps = prompts(b, model.config.vocab_size)
-                run_ours(ours, ps[:1], 8), run_hf(hf, ps[:1], 8)  # warm up allocators and kernels
+                run_ours(ours, ps[:1], 8), run_hf(hf, ps[:1], 8), run_ours(eager, ps[:1], 8)  # warm-up
                 # Interleaved, best of a.repeats each: the least disturbed run of either (the CPUs are shared).
-                t_ours = t_hf = float("inf")
+                t_ours = t_hf = t_eager = float("inf")
                 for _ in range(a.repeats):
                     t, out_ours = timed(lambda: run_ours(ours, ps, a.new))
                     t_ours = min(t_ours, t)
                     t, out_hf = timed(lambda: run_hf(hf, ps, a.new))
                     t_hf = min(t_hf, t)
+                    if gpu:
+                        t_eager = min(t_eager, timed(lambda: run_ours(eager, ps, a.new))[0])
                 # Greedy agreement: rows can part ways after a near-tie in bf16, so count rows, don't assert.
                 same = sum(torch.equal(x, y) for x, y in zip(out_ours, out_hf))
                 n = b * a.new
-                rows.append((dt, b, n / t_ours, n / t_hf, t_hf / t_ours, f"{same}/{b}"))
+                rows.append((dt, b, n / t_ours, n / t_hf, t_hf / t_ours, f"{same}/{b}", n / t_eager))
                 print(f"{dt:9} batch {b:3}: engine {n / t_ours:8.0f} tok/s  transformers {n / t_hf:8.0f} tok/s"
-                      f"  ratio {t_hf / t_ours:5.2f}x  identical rows {same}/{b}", flush=True)
+                      f"  ratio {t_hf / t_ours:5.2f}x  identical rows {same}/{b}"
+                      + (f"  (engine without graph {n / t_eager:8.0f} tok/s)" if gpu else ""), flush=True)
     model_desc = ", ".join(f"{k} {v}" for k, v in SHAPES[a.shape].items())
-    table = ["| dtype | batch | engine tok/s | transformers tok/s | ratio | identical greedy rows |",
-             "|---|---:|---:|---:|---:|---:|"]
-    table += [f"| {dt} | {b} | {o:.0f} | {h:.0f} | {r:.2f}x | {s} |" for dt, b, o, h, r, s in rows]
+    table = ["| dtype | batch | engine tok/s | transformers tok/s | ratio | identical greedy rows |"
+             + (" engine without graph tok/s |" if gpu else ""), "|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+    table += [f"| {dt} | {b} | {o:.0f} | {h:.0f} | {r:.2f}x | {s} |" + (f" {e:.0f} |" if gpu else "")
+              for dt, b, o, h, r, s, e in rows]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = (f"\n### {date}, {MACHINE}\n\nModel `{a.shape}` ({model_desc}; {model.num_params() / 1e6:.1f}M params), "
+    machine = f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})" if gpu else MACHINE
+    where = (f"{os.cpu_count()} host CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after" if gpu
+             else f"{torch.get_num_threads()} threads, load average {load_before:.1f} before, "
+                  f"{os.getloadavg()[0]:.1f} after (other jobs share these CPUs)")
+    entry = (f"\n### {date}, {machine}\n\nModel `{a.shape}` ({model_desc}; {model.num_params() / 1e6:.1f}M params), "
              f"greedy, {a.new} new tokens (no early stop), ragged prompts of 16-48 tokens left-padded, "
-             f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-             f"best of {a.repeats} interleaved runs; load average {load_before:.1f} before, "
-             f"{os.getloadavg()[0]:.1f} after (other jobs share these CPUs).\n\n" + "\n".join(table) + "\n")
+             f"torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"best of {a.repeats} interleaved runs; {where}.\n\n" + "\n".join(table) + "\n")
     print(entry)
     if not a.no_record:
         record(entry)

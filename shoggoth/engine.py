@@ -15,6 +15,9 @@ then top-k, then top-p, renormalised (as Hugging Face's warpers compose), so a
 later forward pass with the same recipe reproduces them. Temperature 0 is greedy
 decoding; its log-probs are then those of the argmax under the plain
 temperature-1 softmax, no top-k/top-p.
+
+On CPU the decode step runs on weights packed once per call (PackedWeights); on
+CUDA it runs over a static cache as a CUDA graph replayed per token (StaticStep).
 """
 
 from contextlib import contextmanager, nullcontext
@@ -55,6 +58,77 @@ class KVCache:
         if start == 0:
             return k, v  # the prefill: nothing cached before, and k, v stay in the model's dtype
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D) views, no copies
+
+
+class StaticCache(KVCache):
+    """A KVCache whose decode steps keep fixed shapes and addresses, as a CUDA graph needs:
+    each step writes its column at `at`, a device tensor, and attends over the whole
+    buffer, with the columns not yet written masked out (StaticStep)."""
+
+    at = None  # (1,) long, the column the current step writes; None during the prefill
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        # Columns not yet written are masked, but a masked score still multiplies its
+        # value by 0, and 0 * NaN from uninitialised memory would poison the output.
+        self.k.zero_()
+        self.v.zero_()
+
+    def update(self, layer, k, v):
+        if self.at is None:
+            return super().update(layer, k, v)
+        self.k[layer].index_copy_(2, self.at, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.at, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+
+class StaticStep:
+    """The model's one-token decode step over a StaticCache, on inputs held in fixed
+    buffers; on CUDA it is captured once per generate call as a CUDA graph and replayed
+    for every new token. A decode step of a small model is a few dozen tiny kernels,
+    each costing more to launch from Python than to run: a replay is one launch.
+    Elsewhere (static=True on CPU, for the tests) the same step runs eagerly.
+
+    valid (B, S) bool: the keys each row may see (not its left padding); step_pos (B, N):
+    the position of each new token. The cache holds the prompt (cache.length = P)."""
+
+    def __init__(self, model, cache, valid, step_pos, graph, autocast):
+        dev = valid.device
+        self.trunk, self.head, self.cache = model.model, model.lm_head, cache
+        self.valid, self.step_pos, self.prompt = valid, step_pos, cache.length
+        self.cols = torch.arange(valid.shape[1], device=dev)
+        self.tok = torch.zeros(valid.shape[0], dtype=torch.long, device=dev)  # the inputs, written before each step
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = None
+        if graph:
+            # Autocast's cache of cast weights is emptied when the context exits (stream()
+            # enters it per step), so under autocast the graph does its own casts.
+            amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if autocast else nullcontext()
+            side = torch.cuda.Stream()  # warm up off the main stream, as torch.cuda.graphs advises
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), amp:
+                self.forward()  # writes column P, which step 0 writes again before reading it
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), amp:
+                self.logits = self.forward()
+
+    def forward(self):
+        end = self.t + self.prompt  # (1,) the column of this step's token
+        self.cache.at = end
+        mask = (self.valid & (self.cols <= end))[:, None, None]  # (B, 1, 1, S)
+        h = self.trunk(self.tok[:, None], pos=self.step_pos.index_select(1, self.t), mask=mask, cache=self.cache)
+        return self.head(h[:, -1])  # (B, V)
+
+    def __call__(self, tok, t):
+        """Logits (B, V) after the tokens tok (B,) of step t; under a graph they stay
+        in the graph's buffer until the next call."""
+        self.tok.copy_(tok)
+        self.t.fill_(t)
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
 
 
 def sample(logits, temperature, top_k, top_p, generator=None):
@@ -196,9 +270,14 @@ class Engine:
     """Sampling over a `GPT` (shoggoth.model): batched, cached, exact.
 
     bf16=True runs an fp32 model under bf16 autocast (about 2x faster matmuls on
-    CPUs with AVX-512 bf16); a model already in bf16 runs in bf16 either way."""
+    CPUs with AVX-512 bf16); a model already in bf16 runs in bf16 either way.
 
-    def __init__(self, model, bf16=False, pad_id=0):
+    On CUDA the decode step runs as a CUDA graph over a static cache (StaticStep),
+    unless the weights are sharded (FSDP's DTensors gather inside the forward).
+    static=True forces that step elsewhere (eagerly: the tests check it on CPU),
+    static=False turns it off."""
+
+    def __init__(self, model, bf16=False, pad_id=0, static=None):
         self.model = model
         self.pad_id = pad_id
         param = next(model.parameters())
@@ -206,6 +285,9 @@ class Engine:
         self.autocast = bf16 and self.dtype == torch.float32
         if self.autocast:
             self.dtype = torch.bfloat16
+        if static is None:
+            static = self.device.type == "cuda" and type(param.data) is torch.Tensor
+        self.static = static
 
     def generate(self, prompts: list[list[int]], max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
                  stop_ids=(), seed=None) -> Generation:
@@ -285,11 +367,13 @@ class Engine:
         # in fp32 (bf16 -> fp32 is exact) spares converting every cached key and value at
         # every step, which took a quarter of a bf16 decode's time.
         cache_dtype = torch.float32 if dev.type == "cpu" else self.dtype
-        cache = KVCache(c.n_layer, B, c.n_kv_head, P + N, c.head_dim, cache_dtype, dev)
+        cache = (StaticCache if self.static else KVCache)(c.n_layer, B, c.n_kv_head, P + N, c.head_dim, cache_dtype, dev)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         trunk, head = self.model.model, self.model.lm_head
-        packed = PackedWeights(self.model, B, self.dtype) if PackedWeights.supported(self.model, self.dtype) else None
+        packed = None
+        if not self.static and PackedWeights.supported(self.model, self.dtype):
+            packed = PackedWeights(self.model, B, self.dtype)
         fast = packed.applied if packed else nullcontext  # entered per forward: never held across a yield
         decode = None  # PackedWeights.decode, where it computes what the model would
         # Prefill all prompts in one forward; only the last column needs logits.
@@ -297,7 +381,9 @@ class Engine:
             logits = head(trunk(idx, pos=pos, mask=prefill_mask, cache=cache)[:, -1])  # (B, V)
         cache.length = P
         step_pos = lengths[:, None] + torch.arange(N, device=dev)  # (B, N): position of each new token
-        if packed and PackedWeights.decodes(self.model):
+        if self.static:
+            decode = StaticStep(self.model, cache, valid, step_pos, dev.type == "cuda", self.autocast)
+        elif packed and PackedWeights.decodes(self.model):
             # RoPE tables and the additive padding mask of every step, made once.
             cos, sin = (x[:, :, None].to(self.dtype) for x in trunk.rope(step_pos))  # (B, N, 1, D)
             if ragged:
@@ -313,7 +399,9 @@ class Engine:
             if t == N - 1:
                 return
             end = P + t + 1
-            if decode:
+            if self.static:
+                logits = decode(tok, t)
+            elif decode:
                 logits = decode(tok, cos[:, t], sin[:, t], bias[..., :end] if ragged else None, cache)
             else:
                 step_mask = valid[:, None, None, :end] if ragged else None  # (B, 1, 1, S)

@@ -29,6 +29,24 @@ def model():
     return m
 
 
+# Where and how the engine decodes: on CPU with the packed decode step, on CPU with the
+# static-cache step that CUDA graphs replay (run eagerly there), and on a CUDA GPU with
+# the graph itself (skipped without a GPU; run on a lent H100, see bench/RESULTS.md).
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+VARIANTS = ["cpu", "cpu static", pytest.param("cuda graph", marks=CUDA)]
+
+
+def on(model, variant):
+    """The model where the variant runs (a copy on the GPU for CUDA) and its engine's keyword arguments."""
+    if variant == "cuda graph":
+        return copy.deepcopy(model).cuda(), {}
+    return model, dict(static=variant == "cpu static")
+
+
+def cpu(gen):
+    return type(gen)(gen.tokens.cpu(), gen.mask.cpu(), gen.logprobs.cpu())
+
+
 def naive_greedy(model, prompt, n):
     """Greedy decoding the slow, obvious way: the whole sequence through the model at every step."""
     x = torch.tensor([prompt])
@@ -57,29 +75,33 @@ def reference_logprobs(logits, temperature, top_k, top_p):
     return torch.stack(out)
 
 
-def test_greedy_matches_naive_recompute(model):
-    gen = Engine(model).generate(PROMPTS, max_new_tokens=20, temperature=0)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_matches_naive_recompute(model, variant):
+    m, kw = on(model, variant)
+    gen = cpu(Engine(m, **kw).generate(PROMPTS, max_new_tokens=20, temperature=0))
     assert gen.tokens.shape == gen.mask.shape == gen.logprobs.shape == (3, 20)
     assert gen.mask.all()
     for i, p in enumerate(PROMPTS):
         assert gen.tokens[i].tolist() == naive_greedy(model, p, 20), f"row {i}"
         # Greedy log-probs are those of the plain temperature-1 softmax.
-        seq = torch.tensor([p + gen.tokens[i].tolist()])
+        seq = torch.tensor([p + gen.tokens[i].tolist()], device=m.lm_head.weight.device)
         with torch.no_grad():
-            logp = model(seq)[0, len(p) - 1:-1].log_softmax(-1)
+            logp = m(seq)[0, len(p) - 1:-1].log_softmax(-1).cpu()
         want = logp.gather(-1, gen.tokens[i][:, None])[:, 0]
         torch.testing.assert_close(gen.logprobs[i], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.7)])
-def test_logprobs_match_full_forward(model, temperature, top_k, top_p):
-    gen = Engine(model).generate(PROMPTS, max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=1)
+def test_logprobs_match_full_forward(model, temperature, top_k, top_p, variant):
+    m, kw = on(model, variant)
+    gen = cpu(Engine(m, **kw).generate(PROMPTS, max_new_tokens=24, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=1))
     for i, p in enumerate(PROMPTS):
         new = gen.tokens[i][gen.mask[i]]
-        seq = torch.tensor([p + new.tolist()])
+        seq = torch.tensor([p + new.tolist()], device=m.lm_head.weight.device)
         with torch.no_grad():
-            logits = model(seq)[0, len(p) - 1:-1]
+            logits = m(seq)[0, len(p) - 1:-1].cpu()
         logp = reference_logprobs(logits, temperature, top_k, top_p)
         want = logp.gather(-1, new[:, None])[:, 0]
         assert torch.isfinite(want).all(), "sampled a token outside the top-k/top-p set"
@@ -87,10 +109,12 @@ def test_logprobs_match_full_forward(model, temperature, top_k, top_p):
         torch.testing.assert_close(gen.logprobs[i][gen.mask[i]], want, atol=1e-4, rtol=0)
 
 
-def test_stop_ids_per_row(model):
-    full = Engine(model).generate(PROMPTS, max_new_tokens=16, temperature=0).tokens.tolist()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stop_ids_per_row(model, variant):
+    m, kw = on(model, variant)
+    full = Engine(m, **kw).generate(PROMPTS, max_new_tokens=16, temperature=0).tokens.tolist()
     stops = {full[0][2], full[1][6]}  # rows stop at different steps; any row may hit either id
-    gen = Engine(model).generate(PROMPTS, max_new_tokens=16, temperature=0, stop_ids=stops)
+    gen = cpu(Engine(m, **kw).generate(PROMPTS, max_new_tokens=16, temperature=0, stop_ids=stops))
     ends = [next((j + 1 for j, t in enumerate(row) if t in stops), 16) for row in full]
     assert len(set(ends)) > 1, "the test needs rows that stop at different steps"
     assert gen.tokens.shape[1] == max(ends)  # the batch stops once every row has
@@ -101,8 +125,10 @@ def test_stop_ids_per_row(model):
         assert (gen.logprobs[i, :end] < 0).all()
 
 
-def test_seeded_sampling_is_reproducible(model):
-    engine = Engine(model)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_seeded_sampling_is_reproducible(model, variant):
+    m, kw = on(model, variant)
+    engine = Engine(m, **kw)
     a = engine.generate(PROMPTS, max_new_tokens=20, temperature=1.5, seed=7)
     b = engine.generate(PROMPTS, max_new_tokens=20, temperature=1.5, seed=7)
     c = engine.generate(PROMPTS, max_new_tokens=20, temperature=1.5, seed=8)
@@ -132,8 +158,13 @@ def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
     torch.testing.assert_close(lp, want[tok].log(), atol=1e-5, rtol=0)
 
 
-def test_stream_yields_what_generate_returns(model):
-    engine = Engine(model)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_stream_yields_what_generate_returns(model, variant, bf16):
+    # Under bf16 autocast, stream() leaves autocast between steps, which empties its cache
+    # of cast weights: a CUDA graph must not read those (StaticStep casts inside the graph).
+    m, kw = on(model, variant)
+    engine = Engine(m, bf16=bf16, **kw)
     kw = dict(max_new_tokens=15, temperature=0.9, top_p=0.9, seed=5)
     row = engine.generate([PROMPTS[2]], **kw).tokens[0].tolist()
     assert list(engine.stream(PROMPTS[2], **kw)) == row
@@ -141,14 +172,17 @@ def test_stream_yields_what_generate_returns(model):
     assert list(engine.stream(PROMPTS[2], **kw, stop_ids=[stop])) == row[:row.index(stop) + 1]
 
 
-def test_bf16_autocast_logprobs(model):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_autocast_logprobs(model, variant):
     # The bf16 path samples from bf16 logits; its log-probs match a bf16 autocast forward pass.
-    gen = Engine(model, bf16=True).generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=0)
+    m, kw = on(model, variant)
+    gen = cpu(Engine(m, bf16=True, **kw).generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=0))
     assert gen.mask.all()
+    dev = m.lm_head.weight.device
     for i, p in enumerate(PROMPTS):
-        seq = torch.tensor([p + gen.tokens[i].tolist()])
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(seq)[0, len(p) - 1:-1]
+        seq = torch.tensor([p + gen.tokens[i].tolist()], device=dev)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+            logits = m(seq)[0, len(p) - 1:-1].cpu()
         want = logits.float().log_softmax(-1).gather(-1, gen.tokens[i][:, None])[:, 0]
         torch.testing.assert_close(gen.logprobs[i], want, atol=0.1, rtol=0)
 
@@ -208,6 +242,39 @@ def test_decode_step_is_the_models_forward(kw, dtype, monkeypatch):
             assert Engine(m).generate([p], max_new_tokens=12, temperature=0).tokens[0].tolist() == naive_greedy(m, p, 12)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_static_step_is_the_models_step(kw, device, dtype):
+    # The static-cache step (the one CUDA graphs replay; eager on CPU) against the engine's
+    # other path on the same device: every cached column written, the unwritten ones masked.
+    # Sixteen ragged rows of 1 to 40 tokens, sampled.
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64, **kw)).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # large weights spread the logits (bf16 would round them coarsely)
+            p.mul_(10 if dtype == "fp32" else 1).add_(0.1)
+    m = m.to(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in torch.randint(1, 41, (16,), generator=g)]
+    # No top-p cut in bf16: a rounding there can move a token across the cut's edge.
+    top_p = 0.95 if dtype == "fp32" else 1.0
+    run = dict(max_new_tokens=20, temperature=0.9, top_p=top_p, seed=0)
+    static = cpu(Engine(m, static=True).generate(prompts, **run))
+    plain = cpu(Engine(m, static=False).generate(prompts, **run))
+    if dtype == "fp32":
+        assert torch.equal(static.tokens, plain.tokens) and torch.equal(static.mask, plain.mask)
+        torch.testing.assert_close(static.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+    # In bf16 the two attention calls may round differently and part ways at a near-tie:
+    # the static path's log-probs are checked against a full forward pass over its tokens.
+    for i, p in enumerate(prompts):
+        seq = torch.tensor([p + static.tokens[i].tolist()], device=device)
+        with torch.no_grad():
+            logits = m(seq)[0, len(p) - 1:-1].float().cpu()
+        want = reference_logprobs(logits, 0.9, 0, top_p).gather(-1, static.tokens[i][:, None])[:, 0]
+        torch.testing.assert_close(static.logprobs[i], want, atol=1e-4 if dtype == "fp32" else 0.1, rtol=0)
+
+
 def test_bad_requests(model):
     engine = Engine(model)
     with pytest.raises(ValueError, match="at least one token"):
@@ -220,16 +287,19 @@ def test_bad_requests(model):
     assert Engine(model).generate([[1] * 60], max_new_tokens=10, temperature=0).tokens.shape == (1, 4)
 
 
-def test_greedy_matches_transformers_generate(model, tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_matches_transformers_generate(model, tmp_path, variant):
+    m, kw = on(model, variant)
+    dev = m.lm_head.weight.device
     save_pretrained(model, tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval().to(dev)
     P = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in PROMPTS])
-    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in PROMPTS])
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in PROMPTS], device=dev)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in PROMPTS], device=dev)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=20, do_sample=False, pad_token_id=0,
-                          eos_token_id=None)[:, P:]
-    gen = Engine(model).generate(PROMPTS, max_new_tokens=20, temperature=0)
+                          eos_token_id=None)[:, P:].cpu()
+    gen = cpu(Engine(m, **kw).generate(PROMPTS, max_new_tokens=20, temperature=0))
     for i in range(len(PROMPTS)):
         assert gen.tokens[i].tolist() == out[i].tolist(), f"row {i}"
 
