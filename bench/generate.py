@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from shoggoth import kernels
 from shoggoth.checkpoint import save_pretrained
 from shoggoth.engine import Engine
 from shoggoth.model import GPT, GPTConfig
@@ -115,7 +116,8 @@ def main():
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})" if gpu else MACHINE
     where = (f"{os.cpu_count()} host CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after" if gpu
-             else f"{torch.get_num_threads()} threads, load average {load_before:.1f} before, "
+             else f"{torch.get_num_threads()} threads, decode attention by "
+                  f"{'shoggoth.kernels' if kernels.load() else 'SDPA'}, load average {load_before:.1f} before, "
                   f"{os.getloadavg()[0]:.1f} after (other jobs share these CPUs)")
     entry = (f"\n### {date}, {machine}\n\nModel `{a.shape}` ({model_desc}; {model.num_params() / 1e6:.1f}M params), "
              f"greedy, {a.new} new tokens (no early stop), ragged prompts of 16-48 tokens left-padded, "

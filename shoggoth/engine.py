@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .model import apply_rope
 
 
@@ -211,6 +212,7 @@ class PackedWeights:
         self.head = pack(model.lm_head)
         self.patches.append((model.lm_head, "forward", self.head))
         self.trunk, self.config = model.model, model.config
+        self.kernel = kernels.load()  # shoggoth's compiled decode attention, or None: SDPA
 
     @staticmethod
     def supported(model, dtype):
@@ -230,15 +232,16 @@ class PackedWeights:
             for m, name, _ in self.patches:
                 m.__dict__.pop(name, None)
 
-    def decode(self, tok, cos, sin, bias, cache):
+    def decode(self, tok, cos, sin, mask, cache):
         """Logits (B, V) of one new token per row: the model's forward for T = 1, written out
         op for op (the same kernels in the same dtypes, so the same numbers) without the
         modules' generality: no module calls, RoPE on q and k at once, tables and mask made
         once per generate call. On the demo model, in four A/B runs (1 and 2 threads, a
         noisy machine), a batch-16 step took 0.83-1.00x the time of the modules', a
         batch-1 step 0.78-0.86x.
-        cos, sin (B, 1, D) in the q/k dtype (sin as Trunk.rope gives it); bias (B, 1, 1, S)
-        additive fp32 mask over the cache, or None."""
+        cos, sin (B, 1, D) in the q/k dtype (sin as Trunk.rope gives it); mask over the cache,
+        or None: (B, S) bool with shoggoth's kernel (kernels.py), (B, 1, 1, S) additive fp32
+        for SDPA (which would otherwise convert a bool mask at every call)."""
         c = self.config
         H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
         B, end = tok.shape[0], cache.length + 1
@@ -246,16 +249,23 @@ class PackedWeights:
         # The norms' own forward() and the model's apply_rope, without Module.__call__.
         # Autocast is off for the whole step, as decode_attention_cpu turns it off for
         # attention (no other op here is an autocast op); that function's per-call
-        # context made batch-1 steps 4-10% slower, so its one SDPA call is written here.
+        # context made batch-1 steps 4-10% slower, so its attention call is written here.
+        if self.kernel:
+            cos, sin = cos.squeeze(1), sin.squeeze(1)  # (B, D), as the kernel takes them
         with torch.autocast("cpu", enabled=False):
             for (norm1, qkv, o, norm2, gate_up, down), (k, v) in zip(self.layers, cache.layers):
-                qk, v_new = qkv(norm1.forward(x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
-                qk = apply_rope(qk.view(B, H + Hkv, D), cos, sin)  # q and k at once
-                k.select(2, end - 1).copy_(qk[:, H:])
-                v.select(2, end - 1).copy_(v_new.view(B, Hkv, D))
-                y = F.scaled_dot_product_attention(qk[:, :H, None].float(), k.narrow(2, 0, end), v.narrow(2, 0, end),
-                                                   attn_mask=bias, enable_gqa=Hkv != H)  # (B, H, 1, D) fp32
-                x = x + o(y.view(B, H * D))  # o casts to its dtype
+                if self.kernel:
+                    # RoPE, the cache write and attention in one call, with the same numbers as
+                    # the ops below (tests/test_engine.py): 14 fewer ops per layer.
+                    y = self.kernel.decode_step(qkv(norm1.forward(x)), cos, sin, k, v, end - 1, mask, H)
+                else:
+                    qk, v_new = qkv(norm1.forward(x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
+                    qk = apply_rope(qk.view(B, H + Hkv, D), cos, sin)  # q and k at once
+                    k.select(2, end - 1).copy_(qk[:, H:])
+                    v.select(2, end - 1).copy_(v_new.view(B, Hkv, D))
+                    y = F.scaled_dot_product_attention(qk[:, :H, None].float(), k.narrow(2, 0, end),
+                                                       v.narrow(2, 0, end), attn_mask=mask, enable_gqa=Hkv != H)
+                x = x + o(y.view(B, H * D))  # y fp32; o casts to its dtype
                 gate, up = gate_up(norm2.forward(x)).chunk(2, dim=-1)
                 x = x + down(F.silu(gate) * up)
             return self.head(self.trunk.norm.forward(x))
@@ -363,10 +373,12 @@ class Engine:
         prefill_mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
         ragged = bool((pad > 0).any())
 
-        # On CPU, decode attention computes in fp32 (model.decode_attention_cpu): a cache kept
-        # in fp32 (bf16 -> fp32 is exact) spares converting every cached key and value at
-        # every step, which took a quarter of a bf16 decode's time.
-        cache_dtype = torch.float32 if dev.type == "cpu" else self.dtype
+        # On CPU, decode attention computes in fp32 (model.decode_attention_cpu). shoggoth's
+        # kernel reads a cache in the model's dtype (half the bytes in bf16); without it SDPA
+        # does, and an fp32 cache (bf16 -> fp32 is exact) spares converting every cached
+        # key and value at every step, which took a quarter of a bf16 decode's time.
+        kernel = dev.type == "cpu" and kernels.load() is not None
+        cache_dtype = torch.float32 if dev.type == "cpu" and not kernel else self.dtype
         cache = (StaticCache if self.static else KVCache)(c.n_layer, B, c.n_kv_head, P + N, c.head_dim, cache_dtype, dev)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -386,7 +398,9 @@ class Engine:
         elif packed and PackedWeights.decodes(self.model):
             # RoPE tables and the additive padding mask of every step, made once.
             cos, sin = (x[:, :, None].to(self.dtype) for x in trunk.rope(step_pos))  # (B, N, 1, D)
-            if ragged:
+            if ragged and kernel:
+                bias = valid  # (B, S) bool: what the kernel takes
+            elif ragged:
                 bias = torch.zeros(B, 1, 1, P + N, device=dev).masked_fill_(~valid[:, None, None], float("-inf"))
             decode = packed.decode
         for t in range(N):

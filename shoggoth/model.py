@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
+
 
 @dataclass
 class GPTConfig:
@@ -119,10 +121,13 @@ def decode_attention_cpu(q, k, v, mask=None):
     """One new query per row (B, H, 1, D) against the cached keys and values (B, Hkv, S, D)
     in fp32; mask (B, 1, 1, S) bool, True where a key is visible. On these CPUs SDPA's
     flash kernel is slow for a single query in bf16 (batch 16, 4 heads, 300 keys: 1.07 ms
-    vs 0.31 ms in fp32), and fp32 scores and softmax round less. The engine keeps its
-    cache in fp32 on CPU, so k and v arrive in fp32 and only q is converted. Autocast is
-    off here: it would cast all three back to bf16 (a PPO rollout's decode attention ran
-    7x slower under it)."""
+    vs 0.31 ms in fp32), and fp32 scores and softmax round less. shoggoth's kernel
+    (kernels.py) reads a bf16 cache into fp32 directly; without it the engine keeps an
+    fp32 cache and SDPA computes in fp32. Autocast is off here: it would cast all three
+    back to bf16 (a PPO rollout's decode attention ran 7x slower under it)."""
+    y = kernels.decode_attention(q, k, v, mask)
+    if y is not None:
+        return y.to(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                            enable_gqa=k.shape[1] != q.shape[1])

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the tests need, then runs them.
 # Debian's chromium drives the web-app tests; Debian's postgresql serves the
-# Postgres path (the tests start their own server in a temporary folder).
+# Postgres path (the tests start their own server in a temporary folder);
+# g++ builds the engine's CPU attention kernel (shoggoth/kernels.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+        || ! command -v g++ >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq chromium postgresql >/dev/null
+    apt-get install -y -qq chromium postgresql g++ >/dev/null
 fi
 python -m pip install -q -e '.[test]'
 python -m pytest -q "$@"

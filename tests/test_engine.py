@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
-from shoggoth import sampling, tokenizer
+from shoggoth import kernels, sampling, tokenizer
 from shoggoth.checkpoint import save_pretrained
 from shoggoth.engine import Engine, PackedWeights, sample
-from shoggoth.model import GPT, GPTConfig
+from shoggoth.model import GPT, GPTConfig, apply_rope
 
 V = 97
 PROMPTS = [[3, 14, 15, 92, 65], [35], [89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]]  # ragged on purpose
@@ -29,11 +30,19 @@ def model():
     return m
 
 
-# Where and how the engine decodes: on CPU with the packed decode step, on CPU with the
-# static-cache step that CUDA graphs replay (run eagerly there), and on a CUDA GPU with
-# the graph itself (skipped without a GPU; run on a lent H100, see bench/RESULTS.md).
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-VARIANTS = ["cpu", "cpu static", pytest.param("cuda graph", marks=CUDA)]
+
+
+@pytest.fixture(params=["cpu", "cpu sdpa", "cpu static", pytest.param("cuda graph", marks=CUDA)])
+def variant(request, monkeypatch):
+    """Where and how the engine decodes: on CPU with the packed decode step and shoggoth's
+    attention kernel; the same with PyTorch's SDPA (where the kernel cannot be built);
+    on CPU with the static-cache step that CUDA graphs replay (run eagerly there); and on
+    a CUDA GPU with the graph itself (skipped without a GPU; run on a lent H100, see
+    bench/RESULTS.md)."""
+    if request.param == "cpu sdpa":
+        monkeypatch.setattr(kernels, "load", lambda: None)
+    return request.param
 
 
 def on(model, variant):
@@ -75,7 +84,6 @@ def reference_logprobs(logits, temperature, top_k, top_p):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_matches_naive_recompute(model, variant):
     m, kw = on(model, variant)
     gen = cpu(Engine(m, **kw).generate(PROMPTS, max_new_tokens=20, temperature=0))
@@ -91,7 +99,6 @@ def test_greedy_matches_naive_recompute(model, variant):
         torch.testing.assert_close(gen.logprobs[i], want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.7)])
 def test_logprobs_match_full_forward(model, temperature, top_k, top_p, variant):
     m, kw = on(model, variant)
@@ -109,7 +116,6 @@ def test_logprobs_match_full_forward(model, temperature, top_k, top_p, variant):
         torch.testing.assert_close(gen.logprobs[i][gen.mask[i]], want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_stop_ids_per_row(model, variant):
     m, kw = on(model, variant)
     full = Engine(m, **kw).generate(PROMPTS, max_new_tokens=16, temperature=0).tokens.tolist()
@@ -125,7 +131,6 @@ def test_stop_ids_per_row(model, variant):
         assert (gen.logprobs[i, :end] < 0).all()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_seeded_sampling_is_reproducible(model, variant):
     m, kw = on(model, variant)
     engine = Engine(m, **kw)
@@ -158,7 +163,6 @@ def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
     torch.testing.assert_close(lp, want[tok].log(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("bf16", [False, True])
 def test_stream_yields_what_generate_returns(model, variant, bf16):
     # Under bf16 autocast, stream() leaves autocast between steps, which empties its cache
@@ -172,7 +176,6 @@ def test_stream_yields_what_generate_returns(model, variant, bf16):
     assert list(engine.stream(PROMPTS[2], **kw, stop_ids=[stop])) == row[:row.index(stop) + 1]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_autocast_logprobs(model, variant):
     # The bf16 path samples from bf16 logits; its log-probs match a bf16 autocast forward pass.
     m, kw = on(model, variant)
@@ -223,9 +226,13 @@ def test_packed_weights_follow_the_model_and_leave_it_untouched(model):
 
 @pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16 autocast", "bf16"])
-def test_decode_step_is_the_models_forward(kw, dtype, monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_decode_step_is_the_models_forward(kw, dtype, kernel, monkeypatch):
     # PackedWeights.decode writes the model's one-token forward out op for op: with it,
-    # sampling gives the very tokens and log-probs that the model's modules give.
+    # sampling gives the very tokens and log-probs that the model's modules give, with
+    # shoggoth's attention kernel and with SDPA in its place.
+    if not kernel:
+        monkeypatch.setattr(kernels, "load", lambda: None)
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64, **kw)).eval()
     with torch.no_grad():
@@ -240,6 +247,72 @@ def test_decode_step_is_the_models_forward(kw, dtype, monkeypatch):
     if dtype == "fp32":
         for i, p in enumerate(PROMPTS):
             assert Engine(m).generate([p], max_new_tokens=12, temperature=0).tokens[0].tolist() == naive_greedy(m, p, 12)
+
+
+@pytest.mark.parametrize("D", [64, 128, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_kernel_matches_sdpa(D, dtype):
+    # The kernel (shoggoth/csrc/decode_attention.cpp) against SDPA in fp64 on the same
+    # cache values: views narrowed out of a longer cache, grouped heads, left padding.
+    assert kernels.load() is not None, "the kernel did not build (g++ and Python headers are test requirements)"
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S = 5, 8, 2, 37
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = (torch.randn(B, Hkv, 50, D, generator=g).to(dtype).narrow(2, 0, S) for _ in range(2))
+    pad = torch.tensor([0, 3, 36, 1, 0])  # row 2 sees only its last key
+    mask = (torch.arange(S)[None] >= pad[:, None])[:, None, None]  # (B, 1, 1, S)
+    for m in (mask, None):
+        got = kernels.decode_attention(q, k, v, m)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m, enable_gqa=True)
+        assert got.dtype == torch.float32 and got.shape == (B, H, 1, D)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+    # A bf16 query is widened to fp32 (as SDPA's fp32 path would), not rounded further.
+    got = kernels.decode_attention(q.bfloat16(), k, v, mask)
+    want = F.scaled_dot_product_attention(q.bfloat16().double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("D", [64, 128, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_kernel_is_the_models_ops(D, dtype):
+    # The fused call (RoPE, cache write, attention) against the model's own ops on the same
+    # inputs, bit for bit: apply_rope, the copy into the cache, decode_attention.
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, pos = 5, 8, 2, 40, 29
+    qkv = (torch.randn(B, (H + 2 * Hkv) * D, generator=g) * 3).to(dtype)
+    trunk = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=H, n_kv_head=Hkv, n_embd=H * D, max_seq_len=64)).model
+    cos, sin = (x.to(dtype) for x in trunk.rope(torch.randint(0, 64, (B,), generator=g)))  # (B, D)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g).to(dtype) for _ in range(2))
+    valid = torch.rand(B, S, generator=g) > 0.3
+    valid[:, pos] = True
+    for mask in (valid, None):
+        k2, v2 = k.clone(), v.clone()
+        y = kernels.load().decode_step(qkv, cos, sin, k2, v2, pos, mask, H)
+        qk = apply_rope(qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D), cos[:, None], sin[:, None])
+        k[:, :, pos], v[:, :, pos] = qk[:, H:], qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+        m = None if mask is None else mask[:, None, None, :pos + 1]
+        want = kernels.decode_attention(qk[:, :H, None], k[:, :, :pos + 1], v[:, :, :pos + 1], m)
+        assert torch.equal(y, want.view(B, H * D))
+
+
+def test_attention_kernel_falls_back_to_sdpa(monkeypatch, capsys):
+    # Where the kernel cannot be built (no compiler), the engine says so once and uses SDPA.
+    from torch.utils import cpp_extension
+
+    def fail(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(kernels, "_module", None)
+    assert kernels.load() is None and kernels.load() is None
+    err = capsys.readouterr().err
+    assert err.count("kernel unavailable (RuntimeError: no C++ compiler); using PyTorch's SDPA") == 1
+    m = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, max_seq_len=32)).eval()
+    gen = Engine(m).generate(PROMPTS, max_new_tokens=5, temperature=0)
+    assert gen.mask.all() and gen.tokens[0].tolist() == naive_greedy(m, PROMPTS[0], 5)
+    monkeypatch.setenv("SHOGGOTH_NO_KERNELS", "1")
+    assert kernels._build() is False
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
@@ -287,7 +360,6 @@ def test_bad_requests(model):
     assert Engine(model).generate([[1] * 60], max_new_tokens=10, temperature=0).tokens.shape == (1, 4)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_matches_transformers_generate(model, tmp_path, variant):
     m, kw = on(model, variant)
     dev = m.lm_head.weight.device
