@@ -61,6 +61,12 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D) views, no copies
 
 
+def _fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 class StaticCache(KVCache):
     """A KVCache whose decode steps keep fixed shapes and addresses, as a CUDA graph needs:
     each step writes its column at `at`, a device tensor, and attends over the whole
@@ -102,17 +108,21 @@ class StaticStep:
         self.t = torch.zeros(1, dtype=torch.long, device=dev)
         self.graph = None
         if graph:
-            # Autocast's cache of cast weights is emptied when the context exits (stream()
-            # enters it per step), so under autocast the graph does its own casts.
-            amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if autocast else nullcontext()
-            side = torch.cuda.Stream()  # warm up off the main stream, as torch.cuda.graphs advises
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), amp:
-                self.forward()  # writes column P, which step 0 writes again before reading it
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), amp:
-                self.logits = self.forward()
+            # Autocast's cache of cast weights is emptied when its context exits (stream()
+            # enters the engine's per step; a caller may hold its own), so the graph does
+            # its own casts: autocast as it stands now, with the cache off.
+            amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if autocast else
+                   torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
+                                  enabled=torch.is_autocast_enabled("cuda")))
+            with torch.cuda.device(dev):  # streams and capture on the model's GPU, whichever is current
+                side = torch.cuda.Stream()  # warm up off the main stream, as torch.cuda.graphs advises
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), amp:
+                    self.forward()  # writes column P, which step 0 writes again before reading it
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph), amp:
+                    self.logits = self.forward()
 
     def forward(self):
         end = self.t + self.prompt  # (1,) the column of this step's token
@@ -128,7 +138,8 @@ class StaticStep:
         self.t.fill_(t)
         if self.graph is None:
             return self.forward()
-        self.graph.replay()
+        with torch.cuda.device(self.tok.device):
+            self.graph.replay()
         return self.logits
 
 
@@ -283,7 +294,8 @@ class Engine:
     CPUs with AVX-512 bf16); a model already in bf16 runs in bf16 either way.
 
     On CUDA the decode step runs as a CUDA graph over a static cache (StaticStep),
-    unless the weights are sharded (FSDP's DTensors gather inside the forward).
+    unless the model is sharded by FSDP: its hooks run in every block's forward, and
+    their all-gather streams cannot be captured (even inside dist.full_weights).
     static=True forces that step elsewhere (eagerly: the tests check it on CPU),
     static=False turns it off."""
 
@@ -296,7 +308,7 @@ class Engine:
         if self.autocast:
             self.dtype = torch.bfloat16
         if static is None:
-            static = self.device.type == "cuda" and type(param.data) is torch.Tensor
+            static = self.device.type == "cuda" and type(param.data) is torch.Tensor and not _fsdp(model)
         self.static = static
 
     def generate(self, prompts: list[list[int]], max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
@@ -377,7 +389,7 @@ class Engine:
         # kernel reads a cache in the model's dtype (half the bytes in bf16); without it SDPA
         # does, and an fp32 cache (bf16 -> fp32 is exact) spares converting every cached
         # key and value at every step, which took a quarter of a bf16 decode's time.
-        kernel = dev.type == "cpu" and kernels.load() is not None
+        kernel = dev.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and kernels.load() is not None
         cache_dtype = torch.float32 if dev.type == "cpu" and not kernel else self.dtype
         cache = (StaticCache if self.static else KVCache)(c.n_layer, B, c.n_kv_head, P + N, c.head_dim, cache_dtype, dev)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
@@ -393,10 +405,10 @@ class Engine:
             logits = head(trunk(idx, pos=pos, mask=prefill_mask, cache=cache)[:, -1])  # (B, V)
         cache.length = P
         step_pos = lengths[:, None] + torch.arange(N, device=dev)  # (B, N): position of each new token
-        if self.static:
+        if self.static and N > 1:  # N = 1: no decode step to capture
             decode = StaticStep(self.model, cache, valid, step_pos, dev.type == "cuda", self.autocast)
         elif packed and PackedWeights.decodes(self.model):
-            # RoPE tables and the additive padding mask of every step, made once.
+            # RoPE tables and the padding mask of every step, made once.
             cos, sin = (x[:, :, None].to(self.dtype) for x in trunk.rope(step_pos))  # (B, N, 1, D)
             if ragged and kernel:
                 bias = valid  # (B, S) bool: what the kernel takes

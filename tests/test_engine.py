@@ -1,8 +1,11 @@
 """The sampling engine against naive full-recompute decoding, full forward passes and transformers."""
 
 import copy
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,6 +297,36 @@ def test_decode_step_kernel_is_the_models_ops(D, dtype):
         m = None if mask is None else mask[:, None, None, :pos + 1]
         want = kernels.decode_attention(qk[:, :H, None], k[:, :, :pos + 1], v[:, :, :pos + 1], m)
         assert torch.equal(y, want.view(B, H * D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_other_dtypes_decode_with_sdpa(dtype):
+    # The kernel takes fp32 and bf16; other models keep the SDPA path (and an fp32 cache).
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, max_seq_len=32)).eval().to(dtype)
+    gen = Engine(m).generate(PROMPTS, max_new_tokens=6, temperature=0)
+    assert gen.mask.all()
+    assert gen.tokens[2].tolist() == naive_greedy(m, PROMPTS[2], 6)
+    q = torch.randn(1, 2, 1, 16, requires_grad=True)
+    k = v = torch.randn(1, 2, 5, 16)
+    assert kernels.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype)) is None
+    assert kernels.decode_attention(q, k, v) is None  # autograd: SDPA, which has a backward
+    with torch.no_grad():
+        assert kernels.decode_attention(q, k, v) is not None
+
+
+def test_stale_build_lock_is_cleared(tmp_path):
+    # A build killed part-way leaves torch's lock file, on which every later build or load
+    # would wait forever: one older than 5 minutes is removed. In a subprocess, with a
+    # timeout, so that a regression fails instead of hanging the suite.
+    ext = kernels.load()
+    lock = Path(ext.__file__).parent / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - 600, time.time() - 600))
+    code = "from shoggoth import kernels; assert kernels.load() is not None"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert not lock.exists()
 
 
 def test_attention_kernel_falls_back_to_sdpa(monkeypatch, capsys):

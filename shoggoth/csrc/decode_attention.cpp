@@ -27,8 +27,9 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
-// D is a template parameter for the common head widths (0: any), so that the query and
-// the output accumulator live in registers rather than in memory across the key loop.
+// D is a template parameter for the common head widths (0: any), so that the compiler can
+// unroll the loops over D. It came in one change with the four-key score loop below:
+// together 301 -> 242 us at 304 keys (bf16, batch 16, 4 heads of 64, 2 threads).
 template <typename T, int64_t FixedD>
 void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const bool* mask,
             int64_t mask_stride, float scale, torch::Tensor& out) {
@@ -139,11 +140,12 @@ void rope_heads(const T* x, const T* cos, const T* sin, int64_t n, int64_t D, T*
 // see at least one key. Returns (B, H, D) fp32: softmax(q k^T * scale) v.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const c10::optional<torch::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "decode_attention: q (B, H, D), k and v (B, Hkv, S, D)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "decode_attention: q must be contiguous fp32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v differ in dtype");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(2) &&
-                  q.size(1) % k.size(1) == 0, "decode_attention: shapes do not match");
+                  k.size(1) > 0 && q.size(1) % k.size(1) == 0, "decode_attention: shapes do not match");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v need unit stride along D");
   const bool* mp = nullptr;
   int64_t mask_stride = 0;
@@ -203,6 +205,8 @@ torch::Tensor step(const torch::Tensor& qkv, const torch::Tensor& cos, const tor
 torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                           torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos,
                           const c10::optional<torch::Tensor>& mask, int64_t n_head) {
+  TORCH_CHECK(qkv.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+                  cos.device().is_cpu() && sin.device().is_cpu(), "decode_step: CPU tensors");
   const auto dtype = k_cache.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_step: the cache must be fp32 or bf16");
   TORCH_CHECK(qkv.scalar_type() == dtype && cos.scalar_type() == dtype && sin.scalar_type() == dtype &&
@@ -210,7 +214,7 @@ torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, co
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes(), "decode_step: caches (B, Hkv, S, D), contiguous");
   const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), D = k_cache.size(3);
-  TORCH_CHECK(n_head % Hkv == 0 && D % 2 == 0 && 0 <= pos && pos < k_cache.size(2), "decode_step: bad sizes");
+  TORCH_CHECK(Hkv > 0 && n_head % Hkv == 0 && D % 2 == 0 && 0 <= pos && pos < k_cache.size(2), "decode_step: bad sizes");
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == (n_head + 2 * Hkv) * D && qkv.is_contiguous(),
               "decode_step: qkv (B, (H + 2 Hkv) D), contiguous");
   TORCH_CHECK(cos.dim() == 2 && sin.dim() == 2 && cos.size(0) == B && sin.size(0) == B && cos.size(1) == D &&
@@ -229,6 +233,10 @@ torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, co
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache (CPU)");
-  m.def("decode_step", &decode_step, "RoPE, cache write and one-query attention of a decode step (CPU)");
+  // Without the GIL while they run, as torch's own ops: other Python threads (the feedback
+  // app's server) go on meanwhile.
+  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_step", &decode_step, "RoPE, cache write and one-query attention of a decode step (CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }
