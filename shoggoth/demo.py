@@ -21,7 +21,7 @@ from pathlib import Path
 from . import checkpoint
 
 MODELS = ("pretrained", "sft", "ppo", "dpo")
-K = 8  # completions per prompt (InstructGPT: 4 to 9); reward accuracy 0.715, 0.728 on two draws (K = 4: 0.635-0.674)
+K = 8  # completions per prompt (InstructGPT: 4 to 9); reward accuracy 0.674-0.728 on three draws (K = 4: 0.635-0.674)
 LABELERS = 3  # simulated labelers; each ranks every task, so they overlap and disagree
 MASK_PROMPTS = 6  # held-out prompts shown side by side in the report
 SAMPLES = 4  # sampled replies per held-out prompt behind each model's mean gold and proxy reward
