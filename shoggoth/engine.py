@@ -62,6 +62,8 @@ class KVCache:
 
 
 def _fsdp(model):
+    # Not dist._fsdp, which asks of the root alone: PPO and GRPO hand the engine the policy
+    # inside a sharded policy-and-value root, so only its blocks are FSDP modules.
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())
@@ -399,7 +401,7 @@ class Engine:
         if not self.static and PackedWeights.supported(self.model, self.dtype):
             packed = PackedWeights(self.model, B, self.dtype)
         fast = packed.applied if packed else nullcontext  # entered per forward: never held across a yield
-        decode = None  # PackedWeights.decode, where it computes what the model would
+        decode = None  # StaticStep, or PackedWeights.decode where it computes what the model would
         # Prefill all prompts in one forward; only the last column needs logits.
         with fast():
             logits = head(trunk(idx, pos=pos, mask=prefill_mask, cache=cache)[:, -1])  # (B, V)

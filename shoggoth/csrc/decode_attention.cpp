@@ -182,12 +182,12 @@ torch::Tensor step(const torch::Tensor& qkv, const torch::Tensor& cos, const tor
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
   const int64_t row = (H + 2 * Hkv) * D;
+  std::vector<T> k(Hkv * D);  // one row's rotated keys
   for (int64_t b = 0; b < B; ++b) {  // B * (H + 2 Hkv) * D elements: too few to share out
     const T* x = in + b * row;
     const T* c = cos.data_ptr<T>() + b * cos.stride(0);
     const T* s = sin.data_ptr<T>() + b * sin.stride(0);
     rope_heads(x, c, s, H, D, q.data_ptr<T>() + b * H * D);
-    std::vector<T> k(Hkv * D);
     rope_heads(x + H * D, c, s, Hkv, D, k.data());
     for (int64_t g = 0; g < Hkv; ++g) {
       const int64_t at = ((b * Hkv + g) * S_max + pos) * D;
