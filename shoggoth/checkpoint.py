@@ -16,7 +16,11 @@ from safetensors.torch import load_file, save_file
 from .errors import ModelDirError
 from .model import GPT, GPTConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+# What a model directory says about its text, copied unchanged from a stage's input to its output.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "generation_config.json")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -131,9 +135,13 @@ def _first(x):
 # ---------------------------------------------------------------- HF directories
 
 
-def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation=None, state_dict=None):
+def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, state_dict=None):
     """Write model as a Hugging Face causal-LM directory, weights in fp32 (state_dict
-    instead of model's own, e.g. gathered from FSDP shards by dist.model_state)."""
+    instead of model's own, e.g. gathered from FSDP shards by dist.model_state).
+
+    tokenizer_dir (the stage's input) gives the tokenizer files, chat template and
+    generation_config.json, copied unchanged, and the token ids of config.json as it
+    wrote them (Llama 3's eos is a list); without it they come from model.config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
@@ -141,13 +149,18 @@ def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, generation=None, st
     if c.tie_embeddings:
         sd.pop("lm_head.weight", None)  # a reward model has no lm_head
     atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
-    write_json(out / "config.json", hf_config(c))
-    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
-    write_json(out / "generation_config.json", {**gen, **(generation or {})})
-    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+    cfg = hf_config(c)
+    copied = []
+    src = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if src is not None and src.resolve() != out.resolve():
+        if (src / "config.json").exists():
+            cfg.update({k: v for k, v in read_config(src).items() if k in TOKEN_IDS})
+        copied = [name for name in TOKENIZER_FILES if (src / name).exists()]
+        for name in copied:
+            shutil.copyfile(src / name, out / name)
+    write_json(out / "config.json", cfg)
+    if "generation_config.json" not in copied:
+        write_json(out / "generation_config.json", {k: getattr(c, k) for k in TOKEN_IDS})
 
 
 def read_config(model_dir):
@@ -215,7 +228,8 @@ def save_reward(model, out_dir, shift=0.0, tokenizer_dir=None, state_dict=None):
 
     out = Path(out_dir)
     save_pretrained(model, out, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
-    cfg = hf_config(model.config)
+    cfg = read_config(out)  # pad_token_id: where transformers reads the score (stages/reward.score_pad)
+    cfg["pad_token_id"] = model.config.pad_token_id
     cfg["architectures"] = [cfg["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
     cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, reward_shift=float(shift))
     write_json(out / "config.json", cfg)

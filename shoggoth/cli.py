@@ -63,7 +63,7 @@ def stage_parser(command, cls):
         tp, is_list = _kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{docs.get(f.name, '')} (default: {default!r})"
+        help_ = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")  # argparse formats help with %
         if tp is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
         else:

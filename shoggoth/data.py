@@ -177,7 +177,7 @@ def build_shards(paths, tok, out_dir, val_every=50, log=print):
         nonlocal index
         for ids in tok.encode_batch(batch):
             split = "val" if val_every and index % val_every == val_every - 1 else "train"
-            writers[split].add([tok.bos_id, *ids, tok.eos_id])
+            writers[split].add([t for t in (tok.bos_id, *ids, tok.eos_id) if t is not None])
             index += 1
         batch.clear()
 
@@ -440,15 +440,8 @@ def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=pr
 
 def reward_rows(tok, prompt, completions):
     """Token ids a reward model scores: the prompt messages and each completion as the
-    assistant turn, in the chat template, ending at that turn's <|im_end|>."""
-    from .tokenizer import IM_END
-
-    end = tok.token_id(IM_END)
-    rows = []
-    for c in completions:
-        ids, _ = tok.render_chat(prompt + [{"role": "assistant", "content": c}])
-        rows.append(ids[:len(ids) - ids[::-1].index(end)])
-    return rows
+    assistant turn, in the model's chat template, ending at that turn's end-of-turn token."""
+    return [tok.render_reply(prompt, c)[0] for c in completions]
 
 
 def pad_right(rows, pad_id):

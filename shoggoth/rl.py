@@ -80,14 +80,6 @@ def prompt_text(record):
     return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
 
 
-def stop_ids(tok):
-    """Token ids that end a response: <|im_end|> (a chat turn's end-of-text) and the document eos."""
-    if tok.pad_id in (tok.token_id(tokenizer.IM_END), tok.eos_id):
-        raise DataError("the tokenizer's pad token must be distinct from <|im_end|> and end-of-text, "
-                        "or the policy could not learn to stop")
-    return [t for t in (tok.token_id(tokenizer.IM_END), tok.eos_id) if t is not None]
-
-
 def encode_prompts(tok, records, room):
     """Chat-template token ids of each prompt, ready for the assistant's reply; a prompt
     longer than room keeps its last room tokens."""
@@ -203,7 +195,7 @@ class Rollout:
 
 def generate(model, tok, prompt_ids, max_new_tokens, temperature, seed, bf16=False):
     """Sample one response per prompt with the Engine -> Rollout."""
-    stops = stop_ids(tok)
+    stops = tok.stop_ids
     gen = Engine(model, bf16=bf16, pad_id=tok.pad_id).generate(prompt_ids, max_new_tokens=max_new_tokens,
                                                                temperature=temperature, stop_ids=stops, seed=seed)
     B, N = gen.tokens.shape

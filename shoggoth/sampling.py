@@ -29,13 +29,11 @@ def complete(model, prompts, max_new_tokens=100, temperature=1.0, top_k=0, top_p
 
 def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_k=0, top_p=1.0, seed=None):
     """The assistant's next reply to each conversation (lists of messages), in one batch.
-    Rendered with the chat template; a reply ends at <|im_end|> (or end-of-text)."""
-    from .rl import stop_ids
-
+    Rendered with the directory's chat template; a reply ends at one of tok.stop_ids."""
     model, tok = load(model) if not isinstance(model, tuple) else model
     ids = [tok.render_chat(conv, add_generation_prompt=True)[0] for conv in conversations]
     gen = Engine(model, pad_id=tok.pad_id).generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                    top_k=top_k, top_p=top_p, stop_ids=stop_ids(tok), seed=seed)
+                                                    top_k=top_k, top_p=top_p, stop_ids=tok.stop_ids, seed=seed)
     return [tok.decode(row[m].tolist()).strip() for row, m in zip(gen.tokens, gen.mask)]
 
 
@@ -46,11 +44,9 @@ def chat_reply(model, conversation, **kw):
 def chat_stream(model, conversation, max_new_tokens=128, temperature=0.7, top_k=0, top_p=1.0, seed=None):
     """Yield the reply's text as it is sampled. Decoding the whole reply so far each
     time (not token by token) keeps multi-byte characters split over tokens intact."""
-    from .rl import stop_ids
-
     model, tok = load(model) if not isinstance(model, tuple) else model
     ids = tok.render_chat(conversation, add_generation_prompt=True)[0]
-    stops = stop_ids(tok)
+    stops = tok.stop_ids
     reply, shown = [], ""
     for t in Engine(model, pad_id=tok.pad_id).stream(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                                      top_k=top_k, top_p=top_p, stop_ids=stops, seed=seed):

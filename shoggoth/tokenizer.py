@@ -5,6 +5,7 @@ Saved as `tokenizer.json` + `tokenizer_config.json`, which
 """
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -62,29 +63,57 @@ def save(tok, out_dir, model_max_length=None):
 
 
 def load(model_dir):
+    """The tokenizer of a model directory, with its chat template and reply ends.
+
+    Chat rendering goes through transformers' own tokenizer of the directory
+    (`AutoTokenizer`), so ids are those of `apply_chat_template`, whatever the
+    template; plain text goes through the `tokenizers` backend directly."""
     d = Path(model_dir)
     if not d.is_dir():
         raise ModelDirError(f"{d}: no such model directory")
     if not (d / "tokenizer.json").exists():
         raise ModelDirError(f"{d}: no tokenizer.json")
-    cfg_path = d / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    special = {}
-    for key in ("bos_token", "eos_token", "pad_token"):
-        v = cfg.get(key)
-        special[key] = v["content"] if isinstance(v, dict) else v
-    return Tok(Tokenizer.from_file(str(d / "tokenizer.json")), special)
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:  # malformed tokenizer files: transformers raises many kinds
+        raise ModelDirError(f"{d}: transformers cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    special = {k: getattr(hf, k) for k in ("bos_token", "eos_token", "pad_token")}
+    gen = {}
+    if (d / "generation_config.json").exists():
+        try:
+            gen = json.loads((d / "generation_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ModelDirError(f"{d / 'generation_config.json'}: invalid JSON ({e})") from None
+    return Tok(Tokenizer.from_file(str(d / "tokenizer.json")), special, hf=hf, where=str(d),
+               eos=gen.get("eos_token_id"))
+
+
+SENTINEL = "Shoggoth-sentinel-reply"  # a probe reply, to find where a template ends an assistant turn
 
 
 class Tok:
-    """The tokenizer and its special-token ids; plain lists of ints in and out."""
+    """The tokenizer and its special-token ids; plain lists of ints in and out.
 
-    def __init__(self, tok: Tokenizer, special: dict):
-        self.tok, self.special = tok, special
+    pad_id is a filler only: rows end where their lengths say, never where a pad
+    id appears, so a tokenizer whose pad is its eos (or that has none) works."""
+
+    def __init__(self, tok: Tokenizer, special: dict, hf=None, where="tokenizer", eos=None):
+        self.tok, self.special, self.hf, self.where = tok, special, hf, where
         self.bos_id = self._id(special.get("bos_token"))
         self.eos_id = self._id(special.get("eos_token"))
         pad = self._id(special.get("pad_token"))
-        self.pad_id = pad if pad is not None else self.eos_id
+        self.pad_id = pad if pad is not None else self.eos_id if self.eos_id is not None else 0
+        self.has_pad = pad is not None
+        template = getattr(hf, "chat_template", None) if hf is not None else None
+        self.template = template if isinstance(template, str) else None
+        self.markers = bool(self.template and re.search(r"\{%-?\s*generation\s*-?%\}", self.template))
+        self.end_of_turn = self._end_of_turn() if self.template else None
+        # A reply ends at generation_config.json's eos ids (an int or a list), the tokenizer's
+        # eos, or the token the template closes an assistant turn with.
+        ends = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = sorted({t for t in (*ends, self.eos_id, self.end_of_turn) if isinstance(t, int)})
 
     def _id(self, token):
         return None if token is None else self.tok.token_to_id(token)
@@ -104,32 +133,97 @@ class Tok:
     def decode(self, ids, skip_special=True):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    # ------------------------------------------------------------ chat
+
+    def _render(self, messages, add_generation_prompt=False, **kw):
+        """transformers' apply_chat_template on this directory's template, or a one-line error."""
+        if self.template is None:
+            raise ModelDirError(f"{self.where}: no chat template (chat_template.jinja or tokenizer_config.json's "
+                                "chat_template); a base model: use `shoggoth sample`, or add a template")
+        try:
+            return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kw)
+        except ModelDirError:
+            raise
+        except Exception as e:  # the template's own raise_exception, or a template bug
+            raise ModelDirError(f"{self.where}: its chat template cannot render this conversation: {e}") from None
+
+    def chat_text(self, messages, add_generation_prompt=False):
+        return self._render(messages, add_generation_prompt, tokenize=False)
+
+    def _end_of_turn(self):
+        """The special token that follows an assistant turn's text in the template (<|im_end|>,
+        <|eot_id|>, ...), found by rendering a probe reply; None if there is none."""
+        try:
+            text = self.chat_text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}])
+        except ModelDirError:
+            return None
+        if SENTINEL not in text:
+            return None
+        special = set(self.hf.all_special_ids) | {i for i, t in self.hf.added_tokens_decoder.items() if t.special}
+        after = self.hf(text[text.index(SENTINEL) + len(SENTINEL):], add_special_tokens=False)["input_ids"]
+        return next((t for t in after if t in special), None)
+
     def render_chat(self, messages, add_generation_prompt=False):
-        """Token ids of a conversation in the chat template, and the loss mask:
-        1 on each assistant turn's text and its <|im_end|>, 0 elsewhere.
-        Same ids and mask as transformers' apply_chat_template with
-        return_assistant_tokens_mask=True (a test holds us to it)."""
-        for token in (IM_START, IM_END):
-            if self.token_id(token) is None:
-                raise ModelDirError(f"tokenizer has no {token} token, which the chat template needs")
-        bos = self.special.get("bos_token") or ""
-        text, spans = bos, []
-        for m in messages:
-            text += f"{IM_START}{m['role']}\n"
-            start = len(text)
-            text += m["content"] + IM_END
-            if m["role"] == "assistant":
-                spans.append((start, len(text)))
-            text += "\n"
-        if add_generation_prompt:
-            text += f"{IM_START}assistant\n"
-        enc = self.tok.encode(text, add_special_tokens=False)
-        mask = [0] * len(enc.ids)
-        for start, end in spans:  # tokens from the one holding `start` to the one holding `end - 1`
+        """Token ids of a conversation in the directory's chat template, and the loss mask
+        (1 on the tokens the assistant writes, 0 elsewhere).
+
+        The ids are apply_chat_template's. Where the template marks assistant text with
+        {% generation %} (Shoggoth's own ChatML does), the mask is transformers'
+        return_assistant_tokens_mask. Otherwise it comes from the template itself: each
+        assistant turn starts where the template's generation prompt for the conversation
+        before it ends (the text a model is asked to continue; when that rendering is not
+        a prefix of the whole, where the turn's content starts), and ends after the first
+        reply-ending token (stop_ids) past its content, so the mask covers what a model
+        must write to produce the turn and to stop, and nothing the template adds after."""
+        if self.markers:
+            out = self._render(messages, add_generation_prompt, return_dict=True, return_assistant_tokens_mask=True)
+            return list(out["input_ids"]), list(out["assistant_masks"])
+        text = self.chat_text(messages, add_generation_prompt)
+        enc = self.hf(text, add_special_tokens=False)
+        mask = [0] * len(enc["input_ids"])
+        for start, end in self._assistant_spans(messages, text):
             first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
             for i in range(first, last + 1):
                 mask[i] = 1
-        return enc.ids, mask
+        return list(enc["input_ids"]), mask
+
+    def _assistant_spans(self, messages, text):
+        """Character spans (start, end) of each assistant turn in text, the rendering of messages."""
+        stops = [self.tok.id_to_token(t) for t in self.stop_ids]
+        spans, at = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = None
+            if i:
+                head = self.chat_text(messages[:i], add_generation_prompt=True)
+                if text.startswith(head) and len(head) >= at:
+                    start = len(head)
+            content = m["content"].strip()
+            c = text.find(content, at if start is None else start)
+            if c < 0:
+                raise ModelDirError(f"{self.where}: its chat template rewrites assistant message {i}, so the loss "
+                                    "mask cannot be found; add {% generation %} markers to the template")
+            start = c if start is None else start
+            end = c + len(content)
+            found = [(text.find(s, end), s) for s in stops if text.find(s, end) >= 0]
+            if found:
+                pos, s = min(found)
+                end = pos + len(s)
+            if end > start:
+                spans.append((start, end))
+            at = end
+        return spans
+
+    def render_reply(self, prompt, reply):
+        """(ids, mask) of prompt messages answered by reply: ids end with the reply's last
+        token (its end of turn), mask is 1 on the reply's tokens only."""
+        ids, mask = self.render_chat(prompt + [{"role": "assistant", "content": reply}])
+        end = len(mask) - mask[::-1].index(1) if 1 in mask else len(ids)
+        start = end
+        while start > 0 and mask[start - 1]:  # the last assistant turn only, not earlier ones
+            start -= 1
+        return ids[:end], [0] * start + [1] * (end - start)
 
     def check_model(self, vocab_size, where):
         """A tokenizer whose ids do not all fit the model's embedding is an error."""

@@ -77,6 +77,18 @@ def postgres_server(tmp_path_factory):
         stop()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests: tiny models gain nothing from more, and on a
+    loaded machine OpenMP's spinning threads make them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _db_counter = iter(range(1_000_000))
 
 

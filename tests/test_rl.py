@@ -31,13 +31,7 @@ def series(path, key):
     return [r[key] for r in records(path) if key in r]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process work here on one thread too (see ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process work here on one thread too (see ENV)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +92,7 @@ def test_rollout_logprobs_are_the_training_forwards(lm_dir):
     with torch.no_grad():
         lp = rl.token_logprobs(rl.response_logits(model, r), r.tokens, 0.7)
     assert torch.allclose(lp * r.mask, r.logprobs, atol=1e-4)
-    assert tok.pad_id not in rl.stop_ids(tok) and tok.token_id(tokenizer.IM_END) in rl.stop_ids(tok)
+    assert tok.stop_ids == sorted([tok.eos_id, tok.token_id(tokenizer.IM_END)])
     for b in range(len(recs)):  # the response sits right after its prompt, pad after
         n = int(r.lengths[b])
         assert r.seq[b, r.start[b]:r.start[b] + n].tolist() == r.tokens[b, :n].tolist()

@@ -53,7 +53,7 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
         raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
     records = read_prompts(prompts_path)  # bad input fails before the model loads
     from .. import engine as E
-    from .. import rl, sampling
+    from .. import sampling
 
     model, tok = sampling.load(policy)
     eng = E.Engine(model, pad_id=tok.pad_id)
@@ -65,7 +65,7 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
             ids = ids[-(limit - max_new_tokens):]  # keep the end of a long prompt
         rows += [(i, ids)] * k
     texts = [[] for _ in records]
-    stop = rl.stop_ids(tok)
+    stop = tok.stop_ids
     for b in range(0, len(rows), batch_size):
         batch = rows[b:b + batch_size]
         gen = eng.generate([ids for _, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,

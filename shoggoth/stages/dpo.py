@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, data, dist, losses, optim, rl, tokenizer
+from .. import checkpoint, data, dist, losses, optim, rl
 from ..errors import ShoggothError
 from ..metrics import Metrics
 
@@ -60,17 +60,14 @@ MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device
 
 def encode_pairs(records, tok, seq_len):
     """Rankings -> (rows, pairs): rows are (ids, labels) arrays, labels -100 except on the
-    last assistant turn (its text and <|im_end|>); pairs are (better row, worse row) indices."""
-    im_start = tok.token_id(tokenizer.IM_START)
+    response (the last assistant turn, through its end of turn); pairs are (better row,
+    worse row) indices."""
     rows, pairs = [], []
     for r in records:
         first = len(rows)
         for comp in r["completions"]:
-            ids, mask = tok.render_chat(r["prompt"] + [{"role": "assistant", "content": comp}])
-            ids, mask = np.array(ids), np.array(mask)
-            mask[:len(ids) - ids[::-1].tolist().index(im_start)] = 0  # only the response, not earlier turns
-            end = int(np.nonzero(mask)[0].max()) + 1  # through its <|im_end|>
-            ids, mask = ids[:end][-seq_len:], mask[:end][-seq_len:]
+            ids, mask = tok.render_reply(r["prompt"], comp)
+            ids, mask = np.array(ids[-seq_len:]), np.array(mask[-seq_len:])
             # Predict token t+1 at position t: the label of position t is the next token, where it is trained on.
             labels = np.where(np.roll(mask, -1) == 1, np.roll(ids, -1), -100)
             labels[-1] = -100
@@ -202,7 +199,6 @@ def run(c: Config):
     final = dist.model_state(policy)  # gathered to rank 0 under FSDP2
     if d.main:
         checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final)
-        tokenizer.save(tok, out)
         dist.print0(f"saved Hugging Face model directory {out}")
     metrics.close()
     dist.cleanup()

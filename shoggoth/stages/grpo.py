@@ -204,7 +204,6 @@ def run(c: Config):
     final = rl.split_state(dist.model_state(pv))
     if d.main:
         checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final["policy"])
-        tokenizer.save(tok, out)
         dist.print0(f"saved Hugging Face model directory {out}")
     metrics.close()
     dist.cleanup()

@@ -253,10 +253,8 @@ def run(c: Config):
     final = rl.split_state(dist.model_state(both))
     if d.main:
         checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final["policy"])
-        tokenizer.save(tok, out)
         if ema is not None:
             checkpoint.save_pretrained(ema, out / "ema", tokenizer_dir=c.policy)
-            tokenizer.save(tok, out / "ema")
         dist.print0(f"saved Hugging Face model directory {out}" + (f" (and the EMA policy in {out / 'ema'})" if ema else ""))
     metrics.close()
     dist.cleanup()

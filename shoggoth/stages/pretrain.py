@@ -103,7 +103,8 @@ def run(c: Config):
         model = GPT(GPTConfig(vocab_size=64 * math.ceil(len(tok) / 64), n_layer=c.n_layer, n_head=c.n_head,
                               n_kv_head=c.n_kv_head, n_embd=c.n_embd, max_seq_len=c.seq_len,
                               rope_theta=c.rope_theta, tie_embeddings=c.tie_embeddings))
-    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = \
+        tok.bos_id, tok.eos_id, tok.pad_id if tok.has_pad else None
     tok.check_model(model.config.vocab_size, tok_dir)
     if state:
         model.load_state_dict(state["model"])

@@ -79,15 +79,30 @@ def load_rankings(c: Config, log):
     return data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log)
 
 
-def encode(records, tok, seq_len):
-    """Add each ranking's token rows (prompt + completion, to its <|im_end|>); rows longer
+def score_pad(tok):
+    """The pad_token_id of the reward model's config.json. transformers' sequence classification
+    reads the score at the last token that is not pad_token_id, so it must be a token that no
+    scored row holds: the tokenizer's pad where that is not a reply-ending token; else a special
+    token the chat template never writes (SmolLM2 pads with its <|im_end|>, Llama 3 has no pad);
+    else None, and transformers scores one row at a time. Shoggoth itself reads rows by length."""
+    if tok.has_pad and tok.pad_id not in tok.stop_ids:
+        return tok.pad_id
+    taken = {*tok.stop_ids, tok.bos_id}
+    for i, t in sorted(tok.hf.added_tokens_decoder.items()):
+        if t.special and i not in taken and t.content not in (tok.template or ""):
+            return i
+    return None
+
+
+def encode(records, tok, seq_len, pad):
+    """Add each ranking's token rows (prompt + completion, to its end of turn); rows longer
     than seq_len keep their last seq_len tokens (counted)."""
     cut = 0
     for r in records:
         rows = data.reward_rows(tok, r["prompt"], r["completions"])
-        if any(tok.pad_id in row for row in rows):
-            raise DataError(f"{r['where']}: the text holds the pad token {tok.tok.id_to_token(tok.pad_id)!r}, which "
-                            "would end the row early for transformers' sequence classification")
+        if pad is not None and any(pad in row for row in rows):
+            raise DataError(f"{r['where']}: the text holds the token {tok.tok.id_to_token(pad)!r}, the reward model's "
+                            "pad, which would end the row early for transformers' sequence classification")
         cut += sum(len(row) > seq_len for row in rows)
         r["rows"] = [row[-seq_len:] for row in rows]
     return cut
@@ -135,7 +150,7 @@ def normalization_shift(model, c: Config, tok, prompts, device, log):
 
     policy = checkpoint.load_pretrained(c.init).to(device)
     eng = Engine(policy, pad_id=tok.pad_id)
-    stop = [t for t in (tok.token_id(tokenizer.IM_END), tok.eos_id) if t is not None]
+    stop = tok.stop_ids
     room = policy.config.max_seq_len - c.normalize_max_new_tokens
     texts = []
     for i in range(0, len(prompts), 64):
@@ -162,12 +177,10 @@ def run(c: Config):
     tok = tokenizer.load(c.init)
     config = checkpoint.gpt_config(checkpoint.read_config(c.init), where=f"{c.init}/config.json")
     tok.check_model(config.vocab_size, c.init)
-    if tok.pad_id in (tok.token_id(tokenizer.IM_END), None):
-        raise ShoggothError(f"{c.init}: the tokenizer's pad token must be a token of its own (not <|im_end|>)")
-    config.pad_token_id = tok.pad_id  # transformers reads the score at the last token that is not pad
+    config.pad_token_id = score_pad(tok)  # transformers reads the score at the last token that is not pad
     seq_len = c.seq_len or config.max_seq_len
     train, held = load_rankings(c, dist.print0)
-    cut = encode(train, tok, seq_len) + encode(held, tok, seq_len)
+    cut = encode(train, tok, seq_len, config.pad_token_id) + encode(held, tok, seq_len, config.pad_token_id)
     n_pairs = lambda recs: sum(sum(a < b for a in r["ranks"] for b in r["ranks"]) for r in recs)  # noqa: E731
     dist.print0(f"data: {len(train)} train / {len(held)} held-out rankings ({n_pairs(train)} / {n_pairs(held)} untied "
                 f"pairs), K = {sorted({len(r['rows']) for r in train})}; {cut} rows truncated to seq_len={seq_len}")
@@ -291,7 +304,6 @@ def run(c: Config):
     final = dist.model_state(model)
     if d.main:
         checkpoint.save_reward(model, out, shift, tokenizer_dir=c.init, state_dict=final)
-        tokenizer.save(tok, out)
         dist.print0(f"saved Hugging Face sequence-classification model {out} (reward_shift {shift:.4f})")
     metrics.close()
     dist.cleanup()

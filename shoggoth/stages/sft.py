@@ -233,7 +233,6 @@ def run(c: Config):
     final = dist.model_state(model)
     if d.main:
         checkpoint.save_pretrained(model, out, tokenizer_dir=c.init, state_dict=final)
-        tokenizer.save(tok, out)  # the chat template this model was trained with
         dist.print0(f"saved Hugging Face model directory {out}")
     metrics.close()
     dist.cleanup()
