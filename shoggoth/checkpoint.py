@@ -21,6 +21,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "generation_config.json")
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -73,6 +74,7 @@ def hf_config(c: GPTConfig, dtype="float32"):
         # transformers 5 reads rope_parameters; older releases and other tools read rope_theta.
         "rope_theta": c.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_scaling": None,
         "tie_word_embeddings": c.tie_embeddings,
         "hidden_act": "silu",
         "attention_dropout": 0.0,
@@ -84,6 +86,11 @@ def hf_config(c: GPTConfig, dtype="float32"):
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+    if c.rope_scaling:
+        if model_type != "llama":
+            raise ModelDirError("llama3 RoPE scaling is a Llama architecture's")
+        d["rope_scaling"] = {"rope_type": "llama3", **c.rope_scaling}
+        d["rope_parameters"] = {**d["rope_parameters"], **d["rope_scaling"]}
     if model_type == "llama":
         d.update(attention_bias=False, mlp_bias=False)
     elif model_type == "qwen3":
@@ -99,8 +106,15 @@ def gpt_config(d: dict, where="config.json"):
     if mt not in ARCHS:
         raise ModelDirError(f"{where}: model_type {mt!r} is not supported (use one of {', '.join(ARCHS)})")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ModelDirError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ModelDirError(f"{where}: RoPE scaling {kind!r} is not supported (default and llama3 are)")
+    scaling = None
+    if kind == "llama3":
+        try:
+            scaling = {k: rope[k] for k in LLAMA3_ROPE}
+        except KeyError as e:
+            raise ModelDirError(f"{where}: llama3 RoPE scaling without {e.args[0]}") from None
     if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias"):
         raise ModelDirError(f"{where}: only a bias-free SiLU MLP is supported")
     if d.get("use_sliding_window"):
@@ -118,6 +132,7 @@ def gpt_config(d: dict, where="config.json"):
         intermediate_size=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
         norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_embeddings=d.get("tie_word_embeddings", mt != "qwen2"),
         qkv_bias=mt == "qwen2",

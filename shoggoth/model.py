@@ -26,6 +26,7 @@ class GPTConfig:
     intermediate_size: int = 0  # SwiGLU hidden width; 0 means 8/3 * n_embd rounded up to 64
     max_seq_len: int = 256  # longest context (max_position_embeddings)
     rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: dict | None = None  # Llama 3.1+ "llama3" frequencies: factor, low/high_freq_factor, original_max_position_embeddings
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # lm_head shares the embedding matrix
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2)
@@ -134,6 +135,60 @@ def decode_attention_cpu(q, k, v, mask=None):
     return y.to(q.dtype)
 
 
+class Documents:
+    """Packed rows as documents that attend only to themselves (block-diagonal causal
+    attention), without a (T, T) mask: each layer gathers every document's q, k, v into
+    a right-padded (documents, L) batch, attends causally, and scatters the outputs back
+    (pad slots are never read: causal attention keeps real tokens off the pads after them).
+    Attention work is the sum of squared document lengths, not rows x T squared; see
+    bench/packed_attention.py for the options measured. Documents are sorted by length
+    into buckets of similar lengths, so that padding stays small. Built once per batch."""
+
+    def __init__(self, seg):
+        """seg (B, T) long: the document of each token (documents are contiguous runs of one
+        value within a row), -1 for padding."""
+        B, T = seg.shape
+        flat = (seg + torch.arange(B, device=seg.device)[:, None] * (T + 1)).flatten()  # unique per (row, document)
+        where = (seg.flatten() >= 0).nonzero()[:, 0]  # flat positions of real tokens
+        _, lengths = torch.unique_consecutive(flat[where], return_counts=True)
+        starts = torch.cumsum(lengths, 0) - lengths
+        lengths, starts = lengths.tolist(), where[starts].tolist()
+        self.size = B * T
+        self.buckets = []  # (index (n, L) into the B*T flat tokens, valid (n, L) bool)
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        while order:
+            L = lengths[order[0]]
+            n = 1  # grow the bucket while its padding stays under a quarter of its tokens
+            while n < len(order) and (n + 1) * L <= 1.25 * sum(lengths[i] for i in order[:n + 1]):
+                n += 1
+            take, order = order[:n], order[n:]
+            cols = torch.arange(L, device=seg.device)
+            start = torch.tensor([starts[i] for i in take], device=seg.device)[:, None]
+            length = torch.tensor([lengths[i] for i in take], device=seg.device)[:, None]
+            valid = cols[None] < length
+            self.buckets.append((torch.where(valid, start + cols, start), valid))
+        self.scatter = torch.cat([idx[valid] for idx, valid in self.buckets])  # where each bucket's outputs go
+
+    def attend(self, q, k, v):
+        """Block-diagonal causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) -> (B, H, T, D)."""
+        B, H, T, D = q.shape
+        rows = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)  # noqa: E731  (B*T, heads, D)
+        q, k, v = rows(q), rows(k), rows(v)
+        if k.shape[1] != H:
+            k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+        outs = []
+        for idx, valid in self.buckets:
+            qb, kb, vb = (x[idx].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
+            if q.device.type == "cpu" and idx.shape[1] <= 512:
+                y = causal_attention_cpu(qb, kb, vb)
+            else:
+                y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
+            outs.append(y.transpose(1, 2)[valid])  # (real tokens, H, D)
+        y = torch.cat(outs)
+        out = y.new_zeros(self.size, H, D).index_copy(0, self.scatter, y)  # padding: zeros, never read
+        return out.view(B, T, H, D).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
@@ -174,6 +229,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D): past and present keys
         gqa = self.n_kv_head != self.n_head
+        if isinstance(mask, Documents):
+            return self.o_proj(mask.attend(q, k, v).transpose(1, 2).reshape(B, T, -1))
         # Without a mask and without a cache the attention is plainly causal; with a
         # cache and no mask every cached key is visible (one-token decode steps).
         if cache is not None and T == 1 and q.device.type == "cpu" and (mask is None or mask.dtype == torch.bool):
@@ -215,6 +272,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's RoPE frequencies for a longer context: wavelengths shorter than
+    original/high_freq_factor stay, those longer than original/low_freq_factor are
+    stretched by factor, and those between are interpolated (transformers' "llama3")."""
+    old = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > old / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    medium = (wavelen >= old / high_freq_factor) & (wavelen <= old / low_freq_factor)
+    return torch.where(medium, (1 - smooth) * out / factor + smooth * out, out)
+
+
 class Trunk(nn.Module):
     """Embedding, blocks and final norm: token ids in, hidden states out."""
 
@@ -224,6 +293,8 @@ class Trunk(nn.Module):
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm = RMSNorm(c.n_embd, c.norm_eps)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+        if c.rope_scaling:
+            inv_freq = llama3_inv_freq(inv_freq, **c.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, pos):
@@ -235,7 +306,8 @@ class Trunk(nn.Module):
 
     def forward(self, idx, pos=None, mask=None, cache=None):
         """idx (B, T) token ids; pos (B, T) positions (default 0..T-1, or after the
-        cache's length); mask (B, 1, T, S) bool, True where attention is allowed;
+        cache's length); mask (B, 1, T, S) bool, True where attention is allowed, or
+        Documents (packed rows whose documents attend only to themselves);
         cache: an object whose update(layer, k, v) returns all keys/values so far."""
         B, T = idx.shape
         if pos is None:

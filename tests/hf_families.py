@@ -18,7 +18,7 @@ so nothing is downloaded.
 Where the template lives follows how the family ships it: inside tokenizer_config.json
 ("chat_template") for smollm2, qwen2.5, llama3 and nosystem; as chat_template.jinja (the layout
 transformers >= 4.47 writes) for qwen3 and plain. No template has `{% generation %}` markers: none of
-the real ones do. Configs keep the default RoPE (Llama 3.2's rope_scaling "llama3" is left out).
+the real ones do. Llama 3.2's config keeps its rope_scaling "llama3" (factor 32 over 8,192 positions).
 """
 
 import functools
@@ -416,7 +416,8 @@ SPECS = {
         tok_config={"bos_token": "<|begin_of_text|>", "clean_up_tokenization_spaces": True,
                     "eos_token": "<|eot_id|>", "model_input_names": ["input_ids", "attention_mask"],
                     "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"},
-        model=dict(rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        model=dict(rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=8192), shape=dict(max_position_embeddings=131072), rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
                    bos="<|begin_of_text|>", eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], pad=None),
         generation=dict(bos="<|begin_of_text|>", eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
                         do_sample=True, temperature=0.6, top_p=0.9),
@@ -559,8 +560,8 @@ def build(family: str, path) -> Path:
     n_tokens = tok.get_vocab_size(with_added_tokens=True)
     config_cls, model_cls = ARCHS[s["arch"]]
     config = config_cls(
-        **SHAPE, vocab_size=-(-n_tokens // 64) * 64, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": m.pop("rope_theta")},
+        **{**SHAPE, **m.pop("shape", {})}, vocab_size=-(-n_tokens // 64) * 64, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": m.pop("rope_theta"), **m.pop("rope_scaling", {})},
         bos_token_id=_ids(tok, m.pop("bos")), eos_token_id=_ids(tok, m.pop("eos")), pad_token_id=_ids(tok, m.pop("pad")),
         **m)
     with torch.random.fork_rng(devices=[]):

@@ -15,6 +15,10 @@ KINDS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=True)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24, tie_word_embeddings=True)),
+    # Llama 3.1/3.2's long-context RoPE frequencies (their config.json's rope_scaling), at a toy original length
+    "llama3.1": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=True, rope_theta=500000.0,
+                 rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8})),
 }
 
 
@@ -35,20 +39,23 @@ def test_import_matches_transformers(kind, tmp_path):
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path).eval()
     assert ours.config.qkv_bias == (kind == "qwen2") and ours.config.qk_norm == (kind == "qwen3")
+    assert bool(ours.config.rope_scaling) == (kind == "llama3.1")
     idx = torch.randint(0, 97, (3, 17))
     with torch.no_grad():
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
     assert diff < 1e-4, diff
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24),
+                                dict(rope_theta=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                                            original_max_position_embeddings=8))])
 def test_export_loads_in_transformers(kw, tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64, **kw)).eval()
     randomize(ours)
     save_pretrained(ours, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 10000.0
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == kw.get("rope_theta", 10000.0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 97, (2, 33))
     with torch.no_grad():

@@ -55,7 +55,7 @@ def test_family_loads_and_renders(family, built):
     assert type(model).__name__ == cfg["architectures"][0] == ARCH[family]
     assert cfg["vocab_size"] % 64 == 0 and len(tok) <= cfg["vocab_size"] < len(tok) + 64 and 400 <= len(tok) <= 600
     assert "rope_scaling" not in cfg or cfg["rope_scaling"] is None
-    assert cfg["rope_parameters"]["rope_type"] == "default"
+    assert cfg["rope_parameters"]["rope_type"] == ("llama3" if family == "llama3" else "default")
 
     text = tok.apply_chat_template(HI, add_generation_prompt=True, tokenize=False)
     for marker in MARKERS[family]:

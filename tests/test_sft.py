@@ -9,6 +9,7 @@ import transformers
 
 from common import bible_corpus, shoggoth, tiny_model_dir
 from shoggoth import checkpoint, data, tokenizer
+from shoggoth.model import GPT, Documents, GPTConfig
 from shoggoth.stages import sft
 
 CONVS = [
@@ -53,7 +54,8 @@ def test_no_user_or_padding_token_is_trained(model_dir):
     model = checkpoint.load_pretrained(model_dir).eval()
     rows = sft.pack(examples, 128, [0, 2, 1])
     assert rows == [[0, 2], [1]]  # two short examples share a row
-    ids, labels, pos, mask = sft.collate(examples, rows, 128, tok.pad_id)
+    ids, labels, pos, seg = sft.collate(examples, rows, 128, tok.pad_id)
+    mask = Documents(seg)
     used = [sum(len(examples[i][0]) for i in row) for row in rows]
     padding = torch.arange(128)[None] >= torch.tensor(used)[:, None]
     assert padding.any() and (ids[padding] == tok.pad_id).all() and (labels[padding] == -100).all()
@@ -66,6 +68,32 @@ def test_no_user_or_padding_token_is_trained(model_dir):
     noisy = ids.clone()
     noisy[padding] = torch.randint(5, 200, (int(padding.sum()),))
     assert abs(model(noisy, labels, pos=pos, mask=mask).item() - packed.item()) < 1e-5
+
+
+@pytest.mark.parametrize("lengths", [[[5, 17, 9], [40], [1, 2, 30]], [[3] * 13, [20, 20], [7, 11, 2, 9]]])
+def test_documents_attention_is_the_block_diagonal_mask(lengths):
+    """Packed documents attend only to themselves: Documents (gathered per document, no (T, T)
+    mask) gives the dense block-diagonal causal mask's outputs and gradients, GQA included."""
+    torch.manual_seed(0)
+    B, T = len(lengths), 40
+    seg, pos = torch.full((B, T), -1), torch.zeros(B, T, dtype=torch.long)
+    for b, row in enumerate(lengths):
+        t = 0
+        for j, n in enumerate(row):
+            seg[b, t:t + n], pos[b, t:t + n] = j, torch.arange(n)
+            t += n
+    model = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64))
+    idx = torch.randint(0, 97, (B, T))
+    dense = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril())[:, None]
+    real = seg >= 0
+    outs, grads = [], []
+    for mask in (dense, Documents(seg)):
+        y = model(idx, pos=pos, mask=mask)[real]
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1])).sum(), list(model.parameters())))
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6
 
 
 def test_bad_sft_lines_name_file_and_line(model_dir, tmp_path):

@@ -3,10 +3,11 @@
     shoggoth sft --init runs/pretrain --out runs/sft            # built-in chatterbot-corpus
     shoggoth sft --init DIR --data chats.jsonl --out runs/sft   # TRL messages or prompt/completion JSONL
 
-Conversations are rendered with the chat template; the loss covers each
-assistant turn's tokens and its <|im_end|> only. Examples are packed into rows
-of seq_len; a block-diagonal causal mask and per-example positions keep each
-example's attention to itself, so packing changes speed, not the math.
+Conversations are rendered with the model directory's chat template; the loss
+covers what each assistant turn writes, through its end-of-turn token, only
+(tokenizer.Tok.render_chat). Examples are packed into rows of seq_len; per-example
+positions and attention kept within each example (model.Documents: no (T, T)
+mask) make packing change speed, not the math.
 """
 
 import math
@@ -20,6 +21,7 @@ import torch
 from .. import checkpoint, data, dist, optim, tokenizer
 from ..errors import ShoggothError, TrainingError
 from ..metrics import Metrics, peak_flops
+from ..model import Documents
 
 
 @dataclass
@@ -31,8 +33,8 @@ class Config:
     eval_data: str = ""  # held-out JSONL; empty = the built-in held-out questions, or 5% of --data
     out: str = "runs/sft"  # output Hugging Face model directory
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
-    seq_len: int = 0  # packed row length; 0 = the model's max_seq_len
-    batch_size: int = 16  # packed rows per micro-step, summed over ranks
+    seq_len: int = 0  # packed row length; 0 = the longest example (rounded up to 64), at most the model's context
+    batch_size: int = 0  # packed rows per micro-step, summed over ranks; 0 = as many as hold about 8,192 tokens
     grad_accum: int = 1  # micro-steps per optimizer step
     epochs: int = 3  # passes over the training conversations
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
@@ -101,7 +103,8 @@ def pack(examples, seq_len, order):
 
 
 def collate(examples, rows, seq_len, pad_id):
-    """Packed rows -> ids, labels, positions (B, T) and the (B, 1, T, T) attention mask."""
+    """Packed rows -> ids, labels, positions and documents (B, T): which example each token
+    belongs to (-1 = padding), for model.Documents."""
     B = len(rows)
     ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), -100, dtype=torch.long)
@@ -115,9 +118,7 @@ def collate(examples, rows, seq_len, pad_id):
             ids[b, t:t + n], labels[b, t:t + n] = torch.from_numpy(x), torch.from_numpy(y)
             pos[b, t:t + n], seg[b, t:t + n] = torch.arange(n), j
             t += n
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    same = seg[:, :, None] == seg[:, None, :]  # padding (-1) attends to padding: no empty rows, no NaN
-    return ids, labels, pos, (same & causal)[:, None]
+    return ids, labels, pos, seg
 
 
 def run(c: Config):
@@ -130,20 +131,26 @@ def run(c: Config):
     model = checkpoint.load_pretrained(c.init)
     tok = tokenizer.load(c.init)
     tok.check_model(model.config.vocab_size, c.init)
-    seq_len = c.seq_len or model.config.max_seq_len
+    limit = c.seq_len or model.config.max_seq_len
     train_convs, held_convs = load_conversations(c, dist.print0)
-    train, cut = encode(train_convs, tok, seq_len)
-    held, held_cut = encode(held_convs, tok, seq_len)
+    train, cut = encode(train_convs, tok, limit)
+    held, held_cut = encode(held_convs, tok, limit)
+    if not train:
+        raise ShoggothError(f"{c.data or 'the built-in data'}: no conversation has an assistant turn to train on")
+    # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real
+    # checkpoints); micro-steps of about 8K tokens, sized for a laptop's memory.
+    seq_len = c.seq_len or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
+    batch_size = c.batch_size or max(1, 8192 // seq_len)
     n_loss = sum(int((y != -100).sum()) for _, y in train)
     dist.print0(f"data: {len(train)} train / {len(held)} held-out examples, {n_loss:,} trained tokens per epoch; "
-                f"{cut + held_cut} truncated to seq_len={seq_len}")
+                f"{cut + held_cut} truncated to {limit} tokens")
 
     # Every epoch's packed batches, fixed by the seed: step s always sees the same batch.
     batches = []
     for epoch in range(c.epochs):
         order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
         rows = pack(train, seq_len, order)
-        batches += [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
+        batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
@@ -162,18 +169,18 @@ def run(c: Config):
     amp = dist.autocast(d.device, amp_dtype)
     peak = peak_flops(d.device, amp_dtype) * d.world
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
-    dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} rows "
+    dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {batch_size} rows "
                 f"x {seq_len} tokens per micro-step), autocast {amp_dtype}")
 
     def micro_loss(examples, rows):
         """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
-        ids, labels, pos, mask = collate(examples, rows, seq_len, tok.pad_id)
+        ids, labels, pos, seg = collate(examples, rows, seq_len, tok.pad_id)
         count = (labels != -100).sum().to(d.device, torch.float32)
         share = slice(d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world)
         if share.start == share.stop:  # fewer rows than ranks: run one row without loss tokens, so collectives match
             share, labels = slice(0, 1), torch.full_like(labels, -100)
-        ids, labels, pos, mask = (t[share].to(d.device) for t in (ids, labels, pos, mask))
-        logits = train_model(ids, pos=pos, mask=mask)
+        ids, labels, pos, seg = (t[share].to(d.device) for t in (ids, labels, pos, seg))
+        logits = train_model(ids, pos=pos, mask=Documents(seg))
         loss_sum = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                                      ignore_index=-100, reduction="sum")
         return loss_sum, count
@@ -182,8 +189,8 @@ def run(c: Config):
         model.eval()
         total_loss, total_n = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
         with torch.no_grad(), amp:
-            for i in range(0, len(held_rows), c.batch_size):
-                s, n = micro_loss(held, held_rows[i:i + c.batch_size])
+            for i in range(0, len(held_rows), batch_size):
+                s, n = micro_loss(held, held_rows[i:i + batch_size])
                 total_loss += dist.all_mean(s) * d.world
                 total_n += n
         model.train()
