@@ -1,11 +1,11 @@
 """What the RL stages (ppo, grpo, dpo) share: prompts, rollouts, log-probs of responses, rewards.
 
-A rollout is a batch of prompts (rendered with the chat template, ending in
-`<|im_start|>assistant\\n`) continued by the Engine until `<|im_end|>` (the
-end-of-text of a chat response) or max_new_tokens. For training it is laid out
-right-padded, `[prompt | response | pad]` per row, so that a plain causal forward
-pass is exact; the logits that predict response token j of row b sit at column
-start[b] - 1 + j.
+A rollout is a batch of prompts (rendered with the model's chat template and its
+generation prompt, `<|im_start|>assistant\\n` in ChatML) continued by the Engine until
+a reply-ending token (tok.stop_ids: `<|im_end|>`, Llama 3's `<|eot_id|>`, ...) or
+max_new_tokens. For training it is laid out right-padded, `[prompt | response |
+pad]` per row, so that a plain causal forward pass is exact; the logits that
+predict response token j of row b sit at column start[b] - 1 + j.
 
 Log-probs are those of `log_softmax(logits / temperature)`: the distribution the
 Engine samples from at that temperature (no top-k/top-p in RL rollouts), so the
@@ -255,7 +255,7 @@ def response_values(value_model, r: Rollout):
 
 
 def reward_scores(reward_model, shift, r: Rollout):
-    """Reward-model scores (B,) read at each response's last real token (its <|im_end|>), minus the stored shift."""
+    """Reward-model scores (B,) read at each response's last real token (its end of turn), minus the stored shift."""
     return reward_model(r.seq, last=r.start + r.lengths - 1) - shift
 
 

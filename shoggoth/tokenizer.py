@@ -1,7 +1,10 @@
-"""Byte-level BPE with Hugging Face `tokenizers`: train, save, load.
+"""Tokenizers: train and save Shoggoth's byte-level BPE; load any model directory's.
 
-Saved as `tokenizer.json` + `tokenizer_config.json`, which
-`transformers.AutoTokenizer.from_pretrained(dir)` loads offline.
+A trained tokenizer is saved as `tokenizer.json` + `tokenizer_config.json` with
+Shoggoth's ChatML template, which `transformers.AutoTokenizer` loads offline. A
+loaded directory's own tokenizer and chat template are the truth: conversations
+render exactly as its `apply_chat_template` does (Tok.render_chat), and replies end
+at its generation_config.json eos ids and its template's end-of-turn token.
 """
 
 import json
@@ -86,6 +89,8 @@ def load(model_dir):
             gen = json.loads((d / "generation_config.json").read_text())
         except json.JSONDecodeError as e:
             raise ModelDirError(f"{d / 'generation_config.json'}: invalid JSON ({e})") from None
+        if not isinstance(gen, dict):
+            raise ModelDirError(f"{d / 'generation_config.json'}: expected a JSON object")
     return Tok(Tokenizer.from_file(str(d / "tokenizer.json")), special, hf=hf, where=str(d),
                eos=gen.get("eos_token_id"))
 
@@ -107,6 +112,8 @@ class Tok:
         self.pad_id = pad if pad is not None else self.eos_id if self.eos_id is not None else 0
         self.has_pad = pad is not None
         template = getattr(hf, "chat_template", None) if hf is not None else None
+        if isinstance(template, dict):  # named templates (tool use, RAG, ...): apply_chat_template's default
+            template = template.get("default")
         self.template = template if isinstance(template, str) else None
         self.markers = bool(self.template and re.search(r"\{%-?\s*generation\s*-?%\}", self.template))
         self.end_of_turn = self._end_of_turn() if self.template else None

@@ -8,7 +8,7 @@ reward against its group's (losses.group_advantages, or RLOO's leave-one-out
 baseline, losses.rloo_advantages). Each iteration:
 
   1. rollout: batch_size prompts (each rank its share), group_size responses each;
-  2. score: the reward (minus missing_eos_penalty for a response without <|im_end|>)
+  2. score: the reward (minus missing_eos_penalty for a response that never ends its turn)
      and the reference's log-probs (the old log-probs are the Engine's);
   3. advantages: one per response, from its group;
   4. update: epochs passes over the responses in minibatches on GRPO's loss: the
@@ -55,7 +55,7 @@ class Config:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     beta: float = 0.04  # weight of the KL term (k3 estimate, per token) in the loss
     clip: float = 0.2  # policy ratio clip (epsilon)
-    missing_eos_penalty: float = 1.0  # subtracted from the reward of a response that never emits <|im_end|>
+    missing_eos_penalty: float = 1.0  # subtracted from the reward of a response that never emits a stop token (ends its turn)
     dtype: str = "auto"  # auto | bf16 | fp32 autocast (rollouts and training)
     fsdp: bool = False  # under torchrun, shard the policy over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available

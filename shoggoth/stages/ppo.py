@@ -8,10 +8,10 @@ model, frozen), the value model (the reward model's trunk and head, trained) and
 the reward model (frozen). Each iteration:
 
   1. rollout: batch_size prompts (each rank its share), one response each, sampled by
-     the Engine at `temperature` until <|im_end|> or max_new_tokens;
+     the Engine at `temperature` until a stop token (end of turn) or max_new_tokens;
   2. score: reference log-probs and values in one forward each (the old log-probs
      are the Engine's, sampled at the same temperature); the reward model's score at the response's end, minus missing_eos_penalty when the
-     response never emitted <|im_end|>; per-token rewards -beta * (logp - logp_ref)
+     response never emitted a stop token; per-token rewards -beta * (logp - logp_ref)
      with the score on the last token (losses.kl_penalized_rewards);
   3. advantages: GAE (gamma, lambda) over the values, whitened over the whole batch;
   4. update: ppo_epochs shuffled passes over the batch in minibatches, each one
@@ -70,7 +70,7 @@ class Config:
     clip: float = 0.2  # policy ratio clip (epsilon)
     vf_clip: float = 0.2  # value clip: how far a value may move from its rollout-time prediction
     vf_coef: float = 0.1  # weight of the value loss
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits <|im_end|>
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits a stop token (ends its turn)
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed into each update (InstructGPT's gamma); 0 = off
     ptx_data: str = ""  # token shards for PPO-ptx (a pretrain run's out/tokens folder)
     ema_decay: float = 0.0  # keep an EMA of the policy's weights with this decay, saved to out/ema; 0 = off

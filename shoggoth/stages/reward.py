@@ -3,8 +3,8 @@
     shoggoth reward --init runs/sft --rankings rankings.jsonl --out runs/reward
     shoggoth score runs/reward --prompt "Hi" --completion "Hello!"
 
-The SFT model's trunk plus a scalar head, read at the <|im_end|> that closes each
-(prompt, completion) rendered with the chat template. Each ranking (one labeler,
+The SFT model's trunk plus a scalar head, read at the end-of-turn token that closes
+each (prompt, completion) rendered with the model's chat template. Each ranking (one labeler,
 one prompt, K completions) is one batch element: its K completions are scored in
 one forward and all its untied pairs are averaged in the loss (losses.ranking_loss),
 so a completion is never seen in many separate batch elements. TRL pairs

@@ -34,7 +34,7 @@ class Config:
     out: str = "runs/sft"  # output Hugging Face model directory
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
     seq_len: int = 0  # packed row length; 0 = the longest example (rounded up to 64), at most the model's context
-    batch_size: int = 0  # packed rows per micro-step, summed over ranks; 0 = as many as hold about 8,192 tokens
+    batch_size: int = 0  # packed rows per micro-step, summed over ranks; 0 = up to 8,192 tokens, fewer if memory is short
     grad_accum: int = 1  # micro-steps per optimizer step
     epochs: int = 3  # passes over the training conversations
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
@@ -121,6 +121,35 @@ def collate(examples, rows, seq_len, pad_id):
     return ids, labels, pos, seg
 
 
+def micro_rows(config, seq_len, world, log):
+    """Rows per micro-step (summed over ranks) when --batch-size is 0: each rank holds up to
+    8,192 tokens, fewer where their activations would not fit in half the memory available
+    now. Activations cost about 29 bytes per token, layer and unit of n_embd +
+    intermediate_size under autocast (61 KB per token and layer measured at SmolLM2-135M's
+    shape in bf16: bench/RESULTS.md), weights and AdamW 16 bytes per parameter."""
+    per_token = 29 * config.n_layer * (config.n_embd + config.intermediate_size)
+    params = config.vocab_size * config.n_embd * (1 if config.tie_embeddings else 2) + config.n_layer * (
+        config.n_embd * config.head_dim * 2 * (config.n_head + config.n_kv_head) + 3 * config.n_embd * config.intermediate_size)
+    free = _available_bytes() // 2 - 16 * params
+    tokens = min(8192, max(seq_len, free // per_token))
+    rows = max(1, tokens // seq_len)
+    if rows * seq_len < 8192:
+        log(f"sft: {rows} row(s) of {seq_len} tokens per micro-step per process, to fit the memory available "
+            f"({_available_bytes() / 2**30:.1f} GiB); raise --grad-accum for larger batches")
+    return rows * world
+
+
+def _available_bytes():
+    """MemAvailable of /proc/meminfo (Linux); elsewhere 16 GiB."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * 2**30
+
+
 def run(c: Config):
     if not c.init:
         raise ShoggothError("sft: --init DIR is required (a pretrain output or a Hugging Face model directory)")
@@ -137,10 +166,9 @@ def run(c: Config):
     held, held_cut = encode(held_convs, tok, limit)
     if not train:
         raise ShoggothError(f"{c.data or 'the built-in data'}: no conversation has an assistant turn to train on")
-    # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real
-    # checkpoints); micro-steps of about 8K tokens, sized for a laptop's memory.
+    # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real checkpoints).
     seq_len = c.seq_len or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
-    batch_size = c.batch_size or max(1, 8192 // seq_len)
+    batch_size = c.batch_size or micro_rows(model.config, seq_len, d.world, dist.print0)
     n_loss = sum(int((y != -100).sum()) for _, y in train)
     dist.print0(f"data: {len(train)} train / {len(held)} held-out examples, {n_loss:,} trained tokens per epoch; "
                 f"{cut + held_cut} truncated to {limit} tokens")
