@@ -155,8 +155,9 @@ def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, state_dict=None):
     instead of model's own, e.g. gathered from FSDP shards by dist.model_state).
 
     tokenizer_dir (the stage's input) gives the tokenizer files, chat template and
-    generation_config.json, copied unchanged, and the token ids of config.json as it
-    wrote them (Llama 3's eos is a list); without it they come from model.config."""
+    generation_config.json, copied unchanged (what it lacks is removed from out_dir), and
+    the token ids of config.json as it wrote them (Llama 3's eos is a list). Without it,
+    or saved in place, out_dir keeps what it has; what is missing comes from model.config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
@@ -165,16 +166,17 @@ def save_pretrained(model: GPT, out_dir, tokenizer_dir=None, state_dict=None):
         sd.pop("lm_head.weight", None)  # a reward model has no lm_head
     atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     cfg = hf_config(c)
-    copied = []
-    src = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    if src is not None and src.resolve() != out.resolve():
-        if (src / "config.json").exists():
-            cfg.update({k: v for k, v in read_config(src).items() if k in TOKEN_IDS})
-        copied = [name for name in TOKENIZER_FILES if (src / name).exists()]
-        for name in copied:
-            shutil.copyfile(src / name, out / name)
+    src = Path(tokenizer_dir) if tokenizer_dir is not None else out
+    if (src / "config.json").exists():  # the ids as the input wrote them (Llama 3's eos is a list)
+        cfg.update({k: v for k, v in read_config(src).items() if k in TOKEN_IDS})
+    if src.resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copyfile(src / name, out / name)
+            else:  # a file left by an earlier run would override the input's (chat_template.jinja does)
+                (out / name).unlink(missing_ok=True)
     write_json(out / "config.json", cfg)
-    if "generation_config.json" not in copied:
+    if not (out / "generation_config.json").exists():
         write_json(out / "generation_config.json", {k: getattr(c, k) for k in TOKEN_IDS})
 
 
@@ -294,11 +296,12 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def resume_state(out_dir, config, resume, may_change):
+def resume_state(out_dir, config, resume, may_change, auto=()):
     """(state, path) of the checkpoint to continue from, or (None, None) for a fresh run.
 
     Refuses to start over a run that has checkpoints (no silent overwrite) and to
-    resume with a config that differs, in fields outside may_change, from the saved one."""
+    resume with a config that differs, in fields outside may_change, from the saved one.
+    Fields in auto that are 0 now (sized by the run) take the saved value: the caller reads it."""
     from .errors import ShoggothError
 
     path = latest_checkpoint(out_dir)
@@ -310,7 +313,7 @@ def resume_state(out_dir, config, resume, may_change):
         return None, None
     state = load_checkpoint(path)
     diff = {k: (v, getattr(config, k)) for k, v in state["config"].items()
-            if k not in may_change and getattr(config, k, v) != v}
+            if k not in may_change and getattr(config, k, v) != v and not (k in auto and not getattr(config, k))}
     if diff:
         raise ShoggothError(f"--resume: config differs from the checkpoint's (saved, now): {diff}")
     return state, path

@@ -72,6 +72,14 @@ def all_sum(x: torch.Tensor):
     return x
 
 
+def all_min(x: torch.Tensor):
+    """Minimum of a tensor over ranks (itself on one process): a value every rank must agree on."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
+
+
 def all_mean(x: torch.Tensor):
     """Mean of a tensor over ranks (itself on one process)."""
     if dist.is_initialized():

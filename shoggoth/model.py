@@ -145,21 +145,23 @@ class Documents:
     into buckets of similar lengths, so that padding stays small. Built once per batch."""
 
     def __init__(self, seg):
-        """seg (B, T) long: the document of each token (documents are contiguous runs of one
-        value within a row), -1 for padding."""
+        """seg (B, T) long: the document of each token, a run of one value >= 0 within a row;
+        -1 for padding."""
         B, T = seg.shape
-        flat = (seg + torch.arange(B, device=seg.device)[:, None] * (T + 1)).flatten()  # unique per (row, document)
-        where = (seg.flatten() >= 0).nonzero()[:, 0]  # flat positions of real tokens
-        _, lengths = torch.unique_consecutive(flat[where], return_counts=True)
+        # A run of one value within a row is a document: the row index keeps rows apart.
+        flat = (seg + 1 + torch.arange(B, device=seg.device)[:, None] * (int(seg.max()) + 2)).flatten()
+        values, lengths = torch.unique_consecutive(flat, return_counts=True)
         starts = torch.cumsum(lengths, 0) - lengths
-        lengths, starts = lengths.tolist(), where[starts].tolist()
+        real = seg.flatten()[starts] >= 0
+        lengths, starts = lengths[real].tolist(), starts[real].tolist()
         self.size = B * T
         self.buckets = []  # (index (n, L) into the B*T flat tokens, valid (n, L) bool)
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         while order:
             L = lengths[order[0]]
-            n = 1  # grow the bucket while its padding stays under a quarter of its tokens
-            while n < len(order) and (n + 1) * L <= 1.25 * sum(lengths[i] for i in order[:n + 1]):
+            n, tokens = 1, L  # grow the bucket while its padding stays under a quarter of its tokens
+            while n < len(order) and (n + 1) * L <= 1.25 * (tokens + lengths[order[n]]):
+                tokens += lengths[order[n]]
                 n += 1
             take, order = order[:n], order[n:]
             cols = torch.arange(L, device=seg.device)
@@ -167,7 +169,8 @@ class Documents:
             length = torch.tensor([lengths[i] for i in take], device=seg.device)[:, None]
             valid = cols[None] < length
             self.buckets.append((torch.where(valid, start + cols, start), valid))
-        self.scatter = torch.cat([idx[valid] for idx, valid in self.buckets])  # where each bucket's outputs go
+        # Where each bucket's outputs go.
+        self.scatter = torch.cat([idx[valid] for idx, valid in self.buckets] + [seg.new_zeros(0)])
 
     def attend(self, q, k, v):
         """Block-diagonal causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) -> (B, H, T, D)."""
@@ -186,7 +189,7 @@ class Documents:
             else:
                 y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
             outs.append(y.transpose(1, 2)[valid])  # (real tokens, H, D)
-        y = torch.cat(outs)
+        y = torch.cat(outs + [q.new_zeros(0, H, D)])
         out = y.new_zeros(self.size, H, D).index_copy(0, self.scatter, y)  # padding: zeros, never read
         return out.view(B, T, H, D).transpose(1, 2)
 

@@ -120,7 +120,8 @@ class Tok:
         # A reply ends at generation_config.json's eos ids (an int or a list), the tokenizer's
         # eos, or the token the template closes an assistant turn with.
         ends = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = sorted({t for t in (*ends, self.eos_id, self.end_of_turn) if isinstance(t, int)})
+        self.stop_ids = sorted({t for t in (*ends, self.eos_id, self.end_of_turn)
+                                if isinstance(t, int) and self.tok.id_to_token(t) is not None})
 
     def _id(self, token):
         return None if token is None else self.tok.token_to_id(token)
@@ -184,7 +185,11 @@ class Tok:
         must write to produce the turn and to stop, and nothing the template adds after."""
         if self.markers:
             out = self._render(messages, add_generation_prompt, return_dict=True, return_assistant_tokens_mask=True)
-            return list(out["input_ids"]), list(out["assistant_masks"])
+            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+            for i in range(1, len(ids)):  # a reply ends with its stop token, also where the markers leave it out
+                if mask[i - 1] and not mask[i] and ids[i] in self.stop_ids:
+                    mask[i] = 1
+            return ids, mask
         text = self.chat_text(messages, add_generation_prompt)
         enc = self.hf(text, add_special_tokens=False)
         mask = [0] * len(enc["input_ids"])
@@ -194,32 +199,52 @@ class Tok:
                 mask[i] = 1
         return list(enc["input_ids"]), mask
 
+    def _prefix(self, messages, text, add_generation_prompt=False):
+        """Length of the rendering of messages where it is a prefix of text, else None."""
+        if not messages:
+            return 0 if not add_generation_prompt else None
+        try:
+            head = self.chat_text(messages, add_generation_prompt)
+        except ModelDirError:  # a template may refuse a conversation cut short
+            return None
+        return len(head) if text.startswith(head) else None
+
     def _assistant_spans(self, messages, text):
-        """Character spans (start, end) of each assistant turn in text, the rendering of messages."""
+        """Character spans (start, end) of each assistant turn in text, the rendering of messages.
+
+        Turn i lies between the rendering of messages[:i] and that of messages[:i + 1],
+        where those are prefixes of text (else between the previous and the next message's
+        content): it starts at the end of the generation prompt, or at its
+        content, and ends after the first stop token past its content."""
         stops = [self.tok.id_to_token(t) for t in self.stop_ids]
         spans, at = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = None
-            if i:
-                head = self.chat_text(messages[:i], add_generation_prompt=True)
-                if text.startswith(head) and len(head) >= at:
-                    start = len(head)
+            lo = self._prefix(messages[:i], text)
+            if lo is None or lo < at:  # after the previous message's content, at least
+                before = messages[i - 1]["content"].strip() if i else ""
+                lo = text.find(before, at) + len(before) if before and text.find(before, at) >= 0 else at
+            start = self._prefix(messages[:i], text, add_generation_prompt=True)
+            start = None if start is None or start < lo else start
             content = m["content"].strip()
-            c = text.find(content, at if start is None else start)
+            c = text.find(content, lo if start is None else start)
             if c < 0:
                 raise ModelDirError(f"{self.where}: its chat template rewrites assistant message {i}, so the loss "
                                     "mask cannot be found; add {% generation %} markers to the template")
             start = c if start is None else start
             end = c + len(content)
-            found = [(text.find(s, end), s) for s in stops if text.find(s, end) >= 0]
+            hi = self._prefix(messages[:i + 1], text)
+            if hi is None or hi < end:
+                after = messages[i + 1]["content"].strip() if i + 1 < len(messages) else ""
+                hi = text.find(after, end) if after and text.find(after, end) >= 0 else len(text)
+            found = [(p, s) for s in stops if 0 <= (p := text.find(s, end, hi))]
             if found:
                 pos, s = min(found)
                 end = pos + len(s)
             if end > start:
                 spans.append((start, end))
-            at = end
+            at = max(end, lo)
         return spans
 
     def render_reply(self, prompt, reply):

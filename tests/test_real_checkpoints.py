@@ -86,6 +86,47 @@ def test_rendering_is_apply_chat_template(dirs, family):
         assert not tok.has_pad
 
 
+def with_template(src, dst, template):
+    """A copy of the model directory src whose chat template is `template`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (dst / "chat_template.jinja").write_text(template)
+    return dst
+
+
+# DeepSeek-R1's shape: the generation prompt opens a think block the rendered turn does not have.
+R1_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}{% else %}"
+           "<|im_end|>{{ m['content'] }}<|endoftext|>{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}<|im_end|><think>\n{% endif %}")
+# No stop token between turns: the end of text closes the conversation only.
+PLAIN_TURNS = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{{ eos_token }}"
+# Markers around the content only: the end of turn is outside them.
+MARKED_CONTENT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                  "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_masks_of_unusual_templates(dirs, tmp_path):
+    conv = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Yes or no?"}, {"role": "assistant", "content": "Yes"}]
+    r1 = tokenizer.load(with_template(dirs["smollm2"], tmp_path / "r1", R1_LIKE))
+    # The reply "Hello" also starts the user's message: the mask holds the reply, not the user's text.
+    assert masked_spans(r1, *r1.render_chat(conv)) == ["Hello<|endoftext|>", "Yes<|endoftext|>"]
+    plain = tokenizer.load(with_template(dirs["smollm2"], tmp_path / "plain", PLAIN_TURNS))
+    # Without a stop token after a turn, a turn ends with its content (the token holding " Hello").
+    assert [s.strip() for s in masked_spans(plain, *plain.render_chat(conv))] == ["Hello", "Yes\n<|im_end|>"]
+    marked = tokenizer.load(with_template(dirs["smollm2"], tmp_path / "marked", MARKED_CONTENT))
+    assert marked.markers
+    # The stop token after the marked content is trained too: a policy must learn to stop.
+    assert masked_spans(marked, *marked.render_chat(conv)) == ["Hello<|im_end|>", "Yes<|im_end|>"]
+    ids, mask = marked.render_reply(conv[:3], "Yes")
+    assert masked_spans(marked, ids, mask) == ["Yes<|im_end|>"] and mask[-1] == 1
+
+
 def test_markers_mask_is_transformers(dirs, tmp_path):
     """A template with {% generation %} markers: the mask is return_assistant_tokens_mask, and it agrees
     with the mask derived from the template without them."""
@@ -205,3 +246,20 @@ def test_every_stage_runs_and_keeps_the_template(dirs, family, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(src)
     assert rl.encode_prompts(tok, recs[:1], 1000)[0] == hf.apply_chat_template(
         recs[0]["messages"], add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def test_outputs_replace_stale_text_files_and_keep_eos_lists(dirs, tmp_path):
+    """An output directory that already holds another template (an earlier run's) gets the input's
+    files only; a directory saved in place keeps its eos list and generation settings."""
+    src, out = dirs["llama3"], tmp_path / "out"
+    out.mkdir()
+    (out / "chat_template.jinja").write_text(hf_families.SMOLLM2_TEMPLATE)  # would win over tokenizer_config's
+    model = checkpoint.load_pretrained(src)
+    checkpoint.save_pretrained(model, out, tokenizer_dir=src)
+    assert not (out / "chat_template.jinja").exists()
+    same_text_files(src, out)
+    gen = json.loads((src / "generation_config.json").read_text())
+    assert isinstance(gen["eos_token_id"], list)
+    checkpoint.save_pretrained(model, out, tokenizer_dir=out)  # in place, as `pretrain --init X --out X`
+    assert json.loads((out / "generation_config.json").read_text()) == gen
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == json.loads((src / "config.json").read_text())["eos_token_id"]

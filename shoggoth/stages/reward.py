@@ -304,7 +304,9 @@ def run(c: Config):
     final = dist.model_state(model)
     if d.main:
         checkpoint.save_reward(model, out, shift, tokenizer_dir=c.init, state_dict=final)
-        dist.print0(f"saved Hugging Face sequence-classification model {out} (reward_shift {shift:.4f})")
+        pad = config.pad_token_id
+        dist.print0(f"saved Hugging Face sequence-classification model {out} (reward_shift {shift:.4f}; pad_token_id "
+                    f"{pad} {tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})")
     metrics.close()
     dist.cleanup()
     return out

@@ -10,6 +10,7 @@ positions and attention kept within each example (model.Documents: no (T, T)
 mask) make packing change speed, not the math.
 """
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -121,33 +122,26 @@ def collate(examples, rows, seq_len, pad_id):
     return ids, labels, pos, seg
 
 
-def micro_rows(config, seq_len, world, log):
-    """Rows per micro-step (summed over ranks) when --batch-size is 0: each rank holds up to
-    8,192 tokens, fewer where their activations would not fit in half the memory available
-    now. Activations cost about 29 bytes per token, layer and unit of n_embd +
+def micro_rows(config, seq_len, device, log):
+    """Rows per micro-step per process when --batch-size is 0: up to 8,192 tokens, fewer
+    where their activations would not fit in half the memory available now (the GPU's
+    on CUDA). Activations cost about 29 bytes per token, layer and unit of n_embd +
     intermediate_size under autocast (61 KB per token and layer measured at SmolLM2-135M's
     shape in bf16: bench/RESULTS.md), weights and AdamW 16 bytes per parameter."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = next((int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:")),
+                         16 * 2**30) if Path("/proc/meminfo").exists() else 16 * 2**30
     per_token = 29 * config.n_layer * (config.n_embd + config.intermediate_size)
     params = config.vocab_size * config.n_embd * (1 if config.tie_embeddings else 2) + config.n_layer * (
         config.n_embd * config.head_dim * 2 * (config.n_head + config.n_kv_head) + 3 * config.n_embd * config.intermediate_size)
-    free = _available_bytes() // 2 - 16 * params
-    tokens = min(8192, max(seq_len, free // per_token))
-    rows = max(1, tokens // seq_len)
-    if rows * seq_len < 8192:
+    fits = (available // 2 - 16 * params) // per_token
+    rows = max(1, min(8192, max(seq_len, fits)) // seq_len)
+    if fits < 8192:
         log(f"sft: {rows} row(s) of {seq_len} tokens per micro-step per process, to fit the memory available "
-            f"({_available_bytes() / 2**30:.1f} GiB); raise --grad-accum for larger batches")
-    return rows * world
-
-
-def _available_bytes():
-    """MemAvailable of /proc/meminfo (Linux); elsewhere 16 GiB."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 16 * 2**30
+            f"({available / 2**30:.1f} GiB); raise --grad-accum for larger batches")
+    return rows
 
 
 def run(c: Config):
@@ -155,7 +149,7 @@ def run(c: Config):
         raise ShoggothError("sft: --init DIR is required (a pretrain output or a Hugging Face model directory)")
     d = dist.setup(c.device)
     out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE, auto={"seq_len", "batch_size"})
 
     model = checkpoint.load_pretrained(c.init)
     tok = tokenizer.load(c.init)
@@ -166,9 +160,14 @@ def run(c: Config):
     held, held_cut = encode(held_convs, tok, limit)
     if not train:
         raise ShoggothError(f"{c.data or 'the built-in data'}: no conversation has an assistant turn to train on")
-    # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real checkpoints).
-    seq_len = c.seq_len or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
-    batch_size = c.batch_size or micro_rows(model.config, seq_len, d.world, dist.print0)
+    # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real
+    # checkpoints); rows per micro-step that fit the machine, the same on every rank, and
+    # kept by a resumed run (its checkpoint holds them), so that it sees the same batches.
+    saved = state["config"] if state else {}
+    seq_len = c.seq_len or saved.get("seq_len") or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
+    batch_size = c.batch_size or saved.get("batch_size") or d.world * int(dist.all_min(
+        torch.tensor(micro_rows(model.config, seq_len, d.device, dist.print0), device=d.device)))
+    c = dataclasses.replace(c, seq_len=seq_len, batch_size=batch_size)  # what the checkpoints record
     n_loss = sum(int((y != -100).sum()) for _, y in train)
     dist.print0(f"data: {len(train)} train / {len(held)} held-out examples, {n_loss:,} trained tokens per epoch; "
                 f"{cut + held_cut} truncated to {limit} tokens")
