@@ -82,6 +82,7 @@ def load(model_dir):
         hf = AutoTokenizer.from_pretrained(str(d))
     except Exception as e:  # malformed tokenizer files: transformers raises many kinds
         raise ModelDirError(f"{d}: transformers cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    hf.model_max_length = 2**62  # rows are cut by each stage's own limits; no warning per long conversation
     special = {k: getattr(hf, k) for k in ("bos_token", "eos_token", "pad_token")}
     gen = {}
     if (d / "generation_config.json").exists():
