@@ -186,3 +186,84 @@ def test_admin_pages_escape_names(live_app, name):
     r = httpx.get(f"{srv.url}/admin", headers=bearer(ADMIN))
     assert "&lt;b&gt;x&lt;/b&gt;" in r.text and "<b>x</b>" not in r.text
     assert "script-src 'self'" in r.headers["content-security-policy"]
+
+
+def test_bodies_are_bounded_before_anything_reads_them(live_app):
+    """A stranger's large body (JSON, form, file part, or chunked without a length) gets 413 before
+    authentication, and the server stays up."""
+    from shoggoth.feedback.app import MAX_BODY
+
+    srv = live_app
+    setup_campaign(srv)
+    big = b"x" * (4 * 1024 * 1024)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/api/tasks/1/ranking", content=b'{"ranking": [[1]], "pad": "' + big + b'"}',
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "bytes" in r.json()["error"]
+        r = c.post("/admin/invite", data={f"f{i}": "y" * 1024 for i in range(1000)})
+        assert r.status_code == 413
+        r = c.post("/admin/invite", files={"upload": ("big.bin", big)})
+        assert r.status_code == 413
+        r = c.post("/api/next", content=(big[i:i + 65536] for i in range(0, len(big), 65536)))  # chunked
+        assert r.status_code == 413
+        r = c.post("/api/next", content=b"x" * (MAX_BODY + 1))
+        assert r.status_code == 413
+        assert c.post("/api/next", content=b"x" * MAX_BODY).status_code == 401  # at the limit: read, then who?
+        assert c.get("/label").status_code == 401  # still serving
+
+
+def test_malformed_headers_and_fields_get_a_4xx(live_app):
+    """The inputs that once made 500s, each with a valid session."""
+    srv = live_app
+    setup_campaign(srv)
+    _, token = D.create_labeler(srv.engine, "oscar")
+    with httpx.Client(base_url=srv.url) as c:
+        c.get(f"/join/{token}")
+        for csrf in ("é".encode("latin-1"), "\u00ff\u00fe".encode("latin-1")):
+            r = c.post("/api/next", headers={"X-CSRF-Token": csrf})
+            assert r.status_code == 403 and "CSRF" in r.json()["error"]
+        r = c.post("/api/next", headers={"Origin": "http://["})
+        assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    with httpx.Client(base_url=srv.url) as admin:
+        admin.get(f"/admin?token={ADMIN}")
+        csrf = admin.get("/admin").text.split('name="csrf" value="')[1].split('"')[0]
+        assert admin.post("/admin/invite", data={"name": "x", "csrf": "ü" * 10}).status_code == 403
+        for cid in ("²", "9" * 5000, "٣", "1e3", "-1"):
+            r = admin.post("/admin/invite", data={"name": "zed", "campaign_id": cid, "csrf": csrf})
+            assert r.status_code == 422 and "campaign_id" in r.text, (cid, r.status_code)
+        assert D.overview(srv.engine)[1] and all(lab["name"] != "zed" for lab in D.overview(srv.engine)[1])
+
+
+def test_guessing_tokens_is_slowed_down(live_app):
+    from shoggoth.feedback.app import GUESSES
+
+    srv = live_app
+    _, token = D.create_labeler(srv.engine, "peggy")
+    with httpx.Client(base_url=srv.url) as c:
+        for i in range(GUESSES):
+            assert c.get(f"/join/guess-{i}").status_code == 404
+        r = c.get(f"/join/{token}")  # even the right token, from this address, for a while
+        assert r.status_code == 429 and "wait" in r.text
+        assert c.get(f"/admin?token={ADMIN}").status_code == 429
+        assert c.post("/api/next", headers=bearer(token)).status_code == 200  # a signed-in labeler works on
+
+
+def test_cookies_are_secure_over_https(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from shoggoth.feedback.app import create_app
+
+    app = create_app(f"sqlite:///{tmp_path / 'f.db'}", admin_token=ADMIN)
+    _, token = D.create_labeler(app.state.engine, "trent")
+    for base, secure in (("https://labels.example", True), ("http://127.0.0.1", False)):
+        with TestClient(app, base_url=base) as c:
+            for path in (f"/join/{token}", f"/admin?token={ADMIN}"):
+                r = c.get(path, follow_redirects=False)
+                assert r.status_code == 303 and ("Secure" in r.headers["set-cookie"]) == secure, (base, path)
+
+
+def test_weak_admin_token_is_refused(tmp_path):
+    from common import shoggoth
+
+    r = shoggoth("feedback", "serve", "--db", tmp_path / "f.db", "--admin-token", "admin", "--port", 0, check=False)
+    assert r.returncode == 1 and "too weak" in r.stderr and "Traceback" not in r.stderr

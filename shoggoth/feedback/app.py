@@ -13,6 +13,11 @@ Who may do what:
 - Model output is untrusted: the labeler page puts it into the DOM as text
   only, templates autoescape, and a Content-Security-Policy forbids inline
   script as a second wall.
+- Strangers reach it: every request body is bounded (MAX_BODY) before anything
+  parses it or asks who sent it; bad tokens on /join and /admin?token= from one
+  address are refused for a while after GUESSES of them (429); cookies are
+  Secure when the app is reached over HTTPS (directly, or through a proxy the
+  admin names with `--trusted-proxy`).
 """
 
 import hashlib
@@ -20,6 +25,8 @@ import hmac
 import json
 import re
 import secrets
+import threading
+import time
 from pathlib import Path as FsPath
 from urllib.parse import urlsplit
 
@@ -36,8 +43,69 @@ from .agreement import agreement
 HERE = FsPath(__file__).parent
 LABELER_COOKIE, ADMIN_COOKIE = "sg_labeler", "sg_admin"
 ID = dict(ge=1, le=2**31 - 1)  # ids fit the database's integer column
+MAX_BODY = 16 * 1024  # bytes: a ranking is a few hundred, a form a few dozen
+GUESSES, GUESS_WINDOW = 10, 60.0  # bad tokens per client address, per seconds
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than limit bytes gets 413 before the app (and so
+    routing, authentication and parsing) sees any of it. Bodies are read in full up to the
+    limit, so chunked uploads without a Content-Length are bounded too."""
+
+    def __init__(self, app, limit):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await self.refuse(send, 413 if length.isdigit() else 400)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.limit:
+                return await self.refuse(send, 413)
+        body = b"".join(chunks)
+
+        async def replay():
+            nonlocal body
+            msg, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return msg
+
+        return await self.app(scope, replay, send)
+
+    async def refuse(self, send, status):
+        text = (f"request body over {self.limit} bytes" if status == 413 else "bad Content-Length").encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": b'{"error": "' + text + b'"}'})
+
+
+class Guesses:
+    """Bad tokens per client address over the last `window` seconds; over `limit`, refuse."""
+
+    def __init__(self, limit=GUESSES, window=GUESS_WINDOW):
+        self.limit, self.window, self.seen, self.lock = limit, window, {}, threading.Lock()
+
+    def check(self, request):
+        with self.lock:
+            now, who = time.monotonic(), request.client.host if request.client else ""
+            recent = [t for t in self.seen.get(who, []) if now - t < self.window]
+            self.seen[who] = recent
+            if len(recent) >= self.limit:
+                raise HTTPException(429, f"too many wrong tokens from your address: wait {self.window:.0f} s")
+
+    def failed(self, request):
+        with self.lock:
+            self.seen.setdefault(request.client.host if request.client else "", []).append(time.monotonic())
 
 
 class RankingIn(BaseModel):
@@ -53,6 +121,8 @@ def create_app(db, admin_token=None):
     app = FastAPI(title="Shoggoth feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.admin_token = engine, admin_token
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+    guesses = app.state.guesses = Guesses()
     templates = Jinja2Templates(directory=HERE / "templates")
 
     def csrf_for(role, token):
@@ -103,9 +173,15 @@ def create_app(db, admin_token=None):
 
     def check_csrf(request, role, token, sent):
         origin = request.headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
-            raise HTTPException(403, "cross-origin request refused")
-        if not sent or not hmac.compare_digest(str(sent), csrf_for(role, token)):
+        if origin is not None:
+            try:
+                netloc = urlsplit(origin).netloc
+            except ValueError:  # "http://[" and the like
+                netloc = None
+            if netloc != request.headers.get("host"):
+                raise HTTPException(403, "cross-origin request refused")
+        # Bytes: compare_digest refuses str with non-ASCII characters (a forged header would be a 500).
+        if not sent or not hmac.compare_digest(str(sent).encode(), csrf_for(role, token).encode()):
             raise HTTPException(403, "missing or stale CSRF token: reload the page")
 
     def labeler(request, csrf=None):
@@ -129,8 +205,9 @@ def create_app(db, admin_token=None):
         if via_cookie and request.method != "GET":
             check_csrf(request, "admin", token, request.headers.get("x-csrf-token") if csrf is None else csrf)
 
-    def set_cookie(resp, name, value):
-        resp.set_cookie(name, value, httponly=True, samesite="lax", max_age=90 * 24 * 3600, path="/")
+    def set_cookie(request, resp, name, value):
+        resp.set_cookie(name, value, httponly=True, samesite="lax", max_age=90 * 24 * 3600, path="/",
+                        secure=request.url.scheme == "https")  # https: directly, or from a trusted proxy's header
 
     # ------------------------------------------------------------ labelers
 
@@ -144,10 +221,12 @@ def create_app(db, admin_token=None):
 
     @app.get("/join/{token}", response_class=HTMLResponse)
     def join(request: Request, token: str = Path(max_length=200)):
+        guesses.check(request)
         if D.labeler_by_token(engine, token) is None:
+            guesses.failed(request)
             raise HTTPException(404, "this invite link is not valid (ask for a new one)")
         resp = RedirectResponse("/label", 303)
-        set_cookie(resp, LABELER_COOKIE, token)
+        set_cookie(request, resp, LABELER_COOKIE, token)
         return resp
 
     @app.get("/label", response_class=HTMLResponse)
@@ -205,10 +284,12 @@ def create_app(db, admin_token=None):
     @app.get("/admin", response_class=HTMLResponse)
     def admin_home(request: Request, token: str | None = Query(None, max_length=200)):
         if token is not None:  # the admin link: trade the token in the URL for a cookie
+            guesses.check(request)
             if not hmac.compare_digest(token.encode(), admin_token.encode()):
+                guesses.failed(request)
                 raise HTTPException(401, "wrong admin token")
             resp = RedirectResponse("/admin", 303)
-            set_cookie(resp, ADMIN_COOKIE, token)
+            set_cookie(request, resp, ADMIN_COOKIE, token)
             return resp
         admin(request)
         return admin_page(request)
@@ -219,7 +300,7 @@ def create_app(db, admin_token=None):
         admin(request, csrf)
         cid = None
         if campaign_id:
-            if not campaign_id.isdigit() or not 1 <= int(campaign_id) < 2**31:
+            if not re.fullmatch(r"[0-9]{1,10}", campaign_id) or not 1 <= int(campaign_id) < 2**31:  # ASCII digits only
                 raise HTTPException(422, "campaign_id must be a campaign's id")
             cid = int(campaign_id)
         try:
@@ -265,13 +346,21 @@ def create_app(db, admin_token=None):
     return app
 
 
-def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning"):
+def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning", trusted_proxy=None):
+    """Run the app with uvicorn. trusted_proxy: the address of a TLS-terminating reverse proxy
+    whose X-Forwarded-Proto/For headers are believed (so cookies are Secure behind it)."""
     import uvicorn
 
+    from ..errors import ShoggothError
+
+    if admin_token is not None and (len(admin_token) < 16 or len(set(admin_token)) < 6):
+        raise ShoggothError("--admin-token is too weak to face a network: use 16 or more varied characters "
+                            "(or leave it out for a random one)")
     app = create_app(db, admin_token)
     shown = f"[{host}]" if ":" in host else host
     print(f"feedback app on http://{shown}:{port}/  (database {D.normalize_url(db)})")
     print(f"admin: http://{shown}:{port}/admin?token={app.state.admin_token}", flush=True)
     # Keep idle connections 75 s (nginx's default), not uvicorn's 5 s: a labeler reading a task for a while
     # would otherwise race the server's close with their next request.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=75)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=75,
+                proxy_headers=trusted_proxy is not None, forwarded_allow_ips=trusted_proxy or "127.0.0.1")
