@@ -45,7 +45,7 @@ def prepare(url, labelers, rankings, k, per_task):
               "completions": [" ".join(rng.choices(words, k=rng.randint(20, 80))) for _ in range(k)]}
              for i in range(n_tasks)]
     D.add_tasks(engine, "load", tasks, rankings_per_task=per_task)
-    tokens = [D.create_labeler(engine, f"load-{i}")[1] for i in range(labelers)]
+    tokens = [D.trade_invite(engine, D.create_labeler(engine, f"load-{i}")[1])[2] for i in range(labelers)]  # sessions
     engine.dispose()
     return tokens, n_tasks
 

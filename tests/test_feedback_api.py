@@ -20,6 +20,11 @@ def bearer(token):
     return {"Authorization": f"Bearer {token}"}
 
 
+def signed_in(srv, name):
+    """A new labeler's session token, as a script gets it (its invite traded once)."""
+    return D.trade_invite(srv.engine, D.create_labeler(srv.engine, name)[1])[2]
+
+
 def n_rankings(srv):
     return len(D.rankings(srv.engine))
 
@@ -27,8 +32,8 @@ def n_rankings(srv):
 def test_tokens_gate_labeler_and_admin_endpoints(live_app):
     srv = live_app
     setup_campaign(srv)
-    _, alice = D.create_labeler(srv.engine, "alice")
-    _, bob = D.create_labeler(srv.engine, "bob")
+    alice = signed_in(srv, "alice")
+    bob = signed_in(srv, "bob")
     with httpx.Client(base_url=srv.url) as c:
         for headers in ({}, bearer("wrong"), bearer(ADMIN)):  # the admin token is no labeler token
             r = c.post("/api/next", headers=headers)
@@ -102,7 +107,7 @@ def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
 def test_bad_input_gets_a_clear_4xx_and_stores_nothing(live_app):
     srv = live_app
     setup_campaign(srv, n_tasks=2, per_task=1)
-    _, token = D.create_labeler(srv.engine, "eve")
+    token = signed_in(srv, "eve")
     h = bearer(token)
     with httpx.Client(base_url=srv.url, headers=h) as c:
         task = c.post("/api/next").json()["task"]
@@ -138,7 +143,7 @@ def test_no_input_gets_a_500(live_app):
     """Random junk at every endpoint, as labeler, admin and nobody: only 2xx/3xx/4xx come back."""
     srv = live_app
     setup_campaign(srv, n_tasks=2)
-    _, token = D.create_labeler(srv.engine, "mallory")
+    token = signed_in(srv, "mallory")
     rng = random.Random(0)
     junk = [None, "", "x", "\x00", "\ud800", "😀" * 50, -1, 0, 2**63, 1e308, True, [], {}, [[]], [[None]],
             [[1, 2], [3]] * 20, {"ranking": None}, {"ranking": [[2**70]]}, {"ranking": [[1]], "flags": [None]},
@@ -164,7 +169,7 @@ def test_no_input_gets_a_500(live_app):
 def test_export_endpoint(live_app):
     srv = live_app
     setup_campaign(srv, n_tasks=1, k=3, per_task=1)
-    _, token = D.create_labeler(srv.engine, "ann")
+    token = signed_in(srv, "ann")
     with httpx.Client(base_url=srv.url) as c:
         task = c.post("/api/next", headers=bearer(token)).json()["task"]
         ids = [x["id"] for x in task["completions"]]
@@ -245,7 +250,8 @@ def test_guessing_tokens_is_slowed_down(live_app):
         r = c.get(f"/join/{token}")  # even the right token, from this address, for a while
         assert r.status_code == 429 and "wait" in r.text
         assert c.get(f"/admin?token={ADMIN}").status_code == 429
-        assert c.post("/api/next", headers=bearer(token)).status_code == 200  # a signed-in labeler works on
+        session = D.trade_invite(srv.engine, token)[2]
+        assert c.post("/api/next", headers=bearer(session)).status_code == 200  # a signed-in labeler works on
 
 
 def test_cookies_are_secure_over_https(tmp_path):
@@ -254,8 +260,8 @@ def test_cookies_are_secure_over_https(tmp_path):
     from shoggoth.feedback.app import create_app
 
     app = create_app(f"sqlite:///{tmp_path / 'f.db'}", admin_token=ADMIN)
-    _, token = D.create_labeler(app.state.engine, "trent")
     for base, secure in (("https://labels.example", True), ("http://127.0.0.1", False)):
+        _, token = D.create_labeler(app.state.engine, f"trent {base}")
         with TestClient(app, base_url=base) as c:
             for path in (f"/join/{token}", f"/admin?token={ADMIN}"):
                 r = c.get(path, follow_redirects=False)
@@ -267,3 +273,98 @@ def test_weak_admin_token_is_refused(tmp_path):
 
     r = shoggoth("feedback", "serve", "--db", tmp_path / "f.db", "--admin-token", "admin", "--port", 0, check=False)
     assert r.returncode == 1 and "too weak" in r.stderr and "Traceback" not in r.stderr
+
+
+def csrf_of(page):
+    return page.split('name="csrf" value="')[1].split('"')[0]
+
+
+def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
+    srv = live_app
+    setup_campaign(srv)
+    lid, invite = D.create_labeler(srv.engine, "uma")
+    with httpx.Client(base_url=srv.url) as c:
+        r = c.get(f"/join/{invite}")
+        assert r.status_code == 303
+        cookie = c.cookies["sg_labeler"]
+        assert cookie != invite and invite not in r.headers["set-cookie"]  # the cookie holds a session, not the link
+        assert c.get("/label").status_code == 200
+    with httpx.Client(base_url=srv.url) as other:  # the link works once
+        r = other.get(f"/join/{invite}")
+        assert r.status_code == 404 and "used already" in r.text
+        assert other.post("/api/session", headers=bearer(invite)).status_code == 401
+    _, script_invite = D.create_labeler(srv.engine, "script")
+    with httpx.Client(base_url=srv.url) as s:
+        r = s.post("/api/session", headers=bearer(script_invite))
+        assert r.status_code == 201 and r.json()["name"] == "script"
+        session = r.json()["session"]
+        assert s.post("/api/next", headers=bearer(session)).status_code == 200
+        assert s.post("/api/next", headers=bearer(script_invite)).status_code == 401  # the invite is no session
+    with httpx.Client(base_url=srv.url) as admin:
+        r = admin.get(f"/admin?token={ADMIN}")
+        assert admin.cookies["sg_admin"] != ADMIN and ADMIN not in r.headers["set-cookie"]
+        page = admin.get(f"/admin/labelers/{lid}").text
+        r = admin.post(f"/admin/labelers/{lid}/revoke", data={"csrf": csrf_of(page)})
+        assert r.status_code == 200 and "Revoked" in r.text
+        r = admin.post(f"/admin/labelers/{lid}/invite", data={"csrf": csrf_of(page)})
+        assert r.status_code == 201
+        link = r.text.split('id="invite-link">')[1].split("<")[0]
+    with httpx.Client(base_url=srv.url, cookies={"sg_labeler": cookie}) as c:
+        assert c.get("/label").status_code == 401  # revoked: the old session ends at once
+        assert c.get(link.replace(srv.url, "")).status_code == 303 and c.get("/label").status_code == 200
+
+
+def test_invites_expire(live_app):
+    srv = live_app
+    lid, invite = D.create_labeler(srv.engine, "vic")
+    with D.writing(srv.engine) as s:
+        s.execute(D.update(D.Invite).where(D.Invite.labeler_id == lid).values(expires_at=1.0))
+    with httpx.Client(base_url=srv.url) as c:
+        assert c.get(f"/join/{invite}").status_code == 404
+
+
+def test_sign_out_ends_the_session(live_app):
+    srv = live_app
+    setup_campaign(srv)
+    _, invite = D.create_labeler(srv.engine, "wes")
+    with httpx.Client(base_url=srv.url) as c:
+        c.get(f"/join/{invite}")
+        cookie = c.cookies["sg_labeler"]
+        page = c.get("/label").text
+        csrf = page.split('name="csrf-token" content="')[1].split('"')[0]
+        assert c.post("/logout", data={"csrf": "forged"}).status_code == 403
+        r = c.post("/logout", data={"csrf": csrf})
+        assert r.status_code == 200 and "signed out" in r.text
+        assert c.get("/label").status_code == 401
+    with httpx.Client(base_url=srv.url, cookies={"sg_labeler": cookie}) as c:
+        assert c.get("/label").status_code == 401  # a copy of the cookie is worthless too
+
+
+def test_a_link_does_not_silently_switch_who_is_signed_in(live_app):
+    """Login CSRF: a link from someone else, opened while signed in, asks first."""
+    srv = live_app
+    setup_campaign(srv)
+    _, mine = D.create_labeler(srv.engine, "xena")
+    _, theirs = D.create_labeler(srv.engine, "yuri")
+    with httpx.Client(base_url=srv.url) as c:
+        c.get(f"/join/{mine}")
+        r = c.get(f"/join/{theirs}")
+        assert r.status_code == 200 and "Switch labeler?" in r.text and "xena" in r.text and "yuri" in r.text
+        assert "xena" in c.get("/label").text  # still xena
+        assert c.post(f"/join/{theirs}", headers={"Origin": "http://evil.example"}).status_code == 403
+        r = c.post(f"/join/{theirs}", headers={"Origin": srv.url})
+        assert r.status_code == 303 and "yuri" in c.get("/label").text
+
+
+def test_a_new_admin_token_ends_admin_sessions(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from shoggoth.feedback.app import create_app
+
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    with TestClient(create_app(url, admin_token=ADMIN)) as c:
+        c.get(f"/admin?token={ADMIN}", follow_redirects=False)
+        cookie = c.cookies["sg_admin"]
+        assert c.get("/admin").status_code == 200
+    with TestClient(create_app(url, admin_token="another-admin-token-9f3k"), cookies={"sg_admin": cookie}) as c:
+        assert c.get("/admin").status_code == 401  # rotated: the old admin sessions end

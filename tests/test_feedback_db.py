@@ -213,3 +213,15 @@ def test_bad_campaigns_and_labelers(tmp_path):
     D.add_tasks(e, "nul", [{"prompt": "a\x00b", "completions": ["x\x00", "y"]}])
     assert D.normalize_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"
     assert D.normalize_url("f.db").startswith("sqlite:////")
+
+
+def test_labelers_of_an_older_database_keep_their_link_once(tmp_path):
+    """Before sessions, a labeler's row held the hash of their invite token: it becomes an invite."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    e = D.connect(url)
+    with D.writing(e) as s:
+        s.add(D.Labeler(name="old-timer", token_hash=D.hash_token("the-old-link-token"), simulated=False))
+    e.dispose()
+    e = D.connect(url)
+    assert D.labeler_by_token(e, "the-old-link-token")[1] == "old-timer"
+    assert D.trade_invite(e, "the-old-link-token") is not None and D.trade_invite(e, "the-old-link-token") is None

@@ -1,10 +1,17 @@
 """The ranking web app: `create_app(db)` returns a FastAPI app; `serve` runs it with uvicorn.
 
 Who may do what:
-- Labelers sign in with an invite link `/join/<token>`, which sets an HttpOnly
-  cookie; scripts send `Authorization: Bearer <token>` instead. Every labeler
-  endpoint acts on the caller's own assignments and rankings only.
-- The admin signs in with `/admin?token=<admin token>` (printed at start).
+- An invite link `/join/<token>` is traded once, before it expires, for a session:
+  a separate random token, stored hashed, with an expiry, in an HttpOnly cookie.
+  Scripts trade it with `POST /api/session` (`Authorization: Bearer <invite>`) and
+  send `Authorization: Bearer <session>`. The admin can revoke a labeler (their
+  sessions end at once) and issue a new link; anyone can sign out. Opening a link
+  while signed in as someone else asks before switching (no login CSRF). Every
+  labeler endpoint acts on the caller's own assignments and rankings only.
+- The admin signs in with `/admin?token=<admin token>` (printed at start), traded
+  for an admin session: the admin token itself never sits in a cookie, and a
+  restart with another admin token ends every admin session. Scripts may send
+  the admin token as a Bearer header.
 - A state-changing request authenticated by a cookie must carry the CSRF token
   of the page (header `X-CSRF-Token`, or form field `csrf`), an HMAC of the
   session token under a secret kept in the database, and an `Origin`, when the
@@ -76,8 +83,12 @@ class BodyLimit:
         body = b"".join(chunks)
 
         async def replay():
+            # The body once; then the client's own channel, where the app waits for a disconnect
+            # (a streamed response listens for one: answering at once would spin the event loop).
             nonlocal body
-            msg, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            if body is None:
+                return await receive()
+            msg, body = {"type": "http.request", "body": body, "more_body": False}, None
             return msg
 
         return await self.app(scope, replay, send)
@@ -171,7 +182,7 @@ def create_app(db, admin_token=None):
         h = request.headers.get("authorization", "")
         return h[7:].strip() if h[:7].lower() == "bearer " else None
 
-    def check_csrf(request, role, token, sent):
+    def check_origin(request):
         origin = request.headers.get("origin")
         if origin is not None:
             try:
@@ -180,6 +191,9 @@ def create_app(db, admin_token=None):
                 netloc = None
             if netloc != request.headers.get("host"):
                 raise HTTPException(403, "cross-origin request refused")
+
+    def check_csrf(request, role, token, sent):
+        check_origin(request)
         # Bytes: compare_digest refuses str with non-ASCII characters (a forged header would be a 500).
         if not sent or not hmac.compare_digest(str(sent).encode(), csrf_for(role, token).encode()):
             raise HTTPException(403, "missing or stale CSRF token: reload the page")
@@ -189,20 +203,26 @@ def create_app(db, admin_token=None):
         token, via_cookie = bearer(request), False
         if token is None:
             token, via_cookie = request.cookies.get(LABELER_COOKIE), True
-        who = D.labeler_by_token(engine, token)
-        if who is None:
+        who = D.session(engine, token)
+        if who is None or who[0] != "labeler":
             raise HTTPException(401, "not signed in: open your invite link")
         if via_cookie and request.method != "GET":
             check_csrf(request, "labeler", token, request.headers.get("x-csrf-token") if csrf is None else csrf)
-        return who
+        return who[1]
+
+    def is_admin_token(token):
+        return bool(token) and hmac.compare_digest(token.encode(), admin_token.encode())
 
     def admin(request, csrf=None):
-        token, via_cookie = bearer(request), False
-        if token is None:
-            token, via_cookie = request.cookies.get(ADMIN_COOKIE), True
-        if not token or not hmac.compare_digest(token.encode(), admin_token.encode()):
+        token = bearer(request)
+        if token is not None:
+            if not is_admin_token(token):
+                raise HTTPException(401, "admin only: open the admin link printed by `shoggoth feedback serve`")
+            return
+        token = request.cookies.get(ADMIN_COOKIE)
+        if D.session(engine, token, admin_token) != ("admin", None):
             raise HTTPException(401, "admin only: open the admin link printed by `shoggoth feedback serve`")
-        if via_cookie and request.method != "GET":
+        if request.method != "GET":
             check_csrf(request, "admin", token, request.headers.get("x-csrf-token") if csrf is None else csrf)
 
     def set_cookie(request, resp, name, value):
@@ -219,14 +239,68 @@ def create_app(db, admin_token=None):
     def favicon():
         return Response(status_code=204)
 
+    def invite_or_404(request, token):
+        guesses.check(request)
+        who = D.labeler_by_token(engine, token)
+        if who is None:
+            guesses.failed(request)
+            raise HTTPException(404, "this invite link is not valid: it was used already, has expired, or was "
+                                     "revoked (ask for a new one)")
+        return who
+
+    def sign_in(request, token):
+        traded = D.trade_invite(engine, token)
+        if traded is None:  # used by another request meanwhile
+            raise HTTPException(404, "this invite link was used already (ask for a new one)")
+        resp = RedirectResponse("/label", 303)
+        set_cookie(request, resp, LABELER_COOKIE, traded[2])
+        return resp
+
     @app.get("/join/{token}", response_class=HTMLResponse)
     def join(request: Request, token: str = Path(max_length=200)):
+        """Trade the invite for a session; someone already signed in here is asked first (a link
+        sent by someone else must not silently switch who is labeling)."""
+        _, name = invite_or_404(request, token)
+        current = D.session(engine, request.cookies.get(LABELER_COOKIE))
+        if current is not None and current[0] == "labeler":
+            return page(request, "join.html", current=current[1][1], name=name, token=token)
+        return sign_in(request, token)
+
+    @app.post("/join/{token}", response_class=HTMLResponse)
+    def join_confirmed(request: Request, token: str = Path(max_length=200)):
+        check_origin(request)
+        invite_or_404(request, token)
+        return sign_in(request, token)
+
+    @app.post("/api/session", status_code=201)
+    def api_session(request: Request):
+        """A script's sign-in: Authorization: Bearer <invite token> -> a session token."""
         guesses.check(request)
-        if D.labeler_by_token(engine, token) is None:
+        traded = D.trade_invite(engine, bearer(request))
+        if traded is None:
             guesses.failed(request)
-            raise HTTPException(404, "this invite link is not valid (ask for a new one)")
-        resp = RedirectResponse("/label", 303)
-        set_cookie(request, resp, LABELER_COOKIE, token)
+            raise HTTPException(401, "not a valid invite token (used already, expired or revoked)")
+        return {"session": traded[2], "name": traded[1], "expires_in": D.SESSION_TTL["labeler"]}
+
+    @app.post("/logout", response_class=HTMLResponse)
+    def logout(request: Request, csrf: str = Form("", max_length=100)):
+        """Sign out of this browser's labeler and admin sessions."""
+        check_origin(request)
+        ended, signed_in = [], False
+        for cookie, role in ((LABELER_COOKIE, "labeler"), (ADMIN_COOKIE, "admin")):
+            token = request.cookies.get(cookie)
+            who = D.session(engine, token, admin_token)
+            if who is not None and who[0] == role:
+                signed_in = True
+                if hmac.compare_digest(csrf.encode(), csrf_for(role, token).encode()):  # the page's own form
+                    D.end_session(engine, token)
+                    ended.append(cookie)
+        if signed_in and not ended:
+            raise HTTPException(403, "missing or stale CSRF token: reload the page")
+        resp = page(request, "message.html", title="Signed out", message="You are signed out of this browser."
+                    if ended else "You were not signed in.")
+        for cookie in ended:
+            resp.delete_cookie(cookie, path="/")
         return resp
 
     @app.get("/label", response_class=HTMLResponse)
@@ -285,11 +359,11 @@ def create_app(db, admin_token=None):
     def admin_home(request: Request, token: str | None = Query(None, max_length=200)):
         if token is not None:  # the admin link: trade the token in the URL for a cookie
             guesses.check(request)
-            if not hmac.compare_digest(token.encode(), admin_token.encode()):
+            if not is_admin_token(token):
                 guesses.failed(request)
                 raise HTTPException(401, "wrong admin token")
             resp = RedirectResponse("/admin", 303)
-            set_cookie(request, resp, ADMIN_COOKIE, token)
+            set_cookie(request, resp, ADMIN_COOKIE, D.admin_session(engine, admin_token))
             return resp
         admin(request)
         return admin_page(request)
@@ -316,16 +390,34 @@ def create_app(db, admin_token=None):
         D.set_rankings_per_task(engine, cid, n)
         return RedirectResponse("/admin", 303)
 
-    @app.get("/admin/labelers/{lid}", response_class=HTMLResponse)
-    def labeler_detail(request: Request, lid: int = Path(**ID)):
-        admin(request)
+    def labeler_page(request, lid, status=200, **extra):
         labs = {lab["id"]: lab for lab in D.overview(engine)[1]}
         if lid not in labs:
             raise HTTPException(404, f"no labeler {lid}")
         rows = D.rankings(engine, labeler=lid, limit=200)
         for r in rows:
             r["ordered"] = sorted(zip(r["ranks"], r["completions"]), key=lambda x: x[0])
-        return page(request, "labeler.html", labeler=labs[lid], rows=rows)
+        return page(request, "labeler.html", status, labeler=labs[lid], rows=rows,
+                    csrf=csrf_for("admin", request.cookies.get(ADMIN_COOKIE, "")), **extra)
+
+    @app.get("/admin/labelers/{lid}", response_class=HTMLResponse)
+    def labeler_detail(request: Request, lid: int = Path(**ID)):
+        admin(request)
+        return labeler_page(request, lid)
+
+    @app.post("/admin/labelers/{lid}/revoke", response_class=HTMLResponse)
+    def revoke(request: Request, lid: int = Path(**ID), csrf: str = Form("", max_length=100)):
+        """End the labeler's sessions and unused links now; their rankings stay."""
+        admin(request, csrf)
+        D.revoke_labeler(engine, lid)
+        return labeler_page(request, lid, notice="Revoked: their sessions and unused links no longer work.")
+
+    @app.post("/admin/labelers/{lid}/invite", response_class=HTMLResponse)
+    def reinvite(request: Request, lid: int = Path(**ID), csrf: str = Form("", max_length=100)):
+        """A new invite link for the labeler (their earlier unused links stop working)."""
+        admin(request, csrf)
+        token = D.new_invite(engine, lid)
+        return labeler_page(request, lid, 201, link=str(request.base_url).rstrip("/") + f"/join/{token}")
 
     @app.get("/admin/api/overview")
     def overview(request: Request):

@@ -34,6 +34,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from ..errors import DataError
 
 FLAGS = ("all_bad", "unsafe")  # what a labeler may flag a task as
+INVITE_TTL = 7 * 86400.0  # an invite link unused this long stops working
+SESSION_TTL = {"labeler": 30 * 86400.0, "admin": 12 * 3600.0}  # how long a sign-in lasts
 LEASE_S = 3600.0  # an unanswered assignment frees its slot after this long
 MAX_K = 16  # completions per task, at most
 
@@ -88,6 +90,30 @@ class Labeler(Base):
     campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), nullable=True)  # None: any
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Invite(Base):
+    """An invite link's token (hashed): traded once for a session, before it expires."""
+
+    __tablename__ = "invites"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class SignIn(Base):
+    """A signed-in browser or script: a random session token (hashed), with an expiry. labeler_id
+    None is the admin, whose session holds a hash of the admin token it was opened with, so that
+    restarting the app with a new admin token ends every admin session."""
+
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labeler_id: Mapped[int | None] = mapped_column(ForeignKey("labelers.id"), nullable=True, index=True)
+    admin_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    expires_at: Mapped[float] = mapped_column(Float)
 
 
 class Assignment(Base):
@@ -166,7 +192,19 @@ def connect(db, create=True):
             Base.metadata.create_all(engine)
         except OperationalError as e:
             raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
+        _invites_of_old_labelers(engine)
     return engine
+
+
+def _invites_of_old_labelers(engine):
+    """A database made before invites were traded for sessions held the invite's hash on the
+    labeler: that link becomes an invite (once, for INVITE_TTL from now), so nobody is locked out."""
+    with Session(reading(engine)) as s:
+        old = s.execute(select(Labeler.id, Labeler.token_hash).where(
+            ~select(Invite.id).where(Invite.labeler_id == Labeler.id).exists())).all()
+    if old:
+        with writing(engine) as s:
+            s.add_all(Invite(token_hash=h, labeler_id=lid, expires_at=time.time() + INVITE_TTL) for lid, h in old)
 
 
 @contextmanager
@@ -256,7 +294,7 @@ def set_rankings_per_task(engine, campaign_id, n):
 
 
 def create_labeler(engine, name, campaign_id=None, simulated=False):
-    """A new labeler; returns (id, token). The token is shown once: only its hash is kept."""
+    """A new labeler; returns (id, invite token). The token is shown once: only its hash is kept."""
     name = clean_text(name).strip()
     if not 1 <= len(name) <= 100:
         raise Rejected(422, "a labeler's name must have 1 to 100 characters")
@@ -265,9 +303,12 @@ def create_labeler(engine, name, campaign_id=None, simulated=False):
         with writing(engine) as s:
             if campaign_id is not None and s.get(Campaign, campaign_id) is None:
                 raise Rejected(404, f"no campaign {campaign_id}")
-            lab = Labeler(name=name, token_hash=hash_token(token), campaign_id=campaign_id, simulated=simulated)
+            # token_hash: a random value nobody holds (sign-in goes through invites and sessions)
+            lab = Labeler(name=name, token_hash=hash_token(secrets.token_urlsafe(24)), campaign_id=campaign_id,
+                          simulated=simulated)
             s.add(lab)
             s.flush()
+            s.add(Invite(token_hash=hash_token(token), labeler_id=lab.id, expires_at=time.time() + INVITE_TTL))
             return lab.id, token
     except IntegrityError:
         raise Rejected(409, f"there is already a labeler named {name!r}") from None
@@ -287,12 +328,88 @@ def labeler_id(engine, name, simulated=True):
 
 
 def labeler_by_token(engine, token):
-    """(id, name) of the labeler holding `token`, or None."""
+    """(id, name) of the labeler an unused, unexpired invite token is for, or None."""
     if not token or len(token) > 200:
         return None
     with Session(reading(engine)) as s:
-        row = s.execute(select(Labeler.id, Labeler.name).where(Labeler.token_hash == hash_token(token))).first()
+        row = s.execute(select(Labeler.id, Labeler.name).join(Invite, Invite.labeler_id == Labeler.id)
+                        .where(Invite.token_hash == hash_token(token), Invite.used_at.is_(None),
+                               Invite.expires_at > time.time())).first()
     return tuple(row) if row else None
+
+
+def new_invite(engine, labeler_id):
+    """A fresh invite link token for an existing labeler (their earlier unused links stop working)."""
+    token = secrets.token_urlsafe(24)
+    with writing(engine) as s:
+        if s.get(Labeler, labeler_id) is None:
+            raise Rejected(404, f"no labeler {labeler_id}")
+        s.execute(update(Invite).where(Invite.labeler_id == labeler_id, Invite.used_at.is_(None))
+                  .values(used_at=time.time()))
+        s.add(Invite(token_hash=hash_token(token), labeler_id=labeler_id, expires_at=time.time() + INVITE_TTL))
+    return token
+
+
+def trade_invite(engine, token):
+    """Trade an invite token, once, for a labeler session: (labeler id, name, session token), or None."""
+    if not token or len(token) > 200:
+        return None
+    now = time.time()
+    with writing(engine) as s:
+        inv = s.scalar(select(Invite).where(Invite.token_hash == hash_token(token)))
+        if inv is None or inv.used_at is not None or inv.expires_at <= now:
+            return None
+        if s.execute(update(Invite).where(Invite.id == inv.id, Invite.used_at.is_(None))
+                     .values(used_at=now)).rowcount != 1:
+            return None  # traded meanwhile by another request
+        name = s.get(Labeler, inv.labeler_id).name
+        session = _new_session(s, inv.labeler_id, None, now)
+        return inv.labeler_id, name, session
+
+
+def _new_session(s, labeler_id, admin_key, now):
+    token = secrets.token_urlsafe(32)
+    ttl = SESSION_TTL["admin" if labeler_id is None else "labeler"]
+    s.add(SignIn(token_hash=hash_token(token), labeler_id=labeler_id, admin_key=admin_key, expires_at=now + ttl))
+    return token
+
+
+def admin_session(engine, admin_token):
+    """A new admin session token, tied to the admin token it was opened with."""
+    with writing(engine) as s:
+        return _new_session(s, None, hash_token(admin_token), time.time())
+
+
+def session(engine, token, admin_token=None):
+    """Who holds a session token: ("labeler", (id, name)), ("admin", None), or None if it is unknown,
+    expired, revoked, or an admin session opened with another admin token than admin_token."""
+    if not token or len(token) > 200:
+        return None
+    with Session(reading(engine)) as s:
+        row = s.execute(select(SignIn.labeler_id, SignIn.admin_key, SignIn.expires_at)
+                        .where(SignIn.token_hash == hash_token(token))).first()
+        if row is None or row.expires_at <= time.time():
+            return None
+        if row.labeler_id is None:
+            ok = admin_token is not None and row.admin_key == hash_token(admin_token)
+            return ("admin", None) if ok else None
+        name = s.scalar(select(Labeler.name).where(Labeler.id == row.labeler_id))
+        return ("labeler", (row.labeler_id, name)) if name is not None else None
+
+
+def end_session(engine, token):
+    with writing(engine) as s:
+        s.execute(SignIn.__table__.delete().where(SignIn.token_hash == hash_token(token)))
+
+
+def revoke_labeler(engine, labeler_id):
+    """End the labeler's sessions and unused invites at once; their rankings stay."""
+    with writing(engine) as s:
+        if s.get(Labeler, labeler_id) is None:
+            raise Rejected(404, f"no labeler {labeler_id}")
+        s.execute(SignIn.__table__.delete().where(SignIn.labeler_id == labeler_id))
+        s.execute(update(Invite).where(Invite.labeler_id == labeler_id, Invite.used_at.is_(None))
+                  .values(used_at=time.time()))
 
 
 def campaign_id(engine, name):
