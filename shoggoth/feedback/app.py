@@ -20,6 +20,10 @@ Who may do what:
 - Model output is untrusted: the labeler page puts it into the DOM as text
   only, templates autoescape, and a Content-Security-Policy forbids inline
   script as a second wall.
+- The contract is published at /openapi.json (OpenAPI 3.1): the security schemes above
+  (bearer session, invite or admin token; cookie session + X-CSRF-Token header),
+  every status an operation gives and the `{"error": ...}` body of JSON errors. Errors
+  are JSON under /api/, /admin/api/ and /admin/export, an HTML page elsewhere.
 - Strangers reach it: every request body is bounded (MAX_BODY) before anything
   parses it or asks who sent it; bad tokens on /join and /admin?token= from one
   address are refused for a while after GUESSES of them (429); cookies are
@@ -39,10 +43,12 @@ from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, Form, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import db as D
 from .agreement import agreement
@@ -52,8 +58,61 @@ LABELER_COOKIE, ADMIN_COOKIE = "sg_labeler", "sg_admin"
 ID = dict(ge=1, le=2**31 - 1)  # ids fit the database's integer column
 MAX_BODY = 16 * 1024  # bytes: a ranking is a few hundred, a form a few dozen
 GUESSES, GUESS_WINDOW = 10, 60.0  # bad tokens per client address, per seconds
+JSON_PATHS = ("/api/", "/admin/api/", "/admin/export")  # errors there are JSON; elsewhere an HTML page
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def is_json_path(path):
+    return path.startswith(JSON_PATHS)
+
+
+# ------------------------------------------------------------ the published contract (/openapi.json)
+
+class Error(BaseModel):
+    """The body of every JSON error: one clear message."""
+    error: str
+
+
+SECURITY_SCHEMES = {
+    "session": {"type": "http", "scheme": "bearer", "description":
+                "A labeler's session token, as `POST /api/session` gives it. Needs no CSRF token."},
+    "invite": {"type": "http", "scheme": "bearer", "description":
+               "An invite token (the last part of an invite link `/join/<token>`); good once, for 7 days."},
+    "adminToken": {"type": "http", "scheme": "bearer", "description":
+                   "The admin token printed by `shoggoth feedback serve`. Needs no CSRF token."},
+    "labelerCookie": {"type": "apiKey", "in": "cookie", "name": LABELER_COOKIE, "description":
+                      "A labeler's browser session, set by opening an invite link (HttpOnly)."},
+    "adminCookie": {"type": "apiKey", "in": "cookie", "name": ADMIN_COOKIE, "description":
+                    "The admin's browser session, set by opening `/admin?token=<admin token>` (HttpOnly)."},
+    "csrf": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token", "description":
+             "With a cookie session, every POST carries the CSRF token of the page (its `csrf-token` meta or "
+             "`csrf` form field), here or as the form field `csrf`; an `Origin` header, when sent, must be "
+             "this server."},
+}
+LABELER_READ = [{"session": []}, {"labelerCookie": []}]
+LABELER_WRITE = [{"session": []}, {"labelerCookie": [], "csrf": []}]
+ADMIN_READ = [{"adminToken": []}, {"adminCookie": []}]
+ADMIN_WRITE = [{"adminToken": []}, {"adminCookie": [], "csrf": []}]
+PUBLIC = [{}]
+WHY = {400: "Bad Content-Length", 401: "Not signed in, or a wrong token", 403: "Refused: a missing or stale CSRF "
+       "token, a foreign Origin, or not yours", 404: "No such thing", 409: "Conflicts with what is there",
+       413: "Request body over 16 KB", 422: "Invalid input", 429: "Too many wrong tokens from this address: "
+       "wait a minute", 503: "The database is busy: try again"}
+ALWAYS = (400, 413, 503)  # the body limit answers before routing; any database may be busy
+
+
+def doc(security, *codes, html=False, redirect=None):
+    """Route keywords that publish an operation's security and its error responses (documentation only)."""
+    responses = {}
+    for code in sorted(set(codes + ALWAYS)):
+        if html:
+            responses[code] = {"description": WHY[code], "content": {"text/html": {"schema": {"type": "string"}}}}
+        else:
+            responses[code] = {"description": WHY[code], "model": Error}
+    if redirect:
+        responses[303] = {"description": redirect, "headers": {"Location": {"schema": {"type": "string"}}}}
+    return {"responses": responses, "openapi_extra": {"security": security}}
 
 
 class BodyLimit:
@@ -69,7 +128,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
-            return await self.refuse(send, 413 if length.isdigit() else 400)
+            return await self.refuse(send, 413 if length.isdigit() else 400, scope["path"])
         chunks, size, more = [], 0, True
         while more:
             msg = await receive()
@@ -79,7 +138,7 @@ class BodyLimit:
             size += len(chunks[-1])
             more = msg.get("more_body", False)
             if size > self.limit:
-                return await self.refuse(send, 413)
+                return await self.refuse(send, 413, scope["path"])
         body = b"".join(chunks)
 
         async def replay():
@@ -93,11 +152,16 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def refuse(self, send, status):
+    async def refuse(self, send, status, path):
         text = (f"request body over {self.limit} bytes" if status == 413 else "bad Content-Length").encode()
+        if is_json_path(path):
+            kind, body = b"application/json", b'{"error": "' + text + b'"}'
+        else:  # a browser's form: a page, like every other error there
+            kind, body = b"text/html; charset=utf-8", (b"<!doctype html><meta charset=utf-8><title>Error %d</title>"
+                                                      b"<h1>Error %d</h1><p>%s</p>" % (status, status, text))
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": b'{"error": "' + text + b'"}'})
+                    "headers": [(b"content-type", kind), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class Guesses:
@@ -124,12 +188,18 @@ class RankingIn(BaseModel):
     flags: list[StrictStr] = Field(default=[], max_length=len(D.FLAGS))
 
 
+EXPORT_DOC = doc(ADMIN_READ, 401, 422)
+EXPORT_DOC["responses"][200] = {"description": "One JSON object a line (a download)",
+                                "content": {"application/jsonl": {"schema": {"type": "string"}}}}
+
+
 def create_app(db, admin_token=None):
     """The app on database `db` (URL or SQLite path); admin_token None makes a random one (app.state.admin_token)."""
     engine = D.connect(db)
     key = D.secret(engine).encode()
     admin_token = admin_token or secrets.token_urlsafe(24)
-    app = FastAPI(title="Shoggoth feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Shoggoth feedback", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", version="1")
     app.state.engine, app.state.admin_token = engine, admin_token
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(BodyLimit, limit=MAX_BODY)
@@ -144,18 +214,22 @@ def create_app(db, admin_token=None):
 
     # ------------------------------------------------------------ errors: 4xx with one clear message
 
-    def wants_html(request):
-        return not request.url.path.startswith(("/api/", "/admin/api/", "/admin/export"))
+    def error(request, status, message, headers=None):
+        """JSON `{"error": message}` under JSON_PATHS, the message page elsewhere (as /openapi.json says)."""
+        if is_json_path(request.url.path):
+            resp = JSONResponse({"error": message}, status)
+        else:
+            resp = page(request, "message.html", status, title=f"Error {status}", message=message)
+        resp.headers.update(headers or {})
+        return resp
 
-    @app.exception_handler(HTTPException)
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404 route, 405 method)
     async def http_error(request, exc):
-        if wants_html(request):
-            return page(request, "message.html", exc.status_code, title=f"Error {exc.status_code}", message=exc.detail)
-        return JSONResponse({"error": exc.detail}, exc.status_code)
+        return error(request, exc.status_code, exc.detail, getattr(exc, "headers", None))
 
     @app.exception_handler(D.Rejected)
     async def rejected(request, exc):
-        return JSONResponse({"error": str(exc)}, exc.status)
+        return error(request, exc.status, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -163,7 +237,16 @@ def create_app(db, admin_token=None):
         for e in exc.errors()[:3]:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
             msgs.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-        return JSONResponse({"error": "; ".join(msgs) or "invalid request"}, 422)
+        return error(request, 422, "; ".join(msgs) or "invalid request")
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=__doc__, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.middleware("http")
     async def headers(request, call_next):
@@ -256,7 +339,8 @@ def create_app(db, admin_token=None):
         set_cookie(request, resp, LABELER_COOKIE, traded[2])
         return resp
 
-    @app.get("/join/{token}", response_class=HTMLResponse)
+    @app.get("/join/{token}", response_class=HTMLResponse, summary="Open an invite link (a page)",
+             **doc(PUBLIC, 404, 422, 429, html=True, redirect="Signed in (a session cookie): on to /label"))
     def join(request: Request, token: str = Path(max_length=200)):
         """Trade the invite for a session; someone already signed in here is asked first (a link
         sent by someone else must not silently switch who is labeling)."""
@@ -266,13 +350,15 @@ def create_app(db, admin_token=None):
             return page(request, "join.html", current=current[1][1], name=name, token=token)
         return sign_in(request, token)
 
-    @app.post("/join/{token}", response_class=HTMLResponse)
+    @app.post("/join/{token}", response_class=RedirectResponse, status_code=303,
+              summary="Switch to this invite's labeler (the page's button)",
+              **doc(PUBLIC, 403, 404, 422, 429, html=True, redirect="Signed in (a session cookie): on to /label"))
     def join_confirmed(request: Request, token: str = Path(max_length=200)):
         check_origin(request)
         invite_or_404(request, token)
         return sign_in(request, token)
 
-    @app.post("/api/session", status_code=201)
+    @app.post("/api/session", status_code=201, **doc([{"invite": []}], 401, 429))
     def api_session(request: Request):
         """A script's sign-in: Authorization: Bearer <invite token> -> a session token."""
         guesses.check(request)
@@ -282,7 +368,8 @@ def create_app(db, admin_token=None):
             raise HTTPException(401, "not a valid invite token (used already, expired or revoked)")
         return {"session": traded[2], "name": traded[1], "expires_in": D.SESSION_TTL["labeler"]}
 
-    @app.post("/logout", response_class=HTMLResponse)
+    @app.post("/logout", response_class=HTMLResponse, summary="Sign out of this browser (a page)",
+              **doc(PUBLIC + [{"labelerCookie": []}, {"adminCookie": []}], 403, 422, html=True))
     def logout(request: Request, csrf: str = Form("", max_length=100)):
         """Sign out of this browser's labeler and admin sessions."""
         check_origin(request)
@@ -303,34 +390,34 @@ def create_app(db, admin_token=None):
             resp.delete_cookie(cookie, path="/")
         return resp
 
-    @app.get("/label", response_class=HTMLResponse)
+    @app.get("/label", response_class=HTMLResponse, summary="The labeling page", **doc(LABELER_READ, 401, html=True))
     def label_page(request: Request):
         lid, name = labeler(request)
         token = request.cookies.get(LABELER_COOKIE) or bearer(request)
         return page(request, "label.html", name=name, csrf=csrf_for("labeler", token), flags=D.FLAGS)
 
-    @app.get("/api/me")
+    @app.get("/api/me", **doc(LABELER_READ, 401))
     def me(request: Request):
         lid, name = labeler(request)
         return {"name": name, "progress": D.progress(engine, lid)}
 
-    @app.post("/api/next")
+    @app.post("/api/next", **doc(LABELER_WRITE, 401, 403))
     def next_(request: Request):
         lid, _ = labeler(request)
         return {"task": D.next_task(engine, lid), "progress": D.progress(engine, lid)}
 
-    @app.post("/api/tasks/{task_id}/ranking", status_code=201)
+    @app.post("/api/tasks/{task_id}/ranking", status_code=201, **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
     def submit(request: Request, body: RankingIn, task_id: int = Path(**ID)):
         lid, _ = labeler(request)
         return {"ranking_id": D.submit(engine, lid, task_id, body.ranking, body.flags)}  # /api/next tells progress
 
-    @app.post("/api/tasks/{task_id}/skip")
+    @app.post("/api/tasks/{task_id}/skip", **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
     def skip(request: Request, task_id: int = Path(**ID)):
         lid, _ = labeler(request)
         D.skip(engine, lid, task_id)
         return {"progress": D.progress(engine, lid)}
 
-    @app.get("/api/rankings")
+    @app.get("/api/rankings", **doc(LABELER_READ, 401, 422))
     def my_rankings(request: Request, limit: int = Query(20, ge=1, le=500)):
         lid, _ = labeler(request)
         return {"rankings": D.rankings(engine, labeler=lid, limit=limit)}
@@ -355,7 +442,8 @@ def create_app(db, admin_token=None):
         return page(request, "admin.html", status, campaigns=camps, labelers=labs,
                     csrf=csrf_for("admin", request.cookies.get(ADMIN_COOKIE, "")), **extra)
 
-    @app.get("/admin", response_class=HTMLResponse)
+    @app.get("/admin", response_class=HTMLResponse, summary="The admin page; ?token= signs in",
+             **doc(ADMIN_READ + PUBLIC, 401, 422, 429, html=True, redirect="Signed in (an admin cookie): on to /admin"))
     def admin_home(request: Request, token: str | None = Query(None, max_length=200)):
         if token is not None:  # the admin link: trade the token in the URL for a cookie
             guesses.check(request)
@@ -368,10 +456,11 @@ def create_app(db, admin_token=None):
         admin(request)
         return admin_page(request)
 
-    @app.post("/admin/invite", response_class=HTMLResponse)
-    def invite(request: Request, name: str = Form(max_length=100), campaign_id: str = Form(""),
+    @app.post("/admin/invite", response_class=HTMLResponse, status_code=201, summary="Invite a labeler (a page)",
+              **doc(ADMIN_WRITE, 401, 403, 404, 409, 422, html=True))
+    def invite(request: Request, name: str = Form(min_length=1, max_length=100), campaign_id: str = Form(""),
                csrf: str = Form("", max_length=100)):
-        admin(request, csrf)
+        admin(request, csrf or None)
         cid = None
         if campaign_id:
             if not re.fullmatch(r"[0-9]{1,10}", campaign_id) or not 1 <= int(campaign_id) < 2**31:  # ASCII digits only
@@ -384,9 +473,11 @@ def create_app(db, admin_token=None):
         link = str(request.base_url).rstrip("/") + f"/join/{token}"
         return admin_page(request, 201, invite={"name": name.strip(), "link": link})
 
-    @app.post("/admin/campaigns/{cid}/n", response_class=HTMLResponse)
+    @app.post("/admin/campaigns/{cid}/n", response_class=RedirectResponse, status_code=303,
+              summary="Set a campaign's rankings per task (the page's form)",
+              **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Done: back to /admin"))
     def set_n(request: Request, cid: int = Path(**ID), n: int = Form(ge=1, le=100), csrf: str = Form("", max_length=100)):
-        admin(request, csrf)
+        admin(request, csrf or None)
         D.set_rankings_per_task(engine, cid, n)
         return RedirectResponse("/admin", 303)
 
@@ -400,32 +491,35 @@ def create_app(db, admin_token=None):
         return page(request, "labeler.html", status, labeler=labs[lid], rows=rows,
                     csrf=csrf_for("admin", request.cookies.get(ADMIN_COOKIE, "")), **extra)
 
-    @app.get("/admin/labelers/{lid}", response_class=HTMLResponse)
+    @app.get("/admin/labelers/{lid}", response_class=HTMLResponse, summary="A labeler's rankings (a page)",
+             **doc(ADMIN_READ, 401, 404, 422, html=True))
     def labeler_detail(request: Request, lid: int = Path(**ID)):
         admin(request)
         return labeler_page(request, lid)
 
-    @app.post("/admin/labelers/{lid}/revoke", response_class=HTMLResponse)
+    @app.post("/admin/labelers/{lid}/revoke", response_class=HTMLResponse, summary="Revoke a labeler (a page)",
+              **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True))
     def revoke(request: Request, lid: int = Path(**ID), csrf: str = Form("", max_length=100)):
         """End the labeler's sessions and unused links now; their rankings stay."""
-        admin(request, csrf)
+        admin(request, csrf or None)
         D.revoke_labeler(engine, lid)
         return labeler_page(request, lid, notice="Revoked: their sessions and unused links no longer work.")
 
-    @app.post("/admin/labelers/{lid}/invite", response_class=HTMLResponse)
+    @app.post("/admin/labelers/{lid}/invite", response_class=HTMLResponse, status_code=201,
+              summary="A new invite link for a labeler (a page)", **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True))
     def reinvite(request: Request, lid: int = Path(**ID), csrf: str = Form("", max_length=100)):
         """A new invite link for the labeler (their earlier unused links stop working)."""
-        admin(request, csrf)
+        admin(request, csrf or None)
         token = D.new_invite(engine, lid)
         return labeler_page(request, lid, 201, link=str(request.base_url).rstrip("/") + f"/join/{token}")
 
-    @app.get("/admin/api/overview")
+    @app.get("/admin/api/overview", **doc(ADMIN_READ, 401))
     def overview(request: Request):
         admin(request)
         camps, labs = overview_with_agreement()
         return {"campaigns": camps, "labelers": labs}
 
-    @app.get("/admin/export.jsonl")
+    @app.get("/admin/export.jsonl", response_class=Response, **EXPORT_DOC)
     def export(request: Request, campaign: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$"),
                pairs: bool = False):
         admin(request)
