@@ -1,10 +1,12 @@
 """Assignment and submission rules of the ranking app, on SQLite and on a real PostgreSQL server."""
 
 import threading
+import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shoggoth.feedback import db as D
@@ -225,3 +227,75 @@ def test_labelers_of_an_older_database_keep_their_link_once(tmp_path):
     e = D.connect(url)
     assert D.labeler_by_token(e, "the-old-link-token")[1] == "old-timer"
     assert D.trade_invite(e, "the-old-link-token") is not None and D.trade_invite(e, "the-old-link-token") is None
+
+
+def open_assignments(engine, lid):
+    with Session(engine) as s:
+        return list(s.scalars(select(D.Assignment.task_id).where(D.Assignment.labeler_id == lid,
+                                                                 D.Assignment.status == "open")))
+
+
+def test_racing_next_task_calls_of_one_labeler_get_one_task(db_url):
+    """Many /api/next at once for one labeler (each thread on its own connection): one open
+    assignment, the same task for every call, and only that task's slot taken."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(30), rankings_per_task=1)
+    lid = D.create_labeler(e, "eager")[0]
+    n = 16
+    start, got, errors = threading.Barrier(n), [], []
+
+    def call():
+        try:
+            start.wait()
+            got.append(D.next_task(e, lid)["task_id"])
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    for _round in range(3):
+        threads = [threading.Thread(target=call) for _ in range(n)]
+        [x.start() for x in threads]
+        [x.join() for x in threads]
+        assert not errors
+        (tid,) = set(got)
+        assert open_assignments(e, lid) == [tid]
+        assert D.overview(e)[0][0]["open"] == 1  # the losers' slots were given back
+        D.skip(e, lid, tid)
+        got.clear()
+
+
+def test_a_campaigns_task_releases_the_open_one_of_another(db_url):
+    e = D.connect(db_url)
+    a = D.add_tasks(e, "a", make_tasks(1, tag="a"), rankings_per_task=1)
+    b = D.add_tasks(e, "b", make_tasks(1, tag="b"), rankings_per_task=1)
+    lid, other = D.create_labeler(e, "x")[0], D.create_labeler(e, "y")[0]
+    first = D.next_task(e, lid, campaign_id=a)
+    second = D.next_task(e, lid, campaign_id=b)
+    assert open_assignments(e, lid) == [second["task_id"]]
+    assert D.next_task(e, other, campaign_id=a)["task_id"] == first["task_id"]  # its slot was freed
+    D.submit(e, lid, first["task_id"], groups_in_order(first))  # a late answer still counts
+    assert count(e, D.Ranking) == 1
+
+
+def test_one_open_index_is_added_to_an_older_database(db_url):
+    """A database made before the index: connecting adds it, after releasing the extra open
+    assignments an earlier race left (oldest kept), and from then on a second one is refused."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(3), rankings_per_task=2)
+    lid = D.create_labeler(e, "old")[0]
+    with D.writing(e) as s:
+        s.execute(text(f"DROP INDEX {D.ONE_OPEN.name}"))
+    assert not inspect(e).has_index("assignments", D.ONE_OPEN.name)
+    for tid in (2, 1, 3):  # what racing calls could leave before
+        with D.writing(e) as s:
+            s.add(D.Assignment(task_id=tid, labeler_id=lid, status="open", display_order=[], created_at=0,
+                               expires_at=time.time() + 3600))
+            s.execute(update(D.Task).where(D.Task.id == tid).values(n_open=D.Task.n_open + 1))
+    e.dispose()
+    e = D.connect(db_url)
+    assert inspect(e).has_index("assignments", D.ONE_OPEN.name)
+    assert open_assignments(e, lid) == [2]
+    assert D.overview(e)[0][0]["open"] == 1
+    assert D.next_task(e, lid)["task_id"] == 2
+    with pytest.raises(IntegrityError), D.writing(e) as s:
+        s.add(D.Assignment(task_id=3, labeler_id=lid, status="open", display_order=[], created_at=0, expires_at=0))
+    D.connect(db_url)  # once there, connecting again leaves it be

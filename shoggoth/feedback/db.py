@@ -5,6 +5,11 @@ server threads, processes and simulated labelers at once:
 
 - A labeler holds at most one assignment per task, UNIQUE(task_id, labeler_id):
   nobody gets the same task twice, even after skipping it.
+- A labeler holds at most one open assignment, a partial unique index on
+  assignments(labeler_id) WHERE status = 'open': two `next_task` calls that race
+  (on PostgreSQL, SKIP LOCKED sends them to different tasks) cannot both assign;
+  the loser's insert fails, its transaction (slot included) rolls back, and its
+  retry hands back the winner's task.
 - A ranking is stored once per assignment and once per (task, labeler).
 - A task's slots are `n_open + n_done < rankings_per_task`; a slot is taken by
   a conditional UPDATE, which the database serialises, so concurrent labelers
@@ -26,10 +31,10 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, func, select, update)
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
+                        event, func, inspect, select, text, update)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from ..errors import DataError
 
@@ -128,6 +133,12 @@ class Assignment(Base):
     expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
+_is_open = Assignment.status == "open"
+# At most one open assignment per labeler (see the module docstring).
+ONE_OPEN = Index("uq_assignments_one_open_per_labeler", Assignment.labeler_id, unique=True,
+                 postgresql_where=_is_open, sqlite_where=_is_open)
+
+
 class Ranking(Base):
     __tablename__ = "rankings"
     __table_args__ = (UniqueConstraint("task_id", "labeler_id"),)
@@ -193,7 +204,24 @@ def connect(db, create=True):
         except OperationalError as e:
             raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
         _invites_of_old_labelers(engine)
+        _one_open_per_labeler(engine)
     return engine
+
+
+def _one_open_per_labeler(engine):
+    """create_all adds no index to a table that is already there: a database made before ONE_OPEN
+    gets it here. Open assignments it already held beyond a labeler's oldest are released first, as
+    an expired lease is (their slots freed; a late answer still counts), or the index could not be made."""
+    if inspect(engine).has_index(Assignment.__tablename__, ONE_OPEN.name):
+        return
+    other = aliased(Assignment)
+    oldest = (select(func.min(other.id)).where(other.labeler_id == Assignment.labeler_id, other.status == "open")
+              .scalar_subquery())
+    with writing(engine) as s:
+        if engine.dialect.name == "postgresql":  # no new open assignment between the release and the index
+            s.execute(text("LOCK TABLE assignments IN SHARE ROW EXCLUSIVE MODE"))
+        _release(s, s.execute(select(Assignment.id, Assignment.task_id).where(_is_open, Assignment.id != oldest)).all())
+        ONE_OPEN.create(s.connection(), checkfirst=True)
 
 
 def _invites_of_old_labelers(engine):
@@ -436,7 +464,12 @@ def _release_expired(s, now):
     stale = s.execute(select(Assignment.id, Assignment.task_id).where(Assignment.status == "open",
                                                                       Assignment.expires_at < now)
                       .order_by(Assignment.id).limit(50)).all()
-    for aid, tid in stale:
+    _release(s, stale)
+
+
+def _release(s, assignments):
+    """Mark open assignments (id, task_id) expired and free their tasks' slots."""
+    for aid, tid in assignments:
         if s.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "open")
                      .values(status="expired")).rowcount == 1:
             s.execute(update(Task).where(Task.id == tid).values(n_open=Task.n_open - 1))
@@ -446,21 +479,26 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
     """The labeler's open task, or a new one assigned now; None when nothing is left for them.
 
     A new task is one that still wants rankings and that this labeler never had;
-    among those, the fullest first (so tasks complete and agreement can be measured)."""
+    among those, the fullest first (so tasks complete and agreement can be measured).
+    A labeler holds one open task at most: asked for a campaign's task while holding
+    another campaign's, that one is released as an expired lease is (a late answer
+    still counts). Two calls that race for one labeler get the same task: the
+    loser's insert breaks the one-open index and its retry finds the winner's."""
 
     def attempt():
         now = time.time()
         with writing(engine) as s:
             _release_expired(s, now)
-            mine = select(Assignment).where(Assignment.labeler_id == labeler_id, Assignment.status == "open")
-            if campaign_id is not None:
-                mine = mine.join(Task, Assignment.task_id == Task.id).where(Task.campaign_id == campaign_id)
-            mine = s.scalar(mine.order_by(Assignment.id).limit(1))
-            if mine is not None:
-                return _task_view(s, mine)
+            mine = s.execute(select(Assignment, Task.campaign_id).join(Task, Assignment.task_id == Task.id)
+                             .where(Assignment.labeler_id == labeler_id, _is_open)
+                             .order_by(Assignment.id).limit(1)).first()
+            if mine is not None and campaign_id in (None, mine[1]):
+                return _task_view(s, mine[0])
             scope = s.scalar(select(Labeler.campaign_id).where(Labeler.id == labeler_id))
             if scope is not None and campaign_id is not None and scope != campaign_id:
                 return None
+            if mine is not None:  # held in another campaign
+                _release(s, [(mine[0].id, mine[0].task_id)])
             scope = scope if scope is not None else campaign_id
             had = select(Assignment.task_id).where(Assignment.labeler_id == labeler_id)
             q = (select(Task.id, Campaign.rankings_per_task).join(Campaign, Task.campaign_id == Campaign.id)
@@ -483,7 +521,7 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
                     a = Assignment(task_id=tid, labeler_id=labeler_id, status="open", display_order=order,
                                    created_at=now, expires_at=now + lease_s)
                     s.add(a)
-                    s.flush()
+                    s.flush()  # a race lost to another call for this labeler fails here (ONE_OPEN); retried
                     return _task_view(s, a)
             raise OperationalError("next_task", None, Exception("no free task after 50 looks"))  # retried
 
