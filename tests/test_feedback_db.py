@@ -1,7 +1,10 @@
 """Assignment and submission rules of the ranking app, on SQLite and on a real PostgreSQL server."""
 
+import itertools
+import json
 import threading
 import time
+import tracemalloc
 from collections import Counter
 
 import pytest
@@ -10,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shoggoth.feedback import db as D
+from shoggoth.feedback import jobs
 
 
 def make_tasks(n, k=4, tag=""):
@@ -194,7 +198,7 @@ def test_export_formats(tmp_path):
     (row,) = D.export_rows(e)
     assert row == {"prompt": "prompt 0", "completions": ["completion 0.0", "completion 0.1", "completion 0.2"],
                    "ranks": [1, 1, 0], "labeler": "ann", "flags": ["all_bad"], "campaign": "c", "task_id": 1}
-    assert D.export_rows(e, as_pairs=True) == [
+    assert list(D.export_rows(e, as_pairs=True)) == [
         {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.0"},
         {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.1"}]
 
@@ -299,3 +303,61 @@ def test_one_open_index_is_added_to_an_older_database(db_url):
     with pytest.raises(IntegrityError), D.writing(e) as s:
         s.add(D.Assignment(task_id=3, labeler_id=lid, status="open", display_order=[], created_at=0, expires_at=0))
     D.connect(db_url)  # once there, connecting again leaves it be
+
+
+def bulk_insert(engine, table, rows):
+    """Rows (tuples in column order) straight into a table: COPY on PostgreSQL, executemany on SQLite."""
+    cols = [c.name for c in table.columns]
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            with conn.connection.dbapi_connection.cursor().copy(
+                    f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
+                for r in rows:
+                    copy.write_row([json.dumps(v) if isinstance(v, list) else v for v in r])
+    else:
+        with engine.begin() as conn:
+            conn.execute(table.insert(), [dict(zip(cols, r)) for r in rows])
+
+
+def test_export_of_200k_rankings_streams(db_url, tmp_path):
+    """200,000 rankings of 100,000 tasks (more than a driver binds parameters: the export once sent
+    one per task) exported to a file, in order, with memory bounded while the rows are read."""
+    n_tasks, k, per_task = 100_000, 3, 2
+    e = D.connect(db_url)
+    started = time.perf_counter()
+    bulk_insert(e, D.Campaign.__table__, [(1, "big", k, per_task, "", 0.0)])
+    bulk_insert(e, D.Labeler.__table__, [(i, f"lab{i}", f"h{i}", None, True, 0.0) for i in (1, 2)])
+    bulk_insert(e, D.Task.__table__, [(t, 1, f"prompt {t}", [], 0, per_task, 0) for t in range(1, n_tasks + 1)])
+    bulk_insert(e, D.Completion.__table__, [(t * k + j, t, j, f"c{t}.{j}") for t in range(1, n_tasks + 1)
+                                            for j in range(k)])
+    ids = range(1, n_tasks * per_task + 1)  # ranking i: task (i+1)//2, labeler 1 or 2; ranks cycle
+    bulk_insert(e, D.Assignment.__table__, [(i, (i + 1) // 2, 2 - i % 2, "done", [], 0.0, 0.0) for i in ids])
+    bulk_insert(e, D.Ranking.__table__, [(i, i, (i + 1) // 2, 2 - i % 2, [i % 3, (i + 1) % 3, (i + 2) % 3],
+                                          ["unsafe"] if i % 1000 == 0 else [], 1.0, 0.0) for i in ids])
+    inserted = time.perf_counter()
+
+    def expected(i):
+        t = (i + 1) // 2
+        return {"prompt": f"prompt {t}", "completions": [f"c{t}.{j}" for j in range(k)],
+                "ranks": [i % 3, (i + 1) % 3, (i + 2) % 3], "labeler": f"lab{2 - i % 2}",
+                "flags": ["unsafe"] if i % 1000 == 0 else [], "campaign": "big", "task_id": t}
+
+    out = tmp_path / "big.jsonl"
+    tracemalloc.start()
+    try:
+        assert jobs.export(db_url, out) == len(ids)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    exported = time.perf_counter()
+    assert peak < 30e6, f"export peak {peak / 1e6:.1f} MB"
+    with open(out, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if i in (1, 2, 1000, 65_536, 123_457, len(ids)):
+                assert json.loads(line) == expected(i), i
+    assert i == len(ids)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed
+    first = list(itertools.islice(D.export_rows(e, campaign="big", as_pairs=True), 6))
+    assert first == D.pairs(expected(1)) + D.pairs(expected(2))  # 3 pairs each
+    print(f"\n{e.dialect.name}: insert {inserted - started:.1f} s, export to file {exported - inserted:.1f} s "
+          f"(peak {peak / 1e6:.1f} MB under tracemalloc)")

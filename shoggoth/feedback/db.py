@@ -24,6 +24,7 @@ re-checks its WHERE clause after waiting for a row lock.
 """
 
 import hashlib
+import json
 import random
 import secrets
 import threading
@@ -633,27 +634,67 @@ def progress(engine, labeler_id):
 # ---------------------------------------------------------------- reading it back
 
 
-def rankings(engine, campaign=None, labeler=None, limit=None):
-    """Stored rankings in the export format (DESIGN.md), oldest first."""
+EXPORT_CHUNK = 900  # rankings read per query when streaming them all (their task ids, one parameter each, stay
+# under the smallest limit on parameters a driver has, 999 in SQLite before 3.32)
+
+
+def _ranking_query(*cols, campaign=None, labeler=None):
+    q = (select(*cols).select_from(Ranking).join(Task, Ranking.task_id == Task.id)
+         .join(Campaign, Task.campaign_id == Campaign.id).join(Labeler, Ranking.labeler_id == Labeler.id))
+    if campaign is not None:
+        q = q.where(Campaign.name == campaign)
+    if labeler is not None:
+        q = q.where(Ranking.labeler_id == labeler)
+    return q
+
+
+_ROW = (Ranking.id, Ranking.ranks, Ranking.flags, Ranking.seconds, Task.id, Task.prompt, Campaign.name, Labeler.name)
+
+
+def _export_format(s, rows, task_ids):
+    """Rows of _ROW as export records; task_ids: their tasks' ids."""
+    texts = {}
+    for tid, text_ in s.execute(select(Completion.task_id, Completion.text).where(Completion.task_id.in_(task_ids))
+                                .order_by(Completion.task_id, Completion.idx)):
+        texts.setdefault(tid, []).append(text_)
+    return [{"prompt": prompt, "completions": texts[tid], "ranks": list(ranks), "labeler": lab, "flags": list(flags),
+             "campaign": camp, "task_id": tid, "seconds": round(seconds, 3)}
+            for _, ranks, flags, seconds, tid, prompt, camp, lab in rows]
+
+
+def iter_rankings(engine, campaign=None, labeler=None, chunk=EXPORT_CHUNK):
+    """Stored rankings in the export format (DESIGN.md), oldest first, as a generator.
+
+    Read `chunk` at a time, after the last id read (keyset pagination: no OFFSET; the
+    texts of a chunk's tasks by their ids, at most `chunk` of them), each chunk in its
+    own short read transaction: memory stays bounded however many there are, and a
+    slow reader (a download) holds no connection between chunks. Rankings stored
+    after the export began are left out."""
     with Session(reading(engine)) as s:
-        q = (select(Ranking, Task, Campaign.name, Labeler.name).join(Task, Ranking.task_id == Task.id)
-             .join(Campaign, Task.campaign_id == Campaign.id).join(Labeler, Ranking.labeler_id == Labeler.id)
-             .order_by(Ranking.id))
-        if campaign is not None:
-            q = q.where(Campaign.name == campaign)
-        if labeler is not None:
-            q = q.where(Ranking.labeler_id == labeler)
-        if limit is not None:
-            q = q.order_by(None).order_by(Ranking.id.desc()).limit(limit)
-        rows = s.execute(q).all()
-        task_ids = {t.id for _, t, _, _ in rows}
-        texts = {}
-        for tid, text in s.execute(select(Completion.task_id, Completion.text).where(Completion.task_id.in_(task_ids))
-                                   .order_by(Completion.task_id, Completion.idx)).all() if task_ids else []:
-            texts.setdefault(tid, []).append(text)
-    return [{"prompt": t.prompt, "completions": texts[t.id], "ranks": list(r.ranks), "labeler": lab,
-             "flags": list(r.flags), "campaign": camp, "task_id": t.id, "seconds": round(r.seconds, 3)}
-            for r, t, camp, lab in rows]
+        top = s.scalar(select(func.max(Ranking.id)))
+    after = 0
+    while top is not None:
+        with Session(reading(engine)) as s:
+            # (no `id <= top` here: PostgreSQL, on fresh statistics, plans that range as a hash join of all of it)
+            rows = s.execute(_ranking_query(*_ROW, campaign=campaign, labeler=labeler)
+                             .where(Ranking.id > after).order_by(Ranking.id).limit(chunk)).all()
+            last = len(rows) < chunk or rows[-1][0] >= top
+            rows = [r for r in rows if r[0] <= top]
+            out = _export_format(s, rows, {r[4] for r in rows}) if rows else []
+        yield from out
+        if last:
+            return
+        after = rows[-1][0]
+
+
+def rankings(engine, campaign=None, labeler=None, limit=None):
+    """Stored rankings in the export format (DESIGN.md): all, oldest first, or the newest `limit`, newest first."""
+    if limit is None:
+        return list(iter_rankings(engine, campaign, labeler))
+    with Session(reading(engine)) as s:
+        rows = s.execute(_ranking_query(*_ROW, campaign=campaign, labeler=labeler)
+                         .order_by(Ranking.id.desc()).limit(limit)).all()
+        return _export_format(s, rows, {r[4] for r in rows})
 
 
 def rank_vectors(engine, campaign_id):
@@ -668,11 +709,25 @@ EXPORT_KEYS = ("prompt", "completions", "ranks", "labeler", "flags", "campaign",
 
 
 def export_rows(engine, campaign=None, as_pairs=False):
-    """Rankings as DESIGN.md's rankings format, or as TRL pairs."""
-    rows = rankings(engine, campaign=campaign)
-    if as_pairs:
-        return [p for r in rows for p in pairs(r)]
-    return [{k: r[k] for k in EXPORT_KEYS} for r in rows]
+    """Rankings as DESIGN.md's rankings format, or as TRL pairs: a generator, streamed from the database."""
+    for r in iter_rankings(engine, campaign=campaign):
+        if as_pairs:
+            yield from pairs(r)
+        else:
+            yield {k: r[k] for k in EXPORT_KEYS}
+
+
+def export_jsonl(engine, campaign=None, as_pairs=False, block=1 << 16):
+    """export_rows as JSONL text, in pieces of about `block` characters (whole lines each)."""
+    lines, size = [], 0
+    for r in export_rows(engine, campaign, as_pairs):
+        lines.append(json.dumps(r, ensure_ascii=False) + "\n")
+        size += len(lines[-1])
+        if size >= block:
+            yield "".join(lines)
+            lines, size = [], 0
+    if lines:
+        yield "".join(lines)
 
 
 def pairs(row):
