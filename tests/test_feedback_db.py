@@ -1,13 +1,19 @@
 """Assignment and submission rules of the ranking app, on SQLite and on a real PostgreSQL server."""
 
+import itertools
+import json
 import threading
+import time
+import tracemalloc
 from collections import Counter
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shoggoth.feedback import db as D
+from shoggoth.feedback import jobs
 
 
 def make_tasks(n, k=4, tag=""):
@@ -192,7 +198,7 @@ def test_export_formats(tmp_path):
     (row,) = D.export_rows(e)
     assert row == {"prompt": "prompt 0", "completions": ["completion 0.0", "completion 0.1", "completion 0.2"],
                    "ranks": [1, 1, 0], "labeler": "ann", "flags": ["all_bad"], "campaign": "c", "task_id": 1}
-    assert D.export_rows(e, as_pairs=True) == [
+    assert list(D.export_rows(e, as_pairs=True)) == [
         {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.0"},
         {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.1"}]
 
@@ -225,3 +231,133 @@ def test_labelers_of_an_older_database_keep_their_link_once(tmp_path):
     e = D.connect(url)
     assert D.labeler_by_token(e, "the-old-link-token")[1] == "old-timer"
     assert D.trade_invite(e, "the-old-link-token") is not None and D.trade_invite(e, "the-old-link-token") is None
+
+
+def open_assignments(engine, lid):
+    with Session(engine) as s:
+        return list(s.scalars(select(D.Assignment.task_id).where(D.Assignment.labeler_id == lid,
+                                                                 D.Assignment.status == "open")))
+
+
+def test_racing_next_task_calls_of_one_labeler_get_one_task(db_url):
+    """Many /api/next at once for one labeler (each thread on its own connection): one open
+    assignment, the same task for every call, and only that task's slot taken."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(30), rankings_per_task=1)
+    lid = D.create_labeler(e, "eager")[0]
+    n = 16
+    start, got, errors = threading.Barrier(n), [], []
+
+    def call():
+        try:
+            start.wait()
+            got.append(D.next_task(e, lid)["task_id"])
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    for _round in range(3):
+        threads = [threading.Thread(target=call) for _ in range(n)]
+        [x.start() for x in threads]
+        [x.join() for x in threads]
+        assert not errors
+        (tid,) = set(got)
+        assert open_assignments(e, lid) == [tid]
+        assert D.overview(e)[0][0]["open"] == 1  # the losers' slots were given back
+        D.skip(e, lid, tid)
+        got.clear()
+
+
+def test_a_campaigns_task_releases_the_open_one_of_another(db_url):
+    e = D.connect(db_url)
+    a = D.add_tasks(e, "a", make_tasks(1, tag="a"), rankings_per_task=1)
+    b = D.add_tasks(e, "b", make_tasks(1, tag="b"), rankings_per_task=1)
+    lid, other = D.create_labeler(e, "x")[0], D.create_labeler(e, "y")[0]
+    first = D.next_task(e, lid, campaign_id=a)
+    second = D.next_task(e, lid, campaign_id=b)
+    assert open_assignments(e, lid) == [second["task_id"]]
+    assert D.next_task(e, other, campaign_id=a)["task_id"] == first["task_id"]  # its slot was freed
+    D.submit(e, lid, first["task_id"], groups_in_order(first))  # a late answer still counts
+    assert count(e, D.Ranking) == 1
+
+
+def test_one_open_index_is_added_to_an_older_database(db_url):
+    """A database made before the index: connecting adds it, after releasing the extra open
+    assignments an earlier race left (oldest kept), and from then on a second one is refused."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(3), rankings_per_task=2)
+    lid = D.create_labeler(e, "old")[0]
+    with D.writing(e) as s:
+        s.execute(text(f"DROP INDEX {D.ONE_OPEN.name}"))
+    assert not inspect(e).has_index("assignments", D.ONE_OPEN.name)
+    for tid in (2, 1, 3):  # what racing calls could leave before
+        with D.writing(e) as s:
+            s.add(D.Assignment(task_id=tid, labeler_id=lid, status="open", display_order=[], created_at=0,
+                               expires_at=time.time() + 3600))
+            s.execute(update(D.Task).where(D.Task.id == tid).values(n_open=D.Task.n_open + 1))
+    e.dispose()
+    e = D.connect(db_url)
+    assert inspect(e).has_index("assignments", D.ONE_OPEN.name)
+    assert open_assignments(e, lid) == [2]
+    assert D.overview(e)[0][0]["open"] == 1
+    assert D.next_task(e, lid)["task_id"] == 2
+    with pytest.raises(IntegrityError), D.writing(e) as s:
+        s.add(D.Assignment(task_id=3, labeler_id=lid, status="open", display_order=[], created_at=0, expires_at=0))
+    D.connect(db_url)  # once there, connecting again leaves it be
+
+
+def bulk_insert(engine, table, rows):
+    """Rows (tuples in column order) straight into a table: COPY on PostgreSQL, executemany on SQLite."""
+    cols = [c.name for c in table.columns]
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            with conn.connection.dbapi_connection.cursor().copy(
+                    f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
+                for r in rows:
+                    copy.write_row([json.dumps(v) if isinstance(v, list) else v for v in r])
+    else:
+        with engine.begin() as conn:
+            conn.execute(table.insert(), [dict(zip(cols, r)) for r in rows])
+
+
+def test_export_of_200k_rankings_streams(db_url, tmp_path):
+    """200,000 rankings of 100,000 tasks (more than a driver binds parameters: the export once sent
+    one per task) exported to a file, in order, with memory bounded while the rows are read."""
+    n_tasks, k, per_task = 100_000, 3, 2
+    e = D.connect(db_url)
+    started = time.perf_counter()
+    bulk_insert(e, D.Campaign.__table__, [(1, "big", k, per_task, "", 0.0)])
+    bulk_insert(e, D.Labeler.__table__, [(i, f"lab{i}", f"h{i}", None, True, 0.0) for i in (1, 2)])
+    bulk_insert(e, D.Task.__table__, [(t, 1, f"prompt {t}", [], 0, per_task, 0) for t in range(1, n_tasks + 1)])
+    bulk_insert(e, D.Completion.__table__, [(t * k + j, t, j, f"c{t}.{j}") for t in range(1, n_tasks + 1)
+                                            for j in range(k)])
+    ids = range(1, n_tasks * per_task + 1)  # ranking i: task (i+1)//2, labeler 1 or 2; ranks cycle
+    bulk_insert(e, D.Assignment.__table__, [(i, (i + 1) // 2, 2 - i % 2, "done", [], 0.0, 0.0) for i in ids])
+    bulk_insert(e, D.Ranking.__table__, [(i, i, (i + 1) // 2, 2 - i % 2, [i % 3, (i + 1) % 3, (i + 2) % 3],
+                                          ["unsafe"] if i % 1000 == 0 else [], 1.0, 0.0) for i in ids])
+    inserted = time.perf_counter()
+
+    def expected(i):
+        t = (i + 1) // 2
+        return {"prompt": f"prompt {t}", "completions": [f"c{t}.{j}" for j in range(k)],
+                "ranks": [i % 3, (i + 1) % 3, (i + 2) % 3], "labeler": f"lab{2 - i % 2}",
+                "flags": ["unsafe"] if i % 1000 == 0 else [], "campaign": "big", "task_id": t}
+
+    out = tmp_path / "big.jsonl"
+    tracemalloc.start()
+    try:
+        assert jobs.export(db_url, out) == len(ids)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    exported = time.perf_counter()
+    assert peak < 30e6, f"export peak {peak / 1e6:.1f} MB"
+    with open(out, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if i in (1, 2, 1000, 65_536, 123_457, len(ids)):
+                assert json.loads(line) == expected(i), i
+    assert i == len(ids)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed
+    first = list(itertools.islice(D.export_rows(e, campaign="big", as_pairs=True), 6))
+    assert first == D.pairs(expected(1)) + D.pairs(expected(2))  # 3 pairs each
+    print(f"\n{e.dialect.name}: insert {inserted - started:.1f} s, export to file {exported - inserted:.1f} s "
+          f"(peak {peak / 1e6:.1f} MB under tracemalloc)")

@@ -33,7 +33,6 @@ Who may do what:
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import threading
@@ -44,7 +43,7 @@ from urllib.parse import urlsplit
 from fastapi import Body, FastAPI, Form, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, StrictInt, StrictStr
@@ -523,11 +522,10 @@ def create_app(db, admin_token=None):
     def export(request: Request, campaign: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$"),
                pairs: bool = False):
         admin(request)
-        rows = D.export_rows(engine, campaign, pairs)
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         fname = re.sub(r"[^A-Za-z0-9._-]", "_", f"{'pairs' if pairs else 'rankings'}-{campaign or 'all'}.jsonl")
-        return Response(body, media_type="application/jsonl",
-                        headers={"Content-Disposition": f'attachment; filename="{fname}"'})
+        # streamed a piece at a time from the database (each piece read in a worker thread)
+        return StreamingResponse(D.export_jsonl(engine, campaign, pairs), media_type="application/jsonl",
+                                 headers={"Content-Disposition": f'attachment; filename="{fname}"'})
 
     return app
 

@@ -5,6 +5,11 @@ server threads, processes and simulated labelers at once:
 
 - A labeler holds at most one assignment per task, UNIQUE(task_id, labeler_id):
   nobody gets the same task twice, even after skipping it.
+- A labeler holds at most one open assignment, a partial unique index on
+  assignments(labeler_id) WHERE status = 'open': two `next_task` calls that race
+  (on PostgreSQL, SKIP LOCKED sends them to different tasks) cannot both assign;
+  the loser's insert fails, its transaction (slot included) rolls back, and its
+  retry hands back the winner's task.
 - A ranking is stored once per assignment and once per (task, labeler).
 - A task's slots are `n_open + n_done < rankings_per_task`; a slot is taken by
   a conditional UPDATE, which the database serialises, so concurrent labelers
@@ -19,6 +24,7 @@ re-checks its WHERE clause after waiting for a row lock.
 """
 
 import hashlib
+import json
 import random
 import secrets
 import threading
@@ -26,10 +32,10 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, func, select, update)
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
+                        event, func, inspect, select, text, update)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from ..errors import DataError
 
@@ -128,6 +134,12 @@ class Assignment(Base):
     expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
+_is_open = Assignment.status == "open"
+# At most one open assignment per labeler (see the module docstring).
+ONE_OPEN = Index("uq_assignments_one_open_per_labeler", Assignment.labeler_id, unique=True,
+                 postgresql_where=_is_open, sqlite_where=_is_open)
+
+
 class Ranking(Base):
     __tablename__ = "rankings"
     __table_args__ = (UniqueConstraint("task_id", "labeler_id"),)
@@ -193,7 +205,24 @@ def connect(db, create=True):
         except OperationalError as e:
             raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
         _invites_of_old_labelers(engine)
+        _one_open_per_labeler(engine)
     return engine
+
+
+def _one_open_per_labeler(engine):
+    """create_all adds no index to a table that is already there: a database made before ONE_OPEN
+    gets it here. Open assignments it already held beyond a labeler's oldest are released first, as
+    an expired lease is (their slots freed; a late answer still counts), or the index could not be made."""
+    if inspect(engine).has_index(Assignment.__tablename__, ONE_OPEN.name):
+        return
+    other = aliased(Assignment)
+    oldest = (select(func.min(other.id)).where(other.labeler_id == Assignment.labeler_id, other.status == "open")
+              .scalar_subquery())
+    with writing(engine) as s:
+        if engine.dialect.name == "postgresql":  # no new open assignment between the release and the index
+            s.execute(text("LOCK TABLE assignments IN SHARE ROW EXCLUSIVE MODE"))
+        _release(s, s.execute(select(Assignment.id, Assignment.task_id).where(_is_open, Assignment.id != oldest)).all())
+        ONE_OPEN.create(s.connection(), checkfirst=True)
 
 
 def _invites_of_old_labelers(engine):
@@ -436,7 +465,12 @@ def _release_expired(s, now):
     stale = s.execute(select(Assignment.id, Assignment.task_id).where(Assignment.status == "open",
                                                                       Assignment.expires_at < now)
                       .order_by(Assignment.id).limit(50)).all()
-    for aid, tid in stale:
+    _release(s, stale)
+
+
+def _release(s, assignments):
+    """Mark open assignments (id, task_id) expired and free their tasks' slots."""
+    for aid, tid in assignments:
         if s.execute(update(Assignment).where(Assignment.id == aid, Assignment.status == "open")
                      .values(status="expired")).rowcount == 1:
             s.execute(update(Task).where(Task.id == tid).values(n_open=Task.n_open - 1))
@@ -446,21 +480,26 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
     """The labeler's open task, or a new one assigned now; None when nothing is left for them.
 
     A new task is one that still wants rankings and that this labeler never had;
-    among those, the fullest first (so tasks complete and agreement can be measured)."""
+    among those, the fullest first (so tasks complete and agreement can be measured).
+    A labeler holds one open task at most: asked for a campaign's task while holding
+    another campaign's, that one is released as an expired lease is (a late answer
+    still counts). Two calls that race for one labeler get the same task: the
+    loser's insert breaks the one-open index and its retry finds the winner's."""
 
     def attempt():
         now = time.time()
         with writing(engine) as s:
             _release_expired(s, now)
-            mine = select(Assignment).where(Assignment.labeler_id == labeler_id, Assignment.status == "open")
-            if campaign_id is not None:
-                mine = mine.join(Task, Assignment.task_id == Task.id).where(Task.campaign_id == campaign_id)
-            mine = s.scalar(mine.order_by(Assignment.id).limit(1))
-            if mine is not None:
-                return _task_view(s, mine)
+            mine = s.execute(select(Assignment, Task.campaign_id).join(Task, Assignment.task_id == Task.id)
+                             .where(Assignment.labeler_id == labeler_id, _is_open)
+                             .order_by(Assignment.id).limit(1)).first()
+            if mine is not None and campaign_id in (None, mine[1]):
+                return _task_view(s, mine[0])
             scope = s.scalar(select(Labeler.campaign_id).where(Labeler.id == labeler_id))
             if scope is not None and campaign_id is not None and scope != campaign_id:
                 return None
+            if mine is not None:  # held in another campaign
+                _release(s, [(mine[0].id, mine[0].task_id)])
             scope = scope if scope is not None else campaign_id
             had = select(Assignment.task_id).where(Assignment.labeler_id == labeler_id)
             q = (select(Task.id, Campaign.rankings_per_task).join(Campaign, Task.campaign_id == Campaign.id)
@@ -483,7 +522,7 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
                     a = Assignment(task_id=tid, labeler_id=labeler_id, status="open", display_order=order,
                                    created_at=now, expires_at=now + lease_s)
                     s.add(a)
-                    s.flush()
+                    s.flush()  # a race lost to another call for this labeler fails here (ONE_OPEN); retried
                     return _task_view(s, a)
             raise OperationalError("next_task", None, Exception("no free task after 50 looks"))  # retried
 
@@ -595,27 +634,67 @@ def progress(engine, labeler_id):
 # ---------------------------------------------------------------- reading it back
 
 
-def rankings(engine, campaign=None, labeler=None, limit=None):
-    """Stored rankings in the export format (DESIGN.md), oldest first."""
+EXPORT_CHUNK = 900  # rankings read per query when streaming them all (their task ids, one parameter each, stay
+# under the smallest limit on parameters a driver has, 999 in SQLite before 3.32)
+
+
+def _ranking_query(*cols, campaign=None, labeler=None):
+    q = (select(*cols).select_from(Ranking).join(Task, Ranking.task_id == Task.id)
+         .join(Campaign, Task.campaign_id == Campaign.id).join(Labeler, Ranking.labeler_id == Labeler.id))
+    if campaign is not None:
+        q = q.where(Campaign.name == campaign)
+    if labeler is not None:
+        q = q.where(Ranking.labeler_id == labeler)
+    return q
+
+
+_ROW = (Ranking.id, Ranking.ranks, Ranking.flags, Ranking.seconds, Task.id, Task.prompt, Campaign.name, Labeler.name)
+
+
+def _export_format(s, rows, task_ids):
+    """Rows of _ROW as export records; task_ids: their tasks' ids."""
+    texts = {}
+    for tid, text_ in s.execute(select(Completion.task_id, Completion.text).where(Completion.task_id.in_(task_ids))
+                                .order_by(Completion.task_id, Completion.idx)):
+        texts.setdefault(tid, []).append(text_)
+    return [{"prompt": prompt, "completions": texts[tid], "ranks": list(ranks), "labeler": lab, "flags": list(flags),
+             "campaign": camp, "task_id": tid, "seconds": round(seconds, 3)}
+            for _, ranks, flags, seconds, tid, prompt, camp, lab in rows]
+
+
+def iter_rankings(engine, campaign=None, labeler=None, chunk=EXPORT_CHUNK):
+    """Stored rankings in the export format (DESIGN.md), oldest first, as a generator.
+
+    Read `chunk` at a time, after the last id read (keyset pagination: no OFFSET; the
+    texts of a chunk's tasks by their ids, at most `chunk` of them), each chunk in its
+    own short read transaction: memory stays bounded however many there are, and a
+    slow reader (a download) holds no connection between chunks. Rankings stored
+    after the export began are left out."""
     with Session(reading(engine)) as s:
-        q = (select(Ranking, Task, Campaign.name, Labeler.name).join(Task, Ranking.task_id == Task.id)
-             .join(Campaign, Task.campaign_id == Campaign.id).join(Labeler, Ranking.labeler_id == Labeler.id)
-             .order_by(Ranking.id))
-        if campaign is not None:
-            q = q.where(Campaign.name == campaign)
-        if labeler is not None:
-            q = q.where(Ranking.labeler_id == labeler)
-        if limit is not None:
-            q = q.order_by(None).order_by(Ranking.id.desc()).limit(limit)
-        rows = s.execute(q).all()
-        task_ids = {t.id for _, t, _, _ in rows}
-        texts = {}
-        for tid, text in s.execute(select(Completion.task_id, Completion.text).where(Completion.task_id.in_(task_ids))
-                                   .order_by(Completion.task_id, Completion.idx)).all() if task_ids else []:
-            texts.setdefault(tid, []).append(text)
-    return [{"prompt": t.prompt, "completions": texts[t.id], "ranks": list(r.ranks), "labeler": lab,
-             "flags": list(r.flags), "campaign": camp, "task_id": t.id, "seconds": round(r.seconds, 3)}
-            for r, t, camp, lab in rows]
+        top = s.scalar(select(func.max(Ranking.id)))
+    after = 0
+    while top is not None:
+        with Session(reading(engine)) as s:
+            # (no `id <= top` here: PostgreSQL, on fresh statistics, plans that range as a hash join of all of it)
+            rows = s.execute(_ranking_query(*_ROW, campaign=campaign, labeler=labeler)
+                             .where(Ranking.id > after).order_by(Ranking.id).limit(chunk)).all()
+            last = len(rows) < chunk or rows[-1][0] >= top
+            rows = [r for r in rows if r[0] <= top]
+            out = _export_format(s, rows, {r[4] for r in rows}) if rows else []
+        yield from out
+        if last:
+            return
+        after = rows[-1][0]
+
+
+def rankings(engine, campaign=None, labeler=None, limit=None):
+    """Stored rankings in the export format (DESIGN.md): all, oldest first, or the newest `limit`, newest first."""
+    if limit is None:
+        return list(iter_rankings(engine, campaign, labeler))
+    with Session(reading(engine)) as s:
+        rows = s.execute(_ranking_query(*_ROW, campaign=campaign, labeler=labeler)
+                         .order_by(Ranking.id.desc()).limit(limit)).all()
+        return _export_format(s, rows, {r[4] for r in rows})
 
 
 def rank_vectors(engine, campaign_id):
@@ -630,11 +709,25 @@ EXPORT_KEYS = ("prompt", "completions", "ranks", "labeler", "flags", "campaign",
 
 
 def export_rows(engine, campaign=None, as_pairs=False):
-    """Rankings as DESIGN.md's rankings format, or as TRL pairs."""
-    rows = rankings(engine, campaign=campaign)
-    if as_pairs:
-        return [p for r in rows for p in pairs(r)]
-    return [{k: r[k] for k in EXPORT_KEYS} for r in rows]
+    """Rankings as DESIGN.md's rankings format, or as TRL pairs: a generator, streamed from the database."""
+    for r in iter_rankings(engine, campaign=campaign):
+        if as_pairs:
+            yield from pairs(r)
+        else:
+            yield {k: r[k] for k in EXPORT_KEYS}
+
+
+def export_jsonl(engine, campaign=None, as_pairs=False, block=1 << 16):
+    """export_rows as JSONL text, in pieces of about `block` characters (whole lines each)."""
+    lines, size = [], 0
+    for r in export_rows(engine, campaign, as_pairs):
+        lines.append(json.dumps(r, ensure_ascii=False) + "\n")
+        size += len(lines[-1])
+        if size >= block:
+            yield "".join(lines)
+            lines, size = [], 0
+    if lines:
+        yield "".join(lines)
 
 
 def pairs(row):

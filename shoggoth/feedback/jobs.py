@@ -1,10 +1,11 @@
 """The work behind `shoggoth feedback generate|simulate|export`: no argument parsing here."""
 
-import json
+import itertools
 import random
 import zlib
 from pathlib import Path
 
+from ..checkpoint import atomic_write
 from ..data import read_jsonl
 from ..errors import DataError
 from . import db as D
@@ -120,17 +121,26 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
 
 
 def export(db, out, pairs=False, campaign=None):
-    """Write rankings (or TRL pairs) as JSONL; returns how many lines."""
+    """Write rankings (or TRL pairs) as JSONL, streamed from the database to a temporary file
+    renamed over `out` at the end; returns how many lines."""
     engine = D.connect(db, create=False)
+    blocks = D.export_jsonl(engine, campaign, pairs)
     try:
-        rows = D.export_rows(engine, campaign, pairs)
-    except Exception as e:  # a database without our tables
+        first = next(blocks, "")  # the first read: a database without our tables fails here
+    except Exception as e:
         if type(e).__module__.startswith("sqlalchemy"):
             raise DataError(f"--db {db}: not a feedback database ({type(e).__name__})") from None
         raise
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
-    return len(rows)
+    lines = 0
+
+    def write(tmp):
+        nonlocal lines
+        with open(tmp, "w", encoding="utf-8") as f:
+            for block in itertools.chain([first], blocks):
+                f.write(block)
+                lines += block.count("\n")  # JSON escapes the newlines inside strings
+
+    atomic_write(out, write)
+    return lines
