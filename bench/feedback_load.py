@@ -1,13 +1,16 @@
 """Load benchmark of the ranking app: concurrent labelers submitting rankings over HTTP.
 
-    python bench/feedback_load.py                       # 50 labelers x 100 rankings, SQLite and PostgreSQL
+    python bench/feedback_load.py                       # 200 labelers x 50 rankings, SQLite and PostgreSQL
     python bench/feedback_load.py --backend sqlite --labelers 10 --rankings 20
     python bench/feedback_load.py --write-results       # also rewrite our section of bench/RESULTS.md
 
 The server is `shoggoth feedback serve` in its own process (one uvicorn worker) on
 127.0.0.1; the labelers are asyncio tasks with one HTTP connection each. Every
-labeler loops: POST /api/next, POST its ranking; a share of submissions is sent
-a second time at once (a client retrying), which must be refused with 409.
+labeler signs in (trades its invite for a session at POST /api/session), then
+loops: POST /api/next, POST its ranking; a share of submissions is sent a second
+time at once (a client retrying), which must be refused with 409. Meanwhile an
+admin client invites, signs in and revokes other labelers, one after another,
+and checks that a revoked session is refused at once.
 Afterwards the database is checked: every accepted submission stored exactly
 once (zero lost), no (task, labeler) twice and no task over its N (zero duplicated).
 """
@@ -45,7 +48,7 @@ def prepare(url, labelers, rankings, k, per_task):
               "completions": [" ".join(rng.choices(words, k=rng.randint(20, 80))) for _ in range(k)]}
              for i in range(n_tasks)]
     D.add_tasks(engine, "load", tasks, rankings_per_task=per_task)
-    tokens = [D.trade_invite(engine, D.create_labeler(engine, f"load-{i}")[1])[2] for i in range(labelers)]  # sessions
+    tokens = [D.create_labeler(engine, f"load-{i}")[1] for i in range(labelers)]  # invites, traded by the clients
     engine.dispose()
     return tokens, n_tasks
 
@@ -57,9 +60,16 @@ async def labeler(*args):
         args[-1].append(f"transport error: {type(e).__name__}")
 
 
-async def _labeler(base, token, rankings, retry_fraction, seed, lat, accepted, problems):
+async def _labeler(base, invite, rankings, retry_fraction, seed, lat, accepted, problems):
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        r = await c.post("/api/session", headers={"Authorization": f"Bearer {invite}"})
+        lat["signin"].append(time.perf_counter() - t0)
+        if r.status_code != 201:
+            problems.append(f"sign-in: {r.status_code} {r.text[:100]}")
+            return
+        c.headers["Authorization"] = f"Bearer {r.json()['session']}"
         for _ in range(rankings):
             t0 = time.perf_counter()
             r = await c.post("/api/next")
@@ -90,6 +100,33 @@ async def _labeler(base, token, rankings, retry_fraction, seed, lat, accepted, p
             accepted.append(got.json()["ranking_id"])
 
 
+async def churn(base, admin_token, stop, lat, problems):
+    """The admin invites a labeler, who signs in and looks at their page; the admin revokes them,
+    and their session must be refused at once. Again and again until stop is set."""
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            t0 = time.perf_counter()
+            r = await c.post("/admin/invite", data={"name": f"churn-{i}"}, headers=admin)
+            if r.status_code != 201:
+                problems.append(f"invite: {r.status_code}")
+                return
+            invite = r.text.split('id="invite-link">')[1].split("<")[0].rsplit("/", 1)[1]
+            r = await c.post("/api/session", headers={"Authorization": f"Bearer {invite}"})
+            session = {"Authorization": f"Bearer {r.json()['session']}"}
+            if (await c.get("/api/me", headers=session)).status_code != 200:
+                problems.append("churn: a fresh session was refused")
+            labs = (await c.get("/admin/api/overview", headers=admin)).json()["labelers"]
+            lid = next(lab["id"] for lab in labs if lab["name"] == f"churn-{i}")
+            if (await c.post(f"/admin/labelers/{lid}/revoke", headers=admin)).status_code != 200:
+                problems.append("churn: revoke failed")
+            if (await c.get("/api/me", headers=session)).status_code != 401:
+                problems.append("churn: a revoked session still worked")
+            lat["churn"].append(time.perf_counter() - t0)
+
+
 def check(url, accepted, labelers, rankings, per_task):
     engine = D.connect(url)
     rows = D.rankings(engine)
@@ -106,7 +143,8 @@ def check(url, accepted, labelers, rankings, per_task):
         "unaccounted": len(ids - set(accepted)),  # in the database but never acknowledged
         "duplicated": sum(n - 1 for n in pairs.values() if n > 1) + (len(accepted) - len(set(accepted))),
         "over_n": sum(1 for n in per_task_count.values() if n > per_task),
-        "per_labeler_ok": all(n == rankings for n in Counter(r["labeler"] for r in rows).values()),
+        "per_labeler_ok": all(n == rankings for n in Counter(r["labeler"] for r in rows).values())
+        and len({r["labeler"] for r in rows}) == labelers,
         "counters_ok": camp["done"] == len(rows) and camp["open"] == 0,
     }
 
@@ -120,8 +158,9 @@ def run(backend, url, args):
     tokens, n_tasks = prepare(url, args.labelers, args.rankings, args.k, args.per_task)
     port = free_port()
     log = open(Path(tempfile.gettempdir()) / f"feedback_load_server_{port}.log", "w")
+    admin_token = "bench-admin-token-" + os.urandom(8).hex()
     server = subprocess.Popen([sys.executable, "-m", "shoggoth", "feedback", "serve", "--db", url, "--port", str(port),
-                               "--admin-token", "bench"], stdout=log, stderr=subprocess.STDOUT, text=True)
+                               "--admin-token", admin_token], stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -130,11 +169,15 @@ def run(backend, url, args):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        lat, accepted, problems = {"next": [], "submit": [], "twins": 0}, [], []
+        lat, accepted, problems = {"next": [], "submit": [], "signin": [], "churn": [], "twins": 0}, [], []
 
         async def main():
+            stop = asyncio.Event()
+            admin = asyncio.create_task(churn(base, admin_token, stop, lat, problems))
             await asyncio.gather(*(labeler(base, tok, args.rankings, args.retry_fraction, i, lat, accepted, problems)
                                    for i, tok in enumerate(tokens)))
+            stop.set()
+            await admin
 
         t0 = time.perf_counter()
         asyncio.run(main())
@@ -148,7 +191,8 @@ def run(backend, url, args):
     res = check(url, accepted, args.labelers, args.rankings, args.per_task)
     res.update(backend=backend, wall=wall, rate=len(accepted) / wall, twins=lat["twins"], problems=len(problems),
                submit_p50=pct(lat["submit"], 50), submit_p99=pct(lat["submit"], 99),
-               next_p50=pct(lat["next"], 50), next_p99=pct(lat["next"], 99), tasks=n_tasks, load=load)
+               next_p50=pct(lat["next"], 50), next_p99=pct(lat["next"], 99), tasks=n_tasks, load=load,
+               signin_p50=pct(lat["signin"], 50), signin_p99=pct(lat["signin"], 99), revoked=len(lat["churn"]))
     for p in problems[:5]:
         print(f"  problem: {p}")
     return res
@@ -159,15 +203,19 @@ def table(results, args):
              f"{args.labelers} concurrent labelers x {args.rankings} rankings each over HTTP (K={args.k} completions, "
              f"N={args.per_task} rankings per task; {args.retry_fraction:.0%} of submissions sent twice at once, "
              "as a retrying client would). One uvicorn worker (`shoggoth feedback serve`) in its own process; the "
-             "labelers are asyncio clients on the same machine (2 CPU cores). Latency is per HTTP request, "
-             "client side; a twin submission counts once, as the time until both answers are back.", "",
+             "labelers are asyncio clients on the same machine (2 CPU cores), each signing in first (invite traded "
+             "for a session over HTTP), while an admin client invites, signs in and revokes other labelers in a "
+             "loop (each revoked session checked refused at once). Latency is per HTTP request, client side; a "
+             "twin submission counts once, as the time until both answers are back.", "",
              "| backend | accepted | stored | lost | duplicated | over N | twins refused 409 | submit p50 / p99 ms "
-             "| next-task p50 / p99 ms | rankings/s | wall s | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| next-task p50 / p99 ms | sign-in p50 / p99 ms | invite-sign-in-revoke cycles | rankings/s | wall s "
+             "| load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['backend']} | {r['accepted']} | {r['stored']} | {r['lost']} | {r['duplicated']} | "
                      f"{r['over_n']} | {r['twins']} | {r['submit_p50']:.0f} / {r['submit_p99']:.0f} | "
-                     f"{r['next_p50']:.0f} / {r['next_p99']:.0f} | {r['rate']:.0f} | {r['wall']:.1f} | {r['load']:.1f} |")
+                     f"{r['next_p50']:.0f} / {r['next_p99']:.0f} | {r['signin_p50']:.0f} / {r['signin_p99']:.0f} | "
+                     f"{r['revoked']} | {r['rate']:.0f} | {r['wall']:.1f} | {r['load']:.1f} |")
     lines += ["", "Load average is the machine's at the end of the run: other jobs shared the 2 cores, so the latencies "
               "are an upper bound for this box. uvicorn ran without `httptools`/`uvloop` (not installed here; "
               "`uvicorn[standard]` would add them).", "", "Checked after each run: every acknowledged ranking is in the database and every stored one was "
@@ -191,8 +239,8 @@ def write_section(text, path=ROOT / "bench" / "RESULTS.md"):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
-    p.add_argument("--labelers", type=int, default=50)
-    p.add_argument("--rankings", type=int, default=100, help="rankings each labeler submits")
+    p.add_argument("--labelers", type=int, default=200)
+    p.add_argument("--rankings", type=int, default=50, help="rankings each labeler submits")
     p.add_argument("-k", type=int, default=4)
     p.add_argument("--per-task", type=int, default=3, help="N: rankings each task collects")
     p.add_argument("--retry-fraction", type=float, default=0.1)
