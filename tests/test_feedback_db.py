@@ -310,3 +310,27 @@ def test_only_the_last_rankings_can_be_revised(db_url):
     assert t["ranking_id"] == rids[1]
     assert D.revise(e, ann, rids[1], t["groups"][::-1], last=3) == 2
     assert [r["revisable"] for r in D.my_rankings(e, ann, limit=500)] == [True] * 4  # REVISABLE is 20
+
+
+def test_concurrent_revisions_each_get_their_own_version(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1, k=3), rankings_per_task=1)
+    ann = D.create_labeler(e, "ann")[0]
+    t, rid = ranked(e, ann)
+    groups = groups_in_order(t)
+    got, errors = [], []
+
+    def one(i):
+        try:
+            got.append(D.revise(e, ann, rid, groups[i % 3:] + groups[:i % 3]))
+        except Exception as ex:  # noqa: BLE001 - reported below
+            errors.append(ex)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and sorted(got) == [2, 3, 4, 5, 6, 7]
+    assert [h["version"] for h in D.ranking_history(e, rid)] == list(range(1, 8))
+    assert D.export_rows(e)[0]["ranks"] == D.ranking_history(e, rid)[-1]["ranks"]
