@@ -368,3 +368,49 @@ def test_a_new_admin_token_ends_admin_sessions(tmp_path):
         assert c.get("/admin").status_code == 200
     with TestClient(create_app(url, admin_token="another-admin-token-9f3k"), cookies={"sg_admin": cookie}) as c:
         assert c.get("/admin").status_code == 401  # rotated: the old admin sessions end
+
+
+def test_revise_own_ranking_over_http(live_app):
+    """PUT /api/rankings/{id}: a labeler revises their ranking (a new version; the export gives the latest);
+    not someone else's (403), not an unknown one (404), not bad input (422), not from a cookie without CSRF."""
+    srv = live_app
+    setup_campaign(srv, n_tasks=2, k=3, per_task=2)
+    alice, bob = signed_in(srv, "alice"), signed_in(srv, "bob")
+    with httpx.Client(base_url=srv.url) as c:
+        task = c.post("/api/next", headers=bearer(alice)).json()["task"]
+        shown = task["completions"]
+        ids = [x["id"] for x in shown]
+        rid = c.post(f"/api/tasks/{task['task_id']}/ranking", json={"ranking": [[i] for i in ids]},
+                     headers=bearer(alice)).json()["ranking_id"]
+        (mine,) = c.get("/api/rankings", headers=bearer(alice)).json()["rankings"]
+        assert mine["ranking_id"] == rid and mine["version"] == 1 and mine["revisable"]
+        assert mine["task_id"] == task["task_id"] and mine["prompt"] == task["prompt"]
+        assert mine["shown"] == shown and mine["groups"] == [[i] for i in ids]  # as shown, the current order
+        new = [[ids[2]], [ids[0], ids[1]]]
+        r = c.put(f"/api/rankings/{rid}", json={"ranking": new, "flags": ["all_bad"]}, headers=bearer(alice))
+        assert r.status_code == 200 and r.json() == {"ranking_id": rid, "version": 2}
+        (mine,) = c.get("/api/rankings", headers=bearer(alice)).json()["rankings"]
+        assert mine["version"] == 2 and mine["groups"] == new and mine["flags"] == ["all_bad"]
+        for who, path, body, status, message in [
+            (bob, f"/api/rankings/{rid}", {"ranking": new}, 403, "is not yours"),
+            (alice, "/api/rankings/424242", {"ranking": new}, 404, "no ranking 424242"),
+            (alice, f"/api/rankings/{rid}", {"ranking": new[:1]}, 422, "places 1 completions; this task has 3"),
+            (alice, f"/api/rankings/{rid}", {"ranking": new, "flags": ["meh"]}, 422, "flags must be"),
+            (alice, f"/api/rankings/{rid}", {}, 422, "ranking: Field required"),
+            (alice, "/api/rankings/0", {"ranking": new}, 422, "greater than or equal"),
+            ("wrong", f"/api/rankings/{rid}", {"ranking": new}, 401, "not signed in"),
+        ]:
+            r = c.put(path, json=body, headers=bearer(who))
+            assert r.status_code == status and message in r.json()["error"], (path, body, r.status_code, r.text)
+        # a browser's cookie session needs the page's CSRF token, as for every other write
+        c.cookies.set("sg_labeler", alice)
+        r = c.put(f"/api/rankings/{rid}", json={"ranking": [[ids[0]], [ids[1]], [ids[2]]]})
+        assert r.status_code == 403 and "CSRF" in r.json()["error"]
+        csrf = c.get("/label").text.split('name="csrf-token" content="')[1].split('"')[0]
+        r = c.put(f"/api/rankings/{rid}", json={"ranking": [[ids[0]], [ids[1]], [ids[2]]]}, headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 200 and r.json()["version"] == 3
+    admin = httpx.get(f"{srv.url}/admin/export.jsonl", headers=bearer(ADMIN)).text.splitlines()
+    (row,) = [json.loads(x) for x in admin]
+    by_id = dict(zip(sorted(ids, key=lambda i: next(x["text"] for x in shown if x["id"] == i)), row["ranks"]))
+    assert [by_id[i] for i in ids] == [0, 1, 2] and row["flags"] == []  # version 3, not 1 or 2
+    assert [v["version"] for v in D.ranking_history(srv.engine, rid)] == [1, 2, 3]

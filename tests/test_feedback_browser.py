@@ -1,8 +1,10 @@
 """The ranking app in real headless Chromium, on SQLite and on PostgreSQL: rank by keyboard and by
 drag and drop, submit, get the next task, see it on the admin page; untrusted text never runs."""
 
+import json
 import re
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
@@ -54,17 +56,23 @@ def drag(page, text, target):
     assert page.locator("body.dragging").count() == 0
 
 
-def test_rank_by_keyboard_and_drag_then_admin_sees_it(live_app, context):
-    srv = live_app
+def signed_in_page(srv, context, name):
+    """Two tasks of TEXTS and a labeler `name` signed in on a new page at /label: (page, its JS errors)."""
     D.add_tasks(srv.engine, "camp", [{"prompt": f"prompt number {i}", "completions": TEXTS} for i in (1, 2)],
                 rankings_per_task=1)
-    _, token = D.create_labeler(srv.engine, "lena")
+    _, token = D.create_labeler(srv.engine, name)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(e))
     page.goto(f"{srv.url}/join/{token}")
     assert page.url == f"{srv.url}/label"
     page.wait_for_selector(".card")
+    return page, errors
+
+
+def test_rank_by_keyboard_and_drag_then_admin_sees_it(live_app, context):
+    srv = live_app
+    page, errors = signed_in_page(srv, context, "lena")
     first_prompt = page.locator("#prompt").text_content()
     assert page.locator("#progress").text_content() == "0 ranked · 0 skipped · 2 to go"
 
@@ -170,3 +178,72 @@ def test_untrusted_text_never_runs(live_app, chromium):
         assert dialogs == []
     finally:
         ctx.close()
+
+
+def test_revise_the_last_ranking_by_keyboard_and_click(live_app, context):
+    """Rank a task, start the next, revise the first with r (its order comes back), save with Enter: back
+    to the next task as it was left; the export gives the revised order. The button shows version 2, Esc leaves."""
+    srv = live_app
+    page, errors = signed_in_page(srv, context, "rita")
+    assert page.locator("#revising").is_hidden()
+    page.keyboard.press("r")  # nothing to revise yet
+    expect(page.locator("#toast")).to_have_text(re.compile("Nothing to revise yet"))
+    first_prompt = page.locator("#prompt").text_content()
+    focus(page, "alpha answer")
+    page.keyboard.press("1")
+    focus(page, "delta answer")
+    page.keyboard.press("2")
+    page.wait_for_timeout(450)
+    page.keyboard.press("Enter")
+    expect(page.locator("#prompt")).not_to_have_text(first_prompt)
+    second_prompt = page.locator("#prompt").text_content()
+    focus(page, "gamma answer")
+    page.keyboard.press("1")  # a ranking in progress, which the revision must leave alone
+    in_progress = page.locator(".card-text").all_text_contents()
+
+    page.keyboard.press("r")
+    expect(page.locator("#prompt")).to_have_text(first_prompt)
+    expect(page.locator("#revising")).to_be_visible()
+    assert "version 1" in page.locator("#revising").text_content()
+    assert page.locator("#skip").is_hidden() and page.locator("#submit").text_content().startswith("Save revision")
+    shown = page.locator(".card-text").all_text_contents()
+    assert shown[:2] == ["alpha answer", "delta answer"]  # the order it was given
+    focus(page, "beta answer")
+    page.keyboard.press("1")
+    page.keyboard.press("=")  # at the top: ties with the rank below (alpha)
+    focus(page, "alpha answer")
+    page.keyboard.press("Shift+ArrowDown")
+    page.keyboard.press("Shift+ArrowDown")
+    revised = [g.locator(".card-text").all_text_contents() for g in page.locator(".group").all()]
+    assert revised == [["beta answer"], ["delta answer"], ["alpha answer"], ["gamma answer"]]
+    page.keyboard.press("x")  # flag it unsafe too
+    page.wait_for_timeout(450)
+    page.keyboard.press("Enter")
+    expect(page.locator("#toast")).to_have_text(re.compile(r"Revised ✓ \(version 2\)"))
+    expect(page.locator("#prompt")).to_have_text(second_prompt)  # back to the current task, as it was
+    assert page.locator("#revising").is_hidden() and page.locator("#skip").is_visible()
+    assert page.locator(".card-text").all_text_contents() == in_progress
+
+    ranks, row = ranks_by_text(srv, first_prompt)
+    want = {t: r for r, g in enumerate(revised) for t in g}
+    assert ranks == want and row["flags"] == ["unsafe"]
+    export = [json.loads(x) for x in httpx.get(f"{srv.url}/admin/export.jsonl",
+                                               headers={"Authorization": "Bearer admin-secret-token"}).text.splitlines()]
+    assert [dict(zip(r["completions"], r["ranks"])) for r in export] == [want]
+    assert len(D.ranking_history(srv.engine, row_id(srv, first_prompt))) == 2
+
+    # the button: the revised order comes back as version 2; Escape leaves it unchanged
+    page.click("#revise")
+    expect(page.locator("#prompt")).to_have_text(first_prompt)
+    assert "version 2" in page.locator("#revising").text_content()
+    assert [g.locator(".card-text").all_text_contents() for g in page.locator(".group").all()] == revised
+    page.keyboard.press("Escape")
+    expect(page.locator("#prompt")).to_have_text(second_prompt)
+    assert page.locator(".card-text").all_text_contents() == in_progress
+    assert len(D.ranking_history(srv.engine, row_id(srv, first_prompt))) == 2
+    assert not errors
+
+
+def row_id(srv, prompt):
+    (r,) = [r for r in D.my_rankings(srv.engine, 1) if r["prompt"] == prompt]
+    return r["ranking_id"]

@@ -361,3 +361,112 @@ def test_export_of_200k_rankings_streams(db_url, tmp_path):
     assert first == D.pairs(expected(1)) + D.pairs(expected(2))  # 3 pairs each
     print(f"\n{e.dialect.name}: insert {inserted - started:.1f} s, export to file {exported - inserted:.1f} s "
           f"(peak {peak / 1e6:.1f} MB under tracemalloc)")
+
+
+def ranked(e, lid, reverse=False):
+    """The labeler's next task, ranked in shown order (or its reverse); returns (task, ranking id)."""
+    t = D.next_task(e, lid)
+    groups = groups_in_order(t)
+    return t, D.submit(e, lid, t["task_id"], groups[::-1] if reverse else groups)
+
+
+def test_revise_keeps_the_old_version_and_the_export_gives_the_latest(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(2, k=3), rankings_per_task=2)
+    ann, bob = D.create_labeler(e, "ann")[0], D.create_labeler(e, "bob")[0]
+    t, rid = ranked(e, ann)
+    ranked(e, bob)
+    first = list(D.export_rows(e))[0]
+    a, b, c = (x["id"] for x in t["completions"])
+    assert D.revise(e, ann, rid, [[c], [a, b]], ["unsafe"]) == 2
+    assert D.revise(e, ann, rid, [[b], [c], [a]]) == 3
+    history = D.ranking_history(e, rid)
+    assert [h["version"] for h in history] == [1, 2, 3]
+    assert history[0]["ranks"] == first["ranks"] and history[0]["flags"] == []
+    assert history[1]["flags"] == ["unsafe"]
+    pos = {x["id"]: i for i, x in enumerate(sorted(t["completions"], key=lambda x: x["text"]))}
+    want = [0] * 3
+    for r, cid in enumerate((b, c, a)):
+        want[pos[cid]] = r
+    rows = list(D.export_rows(e))
+    assert len(rows) == 2 and rows[0]["labeler"] == "ann" and rows[0]["ranks"] == want and rows[0]["flags"] == []
+    assert rows[1]["labeler"] == "bob"  # others' rankings untouched
+    assert len(D.rank_vectors(e, 1)) == 2 and D.overview(e)[1][0]["rankings"] == 1  # still one ranking of ann's
+    (mine,) = D.my_rankings(e, ann)
+    assert mine["ranking_id"] == rid and mine["version"] == 3 and mine["revisable"]
+    assert mine["shown"] == t["completions"] and mine["groups"] == [[b], [c], [a]]
+    with Session(e) as s:
+        assert s.scalar(select(func.count()).select_from(D.RankingVersion)) == 2
+
+
+@pytest.mark.parametrize("bad, status, message", [
+    ("others", 403, "is not yours"),
+    ("unknown", 404, "there is no ranking"),
+    ("short", 422, "places 2 completions; this task has 3"),
+    ("foreign_completion", 422, "is not one of this task's completions"),
+    ("duplicate", 422, "appears more than once"),
+    ("bad_flag", 422, "flags must be a list drawn from"),
+])
+def test_invalid_revision_is_refused_and_changes_nothing(db_url, bad, status, message):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(2, k=3), rankings_per_task=2)
+    ann, bob = D.create_labeler(e, "ann")[0], D.create_labeler(e, "bob")[0]
+    t, rid = ranked(e, ann)
+    other, _ = ranked(e, ann)
+    ids = [x["id"] for x in t["completions"]]
+    groups, flags, who, target = [[i] for i in ids], [], ann, rid
+    if bad == "others":
+        who = bob
+    elif bad == "unknown":
+        target = 999
+    elif bad == "short":
+        groups = groups[:2]
+    elif bad == "foreign_completion":
+        groups[0] = [other["completions"][0]["id"]]
+    elif bad == "duplicate":
+        groups[1] = [ids[0]]
+    else:
+        flags = ["great"]
+    before = list(D.export_rows(e))
+    with pytest.raises(D.Rejected, match=message) as err:
+        D.revise(e, who, target, groups, flags)
+    assert err.value.status == status
+    assert list(D.export_rows(e)) == before and len(D.ranking_history(e, rid)) == 1
+
+
+def test_only_the_last_rankings_can_be_revised(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(4, k=2), rankings_per_task=1)
+    ann = D.create_labeler(e, "ann")[0]
+    rids = [ranked(e, ann)[1] for _ in range(4)]
+    with pytest.raises(D.Rejected, match="only your last 3 rankings can be, and you have made 3 since") as err:
+        D.revise(e, ann, rids[0], [[1], [2]], last=3)
+    assert err.value.status == 409
+    t = D.my_rankings(e, ann)[2]
+    assert t["ranking_id"] == rids[1]
+    assert D.revise(e, ann, rids[1], t["groups"][::-1], last=3) == 2
+    assert [r["revisable"] for r in D.my_rankings(e, ann, limit=500)] == [True] * 4  # REVISABLE is 20
+
+
+def test_concurrent_revisions_each_get_their_own_version(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1, k=3), rankings_per_task=1)
+    ann = D.create_labeler(e, "ann")[0]
+    t, rid = ranked(e, ann)
+    groups = groups_in_order(t)
+    got, errors = [], []
+
+    def one(i):
+        try:
+            got.append(D.revise(e, ann, rid, groups[i % 3:] + groups[:i % 3]))
+        except Exception as ex:  # noqa: BLE001 - reported below
+            errors.append(ex)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and sorted(got) == [2, 3, 4, 5, 6, 7]
+    assert [h["version"] for h in D.ranking_history(e, rid)] == list(range(1, 8))
+    assert list(D.export_rows(e))[0]["ranks"] == D.ranking_history(e, rid)[-1]["ranks"]

@@ -47,7 +47,9 @@ def known_ids(srv):
     camps, labs = D.overview(srv.engine)
     with srv.engine.connect() as conn:
         tasks = [t for (t,) in conn.execute(select(D.Task.id))]
-    return {"task_id": tasks, "lid": [lab["id"] for lab in labs], "cid": [c["id"] for c in camps]}
+        rankings = [r for (r,) in conn.execute(select(D.Ranking.id))]
+    return {"task_id": tasks, "lid": [lab["id"] for lab in labs], "cid": [c["id"] for c in camps],
+            "ranking_id": rankings}
 
 
 def strategy(srv, op, mode):
@@ -101,12 +103,12 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     routes = {(m.upper(), r.path) for r in srv.app.routes if getattr(r, "include_in_schema", False)
               for m in r.methods}
     ops = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
-    assert set(ops) == routes and len(ops) == 18
+    assert set(ops) == routes and len(ops) == 19
     for (method, path), op in ops.items():
         assert "security" in op, (method, path)
         for req in op["security"]:
             assert set(req) <= set(schemes), (method, path, req)
-            if method == "POST" and any(s in req for s in ("labelerCookie", "adminCookie")) and path != "/logout":
+            if method in ("POST", "PUT") and any(s in req for s in ("labelerCookie", "adminCookie")) and path != "/logout":
                 assert "csrf" in req, (method, path)  # a cookie alone never suffices to change anything
         assert {"400", "413", "503"} <= set(op["responses"]), (method, path)
         kind = "application/json" if path.startswith(("/api/", "/admin/api/", "/admin/export")) else "text/html"
@@ -120,6 +122,8 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     assert ops[("POST", "/api/session")]["security"] == [{"invite": []}]
     assert ops[("GET", "/join/{token}")]["security"] == [{}]
     assert "401" in ops[("POST", "/api/tasks/{task_id}/ranking")]["responses"]
+    assert ops[("PUT", "/api/rankings/{ranking_id}")]["security"] == [{"session": []}, {"labelerCookie": [], "csrf": []}]
+    assert {"401", "403", "404", "409", "422"} <= set(ops[("PUT", "/api/rankings/{ranking_id}")]["responses"])
 
 
 def test_fuzz_the_api_as_nobody_labeler_and_admin(live_app):
@@ -130,7 +134,10 @@ def test_fuzz_the_api_as_nobody_labeler_and_admin(live_app):
     started = time.monotonic()
     fuzz(srv, ops, {})
     labeler = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "fuzzy")[1])[2]
-    with httpx.Client(base_url=srv.url) as c:  # a task in hand, so ranking and skip reach the database
+    with httpx.Client(base_url=srv.url) as c:  # a ranking made and a task in hand: ranking, revise, skip reach the database
+        task = c.post("/api/next", headers=bearer(labeler)).json()["task"]
+        assert c.post(f"/api/tasks/{task['task_id']}/ranking", headers=bearer(labeler),
+                      json={"ranking": [[x["id"]] for x in task["completions"]]}).status_code == 201
         assert c.post("/api/next", headers=bearer(labeler)).status_code == 200
     for mode in GenerationMode.POSITIVE, GenerationMode.NEGATIVE:  # valid input; then input the schema forbids
         fuzz(srv, ops, bearer(labeler), mode=mode)
@@ -140,15 +147,18 @@ def test_fuzz_the_api_as_nobody_labeler_and_admin(live_app):
 
 def test_fuzz_forged_cookie_requests_are_refused(live_app):
     """A cookie session without the page's CSRF token, with a wrong one, or with the right one from a
-    foreign Origin: every POST is refused and the database is unchanged."""
+    foreign Origin: every POST and PUT is refused and the database is unchanged."""
     srv = live_app
     setup_campaign(srv)
-    ops = [op for op in operations(srv) if op.method.upper() == "POST"]
-    assert len(ops) == 10
+    ops = [op for op in operations(srv) if op.method.upper() in ("POST", "PUT")]
+    assert len(ops) == 11
     labeler = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "victim")[1])[2]
     admin = D.admin_session(srv.engine, ADMIN)
-    with httpx.Client(base_url=srv.url, cookies={"sg_labeler": labeler}) as c:
-        assert c.post("/api/next", headers=bearer(labeler)).status_code == 200  # holds a task
+    with httpx.Client(base_url=srv.url, cookies={"sg_labeler": labeler}) as c:  # a ranking made, a task held
+        task = c.post("/api/next", headers=bearer(labeler)).json()["task"]
+        assert c.post(f"/api/tasks/{task['task_id']}/ranking", headers=bearer(labeler),
+                      json={"ranking": [[x["id"]] for x in task["completions"]]}).status_code == 201
+        assert c.post("/api/next", headers=bearer(labeler)).status_code == 200
         label_csrf = c.get("/label").text.split('name="csrf-token" content="')[1].split('"')[0]
     with httpx.Client(base_url=srv.url, cookies={"sg_admin": admin}) as c:
         admin_csrf = c.get("/admin").text.split('name="csrf" value="')[1].split('"')[0]

@@ -12,7 +12,7 @@ Who may do what:
   for an admin session: the admin token itself never sits in a cookie, and a
   restart with another admin token ends every admin session. Scripts may send
   the admin token as a Bearer header.
-- A state-changing request authenticated by a cookie must carry the CSRF token
+- A state-changing request (POST, PUT) authenticated by a cookie must carry the CSRF token
   of the page (header `X-CSRF-Token`, or form field `csrf`), an HMAC of the
   session token under a secret kept in the database, and an `Origin`, when the
   browser sends one, that is this server. A bearer header needs neither: no
@@ -85,7 +85,7 @@ SECURITY_SCHEMES = {
     "adminCookie": {"type": "apiKey", "in": "cookie", "name": ADMIN_COOKIE, "description":
                     "The admin's browser session, set by opening `/admin?token=<admin token>` (HttpOnly)."},
     "csrf": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token", "description":
-             "With a cookie session, every POST carries the CSRF token of the page (its `csrf-token` meta or "
+             "With a cookie session, every POST or PUT carries the CSRF token of the page (its `csrf-token` meta or "
              "`csrf` form field), here or as the form field `csrf`; an `Origin` header, when sent, must be "
              "this server."},
 }
@@ -418,8 +418,18 @@ def create_app(db, admin_token=None):
 
     @app.get("/api/rankings", **doc(LABELER_READ, 401, 422))
     def my_rankings(request: Request, limit: int = Query(20, ge=1, le=500)):
+        """Your rankings, newest first: the export's fields, and ranking_id, version, revisable (one of
+        your last 20), `shown` (the completions {id, text} in the order you saw them) and `groups`
+        (the current ranking, groups of completion ids best first): what revising one needs."""
         lid, _ = labeler(request)
-        return {"rankings": D.rankings(engine, labeler=lid, limit=limit)}
+        return {"rankings": D.my_rankings(engine, lid, limit=limit)}
+
+    @app.put("/api/rankings/{ranking_id}", **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
+    def revise(request: Request, body: RankingIn, ranking_id: int = Path(**ID)):
+        """Revise one of your last 20 rankings (the body as for submitting): it becomes a new version,
+        the earlier ones are kept, the export gives the latest. 409: older than your last 20."""
+        lid, _ = labeler(request)
+        return {"ranking_id": ranking_id, "version": D.revise(engine, lid, ranking_id, body.ranking, body.flags)}
 
     # ------------------------------------------------------------ admin
 

@@ -44,6 +44,7 @@ INVITE_TTL = 7 * 86400.0  # an invite link unused this long stops working
 SESSION_TTL = {"labeler": 30 * 86400.0, "admin": 12 * 3600.0}  # how long a sign-in lasts
 LEASE_S = 3600.0  # an unanswered assignment frees its slot after this long
 MAX_K = 16  # completions per task, at most
+REVISABLE = 20  # a labeler may revise their own last this many rankings
 
 
 class Rejected(DataError):
@@ -151,6 +152,23 @@ class Ranking(Base):
     flags: Mapped[list] = mapped_column(JSON, default=list)
     seconds: Mapped[float] = mapped_column(Float)  # from assignment to submission
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class RankingVersion(Base):
+    """An earlier version of a ranking, kept when its labeler revised it. The `rankings` row always
+    holds the latest version (so export, agreement and overview read it unchanged); its earlier
+    versions are here, numbered 1 (the first submission), 2, ...; the row's own is one more."""
+
+    __tablename__ = "ranking_versions"
+    __table_args__ = (UniqueConstraint("ranking_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ranking_id: Mapped[int] = mapped_column(ForeignKey("rankings.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    ranks: Mapped[list] = mapped_column(JSON)
+    flags: Mapped[list] = mapped_column(JSON, default=list)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)  # when this version was stored
+    replaced_at: Mapped[float] = mapped_column(Float)  # when the next one replaced it
 
 
 class Setting(Base):
@@ -613,6 +631,89 @@ def skip(engine, labeler_id, task_id):
                       .values(n_skipped=Task.n_skipped + 1, n_open=Task.n_open - (1 if was == "open" else 0)))
 
     retrying(attempt)
+
+
+def revise(engine, labeler_id, ranking_id, groups, flags=(), last=REVISABLE):
+    """Replace a labeler's ranking, one of their own `last` rankings, by a new version; returns its
+    number (2 for the first revision). The version it replaces is kept in `ranking_versions`; the
+    `rankings` row takes the new ranks and flags, and created_at (the time of the latest version);
+    `seconds` stays the time to the first answer. Checked as `submit` checks. Nothing changes on a Rejected."""
+    flags = _check_flags(list(flags))
+
+    def attempt():
+        now = time.time()
+        with writing(engine) as s:
+            r = s.scalar(select(Ranking).where(Ranking.id == ranking_id).with_for_update())  # one reviser at a time
+            if r is None:
+                raise Rejected(404, f"there is no ranking {ranking_id}")
+            if r.labeler_id != labeler_id:
+                raise Rejected(403, f"ranking {ranking_id} is not yours")
+            newer = s.scalar(select(func.count()).select_from(Ranking)
+                             .where(Ranking.labeler_id == labeler_id, Ranking.id > ranking_id))
+            if newer >= last:
+                raise Rejected(409, f"ranking {ranking_id} can no longer be revised: only your last {last} rankings "
+                                    f"can be, and you have made {newer} since")
+            ids = list(s.scalars(select(Completion.id).where(Completion.task_id == r.task_id).order_by(Completion.idx)))
+            ranks = ranks_from_groups(groups, ids)
+            version = 1 + s.scalar(select(func.count()).select_from(RankingVersion)
+                                   .where(RankingVersion.ranking_id == r.id))  # the one being replaced
+            s.add(RankingVersion(ranking_id=r.id, version=version, ranks=list(r.ranks), flags=list(r.flags),
+                                 seconds=r.seconds, created_at=r.created_at, replaced_at=now))
+            r.ranks, r.flags, r.created_at = ranks, flags, now
+            return version + 1
+
+    return retrying(attempt)
+
+
+def ranking_history(engine, ranking_id):
+    """Every version of a ranking, oldest first: {version, ranks, flags, created_at}; the last is the current."""
+    with Session(reading(engine)) as s:
+        r = s.get(Ranking, ranking_id)
+        if r is None:
+            raise Rejected(404, f"there is no ranking {ranking_id}")
+        old = s.scalars(select(RankingVersion).where(RankingVersion.ranking_id == ranking_id)
+                        .order_by(RankingVersion.version)).all()
+        out = [{"version": v.version, "ranks": list(v.ranks), "flags": list(v.flags), "created_at": v.created_at}
+               for v in old]
+        out.append({"version": len(old) + 1, "ranks": list(r.ranks), "flags": list(r.flags), "created_at": r.created_at})
+    return out
+
+
+def groups_from_ranks(ranks, completion_ids, order):
+    """The inverse of ranks_from_groups: groups of completion ids, best first, each group in `order`
+    (completion ids as the labeler saw them)."""
+    rank_of = dict(zip(completion_ids, ranks))
+    return [[cid for cid in order if rank_of[cid] == r] for r in sorted(set(ranks))]
+
+
+def my_rankings(engine, labeler_id, limit=REVISABLE):
+    """A labeler's own rankings, newest first, in the export format plus what their page needs to show
+    one again: ranking_id, version, revisable, `shown` (the completions {id, text} in their display
+    order) and `groups` (the current ranking as groups of completion ids, best first)."""
+    with Session(reading(engine)) as s:
+        rows = s.execute(select(Ranking, Assignment.display_order, Task.prompt, Campaign.name, Labeler.name)
+                         .join(Assignment, Ranking.assignment_id == Assignment.id)
+                         .join(Task, Ranking.task_id == Task.id).join(Campaign, Task.campaign_id == Campaign.id)
+                         .join(Labeler, Ranking.labeler_id == Labeler.id)
+                         .where(Ranking.labeler_id == labeler_id).order_by(Ranking.id.desc()).limit(limit)).all()
+        comps = {}
+        for tid, cid, text in s.execute(select(Completion.task_id, Completion.id, Completion.text)
+                                        .where(Completion.task_id.in_({r.task_id for r, *_ in rows}))
+                                        .order_by(Completion.task_id, Completion.idx)).all() if rows else []:
+            comps.setdefault(tid, []).append((cid, text))
+        n_old = dict(s.execute(select(RankingVersion.ranking_id, func.count())
+                               .where(RankingVersion.ranking_id.in_([r.id for r, *_ in rows]))
+                               .group_by(RankingVersion.ranking_id)).all()) if rows else {}
+    out = []
+    for i, (r, order, prompt, camp, lab) in enumerate(rows):
+        ids = [cid for cid, _ in comps[r.task_id]]
+        text = dict(comps[r.task_id])
+        out.append({"prompt": prompt, "completions": [t for _, t in comps[r.task_id]], "ranks": list(r.ranks),
+                    "labeler": lab, "flags": list(r.flags), "campaign": camp, "task_id": r.task_id,
+                    "seconds": round(r.seconds, 3), "ranking_id": r.id, "version": n_old.get(r.id, 0) + 1,
+                    "revisable": i < REVISABLE, "shown": [{"id": cid, "text": text[cid]} for cid in order],
+                    "groups": groups_from_ranks(r.ranks, ids, order)})
+    return out
 
 
 def progress(engine, labeler_id):

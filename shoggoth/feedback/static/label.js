@@ -1,4 +1,5 @@
-// Labeler page: rank K completions by keyboard or drag and drop, ties allowed.
+// Labeler page: rank K completions by keyboard or drag and drop, ties allowed; revise one's own
+// last rankings (r: the last one, r again: the one before; Enter saves it, Escape goes back).
 // Model output is untrusted: it reaches the DOM only through textContent.
 "use strict";
 
@@ -15,12 +16,14 @@
   let busy = false;
   let letter = {};        // completion id -> letter shown on its card (its place in the random order)
   let shownAt = 0;        // when the current task appeared
+  let revising = null;    // {list, i} while one of the labeler's own rankings (list[i]) is on screen again
+  let stash = null;       // the current task as it was (its ranking in progress too), back when revising ends
 
   // ---------------------------------------------------------------- server
 
-  async function api(path, body) {
-    const res = await fetch(path, {
-      method: "POST",
+  async function api(path, body, method = "POST") {
+    const res = await fetch(path, method === "GET" ? { credentials: "same-origin" } : {
+      method,
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
       body: JSON.stringify(body || {}),
       credentials: "same-origin",
@@ -52,6 +55,7 @@
   // submit or skip the task on screen, then show the next one
   async function act(what) {
     if (!task || busy) return;
+    if (revising) return what === "submit" ? saveRevision() : undefined;
     busy = true;
     setBusy(true);
     try {
@@ -69,6 +73,60 @@
       setBusy(false);
     }
   }
+
+  // ---------------------------------------------------------------- revising one's own last rankings
+
+  // Show the labeler's last ranking (or, while revising, the one before it) in the ranking widget.
+  async function revise() {
+    if (busy) return;
+    busy = true;
+    try {
+      const list = revising ? revising.list
+        : (await api("/api/rankings?limit=20", null, "GET")).rankings.filter((r) => r.revisable);
+      const i = revising ? revising.i + 1 : 0;
+      if (i >= list.length) {
+        toast(list.length ? "No earlier ranking to revise" : "Nothing to revise yet: rank a task first", true);
+        return;
+      }
+      if (!revising) stash = { task, groups, history, flags, focused, letter };
+      revising = { list, i };
+      const r = list[i];
+      start({ task_id: r.task_id, campaign: r.campaign, prompt: r.prompt, completions: r.shown }, r.groups, r.flags);
+    } catch (e) {
+      toast(e.message, true);
+    } finally {
+      busy = false;
+    }
+  }
+
+  async function saveRevision() {
+    const r = revising.list[revising.i];
+    busy = true;
+    setBusy(true);
+    try {
+      const data = await api(`/api/rankings/${r.ranking_id}`, { ranking: groups, flags: [...flags] }, "PUT");
+      toast(`Revised ✓ (version ${data.version})`);
+      endRevision();
+    } catch (e) {
+      toast(e.message, true);
+    } finally {
+      busy = false;
+      setBusy(false);
+    }
+  }
+
+  // back to the current task, as it was left
+  function endRevision() {
+    if (!revising) return;
+    revising = null;
+    const was = stash;
+    stash = null;
+    start(was.task);
+    if (!was.task) return;
+    ({ groups, history, flags, focused, letter } = was);
+    render();
+  }
+
   const submit = () => act("submit");
   const skip = () => act("skip");
 
@@ -79,20 +137,29 @@
 
   // ---------------------------------------------------------------- state
 
-  function start(t) {
+  // show task t; initial: its ranking so far (groups of completion ids), else the order shown
+  function start(t, initial, initialFlags) {
     task = t;
     history = [];
-    flags = new Set();
+    flags = new Set(initialFlags || []);
     $("work").hidden = !t;
     $("empty").hidden = !!t;
+    $("revising").hidden = !revising;
+    $("work").classList.toggle("revising", !!revising);
+    $("skip").hidden = !!revising;
+    $("submit").firstChild.textContent = revising ? "Save revision " : "Submit ";
+    if (revising) {
+      const r = revising.list[revising.i];
+      $("revising-what").textContent = `${revising.i === 0 ? "your last ranking" : `your ranking ${revising.i + 1} back`}`
+        + ` (version ${r.version})`;
+    }
     if (!t) return;
     letter = {};
     t.completions.forEach((c, i) => { letter[c.id] = LETTERS[i]; });
-    groups = t.completions.map((c) => [c.id]);
-    focused = t.completions[0].id;
+    groups = initial ? initial.map((g) => g.slice()) : t.completions.map((c) => [c.id]);
+    focused = groups[0][0];
     $("prompt").textContent = t.prompt;
     $("task-meta").textContent = `${t.campaign} · task ${t.task_id}`;
-    document.querySelectorAll(".flag").forEach((b) => b.setAttribute("aria-pressed", "false"));
     render();
     window.scrollTo(0, 0);
     shownAt = performance.now();
@@ -290,6 +357,8 @@
     if (ev.target.closest && ev.target.closest("input, textarea, select")) return;
     if ($("help").open) return;  // the dialog handles Escape itself
     if (ev.key === "?") { $("help").showModal(); ev.preventDefault(); return; }
+    if (ev.key === "r" && !ev.ctrlKey && !ev.metaKey && !ev.altKey) { revise(); ev.preventDefault(); return; }
+    if (ev.key === "Escape" && revising && !busy) { endRevision(); toast("Revision cancelled"); ev.preventDefault(); return; }
     if (!task || ev.ctrlKey && ev.key !== "z" || ev.metaKey || ev.altKey) return;
     const o = order();
     const i = o.indexOf(focused);
@@ -320,6 +389,8 @@
   $("submit").addEventListener("click", submit);
   $("skip").addEventListener("click", skip);
   $("again").addEventListener("click", loadNext);
+  $("revise").addEventListener("click", revise);
+  $("revise-cancel").addEventListener("click", () => { if (!busy) { endRevision(); toast("Revision cancelled"); } });
   $("help-btn").addEventListener("click", () => $("help").showModal());
   document.querySelectorAll(".flag").forEach((b) => b.addEventListener("click", () => toggleFlag(b.dataset.flag)));
 
