@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from shoggoth import kernels
+from shoggoth import kernels, metrics
 from shoggoth.checkpoint import save_pretrained
 from shoggoth.engine import Engine
 from shoggoth.model import GPT, GPTConfig
@@ -29,7 +29,6 @@ SHAPES = {
     "demo": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, max_seq_len=512),
     "gpt2": dict(vocab_size=50304, n_layer=12, n_embd=768, n_head=12, max_seq_len=512),
 }
-MACHINE = "2 vCPU AMD EPYC, AVX-512 bf16"
 RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADING = "## Generation (bench/generate.py)"
 
@@ -116,7 +115,7 @@ def main():
     table += [f"| {dt} | {b} | {o:.0f} | {h:.0f} | {r:.2f}x | {s} |" + (f" {e:.0f} |" if gpu else "")
               for dt, b, o, h, r, s, e in rows]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})" if gpu else MACHINE
+    machine = f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})" if gpu else metrics.machine()
     where = (f"{os.cpu_count()} host CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after" if gpu
              else f"{torch.get_num_threads()} threads, decode attention by "
                   f"{'shoggoth.kernels' if kernels.load() else 'SDPA'}, load average {load_before:.1f} before, "

@@ -31,6 +31,7 @@ import transformers
 from results import record
 from shoggoth import optim
 from shoggoth.checkpoint import save_pretrained
+from shoggoth.metrics import machine
 from shoggoth.model import GPT, GPTConfig
 
 # (model, batch): demo is `shoggoth pretrain --config demo-cpu`; 14m is a Llama-shaped
@@ -39,7 +40,6 @@ SHAPES = {
     "demo": (dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, max_seq_len=256), 16),
     "14m": (dict(vocab_size=8192, n_layer=6, n_embd=384, n_head=6, max_seq_len=256), 16),
 }
-MACHINE = "2 vCPU AMD EPYC, AVX-512 bf16, shared with other jobs"
 HEADING = "## Pretraining throughput (bench/pretrain.py)"
 
 
@@ -172,7 +172,7 @@ def main():
     peaks = "; ".join(f"`{r['shape']}` bf16 {r['peak']['bf16'] / 1e9:.0f}, fp32 {r['peak']['fp32'] / 1e9:.0f} "
                       f"(per CPU second: {r['peak']['bf16 cpu'] / 1e9:.0f}, {r['peak']['fp32 cpu'] / 1e9:.0f})" for r in rows)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = (f"\n### {date}, {MACHINE}\n\n{shapes}. One step = forward with loss, backward, clip, fused AdamW, "
+    entry = (f"\n### {date}, {machine()}\n\n{shapes}. One step = forward with loss, backward, clip, fused AdamW, "
              f"bf16 autocast; median of {a.steps} alternating steps after {a.warmup} warmup steps; torch {torch.__version__}, "
              f"transformers {transformers.__version__} (sdpa attention), {torch.get_num_threads()} threads, "
              f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "

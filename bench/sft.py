@@ -16,7 +16,6 @@ Needs `pip install trl==1.16.0 torch==2.13.0 transformers==5.23.0` (TRL pulls ac
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,21 +25,14 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import sft_data  # noqa: E402
 
+from shoggoth.metrics import machine  # noqa: E402
+
 OURS = """
 import json, resource, sys
 from shoggoth.cli import main
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def cpu():
-    """The CPU's name and the flags that decide the fast dtype, from /proc/cpuinfo."""
-    info = Path("/proc/cpuinfo").read_text()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{os.cpu_count()} x {name} ({', '.join(shown) or 'no AVX2'})"
 
 
 def run_ours(model, data, held, out, a):
@@ -86,7 +78,7 @@ def main():
             "TRL SFTTrainer (no gradient checkpointing)": run_trl(model, data, a, False)}
     versions = next(r["versions"] for r in rows.values() if "versions" in r)
     ours = rows["shoggoth"]
-    lines = [f"### {datetime.date.today()}: {cpu()}, {a.dtype}, {a.batch_size} rows x 2,048 tokens per step"
+    lines = [f"### {datetime.date.today()}: {machine()}, {a.dtype}, {a.batch_size} rows x 2,048 tokens per step"
              + ("" if a.shape == "135m" else f" ({a.shape} shape)"),
              "", f"torch {versions['torch']}, transformers {versions['transformers']}, trl {versions['trl']}; "
              f"{a.steps - 1} timed steps after one warm-up; loss on assistant tokens in both", "",

@@ -33,6 +33,20 @@ def peak_flops(device, dtype):
     return _cpu_peak[dtype]
 
 
+def machine():
+    """The machine in words, with what decides the fast dtype: the CPU's name, cores and
+    flags (AVX2, AVX-512, AVX-512 bf16, AMX) from /proc/cpuinfo, or the GPU's name."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(key)), "")  # noqa: E731
+    flags = field("flags").split()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    import os
+
+    return f"{os.cpu_count()} x {field('model name') or 'unknown CPU'} ({', '.join(shown) or 'no AVX2'})"
+
+
 def _fmt(k, v):
     if isinstance(v, float):
         if k.startswith("time/"):
