@@ -85,7 +85,7 @@ def encode_prompts(tok, records, room):
     longer than room keeps its last room tokens."""
     if room < 1:
         raise DataError(f"max_new_tokens leaves no room for a prompt in the context window ({room})")
-    return [tok.render_chat(r["messages"], add_generation_prompt=True)[0][-room:] for r in records]
+    return [tok.prompt_ids(r["messages"])[-room:] for r in records]
 
 
 def prompt_batch(n, batch_size, iteration, seed):

@@ -31,7 +31,7 @@ def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_
     """The assistant's next reply to each conversation (lists of messages), in one batch.
     Rendered with the directory's chat template; a reply ends at one of tok.stop_ids."""
     model, tok = load(model) if not isinstance(model, tuple) else model
-    ids = [tok.render_chat(conv, add_generation_prompt=True)[0] for conv in conversations]
+    ids = [tok.prompt_ids(conv) for conv in conversations]
     gen = Engine(model, pad_id=tok.pad_id).generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                                     top_k=top_k, top_p=top_p, stop_ids=tok.stop_ids, seed=seed)
     return [tok.decode(row[m].tolist()).strip() for row, m in zip(gen.tokens, gen.mask)]
@@ -45,7 +45,7 @@ def chat_stream(model, conversation, max_new_tokens=128, temperature=0.7, top_k=
     """Yield the reply's text as it is sampled. Decoding the whole reply so far each
     time (not token by token) keeps multi-byte characters split over tokens intact."""
     model, tok = load(model) if not isinstance(model, tuple) else model
-    ids = tok.render_chat(conversation, add_generation_prompt=True)[0]
+    ids = tok.prompt_ids(conversation)
     stops = tok.stop_ids
     reply, shown = [], ""
     for t in Engine(model, pad_id=tok.pad_id).stream(ids, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -225,7 +225,8 @@ class Tok:
             lo = self._prefix(messages[:i], text)
             if lo is None or lo < at:  # after the previous message's content, at least
                 before = messages[i - 1]["content"].strip() if i else ""
-                lo = text.find(before, at) + len(before) if before and text.find(before, at) >= 0 else at
+                p = text.find(before, at) if before else -1
+                lo = p + len(before) if p >= 0 else at
             start = self._prefix(messages[:i], text, add_generation_prompt=True)
             start = None if start is None or start < lo else start
             content = m["content"].strip()
@@ -238,7 +239,8 @@ class Tok:
             hi = self._prefix(messages[:i + 1], text)
             if hi is None or hi < end:
                 after = messages[i + 1]["content"].strip() if i + 1 < len(messages) else ""
-                hi = text.find(after, end) if after and text.find(after, end) >= 0 else len(text)
+                p = text.find(after, end) if after else -1
+                hi = p if p >= 0 else len(text)
             found = [(p, s) for s in stops if 0 <= (p := text.find(s, end, hi))]
             if found:
                 pos, s = min(found)
@@ -247,6 +249,11 @@ class Tok:
                 spans.append((start, end))
             at = max(end, lo)
         return spans
+
+    def prompt_ids(self, messages):
+        """Token ids a model continues to answer messages: apply_chat_template's with the
+        generation prompt (no loss mask to work out, unlike render_chat)."""
+        return list(self._render(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
     def render_reply(self, prompt, reply):
         """(ids, mask) of prompt messages answered by reply: ids end with the reply's last

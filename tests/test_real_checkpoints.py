@@ -64,6 +64,7 @@ def test_rendering_is_apply_chat_template(dirs, family):
         assert ids == hf.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
         prompt = tok.render_chat(conv[:-1], add_generation_prompt=True)[0]
         assert prompt == hf.apply_chat_template(conv[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert tok.prompt_ids(conv[:-1]) == prompt
         # The mask covers what a model writes after each turn's generation prompt, through the end of turn.
         replies = [m["content"] for m in conv if m["role"] == "assistant"]
         spans = masked_spans(tok, ids, mask)

@@ -44,7 +44,7 @@ def read_prompts(path):
 def prompt_ids(tok, prompt):
     """Token ids the policy continues for a prompt: the chat template's user turn and
     the opening of the assistant's, as in SFT and PPO."""
-    return tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+    return tok.prompt_ids([{"role": "user", "content": prompt}])
 
 
 def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,

@@ -154,7 +154,7 @@ def normalization_shift(model, c: Config, tok, prompts, device, log):
     room = policy.config.max_seq_len - c.normalize_max_new_tokens
     texts = []
     for i in range(0, len(prompts), 64):
-        ids = [tok.render_chat(p, add_generation_prompt=True)[0][-room:] for p in prompts[i:i + 64]]
+        ids = [tok.prompt_ids(p)[-room:] for p in prompts[i:i + 64]]
         gen = eng.generate(ids, max_new_tokens=c.normalize_max_new_tokens, temperature=c.normalize_temperature,
                            stop_ids=stop, seed=c.seed + i)
         texts += [tok.decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(gen.tokens.tolist(), gen.mask.tolist())]
