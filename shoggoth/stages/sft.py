@@ -122,21 +122,21 @@ def collate(examples, rows, seq_len, pad_id):
     return ids, labels, pos, seg
 
 
-def micro_rows(config, seq_len, device, log):
+def micro_rows(model, seq_len, device, log):
     """Rows per micro-step per process when --batch-size is 0: up to 8,192 tokens, fewer
     where their activations would not fit in half the memory available now (the GPU's
     on CUDA). Activations cost about 29 bytes per token, layer and unit of n_embd +
     intermediate_size under autocast (61 KB per token and layer measured at SmolLM2-135M's
     shape in bf16: bench/RESULTS.md), weights and AdamW 16 bytes per parameter."""
+    available = 16 * 2**30  # where the machine does not say
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
-    else:
-        available = next((int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:")),
-                         16 * 2**30) if Path("/proc/meminfo").exists() else 16 * 2**30
-    per_token = 29 * config.n_layer * (config.n_embd + config.intermediate_size)
-    params = config.vocab_size * config.n_embd * (1 if config.tie_embeddings else 2) + config.n_layer * (
-        config.n_embd * config.head_dim * 2 * (config.n_head + config.n_kv_head) + 3 * config.n_embd * config.intermediate_size)
-    fits = (available // 2 - 16 * params) // per_token
+    elif Path("/proc/meminfo").exists():
+        found = [ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:")]
+        available = int(found[0]) * 1024 if found else available
+    c = model.config
+    per_token = 29 * c.n_layer * (c.n_embd + c.intermediate_size)
+    fits = (available // 2 - 16 * model.num_params()) // per_token
     rows = max(1, min(8192, max(seq_len, fits)) // seq_len)
     if fits < 8192:
         log(f"sft: {rows} row(s) of {seq_len} tokens per micro-step per process, to fit the memory available "
@@ -166,7 +166,7 @@ def run(c: Config):
     saved = state["config"] if state else {}
     seq_len = c.seq_len or saved.get("seq_len") or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
     batch_size = c.batch_size or saved.get("batch_size") or d.world * int(dist.all_min(
-        torch.tensor(micro_rows(model.config, seq_len, d.device, dist.print0), device=d.device)))
+        torch.tensor(micro_rows(model, seq_len, d.device, dist.print0), device=d.device)))
     c = dataclasses.replace(c, seq_len=seq_len, batch_size=batch_size)  # what the checkpoints record
     n_loss = sum(int((y != -100).sum()) for _, y in train)
     dist.print0(f"data: {len(train)} train / {len(held)} held-out examples, {n_loss:,} trained tokens per epoch; "
