@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,6 @@ def machine():
     field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(key)), "")  # noqa: E731
     flags = field("flags").split()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    import os
-
     return f"{os.cpu_count()} x {field('model name') or 'unknown CPU'} ({', '.join(shown) or 'no AVX2'})"
 
 
