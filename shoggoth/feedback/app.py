@@ -171,7 +171,7 @@ class Guesses:
 
     def check(self, request):
         with self.lock:
-            now, who = time.monotonic(), request.client.host if request.client else ""
+            now, who = time.monotonic(), self.address(request)
             recent = [t for t in self.seen.get(who, []) if now - t < self.window]
             self.seen[who] = recent
             if len(recent) >= self.limit:
@@ -179,7 +179,11 @@ class Guesses:
 
     def failed(self, request):
         with self.lock:
-            self.seen.setdefault(request.client.host if request.client else "", []).append(time.monotonic())
+            self.seen.setdefault(self.address(request), []).append(time.monotonic())
+
+    @staticmethod
+    def address(request):
+        return request.client.host if request.client else ""
 
 
 class RankingIn(BaseModel):
@@ -274,10 +278,13 @@ def create_app(db, admin_token=None):
             if netloc != request.headers.get("host"):
                 raise HTTPException(403, "cross-origin request refused")
 
+    def csrf_ok(role, token, sent):
+        # Bytes: compare_digest refuses str with non-ASCII characters (a forged header would be a 500).
+        return bool(sent) and hmac.compare_digest(str(sent).encode(), csrf_for(role, token).encode())
+
     def check_csrf(request, role, token, sent):
         check_origin(request)
-        # Bytes: compare_digest refuses str with non-ASCII characters (a forged header would be a 500).
-        if not sent or not hmac.compare_digest(str(sent).encode(), csrf_for(role, token).encode()):
+        if not csrf_ok(role, token, sent):
             raise HTTPException(403, "missing or stale CSRF token: reload the page")
 
     def labeler(request, csrf=None):
@@ -378,7 +385,7 @@ def create_app(db, admin_token=None):
             who = D.session(engine, token, admin_token)
             if who is not None and who[0] == role:
                 signed_in = True
-                if hmac.compare_digest(csrf.encode(), csrf_for(role, token).encode()):  # the page's own form
+                if csrf_ok(role, token, csrf):  # the page's own form
                     D.end_session(engine, token)
                     ended.append(cookie)
         if signed_in and not ended:
