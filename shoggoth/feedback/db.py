@@ -389,10 +389,7 @@ def new_invite(engine, labeler_id):
     """A fresh invite link token for an existing labeler (their earlier unused links stop working)."""
     token = secrets.token_urlsafe(24)
     with writing(engine) as s:
-        if s.get(Labeler, labeler_id) is None:
-            raise Rejected(404, f"no labeler {labeler_id}")
-        s.execute(update(Invite).where(Invite.labeler_id == labeler_id, Invite.used_at.is_(None))
-                  .values(used_at=time.time()))
+        _close_invites(s, labeler_id)
         s.add(Invite(token_hash=hash_token(token), labeler_id=labeler_id, expires_at=time.time() + INVITE_TTL))
     return token
 
@@ -452,11 +449,15 @@ def end_session(engine, token):
 def revoke_labeler(engine, labeler_id):
     """End the labeler's sessions and unused invites at once; their rankings stay."""
     with writing(engine) as s:
-        if s.get(Labeler, labeler_id) is None:
-            raise Rejected(404, f"no labeler {labeler_id}")
+        _close_invites(s, labeler_id)
         s.execute(SignIn.__table__.delete().where(SignIn.labeler_id == labeler_id))
-        s.execute(update(Invite).where(Invite.labeler_id == labeler_id, Invite.used_at.is_(None))
-                  .values(used_at=time.time()))
+
+
+def _close_invites(s, labeler_id):
+    """Mark the labeler's unused invites used (404 for an unknown labeler)."""
+    if s.get(Labeler, labeler_id) is None:
+        raise Rejected(404, f"no labeler {labeler_id}")
+    s.execute(update(Invite).where(Invite.labeler_id == labeler_id, Invite.used_at.is_(None)).values(used_at=time.time()))
 
 
 def campaign_id(engine, name):
