@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import httpx
 import pytest
@@ -18,6 +19,11 @@ def setup_campaign(srv, n_tasks=3, k=4, per_task=2):
 
 def bearer(token):
     return {"Authorization": f"Bearer {token}"}
+
+
+def csrf_of(page):
+    """The CSRF token a page carries: the labeler page's meta tag or a form's hidden field."""
+    return re.search(r'name="csrf(?:-token)?" (?:content|value)="([^"]*)"', page).group(1)
 
 
 def signed_in(srv, name):
@@ -71,7 +77,7 @@ def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
         assert r.status_code == 303 and r.headers["location"] == "/label"
         assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=lax" in r.headers["set-cookie"]
         page = c.get("/label").text
-        csrf = page.split('name="csrf-token" content="')[1].split('"')[0]
+        csrf = csrf_of(page)
         r = c.post("/api/next")  # cookie only: what a forged cross-site request would carry
         assert r.status_code == 403 and "CSRF" in r.json()["error"]
         r = c.post("/api/next", headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"})
@@ -89,7 +95,7 @@ def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
         r = admin.get(f"/admin?token={ADMIN}")
         assert r.status_code == 303 and "sg_admin" in r.headers["set-cookie"]
         page = admin.get("/admin").text
-        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        csrf = csrf_of(page)
         assert admin.post("/admin/invite", data={"name": "dave"}).status_code == 403  # no CSRF field
         assert admin.post("/admin/invite", data={"name": "dave", "csrf": csrf},
                           headers={"Origin": "http://evil.example"}).status_code == 403
@@ -231,7 +237,7 @@ def test_malformed_headers_and_fields_get_a_4xx(live_app):
         assert r.status_code == 403 and "cross-origin" in r.json()["error"]
     with httpx.Client(base_url=srv.url) as admin:
         admin.get(f"/admin?token={ADMIN}")
-        csrf = admin.get("/admin").text.split('name="csrf" value="')[1].split('"')[0]
+        csrf = csrf_of(admin.get("/admin").text)
         assert admin.post("/admin/invite", data={"name": "x", "csrf": "ü" * 10}).status_code == 403
         for cid in ("²", "9" * 5000, "٣", "1e3", "-1"):
             r = admin.post("/admin/invite", data={"name": "zed", "campaign_id": cid, "csrf": csrf})
@@ -273,10 +279,6 @@ def test_weak_admin_token_is_refused(tmp_path):
 
     r = shoggoth("feedback", "serve", "--db", tmp_path / "f.db", "--admin-token", "admin", "--port", 0, check=False)
     assert r.returncode == 1 and "too weak" in r.stderr and "Traceback" not in r.stderr
-
-
-def csrf_of(page):
-    return page.split('name="csrf" value="')[1].split('"')[0]
 
 
 def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
@@ -331,7 +333,7 @@ def test_sign_out_ends_the_session(live_app):
         c.get(f"/join/{invite}")
         cookie = c.cookies["sg_labeler"]
         page = c.get("/label").text
-        csrf = page.split('name="csrf-token" content="')[1].split('"')[0]
+        csrf = csrf_of(page)
         assert c.post("/logout", data={"csrf": "forged"}).status_code == 403
         r = c.post("/logout", data={"csrf": csrf})
         assert r.status_code == 200 and "signed out" in r.text
@@ -406,7 +408,7 @@ def test_revise_own_ranking_over_http(live_app):
         c.cookies.set("sg_labeler", alice)
         r = c.put(f"/api/rankings/{rid}", json={"ranking": [[ids[0]], [ids[1]], [ids[2]]]})
         assert r.status_code == 403 and "CSRF" in r.json()["error"]
-        csrf = c.get("/label").text.split('name="csrf-token" content="')[1].split('"')[0]
+        csrf = csrf_of(c.get("/label").text)
         r = c.put(f"/api/rankings/{rid}", json={"ranking": [[ids[0]], [ids[1]], [ids[2]]]}, headers={"X-CSRF-Token": csrf})
         assert r.status_code == 200 and r.json()["version"] == 3
     admin = httpx.get(f"{srv.url}/admin/export.jsonl", headers=bearer(ADMIN)).text.splitlines()
