@@ -112,12 +112,15 @@ def cleanup():
 
 def autocast_dtype(device, dtype):
     """The autocast dtype for a run: 'auto' takes bf16 where matmuls are fast in
-    bf16 (CUDA, CPUs with AVX-512 bf16 or AMX) and fp32 elsewhere."""
+    bf16 (CUDA, CPUs with AVX-512 bf16 or AMX) and fp32 elsewhere. The CPU's flags
+    are not enough: kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, as on an
+    AVX2 machine) run bf16 matmuls at a few GFLOP/s."""
     if dtype == "auto":
         if device.type == "cuda":
             fast = torch.cuda.is_bf16_supported()
         else:
-            fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            fast = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) \
+                and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
         dtype = "bf16" if fast else "fp32"
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be auto, bf16 or fp32, not {dtype!r}")

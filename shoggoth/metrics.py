@@ -1,4 +1,5 @@
-"""One dense progress line per step, metrics.jsonl, TensorBoard when installed, and MFU."""
+"""One dense progress line per step with its ETA, a progress bar on a terminal,
+metrics.jsonl, TensorBoard when installed, and MFU."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s of common accelerators (spec sheets, no sparsity).
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
@@ -60,8 +62,18 @@ def _fmt(k, v):
     return f"{k} {v}"
 
 
+def duration(seconds):
+    """3h05m, 12m04s or 41s: an ETA or an elapsed time at a glance."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class Metrics:
-    """Writes metrics to out_dir/metrics.jsonl (and TensorBoard) and prints a line per call.
+    """Writes metrics to out_dir/metrics.jsonl (and TensorBoard) and prints a line per call,
+    ending with the ETA of the remaining steps at the pace of the steps done in this process.
+    On a terminal a tqdm bar stays under the lines (stderr; none when it is not a terminal).
 
     On resume, records after the resume step are dropped first, so the file
     holds one unbroken curve. Only rank 0 should write (enabled=False elsewhere)."""
@@ -70,6 +82,7 @@ class Metrics:
         self.enabled, self.total = enabled, total_steps
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = None
+        self.start, self.t0 = resume_step, time.perf_counter()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,12 +91,19 @@ class Metrics:
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self.file = open(self.path, "a")
+        self.bar = tqdm(total=total_steps, initial=resume_step, desc=Path(out_dir).name, unit="step",
+                        file=sys.stderr, disable=None, dynamic_ncols=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1)
         except ImportError:
             pass
+
+    def eta(self, step):
+        """Seconds left at the mean pace of this process's steps so far; None before the first."""
+        done = step - self.start
+        return (time.perf_counter() - self.t0) / done * (self.total - step) if done > 0 else None
 
     def log(self, step, echo=True, **values):
         if not self.enabled:
@@ -95,13 +115,19 @@ class Metrics:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
         if echo:
             width = len(str(self.total))
             line = " | ".join(_fmt(k, v) for k, v in rec.items() if k != "step")
-            print(f"step {step:>{width}}/{self.total} | {line}", file=sys.stdout, flush=True)
+            eta = self.eta(step)
+            tail = f" | eta {duration(eta)}" if eta is not None and step < self.total else ""
+            tqdm.write(f"step {step:>{width}}/{self.total} | {line}{tail}", file=sys.stdout)
+            sys.stdout.flush()  # a log piped to a file shows each step as it ends
 
     def close(self):
         if self.enabled:
+            self.bar.close()
             self.file.close()
             if self.tb is not None:
                 self.tb.close()

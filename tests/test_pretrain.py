@@ -1,6 +1,8 @@
 """Pretraining through the real command line: outputs, resume after SIGKILL, bad input."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +39,10 @@ def test_pretrain_outputs_hf_directory(trained):
     out, stdout = trained
     assert "data: read 1 file(s), 1,500 lines, 1,500 documents" in stdout
     assert "tok/s" in stdout and "mfu" in stdout and "val_loss" in stdout
+    steps = [ln for ln in stdout.splitlines() if ln.startswith("step ") and "| loss" in ln]
+    assert len(steps) == 30 and all(" | eta " in ln for ln in steps[:-1]) and "eta" not in steps[-1]
+    assert re.search(r"\| eta (\d+m\d\ds|\d+s)$", steps[0])
+    assert not any("eta" in ln for ln in (out / "metrics.jsonl").read_text().splitlines())  # printed, not logged
     curve = losses(out)
     assert sorted(curve) == list(range(1, 31))
     assert curve[30] < curve[1] - 0.5  # it learns
@@ -157,3 +163,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     assert last is not None and f"Last good checkpoint: {last}" in r.stderr
     assert checkpoint.load_checkpoint(last)["step"] == step - 1
     assert not (out / "model.safetensors").exists()
+
+
+def test_auto_dtype_is_fp32_where_kernels_are_limited_to_avx2():
+    """An AVX2 machine has no fast bf16 matmul; ATEN_CPU_CAPABILITY=avx2 runs this machine's
+    kernels as there, and 'auto' must then pick fp32 whatever /proc/cpuinfo's flags say."""
+    code = "import torch; from shoggoth.dist import autocast_dtype; print(autocast_dtype(torch.device('cpu'), 'auto'))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "torch.float32"
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("torch.bfloat16" if fast else "torch.float32")
