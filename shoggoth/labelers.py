@@ -1,8 +1,14 @@
 """Simulated labelers ("personas") that rank completions by a written-down taste.
 
 The taste has four parts, each in [0, 1]:
-- relevance: token-overlap F1 with the prompt's reference answers (the best
-  match among them), or with the prompt itself when it has none;
+- relevance: overlap F1 of the content words (function words such as "I",
+  "do", "you", "the" left out) with the prompt's reference answers, the best
+  match among them, or with the prompt itself when it has none. Function
+  words are what every reply shares: counted, "I do you." matched a third of
+  "I do not have a body", and a PPO policy that gave that one reply to every
+  question scored above its SFT model's on-topic attempts. A reply without
+  the question's content words ignores it, and people rank such
+  one-size-fits-all replies last however fluent;
 - fluency: the share of the completion's words that are English words, i.e.
   words of the built-in corpora (the King James Bible and the English
   chatterbot-corpus, about 15,000 words). People punish gibberish before
@@ -46,7 +52,7 @@ class Persona:
 
 
 PERSONAS = {
-    "balanced": Persona("balanced", relevance=0.45, fluency=0.25, friendliness=0.15, brevity=0.15),
+    "balanced": Persona("balanced", relevance=0.5, fluency=0.25, friendliness=0.1, brevity=0.15),
     "helpful": Persona("helpful", relevance=0.65, fluency=0.25, friendliness=0.05, brevity=0.05),
     "friendly": Persona("friendly", relevance=0.2, fluency=0.2, friendliness=0.5, brevity=0.1),
     "concise": Persona("concise", relevance=0.35, fluency=0.2, friendliness=0.05, brevity=0.4),
@@ -65,9 +71,26 @@ def words(text):
     return _WORD.findall(text.lower())
 
 
-def token_f1(a, b):
+# Function words: what any reply to any question shares, so they say nothing about relevance.
+FUNCTION_WORDS = frozenset("""
+a an the and or but if so as of to in on at by for with from up down out over about into than then there here
+i me my mine myself you your yours yourself he him his she her hers it its itself we us our they them their
+this that these those who whom whose which what when where why how
+am is are was were be been being do does did done doing have has had having will would shall should can could
+may might must not no nor yes too very just also only all any some each every more most much many such own
+i'm i've i'll i'd you're you've you'll he's she's it's we're they're that's there's what's let's
+don't doesn't didn't isn't aren't wasn't weren't can't cannot won't wouldn't shouldn't couldn't haven't hasn't
+oh ok okay well really yeah thing things something anything nothing
+""".split())
+
+
+def content_words(text):
+    return [w for w in words(text) if w not in FUNCTION_WORDS]
+
+
+def token_f1(a, b, tokens=words):
     """F1 of the bag-of-words overlap of two texts (SQuAD's answer metric)."""
-    ta, tb = Counter(words(a)), Counter(words(b))
+    ta, tb = Counter(tokens(a)), Counter(tokens(b))
     common = sum((ta & tb).values())
     if common == 0:
         return 0.0
@@ -76,8 +99,10 @@ def token_f1(a, b):
 
 
 def relevance(prompt, completion, references=None):
+    """Content-word F1 with the best reference answer, or with the question where it has none;
+    all words for a reference made only of function words ("Yes.", "No, not you.")."""
     refs = [r for r in references or [] if r] or [prompt]
-    return max(token_f1(completion, r) for r in refs)
+    return max(token_f1(completion, r, content_words if content_words(r) else words) for r in refs)
 
 
 def english_words():

@@ -109,6 +109,32 @@ def test_generate_with_a_tiny_model(tmp_path, capsys):
     assert all(len(r["completions"]) == 3 and len(r["ranks"]) == 3 for r in rows)
 
 
+# Held-out questions of the built-in prompts, each with an on-topic reply that is not its reference.
+ON_TOPIC = {"Are you sapient?": "Probably not, I am not that sophisticated.",
+            "When will you die": "Never, I am immortal.",
+            "Can you move": "No, my body is not built yet.",
+            "What do you like to do?": "I like to chat with people.",
+            "Is it true that you are a computer program": "Yes.",
+            "can you write bubble sort?": "Here is bubble sort in Python: def bubble_sort(arr): return sorted(arr)"}
+GENERIC = ["I do you.", "I am not not?", "Thank you so much, I am happy to help!", "I like it."]
+
+
+def test_a_reply_that_ignores_the_question_ranks_below_an_on_topic_one():
+    from shoggoth import rl
+
+    refs = {rl.prompt_text(r): r["references"] for r in rl.builtin_prompts("heldout")}
+    assert set(ON_TOPIC) <= set(refs)
+    for q, good in ON_TOPIC.items():
+        for bad in GENERIC:
+            assert gold_score(q, good, refs[q]) > gold_score(q, bad, refs[q]) + 0.05, (q, good, bad)
+            ranks = [SimulatedLabeler("balanced", seed=s).rank(q, [bad, good], refs[q])[0] for s in range(5)]
+            assert sum(r[1] < r[0] for r in ranks) >= 4, (q, bad, ranks)  # people agree, noise aside
+    # a policy that collapses to one generic reply loses gold against one that answers each question
+    collapsed = [gold_score(q, GENERIC[0], refs[q]) for q in ON_TOPIC]
+    answering = [gold_score(q, good, refs[q]) for q, good in ON_TOPIC.items()]
+    assert sum(answering) / len(answering) > sum(collapsed) / len(collapsed) + 0.1
+
+
 def test_agreement_statistics_match_published_values():
     # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", the 4 coders x 12 units example
     n = None
