@@ -214,10 +214,28 @@ def cmd_demo(argv):
     p = argparse.ArgumentParser(prog="shoggoth demo", description="Every stage on the built-in defaults.")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the same pipeline at toy scale (about a minute), for smoke tests")
+    p.add_argument("--budget", default="20m", type=seconds,
+                   help="time for the whole run, e.g. 20m, 1h, 900s (default 20m): the matmul rate measured at the "
+                        "start sets the pretraining steps to fit it")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype of every stage (auto: bf16 where this CPU runs it fast, else fp32)")
     a = p.parse_args(argv)
     from . import demo
 
-    demo.run(a.out, a.quick)
+    demo.run(a.out, a.quick, a.dtype, a.budget)
+
+
+def seconds(text):
+    """'20m', '1h', '90s' or '90' as seconds (argparse type)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    num, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 20m, 1h or 900s") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be positive")
+    return value
 
 
 def cmd_feedback(argv):

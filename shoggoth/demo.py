@@ -13,12 +13,12 @@ checkpoint, so re-running the same command continues where it stopped.
 import dataclasses
 import importlib
 import json
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import checkpoint
+from .metrics import duration
 
 MODELS = ("pretrained", "sft", "ppo", "dpo")
 K = 8  # completions per prompt (InstructGPT: 4 to 9); reward accuracy 0.674-0.728 on three draws (K = 4: 0.635-0.674)
@@ -36,17 +36,66 @@ QUICK = {
 }
 
 
+ORDER = ("pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask")
+BUDGET = 20 * 60  # --budget's default: the whole demo in 20 minutes, on the machine that runs it
+PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this range
+# Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
+# the run's dtype), so a machine of half the rate is estimated to take twice as long. Pretraining
+# is its set-up (tokenizer, token shards) plus pretrain_step per step, as the budget sets its steps.
+# Measured on a 2-core Xeon (Sapphire Rapids, KVM): bf16 natively, fp32 with its kernels limited to
+# AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2), the path of
+# an AVX2 machine. summary.json keeps every run's rate and timings: re-measure when a preset changes.
+WORK = {
+    "bf16": {"pretrain": 40 * 1.2e12, "pretrain_step": 0.3 * 1.2e12, "sft": 60 * 1.2e12, "feedback": 55 * 1.2e12,
+             "reward": 70 * 1.2e12, "ppo": 70 * 1.2e12, "dpo": 60 * 1.2e12, "mask": 20 * 1.2e12},
+    "fp32": {"pretrain": 40 * 2e11, "pretrain_step": 1.0 * 2e11, "sft": 200 * 2e11, "feedback": 90 * 2e11,
+             "reward": 200 * 2e11, "ppo": 150 * 2e11, "dpo": 200 * 2e11, "mask": 30 * 2e11},
+}
+WORK_QUICK = {"pretrain": 20 * 1.2e12, "pretrain_step": 0.02 * 1.2e12, "sft": 5 * 1.2e12, "feedback": 5 * 1.2e12,
+              "reward": 5 * 1.2e12, "ppo": 5 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12}  # bf16 or fp32
+
+
+def plan(rate, dtype, budget, quick=False):
+    """(pretraining steps, estimated seconds per stage) for a machine whose matmuls run at `rate`
+    FLOP/s in `dtype`: the other stages are fixed, pretraining steps take what the budget leaves."""
+    est = {k: v / rate for k, v in (WORK_QUICK if quick else WORK[dtype]).items()}
+    per_step = est.pop("pretrain_step")
+    if quick:
+        steps = 30
+    else:
+        steps = int(min(max((budget - sum(est.values())) / per_step, PRETRAIN_STEPS[0]), PRETRAIN_STEPS[1]))
+    est["pretrain"] += steps * per_step
+    return steps, {k: est[k] for k in ORDER}
+
+
 class Run:
-    def __init__(self, out, quick=False):
+    def __init__(self, out, quick=False, dtype="auto", budget=BUDGET):
+        import torch
+
+        from . import dist, metrics
+
         self.quick = quick
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
         path = self.out / "summary.json"
         self.summary = json.loads(path.read_text()) if path.exists() else {
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}, {__import__('os').cpu_count()} CPUs".strip(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": metrics.machine(),
             "config": {}, "timings": {}, "headline": {}}
+        if "plan" not in self.summary:  # a re-run keeps the first plan, so its stages resume exactly
+            amp = dist.autocast_dtype(torch.device("cpu"), dtype)
+            name = "bf16" if amp == torch.bfloat16 else "fp32"
+            rate = metrics.peak_flops(torch.device("cpu"), amp)
+            steps, est = plan(rate, name, budget, quick)
+            self.summary["plan"] = {"dtype": name, "matmul_flops": rate, "budget": budget, "pretrain_steps": steps,
+                                    "estimate": est}
+            self.save()
+        p = self.summary["plan"]
+        self.dtype = p["dtype"]
+        self.log(f"{self.summary['machine']}: {p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s; "
+                 f"{'--quick' if quick else 'budget ' + duration(p['budget'])}: {p['pretrain_steps']} pretraining steps")
+        self.log("estimated: " + ", ".join(f"{k} {duration(v)}" for k, v in p["estimate"].items())
+                 + f"; total {duration(sum(p['estimate'].values()))}")
 
     def log(self, msg):
         print(f"[demo {time.time() - self.t0:5.0f}s] {msg}", flush=True)
@@ -66,13 +115,14 @@ class Run:
         self.log(f"{name}: {'resuming' if resume else 'starting'} -> {out}")
         mod = importlib.import_module(STAGES[name])
         extra = QUICK.get(name, []) if self.quick else []
-        cfg = make_config(mod.Config, [*map(str, argv), *extra, "--out", str(out), *(["--resume"] if resume else [])], name)
+        cfg = make_config(mod.Config, [*map(str, argv), *extra, "--dtype", self.dtype, "--out", str(out),
+                                       *(["--resume"] if resume else [])], name)
         t = time.time()
         mod.run(cfg)
         self.summary["config"][name] = dataclasses.asdict(cfg)
         self.summary["timings"][name] = self.summary["timings"].get(name, 0) + round(time.time() - t, 1)
         self.save()
-        self.log(f"{name}: finished in {time.time() - t:.0f}s")
+        self.log(f"{name}: finished in {duration(time.time() - t)} (estimated {duration(self.summary['plan']['estimate'][name])})")
         return out
 
 
@@ -113,7 +163,8 @@ def feedback(run: Run):
     run.summary["headline"]["labeler_alpha"] = agree["alpha"]
     run.summary["timings"]["feedback"] = round(time.time() - t, 1)
     run.save()
-    run.log(f"feedback: {n} rankings exported to {rankings}; labelers' mutual Kendall tau {agree['tau']:.3f}")
+    run.log(f"feedback: {n} rankings exported to {rankings}; labelers' mutual Kendall tau {agree['tau']:.3f}; "
+            f"took {duration(time.time() - t)} (estimated {duration(run.summary['plan']['estimate']['feedback'])})")
     return rankings
 
 
@@ -139,14 +190,19 @@ def mask(run: Run, reward_dir):
     scorer = load_scorer(reward_dir)
     held = rl.builtin_prompts("heldout")
     held = held[:12] if run.quick else held
-    shown = held[:: max(1, len(held) // MASK_PROMPTS)][:MASK_PROMPTS]
+    step = max(1, len(held) // MASK_PROMPTS)
+    shown = held[::step][:MASK_PROMPTS]
     table = [{"prompt": rl.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
     dirs = {"pretrained": run.out / "pretrain", "sft": run.out / "sft", "ppo": run.out / "ppo", "dpo": run.out / "dpo"}
     for name, d in dirs.items():
         if not (d / "config.json").exists():
             continue
         model = sampling.load(d)
-        replies = sampling.chat_replies(model, [r["messages"] for r in shown], max_new_tokens=48, temperature=0.0)
+        greedy = sampling.chat_replies(model, [r["messages"] for r in held], max_new_tokens=48, temperature=0.0)
+        words = [w for text in greedy for w in labelers.words(text)]
+        run.summary["headline"][f"real_words_{name}"] = sum(map(labelers.english_words().__contains__, words)) / max(1, len(words))
+        run.summary["headline"][f"distinct_{name}"] = len(set(greedy)) / len(greedy)
+        replies = greedy[::step][:MASK_PROMPTS]
         for row, r, text in zip(table, shown, replies):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
                                     "gold": labelers.gold_score(rl.prompt_text(r), text, r["references"])}
@@ -157,10 +213,10 @@ def mask(run: Run, reward_dir):
     run.save()
 
 
-def run(out="runs/demo", quick=False):
-    r = Run(out, quick)
+def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET):
+    r = Run(out, quick, dtype, budget)
     o = r.out
-    r.stage("pretrain", ["--config", "demo-cpu"])
+    r.stage("pretrain", ["--config", "demo-cpu", "--max-steps", r.summary["plan"]["pretrain_steps"]])
     r.stage("sft", ["--config", "demo-sft", "--init", o / "pretrain"])
     rankings = feedback(r)
     r.stage("reward", ["--config", "demo-reward", "--init", o / "sft", "--rankings", rankings])
@@ -191,10 +247,19 @@ def run(out="runs/demo", quick=False):
     print(f"gold reward : SFT {fmt(h.get('gold_sft'))} -> PPO {fmt(h.get('gold_ppo'))} (KL to SFT {fmt(h.get('kl_ppo'))}); "
           f"DPO {fmt(h.get('gold_dpo'))}")
     print(f"proxy reward: SFT {fmt(h.get('proxy_sft'))} -> PPO {fmt(h.get('proxy_ppo'))}; DPO {fmt(h.get('proxy_dpo'))}")
+    pct = lambda k: "n/a" if h.get(k) is None else f"{100 * h[k]:.0f}%"  # noqa: E731
+    print(f"answers     : real English words SFT {pct('real_words_sft')}, PPO {pct('real_words_ppo')}, "
+          f"DPO {pct('real_words_dpo')}; distinct answers per held-out question SFT {fmt(h.get('distinct_sft'))}, "
+          f"PPO {fmt(h.get('distinct_ppo'))}")
     for row in json.loads((o / "mask.json").read_text())["prompts"][:3]:
         print(f"\nuser> {row['prompt']}")
         for name in MODELS:
             if name in row["answers"]:
                 a = row["answers"][name]
                 print(f"  {name:10s}> {a['text'][:100]!r}  (gold {a['gold']:.2f}, proxy {a['proxy']:.2f})")
-    print(f"\nreport: {html}\nall done in {sum(r.summary['timings'].values()):.0f}s of stage time; models in {o}/")
+    est, took = r.summary["plan"]["estimate"], r.summary["timings"]
+    print(f"\n{'stage':10s} {'estimated':>9s} {'actual':>9s}")
+    for name in ORDER:
+        print(f"{name:10s} {duration(est[name]):>9s} {duration(took[name]) if name in took else '-':>9s}")
+    print(f"{'total':10s} {duration(sum(est.values())):>9s} {duration(sum(took.values())):>9s}")
+    print(f"\nreport: {html}\nmodels in {o}/")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import ShoggothError
+from .metrics import duration
 
 STAGES = ["pretrain", "sft", "reward", "ppo", "dpo"]  # a full demo run; grpo is shown only when present
 STAGE_NAMES = {"pretrain": "Pretraining", "sft": "Supervised fine-tuning", "reward": "Reward model",
@@ -31,7 +32,16 @@ HEADLINE = {
     "gold_sft": "Gold reward, SFT", "gold_ppo": "Gold reward, PPO", "gold_dpo": "Gold reward, DPO",
     "proxy_sft": "Proxy reward, SFT", "proxy_ppo": "Proxy reward, PPO", "proxy_dpo": "Proxy reward, DPO",
     "kl_ppo": "KL(PPO ‖ SFT) per reply",
+    "real_words_sft": "Real English words, SFT answers", "real_words_ppo": "Real English words, PPO answers",
+    "real_words_dpo": "Real English words, DPO answers", "real_words_pretrained": "Real English words, pretrained",
+    "distinct_sft": "Distinct answers per question, SFT", "distinct_ppo": "Distinct answers per question, PPO",
+    "distinct_dpo": "Distinct answers per question, DPO", "distinct_pretrained": "Distinct answers per question, pretrained",
 }
+# What a person reading the answers needs, checked on the held-out questions' greedy answers.
+TARGETS = [("real_words_sft", ">=", 0.9, "at least 90% of the words in SFT answers are real English words"),
+           ("real_words_ppo", ">=", 0.9, "at least 90% of the words in PPO answers are real English words"),
+           ("distinct_ppo", ">=", 0.8, "PPO gives different questions different answers (distinct answers / questions ≥ 0.8)"),
+           (("gold_ppo", "gold_sft"), ">", None, "PPO's gold reward stays above SFT's")]
 COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#dc2626"]
 OVEROPT = ("Each point is one iteration; the line is a running mean along KL. The policy climbs the reward "
            "model (proxy); the gold reward is the simulated labelers' own taste. Proxy still rising while gold "
@@ -244,11 +254,6 @@ def fmt(v, digits=None):
     return str(v)
 
 
-def duration(s):
-    s = round(s)
-    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def section(sid, title, body):
     return f'<section id="{sid}"><h2>{e(title)}</h2>{body}</section>'
 
@@ -261,7 +266,22 @@ def headline_section(head):
     keys = [k for k in HEADLINE if k in head] + [k for k in head if k not in HEADLINE]
     cards = "".join(f'<div class="card"><div class="v">{e(fmt(head[k]))}</div><div class="k">{e(HEADLINE.get(k, k))}'
                     "</div></div>" for k in keys)
-    return section("headline", "Headline numbers", f'<div class="cards">{cards}</div>') if cards else ""
+    return section("headline", "Headline numbers", f'<div class="cards">{cards}{targets(head)}</div>') if cards else ""
+
+
+def targets(head):
+    """The answer-quality targets, each met, missed or not measured in this run."""
+    rows = []
+    for key, op, bound, text in TARGETS:
+        value, bound = (head.get(key[0]), head.get(key[1])) if isinstance(key, tuple) else (head.get(key), bound)
+        if not (number(value) and number(bound)):
+            verdict = "not measured"
+        else:
+            verdict = "met" if (value >= bound if op == ">=" else value > bound) else "missed"
+        rows.append(f'<tr class="{verdict.replace(" ", "-")}"><td>{e(text)}</td><td>{e(fmt(value, 3))}</td>'
+                    f"<td>{e(verdict)}</td></tr>")
+    return ('<table id="targets" class="kv"><thead><tr><th>Answer targets (held-out questions)</th><th>value</th>'
+            f'<th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 def mask_section(mask):
@@ -298,18 +318,21 @@ def mask_section(mask):
         f'<tbody>{"".join(body)}</tbody></table>'))
 
 
-def config_section(config, timings):
+def config_section(config, timings, estimate):
     parts = []
     timings = {k: v for k, v in timings.items() if number(v)} if isinstance(timings, dict) else {}
+    estimate = {k: v for k, v in estimate.items() if number(v)} if isinstance(estimate, dict) else {}
+    est = lambda k: duration(estimate[k]) if k in estimate else "—"  # noqa: E731
     if timings:
         top = max(timings.values()) or 1
-        rows = "".join(f'<tr><td>{e(k)}</td><td class="num">{duration(v)}</td>'
+        rows = "".join(f'<tr><td>{e(k)}</td><td class="num">{est(k)}</td><td class="num">{duration(v)}</td>'
                        f'<td class="barcell"><div class="bar" style="width:{100 * v / top:.1f}%"></div></td></tr>'
                        for k, v in timings.items())
         total = sum(v for k, v in timings.items() if k != "total")
-        parts.append('<table id="timings" class="timings"><thead><tr><th>Part of the run</th><th>Time</th><th></th>'
-                     f'</tr></thead><tbody>{rows}<tr class="total"><td>total</td><td class="num">{duration(total)}</td>'
-                     "<td></td></tr></tbody></table>")
+        total_est = duration(sum(estimate.values())) if estimate else "—"
+        parts.append('<table id="timings" class="timings"><thead><tr><th>Part of the run</th><th>Estimated</th>'
+                     f'<th>Time</th><th></th></tr></thead><tbody>{rows}<tr class="total"><td>total</td>'
+                     f'<td class="num">{total_est}</td><td class="num">{duration(total)}</td><td></td></tr></tbody></table>')
     if isinstance(config, dict) and config:
         for stage, fields in config.items():
             if not isinstance(fields, dict):
@@ -351,6 +374,7 @@ def write(run_dir, out=None) -> Path:
         body = f'<div class="plots">{"".join(figs)}</div>' if figs else missing("metrics.jsonl holds no plottable values.")
         sections.append(section(f"stage-{stage}", STAGE_NAMES[stage], body))
 
+    plan = summary.get("plan") if isinstance(summary.get("plan"), dict) else {}
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = [f"run <code>{e(str(run.resolve()))}</code>"]
     meta += [f"{k} {e(str(summary[k]))}" for k in ("started", "machine") if summary.get(k)]
@@ -367,7 +391,7 @@ def write(run_dir, out=None) -> Path:
 {headline_section(summary.get("headline") if isinstance(summary.get("headline"), dict) else {})}
 {mask_section(mask)}
 {"".join(sections)}
-{config_section(summary.get("config"), summary.get("timings"))}
+{config_section(summary.get("config"), summary.get("timings"), plan.get("estimate"))}
 </main></body></html>
 """
     dest = Path(out) if out else run / "report.html"

@@ -38,7 +38,34 @@ def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
         assert isinstance(h[key], float), key
     assert 0 <= h["reward_accuracy"] <= 1 and h["sft_val_loss"] < h["sft_val_loss_base"]
     assert set(summary["timings"]) >= {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask"}
+    plan = summary["plan"]
+    assert plan["pretrain_steps"] == 30 and set(plan["estimate"]) == set(summary["timings"]) and plan["matmul_flops"] > 0
+    assert summary["config"]["pretrain"]["dtype"] == plan["dtype"] == summary["config"]["ppo"]["dtype"]
+    table = r.stdout[r.stdout.index("stage      estimated"):].splitlines()
+    assert [ln.split()[0] for ln in table[1:9]] == ["pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "total"]
+    assert "answers     : real English words SFT" in r.stdout
+    for key in ("real_words_sft", "real_words_ppo", "distinct_ppo"):
+        assert 0 <= h[key] <= 1, key
     mask = json.loads((out / "mask.json").read_text())["prompts"]
     assert mask and all(set(row["answers"]) == {"pretrained", "sft", "ppo", "dpo"} for row in mask)
     html = (out / "report.html").read_text()
     assert "the mask" in html.lower() and "<svg" in html
+
+
+def test_the_budget_sizes_pretraining_to_the_machine():
+    from shoggoth import demo
+
+    fast_steps, fast = demo.plan(1e12, "bf16", 20 * 60)
+    slow_steps, slow = demo.plan(1e11, "bf16", 20 * 60)
+    assert fast_steps > slow_steps >= demo.PRETRAIN_STEPS[0] and fast_steps <= demo.PRETRAIN_STEPS[1]
+    assert slow["sft"] == 10 * fast["sft"]  # a stage of fixed size takes rate-times longer
+    mid_steps, mid = demo.plan(3e11, "fp32", 20 * 60)
+    if demo.PRETRAIN_STEPS[0] < mid_steps < demo.PRETRAIN_STEPS[1]:
+        assert abs(sum(mid.values()) - 20 * 60) < 5  # what the budget leaves goes to pretraining
+    assert demo.plan(1e12, "bf16", 20 * 60, quick=True)[0] == 30
+
+
+def test_demo_flags_are_checked():
+    for bad in (["--budget", "soon"], ["--budget", "0m"], ["--dtype", "fp16"]):
+        r = shoggoth("demo", *bad, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, bad

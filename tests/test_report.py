@@ -94,7 +94,9 @@ def fake_run(root, stages=("pretrain", "sft", "reward", "ppo", "dpo"), mask=True
             "config": {"pretrain": {"n_layer": 4, "lr": 3e-3, "corpus": [], "compile": False}, "ppo": {"iterations": 40, "init_kl_coef": 0.05}},
             "timings": {"pretrain": 312.4, "sft": 95.0, "feedback": 60.2, "reward": 41.0, "ppo": 400.0, "dpo": 80.0},
             "headline": {"sft_val_loss_base": 4.1, "sft_val_loss": 2.4, "reward_accuracy": 0.68, "labeler_agreement": 0.55,
-                         "gold_sft": 0.45, "gold_ppo": 0.52, "kl_ppo": 7.9, "gold_dpo": 0.5}}))
+                         "gold_sft": 0.45, "gold_ppo": 0.52, "kl_ppo": 7.9, "gold_dpo": 0.5,
+                         "real_words_sft": 0.93, "real_words_ppo": 0.71, "distinct_ppo": 0.85},
+            "plan": {"estimate": {"pretrain": 300.0, "sft": 100.0}}}))
     return root
 
 
@@ -152,6 +154,9 @@ def test_full_run_report_in_chromium(tmp_path, page):
     # Headline numbers, timings and config.
     assert "0.68" in page.locator("#headline").text_content()
     assert page.locator("#timings tbody tr").count() == 7  # six steps and the total
+    assert page.locator("#timings tbody tr").first.text_content() == "pretrain5m00s5m12s"  # estimated, then actual
+    verdicts = [r.locator("td").last.text_content() for r in page.locator("#targets tbody tr").all()]
+    assert verdicts == ["met", "missed", "met", "met"]  # words SFT 0.93, PPO 0.71; distinct 0.85; gold 0.52 > 0.45
     assert "init_kl_coef" in page.locator("#config").text_content()
 
     shot = tmp_path / "report.png"

@@ -5,6 +5,8 @@ import random
 import zlib
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..checkpoint import atomic_write
 from ..data import read_jsonl
 from ..errors import DataError
@@ -67,7 +69,7 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
         rows += [(i, ids)] * k
     texts = [[] for _ in records]
     stop = tok.stop_ids
-    for b in range(0, len(rows), batch_size):
+    for b in tqdm(range(0, len(rows), batch_size), desc="generate", unit="batch", disable=None):  # a bar on a terminal
         batch = rows[b:b + batch_size]
         gen = eng.generate([ids for _, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, stop_ids=stop, seed=seed + b)
