@@ -67,7 +67,13 @@ class RMSNorm(nn.Module):
             if not torch.is_grad_enabled():  # decoding: the same forward without the autograd.Function's overhead
                 return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps).to(out)
             return _RMSNormFP32.apply(x, self.weight, self.eps, out)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.to(wide(x.dtype)), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def wide(dtype):
+    """fp32 for bf16, fp16 and fp32 (the dtype norms and losses compute in); fp64 stays fp64,
+    so that gradcheck can test the hand-written backwards in double precision."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class _RMSNormFP32(torch.autograd.Function):
@@ -86,7 +92,7 @@ class _RMSNormFP32(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad = grad.float()
+        grad = grad.to(x.dtype)
         rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)  # (..., 1)
         xhat = x * rstd
         gw = grad * weight
@@ -240,7 +246,9 @@ class Attention(nn.Module):
         # cache and no mask every cached key is visible (one-token decode steps).
         if cache is not None and T == 1 and q.device.type == "cpu" and (mask is None or mask.dtype == torch.bool):
             y = decode_attention_cpu(q, k, v, mask)
-        elif mask is None and cache is None and q.device.type == "cpu" and T <= 512:
+        elif mask is None and cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 512:
+            # In fp32 SDPA's flash kernel is the faster one (bench/RESULTS.md, 2026-12-01: these two
+            # matmuls took 1.20-1.31x its time there, 0.60-0.92x in bf16).
             if gqa:
                 rep = self.n_head // self.n_kv_head
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -345,14 +353,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         logits = h @ w.t()  # (N, V), becomes d loss / d logits below
         valid = targets != -100
         count = valid.sum()
-        scale = (valid / count)[:, None]  # (N, 1) fp32: d loss / d nll of each row
+        scale = (valid / count).to(wide(h.dtype))[:, None]  # (N, 1) fp32: d loss / d nll of each row
         tgt = targets.clamp(min=0)[:, None]  # (N, 1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        nll = torch.empty(N, device=h.device)
+        nll = torch.empty(N, device=h.device, dtype=scale.dtype)
         chunk = max(16, 2**19 // V)  # 2 MB of fp32 logits: fastest of 1-8 MB on these CPUs (1 or 2 threads)
         for s in range(0, N, chunk):
             rows = slice(s, s + chunk)
-            logp = torch.log_softmax(logits[rows].float(), dim=-1)  # (n, V) fp32
+            logp = torch.log_softmax(logits[rows].to(nll.dtype), dim=-1)  # (n, V) fp32
             nll[rows] = -logp.gather(1, tgt[rows]).squeeze(1)
             if need_grad:
                 grad = logp.exp_().mul_(scale[rows])  # softmax / count
