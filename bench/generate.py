@@ -1,25 +1,26 @@
 """Generation speed: shoggoth's Engine vs transformers `generate` with its KV cache.
 
 Same weights (exported with save_pretrained, loaded with LlamaForCausalLM), same
-dtype, same ragged left-padded prompts, greedy, 256 new tokens with no early
-stop, batch 1, 16 and 64. Prints a table of new tokens/s and the ratio, and
-appends it to bench/RESULTS.md under "## Generation (bench/generate.py)".
+dtype (--dtype; auto: what the stages' --dtype auto picks on this machine; both sides'
+weights are cast to it), same ragged left-padded prompts, greedy, 256 new tokens with
+no early stop, batch 1, 16 and 64. Prints the machine (CPU, flags, the instruction set
+of PyTorch's kernels), a table of new tokens/s and the ratio, and appends it to
+bench/RESULTS.md under "## Generation (bench/generate.py)".
 
-    python bench/generate.py [--dtypes float32 bfloat16] [--batches 1 16 64] [--shape demo|gpt2] [--no-record]
+    python bench/generate.py [--dtype auto|bf16|fp32 ...] [--batches 1 16 64] [--shape demo|gpt2] [--no-record]
     python bench/generate.py --device cuda   # the engine's CUDA-graph step; also times it without the graph
 """
 
 import argparse
 import datetime
 import os
-import re
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import transformers
 
+from results import DTYPE_HELP, DTYPES, record, run_dtype
 from shoggoth import kernels, metrics
 from shoggoth.checkpoint import save_pretrained
 from shoggoth.engine import Engine
@@ -29,7 +30,6 @@ SHAPES = {
     "demo": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, max_seq_len=512),
     "gpt2": dict(vocab_size=50304, n_layer=12, n_embd=768, n_head=12, max_seq_len=512),
 }
-RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADING = "## Generation (bench/generate.py)"
 
 
@@ -65,7 +65,7 @@ def run_hf(hf, batch_prompts, new):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="demo")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["auto"], help=DTYPE_HELP + "; several: one after another")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -75,6 +75,9 @@ def main():
     transformers.logging.set_verbosity_error()
     dev = torch.device(a.device)
     gpu = dev.type == "cuda"
+    dtypes = list(dict.fromkeys(run_dtype(d, a.device) for d in a.dtype))
+    mach = metrics.machine()
+    print(f"machine: {mach}; dtype {', '.join(dtypes)}" + (" (auto)" if "auto" in a.dtype else ""), flush=True)
 
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
@@ -82,8 +85,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(model, d)
-        for dt in a.dtypes:
-            dtype = getattr(torch, dt)
+        for dt in dtypes:
+            dtype = torch.bfloat16 if dt == "bf16" else torch.float32
             model = model.to(dev, dtype)
             ours = Engine(model)
             eager = Engine(model, static=False)  # on CUDA: the same engine without the graph, for the record
@@ -106,7 +109,7 @@ def main():
                 same = sum(torch.equal(x, y) for x, y in zip(out_ours, out_hf))
                 n = b * a.new
                 rows.append((dt, b, n / t_ours, n / t_hf, t_hf / t_ours, f"{same}/{b}", n / t_eager))
-                print(f"{dt:9} batch {b:3}: engine {n / t_ours:8.0f} tok/s  transformers {n / t_hf:8.0f} tok/s"
+                print(f"{dt:4} batch {b:3}: engine {n / t_ours:8.0f} tok/s  transformers {n / t_hf:8.0f} tok/s"
                       f"  ratio {t_hf / t_ours:5.2f}x  identical rows {same}/{b}"
                       + (f"  (engine without graph {n / t_eager:8.0f} tok/s)" if gpu else ""), flush=True)
     model_desc = ", ".join(f"{k} {v}" for k, v in SHAPES[a.shape].items())
@@ -115,31 +118,18 @@ def main():
     table += [f"| {dt} | {b} | {o:.0f} | {h:.0f} | {r:.2f}x | {s} |" + (f" {e:.0f} |" if gpu else "")
               for dt, b, o, h, r, s, e in rows]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})" if gpu else metrics.machine()
     where = (f"{os.cpu_count()} host CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after" if gpu
              else f"{torch.get_num_threads()} threads, decode attention by "
                   f"{'shoggoth.kernels' if kernels.load() else 'SDPA'}, load average {load_before:.1f} before, "
                   f"{os.getloadavg()[0]:.1f} after (other jobs share these CPUs)")
-    entry = (f"\n### {date}, {machine}\n\nModel `{a.shape}` ({model_desc}; {model.num_params() / 1e6:.1f}M params), "
+    entry = (f"\n### {date}, {mach}, {', '.join(dtypes)}\n\nModel `{a.shape}` ({model_desc}; {model.num_params() / 1e6:.1f}M params), "
              f"greedy, {a.new} new tokens (no early stop), ragged prompts of 16-48 tokens left-padded, "
              f"torch {torch.__version__}, transformers {transformers.__version__}, "
              f"best of {a.repeats} interleaved runs; {where}.\n\n" + "\n".join(table) + "\n")
     print(entry)
     if not a.no_record:
-        record(entry)
-
-
-def record(entry):
-    """Append entry at the end of this benchmark's section, leaving other sections alone."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\nNew tokens per second, engine vs transformers `generate` " \
-                                   "(higher is better); ratio = engine / transformers.\n"
-    start = text.index(HEADING) + len(HEADING)
-    nxt = re.search(r"^## ", text[start:], flags=re.M)
-    end = start + nxt.start() if nxt else len(text)
-    section = text[start:end].rstrip("\n") + "\n" + entry
-    RESULTS.write_text(text[:start] + section + ("\n" + text[end:] if nxt else ""))
+        record(HEADING, "New tokens per second, engine vs transformers `generate` (higher is better); "
+                        "ratio = engine / transformers.", entry)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shoggoth.metrics import machine
+
 H, HKV, D = 9, 3, 64  # SmolLM2-135M: query heads, key/value heads, head_dim
 LAYERS = 30
 OPTIONS = ["a", "b", "c-sdpa", "c-mm", "c-mix", "d", "e"]
@@ -430,11 +432,7 @@ def main():
     t_start = time.perf_counter()
     dtypes = ["fp32", "bf16"] if a.dtype == "both" else [a.dtype]
     options = ["a"] + [o for o in a.options if o != "a"]  # a is the reference
-    flags = open("/proc/cpuinfo").read()
-    model = next(l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name"))
-    feats = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
-    print(f"CPU: {model}, {os.cpu_count()} cores, {' '.join(feats)}; torch {torch.__version__}, "
-          f"capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"CPU: {machine()}; torch {torch.__version__}")
     threads = a.threads or torch.get_num_threads()
     print(f"shape: B={a.B} T={a.T} H={H} Hkv={HKV} D={D}; {threads} threads; median of {a.repeats} after 1 warm-up; "
           f"load average {os.getloadavg()[0]:.2f} at start")

@@ -1,13 +1,14 @@
 """Seconds per PPO iteration (rollout + update): `shoggoth ppo` against TRL's PPOTrainer, same model, same batch.
 
-    python bench/ppo.py --trl-python /tmp/trlvenv/bin/python [--iters 3] [--threads 1]
+    python bench/ppo.py --trl-python /tmp/trlvenv/bin/python [--dtype auto|bf16|fp32] [--iters 3] [--threads 1]
 
 One fixed tiny Llama-shaped model (4 layers, d=256, 4 heads, 2 KV heads, vocab 4096,
 random weights, seed 0) is written as a Hugging Face directory: the policy and
 reference, and with a random score head the reward and value model. Both trainers
 run the same recipe: 32 chat prompts per iteration, responses of exactly 32 tokens
 sampled at temperature 1 (the random model never emits a stop token), 4 PPO epochs
-of 4 minibatches of 8, fp32, on the same number of threads. The first iteration is
+of 4 minibatches of 8, in the same dtype (--dtype; auto: what `shoggoth ppo --dtype auto`
+picks on this machine), on the same number of threads. The first iteration is
 a warm-up and not counted.
 
 TRL removed PPOTrainer in 2026; the TRL half runs in another interpreter with a TRL
@@ -29,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import DTYPE_HELP, DTYPES, run_dtype
 
 BATCH, MINIBATCH, EPOCHS, RESPONSE = 32, 8, 4, 32
 
@@ -54,7 +57,7 @@ def make_models(root):
     tokenizer.save(tok, root / "reward")
     prompts = rl.builtin_prompts("train")[:BATCH]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": p["messages"]}) + "\n" for p in prompts))
-    ids = rl.encode_prompts(tok, prompts, 256 - RESPONSE)
+    ids = rl.encode_prompts(tokenizer.load(root / "policy"), prompts, 256 - RESPONSE)  # with its chat template
     (root / "prompt_ids.json").write_text(json.dumps(ids))
     return policy.num_params()
 
@@ -145,7 +148,7 @@ def main():
     p.add_argument("--trl-python", help="interpreter with trl (a release that has PPOTrainer)")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per run (after one warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each trainer, alternating (a shared machine is noisy)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="precision of both (bf16: autocast)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=1, help="torch threads of both trainers")
     p.add_argument("--half", choices=["trl"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -157,6 +160,10 @@ def main():
     if a.half == "trl":
         print("RESULT " + json.dumps(run_trl(Path(a.root), a.iters, a.dtype, a.tag)), flush=True)
         return
+    from shoggoth.metrics import machine
+
+    asked, a.dtype = a.dtype, run_dtype(a.dtype)  # the TRL half gets the resolved dtype
+    print(f"machine: {machine()}; dtype {a.dtype}" + (" (auto)" if asked == "auto" else ""), flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
     n_params = make_models(root)
     print(f"model: {n_params:,} parameters (4 layers, d=256, 2 KV heads, vocab 4096); batch {BATCH} prompts x {RESPONSE} "

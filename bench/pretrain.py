@@ -3,19 +3,21 @@
 For each model shape: our GPT and a `transformers.LlamaForCausalLM` with the same
 weights (exported with save_pretrained, loaded with from_pretrained), the same
 batch and the same training step as `shoggoth pretrain`: forward with the loss,
-backward, grad-norm clip, fused AdamW, under bf16 autocast on the CPU. Steps of
-the two alternate (A,B then B,A) after a warmup, and between them the fp32 and
-bf16 matmul peaks are measured, so that all numbers share the machine's load
-(these machines are shared). Prints median tokens/s, the ratio, and shoggoth's
-achieved model FLOP/s (GPT.flops_per_token x tokens/s) as a fraction of each peak;
-appends the table to bench/RESULTS.md under "## Pretraining throughput (bench/pretrain.py)".
+backward, grad-norm clip, fused AdamW, in --dtype on the CPU (auto: what `shoggoth
+pretrain --dtype auto` would run here; bf16 = autocast, fp32 = none). Steps of the two
+alternate (A,B then B,A) after a warmup, and between them the matmul peak of that dtype
+is measured, so that all numbers share the machine's load (these machines are shared).
+Prints the machine (CPU, flags, the instruction set of PyTorch's kernels), median
+tokens/s, the ratio, and each side's achieved model FLOP/s (GPT.flops_per_token x
+tokens/s) as a fraction of the peak; appends the table to bench/RESULTS.md under
+"## Pretraining throughput (bench/pretrain.py)".
 
 Every step and every peak is timed twice: wall clock, and the process's CPU time.
 On a machine shared with other jobs the wall clock mostly measures the others (a
 2-thread step stalls whenever one of its threads is descheduled); with --threads 1
 the CPU-time numbers are what an idle machine would show for one core.
 
-    python bench/pretrain.py [--shapes demo 14m] [--steps 8] [--threads N] [--compile] [--no-record]
+    python bench/pretrain.py [--dtype auto|bf16|fp32] [--shapes demo 14m] [--steps 8] [--threads N] [--compile] [--no-record]
 """
 
 import argparse
@@ -28,9 +30,10 @@ import time
 import torch
 import transformers
 
-from results import record
+from results import DTYPE_HELP, DTYPES, record, run_dtype
 from shoggoth import optim
 from shoggoth.checkpoint import save_pretrained
+from shoggoth.dist import autocast
 from shoggoth.metrics import machine
 from shoggoth.model import GPT, GPTConfig
 
@@ -58,14 +61,14 @@ def matmul_rate(n, k, m, dtype, seconds=0.25):
 class Trainer:
     """One model with its optimizer; step() is one optimizer step of `shoggoth pretrain`."""
 
-    def __init__(self, name, model, loss_fn, amp):
-        self.name, self.model, self.loss_fn, self.amp = name, model, loss_fn, amp
+    def __init__(self, name, model, loss_fn, amp_dtype):
+        self.name, self.model, self.loss_fn, self.amp_dtype = name, model, loss_fn, amp_dtype
         self.opt = optim.adamw(model, lr=3e-4, weight_decay=0.1)
         self.times, self.cpu_times, self.losses = [], [], []
 
     def step(self):
         t0, c0 = time.perf_counter(), time.process_time()
-        with self.amp:
+        with autocast(torch.device("cpu"), self.amp_dtype):
             loss = self.loss_fn()
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -93,33 +96,32 @@ def bench_shape(shape, a):
         parity = (ours.eval()(x[:2]) - hf.eval()(input_ids=x[:2]).logits).abs().max().item()
     ours.train(), hf.train()
 
-    amp = torch.autocast("cpu", dtype=torch.bfloat16)
-    runs = [Trainer("shoggoth", ours, lambda: ours(x, y), amp),
-            Trainer("transformers", hf, lambda: hf(input_ids=x, labels=x).loss, amp)]
+    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32  # autocast to bf16, or none
+    runs = [Trainer("shoggoth", ours, lambda: ours(x, y), dt),
+            Trainer("transformers", hf, lambda: hf(input_ids=x, labels=x).loss, dt)]
     if a.compile:
         twin = GPT(GPTConfig(**cfg))
         twin.load_state_dict(ours.state_dict())
         compiled = torch.compile(twin)
-        runs.append(Trainer("shoggoth compiled", twin, lambda: compiled(x, y), amp))
+        runs.append(Trainer("shoggoth compiled", twin, lambda: compiled(x, y), dt))
     for r in runs:
         t0 = time.perf_counter()
         for _ in range(a.warmup):
             r.step()
         print(f"{shape}: {r.name} warmup {time.perf_counter() - t0:.1f}s", flush=True)
-    peaks = {"bf16": [], "fp32": [], "bf16 cpu": [], "fp32 cpu": []}
+    peaks = {"wall": [], "cpu": []}
     n_embd, hidden = ours.config.n_embd, ours.config.intermediate_size
     for i in range(a.steps):
         for r in (runs if i % 2 == 0 else runs[::-1]):
             wall, cpu = r.step()
             r.times.append(wall)
             r.cpu_times.append(cpu)
-        # The peak is the faster of a 1024^3 matmul and the model's own MLP matmul shape.
-        for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            rates = [matmul_rate(1024, 1024, 1024, dt), matmul_rate(batch * T, n_embd, hidden, dt)]
-            peaks[name].append(max(w for w, _ in rates))
-            peaks[name + " cpu"].append(max(c for _, c in rates))
+        # The peak (in the dtype of the run) is the faster of a 1024^3 matmul and the model's own MLP matmul shape.
+        rates = [matmul_rate(1024, 1024, 1024, dt), matmul_rate(batch * T, n_embd, hidden, dt)]
+        peaks["wall"].append(max(w for w, _ in rates))
+        peaks["cpu"].append(max(c for _, c in rates))
         print(f"{shape}: round {i + 1}/{a.steps}: " + ", ".join(f"{r.name} {r.times[-1]:.2f}s ({r.cpu_times[-1]:.2f} CPU s)" for r in runs)
-              + f", bf16 peak {peaks['bf16'][-1] / 1e9:.0f} GFLOP/s", flush=True)
+              + f", {a.dtype} peak {peaks['wall'][-1] / 1e9:.0f} GFLOP/s", flush=True)
 
     tok, fpt = batch * T, ours.flops_per_token(T)
     peak = {k: statistics.median(v) for k, v in peaks.items()}
@@ -131,15 +133,16 @@ def bench_shape(shape, a):
                hf_cpu_flops=fpt * cpu_rate["transformers"], peak=peak, parity=parity,
                loss=(runs[0].losses[-1], runs[1].losses[-1]))
     print(f"{shape}: shoggoth {row['ours']:.0f} tok/s, transformers {row['hf']:.0f} tok/s, ratio {row['ours'] / row['hf']:.2f}x "
-          f"(CPU time {row['cpu_ratio']:.2f}x); shoggoth {row['flops'] / 1e9:.0f} GFLOP/s = {row['flops'] / peak['bf16']:.0%} of "
-          f"bf16 peak {peak['bf16'] / 1e9:.0f} ({row['cpu_flops'] / peak['bf16 cpu']:.0%} by CPU time), "
-          f"{row['flops'] / peak['fp32']:.0%} of fp32 peak {peak['fp32'] / 1e9:.0f}; "
+          f"(CPU time {row['cpu_ratio']:.2f}x); shoggoth {row['flops'] / 1e9:.0f} GFLOP/s = {row['flops'] / peak['wall']:.0%} of "
+          f"the {a.dtype} peak {peak['wall'] / 1e9:.0f} ({row['cpu_flops'] / peak['cpu']:.0%} by CPU time), "
+          f"transformers {row['hf_flops'] / peak['wall']:.0%}; "
           f"last loss {row['loss'][0]:.4f} vs {row['loss'][1]:.4f}; fp32 logit diff {parity:.1e}", flush=True)
     return row
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     p.add_argument("--steps", type=int, default=8, help="timed steps per model (alternating)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
@@ -150,34 +153,37 @@ def main():
     transformers.logging.set_verbosity_error()
     if a.threads:
         torch.set_num_threads(a.threads)
+    asked, a.dtype = a.dtype, run_dtype(a.dtype)
+    where = machine()
+    print(f"machine: {where}; dtype {a.dtype}" + (" (auto)" if asked == "auto" else ""), flush=True)
     load0 = os.getloadavg()[0]
     rows = [bench_shape(s, a) for s in a.shapes]
 
     # "wall / CPU": from wall-clock times, then from CPU times (FLOP per CPU second against the
     # peak's FLOP per CPU second).
-    table = ["| model | params | threads | shoggoth tok/s | transformers tok/s | ratio wall / CPU | shoggoth GFLOP/s | "
-             "% of bf16 peak wall / CPU | % of fp32 peak wall / CPU | transformers % of bf16 peak wall / CPU |"
+    table = [f"| model | params | dtype | threads | shoggoth tok/s | transformers tok/s | ratio wall / CPU | shoggoth GFLOP/s | "
+             f"% of {a.dtype} peak wall / CPU | transformers % of {a.dtype} peak wall / CPU |"
              + (" compiled tok/s |" if a.compile else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if a.compile else "")]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if a.compile else "")]
     for r in rows:
         pk = r["peak"]
-        table.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {torch.get_num_threads()} | {r['ours']:.0f} | {r['hf']:.0f} | "
-                     f"{r['ours'] / r['hf']:.2f}x / {r['cpu_ratio']:.2f}x | {r['flops'] / 1e9:.0f} | "
-                     f"{r['flops'] / pk['bf16']:.0%} / {r['cpu_flops'] / pk['bf16 cpu']:.0%} | "
-                     f"{r['flops'] / pk['fp32']:.0%} / {r['cpu_flops'] / pk['fp32 cpu']:.0%} | "
-                     f"{r['hf_flops'] / pk['bf16']:.0%} / {r['hf_cpu_flops'] / pk['bf16 cpu']:.0%} |"
+        table.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {a.dtype} | {torch.get_num_threads()} | {r['ours']:.0f} | "
+                     f"{r['hf']:.0f} | {r['ours'] / r['hf']:.2f}x / {r['cpu_ratio']:.2f}x | {r['flops'] / 1e9:.0f} | "
+                     f"{r['flops'] / pk['wall']:.0%} / {r['cpu_flops'] / pk['cpu']:.0%} | "
+                     f"{r['hf_flops'] / pk['wall']:.0%} / {r['hf_cpu_flops'] / pk['cpu']:.0%} |"
                      + (f" {r['compiled']:.0f} |" if a.compile else ""))
     shapes = "; ".join(f"`{r['shape']}`: " + ", ".join(f"{k} {v}" for k, v in SHAPES[r['shape']][0].items())
                        + f", batch {r['batch']}" for r in rows)
-    peaks = "; ".join(f"`{r['shape']}` bf16 {r['peak']['bf16'] / 1e9:.0f}, fp32 {r['peak']['fp32'] / 1e9:.0f} "
-                      f"(per CPU second: {r['peak']['bf16 cpu'] / 1e9:.0f}, {r['peak']['fp32 cpu'] / 1e9:.0f})" for r in rows)
+    peaks = "; ".join(f"`{r['shape']}` {r['peak']['wall'] / 1e9:.0f} (per CPU second: {r['peak']['cpu'] / 1e9:.0f})"
+                      for r in rows)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = (f"\n### {date}, {machine()}\n\n{shapes}. One step = forward with loss, backward, clip, fused AdamW, "
-             f"bf16 autocast; median of {a.steps} alternating steps after {a.warmup} warmup steps; torch {torch.__version__}, "
+    entry = (f"\n### {date}, {where}, {a.dtype}\n\n{shapes}. One step = forward with loss, backward, clip, fused AdamW, "
+             f"{'bf16 autocast' if a.dtype == 'bf16' else 'fp32 (no autocast)'}{' (--dtype auto)' if asked == 'auto' else ''}; "
+             f"median of {a.steps} alternating steps after {a.warmup} warmup steps; torch {torch.__version__}, "
              f"transformers {transformers.__version__} (sdpa attention), {torch.get_num_threads()} threads, "
              f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
-             f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end. Matmul peaks measured between the steps "
-             f"(GFLOP/s, median): {peaks}. FLOPs per token: GPT.flops_per_token (6 per matmul weight + attention).\n\n"
+             f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end. {a.dtype} matmul peaks measured between the "
+             f"steps (GFLOP/s, median): {peaks}. FLOPs per token: GPT.flops_per_token (6 per matmul weight + attention).\n\n"
              + "\n".join(table) + "\n")
     print(entry)
     if not a.no_record:

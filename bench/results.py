@@ -1,9 +1,22 @@
-"""bench/RESULTS.md: each benchmark appends its dated entries to its own section."""
+"""bench/RESULTS.md: each benchmark appends its dated entries to its own section; and the
+--dtype every benchmark takes (what the machine would really run, unless told otherwise)."""
 
 import re
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+DTYPES = ("auto", "bf16", "fp32")
+DTYPE_HELP = "precision of both sides (bf16: autocast); auto: what `shoggoth.dist.autocast_dtype` picks here"
+
+
+def run_dtype(dtype, device="cpu"):
+    """'bf16' or 'fp32': the dtype a run with --dtype dtype uses on device ('auto' resolved
+    as the stages resolve it)."""
+    import torch
+
+    from shoggoth.dist import autocast_dtype
+
+    return "bf16" if autocast_dtype(torch.device(device), dtype) == torch.bfloat16 else "fp32"
 
 
 def record(heading, intro, entry, path=RESULTS):

@@ -8,7 +8,7 @@ checkpointing; and once with gradient checkpointing off, as shoggoth has none). 
 in its own process; peak memory is that process's ru_maxrss. Tokens/s is the mean over
 the steps after the first (real tokens, padding excluded).
 
-    python bench/sft.py [--dtype bf16|fp32] [--batch-size 2] [--steps 3] [--no-record]
+    python bench/sft.py [--dtype auto|bf16|fp32] [--batch-size 2] [--steps 3] [--no-record]
 
 Needs `pip install trl==1.16.0 torch==2.13.0 transformers==5.23.0` (TRL pulls accelerate and datasets).
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import sft_data  # noqa: E402
+from results import DTYPE_HELP, DTYPES, run_dtype  # noqa: E402
 
 from shoggoth.metrics import machine  # noqa: E402
 
@@ -63,12 +64,13 @@ def run_trl(model, data, a, checkpointing):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     ap.add_argument("--batch-size", type=int, default=2, help="packed rows of 2,048 tokens per optimizer step")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps; the first is left out of the timing")
     ap.add_argument("--shape", choices=sorted(sft_data.SHAPES), default="135m", help="tiny: a smoke run")
     ap.add_argument("--no-record", action="store_true", help="do not append the table to bench/RESULTS.md")
     a = ap.parse_args()
+    a.dtype = run_dtype(a.dtype)  # TRL takes bf16 or not
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     model = str(sft_data.make_model_dir(work / "smollm2-135m", shape=a.shape))
     data = str(sft_data.make_data(work / "chats.jsonl", 60 * a.batch_size * a.steps))

@@ -36,16 +36,26 @@ def peak_flops(device, dtype):
     return _cpu_peak[dtype]
 
 
+# Environment variables that hold PyTorch's kernels, oneDNN and MKL below the CPU's instruction set.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine():
     """The machine in words, with what decides the fast dtype: the CPU's name, cores and
-    flags (AVX2, AVX-512, AVX-512 bf16, AMX) from /proc/cpuinfo, or the GPU's name."""
+    flags (AVX2, AVX-512, AVX-512 bf16, AMX) from /proc/cpuinfo and the instruction set
+    PyTorch's kernels use (torch.backends.cpu.get_cpu_capability(): below the flags when
+    ISA_LIMITS hold it there, as when an AVX-512 CPU emulates an AVX2 one), or the GPU's name."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(key)), "")  # noqa: E731
     flags = field("flags").split()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{os.cpu_count()} x {field('model name') or 'unknown CPU'} ({', '.join(shown) or 'no AVX2'})"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    limited = "avx512f" in flags and not kernels.startswith("AVX512")
+    env = " ".join(f"{k}={os.environ[k]}" for k in ISA_LIMITS if k in os.environ)
+    kernels = f"kernels {'limited to ' if limited else ''}{kernels}" + (f" by {env}" if env else "")
+    return f"{os.cpu_count()} x {field('model name') or 'unknown CPU'} ({', '.join(shown) or 'no AVX2'}; {kernels})"
 
 
 def _fmt(k, v):
