@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -238,6 +239,16 @@ def seconds(text):
     return value
 
 
+def sampling_flags(p):
+    """The flags of how completions are sampled into ranking tasks (`feedback generate` and `compare`)."""
+    p.add_argument("--rankings-per-task", type=int, default=3, help="N: rankings each task collects")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def cmd_feedback(argv):
     p = argparse.ArgumentParser(prog="shoggoth feedback", description="Human (and simulated) rankings of completions.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -248,12 +259,22 @@ def cmd_feedback(argv):
     g.add_argument("-k", type=int, default=4, help="completions per prompt")
     g.add_argument("--db", default="feedback.db", help=db_help)
     g.add_argument("--campaign", help="campaign name (default: the prompts file's name)")
-    g.add_argument("--rankings-per-task", type=int, default=3, help="N: rankings each task collects")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    sampling_flags(g)
+    c = sub.add_parser("compare", help="a blind evaluation: one answer per prompt from each model, ranked by labelers")
+    c.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
+                   help="the models to compare, e.g. sft=runs/sft ppo=runs/ppo (win rates: each over those before it)")
+    c.add_argument("--prompts", required=True,
+                   help="held-out prompts: JSONL of {prompt} or {messages}, optionally {references}")
+    c.add_argument("--db", default="feedback.db", help=db_help)
+    c.add_argument("--campaign", help="campaign name, new (default: eval-<the prompts file's name>); labelers "
+                                      "see only 'evaluation'")
+    sampling_flags(c)
+    w = sub.add_parser("winrate", help="win rates of the models of an evaluation campaign, with 95%% intervals")
+    w.add_argument("--db", default="feedback.db", help=db_help)
+    w.add_argument("--campaign", required=True, help="an evaluation campaign (made by `feedback compare`)")
+    w.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the prompts")
+    w.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    w.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     s = sub.add_parser("serve", help="run the ranking web app")
     s.add_argument("--db", default="feedback.db", help=db_help)
     s.add_argument("--host", default="127.0.0.1")
@@ -273,7 +294,7 @@ def cmd_feedback(argv):
     e.add_argument("--db", default="feedback.db", help=db_help)
     e.add_argument("--out", required=True)
     e.add_argument("--pairs", action="store_true", help="TRL pairs {prompt, chosen, rejected} instead of rankings")
-    e.add_argument("--campaign", help="only this campaign")
+    e.add_argument("--campaign", help="only this campaign (evaluation campaigns are exported only when named)")
     a = p.parse_args(argv)
     from .feedback import jobs
 
@@ -281,6 +302,19 @@ def cmd_feedback(argv):
         name, n = jobs.generate(a.policy, a.prompts, a.k, a.db, a.campaign, a.rankings_per_task, a.max_new_tokens,
                                 a.temperature, a.top_k, a.top_p, a.seed)
         print(f"campaign {name!r}: {n} tasks of {a.k} completions stored in {a.db}")
+    elif a.action == "compare":
+        name, n = jobs.compare(jobs.parse_models(a.models), a.prompts, a.db, a.campaign, a.rankings_per_task,
+                               a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+        print(f"evaluation campaign {name!r}: {n} prompts, one answer from each of {len(a.models)} models, stored in "
+              f"{a.db}; labelers rank them blind (`feedback serve` or `feedback simulate --campaign {name}`)")
+    elif a.action == "winrate":
+        from .feedback import winrate
+
+        if a.resamples < 1:
+            raise UsageError("--resamples must be at least 1")
+        s = jobs.winrates(a.db, a.campaign, a.resamples, a.seed)
+        lines = winrate.table(s)
+        print(json.dumps(s, indent=1) if a.json else f"campaign {a.campaign!r}: " + "\n".join(lines))
     elif a.action == "serve":
         from .feedback.app import serve
 

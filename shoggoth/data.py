@@ -472,11 +472,39 @@ def read_rankings(path, skip_invalid=False, log=print):
     return [r for r in recs if len(set(r["ranks"])) > 1]
 
 
-def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=print):
+def question(messages):
+    """A prompt's user turns, case and spacing folded: what makes two prompts the same question."""
+    return tuple(" ".join(m["content"].casefold().split()) for m in messages if m["role"] == "user")
+
+
+def refuse_heldout(records, heldout="builtin", log=print):
+    """Stop (DataError) when a training record's prompt (messages) is one of the prompts held out
+    for evaluation, the blind win rates of `shoggoth feedback compare` and `shoggoth demo`:
+    heldout is "builtin" (the chatterbot-corpus held-out questions), a prompts JSONL, or "none"."""
+    if heldout == "none":
+        return
+    from .rl import load_prompts
+
+    held = {question(r["messages"]) for r in load_prompts("" if heldout == "builtin" else heldout,
+                                                         log=lambda *_: None, split="heldout")}
+    bad = [r for r in records if question(r["prompt"]) in held]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(records)} training rankings are of prompts held out for evaluation "
+                        f"(--heldout-prompts {heldout}), first {bad[0]['where']}: {bad[0]['prompt'][-1]['content']!r}. "
+                        "Evaluation prompts never feed training: leave those rankings out (`feedback export` leaves "
+                        "evaluation campaigns out), or name the prompts you hold out with --heldout-prompts FILE "
+                        "(none: no check)")
+    log(f"data: none of the {len(records)} training rankings is of the {len(held)} prompts held out for evaluation "
+        f"({heldout})")
+
+
+def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=print, heldout="builtin"):
     """(train, held-out) rankings of path. Without eval_path the held-out share is a set of
     ceil(eval_frac * prompts) prompts, chosen by a hash of the prompt (the same every run), so
-    that no held-out prompt has rankings in training."""
+    that no held-out prompt has rankings in training. Rankings of path whose prompt is held out
+    for evaluation (`heldout`, see refuse_heldout) are refused."""
     train = read_rankings(path, skip_invalid, log)
+    refuse_heldout(train, heldout, log)
     if eval_path:
         return train, read_rankings(eval_path, skip_invalid, log)
     key = lambda r: json.dumps(r["prompt"], sort_keys=True)  # noqa: E731

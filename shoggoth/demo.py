@@ -3,7 +3,9 @@
 pretrain (King James Bible, chit-chat conversations) -> SFT (chatterbot-corpus) -> K completions per
 prompt -> simulated labelers rank them through the feedback app's database ->
 reward model -> PPO, and DPO on the same rankings for comparison -> the mask
-(held-out prompts through every model, proxy and gold scores) -> report.html.
+(held-out prompts through every model, proxy and gold scores) -> blind win rates
+(the simulated labelers rank every model's answers to the held-out prompts, as an
+evaluation campaign of the feedback app) -> report.html.
 
 Each step writes its own directory under the run directory; a finished step is
 skipped on a second run and an interrupted stage resumes from its last
@@ -18,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import checkpoint
+from .feedback import winrate
 from .metrics import duration
 
 MODELS = ("pretrained", "sft", "ppo", "dpo")
@@ -36,7 +39,7 @@ QUICK = {
 }
 
 
-ORDER = ("pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask")
+ORDER = ("pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate")
 BUDGET = 20 * 60  # --budget's default: the whole demo in 20 minutes, on the machine that runs it
 PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this range
 # Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
@@ -48,12 +51,13 @@ PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this r
 WORK = {  # first estimates from earlier runs' stage times; see the README for measured runs
     "bf16": {"pretrain": 45 * 1.36e12, "pretrain_step": 0.3 * 1.36e12, "sft": 55 * 1.36e12,
              "feedback": 56 * 1.36e12, "reward": 96 * 1.36e12, "ppo": 65 * 1.36e12, "dpo": 70 * 1.36e12,
-             "mask": 25 * 1.36e12},
+             "mask": 25 * 1.36e12, "winrate": 5 * 1.36e12},
     "fp32": {"pretrain": 50 * 2e11, "pretrain_step": 0.9 * 2e11, "sft": 165 * 2e11, "feedback": 75 * 2e11,
-             "reward": 290 * 2e11, "ppo": 130 * 2e11, "dpo": 210 * 2e11, "mask": 33 * 2e11},
+             "reward": 290 * 2e11, "ppo": 130 * 2e11, "dpo": 210 * 2e11, "mask": 33 * 2e11, "winrate": 5 * 2e11},
 }
 WORK_QUICK = {"pretrain": 20 * 1.2e12, "pretrain_step": 0.02 * 1.2e12, "sft": 5 * 1.2e12, "feedback": 5 * 1.2e12,
-              "reward": 5 * 1.2e12, "ppo": 5 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12}  # bf16 or fp32
+              "reward": 5 * 1.2e12, "ppo": 5 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12,
+              "winrate": 1 * 1.2e12}  # bf16 or fp32
 
 
 def plan(rate, dtype, budget, quick=False):
@@ -169,33 +173,48 @@ def feedback(run: Run):
     return rankings
 
 
+SAMPLING = {"max_new_tokens": 48, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}  # of the held-out replies
+
+
 def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
     """Mean gold (simulated labelers' noise-free taste) and proxy (reward model) score of
-    SAMPLES sampled replies per held-out prompt (temperature 1, the same seed for every model)."""
+    SAMPLES sampled replies per held-out prompt (SAMPLING: the same for every model), and the
+    first reply to each prompt (what the labelers compare blind)."""
     from . import labelers, rl, sampling
     from .stages.reward import load_scorer, score_texts
 
     model, scorer = sampling.load(model_dir), load_scorer(reward_dir)
     records = [r for r in records for _ in range(SAMPLES)]
-    replies = sampling.chat_replies(model, [r["messages"] for r in records], max_new_tokens=48, temperature=1.0, seed=0)
+    replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
     gold = [labelers.gold_score(rl.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
     proxy = [score_texts(scorer, r["messages"], [t])[0] for r, t in zip(records, replies)]
-    return sum(gold) / len(gold), sum(proxy) / len(proxy)
+    return sum(gold) / len(gold), sum(proxy) / len(proxy), replies[::SAMPLES]
+
+
+def model_dirs(run: Run):
+    return {"pretrained": run.out / "pretrain", "sft": run.out / "sft", "ppo": run.out / "ppo", "dpo": run.out / "dpo"}
+
+
+def heldout_prompts(run: Run):
+    from . import rl
+
+    held = rl.builtin_prompts("heldout")
+    return held[:12] if run.quick else held
 
 
 def mask(run: Run, reward_dir):
-    """The same held-out prompts answered by every model, greedy, with proxy and gold scores."""
+    """The same held-out prompts answered by every model, greedy, with proxy and gold scores; returns
+    each model's first sampled reply to every held-out prompt."""
     from . import labelers, rl, sampling
     from .stages.reward import load_scorer, score_texts
 
     scorer = load_scorer(reward_dir)
-    held = rl.builtin_prompts("heldout")
-    held = held[:12] if run.quick else held
+    held = heldout_prompts(run)
+    answers = {}
     step = max(1, len(held) // MASK_PROMPTS)
     shown = held[::step][:MASK_PROMPTS]
     table = [{"prompt": rl.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
-    dirs = {"pretrained": run.out / "pretrain", "sft": run.out / "sft", "ppo": run.out / "ppo", "dpo": run.out / "dpo"}
-    for name, d in dirs.items():
+    for name, d in model_dirs(run).items():
         if not (d / "config.json").exists():
             continue
         model = sampling.load(d)
@@ -207,11 +226,36 @@ def mask(run: Run, reward_dir):
         for row, r, text in zip(table, shown, replies):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
                                     "gold": labelers.gold_score(rl.prompt_text(r), text, r["references"])}
-        if name != "pretrained":
-            g, p = gold_and_proxy(run, name, d, held, reward_dir)
-            run.summary["headline"][f"gold_{name}"], run.summary["headline"][f"proxy_{name}"] = g, p
+        g, p, answers[name] = gold_and_proxy(run, name, d, held, reward_dir)
+        run.summary["headline"][f"gold_{name}"], run.summary["headline"][f"proxy_{name}"] = g, p
     checkpoint.write_json(run.out / "mask.json", {"prompts": table})
     run.save()
+    return answers
+
+
+def blind_winrates(run: Run, answers):
+    """InstructGPT's headline measure: the simulated labelers rank the held-out answers of every
+    model, blind, through the feedback app's database and the same code as people (an evaluation
+    campaign, as `shoggoth feedback compare` makes, of the replies behind the gold reward); then the
+    win rate of every pair with its bootstrap interval (`shoggoth feedback winrate`)."""
+    import random
+
+    from . import rl
+    from .feedback import db as D, jobs
+
+    db = f"sqlite:///{(run.out / 'feedback' / 'feedback.db').resolve()}"
+    engine = D.connect(db)
+    if D.campaign_id(engine, "heldout", required=False) is None:  # made by an earlier, interrupted run: kept
+        held = [{"prompt": rl.prompt_text(r), "references": r["references"]} for r in heldout_prompts(run)]
+        settings = {**SAMPLING, "dirs": {m: str(model_dirs(run)[m]) for m in answers},
+                    "prompts": "chatterbot-corpus heldout", "replies": f"the first of the {SAMPLES} per prompt behind "
+                    "the gold and proxy rewards"}
+        jobs.add_comparison(engine, "heldout", held, answers, settings, LABELERS, rng=random.Random(0))
+    done = jobs.simulate(db, persona="balanced", labelers=LABELERS, campaign="heldout")
+    s = jobs.winrates(db, "heldout")
+    run.log(f"winrate: {sum(done.values())} blind rankings of {s['prompts']} held-out prompts' answers by "
+            f"{len(s['labelers'])} simulated labelers")
+    return s
 
 
 def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET):
@@ -227,26 +271,37 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET):
     h = r.summary["headline"]
     t = time.time()
     r.log("mask: held-out prompts through every model, scored by the reward model (proxy) and the labelers' taste (gold)")
-    mask(r, o / "reward")
+    answers = mask(r, o / "reward")
     h["sft_val_loss_base"] = metric(o / "sft" / "metrics.jsonl", "val_loss", 0)
     h["sft_val_loss"] = metric(o / "sft" / "metrics.jsonl", "val_loss")
     h["pretrain_val_loss"] = metric(o / "pretrain" / "metrics.jsonl", "val_loss")
     h["reward_accuracy"] = metric(o / "reward" / "metrics.jsonl", "val_accuracy")
     h["kl_ppo"] = metric(o / "ppo" / "metrics.jsonl", "eval/kl") or metric(o / "ppo" / "metrics.jsonl", "objective/kl")
     r.summary["timings"]["mask"] = round(time.time() - t, 1)
+    t = time.time()
+    r.log("winrate: the simulated labelers rank every model's answers to the held-out prompts, blind")
+    w = r.summary["winrate"] = blind_winrates(r, answers)
+    ppo_sft, ppo_dpo = winrate.lookup(w, "ppo", "sft"), winrate.lookup(w, "ppo", "dpo")
+    h["winrate_ppo_sft"], h["winrate_ppo_dpo"] = ppo_sft["win_rate"], ppo_dpo["win_rate"]
+    r.summary["timings"]["winrate"] = round(time.time() - t, 1)
     r.save()
 
     from . import report
 
     html = report.write(o)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    gold_diff = h["gold_ppo"] - h["gold_sft"]
     print("\n=== What each layer did (held-out data, default seed) ===")
+    print(f"blind win rate: {winrate.sentence(w, 'ppo', ['sft', 'dpo'], report.MODELS)} (length-controlled "
+          f"{winrate.pct(ppo_sft['lc_win_rate'])} and {winrate.pct(ppo_dpo['lc_win_rate'])}; {w['judgements']} "
+          f"rankings of {len(w['models'])} models' answers to {w['prompts']} held-out prompts by simulated labelers)")
     print(f"pretraining : held-out loss {fmt(h.get('pretrain_val_loss'))} (Bible chapters and conversations)")
     print(f"SFT         : held-out chat loss {fmt(h.get('sft_val_loss_base'))} (pretrained) -> {fmt(h.get('sft_val_loss'))} (SFT)")
     print(f"reward model: held-out pairwise accuracy {fmt(h.get('reward_accuracy'))} "
           f"(labelers agree with each other at Kendall tau {fmt(h.get('labeler_agreement'))})")
     print(f"gold reward : SFT {fmt(h.get('gold_sft'))} -> PPO {fmt(h.get('gold_ppo'))} (KL to SFT {fmt(h.get('kl_ppo'))}); "
-          f"DPO {fmt(h.get('gold_dpo'))}")
+          f"DPO {fmt(h.get('gold_dpo'))}; PPO - SFT {gold_diff:+.3f}, "
+          f"{'the same sign as' if (gold_diff > 0) == (ppo_sft['win_rate'] > 0.5) else 'against'} the win rate")
     print(f"proxy reward: SFT {fmt(h.get('proxy_sft'))} -> PPO {fmt(h.get('proxy_ppo'))}; DPO {fmt(h.get('proxy_dpo'))}")
     pct = lambda k: "n/a" if h.get(k) is None else f"{100 * h[k]:.0f}%"  # noqa: E731
     print(f"answers     : real English words SFT {pct('real_words_sft')}, PPO {pct('real_words_ppo')}, "

@@ -23,14 +23,17 @@ STAGE_NAMES = {"pretrain": "Pretraining", "sft": "Supervised fine-tuning", "rewa
                "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}
 MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}  # mask columns
 HEADLINE = {
+    "winrate_ppo_sft": "PPO preferred over SFT (blind)",
+    "winrate_ppo_dpo": "PPO preferred over DPO (blind)",
     "pretrain_val_loss": "Pretraining held-out loss",
     "sft_val_loss_base": "SFT held-out loss, pretrained model",
     "sft_val_loss": "SFT held-out loss, after SFT",
     "labeler_agreement": "Labelers' mutual Kendall τ",
     "labeler_alpha": "Labelers' Krippendorff α",
     "reward_accuracy": "Reward model held-out accuracy",
-    "gold_sft": "Gold reward, SFT", "gold_ppo": "Gold reward, PPO", "gold_dpo": "Gold reward, DPO",
-    "proxy_sft": "Proxy reward, SFT", "proxy_ppo": "Proxy reward, PPO", "proxy_dpo": "Proxy reward, DPO",
+    "gold_pretrained": "Gold reward, pretrained", "gold_sft": "Gold reward, SFT", "gold_ppo": "Gold reward, PPO",
+    "gold_dpo": "Gold reward, DPO", "proxy_pretrained": "Proxy reward, pretrained", "proxy_sft": "Proxy reward, SFT",
+    "proxy_ppo": "Proxy reward, PPO", "proxy_dpo": "Proxy reward, DPO",
     "kl_ppo": "KL(PPO ‖ SFT) per reply",
     "real_words_sft": "Real English words, SFT answers", "real_words_ppo": "Real English words, PPO answers",
     "real_words_dpo": "Real English words, DPO answers", "real_words_pretrained": "Real English words, pretrained",
@@ -284,6 +287,50 @@ def targets(head):
             f'<th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def winrate_section(w, head):
+    """The blind win rates (summary.json's "winrate", as feedback.winrate.summary makes it) next to
+    each model's gold and proxy reward: the report leads with them."""
+    title = "Blind win rates: which answer the labelers preferred"
+    if not isinstance(w, dict) or not isinstance(w.get("pairs"), list) or not isinstance(w.get("models"), list):
+        return section("winrate", title, missing("No win rates in this run (it stopped before the blind comparison)."))
+    from .feedback import winrate
+
+    lead = ""
+    try:
+        lead = f'<p class="lead-big" id="winrate-headline">{e(winrate.sentence(w, "ppo", ["sft", "dpo"], MODELS))}.</p>'
+    except (KeyError, TypeError):  # a run without those models
+        pass
+    name = lambda m: e(MODELS.get(m, str(m)))  # noqa: E731
+    ci = lambda c: e(winrate.interval(c)) if isinstance(c, list) and len(c) == 2 else "—"  # noqa: E731
+    rows = []
+    for p in w["pairs"]:
+        if not isinstance(p, dict):
+            continue
+        per = ", ".join(f"{e(str(k))} {e(winrate.pct(v.get('win_rate')))} ({e(str(v.get('n')))})"
+                        for k, v in (p.get("per_labeler") or {}).items() if isinstance(v, dict))
+        rows.append(f'<tr data-pair="{e(str(p.get("a")))}/{e(str(p.get("b")))}"><td>{name(p.get("a"))} over '
+                    f'{name(p.get("b"))}</td><td class="num">{e(winrate.pct(p.get("win_rate")))}</td>'
+                    f'<td class="num">{ci(p.get("ci"))}</td><td class="num">{e(winrate.pct(p.get("lc_win_rate")))}</td>'
+                    f'<td class="num">{ci(p.get("lc_ci"))}</td><td class="num">{e(fmt(p.get("n")))}</td>'
+                    f'<td class="per">{per}</td></tr>')
+    lengths = w.get("mean_length") if isinstance(w.get("mean_length"), dict) else {}
+    models = "".join(f'<tr data-model="{e(str(m))}"><td>{name(m)}</td><td class="num">{e(fmt(head.get(f"gold_{m}"), 3))}'
+                     f'</td><td class="num">{e(fmt(head.get(f"proxy_{m}"), 3))}</td>'
+                     f'<td class="num">{e(fmt(lengths.get(m), 0))}</td></tr>' for m in w["models"])
+    ag = w.get("agreement") if isinstance(w.get("agreement"), dict) else {}
+    return section("winrate", title, (
+        f'{lead}<p class="lead">{e(fmt(w.get("judgements")))} blind rankings of every model\'s answer to '
+        f'{e(fmt(w.get("prompts")))} held-out prompts by {e(str(len(w.get("labelers") or [])))} simulated labelers '
+        f'(who agree at Kendall τ {e(fmt(ag.get("tau"), 2))}), through the feedback app as people rank. Win rate: how '
+        "often the first model's answer was ranked above the second's, ties counting half, with a 95% bootstrap "
+        "interval over prompts. Length-controlled: the same at equal answer length (AlpacaEval 2's logistic fit).</p>"
+        '<div class="side"><table id="winrates" class="winrates"><thead><tr><th>Pair</th><th>Win rate</th><th>95% CI</th>'
+        "<th>Length-controlled</th><th>95% CI</th><th>Rankings</th><th>Per labeler</th></tr></thead>"
+        f'<tbody>{"".join(rows)}</tbody></table>'
+        '<table id="rewards" class="rewards"><thead><tr><th>Model</th><th>Gold reward</th><th>Proxy reward</th>'
+        f'<th>Answer length (chars)</th></tr></thead><tbody>{models}</tbody></table></div>'))
+
+
 def mask_section(mask):
     prompts = mask.get("prompts") if isinstance(mask.get("prompts"), list) else []
     prompts = [p for p in prompts if isinstance(p, dict)]
@@ -388,6 +435,7 @@ def write(run_dir, out=None) -> Path:
 <p class="meta">{" · ".join(meta)} · generated {when}</p>
 <p class="meta">pretrain → SFT → rankings → reward model → PPO (DPO for comparison)</p>
 <div class="pills">{"".join(status)}</div>{gaps}</header>
+{winrate_section(summary.get("winrate"), summary.get("headline") if isinstance(summary.get("headline"), dict) else {})}
 {headline_section(summary.get("headline") if isinstance(summary.get("headline"), dict) else {})}
 {mask_section(mask)}
 {"".join(sections)}
@@ -409,6 +457,10 @@ h1{margin:0 0 4px;font-size:30px}
 h2{font-size:20px;margin:40px 0 14px;padding-bottom:6px;border-bottom:1px solid var(--line)}
 code{font-size:13px}
 .meta,.lead{color:var(--muted);margin:2px 0}
+.lead-big{font-size:20px;font-weight:650;margin:4px 0 8px}
+.side{display:grid;grid-template-columns:2fr 1fr;gap:16px;margin-top:10px;align-items:start}
+td.per{font-size:12px;color:var(--muted)}
+.winrates td.num{white-space:nowrap}
 .pills{margin:12px 0}
 .pill{display:inline-block;padding:2px 10px;margin:0 6px 6px 0;border-radius:999px;font-size:13px;
   background:#dbeafe;color:#1e40af}

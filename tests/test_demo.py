@@ -4,11 +4,13 @@ where it stopped when the same command runs again."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
 from common import shoggoth
+from shoggoth.feedback import db as D
 
 
 def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
@@ -31,18 +33,31 @@ def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
     for stage in ("reward", "ppo", "dpo"):
         assert f"{stage}: finished" in r.stdout
     assert "=== What each layer did" in r.stdout and "reward model: held-out pairwise accuracy" in r.stdout
+    # The headline leads with the blind win rates (12 held-out prompts at --quick, 3 labelers each).
+    lead = r.stdout.split("=== What each layer did (held-out data, default seed) ===\n")[1].splitlines()[0]
+    assert re.fullmatch(r"blind win rate: PPO preferred over SFT \d+% \[\d+%, \d+%\] of the time; over DPO \d+% "
+                        r"\[\d+%, \d+%\] \(length-controlled \d+% and \d+%; 36 rankings of 4 models' answers to 12 "
+                        r"held-out prompts by simulated labelers\)", lead), lead
+    assert re.search(r"PPO - SFT [+-]\d\.\d{3}, (the same sign as|against) the win rate", r.stdout)
     summary = json.loads((out / "summary.json").read_text())
     h = summary["headline"]
     for key in ("pretrain_val_loss", "sft_val_loss", "sft_val_loss_base", "reward_accuracy", "gold_sft", "gold_ppo",
-                "gold_dpo", "proxy_ppo", "kl_ppo", "labeler_agreement"):
+                "gold_dpo", "proxy_ppo", "kl_ppo", "labeler_agreement", "gold_pretrained", "winrate_ppo_sft",
+                "winrate_ppo_dpo"):
         assert isinstance(h[key], float), key
     assert 0 <= h["reward_accuracy"] <= 1 and h["sft_val_loss"] < h["sft_val_loss_base"]
-    assert set(summary["timings"]) >= {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask"}
+    assert set(summary["timings"]) >= {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate"}
+    w = summary["winrate"]
+    assert w["models"] == ["pretrained", "sft", "ppo", "dpo"] and len(w["pairs"]) == 6
+    assert all(p["n"] == 36 and p["ci"][0] <= p["win_rate"] <= p["ci"][1] for p in w["pairs"])
+    db = D.connect(out / "feedback" / "feedback.db")  # the evaluation is there, and out of the training export
+    assert {r["campaign"] for r in D.export_rows(db)} == {"demo"} and len(list(D.export_rows(db, "heldout"))) == 36
     plan = summary["plan"]
     assert plan["pretrain_steps"] == 30 and set(plan["estimate"]) == set(summary["timings"]) and plan["matmul_flops"] > 0
     assert summary["config"]["pretrain"]["dtype"] == plan["dtype"] == summary["config"]["ppo"]["dtype"]
     table = r.stdout[r.stdout.index("stage      estimated"):].splitlines()
-    assert [ln.split()[0] for ln in table[1:9]] == ["pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "total"]
+    assert [ln.split()[0] for ln in table[1:10]] == ["pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate",
+                                                  "total"]
     assert "answers     : real English words SFT" in r.stdout
     for key in ("real_words_sft", "real_words_ppo", "distinct_ppo"):
         assert 0 <= h[key] <= 1, key

@@ -60,6 +60,11 @@ def signed_in_page(srv, context, name):
     """Two tasks of TEXTS and a labeler `name` signed in on a new page at /label: (page, its JS errors)."""
     D.add_tasks(srv.engine, "camp", [{"prompt": f"prompt number {i}", "completions": TEXTS} for i in (1, 2)],
                 rankings_per_task=1)
+    return join_as(srv, context, name)
+
+
+def join_as(srv, context, name):
+    """A new labeler `name` signed in with their invite link on a new page at /label: (page, its JS errors)."""
     _, token = D.create_labeler(srv.engine, name)
     page = context.new_page()
     errors = []
@@ -247,3 +252,37 @@ def test_revise_the_last_ranking_by_keyboard_and_click(live_app, context):
 def row_id(srv, prompt):
     (r,) = [r for r in D.my_rankings(srv.engine, 1) if r["prompt"] == prompt]
     return r["ranking_id"]
+
+
+def test_rank_an_evaluation_task_by_keyboard(live_app, context):
+    """A blind comparison: the labeler sees answers, never models (the page, its meta line, its source);
+    ranks them with the keyboard alone; the ranking is stored against the right models."""
+    from shoggoth.feedback import jobs
+
+    srv = live_app
+    models = {"walrus": "alpha answer", "ibis": "beta answer", "okapi": "gamma answer", "tapir": "delta answer"}
+    jobs.add_comparison(srv.engine, "walrus-vs-ibis", [{"prompt": "Which is best?", "references": []}],
+                        {m: [t] for m, t in models.items()}, {"seed": 0}, rankings_per_task=1)
+    page, errors = join_as(srv, context, "eve")
+    assert page.locator("#task-meta").text_content().startswith("evaluation · task")
+    html = page.content().lower()
+    assert not any(m in html for m in models)
+
+    # keyboard only: gamma best, alpha = delta (delta put third, then tied with the rank above), beta last
+    for answer, key in (("gamma answer", "1"), ("alpha answer", "2"), ("delta answer", "3")):
+        focus(page, answer)
+        page.keyboard.press(key)
+    page.keyboard.press("=")
+    assert [g.locator(".card-text").all_text_contents() for g in page.locator(".group").all()] == [
+        ["gamma answer"], ["alpha answer", "delta answer"], ["beta answer"]]
+    page.wait_for_timeout(450)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#empty:not([hidden])")
+    assert not errors
+
+    settings, rows = D.judgements(srv.engine, "walrus-vs-ibis")
+    (row,) = rows
+    assert dict(zip(row["models"], row["ranks"])) == {"okapi": 0, "walrus": 1, "tapir": 1, "ibis": 2}
+    assert row["labeler"] == "eve" and settings["models"] == list(models)
+    assert D.rankings(srv.engine, campaign="walrus-vs-ibis")[0]["campaign"] == "walrus-vs-ibis"
+    assert list(D.export_rows(srv.engine)) == []  # an evaluation: not exported for training

@@ -325,10 +325,10 @@ def test_export_of_200k_rankings_streams(db_url, tmp_path):
     n_tasks, k, per_task = 100_000, 3, 2
     e = D.connect(db_url)
     started = time.perf_counter()
-    bulk_insert(e, D.Campaign.__table__, [(1, "big", k, per_task, "", 0.0)])
+    bulk_insert(e, D.Campaign.__table__, [(1, "big", k, per_task, "", 0.0, False, None)])
     bulk_insert(e, D.Labeler.__table__, [(i, f"lab{i}", f"h{i}", None, True, 0.0) for i in (1, 2)])
     bulk_insert(e, D.Task.__table__, [(t, 1, f"prompt {t}", [], 0, per_task, 0) for t in range(1, n_tasks + 1)])
-    bulk_insert(e, D.Completion.__table__, [(t * k + j, t, j, f"c{t}.{j}") for t in range(1, n_tasks + 1)
+    bulk_insert(e, D.Completion.__table__, [(t * k + j, t, j, f"c{t}.{j}", None) for t in range(1, n_tasks + 1)
                                             for j in range(k)])
     ids = range(1, n_tasks * per_task + 1)  # ranking i: task (i+1)//2, labeler 1 or 2; ranks cycle
     bulk_insert(e, D.Assignment.__table__, [(i, (i + 1) // 2, 2 - i % 2, "done", [], 0.0, 0.0) for i in ids])

@@ -5,6 +5,7 @@ shows as text and never runs, nothing is fetched from outside the file."""
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -94,10 +95,26 @@ def fake_run(root, stages=("pretrain", "sft", "reward", "ppo", "dpo"), mask=True
             "config": {"pretrain": {"n_layer": 4, "lr": 3e-3, "corpus": [], "compile": False}, "ppo": {"iterations": 40, "init_kl_coef": 0.05}},
             "timings": {"pretrain": 312.4, "sft": 95.0, "feedback": 60.2, "reward": 41.0, "ppo": 400.0, "dpo": 80.0},
             "headline": {"sft_val_loss_base": 4.1, "sft_val_loss": 2.4, "reward_accuracy": 0.68, "labeler_agreement": 0.55,
-                         "gold_sft": 0.45, "gold_ppo": 0.52, "kl_ppo": 7.9, "gold_dpo": 0.5,
+                         "gold_sft": 0.45, "gold_ppo": 0.52, "kl_ppo": 7.9, "gold_dpo": 0.5, "proxy_ppo": 1.25,
+                         "winrate_ppo_sft": 0.61, "winrate_ppo_dpo": 0.55,
                          "real_words_sft": 0.93, "real_words_ppo": 0.71, "distinct_ppo": 0.85},
-            "plan": {"estimate": {"pretrain": 300.0, "sft": 100.0}}}))
+            "plan": {"estimate": {"pretrain": 300.0, "sft": 100.0}},
+            "winrate": winrates()}))
     return root
+
+
+def winrates():
+    """A `feedback.winrate.summary` of four models, as the demo stores it; a labeler's name is a payload."""
+    from shoggoth.feedback import winrate
+
+    rng = random.Random(1)
+    rows = []
+    for task in range(12):
+        for lab in ("sim-0", PAYLOAD):
+            order = sorted(MODELS, key=lambda m: rng.random() - 0.2 * MODELS.index(m))
+            rows.append({"task_id": task, "labeler": lab, "ranks": [order.index(m) for m in MODELS], "models": MODELS,
+                         "lengths": [rng.randint(10, 90) for _ in MODELS]})
+    return winrate.summary(rows, MODELS, resamples=200)
 
 
 @pytest.fixture
@@ -151,6 +168,15 @@ def test_full_run_report_in_chromium(tmp_path, page):
     assert page.evaluate("window.__pwned") is None
     assert table.locator("img").count() == 0
 
+    # The report leads with the blind win rates, next to the gold and proxy rewards.
+    lead = page.locator("#winrate-headline").text_content()
+    assert re.fullmatch(r"PPO preferred over SFT \d+% \[\d+%, \d+%\] of the time; over DPO \d+% \[\d+%, \d+%\]\.", lead)
+    assert page.locator("section").first.get_attribute("id") == "winrate"
+    assert page.locator("#winrates tbody tr").count() == 6
+    assert "PPO over SFT" in page.locator('#winrates tr[data-pair="ppo/sft"]').text_content()
+    assert page.locator('#rewards tr[data-model="ppo"]').locator("td").all_text_contents()[1:3] == ["0.520", "1.250"]
+    assert PAYLOAD in page.locator("#winrates").text_content()  # a labeler's name, as text
+
     # Headline numbers, timings and config.
     assert "0.68" in page.locator("#headline").text_content()
     assert page.locator("#timings tbody tr").count() == 7  # six steps and the total
@@ -183,6 +209,7 @@ def test_partial_run_says_what_is_missing(tmp_path, page):
     assert "Missing" in page.locator("#stage-ppo .missing").text_content()
     assert page.locator("table#mask").count() == 0
     assert page.locator("#mask-section .missing").count() == 1
+    assert page.locator("#winrate .missing").count() == 1
     page.screenshot(path=str(tmp_path / "partial.png"), full_page=True)
     assert (tmp_path / "partial.png").stat().st_size > 20_000
 

@@ -190,3 +190,32 @@ def test_bad_rankings_file_fails_cleanly(model_dir, tmp_path):
     f.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranks": [0]}) + "\n")
     r = shoggoth("reward", "--init", model_dir, "--rankings", f, "--out", tmp_path / "o", check=False)
     assert r.returncode == 1 and f"{f}:1: 1 ranks for 2 completions" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rankings_of_heldout_prompts_are_refused(tmp_path):
+    ok = {"prompt": "How are you today?", "completions": ["fine", "bad"], "ranks": [0, 1]}
+    held = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  HELLO "}],
+            "completions": ["hi", "go"], "ranks": [0, 1]}  # the built-in held-out "Hello", case and spaces aside
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(ok) + "\n" + json.dumps(held) + "\n")
+    with pytest.raises(DataError, match=r"1 of 2 training rankings .* first .*r.jsonl:2: '  HELLO '"):
+        data.split_rankings(f, log=lambda *_: None)
+    assert len(data.split_rankings(f, eval_frac=0, log=lambda *_: None, heldout="none")[0]) == 2
+    mine = tmp_path / "eval.jsonl"
+    mine.write_text(json.dumps({"prompt": "how are you TODAY?"}) + "\n")
+    with pytest.raises(DataError, match="r.jsonl:1"):
+        data.split_rankings(f, log=lambda *_: None, heldout=str(mine))
+    f.write_text(json.dumps(ok) + "\n")
+    assert len(data.split_rankings(f, eval_frac=0, log=lambda *_: None)[0]) == 1
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_reward_and_dpo_refuse_heldout_prompts_cleanly(tmp_path, model_dir, stage):
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "completions": ["yes", "no"], "ranks": [0, 1]}) + "\n"
+                         for p in ("How are you?", "What is the largest planet in our solar system?")))
+    flag = "--init" if stage == "reward" else "--policy"
+    r = shoggoth(stage, flag, model_dir, "--rankings", f, "--out", tmp_path / "o", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "held out for evaluation" in r.stderr and "r.jsonl:2" in r.stderr
+    assert not (tmp_path / "o" / "config.json").exists()

@@ -50,6 +50,7 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import db as D
+from . import winrate
 from .agreement import agreement
 
 HERE = FsPath(__file__).parent
@@ -441,9 +442,15 @@ def create_app(db, admin_token=None):
     # ------------------------------------------------------------ admin
 
     def overview_with_agreement():
+        """The overview, each campaign with its labelers' agreement and an evaluation with its win rates."""
         camps, labs = D.overview(engine)
         for c in camps:
-            c["agreement"] = agreement(D.rank_vectors(engine, c["id"]))
+            if c["evaluation"]:
+                settings, rows = D.judgements(engine, c["name"])
+                c["winrate"] = winrate.summary(rows, settings["models"])
+                c["agreement"] = c["winrate"]["agreement"]
+            else:
+                c["agreement"] = agreement(D.rank_vectors(engine, c["id"]))
         return camps, labs
 
     def admin_page(request, status=200, **extra):

@@ -18,6 +18,14 @@ server threads, processes and simulated labelers at once:
 - Every change of a task's counters happens in the transaction that changes
   the assignment it counts.
 
+An evaluation campaign (`shoggoth feedback compare`) is a blind comparison of
+models: one answer per model for each prompt, ranked like any task. Which model
+wrote a completion is kept in `completions.model` and never leaves the database
+towards a labeler; its completions are stored in a fresh random order per task,
+so their positions and ids do not follow the models either, and labelers see the
+campaign's name as "evaluation". Its rankings never feed training: the export
+leaves them out unless the campaign is named.
+
 SQLite (a file, the default) runs every transaction as BEGIN IMMEDIATE with a
 busy timeout; PostgreSQL runs at READ COMMITTED, where a conditional UPDATE
 re-checks its WHERE clause after waiting for a row lock.
@@ -33,9 +41,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, func, inspect, select, text, update)
+                        event, false, func, inspect, select, text, update)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
+from sqlalchemy.schema import CreateColumn
 
 from ..errors import DataError
 
@@ -67,6 +76,9 @@ class Campaign(Base):
     rankings_per_task: Mapped[int] = mapped_column(Integer)  # N: rankings each task collects
     source: Mapped[str] = mapped_column(Text, default="")  # the policy the completions came from
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    # a blind comparison of models (`feedback compare`): never exported for training unless named
+    evaluation: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    settings: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # an evaluation's models and sampling settings
 
 
 class Task(Base):
@@ -87,6 +99,7 @@ class Completion(Base):
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
     idx: Mapped[int] = mapped_column(Integer)  # position in the exported `completions` list
     text: Mapped[str] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(100), nullable=True)  # who wrote it (evaluations); never shown
 
 
 class Labeler(Base):
@@ -222,9 +235,28 @@ def connect(db, create=True):
             Base.metadata.create_all(engine)
         except OperationalError as e:
             raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
+        _new_columns(engine)
         _invites_of_old_labelers(engine)
         _one_open_per_labeler(engine)
     return engine
+
+
+def _new_columns(engine):
+    """create_all adds no column to a table that is already there: a database made before a column
+    (campaigns.evaluation and .settings, completions.model) gets it here, empty or at its server
+    default. Another process adding it meanwhile is fine."""
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            ddl = CreateColumn(col).compile(dialect=engine.dialect)  # name, type, default, NOT NULL
+            try:
+                with writing(engine) as s:
+                    s.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+            except DBAPIError:
+                if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 def _one_open_per_labeler(engine):
@@ -304,8 +336,13 @@ def secret(engine):
 # ---------------------------------------------------------------- campaigns and labelers
 
 
-def add_tasks(engine, campaign, tasks, rankings_per_task=3, source=""):
-    """Store ranking tasks under a campaign (made if new); tasks: dicts with prompt, completions, references."""
+def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=None, rng=None):
+    """Store ranking tasks under a campaign (made if new); tasks: dicts with prompt, completions, references.
+
+    With `settings` (its "models": the names compared) it is an evaluation campaign, made once here:
+    each task also has `models`, the model of each completion, one completion per model. Their
+    completions are stored in a fresh order per task, drawn from `rng` (default: the system's
+    randomness), so that neither their positions nor their ids follow the models."""
     if not tasks:
         raise DataError(f"campaign {campaign!r}: no tasks to add")
     ks = {len(t["completions"]) for t in tasks}
@@ -315,10 +352,18 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source=""):
     k = ks.pop()
     if rankings_per_task < 1:
         raise DataError(f"campaign {campaign!r}: rankings per task must be at least 1")
+    evaluation = settings is not None
+    if evaluation and any(sorted(t["models"]) != sorted(settings["models"]) for t in tasks):
+        raise DataError(f"campaign {campaign!r}: every task needs one completion of each of {settings['models']}")
+    rng = rng or random.SystemRandom()
     with writing(engine) as s:
         c = s.scalar(select(Campaign).where(Campaign.name == campaign))
+        if c is not None and (evaluation or c.evaluation):
+            raise DataError(f"campaign {campaign!r} exists already{' as an evaluation' if c.evaluation else ''}: "
+                            "an evaluation campaign is made once, under a name of its own")
         if c is None:
-            c = Campaign(name=clean_text(campaign), k=k, rankings_per_task=rankings_per_task, source=clean_text(source))
+            c = Campaign(name=clean_text(campaign), k=k, rankings_per_task=rankings_per_task, source=clean_text(source),
+                         evaluation=evaluation, settings=settings)
             s.add(c)
             s.flush()
         elif c.k != k:
@@ -328,7 +373,11 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source=""):
                         refs=[clean_text(r) for r in t.get("references") or []], n_open=0, n_done=0, n_skipped=0)
             s.add(task)
             s.flush()
-            s.add_all(Completion(task_id=task.id, idx=i, text=clean_text(x)) for i, x in enumerate(t["completions"]))
+            order = list(range(k))
+            if evaluation:
+                rng.shuffle(order)
+            s.add_all(Completion(task_id=task.id, idx=i, text=clean_text(t["completions"][j]),
+                                 model=t["models"][j] if evaluation else None) for i, j in enumerate(order))
         return c.id
 
 
@@ -460,10 +509,11 @@ def _close_invites(s, labeler_id):
     s.execute(update(Invite).where(Invite.labeler_id == labeler_id, Invite.used_at.is_(None)).values(used_at=time.time()))
 
 
-def campaign_id(engine, name):
+def campaign_id(engine, name, required=True):
+    """The id of the campaign called `name`; None, or with `required` an error, when there is none."""
     with Session(reading(engine)) as s:
         cid = s.scalar(select(Campaign.id).where(Campaign.name == name))
-    if cid is None:
+    if cid is None and required:
         raise DataError(f"no campaign named {name!r}")
     return cid
 
@@ -471,11 +521,19 @@ def campaign_id(engine, name):
 # ---------------------------------------------------------------- the labeling loop
 
 
+EVALUATION = "evaluation"  # what labelers see as the name of an evaluation campaign (its own may name the models)
+
+
+def shown_name(name, evaluation):
+    """A campaign's name as labelers see it."""
+    return EVALUATION if evaluation else name
+
+
 def _task_view(s, a):
-    tid, prompt, camp = s.execute(select(Task.id, Task.prompt, Campaign.name).join(Campaign, Task.campaign_id == Campaign.id)
-                                  .where(Task.id == a.task_id)).one()
+    tid, prompt, camp, ev = s.execute(select(Task.id, Task.prompt, Campaign.name, Campaign.evaluation)
+                                      .join(Campaign, Task.campaign_id == Campaign.id).where(Task.id == a.task_id)).one()
     texts = dict(s.execute(select(Completion.id, Completion.text).where(Completion.task_id == tid)).all())
-    return {"task_id": tid, "campaign": camp, "prompt": prompt,
+    return {"task_id": tid, "campaign": shown_name(camp, ev), "prompt": prompt,
             "completions": [{"id": cid, "text": texts[cid]} for cid in a.display_order]}
 
 
@@ -692,7 +750,8 @@ def my_rankings(engine, labeler_id, limit=REVISABLE):
     one again: ranking_id, version, revisable, `shown` (the completions {id, text} in their display
     order) and `groups` (the current ranking as groups of completion ids, best first)."""
     with Session(reading(engine)) as s:
-        rows = s.execute(select(Ranking, Assignment.display_order, Task.prompt, Campaign.name, Labeler.name)
+        rows = s.execute(select(Ranking, Assignment.display_order, Task.prompt, Campaign.name, Campaign.evaluation,
+                                Labeler.name)
                          .join(Assignment, Ranking.assignment_id == Assignment.id)
                          .join(Task, Ranking.task_id == Task.id).join(Campaign, Task.campaign_id == Campaign.id)
                          .join(Labeler, Ranking.labeler_id == Labeler.id)
@@ -706,11 +765,11 @@ def my_rankings(engine, labeler_id, limit=REVISABLE):
                                .where(RankingVersion.ranking_id.in_([r.id for r, *_ in rows]))
                                .group_by(RankingVersion.ranking_id)).all()) if rows else {}
     out = []
-    for i, (r, order, prompt, camp, lab) in enumerate(rows):
+    for i, (r, order, prompt, camp, ev, lab) in enumerate(rows):
         ids = [cid for cid, _ in comps[r.task_id]]
         text = dict(comps[r.task_id])
         out.append({"prompt": prompt, "completions": [t for _, t in comps[r.task_id]], "ranks": list(r.ranks),
-                    "labeler": lab, "flags": list(r.flags), "campaign": camp, "task_id": r.task_id,
+                    "labeler": lab, "flags": list(r.flags), "campaign": shown_name(camp, ev), "task_id": r.task_id,
                     "seconds": round(r.seconds, 3), "ranking_id": r.id, "version": n_old.get(r.id, 0) + 1,
                     "revisable": i < REVISABLE, "shown": [{"id": cid, "text": text[cid]} for cid in order],
                     "groups": groups_from_ranks(r.ranks, ids, order)})
@@ -740,11 +799,13 @@ EXPORT_CHUNK = 900  # rankings read per query when streaming them all (their tas
 # under the smallest limit on parameters a driver has, 999 in SQLite before 3.32)
 
 
-def _ranking_query(*cols, campaign=None, labeler=None):
+def _ranking_query(*cols, campaign=None, labeler=None, evaluations=True):
     q = (select(*cols).select_from(Ranking).join(Task, Ranking.task_id == Task.id)
          .join(Campaign, Task.campaign_id == Campaign.id).join(Labeler, Ranking.labeler_id == Labeler.id))
     if campaign is not None:
         q = q.where(Campaign.name == campaign)
+    if not evaluations:
+        q = q.where(Campaign.evaluation == false())
     if labeler is not None:
         q = q.where(Ranking.labeler_id == labeler)
     return q
@@ -754,18 +815,26 @@ _ROW = (Ranking.id, Ranking.ranks, Ranking.flags, Ranking.seconds, Task.id, Task
 
 
 def _export_format(s, rows, task_ids):
-    """Rows of _ROW as export records; task_ids: their tasks' ids."""
-    texts = {}
-    for tid, text_ in s.execute(select(Completion.task_id, Completion.text).where(Completion.task_id.in_(task_ids))
-                                .order_by(Completion.task_id, Completion.idx)):
+    """Rows of _ROW as export records (with `models`, the model of each completion, for an
+    evaluation campaign's); task_ids: their tasks' ids."""
+    texts, models = {}, {}
+    for tid, text_, model in s.execute(select(Completion.task_id, Completion.text, Completion.model)
+                                       .where(Completion.task_id.in_(task_ids))
+                                       .order_by(Completion.task_id, Completion.idx)):
         texts.setdefault(tid, []).append(text_)
-    return [{"prompt": prompt, "completions": texts[tid], "ranks": list(ranks), "labeler": lab, "flags": list(flags),
-             "campaign": camp, "task_id": tid, "seconds": round(seconds, 3)}
-            for _, ranks, flags, seconds, tid, prompt, camp, lab in rows]
+        models.setdefault(tid, []).append(model)
+    out = [{"prompt": prompt, "completions": texts[tid], "ranks": list(ranks), "labeler": lab, "flags": list(flags),
+            "campaign": camp, "task_id": tid, "seconds": round(seconds, 3)}
+           for _, ranks, flags, seconds, tid, prompt, camp, lab in rows]
+    for r in out:
+        if models[r["task_id"]][0] is not None:
+            r["models"] = models[r["task_id"]]
+    return out
 
 
-def iter_rankings(engine, campaign=None, labeler=None, chunk=EXPORT_CHUNK):
-    """Stored rankings in the export format (DESIGN.md), oldest first, as a generator.
+def iter_rankings(engine, campaign=None, labeler=None, chunk=EXPORT_CHUNK, evaluations=True):
+    """Stored rankings in the export format (DESIGN.md), oldest first, as a generator; without
+    `evaluations`, none of an evaluation campaign's.
 
     Read `chunk` at a time, after the last id read (keyset pagination: no OFFSET; the
     texts of a chunk's tasks by their ids, at most `chunk` of them), each chunk in its
@@ -778,7 +847,7 @@ def iter_rankings(engine, campaign=None, labeler=None, chunk=EXPORT_CHUNK):
     while top is not None:
         with Session(reading(engine)) as s:
             # (no `id <= top` here: PostgreSQL, on fresh statistics, plans that range as a hash join of all of it)
-            rows = s.execute(_ranking_query(*_ROW, campaign=campaign, labeler=labeler)
+            rows = s.execute(_ranking_query(*_ROW, campaign=campaign, labeler=labeler, evaluations=evaluations)
                              .where(Ranking.id > after).order_by(Ranking.id).limit(chunk)).all()
             last = len(rows) < chunk or rows[-1][0] >= top
             rows = [r for r in rows if r[0] <= top]
@@ -807,16 +876,39 @@ def rank_vectors(engine, campaign_id):
     return [{"task_id": t, "labeler": name, "ranks": list(r)} for t, name, r in rows]
 
 
+def judgements(engine, campaign):
+    """An evaluation campaign's rankings, for win rates: (its settings, rows), rows {task_id, labeler,
+    ranks, models, lengths}, the last two by completion position (lengths in characters)."""
+    with Session(reading(engine)) as s:
+        c = s.scalar(select(Campaign).where(Campaign.name == campaign))
+        if c is None:
+            raise DataError(f"no campaign named {campaign!r}")
+        if not c.evaluation:
+            raise DataError(f"campaign {campaign!r} is not an evaluation (`shoggoth feedback compare` makes those): "
+                            "it has no models to compare")
+        cid, settings = c.id, dict(c.settings)
+        comps = {}
+        for tid, model, n in s.execute(select(Completion.task_id, Completion.model, func.length(Completion.text))
+                                       .join(Task, Completion.task_id == Task.id).where(Task.campaign_id == cid)
+                                       .order_by(Completion.task_id, Completion.idx)):
+            comps.setdefault(tid, []).append((model, n))
+    rows = rank_vectors(engine, cid)
+    for r in rows:
+        r["models"], r["lengths"] = [m for m, _ in comps[r["task_id"]]], [n for _, n in comps[r["task_id"]]]
+    return settings, rows
+
+
 EXPORT_KEYS = ("prompt", "completions", "ranks", "labeler", "flags", "campaign", "task_id")
 
 
 def export_rows(engine, campaign=None, as_pairs=False):
-    """Rankings as DESIGN.md's rankings format, or as TRL pairs: a generator, streamed from the database."""
-    for r in iter_rankings(engine, campaign=campaign):
+    """Rankings as DESIGN.md's rankings format, or as TRL pairs: a generator, streamed from the database.
+    Evaluation campaigns never feed training: they are left out unless `campaign` names one."""
+    for r in iter_rankings(engine, campaign=campaign, evaluations=campaign is not None):
         if as_pairs:
             yield from pairs(r)
         else:
-            yield {k: r[k] for k in EXPORT_KEYS}
+            yield {k: r[k] for k in EXPORT_KEYS + ("models",) if k in r}
 
 
 def export_jsonl(engine, campaign=None, as_pairs=False, block=1 << 16):
@@ -861,6 +953,7 @@ def overview(engine):
                        func.coalesce(func.sum((Task.n_done >= c.rankings_per_task).cast(Integer)), 0))
                 .where(Task.campaign_id == c.id)).one()
             camps.append({"id": c.id, "name": c.name, "k": c.k, "n": c.rankings_per_task, "source": c.source,
+                          "evaluation": c.evaluation, "settings": c.settings,
                           "tasks": n_tasks, "done": int(done), "open": int(open_), "skipped": int(skipped),
                           "complete": int(complete), "wanted": n_tasks * c.rankings_per_task})
         labs = []

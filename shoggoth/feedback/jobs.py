@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -49,24 +50,22 @@ def prompt_ids(tok, prompt):
     return tok.prompt_ids([{"role": "user", "content": prompt}])
 
 
-def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,
-             top_k=0, top_p=1.0, seed=0, batch_size=32):
-    """Sample k completions per prompt from `policy` and store them as the ranking tasks of `campaign`."""
-    if not 2 <= k <= D.MAX_K:
-        raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
-    records = read_prompts(prompts_path)  # bad input fails before the model loads
+def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=32):
+    """n completions of each prompt record sampled from `policy` (a model directory): a list of n
+    texts per record. Batch b of batch_size rows is sampled with seed + b, so that models given the
+    same prompts and settings are sampled alike."""
     from .. import engine as E
     from .. import sampling
 
     model, tok = sampling.load(policy)
     eng = E.Engine(model, pad_id=tok.pad_id)
     limit = getattr(getattr(model, "config", None), "max_seq_len", None)
-    rows = []  # (record index, prompt ids), k per record
+    rows = []  # (record index, prompt ids), n per record
     for i, rec in enumerate(records):
         ids = prompt_ids(tok, rec["prompt"])
         if limit is not None and len(ids) + max_new_tokens > limit:
             ids = ids[-(limit - max_new_tokens):]  # keep the end of a long prompt
-        rows += [(i, ids)] * k
+        rows += [(i, ids)] * n
     texts = [[] for _ in records]
     stop = tok.stop_ids
     for b in tqdm(range(0, len(rows), batch_size), desc="generate", unit="batch", disable=None):  # a bar on a terminal
@@ -75,11 +74,79 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
                            top_k=top_k, top_p=top_p, stop_ids=stop, seed=seed + b)
         for (i, _), toks, mask in zip(batch, gen.tokens.tolist(), gen.mask.tolist()):
             texts[i].append(tok.decode([t for t, m in zip(toks, mask) if m]))
+    return texts
+
+
+def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,
+             top_k=0, top_p=1.0, seed=0, batch_size=32):
+    """Sample k completions per prompt from `policy` and store them as the ranking tasks of `campaign`."""
+    if not 2 <= k <= D.MAX_K:
+        raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
+    records = read_prompts(prompts_path)  # bad input fails before the model loads
+    texts = sample(policy, records, k, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
     tasks = [{"prompt": r["prompt"], "references": r["references"], "completions": t} for r, t in zip(records, texts)]
     name = campaign or Path(prompts_path).stem
     engine = D.connect(db)
     D.add_tasks(engine, name, tasks, rankings_per_task, source=str(policy))
     return name, len(tasks)
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,49}")
+
+
+def parse_models(specs):
+    """{name: directory} from `name=DIR` arguments, in their order."""
+    models = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or not path or not MODEL_NAME.fullmatch(name):
+            raise DataError(f"--models: expected NAME=DIR with a short name of letters, digits, '_', '.' or '-' "
+                            f"(got {spec!r})")
+        if name in models:
+            raise DataError(f"--models: {name!r} given twice")
+        models[name] = path
+    if not 2 <= len(models) <= D.MAX_K:
+        raise DataError(f"--models: between 2 and {D.MAX_K} models to compare (got {len(models)})")
+    return models
+
+
+def add_comparison(engine, campaign, records, answers, settings, rankings_per_task=3, rng=None):
+    """Store an evaluation campaign: for each prompt record, the answer of each model (answers:
+    {model: one text per record}), ranked blind (db.add_tasks shuffles them per task). settings:
+    how the answers were made; its "models" is set here."""
+    models = list(answers)
+    tasks = [{"prompt": r["prompt"], "references": r["references"], "completions": [answers[m][i] for m in models],
+              "models": models} for i, r in enumerate(records)]
+    D.add_tasks(engine, campaign, tasks, rankings_per_task, settings={**settings, "models": models},
+                source=" ".join(f"{m}={settings.get('dirs', {}).get(m, '')}" for m in models), rng=rng)
+    return len(tasks)
+
+
+def compare(models, prompts_path, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0, top_k=0,
+            top_p=1.0, seed=0, batch_size=32):
+    """A blind evaluation campaign: one answer per prompt from each model ({name: directory}),
+    all sampled with the same settings and seed (recorded in the campaign), ranked by labelers
+    as ordinary tasks. Returns (campaign name, number of tasks)."""
+    records = read_prompts(prompts_path)  # bad input fails before a model loads
+    name = campaign or f"eval-{Path(prompts_path).stem}"
+    engine = D.connect(db)
+    if D.campaign_id(engine, name, required=False) is not None:
+        raise DataError(f"campaign {name!r} exists already: name the evaluation with --campaign")
+    settings = {"dirs": {m: str(d) for m, d in models.items()}, "prompts": str(prompts_path),
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "seed": seed}
+    # stripped: a stray space or newline around an answer is no clue to its model
+    answers = {m: [t[0].strip() for t in sample(d, records, 1, max_new_tokens, temperature, top_k, top_p, seed,
+                                                batch_size)] for m, d in models.items()}
+    return name, add_comparison(engine, name, records, answers, settings, rankings_per_task)
+
+
+def winrates(db, campaign, resamples=None, seed=0):
+    """The win-rate summary (winrate.summary) of an evaluation campaign."""
+    from . import winrate
+
+    settings, rows = D.judgements(D.connect(db), campaign)
+    return winrate.summary(rows, settings["models"], resamples or winrate.RESAMPLES, seed)
 
 
 def labeler_seed(persona, i, seed):

@@ -32,6 +32,7 @@ class Config:
     rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
     eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
+    heldout_prompts: str = "builtin"  # prompts kept for evaluation, whose rankings are refused: builtin (chatterbot held-out questions), a prompts JSONL, or none
     out: str = "runs/dpo"  # output Hugging Face model directory
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
     seq_len: int = 0  # longest (prompt, response) row; longer ones keep their end; 0 = the model's max_seq_len
@@ -55,7 +56,7 @@ class Config:
     seed: int = 1337  # pair order
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
+MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "heldout_prompts"}
 
 
 def encode_pairs(records, tok, seq_len):
@@ -102,7 +103,8 @@ def run(c: Config):
 
     tok, policy, ref = rl.load_policy(c.policy, d.device)
     seq_len = c.seq_len or policy.config.max_seq_len
-    train_recs, held_recs = data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, dist.print0)
+    train_recs, held_recs = data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, dist.print0,
+                                                c.heldout_prompts)
     rows, pairs = encode_pairs(train_recs, tok, seq_len)
     held_rows, held_pairs = encode_pairs(held_recs, tok, seq_len)
     dist.print0(f"data: {len(train_recs)} train / {len(held_recs)} held-out rankings -> {len(pairs)} / {len(held_pairs)} "

@@ -40,6 +40,7 @@ class Config:
     rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
     eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
+    heldout_prompts: str = "builtin"  # prompts kept for evaluation, whose rankings are refused: builtin (chatterbot held-out questions), a prompts JSONL, or none
     out: str = "runs/reward"  # output Hugging Face sequence-classification directory
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
     seq_len: int = 0  # longest (prompt, completion) row; longer ones keep their end; 0 = the model's max_seq_len
@@ -65,7 +66,7 @@ class Config:
     normalize_temperature: float = 1.0  # sampling temperature of the normalisation completions
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out",
+MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "heldout_prompts",
               "normalize_samples", "normalize_max_new_tokens", "normalize_temperature"}
 
 
@@ -76,7 +77,7 @@ def prompt_key(rec):
 def load_rankings(c: Config, log):
     """(train, held-out) rankings. Without --eval-rankings the held-out share is a set of
     prompts (chosen by a hash), so that no held-out prompt has rankings in training."""
-    return data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log)
+    return data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log, c.heldout_prompts)
 
 
 def score_pad(tok):
