@@ -31,8 +31,15 @@ def _tag():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             features = sorted({line for line in f if line.startswith(("flags", "Features"))})
-    key = f"{platform.machine()} {features} {torch.__version__} {sys.version_info[:2]} {sys.prefix}"
+    key = f"{platform.machine()} {features} {_march()} {torch.__version__} {sys.version_info[:2]} {sys.prefix}"
     return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def _march():
+    """-march=native, or AVX2 and FMA only (x86-64-v3) where torch's kernels are held to AVX2
+    (ATEN_CPU_CAPABILITY=avx2): then the kernel runs as on an AVX2 machine too."""
+    held = platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    return "-march=x86-64-v3" if held else "-march=native"
 
 
 def load():
@@ -66,7 +73,7 @@ def _build():
             lock.unlink(missing_ok=True)
         if not (build / f"{name}.so").exists():
             print("shoggoth: building the CPU decode-attention kernel (once, about 25 s)", file=sys.stderr, flush=True)
-        return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp",
+        return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=["-O3", _march(), "-fopenmp",
                                                                       "-fno-math-errno"],
                                   extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler, headers or ninja: fall back to SDPA, and say so once
