@@ -287,6 +287,25 @@ def save_checkpoint(out_dir, step, state: dict, keep=3):
     return path
 
 
+def trained(model, sd):
+    """The entries of model's state dict sd that training changes: all of them in full
+    fine-tuning; a LoRA run's adapters and heads (its frozen rest is the input directory's,
+    loaded again on resume)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in sd.items() if k not in frozen}
+
+
+def load_trained(model, sd, where):
+    """Load what trained(model, ...) saved into model; the frozen rest stays as loaded."""
+    from .errors import ShoggothError
+
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or set(missing) - frozen:
+        raise ShoggothError(f"{where}: its weights do not fit the model (unexpected {unexpected[:3]}, missing "
+                            f"{sorted(set(missing) - frozen)[:3]}): resume with the run's own LoRA settings")
+
+
 def latest_checkpoint(out_dir):
     found = sorted((Path(out_dir) / "checkpoints").glob("step_*.pt"))
     return found[-1] if found else None

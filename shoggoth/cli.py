@@ -36,12 +36,13 @@ class UsageError(Exception):
 
 
 def field_docs(cls):
-    """Each field's trailing `# comment` in the dataclass source, for --help."""
+    """Each field's trailing `# comment` in the dataclass source (and its bases': lora.Options), for --help."""
     docs = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:.*#\s*(.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:.*#\s*(.+)$", line)
+            if m:
+                docs[m.group(1)] = m.group(2).strip()
     return docs
 
 
@@ -60,7 +61,8 @@ def stage_parser(command, cls):
     p.add_argument("--config", help="TOML file, or the name of a preset in shoggoth/configs/")
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = inspect.get_annotations(cls)
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):  # the stage's own flags, then inherited ones
         tp, is_list = _kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")

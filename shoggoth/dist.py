@@ -254,13 +254,14 @@ def optim_state(model, opt):
 
 
 def save_checkpoint(out_dir, step, model, opt, config, keep=3):
-    """Every rank calls this: rank 0 writes out_dir/checkpoints/step_NNNNNN.pt (weights, optimizer,
-    config dataclass) in the one-process format, gathered first under FSDP2; the others wait for it."""
+    """Every rank calls this: rank 0 writes out_dir/checkpoints/step_NNNNNN.pt (the trained weights:
+    checkpoint.trained; optimizer, config dataclass) in the one-process format, gathered first under
+    FSDP2; the others wait for it."""
     from dataclasses import asdict
 
-    from .checkpoint import save_checkpoint
+    from .checkpoint import save_checkpoint, trained
 
-    model_sd, optim_sd = model_state(model), optim_state(model, opt)
+    model_sd, optim_sd = trained(model, model_state(model)), optim_state(model, opt)
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_checkpoint(out_dir, step, {"model": model_sd, "optim": optim_sd, "config": asdict(config)}, keep=keep)
     barrier()

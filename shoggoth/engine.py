@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, lora
 from .model import apply_rope
 
 
@@ -208,7 +208,7 @@ class PackedWeights:
 
     def __init__(self, model, rows, dtype):
         def pack(*linears):
-            w = torch.cat([m.weight.detach() for m in linears]).to(dtype)
+            w = torch.cat([lora.weight(m).detach() for m in linears]).to(dtype)  # LoRA adapters merged in
             b = torch.cat([m.bias.detach() for m in linears]).to(dtype) if linears[0].bias is not None else None
             return partial(_packed_linear, torch.ops.mkldnn._reorder_linear_weight(w, rows), b, dtype)
 

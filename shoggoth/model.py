@@ -216,13 +216,14 @@ class Attention(nn.Module):
 
     def project(self, x):
         """q, k, v of x (B, T, C), each (B, T, heads * head_dim)."""
-        if self.training:
+        p = (self.q_proj, self.k_proj, self.v_proj)
+        if self.training and all(type(m) is nn.Linear for m in p):
             # One matmul on the concatenated weights: the input is read (and cast under
             # autocast) once, and backward sums the three input gradients inside one
             # matmul. Copying the weights pays on training batches (B*T rows >> n_embd),
             # not in one-token decode steps, so eval mode keeps three matmuls (the
-            # engine fuses them once per generate call: engine.PackedWeights).
-            p = (self.q_proj, self.k_proj, self.v_proj)
+            # engine fuses them once per generate call: engine.PackedWeights). A wrapped
+            # projection (a LoRA layer, shoggoth.lora) runs its own forward.
             bias = torch.cat([m.bias for m in p]) if p[0].bias is not None else None
             return F.linear(x, torch.cat([m.weight for m in p]), bias).split([m.out_features for m in p], dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -434,14 +435,16 @@ class RewardModel(nn.Module):
     """Reward model: the Trunk plus a scalar head read at each row's last real token.
 
     The layout of Hugging Face's `LlamaForSequenceClassification` with one label
-    (`model.*`, `score.weight`). The head starts at N(0, 1/(d+1)), as InstructGPT's did."""
+    (`model.*`, `score.weight`). The head starts at N(0, 1/(d+1)), as InstructGPT's did.
+    trunk: an existing Trunk to share (a LoRA value model on the reward model's), kept as it is."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, trunk: Trunk | None = None):
         super().__init__()
         self.config = config
-        self.model = Trunk(config)
+        self.model = trunk if trunk is not None else Trunk(config)
         self.score = nn.Linear(config.n_embd, 1, bias=False)
-        self.apply(GPT._init)
+        if trunk is None:
+            self.apply(GPT._init)
         nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
 
     def forward(self, idx, pos=None, mask=None, last=None):

@@ -13,12 +13,13 @@ rollout and the training forward agree. The model has no dropout, so train and
 eval passes compute the same function.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, labelers, tokenizer
+from . import checkpoint, data, dist, labelers, lora, tokenizer
 from .engine import Engine
 from .errors import DataError
 
@@ -99,12 +100,31 @@ def prompt_batch(n, batch_size, iteration, seed):
 # ---------------------------------------------------------------- models
 
 
-def load_policy(policy_dir, device):
-    """(tok, policy, ref): the model to train, on device, and a frozen copy of it, the reference."""
-    tok = tokenizer.load(policy_dir)
-    policy = checkpoint.load_pretrained(policy_dir).to(device)
-    tok.check_model(policy.config.vocab_size, policy_dir)
-    return tok, policy, frozen(checkpoint.load_pretrained(policy_dir), device)
+def load_policy(c, device):
+    """(tok, policy, ref) of a stage's Config: the model to train (c.policy), on device, with c's
+    LoRA adapters when c.lora_r is set, and a frozen copy of it, the reference; with LoRA the
+    reference is the policy itself with its adapters off (reference()), and ref is None."""
+    tok = tokenizer.load(c.policy)
+    policy = checkpoint.load_pretrained(c.policy)
+    tok.check_model(policy.config.vocab_size, c.policy)
+    ref = None if c.lora_r else frozen(checkpoint.load_pretrained(c.policy), device)
+    return tok, lora.wrap(policy, c, c.seed).to(device), ref
+
+
+def check_lora(c):
+    """Refuse LoRA dropout in an RL stage: the ratio and the KL compare a training forward with
+    the rollout's (dropout-free) log-probs, which dropout would set apart."""
+    from .errors import ShoggothError
+
+    if c.lora_r and c.lora_dropout:
+        raise ShoggothError("--lora-dropout must be 0 in PPO and GRPO: the policy's training forwards must compute "
+                            "the log-probs its rollouts were sampled with")
+
+
+def reference(policy, ref):
+    """Context giving the reference model: ref, or, where it is None (LoRA), the policy with
+    its adapters off. Under FSDP2, enter it inside dist.full_weights."""
+    return nullcontext(ref) if ref is not None else lora.disabled(policy)
 
 
 def load_prompt_sets(c, log):
@@ -137,17 +157,35 @@ def frozen(model, device):
 
 
 def load_reward(reward_dir, toy_word, tok, device):
-    """The reward of a Rollout -> (B,): the reward model's score (minus its stored shift), or,
-    with toy_word, the fraction of response tokens that are that word (no model)."""
+    """(reward, model): the reward of a Rollout -> (B,), the reward model's score (minus its
+    stored shift) computed with any LoRA adapters the model has since been given switched
+    off (a PPO value model's: lora_value); or, with toy_word, the fraction of response tokens
+    that are that word, and model None."""
     if toy_word:
         ids = toy_target_ids(tok, toy_word)
-        return lambda r: toy_scores(r, ids)
+        return (lambda r: toy_scores(r, ids)), None
     model, shift = checkpoint.load_reward(reward_dir)
     if tokenizer.load(reward_dir).tok.get_vocab() != tok.tok.get_vocab():
         raise DataError(f"{reward_dir}: the reward model's tokenizer differs from the policy's; it must score the "
                         "policy's tokens as they are (train the reward model from the same SFT model)")
     model = frozen(model, device)
-    return lambda r: reward_scores(model, shift, r)
+
+    def reward(r):
+        with lora.disabled(model):
+            return reward_scores(model, shift, r)
+    return reward, model
+
+
+def lora_value(reward_model):
+    """A LoRA run's PPO value model: the frozen reward model's trunk itself (not a copy), which
+    lora.wrap then gives the value's own adapters, and a trained copy of its head. It starts
+    as the reward model, as InstructGPT's value model does; the reward, computed with the
+    adapters off (load_reward), stays the reward model's."""
+    from .model import RewardModel
+
+    value = RewardModel(reward_model.config, trunk=reward_model.model)
+    value.score.load_state_dict(reward_model.score.state_dict())
+    return value.to(reward_model.score.weight.device)
 
 
 def in_chunks(fn, r, size):
@@ -315,7 +353,7 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, show=2):
     r = generate(policy, tok, encode_prompts(tok, recs, room), c.max_new_tokens, c.temperature,
                  seed=c.seed + 1_000_003 + d.rank, bf16=bf16)
     chunk = max(1, c.minibatch_size // d.world)
-    with torch.no_grad(), amp:
+    with torch.no_grad(), amp, reference(policy, ref) as ref:
         kl = ((r.logprobs - logprobs_of(ref, r, c.temperature, chunk)) * r.mask).sum(1)
         scores = in_chunks(reward_fn, r, chunk)
     texts = decode(tok, r)

@@ -188,6 +188,27 @@ def test_ddp_sft_matches_single_process(tmp_path):
     assert all(abs(one[s] - two[s]) / one[s] < RTOL for s in one)
 
 
+def test_lora_sft_ddp_and_fsdp_match_single_process(tmp_path):
+    """LoRA (peft's adapters injected in place) under DDP and FSDP2 trains like one process; the
+    gathered checkpoints (adapters only) resume in one process to the same end."""
+    init = tiny_model_dir(tmp_path / "init")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n"
+                                                  for c in data.chatterbot_conversations("train")[:200]))
+    args = ["sft", "--init", init, "--data", tmp_path / "train.jsonl", "--dtype", "fp32", "--max-steps", 6,
+            "--batch-size", 8, "--eval-every", 3, "--ckpt-every", 3, "--sample-every", 0, "--lora-r", 4, "--lr", 1e-2]
+    shoggoth(*args, "--out", tmp_path / "one")
+    run2(*args, "--out", tmp_path / "two")
+    run2(*args, "--out", tmp_path / "fsdp", "--fsdp")
+    for run in ("two", "fsdp"):
+        assert_same_run(tmp_path / "one", tmp_path / run)
+        a, b = (load_file(tmp_path / r / "adapter" / "adapter_model.safetensors") for r in ("one", run))
+        assert a.keys() == b.keys() and all(((a[k] - b[k]).norm() / a[k].norm()).item() < RTOL for k in a)
+    one_process_checkpoints(tmp_path / "one", tmp_path / "fsdp")
+    r = shoggoth(*args, "--out", cut(tmp_path / "fsdp", tmp_path / "resumed", 3), "--resume")
+    assert "step_000003.pt" in r.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "resumed")
+
+
 # ---------------------------------------------------------------- reward, DPO, PPO, GRPO
 
 
@@ -363,3 +384,25 @@ def test_fsdp_rl_run_trains_like_ddp_and_resumes_in_one_process(stage, lm, promp
     assert "step_000002.pt" in r.stdout
     checkpoint.load_pretrained(one)
     one_process_checkpoints(one, out)
+
+
+def test_lora_ppo_with_reward_model_fsdp_trains_like_ddp(lm, prompts, tmp_path):
+    """LoRA PPO against a reward model: the value model shares the reward model's trunk (with its
+    own adapters and head), under DDP and sharded by FSDP2 alike."""
+    from shoggoth.model import RewardModel
+
+    torch.manual_seed(1)
+    rm = RewardModel(checkpoint.load_pretrained(lm).config)
+    checkpoint.load_trunk(rm, lm)
+    checkpoint.save_reward(rm, tmp_path / "rm", tokenizer_dir=lm)
+    args = ["ppo", "--policy", lm, "--reward", tmp_path / "rm", "--prompts", prompts, "--dtype", "fp32",
+            "--batch-size", 4, "--minibatch-size", 2, "--iterations", 3, "--max-new-tokens", 8, "--lr", 1e-3,
+            "--lora-r", 4, "--eval-prompts", prompts, "--eval-samples", 3, "--eval-every", 3]
+    run2(*args, "--out", tmp_path / "ddp")
+    run2(*args, "--out", tmp_path / "fsdp", "--fsdp")
+    series = lambda run: [x["objective/scores"] for x in rl_records(run) if "objective/scores" in x]  # noqa: E731
+    assert series(tmp_path / "ddp") == series(tmp_path / "fsdp")
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "fsdp" / name)
+        assert wa.keys() == wb.keys() and all(((wa[k] - wb[k]).norm() / wa[k].norm()).item() < RTOL for k in wa)
+    one_process_checkpoints(tmp_path / "ddp", tmp_path / "fsdp")

@@ -5,8 +5,8 @@
 
 Each K-way ranking expands into its untied pairs (better, worse): C(K, 2) pairs when
 there are no ties. Each pair's two responses are scored by their summed log-prob
-under the policy and under the frozen reference (the SFT model; its log-probs are
-computed once, before training), and losses.dpo_loss pushes the policy's implicit
+under the policy and under the frozen reference (the SFT model, or with LoRA the
+policy with its adapters off; its log-probs are computed once, before training), and losses.dpo_loss pushes the policy's implicit
 reward beta * log(pi / pi_ref) of the better response above the worse one's.
 The logged `rewards/*` are those implicit rewards (TRL's names).
 """
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, data, dist, losses, optim, rl
+from .. import checkpoint, data, dist, lora, losses, optim, rl
 from ..errors import ShoggothError
 from ..metrics import Metrics
 
 
 @dataclass
-class Config:
+class Config(lora.Options):
     """DPO on K-way rankings (every untied pair) or TRL pairs, with a frozen reference."""
 
     policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
@@ -101,7 +101,7 @@ def run(c: Config):
     out = Path(c.out)
     state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
 
-    tok, policy, ref = rl.load_policy(c.policy, d.device)
+    tok, policy, ref = rl.load_policy(c, d.device)
     seq_len = c.seq_len or policy.config.max_seq_len
     train_recs, held_recs = data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, dist.print0,
                                                 c.heldout_prompts)
@@ -130,12 +130,13 @@ def run(c: Config):
 
     # The reference's log-probs once, before training: it never changes.
     t0 = time.perf_counter()
-    ref_logps, ref_held = all_logps(ref, rows), all_logps(ref, held_rows)
-    del ref
+    with rl.reference(policy, ref) as m:
+        ref_logps, ref_held = all_logps(m, rows), all_logps(m, held_rows)
+    del ref, m
     dist.print0(f"reference log-probs of {len(rows) + len(held_rows)} responses in {time.perf_counter() - t0:.1f}s")
 
     if state:
-        policy.load_state_dict(state["model"])
+        checkpoint.load_trained(policy, state["model"], ckpt_path)
     train_model = dist.wrap(policy, d, c.fsdp, amp_dtype)  # DDP, or FSDP2 sharding policy in place
     opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
     step = 0
@@ -145,7 +146,7 @@ def run(c: Config):
         dist.print0(f"resumed from {ckpt_path} (step {step})")
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"dpo: {policy.num_params():,} parameters, {total} steps of {c.batch_size} pairs, beta {c.beta}, "
-                f"autocast {amp_dtype}")
+                f"autocast {amp_dtype}{lora.summary(policy)}")
 
     def pair_stats(chosen, rejected, ref_chosen, ref_rejected):
         loss, rc, rr = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, c.beta, c.label_smoothing)
@@ -156,7 +157,9 @@ def run(c: Config):
         """Held-out loss and implicit-reward accuracy and margin over this rank's share of the held-out pairs."""
         if not held_pairs:
             return {}
+        policy.eval()  # no LoRA dropout in evaluation
         logps = all_logps(policy, held_rows)
+        policy.train()
         mine = torch.tensor(dist.share(held_pairs, d), dtype=torch.long, device=d.device).view(-1, 2)
         s = torch.zeros(7, device=d.device)  # loss * pairs, then pair_stats' sums
         if len(mine):  # more ranks than held-out pairs leaves some with none
@@ -200,8 +203,9 @@ def run(c: Config):
 
     final = dist.model_state(policy)  # gathered to rank 0 under FSDP2
     if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final)
-        dist.print0(f"saved Hugging Face model directory {out}")
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=lora.merged(policy, final))
+        note = lora.save_adapter(policy, final, out / "adapter", c.policy)
+        dist.print0(f"saved Hugging Face model directory {out}{note}")
     metrics.close()
     dist.cleanup()
     return out

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, dist, losses, optim, rl, tokenizer
+from .. import checkpoint, dist, lora, losses, optim, rl, tokenizer
 from ..errors import ShoggothError
 from ..metrics import Metrics
 
 
 @dataclass
-class Config:
+class Config(lora.Options):
     """GRPO (or RLOO): group-relative advantages over G responses per prompt, KL to the SFT model."""
 
     policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
@@ -76,6 +76,7 @@ def run(c: Config):
     if c.advantage not in ("grpo", "drgrpo", "rloo") or c.group_size < 2:
         raise ShoggothError(f"grpo: --advantage must be grpo, drgrpo or rloo and --group-size at least 2 "
                             f"(got {c.advantage!r}, {c.group_size})")
+    rl.check_lora(c)
     d = dist.setup(c.device)
     rows = c.batch_size * c.group_size  # responses per iteration
     if c.batch_size % d.world or rows % c.minibatch_size or c.minibatch_size % d.world:
@@ -86,11 +87,11 @@ def run(c: Config):
     state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
     torch.manual_seed(c.seed)
 
-    # ---- models: policy (trained), reference and reward (frozen)
-    tok, policy, ref = rl.load_policy(c.policy, d.device)
-    reward_fn = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
+    # ---- models: policy (trained), reference and reward (frozen); with LoRA the reference is the policy, adapters off
+    tok, policy, ref = rl.load_policy(c, d.device)
+    reward_fn, _ = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
     if state:
-        policy.load_state_dict(state["policy"])
+        checkpoint.load_trained(policy, state["policy"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = dist.autocast(d.device, amp_dtype)
     bf16 = amp_dtype == torch.bfloat16
@@ -114,12 +115,13 @@ def run(c: Config):
     dist.print0(f"grpo: policy {policy.num_params():,} parameters; {c.iterations} iterations of {c.batch_size} prompts "
                 f"x {c.group_size} responses (<= {c.max_new_tokens} tokens), {c.advantage} advantages, "
                 f"{c.epochs} epoch(s) x {n_mb} minibatches; reward "
-                f"{'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}")
+                f"{'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}"
+                f"{lora.summary(policy)}")
 
     def score_rollout(r):
-        """Reference log-probs and rewards of a rollout."""
-        with torch.no_grad(), amp:
-            ref_logprobs = rl.logprobs_of(ref, r, c.temperature, mb)  # (B, N)
+        """Reference log-probs and rewards of a rollout (call inside dist.full_weights(pv))."""
+        with torch.no_grad(), amp, rl.reference(policy, ref) as ref_model:
+            ref_logprobs = rl.logprobs_of(ref_model, r, c.temperature, mb)  # (B, N)
             scores = rl.in_chunks(reward_fn, r, mb).float()  # (B,)
         return ref_logprobs, scores
 
@@ -128,7 +130,8 @@ def run(c: Config):
             return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
 
     def save():
-        models, optim_sd = rl.split_state(dist.model_state(pv)), dist.optim_state(pv, opt)  # gathered under FSDP2
+        models = rl.split_state(checkpoint.trained(pv, dist.model_state(pv)))  # gathered under FSDP2
+        optim_sd = dist.optim_state(pv, opt)
         if d.main:
             checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "config": dataclasses.asdict(c)},
                                        keep=c.keep)
@@ -142,14 +145,14 @@ def run(c: Config):
         mine = [i for i in dist.share(rl.prompt_batch(len(prompts), c.batch_size, it, c.seed), d)
                 for _ in range(c.group_size)]
         records = [prompts[i] for i in mine]
-        with dist.full_weights(pv):  # under FSDP2 every rank gathers the policy to sample
+        with dist.full_weights(pv):  # under FSDP2 every rank gathers the policy to sample (and, with LoRA, score)
             r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
                             seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
-        t1 = time.perf_counter()
+            t1 = time.perf_counter()
 
-        # ---- 2. score: rewards, old and reference log-probs
-        old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
-        ref_logprobs, scores = score_rollout(r)
+            # ---- 2. score: rewards, old and reference log-probs
+            old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
+            ref_logprobs, scores = score_rollout(r)
         scores = scores - c.missing_eos_penalty * (~r.ended).float()  # (B,)
 
         # ---- 3. advantages: each response against its own group
@@ -203,8 +206,9 @@ def run(c: Config):
 
     final = rl.split_state(dist.model_state(pv))
     if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final["policy"])
-        dist.print0(f"saved Hugging Face model directory {out}")
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=lora.merged(policy, final["policy"]))
+        note = lora.save_adapter(policy, final["policy"], out / "adapter", c.policy)
+        dist.print0(f"saved Hugging Face model directory {out}{note}")
     metrics.close()
     dist.cleanup()
     return out

@@ -5,7 +5,10 @@
 
 Four models: the policy (trained, starts as the SFT model), the reference (the SFT
 model, frozen), the value model (the reward model's trunk and head, trained) and
-the reward model (frozen). Each iteration:
+the reward model (frozen). With LoRA (--lora-r) two sets of weights hold all four:
+the reference is the policy with its adapters off, and the value model is the
+reward model's own trunk with its own adapters and a copy of its head (the reward
+is read with those adapters off). Each iteration:
 
   1. rollout: batch_size prompts (each rank its share), one response each, sampled by
      the Engine at `temperature` until a stop token (end of turn) or max_new_tokens;
@@ -34,14 +37,14 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, data, dist, losses, optim, rl, tokenizer
+from .. import checkpoint, data, dist, lora, losses, optim, rl, tokenizer
 from ..errors import ShoggothError
 from ..metrics import Metrics
 from ..model import RewardModel
 
 
 @dataclass
-class Config:
+class Config(lora.Options):
     """PPO against a reward model with a KL penalty to the SFT model (InstructGPT)."""
 
     policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
@@ -95,6 +98,9 @@ def run(c: Config):
         raise ShoggothError("ppo: --ptx-coef needs --ptx-data (a pretrain run's tokens folder)")
     if c.ema_decay and c.fsdp:
         raise ShoggothError("ppo: --ema-decay does not work with --fsdp (the EMA needs the whole policy on every rank)")
+    if c.ema_decay and c.lora_r:
+        raise ShoggothError("ppo: --ema-decay does not work with --lora-r (an EMA of the factors is not one of the product)")
+    rl.check_lora(c)
     d = dist.setup(c.device)
     if c.batch_size % d.world or c.batch_size % c.minibatch_size or c.minibatch_size % d.world:
         raise ShoggothError(f"ppo: --batch-size {c.batch_size} must be a multiple of --minibatch-size "
@@ -103,20 +109,23 @@ def run(c: Config):
     state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
     torch.manual_seed(c.seed)
 
-    # ---- the four models: policy, reference, value (trained), reward (frozen)
-    tok, policy, ref = rl.load_policy(c.policy, d.device)
-    reward_fn = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
+    # ---- the four models: policy, reference, value (trained), reward (frozen). With LoRA, two:
+    # the reference is the policy with its adapters off, the reward the value model with its adapters off.
+    tok, policy, ref = rl.load_policy(c, d.device)
+    reward_fn, reward_model = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
     if c.toy_reward:  # no reward model to start from: the policy's trunk and a zero head
         value = RewardModel(policy.config)
         checkpoint.load_trunk(value, c.policy)
         torch.nn.init.zeros_(value.score.weight)
+    elif c.lora_r:  # the reward model's own trunk (shared, not copied), its own adapters and head
+        value = rl.lora_value(reward_model)
     else:
         value, _ = checkpoint.load_reward(c.reward)
-    value.to(d.device)
+    lora.wrap(value, c, c.seed + 1, trained=("score",)).to(d.device)
     ema = copy.deepcopy(policy).requires_grad_(False) if c.ema_decay else None
     if state:
-        policy.load_state_dict(state["policy"])
-        value.load_state_dict(state["value"])
+        checkpoint.load_trained(policy, state["policy"], ckpt_path)
+        checkpoint.load_trained(value, state["value"], ckpt_path)
         if ema is not None:
             ema.load_state_dict(state["ema"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
@@ -142,13 +151,14 @@ def run(c: Config):
     metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main)
     dist.print0(f"ppo: policy {policy.num_params():,} parameters; {c.iterations} iterations of {c.batch_size} "
                 f"responses (<= {c.max_new_tokens} tokens), {c.ppo_epochs} epochs x {n_mb} minibatches; "
-                f"reward {'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}")
+                f"reward {'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}"
+                f"{lora.summary(policy)}")
     bf16 = amp_dtype == torch.bfloat16
 
     def score_rollout(r):
         """Reference log-probs, values and scores of a rollout (call inside dist.full_weights(both))."""
-        with torch.no_grad(), amp:
-            ref_logprobs = rl.logprobs_of(ref, r, c.temperature, mb)  # (B, N)
+        with torch.no_grad(), amp, rl.reference(policy, ref) as ref_model:
+            ref_logprobs = rl.logprobs_of(ref_model, r, c.temperature, mb)  # (B, N)
             values = rl.in_chunks(lambda s: rl.response_values(value, s), r, mb)  # (B, N)
             scores = rl.in_chunks(reward_fn, r, mb).float()  # (B,)
         return ref_logprobs, values, scores
@@ -158,7 +168,8 @@ def run(c: Config):
             return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
 
     def save():
-        models, optim_sd = rl.split_state(dist.model_state(both)), dist.optim_state(both, opt)  # gathered under FSDP2
+        models = rl.split_state(checkpoint.trained(both, dist.model_state(both)))  # gathered under FSDP2
+        optim_sd = dist.optim_state(both, opt)
         if d.main:
             checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "beta": beta,
                                                  "ema": ema.state_dict() if ema is not None else None,
@@ -252,10 +263,11 @@ def run(c: Config):
 
     final = rl.split_state(dist.model_state(both))
     if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=final["policy"])
+        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=lora.merged(policy, final["policy"]))
+        note = lora.save_adapter(policy, final["policy"], out / "adapter", c.policy)
         if ema is not None:
             checkpoint.save_pretrained(ema, out / "ema", tokenizer_dir=c.policy)
-        dist.print0(f"saved Hugging Face model directory {out}" + (f" (and the EMA policy in {out / 'ema'})" if ema else ""))
+        dist.print0(f"saved Hugging Face model directory {out}{note}" + (f" (and the EMA policy in {out / 'ema'})" if ema else ""))
     metrics.close()
     dist.cleanup()
     return out

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, losses, optim, tokenizer
+from .. import checkpoint, data, dist, lora, losses, optim, tokenizer
 from ..errors import DataError, ShoggothError, TrainingError
 from ..feedback.agreement import kendall_tau_b
 from ..metrics import Metrics
@@ -33,7 +33,7 @@ from ..model import RewardModel
 
 
 @dataclass
-class Config:
+class Config(lora.Options):
     """Reward model on K-way rankings (or TRL pairs), InstructGPT's loss."""
 
     init: str = ""  # model directory whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
@@ -196,9 +196,9 @@ def run(c: Config):
     torch.manual_seed(c.seed)
     model = RewardModel(config)  # head ~ N(0, 1/(d+1))
     checkpoint.load_trunk(model, c.init)
-    model.to(d.device)
+    lora.wrap(model, c, c.seed, trained=("score",)).to(d.device)  # with LoRA: adapters and the head train
     if state:
-        model.load_state_dict(state["model"])
+        checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     train_model = dist.wrap(model, d, c.fsdp, amp_dtype)
     opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
@@ -210,7 +210,7 @@ def run(c: Config):
     amp = dist.autocast(d.device, amp_dtype)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"reward: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} "
-                f"rankings per micro-step), autocast {amp_dtype}")
+                f"rankings per micro-step), autocast {amp_dtype}{lora.summary(model)}")
 
     def micro(records, fwd):
         """This rank's share of rankings -> (loss, margins, tokens)."""
@@ -304,10 +304,12 @@ def run(c: Config):
         metrics.log(step, echo=False, reward_shift=shift)
     final = dist.model_state(model)
     if d.main:
-        checkpoint.save_reward(model, out, shift, tokenizer_dir=c.init, state_dict=final)
+        checkpoint.save_reward(model, out, shift, tokenizer_dir=c.init, state_dict=lora.merged(model, final))
+        note = lora.save_adapter(model, final, out / "adapter", c.init, heads=("score",))
         pad = config.pad_token_id
         dist.print0(f"saved Hugging Face sequence-classification model {out} (reward_shift {shift:.4f}; pad_token_id "
-                    f"{pad} {tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})")
+                    f"{pad} {tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})"
+                    f"{note}")
     metrics.close()
     dist.cleanup()
     return out

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, optim, tokenizer
+from .. import checkpoint, data, dist, lora, optim, tokenizer
 from ..errors import ShoggothError, TrainingError
 from ..metrics import Metrics, peak_flops
 from ..model import Documents
 
 
 @dataclass
-class Config:
+class Config(lora.Options):
     """Supervised fine-tuning on conversations (loss on assistant turns only)."""
 
     init: str = ""  # model directory to fine-tune (a pretrain output or a Hugging Face Llama/Qwen directory)
@@ -127,7 +127,8 @@ def micro_rows(model, seq_len, device, log):
     where their activations would not fit in half the memory available now (the GPU's
     on CUDA). Activations cost about 29 bytes per token, layer and unit of n_embd +
     intermediate_size under autocast (61 KB per token and layer measured at SmolLM2-135M's
-    shape in bf16: bench/RESULTS.md), weights and AdamW 16 bytes per parameter."""
+    shape in bf16: bench/RESULTS.md), weights and AdamW 16 bytes per trained parameter, 4 per
+    frozen one (LoRA)."""
     available = 16 * 2**30  # where the machine does not say
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
@@ -136,7 +137,8 @@ def micro_rows(model, seq_len, device, log):
         available = int(found[0]) * 1024 if found else available
     c = model.config
     per_token = 29 * c.n_layer * (c.n_embd + c.intermediate_size)
-    fits = (available // 2 - 16 * model.num_params()) // per_token
+    weights = sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters())
+    fits = (available // 2 - weights) // per_token
     rows = max(1, min(8192, max(seq_len, fits)) // seq_len)
     if fits < 8192:
         log(f"sft: {rows} row(s) of {seq_len} tokens per micro-step per process, to fit the memory available "
@@ -151,7 +153,7 @@ def run(c: Config):
     out = Path(c.out)
     state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE, auto={"seq_len", "batch_size"})
 
-    model = checkpoint.load_pretrained(c.init)
+    model = lora.wrap(checkpoint.load_pretrained(c.init), c, c.seed)
     tok = tokenizer.load(c.init)
     tok.check_model(model.config.vocab_size, c.init)
     limit = c.seq_len or model.config.max_seq_len
@@ -184,7 +186,7 @@ def run(c: Config):
     held_rows = pack(held, seq_len, range(len(held)))
 
     if state:
-        model.load_state_dict(state["model"])
+        checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     train_model = dist.wrap(model, d, c.fsdp, amp_dtype)  # to the device; DDP, or FSDP2 sharding model in place
     opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
@@ -197,7 +199,7 @@ def run(c: Config):
     peak = peak_flops(d.device, amp_dtype) * d.world
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {batch_size} rows "
-                f"x {seq_len} tokens per micro-step), autocast {amp_dtype}")
+                f"x {seq_len} tokens per micro-step), autocast {amp_dtype}{lora.summary(model)}")
 
     def micro_loss(examples, rows):
         """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
@@ -266,8 +268,9 @@ def run(c: Config):
 
     final = dist.model_state(model)
     if d.main:
-        checkpoint.save_pretrained(model, out, tokenizer_dir=c.init, state_dict=final)
-        dist.print0(f"saved Hugging Face model directory {out}")
+        checkpoint.save_pretrained(model, out, tokenizer_dir=c.init, state_dict=lora.merged(model, final))
+        note = lora.save_adapter(model, final, out / "adapter", c.init)
+        dist.print0(f"saved Hugging Face model directory {out}{note}")
     metrics.close()
     dist.cleanup()
     return out
