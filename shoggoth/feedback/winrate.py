@@ -74,11 +74,12 @@ def fit(i, j, x, y, w, m, ridge=RIDGE, steps=NEWTON_STEPS):
     X[np.arange(n), i] = 1.0
     X[np.arange(n), j] = -1.0
     X[:, m] = x
+    XX = (X[:, :, None] * X[:, None, :]).reshape(n, -1)  # (n, (m + 1)^2): each row's outer product
     beta = np.zeros((w.shape[0], m + 1))
     for _ in range(steps):
         p = 1 / (1 + np.exp(-np.clip(beta @ X.T, -30, 30)))  # (B, n)
         grad = (w * (y - p)) @ X - ridge * beta  # (B, m + 1)
-        hess = ((w * p * (1 - p))[:, None, :] * X.T) @ X + ridge * np.eye(m + 1)  # (B, m + 1, m + 1)
+        hess = ((w * p * (1 - p)) @ XX).reshape(-1, m + 1, m + 1) + ridge * np.eye(m + 1)  # X^T diag(.) X, (B, m+1, m+1)
         step = np.linalg.solve(hess, grad[..., None])[..., 0]
         beta += step
         if np.abs(step).max() < 1e-9:
