@@ -315,8 +315,7 @@ def cmd_feedback(argv):
         if a.resamples < 1:
             raise UsageError("--resamples must be at least 1")
         s = jobs.winrates(a.db, a.campaign, a.resamples, a.seed)
-        lines = winrate.table(s)
-        print(json.dumps(s, indent=1) if a.json else f"campaign {a.campaign!r}: " + "\n".join(lines))
+        print(json.dumps(s, indent=1) if a.json else f"campaign {a.campaign!r}: " + "\n".join(winrate.table(s)))
     elif a.action == "serve":
         from .feedback.app import serve
 

@@ -441,13 +441,17 @@ def create_app(db, admin_token=None):
 
     # ------------------------------------------------------------ admin
 
+    summaries = {}  # campaign id -> (its judgements, their win rates): the bootstrap runs again only on a change
+
     def overview_with_agreement():
         """The overview, each campaign with its labelers' agreement and an evaluation with its win rates."""
         camps, labs = D.overview(engine)
         for c in camps:
             if c["evaluation"]:
                 settings, rows = D.judgements(engine, c["name"])
-                c["winrate"] = winrate.summary(rows, settings["models"])
+                if summaries.get(c["id"], (None,))[0] != rows:
+                    summaries[c["id"]] = rows, winrate.summary(rows, settings["models"])
+                c["winrate"] = summaries[c["id"]][1]
                 c["agreement"] = c["winrate"]["agreement"]
             else:
                 c["agreement"] = agreement(D.rank_vectors(engine, c["id"]))

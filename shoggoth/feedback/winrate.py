@@ -74,11 +74,14 @@ def fit(i, j, x, y, w, m, ridge=RIDGE, steps=NEWTON_STEPS):
     X[np.arange(n), i] = 1.0
     X[np.arange(n), j] = -1.0
     X[:, m] = x
-    beta = np.zeros((w.shape[0], m + 1))
+    P, c = m + 1, max(1, CHUNK // (m + 1) ** 2)  # c rows' outer products (c, P * P) at a time: memory stays bounded
+    beta = np.zeros((w.shape[0], P))
     for _ in range(steps):
         p = 1 / (1 + np.exp(-np.clip(beta @ X.T, -30, 30)))  # (B, n)
-        grad = (w * (y - p)) @ X - ridge * beta  # (B, m + 1)
-        hess = ((w * p * (1 - p))[:, None, :] * X.T) @ X + ridge * np.eye(m + 1)  # (B, m + 1, m + 1)
+        grad = (w * (y - p)) @ X - ridge * beta  # (B, P)
+        s = w * p * (1 - p)  # (B, n)
+        hess = sum(s[:, k:k + c] @ (X[k:k + c, :, None] * X[k:k + c, None, :]).reshape(-1, P * P)
+                   for k in range(0, n, c)).reshape(-1, P, P) + ridge * np.eye(P)  # X^T diag(s) X, (B, P, P)
         step = np.linalg.solve(hess, grad[..., None])[..., 0]
         beta += step
         if np.abs(step).max() < 1e-9:
