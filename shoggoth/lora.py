@@ -37,7 +37,7 @@ class Options:
 
     lora_r: int = 0  # LoRA rank: train rank-r adapters (peft) on lora_targets, the rest frozen; 0 = full fine-tuning
     lora_alpha: float = 0.0  # LoRA scale numerator: adapters add (alpha / r) B A x; 0 = 2 * lora_r
-    lora_dropout: float = 0.0  # dropout on the adapters' input while training (RL: the ratio then starts off 1)
+    lora_dropout: float = 0.0  # dropout on the adapters' input while training (SFT, reward, DPO; 0 in PPO and GRPO)
     lora_targets: list[str] = field(default_factory=lambda: list(TARGETS))  # modules given adapters (HF names)
 
 
