@@ -219,8 +219,7 @@ def mask(run: Run, reward_dir):
             continue
         model = sampling.load(d)
         greedy = sampling.chat_replies(model, [r["messages"] for r in held], max_new_tokens=48, temperature=0.0)
-        words = [w for text in greedy for w in labelers.words(text)]
-        run.summary["headline"][f"real_words_{name}"] = sum(map(labelers.english_words().__contains__, words)) / max(1, len(words))
+        run.summary["headline"][f"real_words_{name}"] = labelers.fluency(" ".join(greedy))  # share of real words
         run.summary["headline"][f"distinct_{name}"] = len(set(greedy)) / len(greedy)
         replies = greedy[::step][:MASK_PROMPTS]
         for row, r, text in zip(table, shown, replies):
