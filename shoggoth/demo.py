@@ -44,16 +44,18 @@ BUDGET = 20 * 60  # --budget's default: the whole demo in 20 minutes, on the mac
 PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this range
 # Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
 # the run's dtype), so a machine of half the rate is estimated to take twice as long. Pretraining
-# is its set-up (tokenizer, token shards) plus pretrain_step per step, as the budget sets its steps.
-# Measured on a 2-core Xeon (Sapphire Rapids, KVM): bf16 natively, fp32 with its kernels limited to
-# AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2), the path of
-# an AVX2 machine. summary.json keeps every run's rate and timings: re-measure when a preset changes.
-WORK = {  # first estimates from earlier runs' stage times; see the README for measured runs
-    "bf16": {"pretrain": 45 * 1.36e12, "pretrain_step": 0.3 * 1.36e12, "sft": 55 * 1.36e12,
-             "feedback": 56 * 1.36e12, "reward": 96 * 1.36e12, "ppo": 65 * 1.36e12, "dpo": 70 * 1.36e12,
+# is its set-up (tokenizer, token shards, the first build of the decode kernel) plus pretrain_step
+# per step, as the budget sets its steps. bf16: a 2-core Xeon (Sapphire Rapids, KVM), reward, SFT
+# and DPO scaled by their fp32 cuts; fp32: a 2-core AMD EPYC with AVX2 only (168 GFLOP/s), the
+# machine the README times. summary.json keeps every run's rate and timings: re-measure when a
+# preset changes.
+WORK = {
+    "bf16": {"pretrain": 45 * 1.36e12, "pretrain_step": 0.3 * 1.36e12, "sft": 47 * 1.36e12,
+             "feedback": 56 * 1.36e12, "reward": 40 * 1.36e12, "ppo": 65 * 1.36e12, "dpo": 42 * 1.36e12,
              "mask": 25 * 1.36e12, "winrate": 5 * 1.36e12},
-    "fp32": {"pretrain": 50 * 2e11, "pretrain_step": 0.9 * 2e11, "sft": 165 * 2e11, "feedback": 75 * 2e11,
-             "reward": 290 * 2e11, "ppo": 130 * 2e11, "dpo": 210 * 2e11, "mask": 33 * 2e11, "winrate": 5 * 2e11},
+    "fp32": {"pretrain": 75 * 1.68e11, "pretrain_step": 1.2 * 1.68e11, "sft": 170 * 1.68e11,
+             "feedback": 150 * 1.68e11, "reward": 135 * 1.68e11, "ppo": 140 * 1.68e11, "dpo": 130 * 1.68e11,
+             "mask": 32 * 1.68e11, "winrate": 4 * 1.68e11},
 }
 WORK_QUICK = {"pretrain": 20 * 1.2e12, "pretrain_step": 0.02 * 1.2e12, "sft": 5 * 1.2e12, "feedback": 5 * 1.2e12,
               "reward": 5 * 1.2e12, "ppo": 5 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12,

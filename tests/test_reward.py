@@ -40,6 +40,24 @@ def test_ranking_loss_by_hand_with_ties():
     assert losses.ranking_loss(rewards[perm], ranks[perm], groups[perm])[0].item() == pytest.approx(loss.item())
 
 
+def test_labelers_rankings_of_one_task_share_a_batch_and_its_scored_rows():
+    # Three labelers rank the same K = 3 completions of task "a"; one labeler ranks task "b".
+    rec = lambda prompt, ranks: {"prompt": prompt, "completions": ["x", "y", "z"], "ranks": ranks,  # noqa: E731
+                                 "rows": [[ord(prompt), 1], [ord(prompt), 2], [ord(prompt), 3]]}
+    recs = [rec("a", [0, 1, 2]), rec("b", [2, 1, 0]), rec("a", [0, 2, 1]), rec("a", [1, 0, 2])]
+    for seed in range(5):
+        batches = reward.grouped_batches(recs, 3, 2, seed, 1)
+        assert sorted(len(b) for b in batches) == [1, 1, 3, 3]  # task a whole in one batch, each epoch
+        assert all(len({r["prompt"] for r in b}) == 1 for b in batches)
+    rows, which, ranks, groups = reward.flatten(recs)
+    assert len(rows) == 6 and len(which) == 12  # 12 ranked completions, 6 distinct rows scored
+    # The loss over the shared rows is the loss over every ranking's own rows.
+    scores = torch.randn(6)
+    full = torch.stack([scores[i] for i in which.tolist()])
+    assert losses.ranking_loss(scores[which], ranks, groups)[0].item() == losses.ranking_loss(full, ranks, groups)[0].item()
+    assert [rows[i] for i in which.tolist()] == [row for r in recs for row in r["rows"]]
+
+
 def test_k2_ranking_is_a_trl_pair():
     pair = data.ranking({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "f:1")
     k2 = data.ranking({"prompt": "Hi", "completions": ["Hello!", "Go away."], "ranks": [0, 1]}, "f:2")

@@ -44,7 +44,7 @@ class Config(lora.Options):
     out: str = "runs/reward"  # output Hugging Face sequence-classification directory
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
     seq_len: int = 0  # longest (prompt, completion) row; longer ones keep their end; 0 = the model's max_seq_len
-    batch_size: int = 8  # rankings per micro-step (each with all its K completions), summed over ranks
+    batch_size: int = 8  # rankings per micro-step (each with all its K completions), summed over ranks; the rankings of one task stay together
     grad_accum: int = 1  # micro-steps per optimizer step
     epochs: int = 1  # passes over the training rankings (InstructGPT: 1; more overfits)
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
@@ -110,13 +110,38 @@ def encode(records, tok, seq_len, pad):
 
 
 def flatten(records):
-    """Rankings -> their rows, and ranks (N,), groups (N,) for losses.ranking_loss."""
-    rows, ranks, groups = [], [], []
+    """Rankings -> their distinct rows, and which (N,), ranks (N,), groups (N,) of every ranked
+    completion: its row, its rank, its ranking (for losses.ranking_loss). Several labelers'
+    rankings of the same completions share rows, so each row is scored once."""
+    rows, seen, which, ranks, groups = [], {}, [], [], []
     for g, r in enumerate(records):
-        rows += r["rows"]
+        for row in r["rows"]:
+            which.append(seen.setdefault(tuple(row), len(seen)))
+            if which[-1] == len(rows):
+                rows.append(row)
         ranks += r["ranks"]
         groups += [g] * len(r["rows"])
-    return rows, torch.tensor(ranks), torch.tensor(groups)
+    return rows, torch.tensor(which), torch.tensor(ranks), torch.tensor(groups)
+
+
+def grouped_batches(records, batch_size, epochs, seed, world):
+    """Every epoch's batches of rankings (data.epoch_batches' order and rules), where the rankings
+    of the same prompt and completions (one task ranked by several labelers) stay together: whole
+    tasks fill a batch up to batch_size rankings, and their rows are scored once."""
+    tasks = {}
+    for r in records:
+        tasks.setdefault(json.dumps([r["prompt"], r["completions"]], sort_keys=True), []).append(r)
+    batches = []
+    for epoch in data.epoch_batches(list(tasks.values()), len(tasks), epochs, seed, 1):
+        batch = []
+        for task in epoch:
+            if batch and len(batch) + len(task) > batch_size:
+                batches.append(batch)
+                batch = []
+            batch += task
+        if len(batch) >= world:  # a last batch too small to give each rank a ranking is dropped
+            batches.append(batch)
+    return batches
 
 
 def scores(model, rows, pad_id, device, batch_size=64):
@@ -188,7 +213,8 @@ def run(c: Config):
     if c.batch_size < d.world:
         raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
 
-    batches = data.epoch_batches(train, c.batch_size, c.epochs, c.seed, d.world)  # of rankings
+    batches = grouped_batches(train, c.batch_size, c.epochs, c.seed, d.world)
+    held_batches = grouped_batches(held, c.batch_size, 1, c.seed, 1)
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
@@ -214,9 +240,9 @@ def run(c: Config):
 
     def micro(records, fwd):
         """This rank's share of rankings -> (loss, margins, tokens)."""
-        rows, ranks, groups = flatten(records)
+        rows, which, ranks, groups = flatten(records)
         idx, last = data.pad_right(rows, tok.pad_id)
-        rewards = fwd(idx.to(d.device), last=last.to(d.device))  # (N,)
+        rewards = fwd(idx.to(d.device), last=last.to(d.device))[which.to(d.device)]  # (N,)
         loss, margins = losses.ranking_loss(rewards, ranks.to(d.device), groups.to(d.device))
         return loss, margins, sum(map(len, rows))
 
@@ -229,12 +255,12 @@ def run(c: Config):
         # Weights gathered once (under FSDP2): a rank left without rankings by a small last batch
         # skips it, which sharded forwards, each an all-gather on every rank, would not allow.
         with torch.no_grad(), amp, dist.full_weights(model):
-            for i in range(0, len(held), c.batch_size):  # every rank takes its share of the same batches
-                recs = dist.share(held[i:i + c.batch_size], d)
+            for recs in held_batches:  # every rank takes its share of the same batches
+                recs = dist.share(recs, d)
                 if not recs:
                     continue
-                rows, ranks, groups = flatten(recs)
-                r = scores(model, rows, tok.pad_id, d.device)
+                rows, which, ranks, groups = flatten(recs)
+                r = scores(model, rows, tok.pad_id, d.device)[which.to(d.device)]
                 loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
                 sums += torch.stack([loss * len(recs), torch.tensor(len(recs), device=d.device),
                                      (m > 0).sum(), torch.tensor(len(m), device=d.device)]).float()
