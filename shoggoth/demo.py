@@ -46,16 +46,16 @@ PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this r
 # the run's dtype), so a machine of half the rate is estimated to take twice as long. Pretraining
 # is its set-up (tokenizer, token shards, the first build of the decode kernel) plus pretrain_step
 # per step, as the budget sets its steps. bf16: a 2-core Xeon (Sapphire Rapids, KVM), reward, SFT
-# and DPO scaled by their fp32 cuts; fp32: a 2-core AMD EPYC with AVX2 only (168 GFLOP/s), the
-# machine the README times. summary.json keeps every run's rate and timings: re-measure when a
+# and DPO scaled by their fp32 cuts; fp32: a 2-core AMD EPYC with AVX2 only (168 GFLOP/s, a run
+# of 302 pretraining steps), the machine the README times. summary.json keeps every run's rate and timings: re-measure when a
 # preset changes.
 WORK = {
     "bf16": {"pretrain": 45 * 1.36e12, "pretrain_step": 0.3 * 1.36e12, "sft": 47 * 1.36e12,
              "feedback": 56 * 1.36e12, "reward": 40 * 1.36e12, "ppo": 65 * 1.36e12, "dpo": 42 * 1.36e12,
              "mask": 25 * 1.36e12, "winrate": 5 * 1.36e12},
-    "fp32": {"pretrain": 75 * 1.68e11, "pretrain_step": 1.2 * 1.68e11, "sft": 170 * 1.68e11,
-             "feedback": 150 * 1.68e11, "reward": 135 * 1.68e11, "ppo": 140 * 1.68e11, "dpo": 130 * 1.68e11,
-             "mask": 32 * 1.68e11, "winrate": 4 * 1.68e11},
+    "fp32": {"pretrain": 70 * 1.68e11, "pretrain_step": 1.1 * 1.68e11, "sft": 130 * 1.68e11,
+             "feedback": 82 * 1.68e11, "reward": 95 * 1.68e11, "ppo": 138 * 1.68e11, "dpo": 152 * 1.68e11,
+             "mask": 28 * 1.68e11, "winrate": 4 * 1.68e11},
 }
 WORK_QUICK = {"pretrain": 20 * 1.2e12, "pretrain_step": 0.02 * 1.2e12, "sft": 5 * 1.2e12, "feedback": 5 * 1.2e12,
               "reward": 5 * 1.2e12, "ppo": 5 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12,
