@@ -47,8 +47,8 @@ PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this r
 # is its set-up (tokenizer, token shards, the first build of the decode kernel) plus pretrain_step
 # per step, as the budget sets its steps. bf16: a 2-core Xeon (Sapphire Rapids, KVM), reward, SFT
 # and DPO scaled by their fp32 cuts; fp32: a 2-core AMD EPYC with AVX2 only (168 GFLOP/s, a run
-# of 302 pretraining steps), the machine the README times. summary.json keeps every run's rate and timings: re-measure when a
-# preset changes.
+# of 302 pretraining steps), the machine the README times. summary.json keeps every run's rate
+# and timings: re-measure when a preset changes.
 WORK = {
     "bf16": {"pretrain": 45 * 1.36e12, "pretrain_step": 0.3 * 1.36e12, "sft": 47 * 1.36e12,
              "feedback": 56 * 1.36e12, "reward": 40 * 1.36e12, "ppo": 65 * 1.36e12, "dpo": 42 * 1.36e12,

@@ -130,7 +130,7 @@ def grouped_batches(records, batch_size, epochs, seed, world):
     tasks fill a batch up to batch_size rankings, and their rows are scored once."""
     tasks = {}
     for r in records:
-        tasks.setdefault(json.dumps([r["prompt"], r["completions"]], sort_keys=True), []).append(r)
+        tasks.setdefault((prompt_key(r), tuple(r["completions"])), []).append(r)
     batches = []
     for epoch in data.epoch_batches(list(tasks.values()), len(tasks), epochs, seed, 1):
         batch = []
