@@ -50,9 +50,9 @@ PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this r
 # of 302 pretraining steps), the machine the README times. summary.json keeps every run's rate
 # and timings: re-measure when a preset changes.
 WORK = {
-    "bf16": {"pretrain": 45 * 1.36e12, "pretrain_step": 0.3 * 1.36e12, "sft": 47 * 1.36e12,
-             "feedback": 56 * 1.36e12, "reward": 40 * 1.36e12, "ppo": 65 * 1.36e12, "dpo": 42 * 1.36e12,
-             "mask": 25 * 1.36e12, "winrate": 5 * 1.36e12},
+    "bf16": {"pretrain": 62 * 7.8e11, "pretrain_step": 0.45 * 7.8e11, "sft": 75 * 7.8e11,
+             "feedback": 81 * 7.8e11, "reward": 44 * 7.8e11, "ppo": 98 * 7.8e11, "dpo": 82 * 7.8e11,
+             "mask": 27 * 7.8e11, "winrate": 4 * 7.8e11},
     "fp32": {"pretrain": 70 * 1.68e11, "pretrain_step": 1.1 * 1.68e11, "sft": 130 * 1.68e11,
              "feedback": 82 * 1.68e11, "reward": 95 * 1.68e11, "ppo": 138 * 1.68e11, "dpo": 152 * 1.68e11,
              "mask": 28 * 1.68e11, "winrate": 4 * 1.68e11},
