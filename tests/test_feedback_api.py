@@ -282,7 +282,7 @@ def test_invalid_input_is_answered_before_who_is_asking(tmp_path):
 
 
 def test_guessing_tokens_is_slowed_down(live_app):
-    from shoggoth.feedback.app import GUESSES
+    from shoggoth.feedback.auth import GUESSES
 
     srv = live_app
     _, token = D.create_labeler(srv.engine, "peggy")
