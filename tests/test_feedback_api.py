@@ -245,8 +245,44 @@ def test_malformed_headers_and_fields_get_a_4xx(live_app):
         assert D.overview(srv.engine)[1] and all(lab["name"] != "zed" for lab in D.overview(srv.engine)[1])
 
 
+def test_invalid_input_is_answered_before_who_is_asking(tmp_path):
+    """The order of answers: a malformed request gets 422 whoever sends it; a well-formed one from a
+    stranger 401, and a cookie write without the page's CSRF token 403 (FastAPI would call the auth
+    dependencies first; the app keeps validation first)."""
+    from fastapi.testclient import TestClient
+
+    from shoggoth.feedback.app import create_app
+
+    app = create_app(f"sqlite:///{tmp_path / 'f.db'}", admin_token=ADMIN)
+    labeler = D.trade_invite(app.state.engine, D.create_labeler(app.state.engine, "zoe")[1])[2]
+    admin = D.admin_session(app.state.engine, ADMIN)
+    requests = [  # (method, path, malformed, well-formed)
+        ("POST", "/api/tasks/{}/ranking", ("abc", {"json": {"ranking": [[1]]}}), ("1", {"json": {"ranking": [[1]]}})),
+        ("POST", "/api/tasks/1/ranking{}", ("", {"json": {"ranking": "best"}}), ("", {"json": {"ranking": [[1]]}})),
+        ("PUT", "/api/rankings/{}", ("0", {"json": {"ranking": [[1]]}}), ("1", {"json": {"ranking": [[1]]}})),
+        ("POST", "/api/tasks/{}/skip", (str(2**40), {}), ("1", {})),
+        ("GET", "/api/rankings?limit={}", ("x", {}), ("5", {})),
+        ("POST", "/admin/invite{}", ("", {"data": {"name": ""}}), ("", {"data": {"name": "yves"}})),
+        ("POST", "/admin/campaigns/1/n{}", ("", {"data": {"n": "0"}}), ("", {"data": {"n": "2"}})),
+        ("POST", "/admin/labelers/1/revoke{}", ("", {"data": {"csrf": "x" * 101}}), ("", {"data": {"csrf": "x"}})),
+        ("GET", "/admin/labelers/{}", ("abc", {}), ("1", {})),
+        ("GET", "/admin/export.jsonl?pairs={}", ("maybe", {}), ("true", {})),
+    ]
+    for who, cookies, refused in (("nobody", {}, 401), ("a wrong token", {}, 401),
+                                  ("a cookie without CSRF", {"sg_labeler": labeler, "sg_admin": admin}, 403)):
+        headers = bearer("wrong") if who == "a wrong token" else {}
+        with TestClient(app, cookies=cookies) as c:
+            for method, path, (bad, bad_kw), (good, good_kw) in requests:
+                r = c.request(method, path.format(bad), headers=headers, **bad_kw)
+                assert r.status_code == 422, (who, method, path, bad, r.status_code)
+                if method == "GET" and cookies:
+                    continue  # a cookie session reads without CSRF
+                r = c.request(method, path.format(good), headers=headers, **good_kw)
+                assert r.status_code == refused, (who, method, path, good, r.status_code)
+
+
 def test_guessing_tokens_is_slowed_down(live_app):
-    from shoggoth.feedback.app import GUESSES
+    from shoggoth.feedback.auth import GUESSES
 
     srv = live_app
     _, token = D.create_labeler(srv.engine, "peggy")

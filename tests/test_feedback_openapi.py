@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from fastapi.routing import iter_route_contexts
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -100,8 +101,8 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     assert schemes["adminCookie"]["in"] == "cookie" and schemes["adminCookie"]["name"] == "sg_admin"
     assert schemes["csrf"]["in"] == "header" and schemes["csrf"]["name"] == "X-CSRF-Token"
     assert doc["components"]["schemas"]["Error"]["properties"] == {"error": {"type": "string", "title": "Error"}}
-    routes = {(m.upper(), r.path) for r in srv.app.routes if getattr(r, "include_in_schema", False)
-              for m in r.methods}
+    routes = {(m.upper(), r.path) for r in iter_route_contexts(srv.app.routes)  # through the included routers
+              if getattr(r, "include_in_schema", False) for m in r.methods}
     ops = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
     assert set(ops) == routes and len(ops) == 19
     for (method, path), op in ops.items():

@@ -1,0 +1,144 @@
+"""The admin's side of the ranking app: the overview page (campaigns, their agreement and win rates,
+labelers), inviting and revoking labelers, a campaign's rankings per task, and the export. Every
+route but the sign-in declares `_: Admin` (reads) or `_: AdminForm` (a page's form: its `csrf` field)."""
+
+import re
+
+from fastapi import APIRouter, Form, HTTPException, Path, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+
+from . import db as D
+from . import winrate
+from .agreement import agreement
+from .auth import DB, Admin, AdminForm, ValidateFirst, check_admin, csrf_for, is_admin_token, set_cookie
+from .contract import ADMIN_COOKIE, ADMIN_READ, ADMIN_WRITE, ID, PUBLIC, doc, page
+
+router = APIRouter(route_class=ValidateFirst)
+
+EXPORT_DOC = doc(ADMIN_READ, 401, 422)
+EXPORT_DOC["responses"][200] = {"description": "One JSON object a line (a download)",
+                                "content": {"application/jsonl": {"schema": {"type": "string"}}}}
+
+
+def overview_with_agreement(request, db):
+    """The overview, each campaign with its labelers' agreement and an evaluation with its win rates.
+    app.state.summaries keeps each evaluation's (judgements, win rates): the bootstrap reruns on a change."""
+    summaries = request.app.state.summaries
+    camps, labs = D.overview(db)
+    for c in camps:
+        if c["evaluation"]:
+            settings, rows = D.judgements(db, c["name"])
+            if summaries.get(c["id"], (None,))[0] != rows:
+                summaries[c["id"]] = rows, winrate.summary(rows, settings["models"])
+            c["winrate"] = summaries[c["id"]][1]
+            c["agreement"] = c["winrate"]["agreement"]
+        else:
+            c["agreement"] = agreement(D.rank_vectors(db, c["id"]))
+    return camps, labs
+
+
+def admin_csrf(request):
+    return csrf_for(request, "admin", request.cookies.get(ADMIN_COOKIE, ""))
+
+
+def admin_page(request, db, status=200, **extra):
+    camps, labs = overview_with_agreement(request, db)
+    per = {}
+    for c in camps:
+        for name, t in c["agreement"]["per_labeler"].items():
+            per.setdefault(name, []).append(t)
+    for lab in labs:
+        ts = [t for t in per.get(lab["name"], []) if t is not None]
+        lab["tau"] = sum(ts) / len(ts) if ts else None
+    return page(request, "admin.html", status, campaigns=camps, labelers=labs, csrf=admin_csrf(request), **extra)
+
+
+def labeler_page(request, db, lid, status=200, **extra):
+    labs = {lab["id"]: lab for lab in D.overview(db)[1]}
+    if lid not in labs:
+        raise HTTPException(404, f"no labeler {lid}")
+    rows = D.rankings(db, labeler=lid, limit=200)
+    for r in rows:
+        r["ordered"] = sorted(zip(r["ranks"], r["completions"]), key=lambda x: x[0])
+    return page(request, "labeler.html", status, labeler=labs[lid], rows=rows, csrf=admin_csrf(request), **extra)
+
+
+def join_link(request, token):
+    return str(request.base_url).rstrip("/") + f"/join/{token}"
+
+
+@router.get("/admin", response_class=HTMLResponse, summary="The admin page; ?token= signs in",
+            **doc(ADMIN_READ + PUBLIC, 401, 422, 429, html=True, redirect="Signed in (an admin cookie): on to /admin"))
+def admin_home(request: Request, db: DB, token: str | None = Query(None, max_length=200)):
+    if token is None:
+        check_admin(request, db, None)  # a GET: no CSRF token to check
+        return admin_page(request, db)
+    # the admin link: trade the token in the URL for a cookie
+    guesses = request.app.state.guesses
+    guesses.check(request)
+    if not is_admin_token(request, token):
+        guesses.failed(request)
+        raise HTTPException(401, "wrong admin token")
+    resp = RedirectResponse("/admin", 303)
+    set_cookie(request, resp, ADMIN_COOKIE, D.admin_session(db, request.app.state.admin_token))
+    return resp
+
+
+@router.post("/admin/invite", response_class=HTMLResponse, status_code=201, summary="Invite a labeler (a page)",
+             **doc(ADMIN_WRITE, 401, 403, 404, 409, 422, html=True))
+def invite(request: Request, db: DB, _: AdminForm, name: str = Form(min_length=1, max_length=100),
+           campaign_id: str = Form("")):
+    cid = None
+    if campaign_id:
+        if not re.fullmatch(r"[0-9]{1,10}", campaign_id) or not 1 <= int(campaign_id) < 2**31:  # ASCII digits only
+            raise HTTPException(422, "campaign_id must be a campaign's id")
+        cid = int(campaign_id)
+    try:
+        token = D.create_labeler(db, name, cid)[1]
+    except D.Rejected as e:
+        return admin_page(request, db, e.status, error=str(e))
+    return admin_page(request, db, 201, invite={"name": name.strip(), "link": join_link(request, token)})
+
+
+@router.post("/admin/campaigns/{cid}/n", response_class=RedirectResponse, status_code=303,
+             summary="Set a campaign's rankings per task (the page's form)",
+             **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Done: back to /admin"))
+def set_n(db: DB, _: AdminForm, cid: int = Path(**ID), n: int = Form(ge=1, le=100)):
+    D.set_rankings_per_task(db, cid, n)
+    return RedirectResponse("/admin", 303)
+
+
+@router.get("/admin/labelers/{lid}", response_class=HTMLResponse, summary="A labeler's rankings (a page)",
+            **doc(ADMIN_READ, 401, 404, 422, html=True))
+def labeler_detail(request: Request, db: DB, _: Admin, lid: int = Path(**ID)):
+    return labeler_page(request, db, lid)
+
+
+@router.post("/admin/labelers/{lid}/revoke", response_class=HTMLResponse, summary="Revoke a labeler (a page)",
+             **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True))
+def revoke(request: Request, db: DB, _: AdminForm, lid: int = Path(**ID)):
+    """End the labeler's sessions and unused links now; their rankings stay."""
+    D.revoke_labeler(db, lid)
+    return labeler_page(request, db, lid, notice="Revoked: their sessions and unused links no longer work.")
+
+
+@router.post("/admin/labelers/{lid}/invite", response_class=HTMLResponse, status_code=201,
+             summary="A new invite link for a labeler (a page)", **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True))
+def reinvite(request: Request, db: DB, _: AdminForm, lid: int = Path(**ID)):
+    """A new invite link for the labeler (their earlier unused links stop working)."""
+    return labeler_page(request, db, lid, 201, link=join_link(request, D.new_invite(db, lid)))
+
+
+@router.get("/admin/api/overview", **doc(ADMIN_READ, 401))
+def overview(request: Request, db: DB, _: Admin):
+    camps, labs = overview_with_agreement(request, db)
+    return {"campaigns": camps, "labelers": labs}
+
+
+@router.get("/admin/export.jsonl", response_class=Response, **EXPORT_DOC)
+def export(db: DB, _: Admin, campaign: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$"),
+           pairs: bool = False):
+    fname = re.sub(r"[^A-Za-z0-9._-]", "_", f"{'pairs' if pairs else 'rankings'}-{campaign or 'all'}.jsonl")
+    # streamed a piece at a time from the database (each piece read in a worker thread)
+    return StreamingResponse(D.export_jsonl(db, campaign, pairs), media_type="application/jsonl",
+                             headers={"Content-Disposition": f'attachment; filename="{fname}"'})

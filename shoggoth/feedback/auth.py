@@ -1,0 +1,178 @@
+"""Who is asking the ranking app, as FastAPI dependencies: a route declares `who: Labeler`, `_: Admin`
+or `_: AdminForm` among its parameters, and `db: DB` for the database (app.state.engine).
+
+The order of answers is part of the contract: a malformed request gets 422 whoever sends it, then a
+stranger gets 401 and a forged write 403, then the database has its say (404, 409). FastAPI calls
+dependencies before it validates the route's own parameters and body, so a dependency that raised
+would answer a stranger's malformed request with 401. Ours hand their refusal to the endpoint as a
+value instead (`handed_over`), and the routers' ValidateFirst raises it once FastAPI has checked
+the input, before the endpoint's first line.
+"""
+
+import functools
+import hashlib
+import hmac
+import threading
+import time
+from typing import Annotated, NamedTuple
+from urllib.parse import urlsplit
+
+from fastapi import Depends, Form, HTTPException, Request
+from fastapi.routing import APIRoute
+from sqlalchemy import Engine
+
+from . import db as D
+from .contract import ADMIN_COOKIE, LABELER_COOKIE
+
+GUESSES, GUESS_WINDOW = 10, 60.0  # bad tokens per client address, per seconds
+NOT_SIGNED_IN = "not signed in: open your invite link"
+NOT_ADMIN = "admin only: open the admin link printed by `shoggoth feedback serve`"
+
+
+class Caller(NamedTuple):
+    """A signed-in labeler."""
+    id: int
+    name: str
+
+
+async def database(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+DB = Annotated[Engine, Depends(database)]
+
+
+class Guesses:
+    """Bad tokens per client address over the last `window` seconds; over `limit`, refuse."""
+
+    def __init__(self, limit=GUESSES, window=GUESS_WINDOW):
+        self.limit, self.window, self.seen, self.lock = limit, window, {}, threading.Lock()
+
+    def check(self, request):
+        with self.lock:
+            now, who = time.monotonic(), self.address(request)
+            recent = [t for t in self.seen.get(who, []) if now - t < self.window]
+            self.seen[who] = recent
+            if len(recent) >= self.limit:
+                raise HTTPException(429, f"too many wrong tokens from your address: wait {self.window:.0f} s")
+
+    def failed(self, request):
+        with self.lock:
+            self.seen.setdefault(self.address(request), []).append(time.monotonic())
+
+    @staticmethod
+    def address(request):
+        return request.client.host if request.client else ""
+
+
+# ------------------------------------------------------------ tokens, CSRF, Origin
+
+def bearer(request):
+    h = request.headers.get("authorization", "")
+    return h[7:].strip() if h[:7].lower() == "bearer " else None
+
+
+def csrf_for(request, role, token):
+    """The CSRF token of `role`'s pages for session `token`: an HMAC under the database's secret."""
+    return hmac.new(request.app.state.csrf_key, f"{role}:{token}".encode(), hashlib.sha256).hexdigest()[:40]
+
+
+def csrf_ok(request, role, token, sent):
+    # Bytes: compare_digest refuses str with non-ASCII characters (a forged header would be a 500).
+    return bool(sent) and hmac.compare_digest(str(sent).encode(), csrf_for(request, role, token).encode())
+
+
+def check_origin(request):
+    origin = request.headers.get("origin")
+    if origin is not None:
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:  # "http://[" and the like
+            netloc = None
+        if netloc != request.headers.get("host"):
+            raise HTTPException(403, "cross-origin request refused")
+
+
+def check_csrf(request, role, token, sent):
+    check_origin(request)
+    if not csrf_ok(request, role, token, sent):
+        raise HTTPException(403, "missing or stale CSRF token: reload the page")
+
+
+def is_admin_token(request, token):
+    return bool(token) and hmac.compare_digest(token.encode(), request.app.state.admin_token.encode())
+
+
+# ------------------------------------------------------------ the checks, raising 401/403
+
+def labeler(request: Request, db: DB) -> Caller:
+    """The signed-in labeler, or 401; a write signed in by a cookie needs the page's CSRF token."""
+    token, via_cookie = bearer(request), False
+    if token is None:
+        token, via_cookie = request.cookies.get(LABELER_COOKIE), True
+    who = D.session(db, token)
+    if who is None or who[0] != "labeler":
+        raise HTTPException(401, NOT_SIGNED_IN)
+    if via_cookie and request.method != "GET":
+        check_csrf(request, "labeler", token, request.headers.get("x-csrf-token"))
+    return Caller(*who[1])
+
+
+def admin(request: Request, db: DB):
+    """Nothing for the admin, else 401; a write signed in by a cookie needs the X-CSRF-Token header."""
+    check_admin(request, db, request.headers.get("x-csrf-token"))
+
+
+def admin_form(request: Request, db: DB, csrf: str = Form("", max_length=100)):
+    """`admin` for a page's form: the CSRF token is its `csrf` field, when filled, else the header."""
+    check_admin(request, db, csrf or request.headers.get("x-csrf-token"))
+
+
+def check_admin(request, db, csrf):
+    token = bearer(request)
+    if token is not None:
+        if not is_admin_token(request, token):
+            raise HTTPException(401, NOT_ADMIN)
+        return
+    token = request.cookies.get(ADMIN_COOKIE)
+    if D.session(db, token, request.app.state.admin_token) != ("admin", None):
+        raise HTTPException(401, NOT_ADMIN)
+    if request.method != "GET":
+        check_csrf(request, "admin", token, csrf)
+
+
+# ------------------------------------------------------------ as dependencies, answering after validation
+
+def handed_over(check):
+    """`check` as a dependency that returns its refusal (an HTTPException) rather than raising it."""
+    @functools.wraps(check)  # FastAPI reads the parameters from check's signature
+    def dependency(*args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except HTTPException as refusal:
+            return refusal
+    return dependency
+
+
+class ValidateFirst(APIRoute):
+    """A route whose endpoint raises the first refusal among its arguments before it runs. FastAPI calls
+    the endpoint only once parameters and body are valid, so a refusal answers after a 422, as it should."""
+
+    def __init__(self, path, endpoint, **kwargs):
+        @functools.wraps(endpoint)  # the same parameters, name and docstring: the same OpenAPI operation
+        def refusals_first(**values):
+            for value in values.values():
+                if isinstance(value, HTTPException):
+                    raise value
+            return endpoint(**values)
+        super().__init__(path, refusals_first, **kwargs)
+
+
+Labeler = Annotated[Caller, Depends(handed_over(labeler))]
+Admin = Annotated[None, Depends(handed_over(admin))]
+AdminForm = Annotated[None, Depends(handed_over(admin_form))]
+
+
+def set_cookie(request, resp, name, value):
+    resp.set_cookie(name, value, httponly=True, samesite="lax", max_age=90 * 24 * 3600, path="/",
+                    secure=request.url.scheme == "https")  # https: directly, or from a trusted proxy's header
