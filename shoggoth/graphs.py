@@ -16,11 +16,12 @@ def supported(model):
     streams cannot be captured (even inside dist.full_weights). Not dist._fsdp, which asks
     of the root alone: PPO and GRPO hand the engine the policy inside a sharded
     policy-and-value root, so only its blocks are FSDP modules."""
+    w = next(model.parameters())
+    if w.device.type != "cuda" or type(w.data) is not torch.Tensor:
+        return False
     from torch.distributed.fsdp import FSDPModule
 
-    w = next(model.parameters())
-    return (w.device.type == "cuda" and type(w.data) is torch.Tensor
-            and not any(isinstance(m, FSDPModule) for m in model.modules()))
+    return not any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class StaticCache(KVCache):
