@@ -222,7 +222,7 @@ class Attention(nn.Module):
             # autocast) once, and backward sums the three input gradients inside one
             # matmul. Copying the weights pays on training batches (B*T rows >> n_embd),
             # not in one-token decode steps, so eval mode keeps three matmuls (the
-            # engine fuses them once per generate call: engine.PackedWeights). A wrapped
+            # engine fuses them once per generate call: packed.PackedWeights). A wrapped
             # projection (a LoRA layer, shoggoth.lora) runs its own forward.
             bias = torch.cat([m.bias for m in p]) if p[0].bias is not None else None
             return F.linear(x, torch.cat([m.weight for m in p]), bias).split([m.out_features for m in p], dim=-1)
@@ -328,7 +328,9 @@ class Trunk(nn.Module):
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
         cos, sin = self.rope(pos)  # (B or 1, T, D)
-        # In the dtype q and k will have (the matmuls'), once here rather than in every layer.
+        # In the dtype q and k will have (the matmuls'), here rather than in every layer:
+        # Attention's own cast to q's dtype is then a no-op, except with per-head q/k norms
+        # (Qwen3) under autocast, whose fp32 output widens the tables back in every layer.
         dev = idx.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.embed_tokens.weight.dtype
         cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)  # broadcast over heads
