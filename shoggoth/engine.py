@@ -67,7 +67,7 @@ def sample(logits, temperature, top_k, top_p, generator=None):
     # u in (0, 1] (so the target is above 0 and at most the total: a token of probability
     # 0, masked or underflowed, is never the first to reach it). One random number per
     # row; on CPU an exponential race drew one per vocabulary entry, and torch's
-    # exponential_ alone took 2.6 ms of a 32 x 4096 step (this: 0.26 ms).
+    # exponential_ alone was a fifth of a rollout (bench/RESULTS.md, PPO iteration).
     cdf = logp.exp().cumsum(-1)
     u = 1 - torch.rand((len(cdf), 1), generator=generator, device=cdf.device)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:])  # (B, 1)

@@ -33,10 +33,9 @@ class PackedWeights:
     and gate/up each concatenated into one matrix, and a decode step written out on them.
 
     F.linear on CPU repacks its weight at every call; a decode step multiplies a few
-    rows by every weight, so repacking is a large share of the step (bf16, 16 rows x
-    [256, 4096]: 164 us with F.linear, 109 us prepacked; fp32 305 vs 172), and one
-    matmul for q/k/v instead of three saves a third of their time (99 vs 64 us, bf16).
-    Packing the 4.3M-parameter demo model takes about 3 ms, so it is done once per
+    rows by every weight, so repacking is a large share of the step, and one matmul for
+    q/k/v instead of three saves a third of their time (bench/RESULTS.md, Generation:
+    "Prepacked weights"). Packing a small model costs milliseconds, so it is done once per
     generate call: a PPO policy's weights change between calls. `applied()` routes the
     model's modules through the packed copies (the prefill runs the model itself);
     outside it they are untouched."""
@@ -107,9 +106,7 @@ class PackedWeights:
         """Logits (B, V) of one new token per row: the model's forward for T = 1, written out
         op for op (the same kernels in the same dtypes, so the same numbers) without the
         modules' generality: no module calls, RoPE on q and k at once, tables and mask made
-        once per generate call. On the demo model, in four A/B runs (1 and 2 threads, a
-        noisy machine), a batch-16 step took 0.83-1.00x the time of the modules', a
-        batch-1 step 0.78-0.86x.
+        once per generate call (its A/B against the modules: bench/RESULTS.md, Generation).
         cos, sin (B, 1, D) in the q/k dtype (sin as Trunk.rope gives it); mask over the cache,
         or None: (B, S) bool with shoggoth's kernel (kernels.py), (B, 1, 1, S) additive fp32
         for SDPA (which would otherwise convert a bool mask at every call)."""
@@ -120,7 +117,7 @@ class PackedWeights:
         # The norms' own forward() and the model's apply_rope, without Module.__call__.
         # Autocast is off for the whole step, as decode_attention_cpu turns it off for
         # attention (no other op here is an autocast op); that function's per-call
-        # context made batch-1 steps 4-10% slower, so its attention call is written here.
+        # context slowed batch-1 steps, so its attention call is written here.
         if self.kernel:
             cos, sin = cos.squeeze(1), sin.squeeze(1)  # (B, D), as the kernel takes them
         with torch.autocast("cpu", enabled=False):
