@@ -16,20 +16,23 @@ later forward pass with the same recipe reproduces them. Temperature 0 is greedy
 decoding; its log-probs are then those of the argmax under the plain
 temperature-1 softmax, no top-k/top-p.
 
-On CPU the decode step runs on weights packed once per call (PackedWeights); on
-CUDA it runs over a static cache as a CUDA graph replayed per token (StaticStep).
+This file is the algorithm: the reference decode step is the model's own forward
+over a KVCache (kvcache.py), one new token per row. Two faster forms of the same step
+live apart, each checked against this one in tests/test_engine.py: on CPU, a step
+written out on weights packed once per call (packed.py: PackedWeights); on CUDA, a step
+over a static cache captured as a CUDA graph and replayed per token (graphs.py: StaticStep).
 """
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from . import kernels, lora
-from .model import apply_rope
+from . import graphs, kernels
+from .graphs import StaticCache, StaticStep
+from .kvcache import KVCache
+from .packed import PackedWeights
 
 
 @dataclass
@@ -37,112 +40,6 @@ class Generation:
     tokens: torch.Tensor  # (B, N) long, new tokens only; pad_id after a row's stop
     mask: torch.Tensor  # (B, N) bool, True for real generated tokens (a stop token is real)
     logprobs: torch.Tensor  # (B, N) float32, log-prob of each token where it was sampled; 0 where mask is False
-
-
-class KVCache:
-    """Keys and values of every layer in one buffer allocated once per generate call.
-
-    The model calls update(layer, k, v) from inside each attention layer; the
-    engine moves `length` on after each forward, once every layer has written."""
-
-    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype, device):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.layers = list(zip(self.k, self.v))  # per layer (B, Hkv, max_len, D) views
-        self.length = 0
-
-    def update(self, layer, k, v):
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        if start == 0:
-            return k, v  # the prefill: nothing cached before, and k, v stay in the model's dtype
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D) views, no copies
-
-
-def _fsdp(model):
-    # Not dist._fsdp, which asks of the root alone: PPO and GRPO hand the engine the policy
-    # inside a sharded policy-and-value root, so only its blocks are FSDP modules.
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-class StaticCache(KVCache):
-    """A KVCache whose decode steps keep fixed shapes and addresses, as a CUDA graph needs:
-    each step writes its column at `at`, a device tensor, and attends over the whole
-    buffer, with the columns not yet written masked out (StaticStep)."""
-
-    at = None  # (1,) long, the column the current step writes; None during the prefill
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        # Columns not yet written are masked, but a masked score still multiplies its
-        # value by 0, and 0 * NaN from uninitialised memory would poison the output.
-        self.k.zero_()
-        self.v.zero_()
-
-    def update(self, layer, k, v):
-        if self.at is None:
-            return super().update(layer, k, v)
-        self.k[layer].index_copy_(2, self.at, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.at, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
-
-
-class StaticStep:
-    """The model's one-token decode step over a StaticCache, on inputs held in fixed
-    buffers; on CUDA it is captured once per generate call as a CUDA graph and replayed
-    for every new token. A decode step of a small model is a few dozen tiny kernels,
-    each costing more to launch from Python than to run: a replay is one launch.
-    Elsewhere (static=True on CPU, for the tests) the same step runs eagerly.
-
-    valid (B, S) bool: the keys each row may see (not its left padding); step_pos (B, N):
-    the position of each new token. The cache holds the prompt (cache.length = P)."""
-
-    def __init__(self, model, cache, valid, step_pos, graph, autocast):
-        dev = valid.device
-        self.trunk, self.head, self.cache = model.model, model.lm_head, cache
-        self.valid, self.step_pos, self.prompt = valid, step_pos, cache.length
-        self.cols = torch.arange(valid.shape[1], device=dev)
-        self.tok = torch.zeros(valid.shape[0], dtype=torch.long, device=dev)  # the inputs, written before each step
-        self.t = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graph = None
-        if graph:
-            # Autocast's cache of cast weights is emptied when its context exits (stream()
-            # enters the engine's per step; a caller may hold its own), so the graph does
-            # its own casts: autocast as it stands now, with the cache off.
-            amp = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if autocast else
-                   torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
-                                  enabled=torch.is_autocast_enabled("cuda")))
-            with torch.cuda.device(dev):  # streams and capture on the model's GPU, whichever is current
-                side = torch.cuda.Stream()  # warm up off the main stream, as torch.cuda.graphs advises
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side), amp:
-                    self.forward()  # writes column P, which step 0 writes again before reading it
-                torch.cuda.current_stream().wait_stream(side)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph), amp:
-                    self.logits = self.forward()
-
-    def forward(self):
-        end = self.t + self.prompt  # (1,) the column of this step's token
-        self.cache.at = end
-        mask = (self.valid & (self.cols <= end))[:, None, None]  # (B, 1, 1, S)
-        h = self.trunk(self.tok[:, None], pos=self.step_pos.index_select(1, self.t), mask=mask, cache=self.cache)
-        return self.head(h[:, -1])  # (B, V)
-
-    def __call__(self, tok, t):
-        """Logits (B, V) after the tokens tok (B,) of step t; under a graph they stay
-        in the graph's buffer until the next call."""
-        self.tok.copy_(tok)
-        self.t.fill_(t)
-        if self.graph is None:
-            return self.forward()
-        with torch.cuda.device(self.tok.device):
-            self.graph.replay()
-        return self.logits
 
 
 def sample(logits, temperature, top_k, top_p, generator=None):
@@ -170,7 +67,7 @@ def sample(logits, temperature, top_k, top_p, generator=None):
     # u in (0, 1] (so the target is above 0 and at most the total: a token of probability
     # 0, masked or underflowed, is never the first to reach it). One random number per
     # row; on CPU an exponential race drew one per vocabulary entry, and torch's
-    # exponential_ alone took 2.6 ms of a 32 x 4096 step (this: 0.26 ms).
+    # exponential_ alone was a fifth of a rollout (bench/RESULTS.md, PPO iteration).
     cdf = logp.exp().cumsum(-1)
     u = 1 - torch.rand((len(cdf), 1), generator=generator, device=cdf.device)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:])  # (B, 1)
@@ -179,127 +76,15 @@ def sample(logits, temperature, top_k, top_p, generator=None):
     return tok, lp
 
 
-def _packed_linear(weight, bias, dtype, x):
-    x = x if x.dtype == dtype else x.to(dtype)  # a Python test costs less than a no-op dispatch
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _fused_project(linear, sizes, x):
-    return linear(x).split(sizes, dim=-1)
-
-
-def _fused_mlp(gate_up, down, x):
-    gate, up = gate_up(x).chunk(2, dim=-1)
-    return down(F.silu(gate) * up)
-
-
-class PackedWeights:
-    """The model's Linear weights reordered once into oneDNN's blocked layout, with q/k/v
-    and gate/up each concatenated into one matrix, and a decode step written out on them.
-
-    F.linear on CPU repacks its weight at every call; a decode step multiplies a few
-    rows by every weight, so repacking is a large share of the step (bf16, 16 rows x
-    [256, 4096]: 164 us with F.linear, 109 us prepacked; fp32 305 vs 172), and one
-    matmul for q/k/v instead of three saves a third of their time (99 vs 64 us, bf16).
-    Packing the 4.3M-parameter demo model takes about 3 ms, so it is done once per
-    generate call: a PPO policy's weights change between calls. `applied()` routes the
-    model's modules through the packed copies (the prefill runs the model itself);
-    outside it they are untouched."""
-
-    def __init__(self, model, rows, dtype):
-        def pack(*linears):
-            w = torch.cat([lora.weight(m).detach() for m in linears]).to(dtype)  # LoRA adapters merged in
-            b = torch.cat([m.bias.detach() for m in linears]).to(dtype) if linears[0].bias is not None else None
-            return partial(_packed_linear, torch.ops.mkldnn._reorder_linear_weight(w, rows), b, dtype)
-
-        # (module, attribute, replacement): an instance attribute shadows the class's method.
-        self.patches = []
-        self.layers = []  # per block: its two norms and packed q/k/v, o, gate/up, down
-        for block in model.model.layers:
-            a, mlp = block.self_attn, block.mlp
-            p = (a.q_proj, a.k_proj, a.v_proj)
-            qkv, o, gate_up, down = pack(*p), pack(a.o_proj), pack(mlp.gate_proj, mlp.up_proj), pack(mlp.down_proj)
-            self.patches += [(a, "project", partial(_fused_project, qkv, [x.out_features for x in p])),
-                             (a.o_proj, "forward", o), (mlp, "forward", partial(_fused_mlp, gate_up, down))]
-            self.layers.append((block.input_layernorm, qkv, o, block.post_attention_layernorm, gate_up, down))
-        self.head = pack(model.lm_head)
-        self.patches.append((model.lm_head, "forward", self.head))
-        self.trunk, self.config = model.model, model.config
-        self.kernel = kernels.load()  # shoggoth's compiled decode attention, or None: SDPA
-
-    @staticmethod
-    def supported(model, dtype):
-        """CPU, plain tensors (not the DTensors of a sharded model), and oneDNN able to run dtype."""
-        w = next(model.parameters())
-        return (w.device.type == "cpu" and type(w.data) is torch.Tensor and torch.backends.mkldnn.is_available()
-                and (dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-
-    @contextmanager
-    def applied(self):
-        # Set in __dict__ directly: this runs around every decode step, and Module.__setattr__ is slow.
-        for m, name, fn in self.patches:
-            m.__dict__[name] = fn
-        try:
-            yield
-        finally:
-            for m, name, _ in self.patches:
-                m.__dict__.pop(name, None)
-
-    def decode(self, tok, cos, sin, mask, cache):
-        """Logits (B, V) of one new token per row: the model's forward for T = 1, written out
-        op for op (the same kernels in the same dtypes, so the same numbers) without the
-        modules' generality: no module calls, RoPE on q and k at once, tables and mask made
-        once per generate call. On the demo model, in four A/B runs (1 and 2 threads, a
-        noisy machine), a batch-16 step took 0.83-1.00x the time of the modules', a
-        batch-1 step 0.78-0.86x.
-        cos, sin (B, 1, D) in the q/k dtype (sin as Trunk.rope gives it); mask over the cache,
-        or None: (B, S) bool with shoggoth's kernel (kernels.py), (B, 1, 1, S) additive fp32
-        for SDPA (which would otherwise convert a bool mask at every call)."""
-        c = self.config
-        H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
-        B, end = tok.shape[0], cache.length + 1
-        x = self.trunk.embed_tokens(tok)  # (B, C)
-        # The norms' own forward() and the model's apply_rope, without Module.__call__.
-        # Autocast is off for the whole step, as decode_attention_cpu turns it off for
-        # attention (no other op here is an autocast op); that function's per-call
-        # context made batch-1 steps 4-10% slower, so its attention call is written here.
-        if self.kernel:
-            cos, sin = cos.squeeze(1), sin.squeeze(1)  # (B, D), as the kernel takes them
-        with torch.autocast("cpu", enabled=False):
-            for (norm1, qkv, o, norm2, gate_up, down), (k, v) in zip(self.layers, cache.layers):
-                if self.kernel:
-                    # RoPE, the cache write and attention in one call, with the same numbers as
-                    # the ops below (tests/test_engine.py): 14 fewer ops per layer.
-                    y = self.kernel.decode_step(qkv(norm1.forward(x)), cos, sin, k, v, end - 1, mask, H)
-                else:
-                    qk, v_new = qkv(norm1.forward(x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
-                    qk = apply_rope(qk.view(B, H + Hkv, D), cos, sin)  # q and k at once
-                    k.select(2, end - 1).copy_(qk[:, H:])
-                    v.select(2, end - 1).copy_(v_new.view(B, Hkv, D))
-                    y = F.scaled_dot_product_attention(qk[:, :H, None].float(), k.narrow(2, 0, end),
-                                                       v.narrow(2, 0, end), attn_mask=mask, enable_gqa=Hkv != H)
-                x = x + o(y.view(B, H * D))  # y fp32; o casts to its dtype
-                gate, up = gate_up(norm2.forward(x)).chunk(2, dim=-1)
-                x = x + down(F.silu(gate) * up)
-            return self.head(self.trunk.norm.forward(x))
-
-    @staticmethod
-    def decodes(model):
-        """Whether decode() computes what the model would: a GPT without per-head q/k norms (Qwen3)."""
-        return not model.config.qk_norm
-
-
 class Engine:
     """Sampling over a `GPT` (shoggoth.model): batched, cached, exact.
 
     bf16=True runs an fp32 model under bf16 autocast (about 2x faster matmuls on
     CPUs with AVX-512 bf16); a model already in bf16 runs in bf16 either way.
 
-    On CUDA the decode step runs as a CUDA graph over a static cache (StaticStep),
-    unless the model is sharded by FSDP: its hooks run in every block's forward, and
-    their all-gather streams cannot be captured (even inside dist.full_weights).
-    static=True forces that step elsewhere (eagerly: the tests check it on CPU),
-    static=False turns it off."""
+    On CUDA the decode step runs as a CUDA graph over a static cache (graphs.StaticStep),
+    unless the model is sharded by FSDP (graphs.supported says why). static=True forces
+    that step elsewhere (eagerly: the tests check it on CPU), static=False turns it off."""
 
     def __init__(self, model, bf16=False, pad_id=0, static=None):
         self.model = model
@@ -310,7 +95,7 @@ class Engine:
         if self.autocast:
             self.dtype = torch.bfloat16
         if static is None:
-            static = self.device.type == "cuda" and type(param.data) is torch.Tensor and not _fsdp(model)
+            static = graphs.supported(model)
         self.static = static
 
     def generate(self, prompts: list[list[int]], max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
@@ -401,22 +186,24 @@ class Engine:
         if not self.static and PackedWeights.supported(self.model, self.dtype):
             packed = PackedWeights(self.model, B, self.dtype)
         fast = packed.applied if packed else nullcontext  # entered per forward: never held across a yield
-        decode = None  # StaticStep, or PackedWeights.decode where it computes what the model would
         # Prefill all prompts in one forward; only the last column needs logits.
         with fast():
             logits = head(trunk(idx, pos=pos, mask=prefill_mask, cache=cache)[:, -1])  # (B, V)
         cache.length = P
         step_pos = lengths[:, None] + torch.arange(N, device=dev)  # (B, N): position of each new token
+
+        def step(tok, t):
+            """Logits (B, V) after the tokens tok (B,) of step t: the model's forward for one
+            new token per row, attending to every cached column but the row's padding."""
+            step_mask = valid[:, None, None, :P + t + 1] if ragged else None  # (B, 1, 1, S)
+            with fast():
+                return head(trunk(tok[:, None], pos=step_pos[:, t:t + 1], mask=step_mask, cache=cache)[:, -1])
+
+        # The same step, faster, where it computes what the model would.
         if self.static and N > 1:  # N = 1: no decode step to capture
-            decode = StaticStep(self.model, cache, valid, step_pos, dev.type == "cuda", self.autocast)
+            step = StaticStep(self.model, cache, valid, step_pos, dev.type == "cuda", self.autocast)
         elif packed and PackedWeights.decodes(self.model):
-            # RoPE tables and the padding mask of every step, made once.
-            cos, sin = (x[:, :, None].to(self.dtype) for x in trunk.rope(step_pos))  # (B, N, 1, D)
-            if ragged and kernel:
-                bias = valid  # (B, S) bool: what the kernel takes
-            elif ragged:
-                bias = torch.zeros(B, 1, 1, P + N, device=dev).masked_fill_(~valid[:, None, None], float("-inf"))
-            decode = packed.decode
+            step = packed.step(cache, step_pos, valid if ragged else None)
         for t in range(N):
             tok, lp = sample(logits, temperature, top_k, top_p, generator)
             yield tok, lp, ~done
@@ -426,13 +213,5 @@ class Engine:
                     return
             if t == N - 1:
                 return
-            end = P + t + 1
-            if self.static:
-                logits = decode(tok, t)
-            elif decode:
-                logits = decode(tok, cos[:, t], sin[:, t], bias[..., :end] if ragged else None, cache)
-            else:
-                step_mask = valid[:, None, None, :end] if ragged else None  # (B, 1, 1, S)
-                with fast():
-                    logits = head(trunk(tok[:, None], pos=step_pos[:, t:t + 1], mask=step_mask, cache=cache)[:, -1])
-            cache.length = end
+            logits = step(tok, t)
+            cache.length = P + t + 1

@@ -1,11 +1,11 @@
 """The one compiled kernel: one-query decode attention on CPU (csrc/decode_attention.cpp).
 
-Built on first use with torch.utils.cpp_extension (g++, about 25 s once; the build is
-cached under ~/.cache/shoggoth/kernels, one folder per CPU, torch and Python), for the
-CPU it runs on. Where it cannot be built (no compiler, no Python headers) or
-SHOGGOTH_NO_KERNELS=1 is set, `decode_attention` returns None and callers use PyTorch's
-SDPA instead, with the same results up to float rounding. tests/test_engine.py checks
-the kernel against SDPA.
+Built on first use with torch.utils.cpp_extension (g++, once; the build is cached under
+~/.cache/shoggoth/kernels, one folder per CPU, torch and Python), for the CPU it runs
+on; bench/RESULTS.md (Generation) has the build time and the speed. Where it cannot be
+built (no compiler, no Python headers) or SHOGGOTH_NO_KERNELS=1 is set,
+`decode_attention` returns None and callers use PyTorch's SDPA instead, with the same
+results up to float rounding. tests/test_engine.py checks the kernel against SDPA.
 """
 
 import hashlib

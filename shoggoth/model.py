@@ -80,8 +80,8 @@ class _RMSNormFP32(torch.autograd.Function):
     """weight * x / rms(x) for fp32 x and weight, returned in out_dtype. Forward is F.rms_norm
     (one fused kernel, bit-identical to Hugging Face's formula in fp32), then one cast
     (to the autocast dtype, for norms that feed matmuls); backward is the closed
-    form in five passes instead of autograd's dozen. Together 1.6x faster than
-    F.rms_norm + autograd, about 4% of a training step of the 14M-parameter CPU model."""
+    form in five passes instead of autograd's dozen (timings: bench/RESULTS.md, "Figures
+    quoted in the code")."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
@@ -114,9 +114,9 @@ def causal_attention_cpu(q, k, v):
     """Causal attention as two batched matmuls (scale and mask folded into the first),
     softmax in fp32 inside the kernel, probabilities in the input dtype; the same as
     transformers' eager attention under bf16 autocast (the scores are rounded to bf16,
-    which SDPA's flash kernel does not do; fp32 is unchanged). On these CPUs, for T <= 512, its
-    forward+backward takes 0.6-0.7x the time of SDPA's flash kernel (bf16, 16x6 heads of
-    64, T=256: 68 vs 96 ms per layer on one core); at T=1024 flash wins."""
+    which SDPA's flash kernel does not do; fp32 is unchanged). On CPU in bf16, for T <= 512,
+    its forward+backward is faster than SDPA's flash kernel; at T=1024 flash wins
+    (bench/RESULTS.md, "Figures quoted in the code")."""
     B, H, T, D = q.shape
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
@@ -126,12 +126,12 @@ def causal_attention_cpu(q, k, v):
 
 def decode_attention_cpu(q, k, v, mask=None):
     """One new query per row (B, H, 1, D) against the cached keys and values (B, Hkv, S, D)
-    in fp32; mask (B, 1, 1, S) bool, True where a key is visible. On these CPUs SDPA's
-    flash kernel is slow for a single query in bf16 (batch 16, 4 heads, 300 keys: 1.07 ms
-    vs 0.31 ms in fp32), and fp32 scores and softmax round less. shoggoth's kernel
-    (kernels.py) reads a bf16 cache into fp32 directly; without it the engine keeps an
-    fp32 cache and SDPA computes in fp32. Autocast is off here: it would cast all three
-    back to bf16 (a PPO rollout's decode attention ran 7x slower under it)."""
+    in fp32; mask (B, 1, 1, S) bool, True where a key is visible. On CPU SDPA's flash
+    kernel is several times slower for a single query in bf16 than in fp32 (bench/RESULTS.md,
+    Generation), and fp32 scores and softmax round less. shoggoth's kernel (kernels.py)
+    reads a bf16 cache into fp32 directly; without it the engine keeps an fp32 cache and
+    SDPA computes in fp32. Autocast is off here: it would cast all three back to bf16,
+    the slow path (bench/RESULTS.md, "Figures quoted in the code")."""
     y = kernels.decode_attention(q, k, v, mask)
     if y is not None:
         return y.to(q.dtype)
@@ -222,7 +222,7 @@ class Attention(nn.Module):
             # autocast) once, and backward sums the three input gradients inside one
             # matmul. Copying the weights pays on training batches (B*T rows >> n_embd),
             # not in one-token decode steps, so eval mode keeps three matmuls (the
-            # engine fuses them once per generate call: engine.PackedWeights). A wrapped
+            # engine fuses them once per generate call: packed.PackedWeights). A wrapped
             # projection (a LoRA layer, shoggoth.lora) runs its own forward.
             bias = torch.cat([m.bias for m in p]) if p[0].bias is not None else None
             return F.linear(x, torch.cat([m.weight for m in p]), bias).split([m.out_features for m in p], dim=-1)
@@ -328,7 +328,9 @@ class Trunk(nn.Module):
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
         cos, sin = self.rope(pos)  # (B or 1, T, D)
-        # In the dtype q and k will have (the matmuls'), once here rather than in every layer.
+        # In the dtype q and k will have (the matmuls'), here rather than in every layer:
+        # Attention's own cast to q's dtype is then a no-op, except with per-head q/k norms
+        # (Qwen3) under autocast, whose fp32 output widens the tables back in every layer.
         dev = idx.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.embed_tokens.weight.dtype
         cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)  # broadcast over heads
@@ -344,7 +346,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     of the final sum; bf16 gradients come out bit-identical), computed in
     row chunks that stay in cache. The gradient (softmax - onehot) / count is formed in
     the forward pass, chunk by chunk, in place of the logits, so that no fp32 (N, V)
-    tensor is ever written: 1.1x faster training steps on the 14M-parameter CPU model.
+    tensor is ever written (bench/RESULTS.md, Pretraining throughput: 1.10x per step).
     Backward only scales the two saved gradients."""
 
     @staticmethod

@@ -14,8 +14,9 @@ import transformers
 
 from shoggoth import kernels, sampling, tokenizer
 from shoggoth.checkpoint import save_pretrained
-from shoggoth.engine import Engine, PackedWeights, sample
+from shoggoth.engine import Engine, sample
 from shoggoth.model import GPT, GPTConfig, apply_rope
+from shoggoth.packed import PackedWeights
 
 V = 97
 PROMPTS = [[3, 14, 15, 92, 65], [35], [89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]]  # ragged on purpose

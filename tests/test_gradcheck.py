@@ -1,9 +1,11 @@
-"""fp64 gradcheck of the hand-written backwards (RMSNorm's, the chunked linear + cross-entropy)
-and of the training paths that reshape the forward: fused q/k/v, GQA, causal attention as two
-matmuls, packed documents. A wrong backward would train, slowly and wrongly, and pass every
-other test."""
+"""fp64 gradcheck of the hand-written backwards (RMSNorm's, the chunked linear + cross-entropy:
+the package's only autograd.Functions) and of the training paths that reshape the forward:
+fused q/k/v, GQA, causal attention as two matmuls, packed documents. A wrong backward would
+train, slowly and wrongly, and pass every other test."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
@@ -17,6 +19,27 @@ def test_rmsnorm_backward():
     assert gradcheck(lambda x, w: _RMSNormFP32.apply(x, w, 1e-6, torch.float64), (x, w))
 
 
+def test_rmsnorm_backward_frozen_weight():
+    torch.manual_seed(0)  # LoRA freezes the norms: only the input's gradient is formed
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    w = 1 + 0.1 * torch.randn(16, dtype=torch.float64)
+    assert gradcheck(lambda x: _RMSNormFP32.apply(x, w, 1e-6, torch.float64), (x,))
+
+
+def test_rmsnorm_backward_through_the_cast_to_bf16():
+    # Norms that feed matmuls return the autocast dtype: the gradient comes back in bf16 and is
+    # widened before the closed form. Against autograd through F.rms_norm and the same cast.
+    torch.manual_seed(0)
+    x = torch.randn(6, 32, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(32)).requires_grad_()
+    g = torch.randn(6, 32).bfloat16()
+    ours = torch.autograd.grad(_RMSNormFP32.apply(x, w, 1e-5, torch.bfloat16), (x, w), g)
+    ref = torch.autograd.grad(F.rms_norm(x, (32,), w, 1e-5).bfloat16(), (x, w), g)
+    for a, b in zip(ours, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_linear_cross_entropy_backward():
     torch.manual_seed(0)
     h = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
@@ -26,6 +49,18 @@ def test_linear_cross_entropy_backward():
     assert gradcheck(lambda h, w: LinearCrossEntropy.apply(h, w, targets), (h, w))
     ref = torch.nn.functional.cross_entropy(h @ w.t(), targets, ignore_index=-100)
     assert torch.allclose(LinearCrossEntropy.apply(h, w, targets), ref)
+
+
+def test_linear_cross_entropy_backward_scaled_and_half_frozen():
+    # The upstream gradient scales both saved gradients (a loss divided by micro-steps, a
+    # weighted sum), and each is formed only when its input needs it (LoRA: a frozen head).
+    torch.manual_seed(0)
+    h = torch.randn(24, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (24,))
+    targets[:5] = -100
+    assert gradcheck(lambda h: 3 * LinearCrossEntropy.apply(h, w.detach(), targets), (h,))
+    assert gradcheck(lambda w: -0.5 * LinearCrossEntropy.apply(h.detach(), w, targets), (w,))
 
 
 def test_causal_attention_as_two_matmuls_backward():
@@ -72,3 +107,34 @@ def test_training_step_backward_qwen_style_bias_and_qk_norm():
 def test_training_step_backward_packed_documents():
     seg = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 9 + [-1] * 3])  # three documents, then one and padding
     check_model(tiny(), mask=Documents(seg))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, qk_norm=True)])
+def test_fp32_training_step_matches_plain_autograd(kw, monkeypatch):
+    # In fp64 (above) RMSNorm runs plain autograd ops: its Function serves the fp32 residual
+    # stream (and fp32 q/k) only. Here a real fp32 training step's gradients, with both Functions where the
+    # model calls them, against the same step with them replaced by the formulas they stand for.
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=32, **kw)).train()
+    idx, targets = torch.randint(0, 64, (3, 16)), torch.randint(0, 64, (3, 16))
+    targets[0, :4] = -100
+
+    def grads():
+        m.zero_grad()
+        m(idx, targets=targets).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    calls = []
+    real_norm, real_ce = _RMSNormFP32.apply, LinearCrossEntropy.apply
+    monkeypatch.setattr(_RMSNormFP32, "apply", lambda *a: calls.append("norm") or real_norm(*a))
+    monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *a: calls.append("ce") or real_ce(*a))
+    ours = grads()
+    norms = 2 * (4 if m.config.qk_norm else 2) + 1  # per block two (and q/k norms), and the final one
+    assert calls.count("norm") == norms and calls.count("ce") == 1
+    monkeypatch.setattr(_RMSNormFP32, "apply", lambda x, w, eps, out: F.rms_norm(x, (x.shape[-1],), w, eps).to(out))
+    monkeypatch.setattr(LinearCrossEntropy, "apply",
+                        lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t, ignore_index=-100))
+    ref = grads()
+    assert ours.keys() == ref.keys()
+    for n in ours:
+        torch.testing.assert_close(ours[n], ref[n], atol=1e-6, rtol=1e-4, msg=n)

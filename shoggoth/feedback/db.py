@@ -815,8 +815,9 @@ _ROW = (Ranking.id, Ranking.ranks, Ranking.flags, Ranking.seconds, Task.id, Task
 
 
 def _export_format(s, rows, task_ids):
-    """Rows of _ROW as export records (with `models`, the model of each completion, for an
-    evaluation campaign's); task_ids: their tasks' ids."""
+    """Rows of _ROW as records {"prompt", "completions": [c0, ..., cK-1], "ranks": [r0, ..., rK-1]
+    (0 best, ties share a rank), "labeler", "flags", "campaign", "task_id", "seconds"}, with
+    `models` (the model of each completion) for an evaluation campaign's; task_ids: their tasks' ids."""
     texts, models = {}, {}
     for tid, text_, model in s.execute(select(Completion.task_id, Completion.text, Completion.model)
                                        .where(Completion.task_id.in_(task_ids))
@@ -833,7 +834,7 @@ def _export_format(s, rows, task_ids):
 
 
 def iter_rankings(engine, campaign=None, labeler=None, chunk=EXPORT_CHUNK, evaluations=True):
-    """Stored rankings in the export format (DESIGN.md), oldest first, as a generator; without
+    """Stored rankings as records of _export_format, oldest first, as a generator; without
     `evaluations`, none of an evaluation campaign's.
 
     Read `chunk` at a time, after the last id read (keyset pagination: no OFFSET; the
@@ -859,7 +860,7 @@ def iter_rankings(engine, campaign=None, labeler=None, chunk=EXPORT_CHUNK, evalu
 
 
 def rankings(engine, campaign=None, labeler=None, limit=None):
-    """Stored rankings in the export format (DESIGN.md): all, oldest first, or the newest `limit`, newest first."""
+    """Stored rankings as records of _export_format: all, oldest first, or the newest `limit`, newest first."""
     if limit is None:
         return list(iter_rankings(engine, campaign, labeler))
     with Session(reading(engine)) as s:
@@ -902,7 +903,8 @@ EXPORT_KEYS = ("prompt", "completions", "ranks", "labeler", "flags", "campaign",
 
 
 def export_rows(engine, campaign=None, as_pairs=False):
-    """Rankings as DESIGN.md's rankings format, or as TRL pairs: a generator, streamed from the database.
+    """Rankings as the records `shoggoth reward` and `dpo` read (data.ranking; the EXPORT_KEYS of
+    _export_format's, and `models`), or as TRL pairs: a generator, streamed from the database.
     Evaluation campaigns never feed training: they are left out unless `campaign` names one."""
     for r in iter_rankings(engine, campaign=campaign, evaluations=campaign is not None):
         if as_pairs:
