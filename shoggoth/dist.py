@@ -90,19 +90,28 @@ def all_mean(x: torch.Tensor):
     return x
 
 
+def all_sums(values, device=None):
+    """Sums over ranks of named scalars ({name: 0-dim tensor or number}), in one all-reduce: each
+    comes back a 0-dim tensor of its own float dtype (an integer or bool as float32). device: where
+    the reduction runs (default: that of the first value)."""
+    ts = {k: torch.as_tensor(v) for k, v in values.items()}
+    if not dist.is_initialized():
+        return {k: t if t.is_floating_point() else t.float() for k, t in ts.items()}
+    device = device or next(iter(ts.values())).device
+    flat = all_sum(torch.stack([t.to(device, torch.float64) for t in ts.values()]))  # float64 on the wire
+    return {k: s.to(t.dtype if t.is_floating_point() else torch.float32) for (k, t), s in zip(ts.items(), flat)}
+
+
+def all_means(values, device=None):
+    """Means over ranks of named scalars, in one all-reduce (all_sums divided by the number of ranks)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {k: v / world if world > 1 else v for k, v in all_sums(values, device).items()}
+
+
 def share(items, d: Dist):
     """This rank's contiguous share of a sequence (rows of a global batch, prompts to roll out)."""
     n = len(items)
     return items[d.rank * n // d.world:(d.rank + 1) * n // d.world]
-
-
-def gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: rollouts, samples)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def cleanup():
