@@ -331,11 +331,27 @@ class TokenShards:
 # ---------------------------------------------------------------- SFT conversations
 
 
+def messages(msgs, where, what="'messages'", blank=True):
+    """The one check of a list of chat messages (SFT conversations, prompts, rankings' prompts):
+    a non-empty list of {"role": one of tokenizer.ROLES, "content": a string} (blank=False: a
+    string with text) -> the messages with just those two keys, or a DataError naming `where`."""
+    from .tokenizer import ROLES
+
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: {what} must be a non-empty list of messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise DataError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str) or not (blank or m["content"].strip()):
+            raise DataError(f"{where}: message {i} ({m['role']}) has {'non-string' if blank else 'empty or non-string'}"
+                            " content")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
 def conversation(obj, where):
     """A JSON record in TRL's conversational ({"messages": [...]}) or prompt/completion
     format (strings, or lists of messages) -> a validated list of messages."""
-    from .tokenizer import ROLES
-
     if "messages" in obj:
         msgs = obj["messages"]
     elif "prompt" in obj and "completion" in obj:
@@ -344,17 +360,10 @@ def conversation(obj, where):
                (c if isinstance(c, list) else [{"role": "assistant", "content": c}])
     else:
         raise DataError(f"{where}: expected 'messages', or 'prompt' and 'completion'")
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
-            raise DataError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise DataError(f"{where}: message {i} ({m['role']}) has empty or non-string content")
+    msgs = messages(msgs, where, blank=False)
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: no assistant turn to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return msgs
 
 
 def read_conversations(path, skip_invalid=False, log=print):
@@ -366,6 +375,8 @@ def read_conversations(path, skip_invalid=False, log=print):
 def read_records(path, parse, what, skip_invalid=False, log=print):
     """parse(obj, "file:line") of every non-blank line of a JSONL file; a bad line is a
     DataError naming it, or with skip_invalid a counted, reported skip."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such {what} file")
     out, skipped, first_error = [], 0, None
     lines = read_text(path).splitlines()
     for lineno, line in enumerate(lines, 1):
@@ -381,7 +392,7 @@ def read_records(path, parse, what, skip_invalid=False, log=print):
     log(f"data: {path}: {len(out)} {what} read, {skipped} invalid line(s) skipped"
         + (f" (first: {first_error})" if first_error else ""))
     if not out:
-        raise DataError(f"{path}: no usable {what}")
+        raise DataError(f"{path}: no {what} in the file" + (f" ({skipped} invalid line(s) skipped)" if skipped else ""))
     return out
 
 
@@ -420,6 +431,57 @@ def epoch_batches(items, batch_size, epochs, seed, world):
     return batches
 
 
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_record(obj, where):
+    """A prompts JSONL record -> {"messages", "references", "where"}: what PPO, GRPO and
+    `feedback generate` sample replies to, with the same context.
+
+    `{"prompt": "text"}`, `{"prompt": [messages]}` or `{"messages": [...]}`, with optional
+    `"references": [answers]` (what the simulated labelers' gold reward compares against).
+    Trailing assistant turns of `messages` are dropped from the prompt and, when there
+    are no references, become them."""
+    msgs = obj.get("prompt", obj.get("messages"))
+    if not isinstance(msgs, (str, list)):
+        raise DataError(f"{where}: expected a string 'prompt' or a list 'messages' (or 'prompt' as a list of messages)")
+    msgs = messages([{"role": "user", "content": msgs}] if isinstance(msgs, str) else msgs, where)
+    refs = obj.get("references")
+    if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
+        raise DataError(f"{where}: 'references' must be a list of strings")
+    answers = []
+    while msgs and msgs[-1]["role"] == "assistant":
+        answers.insert(0, msgs.pop()["content"])
+    if not any(m["role"] == "user" for m in msgs):
+        raise DataError(f"{where}: 'messages' has no user message to answer")
+    return {"messages": msgs, "references": refs if refs is not None else answers[:1], "where": where}
+
+
+def prompt_text(record):
+    """A prompt record's last user message: what the gold reward's relevance reads, and the
+    text a ranking task of the feedback app shows."""
+    return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
+
+
+def builtin_prompts(split):
+    """The chatterbot-corpus opening questions of a split ("train" or "heldout"), each with
+    all the corpus's answers to it as references."""
+    refs = {}
+    for conv in chatterbot_conversations(split):
+        refs.setdefault(conv[0]["content"], []).append(conv[1]["content"])
+    return [{"messages": [{"role": "user", "content": q}], "references": r, "where": f"chatterbot-corpus {split}"}
+            for q, r in refs.items()]
+
+
+def load_prompts(path, skip_invalid=False, log=print, split="train"):
+    """Prompt records of a JSONL file, or of the built-in chatterbot-corpus split when path is empty."""
+    if not path:
+        recs = builtin_prompts(split)
+        log(f"data: built-in chatterbot-corpus {split} questions: {len(recs)} prompts with reference answers")
+        return recs
+    return read_records(path, prompt_record, "prompts", skip_invalid, log)
+
+
 # ---------------------------------------------------------------- rankings
 
 
@@ -427,8 +489,6 @@ def ranking(obj, where):
     """A rankings record {"prompt", "completions", "ranks"} (rank 0 best, ties share a
     rank) or a TRL pair {"prompt", "chosen", "rejected"} (standard or conversational,
     explicit or implicit prompt) -> {"prompt": messages, "completions", "ranks"}."""
-    from .tokenizer import ROLES
-
     prompt = obj.get("prompt", obj.get("messages"))
     if "chosen" in obj or "rejected" in obj:
         completions, ranks = [obj.get("chosen"), obj.get("rejected")], [0, 1]
@@ -438,13 +498,9 @@ def ranking(obj, where):
             completions = [c[-1].get("content") for c in completions]
     else:
         completions, ranks = obj.get("completions"), obj.get("ranks")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
+    if prompt is None:
         raise DataError(f"{where}: expected 'prompt' as a string or a non-empty list of messages")
-    for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: prompt message {i} needs a role ({', '.join(ROLES)}) and string content")
+    prompt = messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt, where, "'prompt'")
     if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
         raise DataError(f"{where}: expected 'completions' as a list of strings (or 'chosen' and 'rejected')")
     if len(completions) < 2:
@@ -454,8 +510,7 @@ def ranking(obj, where):
         raise DataError(f"{where}: expected 'ranks' as a list of non-negative integers (0 = best)")
     if len(ranks) != len(completions):
         raise DataError(f"{where}: {len(ranks)} ranks for {len(completions)} completions")
-    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
-            "completions": completions, "ranks": ranks, "where": where}
+    return {"prompt": prompt, "completions": completions, "ranks": ranks, "where": where}
 
 
 def read_rankings(path, skip_invalid=False, log=print):
@@ -483,8 +538,6 @@ def refuse_heldout(records, heldout="builtin", log=print):
     heldout is "builtin" (the chatterbot-corpus held-out questions), a prompts JSONL, or "none"."""
     if heldout == "none":
         return
-    from .rl import load_prompts
-
     held = {question(r["messages"]) for r in load_prompts("" if heldout == "builtin" else heldout,
                                                          log=lambda *_: None, split="heldout")}
     bad = [r for r in records if question(r["prompt"]) in held]
