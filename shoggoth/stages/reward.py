@@ -17,23 +17,22 @@ transformers gives the raw score, shoggoth raw - shift.
 """
 
 import json
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, lora, losses, optim, tokenizer
-from ..errors import DataError, ShoggothError, TrainingError
+from .. import checkpoint, data, dist, lora, losses, stage, tokenizer
+from ..errors import DataError, ShoggothError
 from ..feedback.agreement import kendall_tau_b
-from ..metrics import Metrics
+from ..metrics import Metrics, Sums
 from ..model import RewardModel
+from ..scoring import scores
 
 
 @dataclass
-class Config(lora.Options):
+class Config(lora.Options, stage.Common):
     """Reward model on K-way rankings (or TRL pairs), InstructGPT's loss."""
 
     init: str = ""  # model directory whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
@@ -48,26 +47,14 @@ class Config(lora.Options):
     grad_accum: int = 1  # micro-steps per optimizer step
     epochs: int = 1  # passes over the training rankings (InstructGPT: 1; more overfits)
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
-    lr: float = 1e-4  # peak learning rate
-    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
-    warmup_steps: int = 10  # linear warmup steps
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    dtype: str = "auto"  # auto | bf16 | fp32 autocast
-    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
-    device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out accuracy, Kendall tau and loss
-    ckpt_every: int = 50  # steps between resume checkpoints
-    keep: int = 3  # resume checkpoints kept
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
-    seed: int = 1337  # data order, and the normalisation samples
     normalize_samples: int = 256  # training prompts whose SFT-policy completion sets the reward's zero; 0 = no shift
     normalize_max_new_tokens: int = 64  # longest completion sampled for the normalisation
     normalize_temperature: float = 1.0  # sampling temperature of the normalisation completions
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "heldout_prompts",
-              "normalize_samples", "normalize_max_new_tokens", "normalize_temperature"}
+MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts", "normalize_samples", "normalize_max_new_tokens",
+                                 "normalize_temperature"}
 
 
 def prompt_key(rec):
@@ -144,32 +131,6 @@ def grouped_batches(records, batch_size, epochs, seed, world):
     return batches
 
 
-def scores(model, rows, pad_id, device, batch_size=64):
-    """Raw scores (N,) of token rows, right-padded in batches."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        idx, last = data.pad_right(rows[i:i + batch_size], pad_id)
-        out.append(model(idx.to(device), last=last.to(device)).float())
-    return torch.cat(out)
-
-
-def load_scorer(model_dir):
-    """(reward model in eval mode, shift, tokenizer) of a reward directory, for score_texts."""
-    model, shift = checkpoint.load_reward(model_dir)
-    return model.eval(), shift, tokenizer.load(model_dir)
-
-
-def score_texts(scorer, prompt, completions, raw=False):
-    """Scores of completions of a prompt (a string or messages): raw - shift, or raw.
-    `scorer` is a reward directory or what load_scorer returned (to score many times)."""
-    model, shift, tok = load_scorer(scorer) if not isinstance(scorer, tuple) else scorer
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    with torch.no_grad():
-        s = scores(model.eval(), data.reward_rows(tok, prompt, completions), tok.pad_id, "cpu")
-    return (s if raw else s - shift).tolist()
-
-
 def normalization_shift(model, c: Config, tok, prompts, device, log):
     """Mean raw reward of one completion per prompt sampled from the SFT policy (--init)."""
     from ..engine import Engine
@@ -196,9 +157,7 @@ def normalization_shift(model, c: Config, tok, prompts, device, log):
 def run(c: Config):
     if not c.init or not c.rankings:
         raise ShoggothError("reward: --init DIR (the SFT model) and --rankings FILE.jsonl are required")
-    d = dist.setup(c.device)
-    out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
 
     tok = tokenizer.load(c.init)
     config = checkpoint.gpt_config(checkpoint.read_config(c.init), where=f"{c.init}/config.json")
@@ -226,13 +185,7 @@ def run(c: Config):
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)
-    opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
-    step = 0
-    if state:
-        dist.load_optim_state(model, opt, state["optim"])
-        step = state["step"]
-        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"reward: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} "
@@ -250,8 +203,7 @@ def run(c: Config):
         """Held-out loss, pairwise accuracy, margin, and mean Kendall tau-b of the model's
         ordering against each human ranking."""
         model.eval()
-        sums = torch.zeros(4, device=d.device)  # loss * rankings, rankings, correct pairs, pairs
-        margin, taus = torch.zeros((), device=d.device), []
+        s, taus = Sums("loss", "rankings", "correct", "pairs", "margin"), []  # loss: summed over rankings
         # Weights gathered once (under FSDP2): a rank left without rankings by a small last batch
         # skips it, which sharded forwards, each an all-gather on every rank, would not allow.
         with torch.no_grad(), amp, dist.full_weights(model):
@@ -262,9 +214,7 @@ def run(c: Config):
                 rows, which, ranks, groups = flatten(recs)
                 r = scores(model, rows, tok.pad_id, d.device)[which.to(d.device)]
                 loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
-                sums += torch.stack([loss * len(recs), torch.tensor(len(recs), device=d.device),
-                                     (m > 0).sum(), torch.tensor(len(m), device=d.device)]).float()
-                margin += m.float().sum()
+                s.add(loss=loss * len(recs), rankings=len(recs), correct=(m > 0).sum(), pairs=len(m), margin=m.float().sum())
                 k = 0
                 for rec in recs:
                     s = r[k:k + len(rec["rows"])].tolist()
@@ -272,11 +222,11 @@ def run(c: Config):
                     t = kendall_tau_b(rec["ranks"], [-x for x in s])  # rank 0 best, score high best
                     if t is not None:
                         taus.append(t)
-        sums, margin = dist.all_sum(sums), dist.all_sum(margin)
-        tau = dist.all_sum(torch.tensor([sum(taus), len(taus)], dtype=torch.float64, device=d.device))
+        s = dist.all_sums({**s, "tau": torch.tensor(sum(taus), dtype=torch.float64),
+                           "taus": torch.tensor(len(taus), dtype=torch.float64)}, d.device)
         model.train()
-        return {"val_loss": (sums[0] / sums[1]).item(), "val_accuracy": (sums[2] / sums[3]).item(),
-                "val_margin": (margin / sums[3]).item(), "val_tau": (tau[0] / tau[1]).item() if tau[1] else float("nan")}
+        return {"val_loss": s["loss"] / s["rankings"], "val_accuracy": s["correct"] / s["pairs"],
+                "val_margin": s["margin"] / s["pairs"], "val_tau": s["tau"] / s["taus"] if s["taus"] else float("nan")}
 
     final_eval = None
     if step == 0 and held:
@@ -285,30 +235,23 @@ def run(c: Config):
     while step < total:
         step += 1
         t0 = time.perf_counter()
-        lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = stage.set_lr(opt, c, step, total)
         micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
         n_rankings = sum(map(len, micro_batches))
         # Each ranking weighs the same in the step's mean, over micro-steps and ranks (DDP averages over ranks).
-        sums, tokens = torch.zeros(4, device=d.device), 0  # loss * rankings, correct pairs, pairs, margin sum
+        s, tokens = Sums(), 0  # loss: summed over rankings
         for k, recs in enumerate(micro_batches):
             mine = dist.share(recs, d)
             with amp, dist.grad_sync(train_model, k == len(micro_batches) - 1):
                 loss, m, n_tok = micro(mine, train_model)
                 (loss * len(mine) * d.world / n_rankings).backward()
-            sums += torch.stack([loss.detach() * len(mine), (m > 0).sum(), torch.tensor(len(m), device=d.device), m.detach().sum()]).float()
+            s.add(loss=loss * len(mine), correct=(m > 0).sum(), pairs=len(m), margin=m.sum())
             tokens += n_tok
-        grad_norm = dist.clip_grad_norm(model, c.grad_clip)
-        sums = dist.all_sum(sums)
-        loss_val = (sums[0] / n_rankings).item()
-        if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
-            raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped "
-                                f"without updating. Last good checkpoint: {checkpoint.latest_checkpoint(out) or 'none'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        s = dist.all_sums(s, d.device)
+        loss_val = (s["loss"] / n_rankings).item()
+        grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)
         dt = time.perf_counter() - t0
-        metrics.log(step, loss=loss_val, accuracy=(sums[1] / sums[2]).item(), margin=(sums[3] / sums[2]).item(),
+        metrics.log(step, loss=loss_val, accuracy=s["correct"] / s["pairs"], margin=s["margin"] / s["pairs"],
                     lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens * d.world / dt})
         if held and (step % c.eval_every == 0 or step == total):
             final_eval = evaluate()
@@ -328,14 +271,7 @@ def run(c: Config):
         pick = np.random.default_rng(c.seed).permutation(len(unique))[:c.normalize_samples]
         shift = normalization_shift(model, c, tok, [unique[i] for i in sorted(pick)], d.device, dist.print0)
         metrics.log(step, echo=False, reward_shift=shift)
-    final = dist.model_state(model)
-    if d.main:
-        checkpoint.save_reward(model, out, shift, tokenizer_dir=c.init, state_dict=lora.merged(model, final))
-        note = lora.save_adapter(model, final, out / "adapter", c.init, heads=("score",))
-        pad = config.pad_token_id
-        dist.print0(f"saved Hugging Face sequence-classification model {out} (reward_shift {shift:.4f}; pad_token_id "
-                    f"{pad} {tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})"
-                    f"{note}")
-    metrics.close()
-    dist.cleanup()
-    return out
+    pad = config.pad_token_id
+    note = (f" (reward_shift {shift:.4f}; pad_token_id {pad} "
+            f"{tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})")
+    return stage.finish(d, metrics, model, dist.model_state(model), out, c.init, shift=shift, note=note)
