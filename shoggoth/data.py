@@ -366,6 +366,59 @@ def conversation(obj, where):
     return msgs
 
 
+def encode_conversations(convs, tok, seq_len):
+    """Conversations -> (ids, labels) arrays, labels -100 where there is no loss; longer
+    ones truncated to seq_len (counted)."""
+    out, cut = [], 0
+    for conv in convs:
+        ids, mask = tok.render_chat(conv)
+        ids, labels = np.array(ids), np.array(mask)
+        # Predict token t+1 from t: the label of position t is the next token, if it is trained on.
+        labels = np.where(np.roll(labels, -1) == 1, np.roll(ids, -1), -100)
+        labels[-1] = -100
+        if len(ids) > seq_len:
+            ids, labels, cut = ids[:seq_len], labels[:seq_len], cut + 1
+        if (labels != -100).any():
+            out.append((ids, labels))
+    return out, cut
+
+
+def pack(examples, seq_len, order):
+    """Greedy packing in `order`: a new row starts when the next example does not fit."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if used + n > seq_len and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate(examples, rows, seq_len, pad_id):
+    """Packed rows -> ids, labels, positions and documents (B, T): which example each token
+    belongs to (-1 = padding), for model.Documents."""
+    import torch
+
+    B = len(rows)
+    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((B, seq_len), -100, dtype=torch.long)
+    pos = torch.zeros((B, seq_len), dtype=torch.long)
+    seg = torch.full((B, seq_len), -1, dtype=torch.long)  # which example each token belongs to
+    for b, row in enumerate(rows):
+        t = 0
+        for j, i in enumerate(row):
+            x, y = examples[i]
+            n = len(x)
+            ids[b, t:t + n], labels[b, t:t + n] = torch.from_numpy(x), torch.from_numpy(y)
+            pos[b, t:t + n], seg[b, t:t + n] = torch.arange(n), j
+            t += n
+    return ids, labels, pos, seg
+
+
 def read_conversations(path, skip_invalid=False, log=print):
     """Conversations of an SFT JSONL file. A bad line is an error naming it, or
     with skip_invalid a counted, reported skip; never a silent drop."""
@@ -513,6 +566,11 @@ def ranking(obj, where):
     return {"prompt": prompt, "completions": completions, "ranks": ranks, "where": where}
 
 
+def prompt_key(rec):
+    """A ranking's prompt as one string: what makes two rankings rankings of the same prompt."""
+    return json.dumps(rec["prompt"], sort_keys=True)
+
+
 def read_rankings(path, skip_invalid=False, log=print):
     """Rankings (or TRL pairs) of a JSONL file; every line is its own ranking, also when
     several labelers ranked the same completions. A ranking that ties all its completions
@@ -560,10 +618,60 @@ def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=pr
     refuse_heldout(train, heldout, log)
     if eval_path:
         return train, read_rankings(eval_path, skip_invalid, log)
-    key = lambda r: json.dumps(r["prompt"], sort_keys=True)  # noqa: E731
-    prompts = sorted({key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
+    prompts = sorted({prompt_key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
     held = set(prompts[:math.ceil(eval_frac * len(prompts))] if len(prompts) > 1 else [])
-    return [r for r in train if key(r) not in held], [r for r in train if key(r) in held]
+    return [r for r in train if prompt_key(r) not in held], [r for r in train if prompt_key(r) in held]
+
+
+def encode_rankings(records, tok, seq_len, pad):
+    """Add each ranking's token rows (prompt + completion, to its end of turn); rows longer
+    than seq_len keep their last seq_len tokens (counted)."""
+    cut = 0
+    for r in records:
+        rows = reward_rows(tok, r["prompt"], r["completions"])
+        if pad is not None and any(pad in row for row in rows):
+            raise DataError(f"{r['where']}: the text holds the token {tok.tok.id_to_token(pad)!r}, the reward model's "
+                            "pad, which would end the row early for transformers' sequence classification")
+        cut += sum(len(row) > seq_len for row in rows)
+        r["rows"] = [row[-seq_len:] for row in rows]
+    return cut
+
+
+def flatten_rankings(records):
+    """Rankings -> their distinct rows, and which (N,), ranks (N,), groups (N,) of every ranked
+    completion: its row, its rank, its ranking (for losses.ranking_loss). Several labelers'
+    rankings of the same completions share rows, so each row is scored once."""
+    import torch
+
+    rows, seen, which, ranks, groups = [], {}, [], [], []
+    for g, r in enumerate(records):
+        for row in r["rows"]:
+            which.append(seen.setdefault(tuple(row), len(seen)))
+            if which[-1] == len(rows):
+                rows.append(row)
+        ranks += r["ranks"]
+        groups += [g] * len(r["rows"])
+    return rows, torch.tensor(which), torch.tensor(ranks), torch.tensor(groups)
+
+
+def grouped_batches(records, batch_size, epochs, seed, world):
+    """Every epoch's batches of rankings (epoch_batches' order and rules), where the rankings
+    of the same prompt and completions (one task ranked by several labelers) stay together: whole
+    tasks fill a batch up to batch_size rankings, and their rows are scored once."""
+    tasks = {}
+    for r in records:
+        tasks.setdefault((prompt_key(r), tuple(r["completions"])), []).append(r)
+    batches = []
+    for epoch in epoch_batches(list(tasks.values()), len(tasks), epochs, seed, 1):
+        batch = []
+        for task in epoch:
+            if batch and len(batch) + len(task) > batch_size:
+                batches.append(batch)
+                batch = []
+            batch += task
+        if len(batch) >= world:  # a last batch too small to give each rank a ranking is dropped
+            batches.append(batch)
+    return batches
 
 
 def reward_rows(tok, prompt, completions):

@@ -44,6 +44,21 @@ def score_texts(scorer, prompt, completions, raw=False):
     return (s if raw else s - shift).tolist()
 
 
+def score_pad(tok):
+    """The pad_token_id of the reward model's config.json. transformers' sequence classification
+    reads the score at the last token that is not pad_token_id, so it must be a token that no
+    scored row holds: the tokenizer's pad where that is not a reply-ending token; else a special
+    token the chat template never writes (SmolLM2 pads with its <|im_end|>, Llama 3 has no pad);
+    else None, and transformers scores one row at a time. Shoggoth itself reads rows by length."""
+    if tok.has_pad and tok.pad_id not in tok.stop_ids:
+        return tok.pad_id
+    taken = {*tok.stop_ids, tok.bos_id}
+    for i, t in sorted(tok.hf.added_tokens_decoder.items()):
+        if t.special and i not in taken and t.content not in (tok.template or ""):
+            return i
+    return None
+
+
 def reward_scores(reward_model, shift, r: Rollout):
     """Reward-model scores (B,) read at each response's last real token (its end of turn), minus the stored shift."""
     return reward_model(r.seq, last=r.start + r.lengths - 1) - shift

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from .. import checkpoint, data, dist, lora, losses, stage, tokenizer
-from ..errors import DataError, ShoggothError
+from ..errors import ShoggothError
 from ..feedback.agreement import kendall_tau_b
 from ..metrics import Metrics, Sums
 from ..model import RewardModel
-from ..scoring import scores
+from ..scoring import score_pad, scores
 
 
 @dataclass
@@ -57,78 +57,10 @@ MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts", "normalize_samp
                                  "normalize_temperature"}
 
 
-def prompt_key(rec):
-    return json.dumps(rec["prompt"], sort_keys=True)
-
-
 def load_rankings(c: Config, log):
     """(train, held-out) rankings. Without --eval-rankings the held-out share is a set of
     prompts (chosen by a hash), so that no held-out prompt has rankings in training."""
     return data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log, c.heldout_prompts)
-
-
-def score_pad(tok):
-    """The pad_token_id of the reward model's config.json. transformers' sequence classification
-    reads the score at the last token that is not pad_token_id, so it must be a token that no
-    scored row holds: the tokenizer's pad where that is not a reply-ending token; else a special
-    token the chat template never writes (SmolLM2 pads with its <|im_end|>, Llama 3 has no pad);
-    else None, and transformers scores one row at a time. Shoggoth itself reads rows by length."""
-    if tok.has_pad and tok.pad_id not in tok.stop_ids:
-        return tok.pad_id
-    taken = {*tok.stop_ids, tok.bos_id}
-    for i, t in sorted(tok.hf.added_tokens_decoder.items()):
-        if t.special and i not in taken and t.content not in (tok.template or ""):
-            return i
-    return None
-
-
-def encode(records, tok, seq_len, pad):
-    """Add each ranking's token rows (prompt + completion, to its end of turn); rows longer
-    than seq_len keep their last seq_len tokens (counted)."""
-    cut = 0
-    for r in records:
-        rows = data.reward_rows(tok, r["prompt"], r["completions"])
-        if pad is not None and any(pad in row for row in rows):
-            raise DataError(f"{r['where']}: the text holds the token {tok.tok.id_to_token(pad)!r}, the reward model's "
-                            "pad, which would end the row early for transformers' sequence classification")
-        cut += sum(len(row) > seq_len for row in rows)
-        r["rows"] = [row[-seq_len:] for row in rows]
-    return cut
-
-
-def flatten(records):
-    """Rankings -> their distinct rows, and which (N,), ranks (N,), groups (N,) of every ranked
-    completion: its row, its rank, its ranking (for losses.ranking_loss). Several labelers'
-    rankings of the same completions share rows, so each row is scored once."""
-    rows, seen, which, ranks, groups = [], {}, [], [], []
-    for g, r in enumerate(records):
-        for row in r["rows"]:
-            which.append(seen.setdefault(tuple(row), len(seen)))
-            if which[-1] == len(rows):
-                rows.append(row)
-        ranks += r["ranks"]
-        groups += [g] * len(r["rows"])
-    return rows, torch.tensor(which), torch.tensor(ranks), torch.tensor(groups)
-
-
-def grouped_batches(records, batch_size, epochs, seed, world):
-    """Every epoch's batches of rankings (data.epoch_batches' order and rules), where the rankings
-    of the same prompt and completions (one task ranked by several labelers) stay together: whole
-    tasks fill a batch up to batch_size rankings, and their rows are scored once."""
-    tasks = {}
-    for r in records:
-        tasks.setdefault((prompt_key(r), tuple(r["completions"])), []).append(r)
-    batches = []
-    for epoch in data.epoch_batches(list(tasks.values()), len(tasks), epochs, seed, 1):
-        batch = []
-        for task in epoch:
-            if batch and len(batch) + len(task) > batch_size:
-                batches.append(batch)
-                batch = []
-            batch += task
-        if len(batch) >= world:  # a last batch too small to give each rank a ranking is dropped
-            batches.append(batch)
-    return batches
 
 
 def normalization_shift(model, c: Config, tok, prompts, device, log):
@@ -165,15 +97,15 @@ def run(c: Config):
     config.pad_token_id = score_pad(tok)  # transformers reads the score at the last token that is not pad
     seq_len = c.seq_len or config.max_seq_len
     train, held = load_rankings(c, dist.print0)
-    cut = encode(train, tok, seq_len, config.pad_token_id) + encode(held, tok, seq_len, config.pad_token_id)
+    cut = sum(data.encode_rankings(recs, tok, seq_len, config.pad_token_id) for recs in (train, held))
     n_pairs = lambda recs: sum(sum(a < b for a in r["ranks"] for b in r["ranks"]) for r in recs)  # noqa: E731
     dist.print0(f"data: {len(train)} train / {len(held)} held-out rankings ({n_pairs(train)} / {n_pairs(held)} untied "
                 f"pairs), K = {sorted({len(r['rows']) for r in train})}; {cut} rows truncated to seq_len={seq_len}")
     if c.batch_size < d.world:
         raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
 
-    batches = grouped_batches(train, c.batch_size, c.epochs, c.seed, d.world)
-    held_batches = grouped_batches(held, c.batch_size, 1, c.seed, 1)
+    batches = data.grouped_batches(train, c.batch_size, c.epochs, c.seed, d.world)
+    held_batches = data.grouped_batches(held, c.batch_size, 1, c.seed, 1)
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
@@ -193,7 +125,7 @@ def run(c: Config):
 
     def micro(records, fwd):
         """This rank's share of rankings -> (loss, margins, tokens)."""
-        rows, which, ranks, groups = flatten(records)
+        rows, which, ranks, groups = data.flatten_rankings(records)
         idx, last = data.pad_right(rows, tok.pad_id)
         rewards = fwd(idx.to(d.device), last=last.to(d.device))[which.to(d.device)]  # (N,)
         loss, margins = losses.ranking_loss(rewards, ranks.to(d.device), groups.to(d.device))
@@ -211,7 +143,7 @@ def run(c: Config):
                 recs = dist.share(recs, d)
                 if not recs:
                     continue
-                rows, which, ranks, groups = flatten(recs)
+                rows, which, ranks, groups = data.flatten_rankings(recs)
                 r = scores(model, rows, tok.pad_id, d.device)[which.to(d.device)]
                 loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
                 s.add(loss=loss * len(recs), rankings=len(recs), correct=(m > 0).sum(), pairs=len(m), margin=m.float().sum())
@@ -267,7 +199,7 @@ def run(c: Config):
 
     shift = 0.0
     if c.normalize_samples:
-        unique = list({prompt_key(r): r["prompt"] for r in train}.values())
+        unique = list({data.prompt_key(r): r["prompt"] for r in train}.values())
         pick = np.random.default_rng(c.seed).permutation(len(unique))[:c.normalize_samples]
         shift = normalization_shift(model, c, tok, [unique[i] for i in sorted(pick)], d.device, dist.print0)
         metrics.log(step, echo=False, reward_shift=shift)

@@ -61,57 +61,6 @@ def load_conversations(c: Config, log):
     return train[n:], train[:n] or train
 
 
-def encode(convs, tok, seq_len):
-    """Conversations -> (ids, labels) arrays, labels -100 where there is no loss; longer
-    ones truncated to seq_len (counted)."""
-    out, cut = [], 0
-    for conv in convs:
-        ids, mask = tok.render_chat(conv)
-        ids, labels = np.array(ids), np.array(mask)
-        # Predict token t+1 from t: the label of position t is the next token, if it is trained on.
-        labels = np.where(np.roll(labels, -1) == 1, np.roll(ids, -1), -100)
-        labels[-1] = -100
-        if len(ids) > seq_len:
-            ids, labels, cut = ids[:seq_len], labels[:seq_len], cut + 1
-        if (labels != -100).any():
-            out.append((ids, labels))
-    return out, cut
-
-
-def pack(examples, seq_len, order):
-    """Greedy packing in `order`: a new row starts when the next example does not fit."""
-    rows, row, used = [], [], 0
-    for i in order:
-        n = len(examples[i][0])
-        if used + n > seq_len and row:
-            rows.append(row)
-            row, used = [], 0
-        row.append(i)
-        used += n
-    if row:
-        rows.append(row)
-    return rows
-
-
-def collate(examples, rows, seq_len, pad_id):
-    """Packed rows -> ids, labels, positions and documents (B, T): which example each token
-    belongs to (-1 = padding), for model.Documents."""
-    B = len(rows)
-    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((B, seq_len), -100, dtype=torch.long)
-    pos = torch.zeros((B, seq_len), dtype=torch.long)
-    seg = torch.full((B, seq_len), -1, dtype=torch.long)  # which example each token belongs to
-    for b, row in enumerate(rows):
-        t = 0
-        for j, i in enumerate(row):
-            x, y = examples[i]
-            n = len(x)
-            ids[b, t:t + n], labels[b, t:t + n] = torch.from_numpy(x), torch.from_numpy(y)
-            pos[b, t:t + n], seg[b, t:t + n] = torch.arange(n), j
-            t += n
-    return ids, labels, pos, seg
-
-
 def micro_rows(model, seq_len, device, log):
     """Rows per micro-step per process when --batch-size is 0: up to 8,192 tokens, fewer
     where their activations would not fit in half the memory available now (the GPU's
@@ -146,8 +95,8 @@ def run(c: Config):
     tok.check_model(model.config.vocab_size, c.init)
     limit = c.seq_len or model.config.max_seq_len
     train_convs, held_convs = load_conversations(c, dist.print0)
-    train, cut = encode(train_convs, tok, limit)
-    held, held_cut = encode(held_convs, tok, limit)
+    train, cut = data.encode_conversations(train_convs, tok, limit)
+    held, held_cut = data.encode_conversations(held_convs, tok, limit)
     if not train:
         raise ShoggothError(f"{c.data or 'the built-in data'}: no conversation has an assistant turn to train on")
     # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real
@@ -166,12 +115,12 @@ def run(c: Config):
     batches = []
     for epoch in range(c.epochs):
         order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
-        rows = pack(train, seq_len, order)
+        rows = data.pack(train, seq_len, order)
         batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
-    held_rows = pack(held, seq_len, range(len(held)))
+    held_rows = data.pack(held, seq_len, range(len(held)))
 
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
@@ -185,7 +134,7 @@ def run(c: Config):
 
     def micro_loss(examples, rows):
         """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
-        ids, labels, pos, seg = collate(examples, rows, seq_len, tok.pad_id)
+        ids, labels, pos, seg = data.collate(examples, rows, seq_len, tok.pad_id)
         count = (labels != -100).sum().to(d.device, torch.float32)
         share = slice(d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world)
         if share.start == share.stop:  # fewer rows than ranks: run one row without loss tokens, so collectives match
