@@ -164,7 +164,7 @@ def cmd_report(argv):
 def cmd_demo(argv):
     p = argparse.ArgumentParser(prog="shoggoth demo", description="Every stage on the built-in defaults.")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="the same pipeline at toy scale (about a minute), for smoke tests")
+    p.add_argument("--quick", action="store_true", help="the same pipeline at toy scale, for smoke tests")
     p.add_argument("--budget", default="20m", type=seconds,
                    help="time for the whole run, e.g. 20m, 1h, 900s (default 20m): the matmul rate measured at the "
                         "start sets the pretraining steps to fit it")

@@ -44,10 +44,9 @@ PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this r
 # Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
 # the run's dtype), so a machine of half the rate is estimated to take twice as long. Pretraining
 # is its set-up (tokenizer, token shards, the first build of the decode kernel) plus pretrain_step
-# per step, as the budget sets its steps. bf16: a 2-core Xeon (Sapphire Rapids, KVM), reward, SFT
-# and DPO scaled by their fp32 cuts; fp32: a 2-core AMD EPYC with AVX2 only (168 GFLOP/s, a run
-# of 302 pretraining steps), the machine the README times. summary.json keeps every run's rate
-# and timings: re-measure when a preset changes.
+# per step, as the budget sets its steps. bf16 from a CPU with AVX-512 bf16 (reward, SFT and DPO
+# scaled by their fp32 cuts), fp32 from the AVX2-only machine the README times. summary.json keeps
+# every run's rate and timings: re-measure when a preset changes.
 WORK = {
     "bf16": {"pretrain": 45 * 1.36e12, "pretrain_step": 0.3 * 1.36e12, "sft": 47 * 1.36e12,
              "feedback": 56 * 1.36e12, "reward": 40 * 1.36e12, "ppo": 65 * 1.36e12, "dpo": 42 * 1.36e12,
