@@ -9,7 +9,7 @@ reads the same with or without torchrun:
     opt = AdamW(model.parameters(), ...)                  # after wrap: FSDP2 swaps in sharded parameters
     with dist.grad_sync(train_model, last_micro_step): loss.backward()
     grad_norm = dist.clip_grad_norm(model, c.grad_clip)
-    dist.save_checkpoint(out, step, model, opt, c, c.keep)  # every rank; rank 0 writes the full state
+    # dist.model_state(model), dist.optim_state(model, opt)  # every rank; rank 0 gets the full state
 """
 
 import os
@@ -54,8 +54,13 @@ def setup(device=""):
     return Dist(rank, world, local, dev)
 
 
+def is_main():
+    """This process is rank 0 (or the only one)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def print0(*args, **kw):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main():
         print(*args, **kw, flush=True)
 
 
@@ -260,20 +265,6 @@ def optim_state(model, opt):
     index = {}
     groups = [{**g, "params": [index.setdefault(f, len(index)) for f in g["params"]]} for g in sd["param_groups"]]
     return {"state": {index[f]: s for f, s in sd["state"].items()}, "param_groups": groups}
-
-
-def save_checkpoint(out_dir, step, model, opt, config, keep=3):
-    """Every rank calls this: rank 0 writes out_dir/checkpoints/step_NNNNNN.pt (the trained weights:
-    checkpoint.trained; optimizer, config dataclass) in the one-process format, gathered first under
-    FSDP2; the others wait for it."""
-    from dataclasses import asdict
-
-    from .checkpoint import save_checkpoint, trained
-
-    model_sd, optim_sd = trained(model, model_state(model)), optim_state(model, opt)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint(out_dir, step, {"model": model_sd, "optim": optim_sd, "config": asdict(config)}, keep=keep)
-    barrier()
 
 
 def load_optim_state(model, opt, sd):

@@ -84,6 +84,23 @@ def load_reward(reward_dir, toy_word, tok, device):
     return reward, model
 
 
+def value_model(c, config, reward_model):
+    """PPO's value model of a stage Config c (on the CPU, c's LoRA adapters on): the reward
+    model (c.reward) with its head, as InstructGPT starts it; with LoRA the frozen reward model's
+    own trunk (lora_value); with c.toy_reward the policy's trunk (c.policy, `config`) and a zero head."""
+    from .model import RewardModel
+
+    if c.toy_reward:  # no reward model to start from
+        value = RewardModel(config)
+        checkpoint.load_trunk(value, c.policy)
+        torch.nn.init.zeros_(value.score.weight)
+    elif c.lora_r:
+        value = lora_value(reward_model)
+    else:
+        value, _ = checkpoint.load_reward(c.reward)
+    return lora.wrap(value, c, c.seed + 1, trained=("score",))
+
+
 def lora_value(reward_model):
     """A LoRA run's PPO value model: the frozen reward model's trunk itself (not a copy), which
     lora.wrap then gives the value's own adapters, and a trained copy of its head. It starts

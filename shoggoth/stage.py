@@ -15,7 +15,7 @@ Each stage's loop stays written out in its own file (stages/*.py); a stage reads
     stage.finish(d, metrics, model, dist.model_state(model), out, c.init)
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -93,6 +93,23 @@ def optimizer_step(opt, model, c, out, where, loss):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
+
+
+def save_checkpoint(out, step, model, opt, c, split=False, **extra):
+    """Every rank calls this: rank 0 writes out/checkpoints/step_NNNNNN.pt (what trains of model,
+    checkpoint.trained: under "model", or with split each model of an rl.PolicyValue under its
+    own name; the optimizer state, extra, c), in the one-process format gathered first under FSDP2;
+    the others wait for it. Every rank resumes from it."""
+    sd = checkpoint.trained(model, dist.model_state(model))
+    if split:
+        from .rl import split_state
+
+        sd = split_state(sd)
+    models = sd if split else {"model": sd}
+    optim_sd = dist.optim_state(model, opt)
+    if dist.is_main():
+        checkpoint.save_checkpoint(out, step, {**models, "optim": optim_sd, **extra, "config": asdict(c)}, keep=c.keep)
+    dist.barrier()
 
 
 def finish(d, metrics, model, sd, out, base_dir, shift=None, note=""):

@@ -173,6 +173,6 @@ def run(c: Config):
         if held_pairs and (step % c.eval_every == 0 or step == total):
             metrics.log(step, **evaluate())
         if step % c.ckpt_every == 0 or step == total:
-            dist.save_checkpoint(out, step, policy, opt, c, c.keep)  # rank 0 writes; every rank resumes from it
+            stage.save_checkpoint(out, step, policy, opt, c)  # rank 0 writes; every rank resumes from it
 
     return stage.finish(d, metrics, policy, dist.model_state(policy), out, c.policy)

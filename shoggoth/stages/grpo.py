@@ -16,7 +16,6 @@ baseline, losses.rloo_advantages). Each iteration:
      estimate to the reference (losses.grpo_loss).
 """
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -112,14 +111,6 @@ def run(c: Config):
         with dist.full_weights(pv):
             return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
 
-    def save():
-        models = rl.split_state(checkpoint.trained(pv, dist.model_state(pv)))  # gathered under FSDP2
-        optim_sd = dist.optim_state(pv, opt)
-        if d.main:
-            checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "config": dataclasses.asdict(c)},
-                                       keep=c.keep)
-        dist.barrier()
-
     if it == 0 and held:
         metrics.log(0, **evaluate())
     while it < c.iterations:
@@ -182,6 +173,6 @@ def run(c: Config):
         if held and (it % c.eval_every == 0 or it == c.iterations):
             metrics.log(it, **evaluate())
         if it % c.ckpt_every == 0 or it == c.iterations:
-            save()
+            stage.save_checkpoint(out, it, pv, opt, c, split=True)
 
     return stage.finish(d, metrics, policy, rl.split_state(dist.model_state(pv))["policy"], out, c.policy)

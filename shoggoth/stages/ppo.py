@@ -29,7 +29,6 @@ holds them equal to a training forward's). The model has no dropout.
 """
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -38,7 +37,6 @@ import torch
 from .. import checkpoint, data, dist, lora, losses, rl, scoring, stage
 from ..errors import ShoggothError
 from ..metrics import Metrics, Sums
-from ..model import RewardModel
 
 
 @dataclass
@@ -102,15 +100,7 @@ def run(c: Config):
     # the reference is the policy with its adapters off, the reward the value model with its adapters off.
     tok, policy, ref = rl.load_policy(c, d.device)
     reward_fn, reward_model = scoring.load_reward(c.reward, c.toy_reward, tok, d.device)
-    if c.toy_reward:  # no reward model to start from: the policy's trunk and a zero head
-        value = RewardModel(policy.config)
-        checkpoint.load_trunk(value, c.policy)
-        torch.nn.init.zeros_(value.score.weight)
-    elif c.lora_r:  # the reward model's own trunk (shared, not copied), its own adapters and head
-        value = scoring.lora_value(reward_model)
-    else:
-        value, _ = checkpoint.load_reward(c.reward)
-    lora.wrap(value, c, c.seed + 1, trained=("score",)).to(d.device)
+    value = scoring.value_model(c, policy.config, reward_model).to(d.device)
     ema = copy.deepcopy(policy).requires_grad_(False) if c.ema_decay else None
     if state:
         checkpoint.load_trained(policy, state["policy"], ckpt_path)
@@ -151,15 +141,6 @@ def run(c: Config):
     def evaluate():
         with dist.full_weights(both):
             return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
-
-    def save():
-        models = rl.split_state(checkpoint.trained(both, dist.model_state(both)))  # gathered under FSDP2
-        optim_sd = dist.optim_state(both, opt)
-        if d.main:
-            checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "beta": beta,
-                                                 "ema": ema.state_dict() if ema is not None else None,
-                                                 "config": dataclasses.asdict(c)}, keep=c.keep)
-        dist.barrier()
 
     if it == 0 and held:
         metrics.log(0, **evaluate())
@@ -238,7 +219,8 @@ def run(c: Config):
         if held and (it % c.eval_every == 0 or it == c.iterations):
             metrics.log(it, **evaluate())
         if it % c.ckpt_every == 0 or it == c.iterations:
-            save()
+            stage.save_checkpoint(out, it, both, opt, c, split=True, beta=beta,
+                                  ema=ema.state_dict() if ema is not None else None)
 
     final = rl.split_state(dist.model_state(both))["policy"]
     if d.main and ema is not None:

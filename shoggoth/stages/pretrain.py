@@ -121,7 +121,7 @@ def run(c: Config):
         return dist.all_mean(torch.stack(losses).mean()).item()
 
     def save():
-        dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes (gathered under FSDP); all resume from it
+        stage.save_checkpoint(out, step, model, opt, c)  # rank 0 writes (gathered under FSDP); all resume from it
 
     # ---- the loop
     model.train()

@@ -135,7 +135,7 @@ def run(c: Config):
         """Held-out loss, pairwise accuracy, margin, and mean Kendall tau-b of the model's
         ordering against each human ranking."""
         model.eval()
-        s, taus = Sums("loss", "rankings", "correct", "pairs", "margin"), []  # loss: summed over rankings
+        sums, taus = Sums("loss", "rankings", "correct", "pairs", "margin"), []  # loss: summed over rankings
         # Weights gathered once (under FSDP2): a rank left without rankings by a small last batch
         # skips it, which sharded forwards, each an all-gather on every rank, would not allow.
         with torch.no_grad(), amp, dist.full_weights(model):
@@ -146,15 +146,15 @@ def run(c: Config):
                 rows, which, ranks, groups = data.flatten_rankings(recs)
                 r = scores(model, rows, tok.pad_id, d.device)[which.to(d.device)]
                 loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
-                s.add(loss=loss * len(recs), rankings=len(recs), correct=(m > 0).sum(), pairs=len(m), margin=m.float().sum())
+                sums.add(loss=loss * len(recs), rankings=len(recs), correct=(m > 0).sum(), pairs=len(m), margin=m.float().sum())
                 k = 0
                 for rec in recs:
-                    s = r[k:k + len(rec["rows"])].tolist()
+                    own = r[k:k + len(rec["rows"])].tolist()
                     k += len(rec["rows"])
-                    t = kendall_tau_b(rec["ranks"], [-x for x in s])  # rank 0 best, score high best
+                    t = kendall_tau_b(rec["ranks"], [-x for x in own])  # rank 0 best, score high best
                     if t is not None:
                         taus.append(t)
-        s = dist.all_sums({**s, "tau": torch.tensor(sum(taus), dtype=torch.float64),
+        s = dist.all_sums({**sums, "tau": torch.tensor(sum(taus), dtype=torch.float64),
                            "taus": torch.tensor(len(taus), dtype=torch.float64)}, d.device)
         model.train()
         return {"val_loss": s["loss"] / s["rankings"], "val_accuracy": s["correct"] / s["pairs"],
@@ -189,7 +189,7 @@ def run(c: Config):
             final_eval = evaluate()
             metrics.log(step, **final_eval)
         if step % c.ckpt_every == 0 or step == total:
-            dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes; every rank resumes from it
+            stage.save_checkpoint(out, step, model, opt, c)  # rank 0 writes; every rank resumes from it
     if held and final_eval is None:  # resumed after the last step
         final_eval = evaluate()
     if held:

@@ -157,7 +157,7 @@ def run(c: Config):
         return (total_loss / total_n).item()
 
     def save():
-        dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes (gathered under FSDP); all resume from it
+        stage.save_checkpoint(out, step, model, opt, c)  # rank 0 writes (gathered under FSDP); all resume from it
 
     if step == 0:
         metrics.log(0, val_loss=evaluate())
