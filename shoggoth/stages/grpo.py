@@ -175,4 +175,5 @@ def run(c: Config):
         if it % c.ckpt_every == 0 or it == c.iterations:
             stage.save_checkpoint(out, it, pv, opt, c, split=True)
 
-    return stage.finish(d, metrics, policy, rl.split_state(dist.model_state(pv))["policy"], out, c.policy)
+    final = rl.split_state(dist.model_state(pv)).get("policy")  # gathered to rank 0 under FSDP2 ({} elsewhere)
+    return stage.finish(d, metrics, policy, final, out, c.policy)

@@ -222,7 +222,7 @@ def run(c: Config):
             stage.save_checkpoint(out, it, both, opt, c, split=True, beta=beta,
                                   ema=ema.state_dict() if ema is not None else None)
 
-    final = rl.split_state(dist.model_state(both))["policy"]
+    final = rl.split_state(dist.model_state(both)).get("policy")  # gathered to rank 0 under FSDP2 ({} elsewhere)
     if d.main and ema is not None:
         checkpoint.save_pretrained(ema, out / "ema", tokenizer_dir=c.policy)
     return stage.finish(d, metrics, policy, final, out, c.policy,
