@@ -32,7 +32,7 @@ from shoggoth.metrics import machine  # noqa: E402
 # In the child: time every training step's log line, run the stage, report peak RSS.
 CHILD = """
 import copy, json, resource, sys, time
-from shoggoth import metrics, rl
+from shoggoth import metrics, scoring
 from shoggoth.cli import main
 times, log = [], metrics.Metrics.log
 def timed(self, step, echo=True, **values):
@@ -42,7 +42,7 @@ def timed(self, step, echo=True, **values):
 metrics.Metrics.log = timed
 if sys.argv[1] == "--own-value-trunk":  # the LoRA value model on a copy of the reward model, not on the model itself
     sys.argv.pop(1)
-    rl.lora_value = lambda reward_model: copy.deepcopy(reward_model)
+    scoring.lora_value = lambda reward_model: copy.deepcopy(reward_model)
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -73,7 +73,7 @@ def make_inputs(work, n_pairs):
     """The model, a reward model on its trunk, SFT chats, DPO pairs and PPO prompts."""
     import torch
 
-    from shoggoth import checkpoint, rl
+    from shoggoth import checkpoint, data
     from shoggoth.model import RewardModel
 
     model = sft_data.make_model_dir(work / "smollm2-135m")
@@ -88,7 +88,7 @@ def make_inputs(work, n_pairs):
     for name, part in (("pairs", pairs[:n_pairs]), ("held", pairs[n_pairs:])):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
     (work / "prompts.jsonl").write_text("".join(json.dumps({"messages": p["messages"]}) + "\n"
-                                                for p in rl.builtin_prompts("train")[:32]))
+                                                for p in data.builtin_prompts("train")[:32]))
     return model
 
 

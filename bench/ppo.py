@@ -55,7 +55,7 @@ def make_models(root):
     rm.model.load_state_dict(policy.model.state_dict())
     checkpoint.save_reward(rm, root / "reward", shift=0.0)
     tokenizer.save(tok, root / "reward")
-    prompts = rl.builtin_prompts("train")[:BATCH]
+    prompts = data.builtin_prompts("train")[:BATCH]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": p["messages"]}) + "\n" for p in prompts))
     ids = rl.encode_prompts(tokenizer.load(root / "policy"), prompts, 256 - RESPONSE)  # with its chat template
     (root / "prompt_ids.json").write_text(json.dumps(ids))

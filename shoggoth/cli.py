@@ -11,39 +11,11 @@ import importlib
 import inspect
 import json
 import os
-import re
 import sys
-import tomllib
 import types
 import typing
-from pathlib import Path
 
-PRESETS = Path(__file__).parent / "configs"
-
-# command -> module with `Config` and `run(cfg)`; imported only when used.
-STAGES = {
-    "pretrain": "shoggoth.stages.pretrain",
-    "sft": "shoggoth.stages.sft",
-    "reward": "shoggoth.stages.reward",
-    "ppo": "shoggoth.stages.ppo",
-    "dpo": "shoggoth.stages.dpo",
-    "grpo": "shoggoth.stages.grpo",
-}
-
-
-class UsageError(Exception):
-    """A bad flag, preset or value: printed as one line, exit status 2."""
-
-
-def field_docs(cls):
-    """Each field's trailing `# comment` in the dataclass source (and its bases': lora.Options), for --help."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+)\s*:.*#\s*(.+)$", line)
-            if m:
-                docs[m.group(1)] = m.group(2).strip()
-    return docs
+from .config import STAGES, UsageError, build, field_docs
 
 
 def _kind(tp):
@@ -74,35 +46,11 @@ def stage_parser(command, cls):
     return p
 
 
-def load_toml(name):
-    path = Path(name)
-    if not path.suffix and not path.exists():
-        path = PRESETS / f"{name}.toml"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
-            raise UsageError(f"no config file or preset named {name!r} (presets: {known})")
-    if not path.exists():
-        raise UsageError(f"{path}: no such config file")
-    try:
-        return tomllib.loads(path.read_text()), path
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{path}: invalid TOML ({e})") from None
-
-
 def make_config(cls, argv, command="stage"):
     """Config instance from defaults, an optional TOML file and flags."""
     args = vars(stage_parser(command, cls).parse_args(argv))
-    values = {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    if "config" in args:
-        table, path = load_toml(args.pop("config"))
-        unknown = sorted(set(table) - names)
-        if unknown:
-            raise UsageError(f"{path}: unknown field(s) {', '.join(unknown)} for shoggoth {command}")
-        values.update(table)
-    values.update(args)
     try:
-        return cls(**values)
+        return build(cls, args.pop("config", None), command, **args)
     except (TypeError, ValueError) as e:
         raise UsageError(f"shoggoth {command}: {e}") from None
 
@@ -150,7 +98,7 @@ def cmd_score(argv):
     p.add_argument("--completion", required=True, help="the assistant's reply")
     p.add_argument("--raw", action="store_true", help="without the normalisation shift (what transformers gives)")
     a = p.parse_args(argv)
-    from .stages.reward import score_texts
+    from .scoring import score_texts
 
     print(f"{score_texts(a.model_dir, a.prompt, [a.completion], raw=a.raw)[0]:.4f}")
 
@@ -216,7 +164,7 @@ def cmd_report(argv):
 def cmd_demo(argv):
     p = argparse.ArgumentParser(prog="shoggoth demo", description="Every stage on the built-in defaults.")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="the same pipeline at toy scale (about a minute), for smoke tests")
+    p.add_argument("--quick", action="store_true", help="the same pipeline at toy scale, for smoke tests")
     p.add_argument("--budget", default="20m", type=seconds,
                    help="time for the whole run, e.g. 20m, 1h, 900s (default 20m): the matmul rate measured at the "
                         "start sets the pretraining steps to fit it")

@@ -331,11 +331,27 @@ class TokenShards:
 # ---------------------------------------------------------------- SFT conversations
 
 
+def messages(msgs, where, what="'messages'", blank=True):
+    """The one check of a list of chat messages (SFT conversations, prompts, rankings' prompts):
+    a non-empty list of {"role": one of tokenizer.ROLES, "content": a string} (blank=False: a
+    string with text) -> the messages with just those two keys, or a DataError naming `where`."""
+    from .tokenizer import ROLES
+
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: {what} must be a non-empty list of messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise DataError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str) or not (blank or m["content"].strip()):
+            raise DataError(f"{where}: message {i} ({m['role']}) has {'non-string' if blank else 'empty or non-string'}"
+                            " content")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
 def conversation(obj, where):
     """A JSON record in TRL's conversational ({"messages": [...]}) or prompt/completion
     format (strings, or lists of messages) -> a validated list of messages."""
-    from .tokenizer import ROLES
-
     if "messages" in obj:
         msgs = obj["messages"]
     elif "prompt" in obj and "completion" in obj:
@@ -344,17 +360,63 @@ def conversation(obj, where):
                (c if isinstance(c, list) else [{"role": "assistant", "content": c}])
     else:
         raise DataError(f"{where}: expected 'messages', or 'prompt' and 'completion'")
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
-            raise DataError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise DataError(f"{where}: message {i} ({m['role']}) has empty or non-string content")
+    msgs = messages(msgs, where, blank=False)
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: no assistant turn to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return msgs
+
+
+def encode_conversations(convs, tok, seq_len):
+    """Conversations -> (ids, labels) arrays, labels -100 where there is no loss; longer
+    ones truncated to seq_len (counted)."""
+    out, cut = [], 0
+    for conv in convs:
+        ids, mask = tok.render_chat(conv)
+        ids, labels = np.array(ids), np.array(mask)
+        # Predict token t+1 from t: the label of position t is the next token, if it is trained on.
+        labels = np.where(np.roll(labels, -1) == 1, np.roll(ids, -1), -100)
+        labels[-1] = -100
+        if len(ids) > seq_len:
+            ids, labels, cut = ids[:seq_len], labels[:seq_len], cut + 1
+        if (labels != -100).any():
+            out.append((ids, labels))
+    return out, cut
+
+
+def pack(examples, seq_len, order):
+    """Greedy packing in `order`: a new row starts when the next example does not fit."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if used + n > seq_len and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate(examples, rows, seq_len, pad_id):
+    """Packed rows -> ids, labels, positions and documents (B, T): which example each token
+    belongs to (-1 = padding), for model.Documents."""
+    import torch
+
+    B = len(rows)
+    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((B, seq_len), -100, dtype=torch.long)
+    pos = torch.zeros((B, seq_len), dtype=torch.long)
+    seg = torch.full((B, seq_len), -1, dtype=torch.long)  # which example each token belongs to
+    for b, row in enumerate(rows):
+        t = 0
+        for j, i in enumerate(row):
+            x, y = examples[i]
+            n = len(x)
+            ids[b, t:t + n], labels[b, t:t + n] = torch.from_numpy(x), torch.from_numpy(y)
+            pos[b, t:t + n], seg[b, t:t + n] = torch.arange(n), j
+            t += n
+    return ids, labels, pos, seg
 
 
 def read_conversations(path, skip_invalid=False, log=print):
@@ -366,6 +428,8 @@ def read_conversations(path, skip_invalid=False, log=print):
 def read_records(path, parse, what, skip_invalid=False, log=print):
     """parse(obj, "file:line") of every non-blank line of a JSONL file; a bad line is a
     DataError naming it, or with skip_invalid a counted, reported skip."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such {what} file")
     out, skipped, first_error = [], 0, None
     lines = read_text(path).splitlines()
     for lineno, line in enumerate(lines, 1):
@@ -381,7 +445,7 @@ def read_records(path, parse, what, skip_invalid=False, log=print):
     log(f"data: {path}: {len(out)} {what} read, {skipped} invalid line(s) skipped"
         + (f" (first: {first_error})" if first_error else ""))
     if not out:
-        raise DataError(f"{path}: no usable {what}")
+        raise DataError(f"{path}: no {what} in the file" + (f" ({skipped} invalid line(s) skipped)" if skipped else ""))
     return out
 
 
@@ -420,6 +484,57 @@ def epoch_batches(items, batch_size, epochs, seed, world):
     return batches
 
 
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_record(obj, where):
+    """A prompts JSONL record -> {"messages", "references", "where"}: what PPO, GRPO and
+    `feedback generate` sample replies to, with the same context.
+
+    `{"prompt": "text"}`, `{"prompt": [messages]}` or `{"messages": [...]}`, with optional
+    `"references": [answers]` (what the simulated labelers' gold reward compares against).
+    Trailing assistant turns of `messages` are dropped from the prompt and, when there
+    are no references, become them."""
+    msgs = obj.get("prompt", obj.get("messages"))
+    if not isinstance(msgs, (str, list)):
+        raise DataError(f"{where}: expected a string 'prompt' or a list 'messages' (or 'prompt' as a list of messages)")
+    msgs = messages([{"role": "user", "content": msgs}] if isinstance(msgs, str) else msgs, where)
+    refs = obj.get("references")
+    if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
+        raise DataError(f"{where}: 'references' must be a list of strings")
+    answers = []
+    while msgs and msgs[-1]["role"] == "assistant":
+        answers.insert(0, msgs.pop()["content"])
+    if not any(m["role"] == "user" for m in msgs):
+        raise DataError(f"{where}: 'messages' has no user message to answer")
+    return {"messages": msgs, "references": refs if refs is not None else answers[:1], "where": where}
+
+
+def prompt_text(record):
+    """A prompt record's last user message: what the gold reward's relevance reads, and the
+    text a ranking task of the feedback app shows."""
+    return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
+
+
+def builtin_prompts(split):
+    """The chatterbot-corpus opening questions of a split ("train" or "heldout"), each with
+    all the corpus's answers to it as references."""
+    refs = {}
+    for conv in chatterbot_conversations(split):
+        refs.setdefault(conv[0]["content"], []).append(conv[1]["content"])
+    return [{"messages": [{"role": "user", "content": q}], "references": r, "where": f"chatterbot-corpus {split}"}
+            for q, r in refs.items()]
+
+
+def load_prompts(path, skip_invalid=False, log=print, split="train"):
+    """Prompt records of a JSONL file, or of the built-in chatterbot-corpus split when path is empty."""
+    if not path:
+        recs = builtin_prompts(split)
+        log(f"data: built-in chatterbot-corpus {split} questions: {len(recs)} prompts with reference answers")
+        return recs
+    return read_records(path, prompt_record, "prompts", skip_invalid, log)
+
+
 # ---------------------------------------------------------------- rankings
 
 
@@ -427,8 +542,6 @@ def ranking(obj, where):
     """A rankings record {"prompt", "completions", "ranks"} (rank 0 best, ties share a
     rank) or a TRL pair {"prompt", "chosen", "rejected"} (standard or conversational,
     explicit or implicit prompt) -> {"prompt": messages, "completions", "ranks"}."""
-    from .tokenizer import ROLES
-
     prompt = obj.get("prompt", obj.get("messages"))
     if "chosen" in obj or "rejected" in obj:
         completions, ranks = [obj.get("chosen"), obj.get("rejected")], [0, 1]
@@ -438,13 +551,9 @@ def ranking(obj, where):
             completions = [c[-1].get("content") for c in completions]
     else:
         completions, ranks = obj.get("completions"), obj.get("ranks")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
+    if prompt is None:
         raise DataError(f"{where}: expected 'prompt' as a string or a non-empty list of messages")
-    for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: prompt message {i} needs a role ({', '.join(ROLES)}) and string content")
+    prompt = messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt, where, "'prompt'")
     if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
         raise DataError(f"{where}: expected 'completions' as a list of strings (or 'chosen' and 'rejected')")
     if len(completions) < 2:
@@ -454,8 +563,12 @@ def ranking(obj, where):
         raise DataError(f"{where}: expected 'ranks' as a list of non-negative integers (0 = best)")
     if len(ranks) != len(completions):
         raise DataError(f"{where}: {len(ranks)} ranks for {len(completions)} completions")
-    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
-            "completions": completions, "ranks": ranks, "where": where}
+    return {"prompt": prompt, "completions": completions, "ranks": ranks, "where": where}
+
+
+def prompt_key(rec):
+    """A ranking's prompt as one string: what makes two rankings rankings of the same prompt."""
+    return json.dumps(rec["prompt"], sort_keys=True)
 
 
 def read_rankings(path, skip_invalid=False, log=print):
@@ -483,8 +596,6 @@ def refuse_heldout(records, heldout="builtin", log=print):
     heldout is "builtin" (the chatterbot-corpus held-out questions), a prompts JSONL, or "none"."""
     if heldout == "none":
         return
-    from .rl import load_prompts
-
     held = {question(r["messages"]) for r in load_prompts("" if heldout == "builtin" else heldout,
                                                          log=lambda *_: None, split="heldout")}
     bad = [r for r in records if question(r["prompt"]) in held]
@@ -507,10 +618,60 @@ def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=pr
     refuse_heldout(train, heldout, log)
     if eval_path:
         return train, read_rankings(eval_path, skip_invalid, log)
-    key = lambda r: json.dumps(r["prompt"], sort_keys=True)  # noqa: E731
-    prompts = sorted({key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
+    prompts = sorted({prompt_key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
     held = set(prompts[:math.ceil(eval_frac * len(prompts))] if len(prompts) > 1 else [])
-    return [r for r in train if key(r) not in held], [r for r in train if key(r) in held]
+    return [r for r in train if prompt_key(r) not in held], [r for r in train if prompt_key(r) in held]
+
+
+def encode_rankings(records, tok, seq_len, pad):
+    """Add each ranking's token rows (prompt + completion, to its end of turn); rows longer
+    than seq_len keep their last seq_len tokens (counted)."""
+    cut = 0
+    for r in records:
+        rows = reward_rows(tok, r["prompt"], r["completions"])
+        if pad is not None and any(pad in row for row in rows):
+            raise DataError(f"{r['where']}: the text holds the token {tok.tok.id_to_token(pad)!r}, the reward model's "
+                            "pad, which would end the row early for transformers' sequence classification")
+        cut += sum(len(row) > seq_len for row in rows)
+        r["rows"] = [row[-seq_len:] for row in rows]
+    return cut
+
+
+def flatten_rankings(records):
+    """Rankings -> their distinct rows, and which (N,), ranks (N,), groups (N,) of every ranked
+    completion: its row, its rank, its ranking (for losses.ranking_loss). Several labelers'
+    rankings of the same completions share rows, so each row is scored once."""
+    import torch
+
+    rows, seen, which, ranks, groups = [], {}, [], [], []
+    for g, r in enumerate(records):
+        for row in r["rows"]:
+            which.append(seen.setdefault(tuple(row), len(seen)))
+            if which[-1] == len(rows):
+                rows.append(row)
+        ranks += r["ranks"]
+        groups += [g] * len(r["rows"])
+    return rows, torch.tensor(which), torch.tensor(ranks), torch.tensor(groups)
+
+
+def grouped_batches(records, batch_size, epochs, seed, world):
+    """Every epoch's batches of rankings (epoch_batches' order and rules), where the rankings
+    of the same prompt and completions (one task ranked by several labelers) stay together: whole
+    tasks fill a batch up to batch_size rankings, and their rows are scored once."""
+    tasks = {}
+    for r in records:
+        tasks.setdefault((prompt_key(r), tuple(r["completions"])), []).append(r)
+    batches = []
+    for epoch in epoch_batches(list(tasks.values()), len(tasks), epochs, seed, 1):
+        batch = []
+        for task in epoch:
+            if batch and len(batch) + len(task) > batch_size:
+                batches.append(batch)
+                batch = []
+            batch += task
+        if len(batch) >= world:  # a last batch too small to give each rank a ranking is dropped
+            batches.append(batch)
+    return batches
 
 
 def reward_rows(tok, prompt, completions):

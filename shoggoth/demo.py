@@ -13,13 +13,12 @@ checkpoint, so re-running the same command continues where it stopped.
 """
 
 import dataclasses
-import importlib
 import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, config
 from .feedback import winrate
 from .metrics import duration
 
@@ -28,14 +27,14 @@ K = 8  # completions per prompt (InstructGPT: 4 to 9); reward accuracy 0.674-0.7
 LABELERS = 3  # simulated labelers; each ranks every task, so they overlap and disagree
 MASK_PROMPTS = 6  # held-out prompts shown side by side in the report
 SAMPLES = 4  # sampled replies per held-out prompt behind each model's mean gold and proxy reward
-# --quick: the same pipeline at toy scale (about a minute), for smoke tests.
+# --quick: the same pipeline at toy scale, for smoke tests: each stage's preset and fields.
+QUICK_PRESETS = {"pretrain": "tiny"}
 QUICK = {
-    "pretrain": ["--config", "tiny", "--vocab-size", "512", "--seq-len", "128", "--max-steps", "30"],
-    "sft": ["--max-steps", "20", "--sample-every", "0"],
-    "reward": ["--normalize-samples", "16"],
-    "ppo": ["--iterations", "2", "--batch-size", "8", "--minibatch-size", "4", "--eval-samples", "8", "--eval-every", "2",
-            "--max-new-tokens", "16"],
-    "dpo": ["--max-steps", "4"],
+    "pretrain": dict(vocab_size=512, seq_len=128, max_steps=30),
+    "sft": dict(max_steps=20, sample_every=0),
+    "reward": dict(normalize_samples=16),
+    "ppo": dict(iterations=2, batch_size=8, minibatch_size=4, eval_samples=8, eval_every=2, max_new_tokens=16),
+    "dpo": dict(max_steps=4),
 }
 
 
@@ -45,10 +44,9 @@ PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this r
 # Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
 # the run's dtype), so a machine of half the rate is estimated to take twice as long. Pretraining
 # is its set-up (tokenizer, token shards, the first build of the decode kernel) plus pretrain_step
-# per step, as the budget sets its steps. bf16: a 2-core Xeon (Sapphire Rapids, KVM), reward, SFT
-# and DPO scaled by their fp32 cuts; fp32: a 2-core AMD EPYC with AVX2 only (168 GFLOP/s, a run
-# of 302 pretraining steps), the machine the README times. summary.json keeps every run's rate
-# and timings: re-measure when a preset changes.
+# per step, as the budget sets its steps. bf16 from a CPU with AVX-512 bf16 (reward, SFT and DPO
+# scaled by their fp32 cuts), fp32 from the AVX2-only machine the README times. summary.json keeps
+# every run's rate and timings: re-measure when a preset changes.
 WORK = {
     "bf16": {"pretrain": 62 * 7.8e11, "pretrain_step": 0.45 * 7.8e11, "sft": 75 * 7.8e11,
              "feedback": 81 * 7.8e11, "reward": 44 * 7.8e11, "ppo": 98 * 7.8e11, "dpo": 82 * 7.8e11,
@@ -110,20 +108,18 @@ class Run:
     def save(self):
         checkpoint.write_json(self.out / "summary.json", self.summary)
 
-    def stage(self, name, argv, out=None):
-        """`shoggoth <name> argv --out DIR` unless it already finished; --resume if it had started."""
-        from .cli import STAGES, make_config
-
-        out = out or self.out / name
+    def stage(self, name, preset, **fields):
+        """Stage `name` on its preset (or --quick's) and fields, into the run directory's `name`
+        folder, unless it already finished; resumed if it had started."""
+        out = self.out / name
         if (out / "config.json").exists() and any(out.glob("model*.safetensors")):
             self.log(f"{name}: done earlier ({out}), skipping")
             return out
         resume = checkpoint.latest_checkpoint(out) is not None
         self.log(f"{name}: {'resuming' if resume else 'starting'} -> {out}")
-        mod = importlib.import_module(STAGES[name])
-        extra = QUICK.get(name, []) if self.quick else []
-        cfg = make_config(mod.Config, [*map(str, argv), *extra, "--dtype", self.dtype, "--out", str(out),
-                                       *(["--resume"] if resume else [])], name)
+        if self.quick:
+            preset, fields = QUICK_PRESETS.get(name, preset), {**fields, **QUICK.get(name, {})}
+        mod, cfg = config.load(name, preset, **fields, dtype=self.dtype, out=str(out), resume=resume)
         t = time.time()
         mod.run(cfg)
         self.summary["config"][name] = dataclasses.asdict(cfg)
@@ -141,7 +137,7 @@ def metric(path, key, which=-1):
 def feedback(run: Run):
     """K completions per training prompt from the SFT model, ranked by simulated
     labelers through the feedback app's database; exported as rankings JSONL."""
-    from . import rl
+    from . import data
     from .feedback import db as D, jobs
     from .feedback.agreement import agreement
 
@@ -153,7 +149,7 @@ def feedback(run: Run):
     fb.mkdir(parents=True, exist_ok=True)
     t = time.time()
     prompts = fb / "prompts.jsonl"
-    recs = [{"prompt": rl.prompt_text(r), "references": r["references"]} for r in rl.builtin_prompts("train")]
+    recs = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in data.builtin_prompts("train")]
     recs = recs[:40] if run.quick else recs
     prompts.write_text("".join(json.dumps(r) + "\n" for r in recs))
     db = f"sqlite:///{(fb / 'feedback.db').resolve()}"
@@ -182,13 +178,13 @@ def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
     """Mean gold (simulated labelers' noise-free taste) and proxy (reward model) score of
     SAMPLES sampled replies per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
-    from . import labelers, rl, sampling
-    from .stages.reward import load_scorer, score_texts
+    from . import data, labelers, sampling
+    from .scoring import load_scorer, score_texts
 
     model, scorer = sampling.load(model_dir), load_scorer(reward_dir)
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
-    gold = [labelers.gold_score(rl.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
+    gold = [labelers.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
     proxy = [score_texts(scorer, r["messages"], [t])[0] for r, t in zip(records, replies)]
     return sum(gold) / len(gold), sum(proxy) / len(proxy), replies[::SAMPLES]
 
@@ -198,24 +194,24 @@ def model_dirs(run: Run):
 
 
 def heldout_prompts(run: Run):
-    from . import rl
+    from . import data
 
-    held = rl.builtin_prompts("heldout")
+    held = data.builtin_prompts("heldout")
     return held[:12] if run.quick else held
 
 
 def mask(run: Run, reward_dir):
     """The same held-out prompts answered by every model, greedy, with proxy and gold scores; returns
     each model's first sampled reply to every held-out prompt."""
-    from . import labelers, rl, sampling
-    from .stages.reward import load_scorer, score_texts
+    from . import data, labelers, sampling
+    from .scoring import load_scorer, score_texts
 
     scorer = load_scorer(reward_dir)
     held = heldout_prompts(run)
     answers = {}
     step = max(1, len(held) // MASK_PROMPTS)
     shown = held[::step][:MASK_PROMPTS]
-    table = [{"prompt": rl.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
+    table = [{"prompt": data.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
     for name, d in model_dirs(run).items():
         if not (d / "config.json").exists():
             continue
@@ -226,7 +222,7 @@ def mask(run: Run, reward_dir):
         replies = greedy[::step][:MASK_PROMPTS]
         for row, r, text in zip(table, shown, replies):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
-                                    "gold": labelers.gold_score(rl.prompt_text(r), text, r["references"])}
+                                    "gold": labelers.gold_score(data.prompt_text(r), text, r["references"])}
         g, p, answers[name] = gold_and_proxy(run, name, d, held, reward_dir)
         run.summary["headline"][f"gold_{name}"], run.summary["headline"][f"proxy_{name}"] = g, p
     checkpoint.write_json(run.out / "mask.json", {"prompts": table})
@@ -241,13 +237,13 @@ def blind_winrates(run: Run, answers):
     win rate of every pair with its bootstrap interval (`shoggoth feedback winrate`)."""
     import random
 
-    from . import rl
+    from . import data
     from .feedback import db as D, jobs
 
     db = f"sqlite:///{(run.out / 'feedback' / 'feedback.db').resolve()}"
     engine = D.connect(db)
     if D.campaign_id(engine, "heldout", required=False) is None:  # made by an earlier, interrupted run: kept
-        held = [{"prompt": rl.prompt_text(r), "references": r["references"]} for r in heldout_prompts(run)]
+        held = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in heldout_prompts(run)]
         settings = {**SAMPLING, "dirs": {m: str(model_dirs(run)[m]) for m in answers},
                     "prompts": "chatterbot-corpus heldout", "replies": f"the first of the {SAMPLES} per prompt behind "
                     "the gold and proxy rewards"}
@@ -262,12 +258,12 @@ def blind_winrates(run: Run, answers):
 def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET):
     r = Run(out, quick, dtype, budget)
     o = r.out
-    r.stage("pretrain", ["--config", "demo-cpu", "--max-steps", r.summary["plan"]["pretrain_steps"]])
-    r.stage("sft", ["--config", "demo-sft", "--init", o / "pretrain"])
-    rankings = feedback(r)
-    r.stage("reward", ["--config", "demo-reward", "--init", o / "sft", "--rankings", rankings])
-    r.stage("ppo", ["--config", "demo-ppo", "--policy", o / "sft", "--reward", o / "reward"])
-    r.stage("dpo", ["--config", "demo-dpo", "--policy", o / "sft", "--rankings", rankings])
+    r.stage("pretrain", "demo-cpu", max_steps=r.summary["plan"]["pretrain_steps"])
+    r.stage("sft", "demo-sft", init=str(o / "pretrain"))
+    rankings = str(feedback(r))
+    r.stage("reward", "demo-reward", init=str(o / "sft"), rankings=rankings)
+    r.stage("ppo", "demo-ppo", policy=str(o / "sft"), reward=str(o / "reward"))
+    r.stage("dpo", "demo-dpo", policy=str(o / "sft"), rankings=rankings)
 
     h = r.summary["headline"]
     t = time.time()

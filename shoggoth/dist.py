@@ -9,7 +9,7 @@ reads the same with or without torchrun:
     opt = AdamW(model.parameters(), ...)                  # after wrap: FSDP2 swaps in sharded parameters
     with dist.grad_sync(train_model, last_micro_step): loss.backward()
     grad_norm = dist.clip_grad_norm(model, c.grad_clip)
-    dist.save_checkpoint(out, step, model, opt, c, c.keep)  # every rank; rank 0 writes the full state
+    # dist.model_state(model), dist.optim_state(model, opt)  # every rank; rank 0 gets the full state
 """
 
 import os
@@ -54,8 +54,13 @@ def setup(device=""):
     return Dist(rank, world, local, dev)
 
 
+def is_main():
+    """This process is rank 0 (or the only one)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def print0(*args, **kw):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main():
         print(*args, **kw, flush=True)
 
 
@@ -90,19 +95,28 @@ def all_mean(x: torch.Tensor):
     return x
 
 
+def all_sums(values, device=None):
+    """Sums over ranks of named scalars ({name: 0-dim tensor or number}), in one all-reduce: each
+    comes back a 0-dim tensor of its own float dtype (an integer or bool as float32). device: where
+    the reduction runs (default: that of the first value)."""
+    ts = {k: torch.as_tensor(v) for k, v in values.items()}
+    if not dist.is_initialized():
+        return {k: t if t.is_floating_point() else t.float() for k, t in ts.items()}
+    device = device or next(iter(ts.values())).device
+    flat = all_sum(torch.stack([t.to(device, torch.float64) for t in ts.values()]))  # float64 on the wire
+    return {k: s.to(t.dtype if t.is_floating_point() else torch.float32) for (k, t), s in zip(ts.items(), flat)}
+
+
+def all_means(values, device=None):
+    """Means over ranks of named scalars, in one all-reduce (all_sums divided by the number of ranks)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {k: v / world if world > 1 else v for k, v in all_sums(values, device).items()}
+
+
 def share(items, d: Dist):
     """This rank's contiguous share of a sequence (rows of a global batch, prompts to roll out)."""
     n = len(items)
     return items[d.rank * n // d.world:(d.rank + 1) * n // d.world]
-
-
-def gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: rollouts, samples)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def cleanup():
@@ -251,20 +265,6 @@ def optim_state(model, opt):
     index = {}
     groups = [{**g, "params": [index.setdefault(f, len(index)) for f in g["params"]]} for g in sd["param_groups"]]
     return {"state": {index[f]: s for f, s in sd["state"].items()}, "param_groups": groups}
-
-
-def save_checkpoint(out_dir, step, model, opt, config, keep=3):
-    """Every rank calls this: rank 0 writes out_dir/checkpoints/step_NNNNNN.pt (the trained weights:
-    checkpoint.trained; optimizer, config dataclass) in the one-process format, gathered first under
-    FSDP2; the others wait for it."""
-    from dataclasses import asdict
-
-    from .checkpoint import save_checkpoint, trained
-
-    model_sd, optim_sd = trained(model, model_state(model)), optim_state(model, opt)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint(out_dir, step, {"model": model_sd, "optim": optim_sd, "config": asdict(config)}, keep=keep)
-    barrier()
 
 
 def load_optim_state(model, opt, sd):

@@ -63,6 +63,21 @@ def machine():
     return f"{os.cpu_count()} x {field('model name') or 'unknown CPU'} ({', '.join(shown) or 'no AVX2'}; {kernels})"
 
 
+class Sums(dict):
+    """Named running sums of a step's statistics, float32 tensors where they were computed:
+    `sums.add(loss=loss, clipfrac=clipfrac)`; dist.all_sums(sums) or dist.all_means(...) reduces
+    them over ranks in one call. Sums(*names) starts those at zero, so that every rank reduces
+    the same names even where it had nothing to add."""
+
+    def __init__(self, *names):
+        super().__init__({k: torch.zeros(()) for k in names})
+
+    def add(self, **values):
+        for k, v in values.items():
+            self[k] = self.get(k, 0.0) + torch.as_tensor(v).detach().float()
+        return self
+
+
 def _fmt(k, v):
     if isinstance(v, float):
         if k.startswith("time/"):

@@ -1,4 +1,5 @@
-"""What the RL stages (ppo, grpo, dpo) share: prompts, rollouts, log-probs of responses, rewards.
+"""Rollouts, what the RL stages (ppo, grpo, dpo) share: prompts, the policy and its reference,
+responses sampled by the Engine, their log-probs. Their scores are scoring.py's.
 
 A rollout is a batch of prompts (rendered with the model's chat template and its
 generation prompt, `<|im_start|>assistant\\n` in ChatML) continued by the Engine until
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, labelers, lora, tokenizer
+from . import checkpoint, data, dist, lora, tokenizer
+from .data import builtin_prompts, prompt_text  # noqa: F401  (tests/test_feedback_cli.py reads them as rl.*)
 from .engine import Engine
 from .errors import DataError
 
@@ -27,58 +29,14 @@ from .errors import DataError
 # ---------------------------------------------------------------- prompts
 
 
-def prompt_record(obj, where):
-    """A prompts JSONL record -> {"messages", "references", "where"}.
-
-    `{"prompt": "text"}`, `{"prompt": [messages]}` or `{"messages": [...]}`, with optional
-    `"references": [answers]` (what the simulated labelers' gold reward compares against).
-    Trailing assistant turns of `messages` are dropped from the prompt and, when there
-    are no references, become them."""
-    from .tokenizer import ROLES
-
-    msgs = obj.get("prompt", obj.get("messages"))
-    if isinstance(msgs, str):
-        msgs = [{"role": "user", "content": msgs}]
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: expected 'prompt' (a string or a list of messages) or 'messages'")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {i} needs a role ({', '.join(ROLES)}) and string content")
-    refs = obj.get("references")
-    if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
-        raise DataError(f"{where}: 'references' must be a list of strings")
-    answers = []
-    while msgs and msgs[-1]["role"] == "assistant":
-        answers.insert(0, msgs[-1]["content"])
-        msgs = msgs[:-1]
-    if not msgs:
-        raise DataError(f"{where}: no user message to answer")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
-            "references": refs if refs is not None else answers[:1], "where": where}
-
-
-def builtin_prompts(split):
-    """The chatterbot-corpus opening questions of a split ("train" or "heldout"), each with
-    all the corpus's answers to it as references."""
-    refs = {}
-    for conv in data.chatterbot_conversations(split):
-        refs.setdefault(conv[0]["content"], []).append(conv[1]["content"])
-    return [{"messages": [{"role": "user", "content": q}], "references": r, "where": f"chatterbot-corpus {split}"}
-            for q, r in refs.items()]
-
-
-def load_prompts(path, skip_invalid=False, log=print, split="train"):
-    """Prompt records of a JSONL file, or of the built-in chatterbot-corpus split when path is empty."""
-    if not path:
-        recs = builtin_prompts(split)
-        log(f"data: built-in chatterbot-corpus {split} questions: {len(recs)} prompts with reference answers")
-        return recs
-    return data.read_records(path, prompt_record, "prompts", skip_invalid, log)
-
-
-def prompt_text(record):
-    """The last user message: what the gold reward's relevance reads when there are no references."""
-    return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
+def load_prompt_sets(c, log):
+    """(train, held-out) prompt records of a stage's Config: --prompts (default the built-in training
+    questions) and at most eval_samples of --eval-prompts (default, when --prompts is empty, the
+    built-in held-out questions; else none)."""
+    prompts = data.load_prompts(c.prompts, c.skip_invalid, log)
+    if not (c.eval_prompts or not c.prompts):
+        return prompts, []
+    return prompts, data.load_prompts(c.eval_prompts, c.skip_invalid, log, split="heldout")[:c.eval_samples]
 
 
 def encode_prompts(tok, records, room):
@@ -127,65 +85,9 @@ def reference(policy, ref):
     return nullcontext(ref) if ref is not None else lora.disabled(policy)
 
 
-def load_prompt_sets(c, log):
-    """(train, held-out) prompt records of a stage's Config: --prompts (default the built-in training
-    questions) and at most eval_samples of --eval-prompts (default, when --prompts is empty, the
-    built-in held-out questions; else none)."""
-    prompts = load_prompts(c.prompts, c.skip_invalid, log)
-    if not (c.eval_prompts or not c.prompts):
-        return prompts, []
-    return prompts, load_prompts(c.eval_prompts, c.skip_invalid, log, split="heldout")[:c.eval_samples]
-
-
-def optimizer_step(opt, model, grad_clip, out, where):
-    """Clip model's global grad norm, refuse a non-finite one (naming the last good checkpoint of
-    out), step and zero the gradients. Returns the norm before clipping."""
-    from .errors import TrainingError
-
-    norm = dist.clip_grad_norm(model, grad_clip)
-    if not torch.isfinite(norm):
-        raise TrainingError(f"{where}: grad norm {norm.item():.4g} is not finite; stopped without updating. "
-                            f"Last good checkpoint: {checkpoint.latest_checkpoint(out) or 'none'}")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
-
-
 def frozen(model, device):
     """model on device, in eval mode, without gradients: the reference and the reward model."""
     return model.to(device).eval().requires_grad_(False)
-
-
-def load_reward(reward_dir, toy_word, tok, device):
-    """(reward, model): the reward of a Rollout -> (B,), the reward model's score (minus its
-    stored shift) computed with any LoRA adapters the model has since been given switched
-    off (a PPO value model's: lora_value); or, with toy_word, the fraction of response tokens
-    that are that word, and model None."""
-    if toy_word:
-        ids = toy_target_ids(tok, toy_word)
-        return (lambda r: toy_scores(r, ids)), None
-    model, shift = checkpoint.load_reward(reward_dir)
-    if tokenizer.load(reward_dir).tok.get_vocab() != tok.tok.get_vocab():
-        raise DataError(f"{reward_dir}: the reward model's tokenizer differs from the policy's; it must score the "
-                        "policy's tokens as they are (train the reward model from the same SFT model)")
-    model = frozen(model, device)
-
-    def reward(r):
-        with lora.disabled(model):
-            return reward_scores(model, shift, r)
-    return reward, model
-
-
-def lora_value(reward_model):
-    """A LoRA run's PPO value model: the frozen reward model's trunk itself (not a copy), which
-    lora.wrap then gives the value's own adapters, and a trained copy of its head. It starts
-    as the reward model, as InstructGPT's value model does; the reward, computed with the
-    adapters off (load_reward), stays the reward model's."""
-    from .model import RewardModel
-
-    value = RewardModel(reward_model.config, trunk=reward_model.model)
-    value.score.load_state_dict(reward_model.score.state_dict())
-    return value.to(reward_model.score.weight.device)
 
 
 def in_chunks(fn, r, size):
@@ -292,73 +194,11 @@ def response_values(value_model, r: Rollout):
     return value_model(r.seq, last=r.columns().clamp(max=r.seq.shape[1] - 1))
 
 
-def reward_scores(reward_model, shift, r: Rollout):
-    """Reward-model scores (B,) read at each response's last real token (its end of turn), minus the stored shift."""
-    return reward_model(r.seq, last=r.start + r.lengths - 1) - shift
-
-
-def toy_target_ids(tok, word):
-    """Token ids that count as the toy reward's word: the word alone and after a space."""
-    ids = {tuple(tok.encode(w)) for w in (word, " " + word)}
-    single = sorted(i[0] for i in ids if len(i) == 1)
-    if not single:
-        raise DataError(f"toy reward: {word!r} is not a single token of this tokenizer")
-    return single
-
-
-def toy_scores(r: Rollout, target_ids):
-    """Toy reward (B,): the fraction of a response's tokens that are the target word (a test and debug aid)."""
-    hit = torch.isin(r.tokens, torch.tensor(target_ids, device=r.tokens.device)) & r.mask
-    return hit.sum(1) / r.lengths.clamp(min=1)
-
-
 def decode(tok, r: Rollout):
     """Response texts, special tokens dropped."""
     return [tok.decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(r.tokens.tolist(), r.mask.tolist())]
 
 
-def gold_scores(records, texts):
-    """The simulated labelers' noise-free taste (labelers.gold_score) of each response; NaN for a
-    prompt without reference answers."""
-    return torch.tensor([labelers.gold_score(prompt_text(rec), t, rec["references"]) if rec["references"]
-                         else float("nan") for rec, t in zip(records, texts)])
-
-
-# ---------------------------------------------------------------- scoring and evaluation
-
-
 def logprobs_of(model, r: Rollout, temperature, chunk):
     """log pi(response tokens) (B, N) of a model, chunk rows at a time (call under no_grad)."""
     return in_chunks(lambda s: token_logprobs(response_logits(model, s), s.tokens, temperature), r, chunk)
-
-
-def all_nanmean(x, device):
-    """Mean over every rank of x's non-NaN entries (the gold reward of prompts that have references); NaN if none."""
-    ok = ~torch.isnan(x)
-    s = dist.all_sum(torch.tensor([x[ok].sum().item(), ok.sum().item()], device=device, dtype=torch.float64))
-    return (s[0] / s[1]).item() if s[1] else float("nan")
-
-
-def all_mean(x):
-    """Mean over every rank of a tensor's mean, as a float."""
-    return dist.all_mean(x.float().mean()).item()
-
-
-def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, show=2):
-    """One response per held-out prompt (this rank's share), sampled with the same seed at every
-    evaluation: mean reward, gold reward, KL to the reference per response, end-of-text rate, length.
-    c: the stage's Config (max_new_tokens, temperature, seed, minibatch_size)."""
-    recs = dist.share(records, d)
-    room = policy.config.max_seq_len - c.max_new_tokens
-    r = generate(policy, tok, encode_prompts(tok, recs, room), c.max_new_tokens, c.temperature,
-                 seed=c.seed + 1_000_003 + d.rank, bf16=bf16)
-    chunk = max(1, c.minibatch_size // d.world)
-    with torch.no_grad(), amp, reference(policy, ref) as ref:
-        kl = ((r.logprobs - logprobs_of(ref, r, c.temperature, chunk)) * r.mask).sum(1)
-        scores = in_chunks(reward_fn, r, chunk)
-    texts = decode(tok, r)
-    if d.main:
-        for rec, text in list(zip(recs, texts))[:show]:
-            print(f"  user> {prompt_text(rec)}\n  assistant> {text}", flush=True)
-    return {"eval/scores": all_mean(scores), "eval/gold": all_nanmean(gold_scores(recs, texts), d.device),
-            "eval/kl": all_mean(kl), "eval/eot_rate": all_mean(r.ended), "eval/length": all_mean(r.lengths)}

@@ -1,5 +1,8 @@
 """`shoggoth chat`: one-shot and interactive, with the chat template and streaming."""
 
+import subprocess
+import sys
+
 import pytest
 
 from common import shoggoth, tiny_model_dir
@@ -30,3 +33,12 @@ def test_chat_once_and_interactive(model_dir):
     answers = [ln.split("assistant> ", 1)[1] for ln in lines if "assistant> " in ln]
     # After /reset the same question gets the same (greedy) answer as the first time.
     assert len(answers) == 2 and answers[0].strip() == answers[1].strip() == want
+
+
+def test_chat_imports_no_labeler_code(model_dir):
+    """`shoggoth chat` loads the model and the engine only: no simulated labelers, no vaderSentiment."""
+    code = ("import sys; from shoggoth.cli import main; "
+            f"rc = main(['chat', {str(model_dir)!r}, '--prompt', 'Hello', '--max-new-tokens', '4']); "
+            "bad = [m for m in ('shoggoth.labelers', 'vaderSentiment', 'shoggoth.scoring') if m in sys.modules]; "
+            "assert rc == 0 and not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import bible_corpus, shoggoth, tiny_lm_dir, tiny_model_dir
-from shoggoth import checkpoint, data, rl
+from shoggoth import checkpoint, data
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -305,7 +305,7 @@ def prompts(tmp_path_factory):
     """16 chatterbot questions with their answers as references; no held-out prompts, so no evaluation."""
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p["messages"], "references": p["references"]}) + "\n"
-                            for p in rl.builtin_prompts("train")[:16]))
+                            for p in data.builtin_prompts("train")[:16]))
     return path
 
 

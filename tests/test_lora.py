@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import hf_families
 from common import shoggoth
-from shoggoth import checkpoint, cli, lora, rl, sampling, tokenizer
+from shoggoth import checkpoint, cli, data, lora, rl, sampling, scoring, tokenizer
 from test_rl import ENV, FAST, interrupt_and_resume, lm_dir, rm_dir, sampled_fraction, series, toy_pairs  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +53,7 @@ def test_engine_decodes_with_the_adapters_and_without(lm_dir):
     with torch.no_grad():
         for _, m in lora.layers(model):
             m.lora_B["default"].weight.normal_(0, 0.2)
-    recs = rl.builtin_prompts("train")[:6]
+    recs = data.builtin_prompts("train")[:6]
     prompts = rl.encode_prompts(tok, recs, 100)
     for ctx, other in ((nullcontext(), None), (lora.disabled(model), base)):
         with ctx:
@@ -74,7 +74,6 @@ def test_adapter_loads_in_peft_with_the_merged_logits(family, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     init = hf_families.build(family, tmp_path / family)
-    from shoggoth import data
 
     convs = data.chatterbot_conversations("train")[:48]
     out = tmp_path / "sft"
@@ -122,7 +121,6 @@ def test_adapter_loads_in_peft_with_the_merged_logits(family, tmp_path):
 
 
 def test_lora_sft_lowers_heldout_loss(lm_dir, tmp_path):
-    from shoggoth import data
 
     convs = data.chatterbot_conversations("train")
     out = tmp_path / "sft"
@@ -170,12 +168,12 @@ def test_ppo_value_model_shares_the_reward_models_trunk(lm_dir, rm_dir):
     """The value model is the reward model's trunk (one copy) with its own adapters and head; the
     reward, read with the adapters off, stays the reward model's."""
     tok = tokenizer.load(lm_dir)
-    reward_fn, rm = rl.load_reward(rm_dir, "", tok, "cpu")
-    recs = rl.builtin_prompts("train")[:4]
+    reward_fn, rm = scoring.load_reward(rm_dir, "", tok, "cpu")
+    recs = data.builtin_prompts("train")[:4]
     r = rl.generate(checkpoint.load_pretrained(lm_dir), tok, rl.encode_prompts(tok, recs, 100), 8, 1.0, seed=0)
     with torch.no_grad():
         want, values = reward_fn(r), rl.response_values(rm, r)
-    value = lora.wrap(rl.lora_value(rm), lora.Options(lora_r=4), seed=0, trained=("score",))
+    value = lora.wrap(scoring.lora_value(rm), lora.Options(lora_r=4), seed=0, trained=("score",))
     assert value.model is rm.model and value.score is not rm.score
     trained = {n for n, p in value.named_parameters() if p.requires_grad}
     assert "score.weight" in trained and all(".lora_" in n for n in trained - {"score.weight"})

@@ -15,7 +15,7 @@ import transformers
 
 import hf_families
 from common import shoggoth
-from shoggoth import checkpoint, rl, sampling, tokenizer
+from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
 from shoggoth.errors import ModelDirError
 from shoggoth.stages import dpo, grpo, ppo, reward, sft
 
@@ -227,7 +227,7 @@ def test_every_stage_runs_and_keeps_the_template(dirs, family, tmp_path):
     hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(rm_out).eval()
     tok = tokenizer.load(rm_out)
     rows = [tok.render_reply(CONVS[0][:1], c)[0] for c in ("Paris.", "It is Paris, of course.")]
-    ours = reward.score_texts(str(rm_out), CONVS[0][:1], ["Paris.", "It is Paris, of course."], raw=True)
+    ours = scoring.score_texts(str(rm_out), CONVS[0][:1], ["Paris.", "It is Paris, of course."], raw=True)
     pad = hf_rm.config.pad_token_id
     if pad is not None:
         assert pad not in tok.stop_ids
@@ -243,7 +243,7 @@ def test_every_stage_runs_and_keeps_the_template(dirs, family, tmp_path):
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*) from tasks").fetchone()[0] == len(words)
     # The prompts PPO optimised are those transformers would render.
-    recs = rl.load_prompts(str(prompts), log=lambda *a: None)
+    recs = data.load_prompts(str(prompts), log=lambda *a: None)
     hf = transformers.AutoTokenizer.from_pretrained(src)
     assert rl.encode_prompts(tok, recs[:1], 1000)[0] == hf.apply_chat_template(
         recs[0]["messages"], add_generation_prompt=True, return_dict=True)["input_ids"]

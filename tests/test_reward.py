@@ -46,10 +46,10 @@ def test_labelers_rankings_of_one_task_share_a_batch_and_its_scored_rows():
                                  "rows": [[ord(prompt), 1], [ord(prompt), 2], [ord(prompt), 3]]}
     recs = [rec("a", [0, 1, 2]), rec("b", [2, 1, 0]), rec("a", [0, 2, 1]), rec("a", [1, 0, 2])]
     for seed in range(5):
-        batches = reward.grouped_batches(recs, 3, 2, seed, 1)
+        batches = data.grouped_batches(recs, 3, 2, seed, 1)
         assert sorted(len(b) for b in batches) == [1, 1, 3, 3]  # task a whole in one batch, each epoch
         assert all(len({r["prompt"] for r in b}) == 1 for b in batches)
-    rows, which, ranks, groups = reward.flatten(recs)
+    rows, which, ranks, groups = data.flatten_rankings(recs)
     assert len(rows) == 6 and len(which) == 12  # 12 ranked completions, 6 distinct rows scored
     # The loss over the shared rows is the loss over every ranking's own rows.
     scores = torch.randn(6)

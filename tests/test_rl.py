@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from common import bible_corpus, shoggoth, tiny_lm_dir
-from shoggoth import checkpoint, data, rl, sampling, tokenizer
+from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
 from shoggoth.model import RewardModel
 
 # One thread per run: the tiny models gain nothing from more, and a loaded machine
@@ -55,9 +55,9 @@ def rm_dir(lm_dir, tmp_path_factory):
 def sampled_fraction(model_dir, n=64, seed=0):
     """Toy reward of responses to n held-out questions sampled at temperature 1."""
     model, tok = sampling.load(model_dir)
-    recs = rl.builtin_prompts("heldout")[:n]
+    recs = data.builtin_prompts("heldout")[:n]
     r = rl.generate(model, tok, rl.encode_prompts(tok, recs, 100), 16, 1.0, seed=seed)
-    return rl.toy_scores(r, rl.toy_target_ids(tok, "the")).mean().item()
+    return scoring.toy_scores(r, scoring.toy_target_ids(tok, "the")).mean().item()
 
 
 def check_outputs(out, lm_dir):
@@ -87,7 +87,7 @@ def test_rollout_logprobs_are_the_training_forwards(lm_dir):
     """The Engine's log-probs at temperature T are log_softmax(logits / T) of a plain forward over the
     right-padded [prompt | response] rows, and <|im_end|> ends a response (pad is another token)."""
     model, tok = sampling.load(lm_dir)
-    recs = rl.builtin_prompts("train")[:6]
+    recs = data.builtin_prompts("train")[:6]
     r = rl.generate(model, tok, rl.encode_prompts(tok, recs, 100), 12, 0.7, seed=3)
     with torch.no_grad():
         lp = rl.token_logprobs(rl.response_logits(model, r), r.tokens, 0.7)
@@ -168,7 +168,7 @@ def toy_pairs(path, n, seed):
     rng = random.Random(seed)
     verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:3000]]
     verses = [v for v in verses if v.count(" the ") >= 2 and len(v) < 120]
-    questions = [p["messages"][0]["content"] for p in rl.builtin_prompts("train")]
+    questions = [p["messages"][0]["content"] for p in data.builtin_prompts("train")]
     with open(path, "w") as f:
         for _ in range(n):
             v = rng.choice(verses)

@@ -44,7 +44,7 @@ def test_chat_template_matches_transformers(model_dir):
 
 def test_no_user_or_padding_token_is_trained(model_dir):
     tok = tokenizer.load(model_dir)
-    examples, _ = sft.encode(CONVS, tok, 128)
+    examples, _ = data.encode_conversations(CONVS, tok, 128)
     for conv, (ids, labels) in zip(CONVS, examples):
         _, mask = tok.render_chat(conv)
         trained = labels != -100
@@ -52,9 +52,9 @@ def test_no_user_or_padding_token_is_trained(model_dir):
         assert np.array_equal(trained[:-1], np.array(mask[1:]) == 1) and not trained[-1]
         assert np.array_equal(labels[trained], ids[1:][trained[:-1]])
     model = checkpoint.load_pretrained(model_dir).eval()
-    rows = sft.pack(examples, 128, [0, 2, 1])
+    rows = data.pack(examples, 128, [0, 2, 1])
     assert rows == [[0, 2], [1]]  # two short examples share a row
-    ids, labels, pos, seg = sft.collate(examples, rows, 128, tok.pad_id)
+    ids, labels, pos, seg = data.collate(examples, rows, 128, tok.pad_id)
     mask = Documents(seg)
     used = [sum(len(examples[i][0]) for i in row) for row in rows]
     padding = torch.arange(128)[None] >= torch.tensor(used)[:, None]

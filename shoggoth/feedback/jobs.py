@@ -8,46 +8,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import data
 from ..checkpoint import atomic_write
-from ..data import read_jsonl
 from ..errors import DataError
 from . import db as D
 
 
 def read_prompts(path):
-    """Prompt records {"prompt", "references"} from JSONL lines {"prompt": ...} or {"messages": [...]}.
-
-    A `messages` record's prompt is its last user message. Blank lines are
-    passed over; anything else that is not a prompt record is an error naming
-    the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such prompts file")
-    out = []
-    for n, rec in read_jsonl(path):
-        where = f"{path}:{n}"
-        if isinstance(rec.get("prompt"), str):
-            prompt = rec["prompt"]
-        elif isinstance(rec.get("messages"), list):
-            users = [m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-            if not users or not isinstance(users[-1], str):
-                raise DataError(f"{where}: 'messages' has no user message with text content")
-            prompt = users[-1]
-        else:
-            raise DataError(f"{where}: expected a string 'prompt' or a list 'messages'")
-        refs = rec.get("references", [])
-        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-            raise DataError(f"{where}: 'references' must be a list of strings")
-        out.append({"prompt": prompt, "references": refs})
-    if not out:
-        raise DataError(f"{path}: no prompts in the file")
-    return out
-
-
-def prompt_ids(tok, prompt):
-    """Token ids the policy continues for a prompt: the chat template's user turn and
-    the opening of the assistant's, as in SFT and PPO."""
-    return tok.prompt_ids([{"role": "user", "content": prompt}])
+    """Prompt records ({"messages", "references"}) of a prompts JSONL file, read and checked as
+    PPO and GRPO read them (data.prompt_record): the replies are sampled for the same context."""
+    return data.load_prompts(str(path), log=lambda *_: None)
 
 
 def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=32):
@@ -62,7 +32,7 @@ def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_
     limit = getattr(getattr(model, "config", None), "max_seq_len", None)
     rows = []  # (record index, prompt ids), n per record
     for i, rec in enumerate(records):
-        ids = prompt_ids(tok, rec["prompt"])
+        ids = tok.prompt_ids(rec["messages"])
         if limit is not None and len(ids) + max_new_tokens > limit:
             ids = ids[-(limit - max_new_tokens):]  # keep the end of a long prompt
         rows += [(i, ids)] * n
@@ -84,7 +54,8 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
         raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
     records = read_prompts(prompts_path)  # bad input fails before the model loads
     texts = sample(policy, records, k, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
-    tasks = [{"prompt": r["prompt"], "references": r["references"], "completions": t} for r, t in zip(records, texts)]
+    tasks = [{"prompt": data.prompt_text(r), "references": r["references"], "completions": t}
+             for r, t in zip(records, texts)]
     name = campaign or Path(prompts_path).stem
     engine = D.connect(db)
     D.add_tasks(engine, name, tasks, rankings_per_task, source=str(policy))
@@ -138,6 +109,7 @@ def compare(models, prompts_path, db, campaign=None, rankings_per_task=3, max_ne
     # stripped: a stray space or newline around an answer is no clue to its model
     answers = {m: [t[0].strip() for t in sample(d, records, 1, max_new_tokens, temperature, top_k, top_p, seed,
                                                 batch_size)] for m, d in models.items()}
+    records = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in records]
     return name, add_comparison(engine, name, records, answers, settings, rankings_per_task)
 
 

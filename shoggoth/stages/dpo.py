@@ -13,19 +13,18 @@ The logged `rewards/*` are those implicit rewards (TRL's names).
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, data, dist, lora, losses, optim, rl
+from .. import checkpoint, data, dist, lora, losses, rl, stage
 from ..errors import ShoggothError
-from ..metrics import Metrics
+from ..metrics import Metrics, Sums
 
 
 @dataclass
-class Config(lora.Options):
+class Config(lora.Options, stage.Common):
     """DPO on K-way rankings (every untied pair) or TRL pairs, with a frozen reference."""
 
     policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
@@ -33,30 +32,19 @@ class Config(lora.Options):
     eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
     heldout_prompts: str = "builtin"  # prompts kept for evaluation, whose rankings are refused: builtin (chatterbot held-out questions), a prompts JSONL, or none
-    out: str = "runs/dpo"  # output Hugging Face model directory
+    out: str = "runs/dpo"
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
     seq_len: int = 0  # longest (prompt, response) row; longer ones keep their end; 0 = the model's max_seq_len
     batch_size: int = 16  # pairs per optimizer step, summed over ranks
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
     lr: float = 1e-6  # peak learning rate (the DPO paper's)
-    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
-    warmup_steps: int = 10  # linear warmup steps
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
     beta: float = 0.1  # DPO's beta: strength of the implicit KL leash to the reference
     label_smoothing: float = 0.0  # assumed probability that a pair's label is flipped (conservative DPO); 0 = plain DPO
-    dtype: str = "auto"  # auto | bf16 | fp32 autocast
-    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
-    device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out loss and implicit-reward accuracy
-    ckpt_every: int = 50  # steps between resume checkpoints
-    keep: int = 3  # resume checkpoints kept
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
-    seed: int = 1337  # pair order
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "heldout_prompts"}
+MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts"}
 
 
 def encode_pairs(records, tok, seq_len):
@@ -86,8 +74,8 @@ def sequence_logps(model, rows, pad_id, device):
     for b, (x, y) in enumerate(rows):
         idx[b, :len(x)], labels[b, :len(y)] = torch.from_numpy(x), torch.from_numpy(y)
     idx, labels = idx.to(device), labels.to(device)
-    # Logits at the labelled positions only: a DPO step spent about a fifth of its time
-    # projecting and normalising prompt positions whose log-probs it never reads.
+    # Logits at the labelled positions only: the prompt positions' log-probs are never read
+    # (bench/RESULTS.md: the time this saves).
     labelled = labels != -100
     logits = model(idx, at=labelled)  # (M, V)
     nll = F.cross_entropy(logits.float(), labels[labelled], reduction="none")  # (M,)
@@ -97,9 +85,7 @@ def sequence_logps(model, rows, pad_id, device):
 def run(c: Config):
     if not c.policy or not c.rankings:
         raise ShoggothError("dpo: --policy DIR (the SFT model) and --rankings FILE.jsonl are required")
-    d = dist.setup(c.device)
-    out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
 
     tok, policy, ref = rl.load_policy(c, d.device)
     seq_len = c.seq_len or policy.config.max_seq_len
@@ -137,21 +123,16 @@ def run(c: Config):
 
     if state:
         checkpoint.load_trained(policy, state["model"], ckpt_path)
-    train_model = dist.wrap(policy, d, c.fsdp, amp_dtype)  # DDP, or FSDP2 sharding policy in place
-    opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
-    step = 0
-    if state:
-        dist.load_optim_state(policy, opt, state["optim"])
-        step = state["step"]
-        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    train_model, opt, step = stage.train_setup(policy, c, d, amp_dtype, state, ckpt_path)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"dpo: {policy.num_params():,} parameters, {total} steps of {c.batch_size} pairs, beta {c.beta}, "
                 f"autocast {amp_dtype}{lora.summary(policy)}")
 
     def pair_stats(chosen, rejected, ref_chosen, ref_rejected):
+        """(mean loss, sums of TRL's statistics) of pairs: their implicit rewards, accuracy, margin, log-probs."""
         loss, rc, rr = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, c.beta, c.label_smoothing)
-        return loss, torch.stack([rc.sum(), rr.sum(), (rc > rr).float().sum(), (rc - rr).sum(),
-                                  chosen.detach().sum(), rejected.detach().sum()])
+        return loss, {"rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/accuracies": (rc > rr).sum(),
+                      "rewards/margins": (rc - rr).sum(), "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum()}
 
     def evaluate():
         """Held-out loss and implicit-reward accuracy and margin over this rank's share of the held-out pairs."""
@@ -161,24 +142,21 @@ def run(c: Config):
         logps = all_logps(policy, held_rows)
         policy.train()
         mine = torch.tensor(dist.share(held_pairs, d), dtype=torch.long, device=d.device).view(-1, 2)
-        s = torch.zeros(7, device=d.device)  # loss * pairs, then pair_stats' sums
+        s = Sums("loss", "rewards/accuracies", "rewards/margins")  # loss: summed over pairs
         if len(mine):  # more ranks than held-out pairs leaves some with none
             w, l = mine[:, 0], mine[:, 1]
             loss, st = pair_stats(logps[w], logps[l], ref_held[w], ref_held[l])
-            s = torch.cat([(loss * len(mine))[None], st])
-        s = dist.all_sum(s)
-        n = len(held_pairs)
-        return {"val_loss": (s[0] / n).item(), "val/rewards/accuracies": (s[3] / n).item(),
-                "val/rewards/margins": (s[4] / n).item()}
+            s.add(loss=loss * len(mine), **{k: st[k] for k in ("rewards/accuracies", "rewards/margins")})
+        s = dist.all_sums(s, d.device)
+        return {"val_loss": s["loss"] / len(held_pairs), **{f"val/{k}": s[k] / len(held_pairs)
+                                                            for k in ("rewards/accuracies", "rewards/margins")}}
 
     if step == 0 and held_pairs:
         metrics.log(0, **evaluate())
     while step < total:
         step += 1
         t0 = time.perf_counter()
-        lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = stage.set_lr(opt, c, step, total)
         batch = batches[step - 1]
         mine = dist.share(batch, d)
         w = torch.tensor([p[0] for p in mine], device=d.device)
@@ -186,26 +164,15 @@ def run(c: Config):
         with amp:
             logps = sequence_logps(train_model, [rows[i] for i in w.tolist() + l.tolist()], tok.pad_id, d.device)
         chosen, rejected = logps[:len(mine)], logps[len(mine):]
-        loss, s = pair_stats(chosen, rejected, ref_logps[w], ref_logps[l])
+        loss, st = pair_stats(chosen, rejected, ref_logps[w], ref_logps[l])
         (loss * len(mine) * d.world / len(batch)).backward()  # each pair weighs the same over ranks (DDP averages)
-        grad_norm = rl.optimizer_step(opt, policy, c.grad_clip, out, f"step {step}")
-        s = dist.all_sum(torch.cat([(loss.detach() * len(mine))[None], s]))
-        n = len(batch)
+        means = {k: v / len(batch) for k, v in dist.all_sums(Sums().add(loss=loss * len(mine), **st), d.device).items()}
+        grad_norm = stage.optimizer_step(opt, policy, c, out, f"step {step}", means["loss"])
         tokens = sum(len(rows[i][0]) for p in batch for i in p)
-        metrics.log(step, loss=(s[0] / n).item(), **{"rewards/chosen": (s[1] / n).item(), "rewards/rejected": (s[2] / n).item(),
-                    "rewards/accuracies": (s[3] / n).item(), "rewards/margins": (s[4] / n).item(),
-                    "logps/chosen": (s[5] / n).item(), "logps/rejected": (s[6] / n).item()},
-                    lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / (time.perf_counter() - t0)})
+        metrics.log(step, **means, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / (time.perf_counter() - t0)})
         if held_pairs and (step % c.eval_every == 0 or step == total):
             metrics.log(step, **evaluate())
         if step % c.ckpt_every == 0 or step == total:
-            dist.save_checkpoint(out, step, policy, opt, c, c.keep)  # rank 0 writes; every rank resumes from it
+            stage.save_checkpoint(out, step, policy, opt, c)  # rank 0 writes; every rank resumes from it
 
-    final = dist.model_state(policy)  # gathered to rank 0 under FSDP2
-    if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=lora.merged(policy, final))
-        note = lora.save_adapter(policy, final, out / "adapter", c.policy)
-        dist.print0(f"saved Hugging Face model directory {out}{note}")
-    metrics.close()
-    dist.cleanup()
-    return out
+    return stage.finish(d, metrics, policy, dist.model_state(policy), out, c.policy)

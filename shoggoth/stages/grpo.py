@@ -16,21 +16,18 @@ baseline, losses.rloo_advantages). Each iteration:
      estimate to the reference (losses.grpo_loss).
 """
 
-import dataclasses
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .. import checkpoint, dist, lora, losses, optim, rl, tokenizer
+from .. import checkpoint, dist, lora, losses, rl, scoring, stage
 from ..errors import ShoggothError
-from ..metrics import Metrics
+from ..metrics import Metrics, Sums
 
 
 @dataclass
-class Config(lora.Options):
+class Config(lora.Options, stage.Common):
     """GRPO (or RLOO): group-relative advantages over G responses per prompt, KL to the SFT model."""
 
     policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
@@ -48,26 +45,18 @@ class Config(lora.Options):
     epochs: int = 1  # passes over each rollout batch (1: the ratio is 1 and the clip never acts)
     max_new_tokens: int = 48  # longest response
     temperature: float = 1.0  # rollout sampling temperature; training log-probs use the same
-    lr: float = 1e-5  # peak learning rate
-    min_lr_frac: float = 1.0  # final lr as a fraction of the peak (cosine decay; 1 = constant)
-    warmup_steps: int = 0  # linear warmup, in optimizer steps
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    lr: float = 1e-5
+    min_lr_frac: float = 1.0
+    warmup_steps: int = 0
     beta: float = 0.04  # weight of the KL term (k3 estimate, per token) in the loss
     clip: float = 0.2  # policy ratio clip (epsilon)
     missing_eos_penalty: float = 1.0  # subtracted from the reward of a response that never emits a stop token (ends its turn)
-    dtype: str = "auto"  # auto | bf16 | fp32 autocast (rollouts and training)
-    fsdp: bool = False  # under torchrun, shard the policy over ranks (FSDP2) instead of DDP
-    device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
     eval_samples: int = 64  # held-out prompts per evaluation
     ckpt_every: int = 20  # iterations between resume checkpoints
-    keep: int = 3  # resume checkpoints kept
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
-    seed: int = 1337  # prompt order, sampling and minibatch order
 
 
-MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
+MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples"}
 
 
 def run(c: Config):
@@ -77,32 +66,25 @@ def run(c: Config):
         raise ShoggothError(f"grpo: --advantage must be grpo, drgrpo or rloo and --group-size at least 2 "
                             f"(got {c.advantage!r}, {c.group_size})")
     rl.check_lora(c)
-    d = dist.setup(c.device)
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
     rows = c.batch_size * c.group_size  # responses per iteration
     if c.batch_size % d.world or rows % c.minibatch_size or c.minibatch_size % d.world:
         raise ShoggothError(f"grpo: --batch-size {c.batch_size} must be a multiple of the number of processes "
                             f"({d.world}), and batch_size x group_size ({rows}) of --minibatch-size {c.minibatch_size}, "
                             "itself a multiple of the number of processes")
-    out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
     torch.manual_seed(c.seed)
 
     # ---- models: policy (trained), reference and reward (frozen); with LoRA the reference is the policy, adapters off
     tok, policy, ref = rl.load_policy(c, d.device)
-    reward_fn, _ = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
+    reward_fn, _ = scoring.load_reward(c.reward, c.toy_reward, tok, d.device)
     if state:
         checkpoint.load_trained(policy, state["policy"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = dist.autocast(d.device, amp_dtype)
     bf16 = amp_dtype == torch.bfloat16
-    pv = rl.PolicyValue(policy)
-    policy_t = dist.wrap(pv, d, c.fsdp, amp_dtype, blocks=policy.model.layers)  # DDP or FSDP2 over ranks; pv on one
-    opt = optim.adamw(policy, c.lr, c.weight_decay, (0.9, 0.95))
-    it = 0
-    if state:
-        dist.load_optim_state(pv, opt, state["optim"])
-        it = state["step"]
-        dist.print0(f"resumed from {ckpt_path} (iteration {it})")
+    pv = rl.PolicyValue(policy)  # DDP or FSDP2 over ranks; pv on one
+    policy_t, opt, it = stage.train_setup(pv, c, d, amp_dtype, state, ckpt_path, blocks=policy.model.layers,
+                                          unit="iteration")
 
     # ---- prompts
     prompts, held = rl.load_prompt_sets(c, dist.print0)
@@ -127,15 +109,7 @@ def run(c: Config):
 
     def evaluate():
         with dist.full_weights(pv):
-            return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
-
-    def save():
-        models = rl.split_state(checkpoint.trained(pv, dist.model_state(pv)))  # gathered under FSDP2
-        optim_sd = dist.optim_state(pv, opt)
-        if d.main:
-            checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "config": dataclasses.asdict(c)},
-                                       keep=c.keep)
-        dist.barrier()
+            return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
 
     if it == 0 and held:
         metrics.log(0, **evaluate())
@@ -163,15 +137,13 @@ def run(c: Config):
         t2 = time.perf_counter()
 
         # ---- 4. update
-        sums = torch.zeros(4, device=d.device)  # loss, clipfrac, k3 KL per token, entropy
+        sums = Sums()
         g = torch.Generator().manual_seed(c.seed * 7919 + it)
         for epoch in range(c.epochs):
             perm = torch.randperm(len(mine), generator=g).to(d.device)
             for k in range(n_mb):
                 step = (it * c.epochs + epoch) * n_mb + k + 1
-                lr = optim.cosine_lr(step, total_steps, c.lr, c.warmup_steps, c.min_lr_frac)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                lr = stage.set_lr(opt, c, step, total_steps)
                 idx = perm[k * mb:(k + 1) * mb]
                 sub = r.rows(idx)
                 with amp:
@@ -180,35 +152,28 @@ def run(c: Config):
                 loss, st = losses.grpo_loss(logprobs, old_logprobs[idx], ref_logprobs[idx], advantages[idx],
                                             sub.mask, c.clip, c.beta)
                 loss.backward()
-                grad_norm = rl.optimizer_step(opt, policy, c.grad_clip, out, f"iteration {it + 1}")
+                grad_norm = stage.optimizer_step(opt, pv, c, out, f"iteration {it + 1}", dist.all_mean(loss.detach()))
                 with torch.no_grad():
                     entropy = losses.masked_mean(losses.entropy_from_logits(logits / c.temperature), sub.mask)
-                sums += torch.stack([loss.detach(), st["clipfrac"], st["kl"], entropy]).float()
-        sums = dist.all_mean(sums / (c.epochs * n_mb))
+                sums.add(**{"policy/clipfrac": st["clipfrac"], "policy/kl": st["kl"], "policy/entropy": entropy,
+                            "loss/policy": loss})
         it += 1
         t3 = time.perf_counter()
 
-        mean = rl.all_mean
+        # ---- the iteration's statistics, averaged over ranks in one call
         group_std = scores.view(-1, c.group_size).std(1)  # (prompts,)
-        values = {"objective/scores": mean(scores), "objective/kl": mean(((old_logprobs - ref_logprobs) * r.mask).sum(1))}
-        if not math.isnan(gold_mean := rl.all_nanmean(rl.gold_scores(records, rl.decode(tok, r)), d.device)):
-            values["objective/gold"] = gold_mean
-        values.update({"reward_std": mean(group_std), "zero_std_frac": mean(group_std < 1e-6),
-                       "policy/clipfrac": sums[1].item(), "policy/kl": sums[2].item(), "policy/entropy": sums[3].item(),
-                       "loss/policy": sums[0].item(), "eot_rate": mean(r.ended), "response_length": mean(r.lengths),
-                       "lr": lr, "grad_norm": grad_norm.item(),
-                       "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
-        metrics.log(it, **values)
+        stats = dist.all_means({
+            "objective/scores": scores.float().mean(), "objective/kl": ((old_logprobs - ref_logprobs) * r.mask).sum(1).mean(),
+            **scoring.gold_sums(records, rl.decode(tok, r)),
+            "reward_std": group_std.mean(), "zero_std_frac": (group_std < 1e-6).float().mean(),
+            **{k: v / (c.epochs * n_mb) for k, v in sums.items()},
+            "eot_rate": r.ended.float().mean(), "response_length": r.lengths.float().mean()}, d.device)
+        metrics.log(it, **scoring.with_gold(stats, "objective/gold"), lr=lr, grad_norm=grad_norm,
+                    **{"time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
         if held and (it % c.eval_every == 0 or it == c.iterations):
             metrics.log(it, **evaluate())
         if it % c.ckpt_every == 0 or it == c.iterations:
-            save()
+            stage.save_checkpoint(out, it, pv, opt, c, split=True)
 
-    final = rl.split_state(dist.model_state(pv))
-    if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=lora.merged(policy, final["policy"]))
-        note = lora.save_adapter(policy, final["policy"], out / "adapter", c.policy)
-        dist.print0(f"saved Hugging Face model directory {out}{note}")
-    metrics.close()
-    dist.cleanup()
-    return out
+    final = rl.split_state(dist.model_state(pv)).get("policy")  # gathered to rank 0 under FSDP2 ({} elsewhere)
+    return stage.finish(d, metrics, policy, final, out, c.policy)

@@ -29,22 +29,18 @@ holds them equal to a training forward's). The model has no dropout.
 """
 
 import copy
-import dataclasses
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .. import checkpoint, data, dist, lora, losses, optim, rl, tokenizer
+from .. import checkpoint, data, dist, lora, losses, rl, scoring, stage
 from ..errors import ShoggothError
-from ..metrics import Metrics
-from ..model import RewardModel
+from ..metrics import Metrics, Sums
 
 
 @dataclass
-class Config(lora.Options):
+class Config(lora.Options, stage.Common):
     """PPO against a reward model with a KL penalty to the SFT model (InstructGPT)."""
 
     policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
@@ -61,9 +57,8 @@ class Config(lora.Options):
     max_new_tokens: int = 48  # longest response
     temperature: float = 1.0  # rollout sampling temperature; training log-probs use the same
     lr: float = 1e-5  # peak learning rate (policy and value model)
-    min_lr_frac: float = 1.0  # final lr as a fraction of the peak (cosine decay; 1 = constant)
-    warmup_steps: int = 0  # linear warmup, in optimizer steps
-    weight_decay: float = 0.0  # AdamW decay on matrices
+    min_lr_frac: float = 1.0
+    warmup_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm of policy and value model together; 0 = off
     beta: float = 0.05  # KL penalty coefficient (the start value when target_kl is set)
     target_kl: float = 0.0  # adaptive KL controller's target KL per response (nats); 0 = fixed beta
@@ -77,18 +72,12 @@ class Config(lora.Options):
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed into each update (InstructGPT's gamma); 0 = off
     ptx_data: str = ""  # token shards for PPO-ptx (a pretrain run's out/tokens folder)
     ema_decay: float = 0.0  # keep an EMA of the policy's weights with this decay, saved to out/ema; 0 = off
-    dtype: str = "auto"  # auto | bf16 | fp32 autocast (rollouts and training)
-    fsdp: bool = False  # under torchrun, shard policy and value model over ranks (FSDP2) instead of DDP
-    device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
     eval_samples: int = 64  # held-out prompts per evaluation
     ckpt_every: int = 20  # iterations between resume checkpoints
-    keep: int = 3  # resume checkpoints kept
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
-    seed: int = 1337  # prompt order, sampling and minibatch order
 
 
-MAY_CHANGE = {"iterations", "eval_every", "eval_samples", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
+MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples"}
 
 
 def run(c: Config):
@@ -101,27 +90,17 @@ def run(c: Config):
     if c.ema_decay and c.lora_r:
         raise ShoggothError("ppo: --ema-decay does not work with --lora-r (an EMA of the factors is not one of the product)")
     rl.check_lora(c)
-    d = dist.setup(c.device)
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
     if c.batch_size % d.world or c.batch_size % c.minibatch_size or c.minibatch_size % d.world:
         raise ShoggothError(f"ppo: --batch-size {c.batch_size} must be a multiple of --minibatch-size "
                             f"{c.minibatch_size}, and both of the number of processes ({d.world})")
-    out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
     torch.manual_seed(c.seed)
 
     # ---- the four models: policy, reference, value (trained), reward (frozen). With LoRA, two:
     # the reference is the policy with its adapters off, the reward the value model with its adapters off.
     tok, policy, ref = rl.load_policy(c, d.device)
-    reward_fn, reward_model = rl.load_reward(c.reward, c.toy_reward, tok, d.device)
-    if c.toy_reward:  # no reward model to start from: the policy's trunk and a zero head
-        value = RewardModel(policy.config)
-        checkpoint.load_trunk(value, c.policy)
-        torch.nn.init.zeros_(value.score.weight)
-    elif c.lora_r:  # the reward model's own trunk (shared, not copied), its own adapters and head
-        value = rl.lora_value(reward_model)
-    else:
-        value, _ = checkpoint.load_reward(c.reward)
-    lora.wrap(value, c, c.seed + 1, trained=("score",)).to(d.device)
+    reward_fn, reward_model = scoring.load_reward(c.reward, c.toy_reward, tok, d.device)
+    value = scoring.value_model(c, policy.config, reward_model).to(d.device)
     ema = copy.deepcopy(policy).requires_grad_(False) if c.ema_decay else None
     if state:
         checkpoint.load_trained(policy, state["policy"], ckpt_path)
@@ -132,13 +111,9 @@ def run(c: Config):
     amp = dist.autocast(d.device, amp_dtype)
     both = rl.PolicyValue(policy, value)
     # DDP over ranks, or FSDP2 sharding every block of both models, then the rest; the models themselves on one
-    both_t = dist.wrap(both, d, c.fsdp, amp_dtype, blocks=[*policy.model.layers, *value.model.layers])
-    opt = optim.adamw(both, c.lr, c.weight_decay, (0.9, 0.95))
-    it, beta = 0, c.beta
-    if state:
-        dist.load_optim_state(both, opt, state["optim"])
-        it, beta = state["step"], state["beta"]
-        dist.print0(f"resumed from {ckpt_path} (iteration {it}, beta {beta:.4g})")
+    both_t, opt, it = stage.train_setup(both, c, d, amp_dtype, state, ckpt_path,
+                                        blocks=[*policy.model.layers, *value.model.layers], unit="iteration")
+    beta = state["beta"] if state else c.beta
     shards = data.TokenShards(c.ptx_data, seed=c.seed) if c.ptx_coef else None
 
     # ---- prompts
@@ -165,16 +140,7 @@ def run(c: Config):
 
     def evaluate():
         with dist.full_weights(both):
-            return rl.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
-
-    def save():
-        models = rl.split_state(checkpoint.trained(both, dist.model_state(both)))  # gathered under FSDP2
-        optim_sd = dist.optim_state(both, opt)
-        if d.main:
-            checkpoint.save_checkpoint(out, it, {**models, "optim": optim_sd, "beta": beta,
-                                                 "ema": ema.state_dict() if ema is not None else None,
-                                                 "config": dataclasses.asdict(c)}, keep=c.keep)
-        dist.barrier()
+            return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
 
     if it == 0 and held:
         metrics.log(0, **evaluate())
@@ -200,15 +166,13 @@ def run(c: Config):
         t2 = time.perf_counter()
 
         # ---- 4. update: ppo_epochs passes in shuffled minibatches, one optimizer step each
-        sums = torch.zeros(8, device=d.device)  # pg loss, vf loss, clipfrac, vf clipfrac, approxkl, ratio, entropy, ptx
+        sums = Sums()
         g = torch.Generator().manual_seed(c.seed * 7919 + it)
         for epoch in range(c.ppo_epochs):
             perm = torch.randperm(len(mine), generator=g).to(d.device)
             for k in range(n_mb):
                 step = (it * c.ppo_epochs + epoch) * n_mb + k + 1
-                lr = optim.cosine_lr(step, total_steps, c.lr, c.warmup_steps, c.min_lr_frac)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                lr = stage.set_lr(opt, c, step, total_steps)
                 idx = perm[k * mb:(k + 1) * mb]
                 sub = r.rows(idx)
                 lm = None
@@ -221,18 +185,23 @@ def run(c: Config):
                 pg_loss, pg = losses.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], sub.mask, c.clip)
                 vf_loss, vf_clipfrac = losses.ppo_value_loss(values, old_values[idx], returns[idx], sub.mask, c.vf_clip)
                 ptx = torch.zeros((), device=d.device) if ptx is None else ptx
-                (pg_loss + c.vf_coef * vf_loss + c.ptx_coef * ptx).backward()
-                grad_norm = rl.optimizer_step(opt, both, c.grad_clip, out, f"iteration {it + 1}")
+                loss = pg_loss + c.vf_coef * vf_loss + c.ptx_coef * ptx
+                loss.backward()
+                grad_norm = stage.optimizer_step(opt, both, c, out, f"iteration {it + 1}", dist.all_mean(loss.detach()))
                 with torch.no_grad():
                     entropy = losses.masked_mean(losses.entropy_from_logits(logits / c.temperature), sub.mask)
-                sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg["clipfrac"], vf_clipfrac, pg["approxkl"],
-                                     pg["ratio"], entropy, ptx.detach()]).float()
-        sums = dist.all_mean(sums / (c.ppo_epochs * n_mb))
+                sums.add(**{"policy/approxkl": pg["approxkl"], "policy/clipfrac": pg["clipfrac"], "policy/entropy": entropy,
+                            "loss/policy": pg_loss, "loss/value": vf_loss, "val/clipfrac": vf_clipfrac,
+                            "val/ratio": pg["ratio"], "loss/ptx": ptx})
         it += 1
         t3 = time.perf_counter()
 
-        # ---- 5. adaptive KL coefficient, EMA of the policy
-        kl_sum = dist.all_mean(kl.sum(1).mean()).item()  # KL(pi || pi_ref) per response, on this batch
+        # ---- 5. the iteration's statistics, averaged over ranks in one call; adaptive KL coefficient, EMA of the policy
+        stats = dist.all_means({"objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),  # KL per response
+                                **scoring.gold_sums(records, rl.decode(tok, r)),
+                                **{k: v / (c.ppo_epochs * n_mb) for k, v in sums.items()},
+                                "eot_rate": r.ended.float().mean(), "response_length": r.lengths.float().mean()}, d.device)
+        score, kl_sum, ptx_loss = stats.pop("objective/scores").item(), stats.pop("objective/kl").item(), stats.pop("loss/ptx")
         beta_used = beta
         if c.target_kl:
             beta = losses.adaptive_kl_beta(beta, kl_sum, c.target_kl, c.kl_horizon, c.batch_size)
@@ -241,33 +210,20 @@ def run(c: Config):
                 for pe, p in zip(ema.parameters(), policy.parameters()):
                     pe.lerp_(p, 1 - c.ema_decay)
 
-        mean = rl.all_mean
-        score = mean(scores)
         non_score = -beta_used * kl_sum
-        values = {"objective/scores": score, "objective/kl": kl_sum, "objective/non_score_reward": non_score,
-                  "objective/rlhf_reward": score + non_score}
-        if not math.isnan(gold_mean := rl.all_nanmean(rl.gold_scores(records, rl.decode(tok, r)), d.device)):
-            values["objective/gold"] = gold_mean
-        values.update({"policy/approxkl": sums[4].item(), "policy/clipfrac": sums[2].item(),
-                       "policy/entropy": sums[6].item(), "loss/policy": sums[0].item(), "loss/value": sums[1].item(),
-                       "val/clipfrac": sums[3].item(), "val/ratio": sums[5].item(), "eot_rate": mean(r.ended),
-                       "response_length": mean(r.lengths), "beta": beta_used, "lr": lr, "grad_norm": grad_norm.item()})
-        if c.ptx_coef:
-            values["loss/ptx"] = sums[7].item()
-        values.update({"time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
-        metrics.log(it, **values)
+        metrics.log(it, **scoring.with_gold({"objective/scores": score, "objective/kl": kl_sum,
+                                             "objective/non_score_reward": non_score,
+                                             "objective/rlhf_reward": score + non_score, **stats}, "objective/gold"),
+                    beta=beta_used, lr=lr, grad_norm=grad_norm, **({"loss/ptx": ptx_loss} if c.ptx_coef else {}),
+                    **{"time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
         if held and (it % c.eval_every == 0 or it == c.iterations):
             metrics.log(it, **evaluate())
         if it % c.ckpt_every == 0 or it == c.iterations:
-            save()
+            stage.save_checkpoint(out, it, both, opt, c, split=True, beta=beta,
+                                  ema=ema.state_dict() if ema is not None else None)
 
-    final = rl.split_state(dist.model_state(both))
-    if d.main:
-        checkpoint.save_pretrained(policy, out, tokenizer_dir=c.policy, state_dict=lora.merged(policy, final["policy"]))
-        note = lora.save_adapter(policy, final["policy"], out / "adapter", c.policy)
-        if ema is not None:
-            checkpoint.save_pretrained(ema, out / "ema", tokenizer_dir=c.policy)
-        dist.print0(f"saved Hugging Face model directory {out}{note}" + (f" (and the EMA policy in {out / 'ema'})" if ema else ""))
-    metrics.close()
-    dist.cleanup()
-    return out
+    final = rl.split_state(dist.model_state(both)).get("policy")  # gathered to rank 0 under FSDP2 ({} elsewhere)
+    if d.main and ema is not None:
+        checkpoint.save_pretrained(ema, out / "ema", tokenizer_dir=c.policy)
+    return stage.finish(d, metrics, policy, final, out, c.policy,
+                        note=f" (and the EMA policy in {out / 'ema'})" if ema is not None else "")

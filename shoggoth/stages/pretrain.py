@@ -11,22 +11,21 @@ directory; resume state lives in out/checkpoints/.
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .. import checkpoint, data, dist, optim, tokenizer
-from ..errors import ShoggothError, TrainingError
+from .. import checkpoint, data, dist, stage, tokenizer
+from ..errors import ShoggothError
 from ..metrics import Metrics, peak_flops
 from ..model import GPT, GPTConfig
 
 
 @dataclass
-class Config:
+class Config(stage.Common):
     """Pretrain a GPT by next-token prediction on raw text."""
 
     corpus: list[str] = field(default_factory=list)  # .txt/.md files, folders, JSONL with "text", builtin:bible, builtin:chitchat; empty = builtin:bible
-    out: str = "runs/pretrain"  # output Hugging Face model directory
+    out: str = "runs/pretrain"
     init: str = ""  # continue from this Hugging Face model directory (Llama/Qwen2/Qwen3); its tokenizer is used
     tokenizer: str = ""  # tokenizer directory; empty = train one on the corpus (or use init's)
     vocab_size: int = 4096  # vocabulary of a newly trained tokenizer
@@ -40,40 +39,29 @@ class Config:
     batch_size: int = 16  # sequences per micro-step, summed over all ranks
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 1000  # optimizer steps
-    lr: float = 3e-3  # peak learning rate
-    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
-    warmup_steps: int = 50  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms or biases)
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype (auto = bf16 where fast)
     compile: bool = False  # torch.compile the model
-    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
-    device: str = ""  # cpu | cuda; empty = cuda when available
     val_every: int = 50  # hold out every N-th document for the validation loss
     eval_every: int = 100  # steps between validation losses
     eval_batches: int = 8  # batches per validation loss
     sample_every: int = 250  # steps between printed samples; 0 = never
     sample_tokens: int = 48  # tokens per printed sample
-    ckpt_every: int = 100  # steps between resume checkpoints
-    keep: int = 3  # resume checkpoints kept
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
-    seed: int = 1337  # seeds the initial weights and the data order
+    ckpt_every: int = 100
 
 
 # Fields a resumed run may change; the rest must match the checkpoint's.
-MAY_CHANGE = {"max_steps", "eval_every", "eval_batches", "sample_every", "sample_tokens", "ckpt_every", "keep",
-              "resume", "device", "compile", "fsdp", "out"}
+MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "eval_batches", "sample_every", "sample_tokens", "compile"}
 SAMPLE_PROMPTS = ["In the beginning", "And the LORD said", "Blessed are"]
 
 
 def run(c: Config):
-    d = dist.setup(c.device)
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
     if c.batch_size % d.world:
         raise ShoggothError(f"batch_size {c.batch_size} (summed over ranks) is not a multiple of the {d.world} ranks")
-    out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- tokenizer and data (rank 0 builds, the others wait and read)
@@ -109,13 +97,7 @@ def run(c: Config):
     if state:
         model.load_state_dict(state["model"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)  # to the device; DDP, or FSDP2 sharding model in place
-    opt = optim.adamw(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
-    step = 0
-    if state:
-        dist.load_optim_state(model, opt, state["optim"])
-        step = state["step"]
-        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path, (c.beta1, c.beta2))
     if c.compile:
         train_model = torch.compile(train_model)
 
@@ -139,16 +121,14 @@ def run(c: Config):
         return dist.all_mean(torch.stack(losses).mean()).item()
 
     def save():
-        dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes (gathered under FSDP); all resume from it
+        stage.save_checkpoint(out, step, model, opt, c)  # rank 0 writes (gathered under FSDP); all resume from it
 
     # ---- the loop
     model.train()
     while step < c.max_steps:
         step += 1
         t0 = time.perf_counter()
-        lr = optim.cosine_lr(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = stage.set_lr(opt, c, step, c.max_steps)
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(c.grad_accum):
             x, y = shards.batch("train", c.batch_size, c.seq_len, step, micro, d.rank, d.world)
@@ -157,14 +137,8 @@ def run(c: Config):
                 loss = train_model(x, y) / c.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = dist.clip_grad_norm(model, c.grad_clip)
         loss_val = dist.all_mean(loss_sum).item()
-        if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
-            last = checkpoint.latest_checkpoint(out)
-            raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped without "
-                                f"updating. Last good checkpoint: {last or 'none'} (lower --lr, then --resume)")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)
         dt = time.perf_counter() - t0
         metrics.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens_per_step / dt},
                     mfu=flops_per_step / dt / peak, dt=dt)
@@ -176,13 +150,7 @@ def run(c: Config):
         if step % c.ckpt_every == 0 or step == c.max_steps:
             save()
 
-    final = dist.model_state(model)
-    if d.main:
-        checkpoint.save_pretrained(model, out, tokenizer_dir=tok_dir, state_dict=final)
-        dist.print0(f"saved Hugging Face model directory {out}")
-    metrics.close()
-    dist.cleanup()
-    return out
+    return stage.finish(d, metrics, model, dist.model_state(model), out, tok_dir)
 
 
 def print_samples(model, tok, n_tokens, show=True):

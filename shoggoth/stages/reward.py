@@ -17,23 +17,22 @@ transformers gives the raw score, shoggoth raw - shift.
 """
 
 import json
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, lora, losses, optim, tokenizer
-from ..errors import DataError, ShoggothError, TrainingError
+from .. import checkpoint, data, dist, lora, losses, stage, tokenizer
+from ..errors import ShoggothError
 from ..feedback.agreement import kendall_tau_b
-from ..metrics import Metrics
+from ..metrics import Metrics, Sums
 from ..model import RewardModel
+from ..scoring import score_pad, scores
 
 
 @dataclass
-class Config(lora.Options):
+class Config(lora.Options, stage.Common):
     """Reward model on K-way rankings (or TRL pairs), InstructGPT's loss."""
 
     init: str = ""  # model directory whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
@@ -48,126 +47,20 @@ class Config(lora.Options):
     grad_accum: int = 1  # micro-steps per optimizer step
     epochs: int = 1  # passes over the training rankings (InstructGPT: 1; more overfits)
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
-    lr: float = 1e-4  # peak learning rate
-    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
-    warmup_steps: int = 10  # linear warmup steps
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    dtype: str = "auto"  # auto | bf16 | fp32 autocast
-    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
-    device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out accuracy, Kendall tau and loss
-    ckpt_every: int = 50  # steps between resume checkpoints
-    keep: int = 3  # resume checkpoints kept
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
-    seed: int = 1337  # data order, and the normalisation samples
     normalize_samples: int = 256  # training prompts whose SFT-policy completion sets the reward's zero; 0 = no shift
     normalize_max_new_tokens: int = 64  # longest completion sampled for the normalisation
     normalize_temperature: float = 1.0  # sampling temperature of the normalisation completions
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "heldout_prompts",
-              "normalize_samples", "normalize_max_new_tokens", "normalize_temperature"}
-
-
-def prompt_key(rec):
-    return json.dumps(rec["prompt"], sort_keys=True)
+MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts", "normalize_samples", "normalize_max_new_tokens",
+                                 "normalize_temperature"}
 
 
 def load_rankings(c: Config, log):
     """(train, held-out) rankings. Without --eval-rankings the held-out share is a set of
     prompts (chosen by a hash), so that no held-out prompt has rankings in training."""
     return data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log, c.heldout_prompts)
-
-
-def score_pad(tok):
-    """The pad_token_id of the reward model's config.json. transformers' sequence classification
-    reads the score at the last token that is not pad_token_id, so it must be a token that no
-    scored row holds: the tokenizer's pad where that is not a reply-ending token; else a special
-    token the chat template never writes (SmolLM2 pads with its <|im_end|>, Llama 3 has no pad);
-    else None, and transformers scores one row at a time. Shoggoth itself reads rows by length."""
-    if tok.has_pad and tok.pad_id not in tok.stop_ids:
-        return tok.pad_id
-    taken = {*tok.stop_ids, tok.bos_id}
-    for i, t in sorted(tok.hf.added_tokens_decoder.items()):
-        if t.special and i not in taken and t.content not in (tok.template or ""):
-            return i
-    return None
-
-
-def encode(records, tok, seq_len, pad):
-    """Add each ranking's token rows (prompt + completion, to its end of turn); rows longer
-    than seq_len keep their last seq_len tokens (counted)."""
-    cut = 0
-    for r in records:
-        rows = data.reward_rows(tok, r["prompt"], r["completions"])
-        if pad is not None and any(pad in row for row in rows):
-            raise DataError(f"{r['where']}: the text holds the token {tok.tok.id_to_token(pad)!r}, the reward model's "
-                            "pad, which would end the row early for transformers' sequence classification")
-        cut += sum(len(row) > seq_len for row in rows)
-        r["rows"] = [row[-seq_len:] for row in rows]
-    return cut
-
-
-def flatten(records):
-    """Rankings -> their distinct rows, and which (N,), ranks (N,), groups (N,) of every ranked
-    completion: its row, its rank, its ranking (for losses.ranking_loss). Several labelers'
-    rankings of the same completions share rows, so each row is scored once."""
-    rows, seen, which, ranks, groups = [], {}, [], [], []
-    for g, r in enumerate(records):
-        for row in r["rows"]:
-            which.append(seen.setdefault(tuple(row), len(seen)))
-            if which[-1] == len(rows):
-                rows.append(row)
-        ranks += r["ranks"]
-        groups += [g] * len(r["rows"])
-    return rows, torch.tensor(which), torch.tensor(ranks), torch.tensor(groups)
-
-
-def grouped_batches(records, batch_size, epochs, seed, world):
-    """Every epoch's batches of rankings (data.epoch_batches' order and rules), where the rankings
-    of the same prompt and completions (one task ranked by several labelers) stay together: whole
-    tasks fill a batch up to batch_size rankings, and their rows are scored once."""
-    tasks = {}
-    for r in records:
-        tasks.setdefault((prompt_key(r), tuple(r["completions"])), []).append(r)
-    batches = []
-    for epoch in data.epoch_batches(list(tasks.values()), len(tasks), epochs, seed, 1):
-        batch = []
-        for task in epoch:
-            if batch and len(batch) + len(task) > batch_size:
-                batches.append(batch)
-                batch = []
-            batch += task
-        if len(batch) >= world:  # a last batch too small to give each rank a ranking is dropped
-            batches.append(batch)
-    return batches
-
-
-def scores(model, rows, pad_id, device, batch_size=64):
-    """Raw scores (N,) of token rows, right-padded in batches."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        idx, last = data.pad_right(rows[i:i + batch_size], pad_id)
-        out.append(model(idx.to(device), last=last.to(device)).float())
-    return torch.cat(out)
-
-
-def load_scorer(model_dir):
-    """(reward model in eval mode, shift, tokenizer) of a reward directory, for score_texts."""
-    model, shift = checkpoint.load_reward(model_dir)
-    return model.eval(), shift, tokenizer.load(model_dir)
-
-
-def score_texts(scorer, prompt, completions, raw=False):
-    """Scores of completions of a prompt (a string or messages): raw - shift, or raw.
-    `scorer` is a reward directory or what load_scorer returned (to score many times)."""
-    model, shift, tok = load_scorer(scorer) if not isinstance(scorer, tuple) else scorer
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    with torch.no_grad():
-        s = scores(model.eval(), data.reward_rows(tok, prompt, completions), tok.pad_id, "cpu")
-    return (s if raw else s - shift).tolist()
 
 
 def normalization_shift(model, c: Config, tok, prompts, device, log):
@@ -196,9 +89,7 @@ def normalization_shift(model, c: Config, tok, prompts, device, log):
 def run(c: Config):
     if not c.init or not c.rankings:
         raise ShoggothError("reward: --init DIR (the SFT model) and --rankings FILE.jsonl are required")
-    d = dist.setup(c.device)
-    out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE)
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
 
     tok = tokenizer.load(c.init)
     config = checkpoint.gpt_config(checkpoint.read_config(c.init), where=f"{c.init}/config.json")
@@ -206,15 +97,15 @@ def run(c: Config):
     config.pad_token_id = score_pad(tok)  # transformers reads the score at the last token that is not pad
     seq_len = c.seq_len or config.max_seq_len
     train, held = load_rankings(c, dist.print0)
-    cut = encode(train, tok, seq_len, config.pad_token_id) + encode(held, tok, seq_len, config.pad_token_id)
+    cut = sum(data.encode_rankings(recs, tok, seq_len, config.pad_token_id) for recs in (train, held))
     n_pairs = lambda recs: sum(sum(a < b for a in r["ranks"] for b in r["ranks"]) for r in recs)  # noqa: E731
     dist.print0(f"data: {len(train)} train / {len(held)} held-out rankings ({n_pairs(train)} / {n_pairs(held)} untied "
                 f"pairs), K = {sorted({len(r['rows']) for r in train})}; {cut} rows truncated to seq_len={seq_len}")
     if c.batch_size < d.world:
         raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
 
-    batches = grouped_batches(train, c.batch_size, c.epochs, c.seed, d.world)
-    held_batches = grouped_batches(held, c.batch_size, 1, c.seed, 1)
+    batches = data.grouped_batches(train, c.batch_size, c.epochs, c.seed, d.world)
+    held_batches = data.grouped_batches(held, c.batch_size, 1, c.seed, 1)
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
@@ -226,13 +117,7 @@ def run(c: Config):
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)
-    opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
-    step = 0
-    if state:
-        dist.load_optim_state(model, opt, state["optim"])
-        step = state["step"]
-        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"reward: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} "
@@ -240,7 +125,7 @@ def run(c: Config):
 
     def micro(records, fwd):
         """This rank's share of rankings -> (loss, margins, tokens)."""
-        rows, which, ranks, groups = flatten(records)
+        rows, which, ranks, groups = data.flatten_rankings(records)
         idx, last = data.pad_right(rows, tok.pad_id)
         rewards = fwd(idx.to(d.device), last=last.to(d.device))[which.to(d.device)]  # (N,)
         loss, margins = losses.ranking_loss(rewards, ranks.to(d.device), groups.to(d.device))
@@ -250,8 +135,7 @@ def run(c: Config):
         """Held-out loss, pairwise accuracy, margin, and mean Kendall tau-b of the model's
         ordering against each human ranking."""
         model.eval()
-        sums = torch.zeros(4, device=d.device)  # loss * rankings, rankings, correct pairs, pairs
-        margin, taus = torch.zeros((), device=d.device), []
+        sums, taus = Sums("loss", "rankings", "correct", "pairs", "margin"), []  # loss: summed over rankings
         # Weights gathered once (under FSDP2): a rank left without rankings by a small last batch
         # skips it, which sharded forwards, each an all-gather on every rank, would not allow.
         with torch.no_grad(), amp, dist.full_weights(model):
@@ -259,24 +143,22 @@ def run(c: Config):
                 recs = dist.share(recs, d)
                 if not recs:
                     continue
-                rows, which, ranks, groups = flatten(recs)
+                rows, which, ranks, groups = data.flatten_rankings(recs)
                 r = scores(model, rows, tok.pad_id, d.device)[which.to(d.device)]
                 loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
-                sums += torch.stack([loss * len(recs), torch.tensor(len(recs), device=d.device),
-                                     (m > 0).sum(), torch.tensor(len(m), device=d.device)]).float()
-                margin += m.float().sum()
+                sums.add(loss=loss * len(recs), rankings=len(recs), correct=(m > 0).sum(), pairs=len(m), margin=m.float().sum())
                 k = 0
                 for rec in recs:
-                    s = r[k:k + len(rec["rows"])].tolist()
+                    own = r[k:k + len(rec["rows"])].tolist()
                     k += len(rec["rows"])
-                    t = kendall_tau_b(rec["ranks"], [-x for x in s])  # rank 0 best, score high best
+                    t = kendall_tau_b(rec["ranks"], [-x for x in own])  # rank 0 best, score high best
                     if t is not None:
                         taus.append(t)
-        sums, margin = dist.all_sum(sums), dist.all_sum(margin)
-        tau = dist.all_sum(torch.tensor([sum(taus), len(taus)], dtype=torch.float64, device=d.device))
+        s = dist.all_sums({**sums, "tau": torch.tensor(sum(taus), dtype=torch.float64),
+                           "taus": torch.tensor(len(taus), dtype=torch.float64)}, d.device)
         model.train()
-        return {"val_loss": (sums[0] / sums[1]).item(), "val_accuracy": (sums[2] / sums[3]).item(),
-                "val_margin": (margin / sums[3]).item(), "val_tau": (tau[0] / tau[1]).item() if tau[1] else float("nan")}
+        return {"val_loss": s["loss"] / s["rankings"], "val_accuracy": s["correct"] / s["pairs"],
+                "val_margin": s["margin"] / s["pairs"], "val_tau": s["tau"] / s["taus"] if s["taus"] else float("nan")}
 
     final_eval = None
     if step == 0 and held:
@@ -285,36 +167,29 @@ def run(c: Config):
     while step < total:
         step += 1
         t0 = time.perf_counter()
-        lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = stage.set_lr(opt, c, step, total)
         micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
         n_rankings = sum(map(len, micro_batches))
         # Each ranking weighs the same in the step's mean, over micro-steps and ranks (DDP averages over ranks).
-        sums, tokens = torch.zeros(4, device=d.device), 0  # loss * rankings, correct pairs, pairs, margin sum
+        s, tokens = Sums(), 0  # loss: summed over rankings
         for k, recs in enumerate(micro_batches):
             mine = dist.share(recs, d)
             with amp, dist.grad_sync(train_model, k == len(micro_batches) - 1):
                 loss, m, n_tok = micro(mine, train_model)
                 (loss * len(mine) * d.world / n_rankings).backward()
-            sums += torch.stack([loss.detach() * len(mine), (m > 0).sum(), torch.tensor(len(m), device=d.device), m.detach().sum()]).float()
+            s.add(loss=loss * len(mine), correct=(m > 0).sum(), pairs=len(m), margin=m.sum())
             tokens += n_tok
-        grad_norm = dist.clip_grad_norm(model, c.grad_clip)
-        sums = dist.all_sum(sums)
-        loss_val = (sums[0] / n_rankings).item()
-        if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
-            raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped "
-                                f"without updating. Last good checkpoint: {checkpoint.latest_checkpoint(out) or 'none'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        s = dist.all_sums(s, d.device)
+        loss_val = (s["loss"] / n_rankings).item()
+        grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)
         dt = time.perf_counter() - t0
-        metrics.log(step, loss=loss_val, accuracy=(sums[1] / sums[2]).item(), margin=(sums[3] / sums[2]).item(),
+        metrics.log(step, loss=loss_val, accuracy=s["correct"] / s["pairs"], margin=s["margin"] / s["pairs"],
                     lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens * d.world / dt})
         if held and (step % c.eval_every == 0 or step == total):
             final_eval = evaluate()
             metrics.log(step, **final_eval)
         if step % c.ckpt_every == 0 or step == total:
-            dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes; every rank resumes from it
+            stage.save_checkpoint(out, step, model, opt, c)  # rank 0 writes; every rank resumes from it
     if held and final_eval is None:  # resumed after the last step
         final_eval = evaluate()
     if held:
@@ -324,18 +199,11 @@ def run(c: Config):
 
     shift = 0.0
     if c.normalize_samples:
-        unique = list({prompt_key(r): r["prompt"] for r in train}.values())
+        unique = list({data.prompt_key(r): r["prompt"] for r in train}.values())
         pick = np.random.default_rng(c.seed).permutation(len(unique))[:c.normalize_samples]
         shift = normalization_shift(model, c, tok, [unique[i] for i in sorted(pick)], d.device, dist.print0)
         metrics.log(step, echo=False, reward_shift=shift)
-    final = dist.model_state(model)
-    if d.main:
-        checkpoint.save_reward(model, out, shift, tokenizer_dir=c.init, state_dict=lora.merged(model, final))
-        note = lora.save_adapter(model, final, out / "adapter", c.init, heads=("score",))
-        pad = config.pad_token_id
-        dist.print0(f"saved Hugging Face sequence-classification model {out} (reward_shift {shift:.4f}; pad_token_id "
-                    f"{pad} {tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})"
-                    f"{note}")
-    metrics.close()
-    dist.cleanup()
-    return out
+    pad = config.pad_token_id
+    note = (f" (reward_shift {shift:.4f}; pad_token_id {pad} "
+            f"{tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})")
+    return stage.finish(d, metrics, model, dist.model_state(model), out, c.init, shift=shift, note=note)

@@ -19,43 +19,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, lora, optim, tokenizer
-from ..errors import ShoggothError, TrainingError
+from .. import checkpoint, data, dist, lora, stage, tokenizer
+from ..errors import ShoggothError
 from ..metrics import Metrics, peak_flops
 from ..model import Documents
 
 
 @dataclass
-class Config(lora.Options):
+class Config(lora.Options, stage.Common):
     """Supervised fine-tuning on conversations (loss on assistant turns only)."""
 
     init: str = ""  # model directory to fine-tune (a pretrain output or a Hugging Face Llama/Qwen directory)
     data: str = ""  # JSONL of {"messages": [...]} or {"prompt", "completion"}; empty = built-in chatterbot-corpus
     eval_data: str = ""  # held-out JSONL; empty = the built-in held-out questions, or 5% of --data
-    out: str = "runs/sft"  # output Hugging Face model directory
+    out: str = "runs/sft"
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
     seq_len: int = 0  # packed row length; 0 = the longest example (rounded up to 64), at most the model's context
     batch_size: int = 0  # packed rows per micro-step, summed over ranks; 0 = up to 8,192 tokens, fewer if memory is short
     grad_accum: int = 1  # micro-steps per optimizer step
     epochs: int = 3  # passes over the training conversations
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
-    lr: float = 1e-3  # peak learning rate
-    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay)
-    warmup_steps: int = 20  # linear warmup steps
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    dtype: str = "auto"  # auto | bf16 | fp32 autocast
-    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
-    device: str = ""  # cpu | cuda; empty = cuda when available
+    lr: float = 1e-3
+    warmup_steps: int = 20
     eval_every: int = 50  # steps between held-out losses
     sample_every: int = 100  # steps between held-out answers printed; 0 = never
-    ckpt_every: int = 50  # steps between resume checkpoints
-    keep: int = 3  # resume checkpoints kept
-    resume: bool = False  # continue from the last checkpoint in out/checkpoints
-    seed: int = 1337  # data order
 
 
-MAY_CHANGE = {"max_steps", "eval_every", "sample_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out"}
+MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "sample_every"}
 
 
 def load_conversations(c: Config, log):
@@ -69,57 +59,6 @@ def load_conversations(c: Config, log):
         return train, data.read_conversations(c.eval_data, c.skip_invalid, log)
     n = max(1, len(train) // 20) if len(train) > 1 else 0
     return train[n:], train[:n] or train
-
-
-def encode(convs, tok, seq_len):
-    """Conversations -> (ids, labels) arrays, labels -100 where there is no loss; longer
-    ones truncated to seq_len (counted)."""
-    out, cut = [], 0
-    for conv in convs:
-        ids, mask = tok.render_chat(conv)
-        ids, labels = np.array(ids), np.array(mask)
-        # Predict token t+1 from t: the label of position t is the next token, if it is trained on.
-        labels = np.where(np.roll(labels, -1) == 1, np.roll(ids, -1), -100)
-        labels[-1] = -100
-        if len(ids) > seq_len:
-            ids, labels, cut = ids[:seq_len], labels[:seq_len], cut + 1
-        if (labels != -100).any():
-            out.append((ids, labels))
-    return out, cut
-
-
-def pack(examples, seq_len, order):
-    """Greedy packing in `order`: a new row starts when the next example does not fit."""
-    rows, row, used = [], [], 0
-    for i in order:
-        n = len(examples[i][0])
-        if used + n > seq_len and row:
-            rows.append(row)
-            row, used = [], 0
-        row.append(i)
-        used += n
-    if row:
-        rows.append(row)
-    return rows
-
-
-def collate(examples, rows, seq_len, pad_id):
-    """Packed rows -> ids, labels, positions and documents (B, T): which example each token
-    belongs to (-1 = padding), for model.Documents."""
-    B = len(rows)
-    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((B, seq_len), -100, dtype=torch.long)
-    pos = torch.zeros((B, seq_len), dtype=torch.long)
-    seg = torch.full((B, seq_len), -1, dtype=torch.long)  # which example each token belongs to
-    for b, row in enumerate(rows):
-        t = 0
-        for j, i in enumerate(row):
-            x, y = examples[i]
-            n = len(x)
-            ids[b, t:t + n], labels[b, t:t + n] = torch.from_numpy(x), torch.from_numpy(y)
-            pos[b, t:t + n], seg[b, t:t + n] = torch.arange(n), j
-            t += n
-    return ids, labels, pos, seg
 
 
 def micro_rows(model, seq_len, device, log):
@@ -149,17 +88,15 @@ def micro_rows(model, seq_len, device, log):
 def run(c: Config):
     if not c.init:
         raise ShoggothError("sft: --init DIR is required (a pretrain output or a Hugging Face model directory)")
-    d = dist.setup(c.device)
-    out = Path(c.out)
-    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, MAY_CHANGE, auto={"seq_len", "batch_size"})
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE, auto={"seq_len", "batch_size"})
 
     model = lora.wrap(checkpoint.load_pretrained(c.init), c, c.seed)
     tok = tokenizer.load(c.init)
     tok.check_model(model.config.vocab_size, c.init)
     limit = c.seq_len or model.config.max_seq_len
     train_convs, held_convs = load_conversations(c, dist.print0)
-    train, cut = encode(train_convs, tok, limit)
-    held, held_cut = encode(held_convs, tok, limit)
+    train, cut = data.encode_conversations(train_convs, tok, limit)
+    held, held_cut = data.encode_conversations(held_convs, tok, limit)
     if not train:
         raise ShoggothError(f"{c.data or 'the built-in data'}: no conversation has an assistant turn to train on")
     # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real
@@ -178,23 +115,17 @@ def run(c: Config):
     batches = []
     for epoch in range(c.epochs):
         order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
-        rows = pack(train, seq_len, order)
+        rows = data.pack(train, seq_len, order)
         batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
-    held_rows = pack(held, seq_len, range(len(held)))
+    held_rows = data.pack(held, seq_len, range(len(held)))
 
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    train_model = dist.wrap(model, d, c.fsdp, amp_dtype)  # to the device; DDP, or FSDP2 sharding model in place
-    opt = optim.adamw(model, c.lr, c.weight_decay, (0.9, 0.95))
-    step = 0
-    if state:
-        dist.load_optim_state(model, opt, state["optim"])
-        step = state["step"]
-        dist.print0(f"resumed from {ckpt_path} (step {step})")
+    train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
     peak = peak_flops(d.device, amp_dtype) * d.world
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
@@ -203,7 +134,7 @@ def run(c: Config):
 
     def micro_loss(examples, rows):
         """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
-        ids, labels, pos, seg = collate(examples, rows, seq_len, tok.pad_id)
+        ids, labels, pos, seg = data.collate(examples, rows, seq_len, tok.pad_id)
         count = (labels != -100).sum().to(d.device, torch.float32)
         share = slice(d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world)
         if share.start == share.stop:  # fewer rows than ranks: run one row without loss tokens, so collectives match
@@ -226,7 +157,7 @@ def run(c: Config):
         return (total_loss / total_n).item()
 
     def save():
-        dist.save_checkpoint(out, step, model, opt, c, c.keep)  # rank 0 writes (gathered under FSDP); all resume from it
+        stage.save_checkpoint(out, step, model, opt, c)  # rank 0 writes (gathered under FSDP); all resume from it
 
     if step == 0:
         metrics.log(0, val_loss=evaluate())
@@ -234,9 +165,7 @@ def run(c: Config):
     while step < total:
         step += 1
         t0 = time.perf_counter()
-        lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = stage.set_lr(opt, c, step, total)
         micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
         # Normalise by the loss tokens of the whole optimizer step, over all ranks; DDP
         # averages gradients over ranks, hence the factor world.
@@ -248,13 +177,8 @@ def run(c: Config):
                 (s * d.world / n_tokens).backward()
             loss_total += s.detach()
             tokens += sum(len(train[i][0]) for row in rows for i in row)
-        grad_norm = dist.clip_grad_norm(model, c.grad_clip)
         loss_val = (dist.all_mean(loss_total) * d.world / n_tokens).item()
-        if not math.isfinite(loss_val) or not math.isfinite(grad_norm.item()):
-            raise TrainingError(f"step {step}: loss {loss_val:.4g}, grad norm {grad_norm.item():.4g}: not finite; stopped "
-                                f"without updating. Last good checkpoint: {checkpoint.latest_checkpoint(out) or 'none'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)
         dt = time.perf_counter() - t0
         mfu = model.flops_per_token(seq_len) * tokens / dt / peak
         metrics.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / dt}, mfu=mfu)
@@ -266,14 +190,7 @@ def run(c: Config):
         if step % c.ckpt_every == 0 or step == total:
             save()
 
-    final = dist.model_state(model)
-    if d.main:
-        checkpoint.save_pretrained(model, out, tokenizer_dir=c.init, state_dict=lora.merged(model, final))
-        note = lora.save_adapter(model, final, out / "adapter", c.init)
-        dist.print0(f"saved Hugging Face model directory {out}{note}")
-    metrics.close()
-    dist.cleanup()
-    return out
+    return stage.finish(d, metrics, model, dist.model_state(model), out, c.init)
 
 
 def print_answers(model, tok, convs, show=True):

@@ -1,0 +1,132 @@
+"""What every training stage shares, in one place each: the common Config fields, the set-up
+(process group, resume state, wrap, AdamW, optimizer resume), the lr setting, the optimizer
+step (clip, the non-finite check on loss and grad norm, step) and the final save.
+
+Each stage's loop stays written out in its own file (stages/*.py); a stage reads
+
+    d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
+    ...  # load the model, its resume weights
+    train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
+    while step < total:
+        step += 1
+        lr = stage.set_lr(opt, c, step, total)
+        ...  # forward, backward
+        grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss)
+    stage.finish(d, metrics, model, dist.model_state(model), out, c.init)
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, dist, lora, optim
+from .errors import TrainingError
+
+
+@dataclass
+class Common:
+    """The fields of every stage's Config; a stage redeclares those whose default it changes."""
+
+    out: str = "runs/out"  # output Hugging Face model directory
+    lr: float = 1e-4  # peak learning rate
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine decay; 1 = constant)
+    warmup_steps: int = 10  # linear warmup, in optimizer steps
+    weight_decay: float = 0.0  # AdamW decay on matrices (not on norms or biases)
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype (auto = bf16 where fast)
+    fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
+    device: str = ""  # cpu | cuda; empty = cuda when available
+    eval_every: int = 50  # steps between held-out evaluations
+    ckpt_every: int = 50  # steps between resume checkpoints
+    keep: int = 3  # resume checkpoints kept
+    resume: bool = False  # continue from the last checkpoint in out/checkpoints
+    seed: int = 1337  # seeds the data order, sampling and any new weights
+
+
+# Common fields a resumed run may change; each stage adds its own. The rest must match the checkpoint's.
+MAY_CHANGE = frozenset({"eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out"})
+
+
+def begin(c, may_change, auto=()):
+    """(d, out, state, ckpt_path): the process group of c.device, the output directory and,
+    with c.resume, the last checkpoint's state (checkpoint.resume_state; None without)."""
+    d = dist.setup(c.device)
+    out = Path(c.out)
+    state, ckpt_path = checkpoint.resume_state(out, c, c.resume, may_change, auto)
+    return d, out, state, ckpt_path
+
+
+def train_setup(model, c, d, amp_dtype, state, ckpt_path, betas=(0.9, 0.95), blocks=None, unit="step"):
+    """(train_model, opt, step) of a model whose resume weights are loaded: model wrapped for
+    d's ranks (dist.wrap: DDP, or FSDP2 in place), AdamW over what trains, and with a resume
+    state the optimizer's state and the step it reached."""
+    train_model = dist.wrap(model, d, c.fsdp, amp_dtype, blocks=blocks)
+    opt = optim.adamw(model, c.lr, c.weight_decay, betas)
+    step = 0
+    if state:
+        dist.load_optim_state(model, opt, state["optim"])
+        step = state["step"]
+        dist.print0(f"resumed from {ckpt_path} ({unit} {step})")
+    return train_model, opt, step
+
+
+def set_lr(opt, c, step, total):
+    """Set and return the lr of optimizer step `step` (from 1) of `total`: c's warmup and cosine decay."""
+    lr = optim.cosine_lr(step, total, c.lr, c.warmup_steps, c.min_lr_frac)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimizer_step(opt, model, c, out, where, loss):
+    """Clip model's global grad norm to c.grad_clip, refuse a non-finite loss or grad norm
+    (naming the last good checkpoint of out), step and zero the gradients. loss: the step's
+    loss, the same on every rank (reduced over ranks), so that every rank stops together.
+    Returns the grad norm before clipping."""
+    norm = dist.clip_grad_norm(model, c.grad_clip)
+    loss = float(loss)
+    if not (torch.isfinite(norm) and torch.isfinite(torch.tensor(loss))):
+        raise TrainingError(f"{where}: loss {loss:.4g}, grad norm {norm.item():.4g}: not finite; stopped without "
+                            f"updating. Last good checkpoint: {checkpoint.latest_checkpoint(out) or 'none'} "
+                            "(lower --lr, then --resume)")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def save_checkpoint(out, step, model, opt, c, split=False, **extra):
+    """Every rank calls this: rank 0 writes out/checkpoints/step_NNNNNN.pt (what trains of model,
+    checkpoint.trained: under "model", or with split each model of an rl.PolicyValue under its
+    own name; the optimizer state, extra, c), in the one-process format gathered first under FSDP2;
+    the others wait for it. Every rank resumes from it."""
+    sd = checkpoint.trained(model, dist.model_state(model))
+    if split:
+        from .rl import split_state
+
+        sd = split_state(sd)
+    models = sd if split else {"model": sd}
+    optim_sd = dist.optim_state(model, opt)
+    if dist.is_main():
+        checkpoint.save_checkpoint(out, step, {**models, "optim": optim_sd, **extra, "config": asdict(c)}, keep=c.keep)
+    dist.barrier()
+
+
+def finish(d, metrics, model, sd, out, base_dir, shift=None, note=""):
+    """The end of a stage: rank 0 saves model with state dict sd (dist.model_state's: adapters
+    merged in) as the Hugging Face directory out, with base_dir's tokenizer files; a reward model
+    (shift given) as a sequence-classification model with its shift. With LoRA the adapter also
+    goes to out/adapter. Then the metrics file closes and the process group ends."""
+    if d.main:
+        what = "model directory"
+        if shift is None:
+            checkpoint.save_pretrained(model, out, tokenizer_dir=base_dir, state_dict=lora.merged(model, sd))
+        else:
+            what = "sequence-classification model"
+            checkpoint.save_reward(model, out, shift, tokenizer_dir=base_dir, state_dict=lora.merged(model, sd))
+        heads = ("score",) if shift is not None else ()
+        note += lora.save_adapter(model, sd, Path(out) / "adapter", base_dir, heads=heads)
+        dist.print0(f"saved Hugging Face {what} {out}{note}")
+    metrics.close()
+    dist.cleanup()
+    return out
