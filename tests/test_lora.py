@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import hf_families
 from common import shoggoth
 from shoggoth import checkpoint, cli, data, lora, rl, sampling, scoring, tokenizer
-from test_rl import ENV, FAST, interrupt_and_resume, lm_dir, rm_dir, sampled_fraction, series, toy_pairs  # noqa: F401
+from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, rm_dir, sampled_fraction, series, toy_pairs  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
