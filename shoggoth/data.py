@@ -125,9 +125,18 @@ def read_text(path):
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
 
 
+def jsonl_lines(text):
+    """The lines of a JSONL text, split at "\n" only: a JSON string may hold U+2028, U+0085 and the
+    other characters that str.splitlines also splits at (a model's completion did, in a demo run)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
 def read_jsonl(path, stats=None):
     """Yield (line number, object) for each non-blank line; a bad line is an error naming it."""
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(jsonl_lines(read_text(path)), 1):
         if stats is not None:
             stats.lines += 1
         if not line.strip():
@@ -431,8 +440,7 @@ def read_records(path, parse, what, skip_invalid=False, log=print):
     if not Path(path).is_file():
         raise DataError(f"{path}: no such {what} file")
     out, skipped, first_error = [], 0, None
-    lines = read_text(path).splitlines()
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(jsonl_lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:

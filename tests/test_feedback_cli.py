@@ -66,6 +66,28 @@ def test_simulated_rankings_are_reproducible(tmp_path):
     assert rankings("c.db", 1) != first
 
 
+def test_export_with_line_separators_in_completions_reads_back(tmp_path):
+    # The export keeps non-ASCII text as it is (ensure_ascii=False), so U+2028, U+2029 and U+0085 stay
+    # raw inside its JSON strings: str.splitlines would cut those lines in two (a demo run's reward
+    # stage failed on a sampled U+2028). Every reader splits JSONL at "\n" only.
+    from shoggoth import data
+
+    odd = ["one\u2028two", "three\u2029four", "five\x85six"]
+    db = tmp_path / "f.db"
+    D.add_tasks(D.connect(db), "qa", [{"prompt": f"question {i}?\u2028", "completions": [c, *FILLER]}
+                                      for i, c in enumerate(odd)], rankings_per_task=2)
+    assert main(["feedback", "simulate", "--db", str(db), "--persona", "helpful", "--labelers", "2"]) == 0
+    assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path / "r.jsonl")]) == 0
+    text = (tmp_path / "r.jsonl").read_text()
+    assert "\u2028" in text and "\x85" in text  # raw, as exported
+    rows = data.read_rankings(tmp_path / "r.jsonl", log=lambda *a: None)
+    assert len(rows) == 6 == text.count("\n")
+    assert {c for r in rows for c in r["completions"]} >= set(odd)
+    crlf = tmp_path / "crlf.jsonl"  # and a file saved with Windows line ends
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    assert [r["completions"] for r in data.read_rankings(crlf, log=lambda *a: None)] == [r["completions"] for r in rows]
+
+
 def test_bad_prompts_file_names_file_and_line(tmp_path, capsys):
     cases = [('{"prompt": "ok"}\n\n{"prompt": "ok", \n', ":3: invalid JSON"),
              ('{"prompt": "ok"}\n{"text": "no prompt"}\n', ":2: expected a string 'prompt' or a list 'messages'"),
