@@ -40,7 +40,7 @@ QUICK = {
 
 ORDER = ("pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate")
 BUDGET = 20 * 60  # --budget's default: the whole demo in 20 minutes, on the machine that runs it
-PRETRAIN_STEPS = (150, 1200)  # the budget picks the pretraining steps in this range
+PRETRAIN_STEPS = (150, 2400)  # the budget picks the pretraining steps in this range (2400: about 2 passes over the corpus)
 # Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
 # the run's dtype), so a machine of half the rate is estimated to take twice as long. Pretraining
 # is its set-up (tokenizer, token shards, the first build of the decode kernel) plus pretrain_step
