@@ -73,7 +73,7 @@ def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
     setup_campaign(srv)
     _, token = D.create_labeler(srv.engine, "carol")
     with httpx.Client(base_url=srv.url) as c:
-        r = c.get(f"/join/{token}")
+        r = c.post(f"/join/{token}")
         assert r.status_code == 303 and r.headers["location"] == "/label"
         assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=lax" in r.headers["set-cookie"]
         page = c.get("/label").text
@@ -229,7 +229,7 @@ def test_malformed_headers_and_fields_get_a_4xx(live_app):
     setup_campaign(srv)
     _, token = D.create_labeler(srv.engine, "oscar")
     with httpx.Client(base_url=srv.url) as c:
-        c.get(f"/join/{token}")
+        c.post(f"/join/{token}")
         for csrf in ("é".encode("latin-1"), "\u00ff\u00fe".encode("latin-1")):
             r = c.post("/api/next", headers={"X-CSRF-Token": csrf})
             assert r.status_code == 403 and "CSRF" in r.json()["error"]
@@ -305,8 +305,8 @@ def test_cookies_are_secure_over_https(tmp_path):
     for base, secure in (("https://labels.example", True), ("http://127.0.0.1", False)):
         _, token = D.create_labeler(app.state.engine, f"trent {base}")
         with TestClient(app, base_url=base) as c:
-            for path in (f"/join/{token}", f"/admin?token={ADMIN}"):
-                r = c.get(path, follow_redirects=False)
+            for method, path in (("POST", f"/join/{token}"), ("GET", f"/admin?token={ADMIN}")):
+                r = c.request(method, path, follow_redirects=False)
                 assert r.status_code == 303 and ("Secure" in r.headers["set-cookie"]) == secure, (base, path)
 
 
@@ -322,7 +322,10 @@ def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
     setup_campaign(srv)
     lid, invite = D.create_labeler(srv.engine, "uma")
     with httpx.Client(base_url=srv.url) as c:
-        r = c.get(f"/join/{invite}")
+        for _ in range(2):  # opening the link (a chat app's preview, a mail scanner) spends nothing
+            r = c.get(f"/join/{invite}")
+            assert r.status_code == 200 and "Sign in as uma" in r.text and "sg_labeler" not in c.cookies
+        r = c.post(f"/join/{invite}")
         assert r.status_code == 303
         cookie = c.cookies["sg_labeler"]
         assert cookie != invite and invite not in r.headers["set-cookie"]  # the cookie holds a session, not the link
@@ -349,7 +352,7 @@ def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
         link = r.text.split('id="invite-link">')[1].split("<")[0]
     with httpx.Client(base_url=srv.url, cookies={"sg_labeler": cookie}) as c:
         assert c.get("/label").status_code == 401  # revoked: the old session ends at once
-        assert c.get(link.replace(srv.url, "")).status_code == 303 and c.get("/label").status_code == 200
+        assert c.post(link.replace(srv.url, "")).status_code == 303 and c.get("/label").status_code == 200
 
 
 def test_invites_expire(live_app):
@@ -366,7 +369,7 @@ def test_sign_out_ends_the_session(live_app):
     setup_campaign(srv)
     _, invite = D.create_labeler(srv.engine, "wes")
     with httpx.Client(base_url=srv.url) as c:
-        c.get(f"/join/{invite}")
+        c.post(f"/join/{invite}")
         cookie = c.cookies["sg_labeler"]
         page = c.get("/label").text
         csrf = csrf_of(page)
@@ -385,7 +388,7 @@ def test_a_link_does_not_silently_switch_who_is_signed_in(live_app):
     _, mine = D.create_labeler(srv.engine, "xena")
     _, theirs = D.create_labeler(srv.engine, "yuri")
     with httpx.Client(base_url=srv.url) as c:
-        c.get(f"/join/{mine}")
+        c.post(f"/join/{mine}")
         r = c.get(f"/join/{theirs}")
         assert r.status_code == 200 and "Switch labeler?" in r.text and "xena" in r.text and "yuri" in r.text
         assert "xena" in c.get("/label").text  # still xena

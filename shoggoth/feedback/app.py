@@ -1,7 +1,8 @@
 """The ranking web app: `create_app(db)` returns a FastAPI app; `serve` runs it with uvicorn.
 
 Who may do what:
-- An invite link `/join/<token>` is traded once, before it expires, for a session:
+- An invite link `/join/<token>` opens a page whose button (a POST) trades the invite, once and
+  before it expires, for a session (opening the link spends nothing, so a link preview cannot):
   a separate random token, stored hashed, with an expiry, in an HttpOnly cookie.
   Scripts trade it with `POST /api/session` (`Authorization: Bearer <invite>`) and
   send `Authorization: Bearer <session>`. The admin can revoke a labeler (their

@@ -53,21 +53,22 @@ def sign_in(request, db, token):
 
 
 @router.get("/join/{token}", response_class=HTMLResponse, summary="Open an invite link (a page)",
-            **doc(PUBLIC, 404, 422, 429, html=True, redirect=SIGNED_IN))
+            **doc(PUBLIC, 404, 422, 429, html=True))
 def join(request: Request, db: DB, token: str = Path(max_length=200)):
-    """Trade the invite for a session; someone already signed in here is asked first (a link
-    sent by someone else must not silently switch who is labeling)."""
+    """A page whose button signs in with the invite. Opening the link spends nothing: a chat app's link
+    preview or a mail scanner fetches it before the labeler does. Someone already signed in here is
+    asked whether to switch (a link sent by someone else must not silently change who is labeling)."""
     _, name = invite_or_404(request, db, token)
     current = D.session(db, request.cookies.get(LABELER_COOKIE))
-    if current is not None and current[0] == "labeler":
-        return page(request, "join.html", current=current[1][1], name=name, token=token)
-    return sign_in(request, db, token)
+    signed_in = current is not None and current[0] == "labeler"
+    return page(request, "join.html", current=current[1][1] if signed_in else None, name=name, token=token)
 
 
 @router.post("/join/{token}", response_class=RedirectResponse, status_code=303,
-             summary="Switch to this invite's labeler (the page's button)",
+             summary="Trade the invite for a session (the page's button)",
              **doc(PUBLIC, 403, 404, 422, 429, html=True, redirect=SIGNED_IN))
 def join_confirmed(request: Request, db: DB, token: str = Path(max_length=200)):
+    """Sign in with the invite (it is spent); a form posted from another site is refused."""
     check_origin(request)
     invite_or_404(request, db, token)
     return sign_in(request, db, token)
