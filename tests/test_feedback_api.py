@@ -308,6 +308,8 @@ def test_cookies_are_secure_over_https(tmp_path):
             for method, path in (("POST", f"/join/{token}"), ("GET", f"/admin?token={ADMIN}")):
                 r = c.request(method, path, follow_redirects=False)
                 assert r.status_code == 303 and ("Secure" in r.headers["set-cookie"]) == secure, (base, path)
+                ttl = D.SESSION_TTL["labeler" if "join" in path else "admin"]  # the cookie lasts as its session
+                assert f"Max-Age={int(ttl)}" in r.headers["set-cookie"], r.headers["set-cookie"]
 
 
 def test_weak_admin_token_is_refused(tmp_path):

@@ -174,5 +174,7 @@ AdminForm = Annotated[None, Depends(handed_over(admin_form))]
 
 
 def set_cookie(request, resp, name, value):
-    resp.set_cookie(name, value, httponly=True, samesite="lax", max_age=90 * 24 * 3600, path="/",
+    # The browser keeps the cookie as long as the session it holds lasts, not longer.
+    ttl = D.SESSION_TTL["admin" if name == ADMIN_COOKIE else "labeler"]
+    resp.set_cookie(name, value, httponly=True, samesite="lax", max_age=int(ttl), path="/",
                     secure=request.url.scheme == "https")  # https: directly, or from a trusted proxy's header
