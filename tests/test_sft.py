@@ -155,9 +155,19 @@ def test_tiny_sft_lowers_heldout_loss_and_loads_in_transformers(pretrained, tmp_
     gen = hf.generate(**ids, max_new_tokens=20, do_sample=False, eos_token_id=hf_tok.convert_tokens_to_ids("<|im_end|>"),
                       pad_token_id=hf_tok.pad_token_id)
     assert gen.shape[1] > ids["input_ids"].shape[1]
-    # Resume refuses to overwrite, then continues to the same end.
+    # Resume refuses to overwrite, then continues to the same end: stopped after step 20 (the later
+    # checkpoint and the model gone) and resumed, the same weights, bit for bit.
     r = shoggoth("sft", "--init", pretrained, "--out", out, "--max-steps", 40, check=False)
     assert r.returncode == 1 and "--resume" in r.stderr
+    before = checkpoint.load_state_dict(out)
+    for f in (out / "checkpoints").glob("step_*.pt"):
+        if int(f.stem.split("_")[1]) > 20:
+            f.unlink()
+    (out / "model.safetensors").unlink()
+    r = shoggoth("sft", "--init", pretrained, "--out", out, "--max-steps", 40, "--eval-every", 20, "--ckpt-every", 20,
+                 "--batch-size", 8, "--sample-every", 0, "--resume")
+    after = checkpoint.load_state_dict(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_sft_from_transformers_llama_directory(tmp_path):
