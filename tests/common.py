@@ -38,6 +38,25 @@ def shoggoth(*args, check=True, **kw):
     return r
 
 
+def cut_after(out, step):
+    """A finished run's folder as if it had stopped after the checkpoint of `step`: the later
+    checkpoints and the final model gone."""
+    for f in (out / "checkpoints").glob("step_*.pt"):
+        if int(f.stem.split("_")[1]) > step:
+            f.unlink()
+    (out / "model.safetensors").unlink()
+    return out
+
+
+def interrupt_and_resume(stage, args, out, ckpt_step, env=None):
+    """Cut a finished run after ckpt_step, resume it with the same `args` (and `env`: the thread
+    count changes float sums), and return the model's weights (before, after)."""
+    before = checkpoint.load_state_dict(out)
+    cut_after(out, ckpt_step)
+    shoggoth(stage, *args, "--resume", env=env)
+    return before, checkpoint.load_state_dict(out)
+
+
 def tiny_lm_dir(path, steps=100):
     """tiny_model_dir trained for `steps` steps of next-token prediction on 2000 verses, so that it
     says " the" now and then (about 2% of its tokens): a toy reward has something to reinforce."""

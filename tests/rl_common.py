@@ -1,6 +1,7 @@
 """What the RL tests (test_rl, test_lora) share: one-thread runs, a tiny model trained for a moment on
 verses, a reward model on its trunk, the toy reward's measure, interrupt-and-resume, toy DPO pairs."""
 
+import functools
 import json
 import os
 import random
@@ -8,7 +9,8 @@ import random
 import pytest
 import torch
 
-from common import shoggoth, tiny_lm_dir
+import common
+from common import tiny_lm_dir
 from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
 from shoggoth.model import RewardModel
 
@@ -17,23 +19,21 @@ from shoggoth.model import RewardModel
 # makes OpenMP's spinning threads many times slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FAST = ["--dtype", "fp32", "--max-new-tokens", "8", "--eval-samples", "16", "--missing-eos-penalty", "0"]
+interrupt_and_resume = functools.partial(common.interrupt_and_resume, env=ENV)  # the runs above use ENV
 
 
 def records(path):
     return [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-
 def series(path, key):
     return [r[key] for r in records(path) if key in r]
-
 
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
     """The tiny model trained for a moment on verses (common.tiny_lm_dir)."""
     return tiny_lm_dir(tmp_path_factory.mktemp("lm") / "lm")
-
 
 
 @pytest.fixture(scope="module")
@@ -48,26 +48,12 @@ def rm_dir(lm_dir, tmp_path_factory):
     return d
 
 
-
 def sampled_fraction(model_dir, n=64, seed=0):
     """Toy reward of responses to n held-out questions sampled at temperature 1."""
     model, tok = sampling.load(model_dir)
     recs = data.builtin_prompts("heldout")[:n]
     r = rl.generate(model, tok, rl.encode_prompts(tok, recs, 100), 16, 1.0, seed=seed)
     return scoring.toy_scores(r, scoring.toy_target_ids(tok, "the")).mean().item()
-
-
-
-def interrupt_and_resume(stage, args, out, ckpt_step):
-    """Delete a finished run's outputs after ckpt_step, resume it, and return (weights before, after)."""
-    before = checkpoint.load_state_dict(out)
-    for f in (out / "checkpoints").glob("step_*.pt"):
-        if int(f.stem.split("_")[1]) > ckpt_step:
-            f.unlink()
-    (out / "model.safetensors").unlink()
-    shoggoth(stage, *args, "--resume", env=ENV)
-    return before, checkpoint.load_state_dict(out)
-
 
 
 def toy_pairs(path, n, seed):
@@ -81,4 +67,3 @@ def toy_pairs(path, n, seed):
             v = rng.choice(verses)
             f.write(json.dumps({"prompt": rng.choice(questions), "chosen": v, "rejected": v.replace(" the ", " ")}) + "\n")
     return path
-

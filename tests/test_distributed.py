@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import bible_corpus, shoggoth, tiny_lm_dir, tiny_model_dir
+from common import bible_corpus, cut_after, shoggoth, tiny_lm_dir, tiny_model_dir
 from shoggoth import checkpoint, data
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -245,11 +245,7 @@ def one_process_checkpoints(a, b):
 def cut(run, to, step):
     """A copy of run as if it had stopped after the checkpoint of `step`."""
     shutil.copytree(run, to)
-    for f in (to / "checkpoints").glob("step_*.pt"):
-        if int(f.stem.split("_")[1]) > step:
-            f.unlink()
-    (to / "model.safetensors").unlink()
-    return to
+    return cut_after(to, step)
 
 
 # 32 rankings, 4 per step: 8 steps; 5 held-out rankings: the last batch of 1 leaves rank 1 idle.

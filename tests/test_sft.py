@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from common import bible_corpus, shoggoth, tiny_model_dir
+from common import bible_corpus, interrupt_and_resume, shoggoth, tiny_model_dir
 from shoggoth import checkpoint, data, tokenizer
 from shoggoth.model import GPT, Documents, GPTConfig
 from shoggoth.stages import sft
@@ -144,8 +144,9 @@ def pretrained(tmp_path_factory):
 
 def test_tiny_sft_lowers_heldout_loss_and_loads_in_transformers(pretrained, tmp_path):
     out = tmp_path / "sft"
-    shoggoth("sft", "--init", pretrained, "--out", out, "--max-steps", 40, "--eval-every", 20, "--ckpt-every", 20,
-             "--batch-size", 8, "--sample-every", 0)
+    args = ["--init", pretrained, "--out", out, "--max-steps", 40, "--eval-every", 20, "--ckpt-every", 20,
+            "--batch-size", 8, "--sample-every", 0]
+    shoggoth("sft", *args)
     val = [json.loads(ln)["val_loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
     assert val[-1] < val[0] - 0.3, val
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -159,14 +160,7 @@ def test_tiny_sft_lowers_heldout_loss_and_loads_in_transformers(pretrained, tmp_
     # checkpoint and the model gone) and resumed, the same weights, bit for bit.
     r = shoggoth("sft", "--init", pretrained, "--out", out, "--max-steps", 40, check=False)
     assert r.returncode == 1 and "--resume" in r.stderr
-    before = checkpoint.load_state_dict(out)
-    for f in (out / "checkpoints").glob("step_*.pt"):
-        if int(f.stem.split("_")[1]) > 20:
-            f.unlink()
-    (out / "model.safetensors").unlink()
-    r = shoggoth("sft", "--init", pretrained, "--out", out, "--max-steps", 40, "--eval-every", 20, "--ckpt-every", 20,
-                 "--batch-size", 8, "--sample-every", 0, "--resume")
-    after = checkpoint.load_state_dict(out)
+    before, after = interrupt_and_resume("sft", args, out, 20)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
