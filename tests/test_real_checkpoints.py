@@ -16,7 +16,6 @@ import transformers
 import hf_families
 from common import shoggoth
 from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
-from shoggoth.errors import ModelDirError
 from shoggoth.stages import dpo, grpo, ppo, reward, sft
 
 CONVS = [

@@ -13,7 +13,6 @@ from common import shoggoth, tiny_model_dir
 from shoggoth import checkpoint, data, losses, tokenizer
 from shoggoth.errors import DataError
 from shoggoth.model import RewardModel
-from shoggoth.stages import reward
 
 
 def sp(x):  # softplus(x) = -log sigmoid(-x)

@@ -10,7 +10,6 @@ import transformers
 from common import bible_corpus, interrupt_and_resume, shoggoth, tiny_model_dir
 from shoggoth import checkpoint, data, tokenizer
 from shoggoth.model import GPT, Documents, GPTConfig
-from shoggoth.stages import sft
 
 CONVS = [
     [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "The science of thinking machines."}],

@@ -16,7 +16,6 @@ policy samples for the training prompts is 0; the shift is stored in config.json
 transformers gives the raw score, shoggoth raw - shift.
 """
 
-import json
 import time
 from dataclasses import dataclass
 
