@@ -13,6 +13,7 @@ reads the same with or without torchrun:
 """
 
 import os
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -35,10 +36,25 @@ class Dist:
         return self.rank == 0
 
 
+def device_or_error(name):
+    """torch.device(name), or a UsageError that says why it cannot run here."""
+    from .config import UsageError
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine's PyTorch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: shoggoth runs on cpu or cuda")
+    return dev
+
+
 def setup(device=""):
     """Init the process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
     if device:
-        dev = torch.device(device)
+        dev = device_or_error(device)
     else:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
@@ -52,6 +68,14 @@ def setup(device=""):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, world, local, dev)
+
+
+def clock(device):
+    """time.perf_counter() once the device has done the work queued so far: CUDA runs
+    asynchronously, so a phase's time read without waiting is only the time to queue it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def is_main():

@@ -16,7 +16,6 @@ baseline, losses.rloo_advantages). Each iteration:
      estimate to the reference (losses.grpo_loss).
 """
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -115,14 +114,14 @@ def run(c: Config):
         metrics.log(0, **evaluate())
     while it < c.iterations:
         # ---- 1. rollout: this rank's prompts, each repeated group_size times (a group stays on one rank)
-        t0 = time.perf_counter()
+        t0 = dist.clock(d.device)
         mine = [i for i in dist.share(rl.prompt_batch(len(prompts), c.batch_size, it, c.seed), d)
                 for _ in range(c.group_size)]
         records = [prompts[i] for i in mine]
         with dist.full_weights(pv):  # under FSDP2 every rank gathers the policy to sample (and, with LoRA, score)
             r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
                             seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
-            t1 = time.perf_counter()
+            t1 = dist.clock(d.device)
 
             # ---- 2. score: rewards, old and reference log-probs
             old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
@@ -134,7 +133,7 @@ def run(c: Config):
             advantages = losses.rloo_advantages(scores, c.group_size)  # (B,)
         else:
             advantages = losses.group_advantages(scores, c.group_size, scale=c.advantage == "grpo")  # (B,)
-        t2 = time.perf_counter()
+        t2 = dist.clock(d.device)
 
         # ---- 4. update
         sums = Sums()
@@ -158,7 +157,7 @@ def run(c: Config):
                 sums.add(**{"policy/clipfrac": st["clipfrac"], "policy/kl": st["kl"], "policy/entropy": entropy,
                             "loss/policy": loss})
         it += 1
-        t3 = time.perf_counter()
+        t3 = dist.clock(d.device)
 
         # ---- the iteration's statistics, averaged over ranks in one call
         group_std = scores.view(-1, c.group_size).std(1)  # (prompts,)

@@ -29,7 +29,6 @@ holds them equal to a training forward's). The model has no dropout.
 """
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
@@ -146,13 +145,13 @@ def run(c: Config):
         metrics.log(0, **evaluate())
     while it < c.iterations:
         # ---- 1. rollout: this rank's share of the iteration's prompts, one response each
-        t0 = time.perf_counter()
+        t0 = dist.clock(d.device)
         mine = dist.share(rl.prompt_batch(len(prompts), c.batch_size, it, c.seed), d)
         records = [prompts[i] for i in mine]
         with dist.full_weights(both):  # under FSDP2 every rank gathers both models to sample and score
             r = rl.generate(policy, tok, [prompt_ids[i] for i in mine], c.max_new_tokens, c.temperature,
                             seed=c.seed * 1_000_003 + it * d.world + d.rank, bf16=bf16)
-            t1 = time.perf_counter()
+            t1 = dist.clock(d.device)
 
             # ---- 2. score: log-probs, values, reward; per-token rewards with the KL penalty
             old_logprobs = r.logprobs  # the Engine's, at this temperature: what a training forward gives (B, N)
@@ -163,7 +162,7 @@ def run(c: Config):
         # ---- 3. advantages: GAE, whitened over every rank's masked tokens
         advantages, returns = losses.gae(rewards, old_values, r.mask, c.gamma, c.lam)  # (B, N)
         advantages = losses.masked_whiten(advantages, r.mask, rl.masked_moments(advantages, r.mask))
-        t2 = time.perf_counter()
+        t2 = dist.clock(d.device)
 
         # ---- 4. update: ppo_epochs passes in shuffled minibatches, one optimizer step each
         sums = Sums()
@@ -194,7 +193,7 @@ def run(c: Config):
                             "loss/policy": pg_loss, "loss/value": vf_loss, "val/clipfrac": vf_clipfrac,
                             "val/ratio": pg["ratio"], "loss/ptx": ptx})
         it += 1
-        t3 = time.perf_counter()
+        t3 = dist.clock(d.device)
 
         # ---- 5. the iteration's statistics, averaged over ranks in one call; adaptive KL coefficient, EMA of the policy
         stats = dist.all_means({"objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),  # KL per response
