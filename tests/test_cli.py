@@ -26,3 +26,13 @@ def test_every_stage_field_is_a_flag(capsys):
         out = capsys.readouterr().out
         for f in dataclasses.fields(importlib.import_module(module).Config):
             assert "--" + f.name.replace("_", "-") in out, (name, f.name)
+
+
+def test_a_device_that_is_not_here_is_a_usage_error(tmp_path, capsys):
+    import torch
+
+    bad = ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        assert cli.main(["pretrain", "--config", "tiny", "--device", device, "--out", str(tmp_path / "run")]) == 2
+        assert f"--device {device}:" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoints").exists()
