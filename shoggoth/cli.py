@@ -170,10 +170,14 @@ def cmd_demo(argv):
                         "start sets the pretraining steps to fit it")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype of every stage (auto: bf16 where this CPU runs it fast, else fp32)")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--scale", default="cpu", choices=["cpu", "small-gpu"],
+                   help="cpu: a 4M-parameter model, pretraining steps fitted to --budget; small-gpu: a 30M-parameter "
+                        "model at fixed steps (minutes on one GPU; no budget)")
     a = p.parse_args(argv)
     from . import demo
 
-    demo.run(a.out, a.quick, a.dtype, a.budget)
+    demo.run(a.out, a.quick, a.dtype, a.budget, a.device, a.scale)
 
 
 def seconds(text):

@@ -39,6 +39,10 @@ QUICK = {
 
 
 ORDER = ("pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate")
+# --scale: the pretraining preset. cpu: the 4M-parameter model, its steps set by the budget; small-gpu:
+# a 30M-parameter model at its preset's steps (minutes on one GPU, hours on a CPU). The other
+# stages' presets fit both.
+SCALES = {"cpu": "demo-cpu", "small-gpu": "demo-gpu"}
 BUDGET = 20 * 60  # --budget's default: the whole demo in 20 minutes, on the machine that runs it
 PRETRAIN_STEPS = (150, 2400)  # the budget picks the pretraining steps in this range (2400: about 2 passes over the corpus)
 # Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
@@ -74,11 +78,12 @@ def plan(rate, dtype, budget, quick=False):
 
 
 class Run:
-    def __init__(self, out, quick=False, dtype="auto", budget=BUDGET):
+    def __init__(self, out, quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu"):
         import torch
 
         from . import dist, metrics
 
+        dev = dist.device_or_error(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any file
         self.quick = quick
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -88,19 +93,34 @@ class Run:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": metrics.machine(),
             "config": {}, "timings": {}, "headline": {}}
         if "plan" not in self.summary:  # a re-run keeps the first plan, so its stages resume exactly
-            amp = dist.autocast_dtype(torch.device("cpu"), dtype)
+            amp = dist.autocast_dtype(dev, dtype)
             name = "bf16" if amp == torch.bfloat16 else "fp32"
-            rate = metrics.peak_flops(torch.device("cpu"), amp)
-            steps, est = plan(rate, name, budget, quick)
-            self.summary["plan"] = {"dtype": name, "matmul_flops": rate, "budget": budget, "pretrain_steps": steps,
-                                    "estimate": est}
+            rate = metrics.peak_flops(dev, amp)  # measured on a CPU, the spec sheet's on a GPU
+            if dev.type == "cpu" and scale == "cpu":
+                steps, est = plan(rate, name, budget, quick)
+            else:  # WORK is measured on CPUs at the cpu scale: no estimate, no budget
+                steps = 30 if quick else PRETRAIN_STEPS[1] if scale == "cpu" else None
+                est = None
+            self.summary["plan"] = {"dtype": name, "device": dev.type, "scale": scale, "matmul_flops": rate,
+                                    "budget": budget, "pretrain_steps": steps, "estimate": est}
             self.save()
         p = self.summary["plan"]
-        self.dtype = p["dtype"]
-        self.log(f"{self.summary['machine']}: {p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s; "
-                 f"{'--quick' if quick else 'budget ' + duration(p['budget'])}: {p['pretrain_steps']} pretraining steps")
-        self.log("estimated: " + ", ".join(f"{k} {duration(v)}" for k, v in p["estimate"].items())
-                 + f"; total {duration(sum(p['estimate'].values()))}")
+        self.dtype, self.device, self.scale = p["dtype"], p.get("device", "cpu"), p.get("scale", "cpu")
+        steps = "its preset's" if p["pretrain_steps"] is None else p["pretrain_steps"]
+        rate = (f"{p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s" if self.device == "cpu" else
+                f"{p['dtype']} peak {p['matmul_flops'] / 1e12:,.0f} TFLOP/s (spec sheet)")
+        self.log(f"{self.summary['machine']}: {rate}; scale {self.scale} on {self.device}; "
+                 f"{'--quick' if quick else 'budget ' + duration(p['budget']) if p['estimate'] else 'no budget'}: "
+                 f"{steps} pretraining steps")
+        if p["estimate"]:
+            self.log("estimated: " + ", ".join(f"{k} {duration(v)}" for k, v in p["estimate"].items())
+                     + f"; total {duration(sum(p['estimate'].values()))}")
+        else:
+            self.log("no time estimate: the stages' work is measured on CPUs at the cpu scale")
+
+    def estimate(self, name):
+        est = self.summary["plan"]["estimate"]
+        return duration(est[name]) if est else "-"
 
     def log(self, msg):
         print(f"[demo {time.time() - self.t0:5.0f}s] {msg}", flush=True)
@@ -119,13 +139,14 @@ class Run:
         self.log(f"{name}: {'resuming' if resume else 'starting'} -> {out}")
         if self.quick:
             preset, fields = QUICK_PRESETS.get(name, preset), {**fields, **QUICK.get(name, {})}
-        mod, cfg = config.load(name, preset, **fields, dtype=self.dtype, out=str(out), resume=resume)
+        mod, cfg = config.load(name, preset, **fields, dtype=self.dtype, device=self.device, out=str(out),
+                               resume=resume)
         t = time.time()
         mod.run(cfg)
         self.summary["config"][name] = dataclasses.asdict(cfg)
         self.summary["timings"][name] = self.summary["timings"].get(name, 0) + round(time.time() - t, 1)
         self.save()
-        self.log(f"{name}: finished in {duration(time.time() - t)} (estimated {duration(self.summary['plan']['estimate'][name])})")
+        self.log(f"{name}: finished in {duration(time.time() - t)} (estimated {self.estimate(name)})")
         return out
 
 
@@ -156,7 +177,7 @@ def feedback(run: Run):
     (fb / "feedback.db").unlink(missing_ok=True)  # an interrupted generate starts over
     run.log(f"feedback: sampling {K} completions for each of {len(recs)} prompts from the SFT model")
     jobs.generate(run.out / "sft", prompts, K, db, campaign="demo", rankings_per_task=LABELERS,
-                  max_new_tokens=16 if run.quick else 48)
+                  max_new_tokens=16 if run.quick else 48, device=run.device)
     done = jobs.simulate(db, persona="balanced", labelers=LABELERS, campaign="demo")
     run.log(f"feedback: simulated labelers submitted {sum(done.values())} rankings ({done})")
     engine = D.connect(db)
@@ -167,7 +188,7 @@ def feedback(run: Run):
     run.summary["timings"]["feedback"] = round(time.time() - t, 1)
     run.save()
     run.log(f"feedback: {n} rankings exported to {rankings}; labelers' mutual Kendall tau {agree['tau']:.3f}; "
-            f"took {duration(time.time() - t)} (estimated {duration(run.summary['plan']['estimate']['feedback'])})")
+            f"took {duration(time.time() - t)} (estimated {run.estimate('feedback')})")
     return rankings
 
 
@@ -181,7 +202,7 @@ def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
     from . import data, labelers, sampling
     from .scoring import load_scorer, score_texts
 
-    model, scorer = sampling.load(model_dir), load_scorer(reward_dir)
+    model, scorer = sampling.load(model_dir, run.device), load_scorer(reward_dir)
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
     gold = [labelers.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
@@ -215,7 +236,7 @@ def mask(run: Run, reward_dir):
     for name, d in model_dirs(run).items():
         if not (d / "config.json").exists():
             continue
-        model = sampling.load(d)
+        model = sampling.load(d, run.device)
         greedy = sampling.chat_replies(model, [r["messages"] for r in held], max_new_tokens=48, temperature=0.0)
         run.summary["headline"][f"real_words_{name}"] = labelers.fluency(" ".join(greedy))  # share of real words
         run.summary["headline"][f"distinct_{name}"] = len(set(greedy)) / len(greedy)
@@ -255,10 +276,11 @@ def blind_winrates(run: Run, answers):
     return s
 
 
-def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET):
-    r = Run(out, quick, dtype, budget)
+def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu"):
+    r = Run(out, quick, dtype, budget, device, scale)
     o = r.out
-    r.stage("pretrain", "demo-cpu", max_steps=r.summary["plan"]["pretrain_steps"])
+    steps = r.summary["plan"]["pretrain_steps"]
+    r.stage("pretrain", SCALES[r.scale], **({} if steps is None else {"max_steps": steps}))
     r.stage("sft", "demo-sft", init=str(o / "pretrain"))
     rankings = str(feedback(r))
     r.stage("reward", "demo-reward", init=str(o / "sft"), rankings=rankings)
@@ -313,6 +335,6 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET):
     est, took = r.summary["plan"]["estimate"], r.summary["timings"]
     print(f"\n{'stage':10s} {'estimated':>9s} {'actual':>9s}")
     for name in ORDER:
-        print(f"{name:10s} {duration(est[name]):>9s} {duration(took[name]) if name in took else '-':>9s}")
-    print(f"{'total':10s} {duration(sum(est.values())):>9s} {duration(sum(took.values())):>9s}")
+        print(f"{name:10s} {r.estimate(name):>9s} {duration(took[name]) if name in took else '-':>9s}")
+    print(f"{'total':10s} {duration(sum(est.values())) if est else '-':>9s} {duration(sum(took.values())):>9s}")
     print(f"\nreport: {html}\nmodels in {o}/")

@@ -4,9 +4,9 @@ from . import checkpoint, tokenizer
 from .engine import Engine
 
 
-def load(model_dir):
-    """A Hugging Face model directory -> (GPT in eval mode, Tok), checked to fit each other."""
-    model = checkpoint.load_pretrained(model_dir).eval()
+def load(model_dir, device="cpu"):
+    """A Hugging Face model directory -> (GPT in eval mode on device, Tok), checked to fit each other."""
+    model = checkpoint.load_pretrained(model_dir).eval().to(device)
     tok = tokenizer.load(model_dir)
     tok.check_model(model.config.vocab_size, model_dir)
     return model, tok

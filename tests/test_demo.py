@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import torch
 from common import shoggoth
 from shoggoth.feedback import db as D
 
@@ -80,7 +81,29 @@ def test_the_budget_sizes_pretraining_to_the_machine():
     assert demo.plan(1e12, "bf16", 20 * 60, quick=True)[0] == 30
 
 
-def test_demo_flags_are_checked():
-    for bad in (["--budget", "soon"], ["--budget", "0m"], ["--dtype", "fp16"]):
-        r = shoggoth("demo", *bad, check=False)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, bad
+def test_demo_flags_are_checked(tmp_path):
+    bad = [["--budget", "soon"], ["--budget", "0m"], ["--dtype", "fp16"], ["--scale", "huge"], ["--device", "tpu"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    for flags in bad:
+        r = shoggoth("demo", *flags, "--out", str(tmp_path / "run"), check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, flags
+        assert not (tmp_path / "run").exists(), flags  # refused before anything is written
+    r = shoggoth("demo", "--device", "tpu", check=False)
+    assert "--device tpu" in r.stderr
+
+
+def test_small_gpu_scale_is_a_30m_model_without_a_budget(tmp_path):
+    from shoggoth import config, demo
+    from shoggoth.model import GPT, GPTConfig
+
+    _, cfg = config.load("pretrain", demo.SCALES["small-gpu"])
+    model = GPT(GPTConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                          max_seq_len=cfg.seq_len))
+    assert 25e6 < model.num_params() < 35e6  # what --help and the preset say
+    run = demo.Run(tmp_path / "run", device="cpu", scale="small-gpu")
+    plan = json.loads((tmp_path / "run" / "summary.json").read_text())["plan"]
+    assert (plan["scale"], plan["device"], plan["pretrain_steps"], plan["estimate"]) == ("small-gpu", "cpu", None, None)
+    assert run.estimate("sft") == "-"
+    again = demo.Run(tmp_path / "run", device="cpu", scale="cpu")  # a re-run keeps the first plan
+    assert again.scale == "small-gpu"

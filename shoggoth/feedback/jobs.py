@@ -20,14 +20,15 @@ def read_prompts(path):
     return data.load_prompts(str(path), log=lambda *_: None)
 
 
-def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=32):
-    """n completions of each prompt record sampled from `policy` (a model directory): a list of n
+def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=32,
+           device="cpu"):
+    """n completions of each prompt record sampled from `policy` (a model directory, run on device): a list of n
     texts per record. Batch b of batch_size rows is sampled with seed + b, so that models given the
     same prompts and settings are sampled alike."""
     from .. import engine as E
     from .. import sampling
 
-    model, tok = sampling.load(policy)
+    model, tok = sampling.load(policy, device)
     eng = E.Engine(model, pad_id=tok.pad_id)
     limit = getattr(getattr(model, "config", None), "max_seq_len", None)
     rows = []  # (record index, prompt ids), n per record
@@ -48,12 +49,12 @@ def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_
 
 
 def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,
-             top_k=0, top_p=1.0, seed=0, batch_size=32):
+             top_k=0, top_p=1.0, seed=0, batch_size=32, device="cpu"):
     """Sample k completions per prompt from `policy` and store them as the ranking tasks of `campaign`."""
     if not 2 <= k <= D.MAX_K:
         raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
     records = read_prompts(prompts_path)  # bad input fails before the model loads
-    texts = sample(policy, records, k, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
+    texts = sample(policy, records, k, max_new_tokens, temperature, top_k, top_p, seed, batch_size, device)
     tasks = [{"prompt": data.prompt_text(r), "references": r["references"], "completions": t}
              for r, t in zip(records, texts)]
     name = campaign or Path(prompts_path).stem
