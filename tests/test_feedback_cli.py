@@ -49,6 +49,17 @@ def test_simulate_then_export(tmp_path, capsys):
     assert "0 rankings" in capsys.readouterr().out
 
 
+def test_simulate_max_tasks_leaves_no_task_held(tmp_path, capsys):
+    db = tmp_path / "f.db"
+    campaign(db)
+    assert main(["feedback", "simulate", "--db", str(db), "--labelers", "2", "--max-tasks", "2"]) == 0
+    assert "4 rankings by 2 simulated labelers" in capsys.readouterr().out
+    with D.Session(D.connect(db)) as s:
+        tasks = s.query(D.Task).all()
+        assert sum(t.n_done for t in tasks) == 4
+        assert sum(t.n_open for t in tasks) == 0  # a labeler who stopped holds no task another could take
+
+
 def test_simulated_rankings_are_reproducible(tmp_path):
     # Same tasks, same seed: the same rankings, though each labeler is shown the completions
     # in a shuffled order (the demo's reward-model accuracy depends on it); another seed differs.

@@ -149,8 +149,10 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
     while crowd:
         for entry in list(crowd):
             name, lid, sim, shuffle = entry
-            task = D.next_task(engine, lid, rng=shuffle, campaign_id=cid)
-            if task is None or (max_tasks is not None and done[name] >= max_tasks):
+            # max_tasks is checked first: next_task assigns a task, which stays open until its lease expires
+            task = None if max_tasks is not None and done[name] >= max_tasks else \
+                D.next_task(engine, lid, rng=shuffle, campaign_id=cid)
+            if task is None:
                 crowd.remove(entry)
                 continue
             refs = D.tasks_for_simulation(engine, [task["task_id"]])[task["task_id"]]["references"]
