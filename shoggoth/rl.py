@@ -141,10 +141,10 @@ def generate(model, tok, prompt_ids, max_new_tokens, temperature, seed, bf16=Fal
     B, N = gen.tokens.shape
     dev = gen.tokens.device
     start = torch.tensor([len(p) for p in prompt_ids], device=dev)
-    seq = torch.full((B, int(start.max()) + N), tok.pad_id, dtype=torch.long, device=dev)
+    seq = torch.full((B, int(start.max()) + N), tok.pad_id, dtype=torch.long)  # built on the CPU, one copy over
     for b, p in enumerate(prompt_ids):
-        seq[b, :len(p)] = torch.as_tensor(p, device=dev)
-        seq[b, len(p):len(p) + N] = gen.tokens[b]
+        seq[b, :len(p)] = torch.as_tensor(p)
+    seq = seq.to(dev).scatter_(1, start[:, None] + torch.arange(N, device=dev), gen.tokens)  # each response after its prompt
     last = gen.tokens.gather(1, (gen.mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
     ended = torch.isin(last, torch.tensor(stops, device=dev)) & gen.mask.any(1)
     return Rollout(seq, start, gen.tokens, gen.mask, gen.logprobs, ended)

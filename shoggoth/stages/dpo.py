@@ -155,7 +155,7 @@ def run(c: Config):
         metrics.log(0, **evaluate())
     while step < total:
         step += 1
-        t0 = time.perf_counter()
+        t0 = dist.clock(d.device)
         lr = stage.set_lr(opt, c, step, total)
         batch = batches[step - 1]
         mine = dist.share(batch, d)
@@ -169,7 +169,7 @@ def run(c: Config):
         means = {k: v / len(batch) for k, v in dist.all_sums(Sums().add(loss=loss * len(mine), **st), d.device).items()}
         grad_norm = stage.optimizer_step(opt, policy, c, out, f"step {step}", means["loss"])
         tokens = sum(len(rows[i][0]) for p in batch for i in p)
-        metrics.log(step, **means, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / (time.perf_counter() - t0)})
+        metrics.log(step, **means, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / (dist.clock(d.device) - t0)})
         if held_pairs and (step % c.eval_every == 0 or step == total):
             metrics.log(step, **evaluate())
         if step % c.ckpt_every == 0 or step == total:

@@ -9,7 +9,6 @@ directory; resume state lives in out/checkpoints/.
 """
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -127,7 +126,7 @@ def run(c: Config):
     model.train()
     while step < c.max_steps:
         step += 1
-        t0 = time.perf_counter()
+        t0 = dist.clock(d.device)
         lr = stage.set_lr(opt, c, step, c.max_steps)
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(c.grad_accum):
@@ -139,7 +138,7 @@ def run(c: Config):
             loss_sum += loss.detach()
         loss_val = dist.all_mean(loss_sum).item()
         grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)
-        dt = time.perf_counter() - t0
+        dt = dist.clock(d.device) - t0
         metrics.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens_per_step / dt},
                     mfu=flops_per_step / dt / peak, dt=dt)
         if step % c.eval_every == 0 or step == c.max_steps:

@@ -16,7 +16,6 @@ policy samples for the training prompts is 0; the shift is stored in config.json
 transformers gives the raw score, shoggoth raw - shift.
 """
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,7 +164,7 @@ def run(c: Config):
     model.train()
     while step < total:
         step += 1
-        t0 = time.perf_counter()
+        t0 = dist.clock(d.device)
         lr = stage.set_lr(opt, c, step, total)
         micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
         n_rankings = sum(map(len, micro_batches))
@@ -181,7 +180,7 @@ def run(c: Config):
         s = dist.all_sums(s, d.device)
         loss_val = (s["loss"] / n_rankings).item()
         grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)
-        dt = time.perf_counter() - t0
+        dt = dist.clock(d.device) - t0
         metrics.log(step, loss=loss_val, accuracy=s["correct"] / s["pairs"], margin=s["margin"] / s["pairs"],
                     lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens * d.world / dt})
         if held and (step % c.eval_every == 0 or step == total):

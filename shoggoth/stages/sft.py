@@ -12,7 +12,6 @@ mask) make packing change speed, not the math.
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +163,7 @@ def run(c: Config):
     model.train()
     while step < total:
         step += 1
-        t0 = time.perf_counter()
+        t0 = dist.clock(d.device)
         lr = stage.set_lr(opt, c, step, total)
         micro_batches = batches[(step - 1) * c.grad_accum: step * c.grad_accum]
         # Normalise by the loss tokens of the whole optimizer step, over all ranks; DDP
@@ -179,7 +178,7 @@ def run(c: Config):
             tokens += sum(len(train[i][0]) for row in rows for i in row)
         loss_val = (dist.all_mean(loss_total) * d.world / n_tokens).item()
         grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)
-        dt = time.perf_counter() - t0
+        dt = dist.clock(d.device) - t0
         mfu = model.flops_per_token(seq_len) * tokens / dt / peak
         metrics.log(step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / dt}, mfu=mfu)
         if step % c.eval_every == 0 or step == total:
