@@ -150,12 +150,12 @@ def cleanup():
 
 def autocast_dtype(device, dtype):
     """The autocast dtype for a run: 'auto' takes bf16 where matmuls are fast in
-    bf16 (CUDA, CPUs with AVX-512 bf16 or AMX) and fp32 elsewhere. The CPU's flags
+    bf16 (GPUs from Ampere on, CPUs with AVX-512 bf16 or AMX) and fp32 elsewhere. The CPU's flags
     are not enough: kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, as on an
     AVX2 machine) run bf16 matmuls at a few GFLOP/s."""
     if dtype == "auto":
-        if device.type == "cuda":
-            fast = torch.cuda.is_bf16_supported()
+        if device.type == "cuda":  # bf16 tensor cores from Ampere (8.0) on; is_bf16_supported counts emulation
+            fast = torch.cuda.get_device_capability(device) >= (8, 0)
         else:
             fast = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) \
                 and torch.backends.cpu.get_cpu_capability().startswith("AVX512")

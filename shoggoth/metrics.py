@@ -11,34 +11,41 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .dist import clock
+
 # Dense bf16 peak FLOP/s of common accelerators (spec sheets, no sparsity).
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
              "4090": 165e12, "3090": 71e12}
-_cpu_peak = {}
+_peak = {}  # (device, dtype) -> measured FLOP/s
 
 
 def peak_flops(device, dtype):
-    """Peak matmul FLOP/s for MFU: a spec sheet on CUDA; on CPU measured once per
-    process with a 1024^3 matmul in the training dtype (there is no sheet): the best
-    of six 0.05 s windows, since a shared machine's neighbours slow some windows down
-    (one 0.3 s window read 255 to 780 GFLOP/s on one bf16 Xeon while it was busy)."""
-    if device.type == "cuda":
+    """Peak matmul FLOP/s for MFU: the spec sheet's dense bf16 figure on a GPU it lists;
+    elsewhere (a CPU, fp32 on a GPU, a GPU not listed) measured once per process with a
+    square matmul in the training dtype (1024 on a CPU, 8192 on a GPU): the best of six 0.05 s
+    windows, since a shared machine's neighbours slow some windows down (one 0.3 s window
+    read 255 to 780 GFLOP/s on one bf16 Xeon while it was busy)."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAKS.items() if k in name), float("nan"))
-    if dtype not in _cpu_peak:
-        a = torch.randn(1024, 1024, dtype=dtype)
-        b = torch.randn(1024, 1024, dtype=dtype)
+        sheet = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+        if sheet:
+            return sheet
+    key = (str(device), dtype)
+    if key not in _peak:
+        n = 1024 if device.type == "cpu" else 8192
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         for _ in range(2):
             a @ b
         best = 0.0
         for _ in range(6):
-            n, t0 = 0, time.perf_counter()
+            calls, t0 = 0, clock(device)
             while time.perf_counter() - t0 < 0.05:
                 a @ b
-                n += 1
-            best = max(best, n * 2 * 1024**3 / (time.perf_counter() - t0))
-        _cpu_peak[dtype] = best
-    return _cpu_peak[dtype]
+                calls += 1
+            best = max(best, calls * 2 * n**3 / (clock(device) - t0))
+        _peak[key] = best
+    return _peak[key]
 
 
 # Environment variables that hold PyTorch's kernels, oneDNN and MKL below the CPU's instruction set.
