@@ -95,20 +95,21 @@ class Run:
         if "plan" not in self.summary:  # a re-run keeps the first plan, so its stages resume exactly
             amp = dist.autocast_dtype(dev, dtype)
             name = "bf16" if amp == torch.bfloat16 else "fp32"
-            rate = metrics.peak_flops(dev, amp)  # measured on a CPU, the spec sheet's on a GPU
+            rate = metrics.peak_flops(dev, amp)  # measured on a CPU; a GPU's spec sheet (bf16) or measured
             if dev.type == "cpu" and scale == "cpu":
                 steps, est = plan(rate, name, budget, quick)
             else:  # WORK is measured on CPUs at the cpu scale: no estimate, no budget
                 steps = 30 if quick else PRETRAIN_STEPS[1] if scale == "cpu" else None
                 est = None
-            self.summary["plan"] = {"dtype": name, "device": dev.type, "scale": scale, "matmul_flops": rate,
+            self.summary["plan"] = {"dtype": name, "device": str(dev), "scale": scale, "matmul_flops": rate,
                                     "budget": budget, "pretrain_steps": steps, "estimate": est}
             self.save()
         p = self.summary["plan"]
-        self.dtype, self.device, self.scale = p["dtype"], p.get("device", "cpu"), p.get("scale", "cpu")
+        # the plan's dtype and scale, so that a resumed stage matches its checkpoint; the device asked for now
+        self.dtype, self.scale, self.device = p["dtype"], p.get("scale", "cpu"), str(dev)
         steps = "its preset's" if p["pretrain_steps"] is None else p["pretrain_steps"]
-        rate = (f"{p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s" if self.device == "cpu" else
-                f"{p['dtype']} peak {p['matmul_flops'] / 1e12:,.0f} TFLOP/s (spec sheet)")
+        rate = (f"{p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s" if p.get("device", "cpu") == "cpu"
+                else f"{p['dtype']} peak {p['matmul_flops'] / 1e12:,.0f} TFLOP/s")
         self.log(f"{self.summary['machine']}: {rate}; scale {self.scale} on {self.device}; "
                  f"{'--quick' if quick else 'budget ' + duration(p['budget']) if p['estimate'] else 'no budget'}: "
                  f"{steps} pretraining steps")
@@ -200,13 +201,13 @@ def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
     SAMPLES sampled replies per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
     from . import data, labelers, sampling
-    from .scoring import load_scorer, score_texts
+    from .scoring import load_scorer, score_replies
 
     model, scorer = sampling.load(model_dir, run.device), load_scorer(reward_dir)
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
     gold = [labelers.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
-    proxy = [score_texts(scorer, r["messages"], [t])[0] for r, t in zip(records, replies)]
+    proxy = score_replies(scorer, [r["messages"] for r in records], replies)
     return sum(gold) / len(gold), sum(proxy) / len(proxy), replies[::SAMPLES]
 
 

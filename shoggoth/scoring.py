@@ -44,6 +44,15 @@ def score_texts(scorer, prompt, completions, raw=False):
     return (s if raw else s - shift).tolist()
 
 
+def score_replies(scorer, conversations, replies):
+    """Scores (raw - shift) of one reply to each conversation (lists of messages), in batches;
+    `scorer` is what load_scorer returned."""
+    model, shift, tok = scorer
+    rows = [row for conv, text in zip(conversations, replies) for row in data.reward_rows(tok, conv, [text])]
+    with torch.no_grad():
+        return (scores(model.eval(), rows, tok.pad_id, "cpu") - shift).tolist()
+
+
 def score_pad(tok):
     """The pad_token_id of the reward model's config.json. transformers' sequence classification
     reads the score at the last token that is not pad_token_id, so it must be a token that no

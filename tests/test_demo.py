@@ -106,4 +106,4 @@ def test_small_gpu_scale_is_a_30m_model_without_a_budget(tmp_path):
     assert (plan["scale"], plan["device"], plan["pretrain_steps"], plan["estimate"]) == ("small-gpu", "cpu", None, None)
     assert run.estimate("sft") == "-"
     again = demo.Run(tmp_path / "run", device="cpu", scale="cpu")  # a re-run keeps the first plan
-    assert again.scale == "small-gpu"
+    assert (again.scale, again.device) == ("small-gpu", "cpu")
