@@ -121,6 +121,11 @@ def gpt_config(d: dict, where="config.json"):
         raise ModelDirError(f"{where}: sliding-window attention is not supported")
     if mt in ("llama", "qwen3") and d.get("attention_bias"):
         raise ModelDirError(f"{where}: attention_bias (which also biases o_proj) is not supported")
+    sizes = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+    for k in sizes + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = d.get(k)
+        if (k in sizes or v is not None) and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise ModelDirError(f"{where}: {k} must be a positive integer (got {v!r})")
     n_head = d["num_attention_heads"]
     return GPTConfig(
         vocab_size=d["vocab_size"],
@@ -187,9 +192,12 @@ def read_config(model_dir):
     if not (d / "config.json").exists():
         raise ModelDirError(f"{d}: not a model directory (no config.json)")
     try:
-        return json.loads((d / "config.json").read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{d / 'config.json'}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelDirError(f"{d / 'config.json'}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def load_state_dict(model_dir):
@@ -200,7 +208,10 @@ def load_state_dict(model_dir):
         raise ModelDirError(f"{d}: no model.safetensors")
     sd = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            raise ModelDirError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return sd
 
 
@@ -312,7 +323,13 @@ def latest_checkpoint(out_dir):
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from .errors import ShoggothError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a checkpoint: torch raises RuntimeError, pickle errors, EOFError
+        raise ShoggothError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to resume from "
+                            f"the one before, or start afresh in another --out") from None
 
 
 def resume_state(out_dir, config, resume, may_change, auto=()):
@@ -328,6 +345,9 @@ def resume_state(out_dir, config, resume, may_change, auto=()):
         raise ShoggothError(f"{out_dir} has checkpoints from an earlier run: pass --resume to continue it, or pick another --out")
     if resume and not path:
         raise ShoggothError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}")
+    if not path and ((Path(out_dir) / "config.json").exists() or any(Path(out_dir).glob("model*.safetensors"))):
+        raise ShoggothError(f"{out_dir} holds a model already (config.json or model.safetensors) and no checkpoint of "
+                            f"a run to continue: pick another --out (a run never writes over a model it did not start)")
     if not path:
         return None, None
     state = load_checkpoint(path)

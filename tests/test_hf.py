@@ -79,3 +79,21 @@ def test_bad_model_dirs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelDirError, match="has shape"):
         load_pretrained(tmp_path)
+
+
+def test_malformed_model_files_are_named(tmp_path):
+    save_pretrained(GPT(GPTConfig(vocab_size=50, n_layer=1, n_embd=32, n_head=2)), tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    for cfg, says in [([1, 2], "expected a JSON object, got list"), (42, "got int"),
+                      ({k: v for k, v in good.items() if k != "hidden_size"}, "hidden_size must be a positive integer"),
+                      ({**good, "num_hidden_layers": "2"}, "num_hidden_layers must be a positive integer"),
+                      ({**good, "num_key_value_heads": 0}, "num_key_value_heads must be a positive integer")]:
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ModelDirError, match=says):
+            load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(good))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    for bad in (weights[:500], b"", b"\x00garbage" * 100):
+        (tmp_path / "model.safetensors").write_bytes(bad)
+        with pytest.raises(ModelDirError, match="not a readable safetensors file"):
+            load_pretrained(tmp_path)
