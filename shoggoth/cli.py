@@ -14,6 +14,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 
 from .config import STAGES, UsageError, build, field_docs
 
@@ -66,6 +67,14 @@ def cmd_tokenizer(argv):
     a = p.parse_args(argv)
     from . import data, tokenizer
 
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file, not a directory")
+    if (out / "config.json").exists():  # a model's tokenizer is part of it: replacing it breaks the model
+        raise UsageError(f"--out {out} holds a model (config.json): pick another directory")
+    if a.vocab_size < 257 + len(tokenizer.SPECIALS):
+        raise UsageError(f"--vocab-size must be at least {257 + len(tokenizer.SPECIALS)} (256 bytes, the special tokens "
+                         f"and one merge; got {a.vocab_size})")
     docs = data.read_corpus(a.corpus)
     tok = tokenizer.train(docs, a.vocab_size)
     tokenizer.save(tok, a.out)
@@ -83,12 +92,39 @@ def cmd_sample(argv):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    check_sampling(a)
     from . import sampling
 
     for text in sampling.complete(a.model_dir, [a.prompt] * a.num_samples, max_new_tokens=a.max_new_tokens,
                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed):
         print(a.prompt + text)
         print("-" * 40)
+
+
+def check_sampling(a):
+    """sample's and chat's flags in range and their prompt valid text, or a UsageError."""
+    if getattr(a, "num_samples", 1) < 1:
+        raise UsageError(f"-n must be at least 1 (got {a.num_samples})")
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens})")
+    if not 0 <= a.temperature < float("inf"):
+        raise UsageError(f"--temperature must be 0 (greedy) or more (got {a.temperature})")
+    if not 0 < a.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (got {a.top_p})")
+    if a.top_k < 0:
+        raise UsageError(f"--top-k must be 0 (off) or more (got {a.top_k})")
+    for flag in ("prompt", "system"):
+        if not valid_text(getattr(a, flag, None) or ""):
+            raise UsageError(f"--{flag} is not valid UTF-8 text")
+
+
+def valid_text(text):
+    """False for a string holding bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def cmd_score(argv):
@@ -114,7 +150,9 @@ def cmd_chat(argv):
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     a = p.parse_args(argv)
+    check_sampling(a)
     from . import sampling
+    from .errors import DataError
 
     model = sampling.load(a.model_dir)
     opts = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
@@ -145,9 +183,15 @@ def cmd_chat(argv):
         if text == "/reset":
             history[:] = start
             print("(history cleared)")
+        elif not valid_text(text):
+            print("(that line is not valid UTF-8 text; not sent)")
         elif text:
             print("assistant> ", end="", flush=True)
-            answer(text)
+            try:
+                answer(text)
+            except DataError as e:  # the conversation outgrew the context window: say so, keep the session
+                history.pop()
+                print(f"\n({e}; /reset starts over)")
 
 
 def cmd_report(argv):

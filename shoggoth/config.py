@@ -66,7 +66,52 @@ def build(cls, preset=None, command="stage", **fields):
         if unknown:
             raise UsageError(f"{path}: unknown field(s) {', '.join(unknown)} for shoggoth {command}")
         values.update(table)
-    return cls(**{**values, **fields})
+    cfg = cls(**{**values, **fields})
+    check(cfg)
+    return cfg
+
+
+# Ranges of the stages' numeric fields, by name, for whichever Config has them. A count whose
+# comment says what 0 means ("0 = never", "0 = run all epochs", ...) may also be 0.
+COUNTS = {"batch_size", "grad_accum", "max_steps", "epochs", "iterations", "ppo_epochs", "group_size", "minibatch_size",
+          "max_new_tokens", "eval_every", "ckpt_every", "keep", "eval_batches", "n_layer", "n_head", "n_embd", "seq_len",
+          "vocab_size", "sample_every", "sample_tokens", "val_every", "normalize_max_new_tokens", "kl_horizon",
+          "n_kv_head"}
+AT_LEAST_0 = {"warmup_steps", "weight_decay", "grad_clip", "beta", "target_kl", "missing_eos_penalty", "ptx_coef",
+              "vf_coef", "eval_samples", "normalize_samples", "lora_r", "lora_alpha", "label_smoothing"}
+ABOVE_0 = {"lr", "temperature", "normalize_temperature", "clip", "vf_clip", "rope_theta"}
+UNIT = {"min_lr_frac": "[0, 1]", "gamma": "[0, 1]", "lam": "[0, 1]", "beta1": "[0, 1)", "beta2": "[0, 1)",
+        "ema_decay": "[0, 1)", "lora_dropout": "[0, 1)", "eval_frac": "(0, 1)"}
+
+
+def check(cfg):
+    """A UsageError naming the flag of the first field out of its range (a zero batch, a negative
+    or NaN learning rate, beta1 of 1.5, a head count that does not divide the width ...)."""
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        name, v = f.name, getattr(cfg, f.name)
+        flag = "--" + name.replace("_", "-")
+        if name == "dtype" and v not in ("auto", "bf16", "fp32"):
+            raise UsageError(f"{flag} must be auto, bf16 or fp32 (got {v!r})")
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if name in COUNTS:
+            low = 0 if "0 =" in docs.get(name, "") else 1
+            if v < low:
+                raise UsageError(f"{flag} must be at least {low} (got {v})")
+        elif name in AT_LEAST_0 and not v >= 0:  # `not >=` also refuses NaN
+            raise UsageError(f"{flag} must be 0 or more (got {v})")
+        elif name in ABOVE_0 and not 0 < v < float("inf"):
+            raise UsageError(f"{flag} must be above 0 (got {v})")
+        elif name in UNIT:
+            lo, hi = UNIT[name][0] == "[", UNIT[name][-1] == "]"
+            if not ((0 <= v if lo else 0 < v) and (v <= 1 if hi else v < 1)):
+                raise UsageError(f"{flag} must be in {UNIT[name]} (got {v})")
+    heads, width, kv = (getattr(cfg, k, None) for k in ("n_head", "n_embd", "n_kv_head"))
+    if heads and width and (width % heads or width // heads % 2):
+        raise UsageError(f"--n-embd {width} must split into --n-head {heads} heads of an even size (RoPE)")
+    if heads and kv and heads % kv:
+        raise UsageError(f"--n-head {heads} must be a multiple of --n-kv-head {kv}")
 
 
 def load(command, preset=None, **fields):

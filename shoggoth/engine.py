@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 
 from . import graphs, kernels
+from .errors import DataError
 from .graphs import StaticCache, StaticStep
 from .kvcache import KVCache
 from .packed import PackedWeights
@@ -152,8 +153,10 @@ class Engine:
         c, dev = self.model.config, self.device
         B, P = len(prompts), max(len(p) for p in prompts)
         N = min(max_new_tokens, c.max_seq_len - P)
-        if N < 0:
-            raise ValueError(f"a prompt of {P} tokens does not fit the context window of {c.max_seq_len}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more (got {max_new_tokens})")
+        if N < 0:  # DataError, a ValueError the command line prints as one line
+            raise DataError(f"a prompt of {P} tokens does not fit the model's context window of {c.max_seq_len}")
         if N == 0:
             return
         generator = None

@@ -35,6 +35,17 @@ def test_chat_once_and_interactive(model_dir):
     assert len(answers) == 2 and answers[0].strip() == answers[1].strip() == want
 
 
+def test_a_turn_that_outgrows_the_context_is_refused_and_the_chat_goes_on(model_dir):
+    model = sampling.load(model_dir)
+    want = sampling.chat_reply(model, [{"role": "user", "content": "Hello"}], max_new_tokens=8, temperature=0.0)
+    long = "and the lord said " * (model[0].config.max_seq_len // 2)
+    r = shoggoth("chat", model_dir, "--max-new-tokens", 8, "--temperature", 0, input=f"{long}\nHello\n/quit\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert "does not fit the model's context window" in r.stdout
+    # the refused turn left no trace in the history: the next question is answered as the first
+    assert r.stdout.split("assistant> ")[-1].splitlines()[0].strip() == want
+
+
 def test_chat_imports_no_labeler_code(model_dir):
     """`shoggoth chat` loads the model and the engine only: no simulated labelers, no vaderSentiment."""
     code = ("import sys; from shoggoth.cli import main; "

@@ -203,3 +203,19 @@ def test_simulated_labelers_have_a_taste_and_their_own_noise():
     gold = [gold_score(q, c, [a]) for c in comps]
     taus = [kendall_tau_b([-g for g in gold], r) for r in crowd]
     assert sum(taus) / len(taus) > 0.5  # and follow the gold taste on the whole
+
+
+def test_export_never_overwrites_its_database_and_a_non_database_is_named(tmp_path, capsys):
+    db = tmp_path / "f.db"
+    campaign(db)
+    assert main(["feedback", "export", "--db", str(db), "--out", str(db)]) == 1
+    assert "is the database itself" in capsys.readouterr().err
+    assert main(["feedback", "export", "--db", f"sqlite:///{db}", "--out", str(db)]) == 1
+    with D.Session(D.connect(db)) as s:
+        assert s.query(D.Task).count() == len(QA)  # the database is still there, whole
+    junk = tmp_path / "notes.db"
+    junk.write_text("hello, not a database\n")
+    for cmd in (["simulate"], ["winrate", "--campaign", "qa"], ["export", "--out", str(tmp_path / "r.jsonl")]):
+        assert main(["feedback", *cmd, "--db", str(junk)]) == 1, cmd
+        assert "not a" in capsys.readouterr().err
+    assert junk.read_text() == "hello, not a database\n"

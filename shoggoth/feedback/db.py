@@ -235,6 +235,8 @@ def connect(db, create=True):
             Base.metadata.create_all(engine)
         except OperationalError as e:
             raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
+        except DBAPIError as e:  # e.g. a file that is not an SQLite database: sqlite3.DatabaseError
+            raise DataError(f"--db {db!r}: not a database this can open ({e.orig})") from None
         _new_columns(engine)
         _invites_of_old_labelers(engine)
         _one_open_per_labeler(engine)

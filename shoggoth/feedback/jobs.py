@@ -168,6 +168,9 @@ def export(db, out, pairs=False, campaign=None):
     """Write rankings (or TRL pairs) as JSONL, streamed from the database to a temporary file
     renamed over `out` at the end; returns how many lines."""
     engine = D.connect(db, create=False)
+    if engine.url.get_backend_name() == "sqlite" and engine.url.database \
+            and Path(engine.url.database).resolve() == Path(out).resolve():
+        raise DataError(f"--out {out} is the database itself: writing the export there would replace every ranking")
     blocks = D.export_jsonl(engine, campaign, pairs)
     try:
         first = next(blocks, "")  # the first read: a database without our tables fails here
