@@ -307,6 +307,8 @@ class TokenShards:
 
     def __init__(self, data_dir, seed=0):
         d = Path(data_dir)
+        if not (d / "meta.json").exists():
+            raise DataError(f"{d}: not a folder of token shards (no meta.json; a pretrain run's out/tokens is one)")
         meta = json.loads((d / "meta.json").read_text())
         self.seed = seed
         self.splits = {}
@@ -584,13 +586,19 @@ def read_rankings(path, skip_invalid=False, log=print):
     several labelers ranked the same completions. A ranking that ties all its completions
     is valid but holds no pair: it is left out, and counted."""
     recs = read_records(path, ranking, "rankings", skip_invalid, log)
-    tied = [r["where"] for r in recs if len(set(r["ranks"])) == 1]
+    tied = [r["where"] for r in recs if not has_pair(r)]
     if tied:
-        log(f"data: {path}: {len(tied)} ranking(s) tie all their completions (no pair to learn from), left out "
-            f"(first: {tied[0]})")
+        log(f"data: {path}: {len(tied)} ranking(s) tie all their completions or rank only identical texts apart "
+            f"(no pair to learn from), left out (first: {tied[0]})")
     if len(tied) == len(recs):
-        raise DataError(f"{path}: every ranking ties all its completions: no pair to learn from")
-    return [r for r in recs if len(set(r["ranks"])) > 1]
+        raise DataError(f"{path}: no ranking holds two different texts at different ranks: no pair to learn from")
+    return [r for r in recs if has_pair(r)]
+
+
+def has_pair(rec):
+    """Whether a ranking orders two different texts (a chosen equal to its rejected teaches nothing)."""
+    ranked = list(zip(rec["completions"], rec["ranks"]))
+    return any(a != b and ra != rb for i, (a, ra) in enumerate(ranked) for b, rb in ranked[i + 1:])
 
 
 def question(messages):

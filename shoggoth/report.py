@@ -443,6 +443,8 @@ def write(run_dir, out=None) -> Path:
 </main></body></html>
 """
     dest = Path(out) if out else run / "report.html"
+    if dest.is_dir():
+        raise ShoggothError(f"--out {dest}: a directory; name the HTML file to write")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(page, encoding="utf-8")
     return dest

@@ -213,6 +213,8 @@ def test_export_never_overwrites_its_database_and_a_non_database_is_named(tmp_pa
     assert main(["feedback", "export", "--db", f"sqlite:///{db}", "--out", str(db)]) == 1
     with D.Session(D.connect(db)) as s:
         assert s.query(D.Task).count() == len(QA)  # the database is still there, whole
+    assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path)]) == 1
+    assert "a directory" in capsys.readouterr().err
     junk = tmp_path / "notes.db"
     junk.write_text("hello, not a database\n")
     for cmd in (["simulate"], ["winrate", "--campaign", "qa"], ["export", "--out", str(tmp_path / "r.jsonl")]):

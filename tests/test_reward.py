@@ -95,8 +95,13 @@ def test_all_tied_rankings_are_left_out_and_counted(tmp_path):
     recs = data.read_rankings(f, log=said.append)
     assert [r["ranks"] for r in recs] == [[0, 1, 1]] and "1 ranking(s) tie all" in said[-1] and f"{f}:2" in said[-1]
     f.write_text(json.dumps(tied) + "\n")
-    with pytest.raises(DataError, match="every ranking ties all"):
+    with pytest.raises(DataError, match="no ranking holds two different texts"):
         data.read_rankings(f, log=said.append)
+    # a TRL pair whose chosen is its rejected orders nothing either (held-out accuracy read 0.000 on such pairs)
+    same = {"prompt": "p", "chosen": "x", "rejected": "x"}
+    f.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}) + "\n" + json.dumps(same) + "\n")
+    assert [r["completions"] for r in data.read_rankings(f, log=said.append)] == [["x", "y"]]
+    assert f"{f}:2" in said[-1]
 
 
 @pytest.fixture(scope="module")

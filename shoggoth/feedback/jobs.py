@@ -179,6 +179,8 @@ def export(db, out, pairs=False, campaign=None):
             raise DataError(f"--db {db}: not a feedback database ({type(e).__name__})") from None
         raise
     out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out}: a directory; name the JSONL file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = 0
 
