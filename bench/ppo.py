@@ -96,7 +96,7 @@ def run_trl(root, a, tag):
     gen, whiten = P.batch_generation, P.masked_whiten
     cuda = a.device == "cuda"
 
-    def clock():  # CUDA runs asynchronously: read the time once the GPU is done
+    def clock():  # shoggoth.dist.clock's twin: this interpreter need not have shoggoth
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter()

@@ -196,7 +196,7 @@ def response_values(value_model, r: Rollout):
 
 def decode(tok, r: Rollout):
     """Response texts, special tokens dropped."""
-    return [tok.decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(r.tokens.tolist(), r.mask.tolist())]
+    return tok.decode_rows(r.tokens, r.mask)
 
 
 def logprobs_of(model, r: Rollout, temperature, chunk):

@@ -24,7 +24,7 @@ def complete(model, prompts, max_new_tokens=100, temperature=1.0, top_k=0, top_p
         stop_ids = [] if tok.eos_id is None else [tok.eos_id]
     gen = Engine(model, pad_id=tok.pad_id or 0).generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                                          top_k=top_k, top_p=top_p, stop_ids=stop_ids, seed=seed)
-    return [tok.decode([t for t, keep in zip(row, m) if keep]) for row, m in zip(gen.tokens.tolist(), gen.mask.tolist())]
+    return tok.decode_rows(gen.tokens, gen.mask)
 
 
 def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_k=0, top_p=1.0, seed=None):
@@ -34,9 +34,7 @@ def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_
     ids = [tok.prompt_ids(conv) for conv in conversations]
     gen = Engine(model, pad_id=tok.pad_id).generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                                     top_k=top_k, top_p=top_p, stop_ids=tok.stop_ids, seed=seed)
-    # one copy off the device for the batch, not one per row
-    return [tok.decode([t for t, keep in zip(row, m) if keep]).strip()
-            for row, m in zip(gen.tokens.tolist(), gen.mask.tolist())]
+    return [text.strip() for text in tok.decode_rows(gen.tokens, gen.mask)]
 
 
 def chat_reply(model, conversation, **kw):

@@ -36,21 +36,19 @@ def load_scorer(model_dir):
 def score_texts(scorer, prompt, completions, raw=False):
     """Scores of completions of a prompt (a string or messages): raw - shift, or raw.
     `scorer` is a reward directory or what load_scorer returned (to score many times)."""
-    model, shift, tok = load_scorer(scorer) if not isinstance(scorer, tuple) else scorer
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    with torch.no_grad():
-        s = scores(model.eval(), data.reward_rows(tok, prompt, completions), tok.pad_id, "cpu")
-    return (s if raw else s - shift).tolist()
+    return score_replies(scorer, [prompt] * len(completions), completions, raw)
 
 
-def score_replies(scorer, conversations, replies):
-    """Scores (raw - shift) of one reply to each conversation (lists of messages), in batches;
-    `scorer` is what load_scorer returned."""
-    model, shift, tok = scorer
+def score_replies(scorer, conversations, replies, raw=False):
+    """Scores (raw - shift, or raw) of one reply to each conversation (lists of messages), in
+    batches. `scorer` is a reward directory or what load_scorer returned."""
+    model, shift, tok = load_scorer(scorer) if not isinstance(scorer, tuple) else scorer
     rows = [row for conv, text in zip(conversations, replies) for row in data.reward_rows(tok, conv, [text])]
     with torch.no_grad():
-        return (scores(model.eval(), rows, tok.pad_id, "cpu") - shift).tolist()
+        s = scores(model.eval(), rows, tok.pad_id, "cpu")
+    return (s if raw else s - shift).tolist()
 
 
 def score_pad(tok):

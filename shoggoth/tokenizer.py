@@ -142,6 +142,11 @@ class Tok:
     def decode(self, ids, skip_special=True):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def decode_rows(self, tokens, mask):
+        """Texts of each row's tokens where mask (B, N) is True (the Engine's generated ones), special
+        tokens dropped; the batch is copied off its device once, not row by row."""
+        return [self.decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(tokens.tolist(), mask.tolist())]
+
     # ------------------------------------------------------------ chat
 
     def _render(self, messages, add_generation_prompt=False, **kw):

@@ -43,8 +43,8 @@ def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_
         batch = rows[b:b + batch_size]
         gen = eng.generate([ids for _, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, stop_ids=stop, seed=seed + b)
-        for (i, _), toks, mask in zip(batch, gen.tokens.tolist(), gen.mask.tolist()):
-            texts[i].append(tok.decode([t for t, m in zip(toks, mask) if m]))
+        for (i, _), text in zip(batch, tok.decode_rows(gen.tokens, gen.mask)):
+            texts[i].append(text)
     return texts
 
 
