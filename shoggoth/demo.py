@@ -230,7 +230,7 @@ def mask(run: Run, reward_dir):
 
     scorer = load_scorer(reward_dir)
     held = heldout_prompts(run)
-    answers = {}
+    answers, seen, h = {}, set(), run.summary["headline"]
     step = max(1, len(held) // MASK_PROMPTS)
     shown = held[::step][:MASK_PROMPTS]
     table = [{"prompt": data.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
@@ -239,14 +239,26 @@ def mask(run: Run, reward_dir):
             continue
         model = sampling.load(d, run.device)
         greedy = sampling.chat_replies(model, [r["messages"] for r in held], max_new_tokens=48, temperature=0.0)
-        run.summary["headline"][f"real_words_{name}"] = labelers.fluency(" ".join(greedy))  # share of real words
-        run.summary["headline"][f"distinct_{name}"] = len(set(greedy)) / len(greedy)
+        seen.update(greedy)
+        h[f"real_words_{name}"] = labelers.fluency(" ".join(greedy))  # share of real words
+        h[f"distinct_{name}"] = len(set(greedy)) / len(greedy)
+        h[f"on_topic_{name}"] = sum(labelers.on_topic(data.prompt_text(r), a, r["references"])
+                                    for r, a in zip(held, greedy)) / len(held)
         replies = greedy[::step][:MASK_PROMPTS]
         for row, r, text in zip(table, shown, replies):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
                                     "gold": labelers.gold_score(data.prompt_text(r), text, r["references"])}
         g, p, answers[name] = gold_and_proxy(run, name, d, held, reward_dir)
-        run.summary["headline"][f"gold_{name}"], run.summary["headline"][f"proxy_{name}"] = g, p
+        h[f"gold_{name}"], h[f"proxy_{name}"] = g, p
+        seen.update(answers[name])
+    # The taste must not be winnable by a trick: the best single reply given to every held-out
+    # question, of every answer a model gave here and a list of generic replies, is measured too.
+    h["gold_constant"], h["constant_reply"] = labelers.best_constant(
+        [(data.prompt_text(r), r["references"]) for r in held], seen | set(labelers.GENERIC))
+    h["mask_ppo_distinct"] = len({row["answers"]["ppo"]["text"] for row in table if "ppo" in row["answers"]})
+    h["mask_ppo_on_topic"] = sum(labelers.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
+                                 for row in table if "ppo" in row["answers"])
+    h["taste"] = labelers.TASTE
     checkpoint.write_json(run.out / "mask.json", {"prompts": table})
     run.save()
     return answers
@@ -303,6 +315,8 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     w = r.summary["winrate"] = blind_winrates(r, answers)
     ppo_sft, ppo_dpo = winrate.lookup(w, "ppo", "sft"), winrate.lookup(w, "ppo", "dpo")
     h["winrate_ppo_sft"], h["winrate_ppo_dpo"] = ppo_sft["win_rate"], ppo_dpo["win_rate"]
+    h["winrate_ppo_sft_low"] = ppo_sft["ci"][0] if ppo_sft["ci"] else None
+    h["lc_winrate_ppo_sft"] = ppo_sft["lc_win_rate"]
     r.summary["timings"]["winrate"] = round(time.time() - t, 1)
     r.save()
 
@@ -326,7 +340,13 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     pct = lambda k: "n/a" if h.get(k) is None else f"{100 * h[k]:.0f}%"  # noqa: E731
     print(f"answers     : real English words SFT {pct('real_words_sft')}, PPO {pct('real_words_ppo')}, "
           f"DPO {pct('real_words_dpo')}; distinct answers per held-out question SFT {fmt(h.get('distinct_sft'))}, "
-          f"PPO {fmt(h.get('distinct_ppo'))}")
+          f"PPO {fmt(h.get('distinct_ppo'))}; on topic SFT {pct('on_topic_sft')}, PPO {pct('on_topic_ppo')}, "
+          f"DPO {pct('on_topic_dpo')}")
+    print(f"taste       : {h.get('taste')}; the best single reply given to every held-out question, "
+          f"{h.get('constant_reply')!r}, earns gold {fmt(h.get('gold_constant'))} (SFT {fmt(h.get('gold_sft'))})")
+    missed = [t for t, verdict in report.target_verdicts(h) if verdict != "met"]
+    print(f"targets     : {len(report.TARGETS) - len(missed)} of {len(report.TARGETS)} met"
+          + "".join(f"\n  missed: {t}" for t in missed))
     for row in json.loads((o / "mask.json").read_text())["prompts"][:3]:
         print(f"\nuser> {row['prompt']}")
         for name in MODELS:

@@ -1,52 +1,89 @@
 """Simulated labelers ("personas") that rank completions by a written-down taste.
 
-The taste has four parts, each in [0, 1]:
-- relevance: overlap F1 of the content words (function words such as "I",
-  "do", "you", "the" left out) with the prompt's reference answers, the best
-  match among them, or with the prompt itself when it has none. Function
-  words are what every reply shares: counted, "I do you." matched a third of
-  "I do not have a body", and a PPO policy that gave that one reply to every
-  question scored above its SFT model's on-topic attempts. A reply without
-  the question's content words ignores it, and people rank such
-  one-size-fits-all replies last however fluent;
-- fluency: the share of the completion's words that are English words, i.e.
-  words of the built-in corpora (the King James Bible and the English
-  chatterbot-corpus, about 15,000 words). People punish gibberish before
-  anything else; without this part "Vachorthord young pga, I am accear(peri?"
-  was ranked first of four on a lucky "I am", and a small model's completions,
-  mostly made-up words, differed only in what no reader could see (measured: a
-  reward model reached 0.55-0.62 held-out accuracy on such rankings, a
-  bag-of-words baseline 0.62-0.67; with fluency 0.72-0.74);
+What people reward is a reply that answers *this* question. A reply that would fit
+any question ("Yes.", "I am doing well.", "I am not sure.") answers none of them, and
+people rank it low however short and polite it is. The taste (the "specific" taste)
+has four parts, each in [0, 1]:
+
+- relevance, specific to the question: how much better the reply fits its own question
+  than the other questions people ask,
+
+      fit(c, q)  = max(IDF-weighted F1 of c's content words with each of q's reference
+                       answers, HALF x the same with the question q itself)
+      relevance  = max(0, fit(c, q) - mean over the other questions q' of fit(c, q'))
+
+  Content words leave out function words ("I", "do", "you", "the"), which any reply
+  shares with any question; a reference made only of them ("Yes.", "No.") is matched on
+  all its words. IDF weights (over the built-in questions and their answers) make a
+  rare topical word ("sapient", "RAM") count for more than a common one ("like",
+  "think"), so a kitchen-sink reply of common words fits many questions weakly. The
+  mean over the other questions (the built-in chatterbot-corpus questions, about 750)
+  takes away what a reply earns everywhere: a reply that fits every question equally
+  gets nothing. Echoing the question counts half: on topic, but not an answer.
+- fluency: the share of the completion's words that are English words, i.e. words of
+  the built-in corpora (the King James Bible and the English chatterbot-corpus, about
+  15,000 words). People punish gibberish, on topic or not;
 - friendliness: VADER's compound sentiment of the completion, mapped to [0, 1];
 - brevity: 1 / (1 + words / 30), so a 30-word answer scores 0.5.
 
-A persona weighs them; `gold_score` is the noise-free taste (the gold reward the
-learned reward model is measured against). A `SimulatedLabeler` adds its own
-seeded noise: a jitter of the persona's weights (a labeler's private taste) and
-Gaussian noise on every score (attention), and calls scores closer than
-`tie_margin` a tie. So labelers of one persona agree on the whole but disagree
-on close calls, as people do.
+A persona weighs them, with relevance as a gate on manner (friendliness and brevity):
+
+      taste = w_rel x relevance + w_flu x fluency
+              + (w_fri x friendliness + w_bre x brevity) x gate(relevance)
+      gate(r) = OFF_TOPIC + (1 - OFF_TOPIC) x min(1, r / ON_TOPIC)^2
+
+Manner counts in full only for a reply on the question's topic (relevance ON_TOPIC or
+more) and at OFF_TOPIC (a twentieth) for one that is not: brevity and politeness are
+what a reply made for every question maximises ("Yes.": brief, positive), so no amount
+of them makes an off-topic reply beat an on-topic one. Fluency is not gated: among
+off-topic replies people still prefer real words to gibberish, and every reference is
+fluent, so it gives a one-size-fits-all reply nothing a model lacks. The gate is
+squared so that a partial fit earns little of it.
+
+tests/test_labelers.py holds the taste to that, for every persona and every simulated
+labeler: over the held-out questions the best single reply given to all of them (every
+answer of the corpus, generic replies, kitchen sinks of common words) earns less than
+a model that answers on topic one time in twenty (the question's own reference) and
+gives another question's reference otherwise, and far less than the references.
+The taste before this one (relevance as unspecific content-word overlap, every part a
+plain weighted sum) was won by "Yes." given to every question.
+
+`gold_score` is a persona's noise-free taste (the gold reward the learned reward model is
+measured against). A `SimulatedLabeler` adds its own seeded noise: a jitter of the
+persona's weights (a labeler's private taste) and Gaussian noise on every score
+(attention), and calls scores closer than `tie_margin` a tie. So labelers of one
+persona agree on the whole but disagree on close calls, as people do.
 """
 
+import math
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from .errors import DataError
+
+TASTE = "specific"  # the taste's name, recorded with the runs that use it (the report says which)
+HALF = 0.3  # weight of a reply's fit to the question itself (an echo of the question is on topic, not an answer)
+ON_TOPIC = 0.5  # relevance from which friendliness and brevity count in full
+OFF_TOPIC = 0.05  # the share of them an off-topic reply (relevance 0) still gets
 
 _WORD = re.compile(r"[a-z0-9']+")
 _vader = None
 _english = None
+_pool = None
 
 
 @dataclass(frozen=True)
 class Persona:
     name: str
-    relevance: float  # weight of the overlap with the reference answers
+    relevance: float  # weight of the relevance specific to the question
     fluency: float  # weight of the share of real English words
-    friendliness: float  # weight of VADER sentiment
-    brevity: float  # weight of shortness
+    friendliness: float  # weight of VADER sentiment (gated by relevance)
+    brevity: float  # weight of shortness (gated by relevance)
     noise: float = 0.03  # std of the Gaussian noise a labeler adds to each score
     tie_margin: float = 0.02  # scores closer than this are ranked as a tie
 
@@ -54,15 +91,13 @@ class Persona:
 PERSONAS = {
     "balanced": Persona("balanced", relevance=0.5, fluency=0.25, friendliness=0.1, brevity=0.15),
     "helpful": Persona("helpful", relevance=0.65, fluency=0.25, friendliness=0.05, brevity=0.05),
-    "friendly": Persona("friendly", relevance=0.2, fluency=0.2, friendliness=0.5, brevity=0.1),
+    "friendly": Persona("friendly", relevance=0.3, fluency=0.2, friendliness=0.4, brevity=0.1),
     "concise": Persona("concise", relevance=0.35, fluency=0.2, friendliness=0.05, brevity=0.4),
 }
 
 
 def persona(name):
     if name not in PERSONAS:
-        from .errors import DataError
-
         raise DataError(f"no persona named {name!r} (personas: {', '.join(PERSONAS)})")
     return PERSONAS[name]
 
@@ -98,11 +133,124 @@ def token_f1(a, b, tokens=words):
     return 2 * p * r / (p + r)
 
 
+# ---------------------------------------------------------------- relevance
+
+
+class _Text:
+    """A reference or question as the relevance reads it: its bag of content words (all words
+    when it has no content word, as "Yes." has none), and their IDF mass."""
+
+    __slots__ = ("bag", "mass", "plain")
+
+    def __init__(self, text, idf):
+        cw = content_words(text)
+        self.plain = not cw  # matched on all its words
+        self.bag = Counter(cw or words(text))
+        self.mass = sum(idf(w) * n for w, n in self.bag.items())
+
+
+def _f1(bag, mass, ref: _Text, idf):
+    """IDF-weighted F1 of a reply's bag of words (and its IDF mass) with a reference's."""
+    common = sum(idf(w) * min(n, ref.bag[w]) for w, n in bag.items() if w in ref.bag)
+    if common == 0:
+        return 0.0
+    p, r = common / mass, common / ref.mass
+    return 2 * p * r / (p + r)
+
+
+class Pool:
+    """The questions a reply's fit is compared against (the built-in chatterbot-corpus questions,
+    train and held-out, with their answers), their words' IDF, and an index from a word to the
+    questions whose texts hold it, so that a reply is compared only with those it can fit."""
+
+    def __init__(self, questions):
+        docs = [set(content_words(" ".join([q, *refs]))) for q, refs in questions]
+        df = Counter(w for d in docs for w in d)
+        n = len(docs)
+        self._idf = {w: math.log((n + 1) / (c + 1)) + 1 for w, c in df.items()}
+        self._unseen = math.log(n + 1) + 1
+        self.entries = [(q, [_Text(r, self.idf) for r in refs if r.strip()], _Text(q, self.idf)) for q, refs in questions]
+        self.ids, self._totals, self._texts = {}, {}, {}  # question -> its entry ids; reply -> (bags, total fit over the pool)
+        for i, (q, _) in enumerate(questions):
+            self.ids.setdefault(q, []).append(i)
+        self.index, self.plain = {}, []  # word -> entry ids; entries with a reference matched on all words
+        for i, (_, refs, qt) in enumerate(self.entries):
+            for t in [*refs, qt]:
+                for w in t.bag:
+                    self.index.setdefault(w, set()).add(i)
+            if any(t.plain for t in [*refs, qt]):
+                self.plain.append(i)
+
+    def idf(self, w):
+        return self._idf.get(w, self._unseen)
+
+    def fit(self, reply, question, refs):
+        """fit(c, q): the best IDF-weighted F1 of the reply with a reference, or HALF that with the question."""
+        texts = [(1.0, self._text(r)) for r in refs if r.strip()] + [(HALF, self._text(question))]
+        return self._fit(self._totals[reply][0] if reply in self._totals else self._bags(reply), texts)
+
+    def _text(self, s):
+        if s not in self._texts:
+            if len(self._texts) > 100_000:
+                self._texts.clear()
+            self._texts[s] = _Text(s, self.idf)
+        return self._texts[s]
+
+    def _bags(self, reply):
+        """The reply's (bag, IDF mass) of content words and of all words."""
+        out = []
+        for bag in (Counter(content_words(reply)), Counter(words(reply))):
+            out.append((bag, sum(self.idf(w) * n for w, n in bag.items())))
+        return out
+
+    def _fit(self, bags, texts):
+        (content, cmass), (every, emass) = bags
+        return max([w * (_f1(every, emass, t, self.idf) if t.plain else _f1(content, cmass, t, self.idf) if cmass else 0.0)
+                    for w, t in texts] + [0.0])
+
+    def _entry_fit(self, bags, i):
+        _, refs, qt = self.entries[i]
+        return self._fit(bags, [(1.0, t) for t in refs] + [(HALF, qt)])
+
+    def others(self, reply, question):
+        """Mean fit of the reply over the pool's questions other than `question`: the reply's
+        total fit over the pool (kept per reply) less its fit to `question`'s own entries."""
+        if reply not in self._totals:
+            if len(self._totals) > 100_000:
+                self._totals.clear()
+            bags = self._bags(reply)
+            near = set(self.plain).union(*(self.index.get(w, ()) for w in bags[1][0]))
+            self._totals[reply] = bags, sum(self._entry_fit(bags, i) for i in near)
+        bags, total = self._totals[reply]
+        own = sum(self._entry_fit(bags, i) for i in self.ids.get(question, ()))
+        return (total - own) / max(len(self.entries) - len(self.ids.get(question, ())), 1)
+
+
+def pool():
+    """The built-in pool, built once."""
+    global _pool
+    if _pool is None:
+        from . import data
+
+        _pool = Pool([(data.prompt_text(r), r["references"]) for split in ("train", "heldout")
+                      for r in data.builtin_prompts(split)])
+    return _pool
+
+
+@lru_cache(maxsize=65536)
+def _relevance(prompt, completion, references):
+    p = pool()
+    others = p.others(completion, prompt)  # first: it keeps the reply's bags of words for fit
+    return max(0.0, p.fit(completion, prompt, references) - others)
+
+
 def relevance(prompt, completion, references=None):
-    """Content-word F1 with the best reference answer, or with the question where it has none;
-    all words for a reference made only of function words ("Yes.", "No, not you.")."""
-    refs = [r for r in references or [] if r] or [prompt]
-    return max(token_f1(completion, r, content_words if content_words(r) else words) for r in refs)
+    """How much better the completion fits this prompt (its references, and half the prompt
+    itself) than it fits the other questions of the pool: 0 for a reply that fits them all alike."""
+    return _relevance(prompt, completion, tuple(r for r in references or [] if r))
+
+
+# ---------------------------------------------------------------- style
 
 
 def english_words():
@@ -127,6 +275,7 @@ def fluency(completion):
     return sum(w in vocab for w in ws) / len(ws) if ws else 0.0
 
 
+@lru_cache(maxsize=65536)
 def friendliness(completion):
     global _vader
     if _vader is None:
@@ -143,9 +292,14 @@ def features(prompt, completion, references=None):
             "friendliness": friendliness(completion), "brevity": brevity(completion)}
 
 
+def on_topic_gate(rel):
+    """The share of fluency, friendliness and brevity a reply of relevance `rel` gets."""
+    return OFF_TOPIC + (1 - OFF_TOPIC) * min(1.0, rel / ON_TOPIC) ** 2
+
+
 def taste(p: Persona, feats):
-    return (p.relevance * feats["relevance"] + p.fluency * feats["fluency"] + p.friendliness * feats["friendliness"]
-            + p.brevity * feats["brevity"])
+    manner = p.friendliness * feats["friendliness"] + p.brevity * feats["brevity"]
+    return p.relevance * feats["relevance"] + p.fluency * feats["fluency"] + manner * on_topic_gate(feats["relevance"])
 
 
 def gold_score(prompt, completion, references=None, persona_name="balanced"):
@@ -154,6 +308,26 @@ def gold_score(prompt, completion, references=None, persona_name="balanced"):
     if not words(completion):
         return 0.0
     return taste(persona(persona_name), features(prompt, completion, references))
+
+
+def on_topic(prompt, completion, references=None):
+    """Whether a reply holds a content word of the prompt or of one of its references (the
+    demo's on-topic share: a plain count, independent of the taste's weights)."""
+    topic = set(content_words(prompt)).union(*(content_words(r) for r in references or []))
+    return bool(topic & set(content_words(completion)))
+
+
+# Replies that would fit any question: the platitudes RL finds when the taste lets it.
+GENERIC = ["Yes.", "No.", "I am doing well.", "I am well.", "I am not sure.", "What?", "I like it.", "I do you.",
+           "Thank you so much, I am happy to help!", "Yes, I am happy.", "I love you.", "I am a computer program.",
+           "That is a good question.", "I don't know.", "Thank you.", "Hello!"]
+
+
+def best_constant(questions, replies, persona_name="balanced"):
+    """(mean gold, reply): the best single reply, of `replies`, given to every one of
+    `questions` ((prompt, references) pairs): what a policy that ignores the question earns."""
+    return max((sum(gold_score(q, c, refs, persona_name) for q, refs in questions) / len(questions), c)
+               for c in sorted(replies) if words(c))
 
 
 def ranks_from_scores(scores, tie_margin=0.0):

@@ -39,12 +39,28 @@ HEADLINE = {
     "real_words_dpo": "Real English words, DPO answers", "real_words_pretrained": "Real English words, pretrained",
     "distinct_sft": "Distinct answers per question, SFT", "distinct_ppo": "Distinct answers per question, PPO",
     "distinct_dpo": "Distinct answers per question, DPO", "distinct_pretrained": "Distinct answers per question, pretrained",
+    "on_topic_pretrained": "On-topic answers, pretrained", "on_topic_sft": "On-topic answers, SFT",
+    "on_topic_ppo": "On-topic answers, PPO", "on_topic_dpo": "On-topic answers, DPO",
+    "gold_constant": "Gold reward, best single reply to every question", "constant_reply": "That single reply",
+    "winrate_ppo_sft_low": "PPO over SFT, lower end of the 95% interval",
+    "lc_winrate_ppo_sft": "PPO over SFT, length-controlled",
+    "mask_ppo_distinct": "Different PPO answers among the 6 shown", "mask_ppo_on_topic": "On-topic PPO answers among the 6 shown",
+    "taste": "The simulated labelers' taste",
 }
-# What a person reading the answers needs, checked on the held-out questions' greedy answers.
+# What a person reading the answers needs, checked on the held-out questions (greedy answers,
+# except the gold rewards and win rates, which are of sampled ones). A key pair (a, b) reads a OP b.
+# On-topic: the answer holds a content word of the question or of a reference answer.
 TARGETS = [("real_words_sft", ">=", 0.9, "at least 90% of the words in SFT answers are real English words"),
            ("real_words_ppo", ">=", 0.9, "at least 90% of the words in PPO answers are real English words"),
            ("distinct_ppo", ">=", 0.8, "PPO gives different questions different answers (distinct answers / questions ≥ 0.8)"),
-           (("gold_ppo", "gold_sft"), ">", None, "PPO's gold reward stays above SFT's")]
+           (("on_topic_ppo", "on_topic_sft"), ">", None, "PPO answers on topic more often than SFT"),
+           (("gold_ppo", "gold_sft"), ">", None, "PPO's gold reward stays above SFT's"),
+           (("gold_sft", "gold_constant"), ">", None,
+            "no single reply given to every question earns SFT's gold reward (the taste cannot be won by a trick)"),
+           ("winrate_ppo_sft", ">=", 0.65, "labelers prefer PPO's answer over SFT's at least 65% of the time"),
+           ("winrate_ppo_sft_low", ">", 0.5, "the lower end of that win rate's 95% interval is above 50%"),
+           ("mask_ppo_distinct", ">=", 6, "the six PPO answers shown side by side all differ"),
+           ("mask_ppo_on_topic", ">=", 6, "each of the six PPO answers shown is on the question's topic")]
 COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#dc2626"]
 OVEROPT = ("Each point is one iteration; the line is a running mean along KL. The policy climbs the reward "
            "model (proxy); the gold reward is the simulated labelers' own taste. Proxy still rising while gold "
@@ -272,15 +288,23 @@ def headline_section(head):
     return section("headline", "Headline numbers", f'<div class="cards">{cards}{targets(head)}</div>') if cards else ""
 
 
-def targets(head):
-    """The answer-quality targets, each met, missed or not measured in this run."""
-    rows = []
+def target_verdicts(head):
+    """[(target's text, "met" | "missed" | "not measured")] of a run's headline numbers."""
+    out = []
     for key, op, bound, text in TARGETS:
         value, bound = (head.get(key[0]), head.get(key[1])) if isinstance(key, tuple) else (head.get(key), bound)
         if not (number(value) and number(bound)):
-            verdict = "not measured"
+            out.append((text, "not measured"))
         else:
-            verdict = "met" if (value >= bound if op == ">=" else value > bound) else "missed"
+            out.append((text, "met" if (value >= bound if op == ">=" else value > bound) else "missed"))
+    return out
+
+
+def targets(head):
+    """The answer-quality targets, each met, missed or not measured in this run."""
+    rows = []
+    for (key, _, bound, _), (text, verdict) in zip(TARGETS, target_verdicts(head)):
+        value = head.get(key[0]) if isinstance(key, tuple) else head.get(key)
         rows.append(f'<tr class="{verdict.replace(" ", "-")}"><td>{e(text)}</td><td>{e(fmt(value, 3))}</td>'
                     f"<td>{e(verdict)}</td></tr>")
     return ('<table id="targets" class="kv"><thead><tr><th>Answer targets (held-out questions)</th><th>value</th>'

@@ -85,8 +85,8 @@ def test_export_with_line_separators_in_completions_reads_back(tmp_path):
 
     odd = ["one\u2028two", "three\u2029four", "five\x85six"]
     db = tmp_path / "f.db"
-    D.add_tasks(D.connect(db), "qa", [{"prompt": f"question {i}?\u2028", "completions": [c, *FILLER]}
-                                      for i, c in enumerate(odd)], rankings_per_task=2)
+    D.add_tasks(D.connect(db), "qa", [{"prompt": f"question {i}?\u2028", "completions": [c, *FILLER, "Xqv zzkq"]}
+                                      for i, c in enumerate(odd)], rankings_per_task=2)  # gibberish: a pair in each
     assert main(["feedback", "simulate", "--db", str(db), "--persona", "helpful", "--labelers", "2"]) == 0
     assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path / "r.jsonl")]) == 0
     text = (tmp_path / "r.jsonl").read_text()
