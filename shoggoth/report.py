@@ -67,6 +67,9 @@ OVEROPT = ("Each point is one iteration; the line is a running mean along KL. Th
            "flattens or falls as KL grows is over-optimisation: the policy exploits the reward model's mistakes "
            "(Gao et al., 2022).")
 KL = "KL(policy ‖ SFT) per reply"
+COLLAPSE = ("The policy's answers to the held-out prompts. Collapse looks like the reward still climbing while "
+            "distinct answers fall toward 1 / prompts and similarity rises toward 1: one answer to every question "
+            "(the stage prints a warning below 0.5 distinct).")
 
 
 class Plot(NamedTuple):
@@ -78,6 +81,14 @@ class Plot(NamedTuple):
     right: list = []  # the same on the right axis (other units), drawn dashed
     note: str = ""
     xlabel: str = "step"
+
+
+def collapse_plot(stage):
+    """An RL stage's collapse monitor: how many of its held-out answers differ, how alike they are,
+    and the reward beside them."""
+    return Plot(stage, f"{stage}-collapse", f"{STAGE_NAMES[stage]}: distinct held-out answers and their similarity",
+                "step", [("eval/distinct", "distinct answers / prompts"), ("eval/similarity", "mean pairwise similarity")],
+                [("eval/scores", "held-out proxy reward")], COLLAPSE, "iteration")
 
 
 PLOTS = [
@@ -94,6 +105,7 @@ PLOTS = [
     Plot("ppo", "ppo-reward-kl", "PPO: proxy reward and KL per iteration", "step",
          [("objective/scores", "proxy reward"), ("objective/rlhf_reward", "proxy − β·KL")],
          [("objective/kl", "KL to SFT")], xlabel="iteration"),
+    collapse_plot("ppo"),
     Plot("ppo", "ppo-overopt", "PPO: gold vs proxy reward as KL grows", "objective/kl",
          [("objective/scores", "proxy (reward model)")], [("objective/gold", "gold (labelers)")], OVEROPT, KL),
     Plot("ppo", "ppo-heldout", "PPO held-out prompts: gold vs proxy as KL grows", "eval/kl",
@@ -106,6 +118,7 @@ PLOTS = [
          [("rewards/accuracies", "train"), ("val/rewards/accuracies", "held-out")], [("rewards/margins", "margin")]),
     Plot("grpo", "grpo-reward-kl", "GRPO: proxy reward and KL per iteration", "step",
          [("objective/scores", "proxy reward")], [("objective/kl", "KL to SFT")], xlabel="iteration"),
+    collapse_plot("grpo"),
     Plot("grpo", "grpo-overopt", "GRPO: gold vs proxy reward as KL grows", "objective/kl",
          [("objective/scores", "proxy (reward model)")], [("objective/gold", "gold (labelers)")], OVEROPT, KL),
     Plot("grpo", "grpo-loss", "GRPO loss", "step", [("loss/policy", "policy")], xlabel="iteration"),

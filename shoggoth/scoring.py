@@ -1,5 +1,6 @@
 """Scores of replies: the reward model's (of token rows, of texts, of a Rollout), the toy reward,
-the simulated labelers' gold reward, and the held-out evaluation the RL stages print and log.
+the simulated labelers' gold reward, and the held-out evaluation the RL stages print and log, with
+its collapse monitor (how many different answers the policy gives to different questions).
 
 The reward model reads its score at the end-of-turn token that closes each (prompt, reply)
 rendered with the model's chat template, minus the shift stored in its config.json
@@ -7,6 +8,8 @@ rendered with the model's chat template, minus the shift stored in its config.js
 """
 
 import math
+import re
+import string
 
 import torch
 
@@ -166,10 +169,12 @@ def with_gold(stats, key, always=False):
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, show=2):
+def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, name, show=2):
     """One response per held-out prompt (this rank's share), sampled with the same seed at every
-    evaluation: mean reward, gold reward, KL to the reference per response, end-of-text rate, length.
-    c: the stage's Config (max_new_tokens, temperature, seed, minibatch_size)."""
+    evaluation: mean reward, gold reward, KL to the reference per response, end-of-text rate, length,
+    and the collapse monitor over every rank's answers (answer_diversity), with rank 0's warning
+    line (collapse_warning) when fewer than COLLAPSE of the answers are distinct.
+    c: the stage's Config (max_new_tokens, temperature, seed, minibatch_size); name: the stage's, for the warning."""
     recs = dist.share(records, d)
     room = policy.config.max_seq_len - c.max_new_tokens
     r = rl.generate(policy, tok, rl.encode_prompts(tok, recs, room), c.max_new_tokens, c.temperature,
@@ -182,6 +187,62 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, show=2):
     if d.main:
         for rec, text in list(zip(recs, texts))[:show]:
             print(f"  user> {data.prompt_text(rec)}\n  assistant> {text}", flush=True)
-    return with_gold(dist.all_means({"eval/scores": reward.float().mean(), **gold_sums(recs, texts),
-                                     "eval/kl": kl.float().mean(), "eval/eot_rate": r.ended.float().mean(),
-                                     "eval/length": r.lengths.float().mean()}, d.device), "eval/gold", always=True)
+    answers = gathered(texts, d)  # every rank's, in prompt order
+    distinct, similarity = answer_diversity(answers)
+    if d.main and distinct < COLLAPSE:
+        print(collapse_warning(name, c, len(answers), distinct, similarity), flush=True)
+    stats = with_gold(dist.all_means({"eval/scores": reward.float().mean(), **gold_sums(recs, texts),
+                                      "eval/kl": kl.float().mean(), "eval/eot_rate": r.ended.float().mean(),
+                                      "eval/length": r.lengths.float().mean()}, d.device), "eval/gold", always=True)
+    return {**stats, "eval/distinct": distinct, "eval/similarity": similarity}
+
+
+# ---------------------------------------------------------------- collapse monitor
+
+COLLAPSE = 0.5  # an evaluation whose share of distinct answers is below this prints a warning
+
+
+def gathered(items, d):
+    """Every rank's list of picklable items, concatenated in rank order (items itself on one process)."""
+    if d.world == 1:
+        return list(items)
+    parts = [None] * d.world
+    torch.distributed.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def normalised_answer(text):
+    """An answer as the collapse monitor compares answers: lowercased, each run of whitespace one
+    space, without leading spaces or trailing punctuation and spaces ("Yes ." and "yes" are one)."""
+    return re.sub(r"\s+", " ", text.lower()).strip().rstrip(string.punctuation + " ")
+
+
+def answer_diversity(texts):
+    """(distinct, similarity) of a policy's answers, one to each of n prompts: the number of
+    distinct normalised answers / n (1/n when every answer is the same, 1 when all differ) and
+    the mean over all pairs of their similarity, 1 for two equal normalised answers and else the
+    token F1 of their words (labelers.token_f1; 0 for two answers without a word in common): 1.0
+    when all are identical. Reward climbing while distinct falls and similarity rises is mode
+    collapse, one answer to every question. O(n^2): meant for an evaluation's few dozen answers.
+    Fewer than two answers have no pair: similarity 0 (and no answers, distinct 1)."""
+    from .labelers import token_f1
+
+    norm = [normalised_answer(t) for t in texts]
+    pairs = [(a, b) for i, a in enumerate(norm) for b in norm[i + 1:]]
+    similarity = sum(1.0 if a == b else token_f1(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
+    return (len(set(norm)) / len(norm) if norm else 1.0), similarity
+
+
+def collapse_warning(name, c, n, distinct, similarity):
+    """The one line a stage prints when its policy gives the same few answers to the held-out
+    prompts (distinct, of n answers, below COLLAPSE), naming the stage's own options that hold it
+    back: --lr, --beta, and PPO's adaptive KL controller (--target-kl) where the Config has one."""
+    if getattr(c, "target_kl", None):
+        fix = "lower --lr or --target-kl"
+    elif hasattr(c, "target_kl"):
+        fix = "lower --lr, raise --beta or set --target-kl"
+    else:
+        fix = "lower --lr or raise --beta"
+    return (f"{name}: warning: the policy is collapsing: {round(distinct * n)} distinct answers to {n} held-out "
+            f"prompts ({distinct:.2f}), mean pairwise similarity {similarity:.2f}; "
+            f"a reward that climbs on one answer to everything is not progress ({fix})")

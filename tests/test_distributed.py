@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,6 +367,8 @@ def test_fsdp_rl_run_trains_like_ddp_and_resumes_in_one_process(stage, lm, promp
     wa, wb = load_file(ddp / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(((wa[k] - wb[k]).norm() / wa[k].norm()).item() < RTOL for k in wa)
     assert [x["step"] for x in rl_records(out) if "eval/scores" in x] == [0, 2, 4]
+    # The collapse monitor counts the answers of both ranks: a share of 3 held-out prompts.
+    assert all(x["eval/distinct"] in (1 / 3, 2 / 3, 1) for x in rl_records(out) if "eval/scores" in x)
     model = checkpoint.load_pretrained(out)  # the gathered model directory loads in one process
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # FSDP resumes its step-2 checkpoint to the same end ...
@@ -380,6 +383,30 @@ def test_fsdp_rl_run_trains_like_ddp_and_resumes_in_one_process(stage, lm, promp
     assert "step_000002.pt" in r.stdout
     checkpoint.load_pretrained(one)
     one_process_checkpoints(one, out)
+
+
+GATHER = """
+import json
+from shoggoth import dist, scoring
+d = dist.setup("cpu")
+answers = scoring.gathered(["Amen."] if d.rank == 0 else ["amen", "Let there be light"], d)
+if d.main:
+    print(json.dumps([answers, scoring.answer_diversity(answers)]))
+dist.cleanup()
+"""
+
+
+def test_collapse_monitor_reads_every_ranks_answers(tmp_path):
+    """An RL evaluation's collapse monitor (scoring.answer_diversity) over all ranks' answers, in rank order."""
+    (tmp_path / "gather.py").write_text(GATHER)
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's shoggoth
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "gather.py")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    answers, (distinct, similarity) = json.loads(r.stdout.splitlines()[-1])
+    assert answers == ["Amen.", "amen", "Let there be light"]
+    assert distinct == 2 / 3 and similarity == pytest.approx(1 / 3)  # pairs: 1, 0, 0
 
 
 def test_lora_ppo_with_reward_model_fsdp_trains_like_ddp(lm, prompts, tmp_path):

@@ -1,5 +1,7 @@
 """PPO, GRPO and DPO end to end through the CLI on a tiny model: a toy reward with a known optimum
-goes up while the KL stays bounded, runs resume exactly, outputs load in shoggoth and transformers.
+goes up while the KL stays bounded, runs resume exactly, outputs load in shoggoth and transformers;
+the held-out evaluation's collapse monitor (how many different answers the policy gives) warns when
+the policy answers every question alike.
 
 The toy reward is the fraction of response tokens that are the word " the" (`--toy-reward the`).
 The tiny model is first trained for a moment on Bible verses, so that it says " the" now and then
@@ -7,6 +9,7 @@ The tiny model is first trained for a moment on Bible verses, so that it says " 
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +17,8 @@ import transformers
 
 from common import bible_corpus, shoggoth
 from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, records, rm_dir, sampled_fraction, series, toy_pairs  # noqa: F401
-from shoggoth import checkpoint, data, rl, sampling, tokenizer
+from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
+from shoggoth.stages import grpo, ppo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process work here on one thread too (see ENV)
@@ -47,10 +51,16 @@ def test_rollout_logprobs_are_the_training_forwards(lm_dir):
         assert r.seq[b, r.start[b]:r.start[b] + n].tolist() == r.tokens[b, :n].tolist()
 
 
+def evals(out):
+    """The metrics.jsonl lines of a run's held-out evaluations."""
+    return [x for x in records(out) if "eval/distinct" in x]
+
+
 def test_ppo_raises_toy_reward_with_bounded_kl(lm_dir, tmp_path):
     out = tmp_path / "ppo"
-    shoggoth("ppo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20, "--batch-size", 32,
-             "--minibatch-size", 16, "--ppo-epochs", 2, "--lr", 1e-3, "--beta", 0.05, "--eval-every", 20, *FAST, env=ENV)
+    r = shoggoth("ppo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20,
+                 "--batch-size", 32, "--minibatch-size", 16, "--ppo-epochs", 2, "--lr", 1e-3, "--beta", 0.05,
+                 "--eval-every", 20, *FAST, env=ENV)
     scores, kl = series(out, "objective/scores"), series(out, "objective/kl")
     before, after = sum(scores[:2]) / 2, sum(scores[-5:]) / 5
     print(f"ppo toy reward {before:.3f} -> {after:.3f}, KL {kl[0]:.2f} -> {kl[-1]:.2f}")
@@ -65,8 +75,59 @@ def test_ppo_raises_toy_reward_with_bounded_kl(lm_dir, tmp_path):
                 "eot_rate", "response_length", "time/generate", "time/update"):
         assert key in rec, key
     assert series(out, "eval/scores")[-1] > series(out, "eval/scores")[0]
+    # The KL leash keeps the answers apart: 16 of 16 distinct at steps 0 and 20 on seeds 0-7, their mean
+    # pairwise similarity 0.005-0.03 at step 0 and 0.06-0.21 at step 20 (without it: the test below).
+    assert [x["step"] for x in evals(out)] == [0, 20]
+    assert all(x["eval/distinct"] >= 0.75 and 0 <= x["eval/similarity"] < 0.5 for x in evals(out))
+    assert "warning" not in r.stdout
     check_outputs(out, lm_dir)
     assert sampled_fraction(out) > sampled_fraction(lm_dir)
+
+
+def test_answer_diversity_of_known_answers():
+    alike = ["The LORD is my shepherd.", "the  LORD is my shepherd", "THE LORD IS MY SHEPHERD !",
+             " The LORD\tis my shepherd"]
+    assert scoring.answer_diversity(alike) == (1 / 4, 1.0)  # one answer once normalised
+    assert scoring.answer_diversity(["In the beginning", "God created heaven", "and earth was void"]) == (1.0, 0.0)
+    assert scoring.answer_diversity(["yes", "Yes.", "no"]) == (2 / 3, pytest.approx(1 / 3))  # pairs: 1, 0, 0
+    assert scoring.answer_diversity(["good light", "good night"]) == (1.0, 0.5)  # token F1 of one word in two
+    assert scoring.answer_diversity(["Amen."]) == (1.0, 0.0) and scoring.answer_diversity([]) == (1.0, 0.0)
+
+
+def test_collapse_warning_names_the_stages_own_options():
+    for name, c, fix in [("ppo", ppo.Config(), "lower --lr, raise --beta or set --target-kl"),
+                         ("ppo", ppo.Config(target_kl=0.5), "lower --lr or --target-kl"),
+                         ("grpo", grpo.Config(), "lower --lr or raise --beta")]:
+        line = scoring.collapse_warning(name, c, 64, 12 / 64, 0.8349)
+        assert line.startswith(f"{name}: warning: the policy is collapsing: 12 distinct answers to 64 held-out "
+                               "prompts (0.19), mean pairwise similarity 0.83; ")
+        assert line.endswith(f"({fix})") and "\n" not in line
+        assert all(hasattr(c, flag.replace("-", "_")) for flag in re.findall(r"--([a-z-]+)", line))
+
+
+def test_ppo_collapse_monitor_warns_when_every_answer_is_alike(lm_dir, tmp_path):
+    """Without the KL leash (beta 0) and at 3x test_ppo_raises_toy_reward's lr, the policy learns to answer
+    every question " the the the ...": the toy reward's optimum, one answer to everything. Measured on
+    seeds 0-11 (this run is seed 0): 16 of 16 answers distinct at step 0 (similarity 0.005-0.03); at
+    iteration 20 1 to 5 of 16 (0.06-0.31), similarity 0.87-1, held-out toy reward 0.85-1."""
+    out = tmp_path / "ppo"
+    r = shoggoth("ppo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20,
+                 "--batch-size", 32, "--minibatch-size", 16, "--ppo-epochs", 2, "--lr", 3e-3, "--beta", 0,
+                 "--eval-every", 10, *FAST, env=ENV)
+    first, last = evals(out)[0], evals(out)[-1]
+    print("ppo collapse: distinct, similarity, reward", [(x["eval/distinct"], round(x["eval/similarity"], 3),
+                                                          round(x["eval/scores"], 3)) for x in evals(out)])
+    assert [x["step"] for x in evals(out)] == [0, 10, 20]
+    assert first["eval/distinct"] > 0.9 and first["eval/similarity"] < 0.2
+    assert last["eval/distinct"] < 0.5 and last["eval/similarity"] > 0.7 and last["eval/scores"] > 0.5
+    # One line per evaluation below half distinct answers, saying how many.
+    warnings = [ln for ln in r.stdout.splitlines() if "warning" in ln]
+    assert len(warnings) == sum(x["eval/distinct"] < 0.5 for x in evals(out))
+    m = re.fullmatch(r"ppo: warning: the policy is collapsing: (\d+) distinct answers to 16 held-out prompts "
+                     r"\((0\.\d\d)\), mean pairwise similarity ([01]\.\d\d); .*"
+                     r"\(lower --lr, raise --beta or set --target-kl\)", warnings[-1])
+    assert m and int(m[1]) == round(16 * last["eval/distinct"])
+    assert float(m[3]) == round(last["eval/similarity"], 2)
 
 
 def test_ppo_with_reward_model_ptx_ema_adaptive_kl_resumes_exactly(lm_dir, rm_dir, tmp_path):
@@ -95,6 +156,8 @@ def test_grpo_raises_toy_reward(lm_dir, tmp_path):
     print(f"grpo toy reward {before:.3f} -> {after:.3f}, KL {kl[0]:.2f} -> {kl[-1]:.2f}")
     assert after > 5 * before and after > 0.15
     assert max(kl) < 8 * 5.7  # below 8 tokens x log(vocab): the policy never collapses onto one token
+    assert [x["step"] for x in evals(out)] == [0, 20]
+    assert all(0 < x["eval/distinct"] <= 1 and 0 <= x["eval/similarity"] <= 1 for x in evals(out))
     check_outputs(out, lm_dir)
     assert sampled_fraction(out) > sampled_fraction(lm_dir)
 

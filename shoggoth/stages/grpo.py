@@ -50,7 +50,7 @@ class Config(lora.Options, stage.Common):
     beta: float = 0.04  # weight of the KL term (k3 estimate, per token) in the loss
     clip: float = 0.2  # policy ratio clip (epsilon)
     missing_eos_penalty: float = 1.0  # subtracted from the reward of a response that never emits a stop token (ends its turn)
-    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
+    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL, distinct answers)
     eval_samples: int = 64  # held-out prompts per evaluation
     ckpt_every: int = 20  # iterations between resume checkpoints
 
@@ -108,7 +108,7 @@ def run(c: Config):
 
     def evaluate():
         with dist.full_weights(pv):
-            return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
+            return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d, "grpo")
 
     if it == 0 and held:
         metrics.log(0, **evaluate())

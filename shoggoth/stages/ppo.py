@@ -71,7 +71,7 @@ class Config(lora.Options, stage.Common):
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed into each update (InstructGPT's gamma); 0 = off
     ptx_data: str = ""  # token shards for PPO-ptx (a pretrain run's out/tokens folder)
     ema_decay: float = 0.0  # keep an EMA of the policy's weights with this decay, saved to out/ema; 0 = off
-    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL)
+    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL, distinct answers)
     eval_samples: int = 64  # held-out prompts per evaluation
     ckpt_every: int = 20  # iterations between resume checkpoints
 
@@ -139,7 +139,7 @@ def run(c: Config):
 
     def evaluate():
         with dist.full_weights(both):
-            return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d)
+            return scoring.evaluate(policy, ref, reward_fn, tok, held, c, amp, bf16, d, "ppo")
 
     if it == 0 and held:
         metrics.log(0, **evaluate())
