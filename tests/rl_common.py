@@ -1,5 +1,5 @@
 """What the RL tests (test_rl, test_lora) share: one-thread runs, a tiny model trained for a moment on
-verses, a reward model on its trunk, the toy reward's measure, interrupt-and-resume, toy DPO pairs."""
+verses, a reward model on its trunk, the toy reward a model expects, interrupt-and-resume, toy DPO pairs."""
 
 import functools
 import json
@@ -48,12 +48,17 @@ def rm_dir(lm_dir, tmp_path_factory):
     return d
 
 
-def sampled_fraction(model_dir, n=64, seed=0):
-    """Toy reward of responses to n held-out questions sampled at temperature 1."""
+def toy_probability(model_dir, seed=0):
+    """The toy reward a model expects: the probability it gives the toy word " the" at each position
+    of its own 16-token responses to the held-out questions (sampled at temperature 1), averaged over
+    the positions. It has the mean of the fraction of sampled tokens that are " the", without the
+    noise of counting them: for lm_dir it read 0.0197 to 0.0214 over sampling seeds 0-3, where the
+    fraction of 64 sampled responses read 0.010 to 0.029, a spread that RL's gains were lost in."""
     model, tok = sampling.load(model_dir)
-    recs = data.builtin_prompts("heldout")[:n]
-    r = rl.generate(model, tok, rl.encode_prompts(tok, recs, 100), 16, 1.0, seed=seed)
-    return scoring.toy_scores(r, scoring.toy_target_ids(tok, "the")).mean().item()
+    r = rl.generate(model, tok, rl.encode_prompts(tok, data.builtin_prompts("heldout"), 100), 16, 1.0, seed=seed)
+    with torch.no_grad():
+        p = rl.response_logits(model, r).float().softmax(-1)[..., scoring.toy_target_ids(tok, "the")].sum(-1)
+    return ((p * r.mask).sum() / r.mask.sum()).item()
 
 
 def toy_pairs(path, n, seed):

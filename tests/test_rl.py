@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from common import bible_corpus, shoggoth
-from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, records, rm_dir, sampled_fraction, series, toy_pairs  # noqa: F401
+from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, records, rm_dir, series, toy_pairs, toy_probability  # noqa: F401
 from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
 from shoggoth.stages import grpo, ppo
 
@@ -62,12 +62,15 @@ def test_ppo_raises_toy_reward_with_bounded_kl(lm_dir, tmp_path):
                  "--batch-size", 32, "--minibatch-size", 16, "--ppo-epochs", 2, "--lr", 1e-3, "--beta", 0.05,
                  "--eval-every", 20, *FAST, env=ENV)
     scores, kl = series(out, "objective/scores"), series(out, "objective/kl")
-    before, after = sum(scores[:2]) / 2, sum(scores[-5:]) / 5
-    print(f"ppo toy reward {before:.3f} -> {after:.3f}, KL {kl[0]:.2f} -> {kl[-1]:.2f}")
+    ref, late, policy = toy_probability(lm_dir), sum(scores[-10:]) / 10, toy_probability(out)
+    print(f"ppo toy reward: reference {ref:.3f}, last 10 rollouts {late:.3f}, trained policy {policy:.3f}; "
+          f"KL {kl[0]:.2f} -> {kl[-1]:.2f} (max {max(kl):.2f})")
     assert kl[0] == pytest.approx(0, abs=1e-4)  # the first rollout's policy is the reference
     # With beta = 0.05 over 8 tokens, the KL-regularised optimum says " the" with p ~ 0.27
     # (1 = 0.4 * log-odds ratio against the model's 3%), at a KL of ~3.1 nats per response.
-    assert after > 3 * before and after > 0.06
+    # Measured on an AVX-512 EPYC over seeds 1337, 0-3 in fp32 and bf16: the policy at 6.3-10x the
+    # reference, the last 10 rollouts at 5.3-6.7x, max KL 2.5-3.6.
+    assert policy > 3 * ref and late > 3 * ref
     assert max(kl) < 8
     rec = records(out)[-2]
     for key in ("objective/rlhf_reward", "objective/non_score_reward", "objective/gold", "policy/approxkl",
@@ -81,7 +84,6 @@ def test_ppo_raises_toy_reward_with_bounded_kl(lm_dir, tmp_path):
     assert all(x["eval/distinct"] >= 0.75 and 0 <= x["eval/similarity"] < 0.5 for x in evals(out))
     assert "warning" not in r.stdout
     check_outputs(out, lm_dir)
-    assert sampled_fraction(out) > sampled_fraction(lm_dir)
 
 
 def test_answer_diversity_of_known_answers():
@@ -159,7 +161,7 @@ def test_grpo_raises_toy_reward(lm_dir, tmp_path):
     assert [x["step"] for x in evals(out)] == [0, 20]
     assert all(0 < x["eval/distinct"] <= 1 and 0 <= x["eval/similarity"] <= 1 for x in evals(out))
     check_outputs(out, lm_dir)
-    assert sampled_fraction(out) > sampled_fraction(lm_dir)
+    assert toy_probability(out) > 5 * toy_probability(lm_dir)  # measured 40-44x (seed 1337, fp32 and bf16)
 
 
 def test_grpo_rloo_with_reward_model_resumes_exactly(lm_dir, rm_dir, tmp_path):
@@ -208,9 +210,9 @@ def test_dpo_learns_toy_pairs(lm_dir, tmp_path):
     assert series(out, "val_loss")[0] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the reference
     assert acc[-1] > 0.9 and margin[-1] > 0.3
     check_outputs(out, lm_dir)
-    before, after = sampled_fraction(lm_dir), sampled_fraction(out)
-    print(f"dpo sampled fraction of ' the' {before:.3f} -> {after:.3f}")
-    assert after > 2 * before
+    before, after = toy_probability(lm_dir), toy_probability(out)
+    print(f"dpo toy reward the policy expects {before:.3f} -> {after:.3f}")
+    assert after > 2 * before  # measured 7.0-7.8x over seeds 1337, 0-3 in fp32 and bf16
 
 
 def test_dpo_expands_rankings_and_resumes_exactly(lm_dir, tmp_path):
