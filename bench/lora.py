@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 import sft_data  # noqa: E402
 
-from shoggoth.metrics import machine  # noqa: E402
+from shoggoth import metrics  # noqa: E402
 
 # In the child: time every training step's log line, run the stage, report peak RSS.
 CHILD = """
@@ -57,7 +57,7 @@ def run(args, out, threads, own_value_trunk=False):
     if r.returncode:
         raise SystemExit(f"{' '.join(args[:1])} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    recs = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics.read(Path(out) / "metrics.jsonl")
     if args[0] == "ppo":
         its = [x for x in recs if "time/update" in x][1:]
         per_step = sum(x["time/generate"] + x["time/score"] + x["time/update"] for x in its) / len(its)
@@ -124,7 +124,8 @@ def main():
         if args[0] == "ppo":
             own = run(args + LORA, work / "ppo-lora-own", a.threads, own_value_trunk=True)
 
-    lines = [f"### {datetime.date.today()}: {machine()}, {a.dtype}, {a.threads} thread(s), full vs LoRA r=16", "",
+    lines = [f"### {datetime.date.today()}: {metrics.machine()}, {a.dtype}, {a.threads} thread(s), "
+             "full vs LoRA r=16", "",
              "| run | full: peak RSS (GiB) | full: s/step | LoRA: peak RSS (GiB) | LoRA: s/step | LoRA trains | "
              "memory LoRA/full | time LoRA/full |", "|---|---|---|---|---|---|---|---|"]
     for name, full, lo in rows:

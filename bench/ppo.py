@@ -68,6 +68,7 @@ def make_models(root, shape, batch, response):
 
 
 def run_shoggoth(root, a, tag):
+    from shoggoth import metrics
     from shoggoth.stages import ppo
 
     out = root / f"shoggoth_{tag}"
@@ -75,8 +76,7 @@ def run_shoggoth(root, a, tag):
                        out=str(out), iterations=a.iters + 1, batch_size=a.batch, minibatch_size=a.batch // MINIBATCHES,
                        ppo_epochs=EPOCHS, max_new_tokens=a.response, temperature=1.0, dtype=a.dtype, device=a.device,
                        missing_eos_penalty=0.0, ckpt_every=10_000, seed=0))
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "time/generate" in r][1:]  # drop the warm-up iteration
+    recs = [r for r in metrics.read(out / "metrics.jsonl") if "time/generate" in r][1:]  # drop the warm-up iteration
     lengths = [r["response_length"] for r in recs]
     return {"generate": [r["time/generate"] for r in recs], "score": [r["time/score"] for r in recs],
             "update": [r["time/update"] for r in recs], "response_length": sum(lengths) / len(lengths)}

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 import sft_data  # noqa: E402
 from results import DTYPE_HELP, DTYPES, run_dtype  # noqa: E402
 
-from shoggoth.metrics import machine  # noqa: E402
+from shoggoth import metrics  # noqa: E402
 
 OURS = """
 import json, resource, sys
@@ -44,8 +44,7 @@ def run_ours(model, data, held, out, a):
     if r.returncode:
         raise SystemExit(f"shoggoth sft failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-    steps = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    steps = [s for s in steps if "tok/s" in s][1:]
+    steps = [s for s in metrics.read(Path(out) / "metrics.jsonl") if "tok/s" in s][1:]
     tps = sum(s["tok/s"] for s in steps) / len(steps)
     return {"tok/s": tps, "peak_rss_mib": peak}
 
@@ -80,7 +79,7 @@ def main():
             "TRL SFTTrainer (no gradient checkpointing)": run_trl(model, data, a, False)}
     versions = next(r["versions"] for r in rows.values() if "versions" in r)
     ours = rows["shoggoth"]
-    lines = [f"### {datetime.date.today()}: {machine()}, {a.dtype}, {a.batch_size} rows x 2,048 tokens per step"
+    lines = [f"### {datetime.date.today()}: {metrics.machine()}, {a.dtype}, {a.batch_size} rows x 2,048 tokens per step"
              + ("" if a.shape == "135m" else f" ({a.shape} shape)"),
              "", f"torch {versions['torch']}, transformers {versions['transformers']}, trl {versions['trl']}; "
              f"{a.steps - 1} timed steps after one warm-up; loss on assistant tokens in both", "",

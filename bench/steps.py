@@ -4,9 +4,10 @@
 """
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from shoggoth import metrics
 
 
 def main():
@@ -14,8 +15,7 @@ def main():
     p.add_argument("run_dir")
     p.add_argument("--skip", type=int, default=10, help="steps left out first (warm-up, compilation)")
     a = p.parse_args()
-    rows = [json.loads(ln) for ln in (Path(a.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "tok/s" in r and r["step"] > a.skip]
+    steps = [r for r in metrics.read(Path(a.run_dir) / "metrics.jsonl") if "tok/s" in r and r["step"] > a.skip]
     if not steps:
         raise SystemExit(f"{a.run_dir}: no step after {a.skip} has tok/s")
     med = lambda k: statistics.median(r[k] for r in steps)  # noqa: E731

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import checkpoint, config
+from . import checkpoint, config, metrics
 from .feedback import winrate
 from .metrics import duration
 
@@ -152,7 +152,7 @@ class Run:
 
 
 def metric(path, key, which=-1):
-    vals = [json.loads(ln)[key] for ln in Path(path).read_text().splitlines() if f'"{key}"' in ln]
+    vals = [r[key] for r in metrics.read(path) if key in r]
     return vals[which] if vals else None
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
 from .dist import clock
 
 # Dense bf16 peak FLOP/s of common accelerators (spec sheets, no sparsity).
@@ -107,13 +108,35 @@ def duration(seconds):
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def read(path, skipped=None):
+    """The records of a metrics.jsonl, in order: the one reader of that file (stages, report, demo,
+    tests, benchmarks). A run killed mid-write leaves a torn last line (no newline after it): it is
+    dropped without a word. Any other line that is not a JSON object is skipped too, and its line
+    number (from 1) appended to the list `skipped`, when one is given, for the caller to say."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")  # [-1]: after the last newline
+    rows = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            rows.append(rec)
+        elif i < len(lines) and skipped is not None:
+            skipped.append(i)
+    return rows
+
+
 class Metrics:
     """Writes metrics to out_dir/metrics.jsonl (and TensorBoard) and prints a line per call,
     ending with the ETA of the remaining steps at the pace of the steps done in this process.
     On a terminal a tqdm bar stays under the lines (stderr; none when it is not a terminal).
 
-    On resume, records after the resume step are dropped first, so the file
-    holds one unbroken curve. Only rank 0 should write (enabled=False elsewhere)."""
+    On resume, the file is first rewritten (atomically) without the records after the resume
+    step and without a torn last line, so that it holds one unbroken curve and the next record
+    starts a line of its own. Only rank 0 should write (enabled=False elsewhere)."""
 
     def __init__(self, out_dir, total_steps, resume_step=0, enabled=True):
         self.enabled, self.total = enabled, total_steps
@@ -124,9 +147,12 @@ class Metrics:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            bad = []
+            keep = [r for r in read(self.path, bad) if r.get("step", 0) <= resume_step]
+            if bad:
+                print(f"{self.path}: warning: dropped {len(bad)} unreadable line(s): line {', '.join(map(str, bad))}",
+                      flush=True)
+            atomic_write(self.path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in keep)))
         self.file = open(self.path, "a")
         self.bar = tqdm(total=total_steps, initial=resume_step, desc=Path(out_dir).name, unit="step",
                         file=sys.stderr, disable=None, dynamic_ncols=True)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
+from . import metrics
 from .errors import ShoggothError
 from .metrics import duration
 
@@ -128,24 +129,6 @@ e = html.escape
 
 
 # ---------------------------------------------------------------- reading the run
-
-
-def read_metrics(path):
-    """metrics.jsonl -> (list of dicts, number of unreadable lines): a run killed mid-write leaves a torn line."""
-    rows, bad = [], 0
-    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not ln.strip():
-            continue
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(rec, dict):
-            rows.append(rec)
-        else:
-            bad += 1
-    return rows, bad
 
 
 def read_json(path, notes):
@@ -449,9 +432,10 @@ def write(run_dir, out=None) -> Path:
             sections.append(section(f"stage-{stage}", STAGE_NAMES[stage], missing(
                 f"Missing: {stage}/metrics.jsonl not found (the stage did not run, or the run stopped before it).")))
             continue
-        rows, bad = read_metrics(path)
+        bad = []
+        rows = metrics.read(path, bad)  # a torn last line (a run killed mid-write) is not counted
         if bad:
-            notes.append(f"{stage}/metrics.jsonl: skipped {bad} unreadable line(s)")
+            notes.append(f"{stage}/metrics.jsonl: skipped {len(bad)} unreadable line(s)")
         figs = [f for f in (svg(p, rows) for p in PLOTS if p.stage == stage) if f]
         last = max((r["step"] for r in rows if number(r.get("step"))), default=0)
         status.append(f'<span class="pill">{stage}: {e(str(last))} steps</span>')

@@ -11,7 +11,7 @@ import torch
 
 import common
 from common import tiny_lm_dir
-from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
+from shoggoth import checkpoint, data, metrics, rl, sampling, scoring, tokenizer
 from shoggoth.model import RewardModel
 
 
@@ -23,7 +23,7 @@ interrupt_and_resume = functools.partial(common.interrupt_and_resume, env=ENV)  
 
 
 def records(path):
-    return [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
+    return metrics.read(path / "metrics.jsonl")
 
 
 def series(path, key):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import bible_corpus, cut_after, shoggoth, tiny_lm_dir, tiny_model_dir
-from shoggoth import checkpoint, data
+from shoggoth import checkpoint, data, metrics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -44,8 +44,7 @@ def run2(*args):
 
 
 def losses(run_dir, key="loss"):
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in recs if key in r}
+    return {r["step"]: r[key] for r in metrics.read(run_dir / "metrics.jsonl") if key in r}
 
 
 def assert_same_run(a, b, rtol=RTOL):
@@ -317,8 +316,7 @@ def rl_args(stage, lm, prompts):
 
 def rl_records(run):
     """metrics.jsonl of a run without the timings."""
-    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in recs]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics.read(run / "metrics.jsonl")]
 
 
 def same_weights(a, b):

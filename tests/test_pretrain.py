@@ -13,14 +13,13 @@ import transformers
 from safetensors.torch import load_file
 
 from common import bible_corpus, shoggoth, tiny_model_dir
-from shoggoth import checkpoint, data, tokenizer
+from shoggoth import checkpoint, data, metrics, tokenizer
 
 TINY = ["--config", "tiny", "--vocab-size", "300"]
 
 
 def losses(run_dir, key="loss"):
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in recs if key in r}
+    return {r["step"]: r[key] for r in metrics.read(run_dir / "metrics.jsonl") if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_pretrain_outputs_hf_directory(trained):
     steps = [ln for ln in stdout.splitlines() if ln.startswith("step ") and "| loss" in ln]
     assert len(steps) == 30 and all(" | eta " in ln for ln in steps[:-1]) and "eta" not in steps[-1]
     assert re.search(r"\| eta (\d+m\d\ds|\d+s)$", steps[0])
-    assert not any("eta" in ln for ln in (out / "metrics.jsonl").read_text().splitlines())  # printed, not logged
+    assert not any("eta" in r for r in metrics.read(out / "metrics.jsonl"))  # printed, not logged
     curve = losses(out)
     assert sorted(curve) == list(range(1, 31))
     assert curve[30] < curve[1] - 0.5  # it learns
@@ -75,8 +74,13 @@ def test_resume_after_sigkill_matches_uninterrupted(trained, corpus, tmp_path):
     assert checkpoint.latest_checkpoint(out).name == "step_000020.pt"
     r = shoggoth("pretrain", *TINY, "--corpus", corpus, "--out", out, "--max-steps", 30, check=False)
     assert r.returncode == 1 and "pass --resume" in r.stderr  # never silently overwrites a run
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 24, "loss": 4.2')  # a kill mid-write leaves a torn last line
     r = shoggoth("pretrain", *TINY, "--corpus", corpus, "--out", out, "--max-steps", 30, "--resume")
     assert "resumed from" in r.stdout and "step_000020.pt" in r.stdout
+    lines = (out / "metrics.jsonl").read_text().split("\n")
+    recs = [json.loads(ln) for ln in lines[:-1]]  # every line whole: nothing glued to the torn one
+    assert lines[-1] == "" and [x["step"] for x in recs if "loss" in x] == list(range(1, 31))
     assert losses(out) == losses(ref)  # same curve, to the last bit
     assert losses(out, "val_loss") == losses(ref, "val_loss")
     a, b = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")

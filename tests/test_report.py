@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common import shoggoth
-from shoggoth import report
+from shoggoth import metrics, report
 from shoggoth.metrics import duration
 
 PAYLOAD = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
@@ -38,7 +38,7 @@ def copy_run(src, dest, stages=report.STAGES, mask=True, summary=True):
 
 
 def metric_rows(run, stage):
-    return [json.loads(ln) for ln in (run / stage / "metrics.jsonl").read_text().splitlines()]
+    return metrics.read(run / stage / "metrics.jsonl")
 
 
 @pytest.fixture
@@ -154,15 +154,44 @@ def test_partial_run_says_what_is_missing(demo_run, tmp_path, page):
     assert page.locator("svg#plot-pretrain-loss path.series").count() == 2  # train and held-out
     assert page.locator("svg#plot-ppo-overopt").count() == 0
     note = page.locator("#missing").text_content()
-    for what in ("sft/metrics.jsonl", "ppo/metrics.jsonl", "dpo/metrics.jsonl", "mask.json", "summary.json",
-                 "skipped 1 unreadable line"):
+    for what in ("sft/metrics.jsonl", "ppo/metrics.jsonl", "dpo/metrics.jsonl", "mask.json", "summary.json"):
         assert what in note
+    assert "unreadable line" not in note  # the torn last line a killed run leaves is no fault of the file
     assert "Missing" in page.locator("#stage-ppo .missing").text_content()
     assert page.locator("table#mask").count() == 0
     assert page.locator("#mask-section .missing").count() == 1
     assert page.locator("#winrate .missing").count() == 1
     page.screenshot(path=str(tmp_path / "partial.png"), full_page=True)
     assert (tmp_path / "partial.png").stat().st_size > 20_000
+
+
+def test_torn_and_malformed_metrics_lines(tmp_path, capsys):
+    """metrics.read, which every reader of metrics.jsonl uses: a torn last line (a run killed mid-write)
+    is dropped without a word; a malformed line elsewhere (here one that an old resume glued onto a
+    torn line) is skipped and said, in the report's note."""
+    path = tmp_path / "run" / "pretrain" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    rows = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 7)]
+    lines = [json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + '\n{"step": 7, "loss": 4.2')
+    skipped = []
+    assert metrics.read(path, skipped) == rows and skipped == []
+    out = tmp_path / "r.html"
+    shoggoth("report", path.parent.parent, "--out", out)
+    page = out.read_text()
+    assert 'id="plot-pretrain-loss"' in page and "pretrain: 6 steps" in page and "unreadable line" not in page
+
+    lines[2] = '{"step": 3, "loss": 4.2{"step": 3, "loss": 4.7}'
+    path.write_text("\n".join(lines + ["[3]", json.dumps(rows[-1])]))  # the last line whole, without its newline
+    assert metrics.read(path, skipped) == rows[:2] + rows[3:] + rows[-1:] and skipped == [3, 7]
+    shoggoth("report", path.parent.parent, "--out", out)
+    assert "pretrain/metrics.jsonl: skipped 2 unreadable line(s)" in out.read_text()
+    # A resumed run rewrites the file without them, says so, and writes on from a fresh line.
+    m = metrics.Metrics(path.parent, 10, resume_step=5)
+    m.log(6, echo=False, loss=1.0)
+    m.close()
+    assert f"{path}: warning: dropped 2 unreadable line(s): line 3, 7" in capsys.readouterr().out
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2] + rows[3:5] + [{"step": 6, "loss": 1.0}])
 
 
 def test_missing_run_directory_is_one_line_error(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from common import shoggoth, tiny_model_dir
-from shoggoth import checkpoint, data, losses, tokenizer
+from shoggoth import checkpoint, data, losses, metrics, tokenizer
 from shoggoth.errors import DataError
 from shoggoth.model import RewardModel
 
@@ -181,7 +181,7 @@ def test_tiny_reward_run_learns_rankings_and_resumes(model_dir, tmp_path):
     out = tmp_path / "rm"
     r = shoggoth("reward", "--init", model_dir, "--rankings", train, "--eval-rankings", held, "--out", out, *ARGS)
     assert "held-out: pairwise accuracy" in r.stdout
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics.read(out / "metrics.jsonl")
     evals = [x for x in recs if "val_accuracy" in x]
     assert {"loss", "accuracy", "margin"} <= set(recs[1]) and evals[0]["step"] == 0
     assert evals[-1]["val_accuracy"] > 0.85 and evals[-1]["val_tau"] > 0.7, evals
@@ -202,7 +202,7 @@ def test_tiny_reward_run_learns_rankings_and_resumes(model_dir, tmp_path):
     a, b = checkpoint.load_state_dict(out), checkpoint.load_state_dict(part)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert json.loads((part / "config.json").read_text())["reward_shift"] == pytest.approx(shift, abs=1e-5)
-    assert (part / "metrics.jsonl").read_text().count('"step": 4,') == 1
+    assert [r["step"] for r in metrics.read(part / "metrics.jsonl")].count(4) == 1
     r = shoggoth("reward", "--init", model_dir, "--rankings", train, "--out", part, check=False)
     assert r.returncode == 1 and "--resume" in r.stderr
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from common import bible_corpus, interrupt_and_resume, shoggoth, tiny_model_dir
-from shoggoth import checkpoint, data, tokenizer
+from shoggoth import checkpoint, data, metrics, tokenizer
 from shoggoth.model import GPT, Documents, GPTConfig
 
 CONVS = [
@@ -146,7 +146,7 @@ def test_tiny_sft_lowers_heldout_loss_and_loads_in_transformers(pretrained, tmp_
     args = ["--init", pretrained, "--out", out, "--max-steps", 40, "--eval-every", 20, "--ckpt-every", 20,
             "--batch-size", 8, "--sample-every", 0]
     shoggoth("sft", *args)
-    val = [json.loads(ln)["val_loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
+    val = [r["val_loss"] for r in metrics.read(out / "metrics.jsonl") if "val_loss" in r]
     assert val[-1] < val[0] - 0.3, val
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
