@@ -143,6 +143,15 @@ def share(items, d: Dist):
     return items[d.rank * n // d.world:(d.rank + 1) * n // d.world]
 
 
+def gathered(items, d):
+    """Every rank's list of picklable items, concatenated in rank order (items itself on one process)."""
+    if d.world == 1:
+        return list(items)
+    parts = [None] * d.world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

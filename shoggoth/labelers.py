@@ -293,7 +293,7 @@ def features(prompt, completion, references=None):
 
 
 def on_topic_gate(rel):
-    """The share of fluency, friendliness and brevity a reply of relevance `rel` gets."""
+    """The share of friendliness and brevity (manner) a reply of relevance `rel` gets."""
     return OFF_TOPIC + (1 - OFF_TOPIC) * min(1.0, rel / ON_TOPIC) ** 2
 
 

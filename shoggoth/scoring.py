@@ -191,7 +191,7 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, name, show=2
     # apart by their noise alone (a demo run: 64 of 64 sampled answers distinct at every evaluation
     # while its greedy answers were 4 different replies to 83 questions).
     greedy = rl.generate(policy, tok, ids, c.max_new_tokens, 0.0, seed=0, bf16=bf16)
-    answers = gathered(rl.decode(tok, greedy), d)  # every rank's, in prompt order
+    answers = dist.gathered(rl.decode(tok, greedy), d)  # every rank's, in prompt order
     distinct, similarity = answer_diversity(answers)
     if d.main and distinct < COLLAPSE:
         print(collapse_warning(name, c, len(answers), distinct, similarity), flush=True)
@@ -204,15 +204,6 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, name, show=2
 # ---------------------------------------------------------------- collapse monitor
 
 COLLAPSE = 0.5  # an evaluation whose share of distinct answers is below this prints a warning
-
-
-def gathered(items, d):
-    """Every rank's list of picklable items, concatenated in rank order (items itself on one process)."""
-    if d.world == 1:
-        return list(items)
-    parts = [None] * d.world
-    torch.distributed.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
 
 
 def normalised_answer(text):

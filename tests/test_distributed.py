@@ -387,7 +387,7 @@ GATHER = """
 import json
 from shoggoth import dist, scoring
 d = dist.setup("cpu")
-answers = scoring.gathered(["Amen."] if d.rank == 0 else ["amen", "Let there be light"], d)
+answers = dist.gathered(["Amen."] if d.rank == 0 else ["amen", "Let there be light"], d)
 if d.main:
     print(json.dumps([answers, scoring.answer_diversity(answers)]))
 dist.cleanup()
