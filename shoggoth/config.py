@@ -20,6 +20,7 @@ STAGES = {
     "ppo": "shoggoth.stages.ppo",
     "dpo": "shoggoth.stages.dpo",
     "grpo": "shoggoth.stages.grpo",
+    "rounds": "shoggoth.rounds",
 }
 
 
@@ -76,10 +77,10 @@ def build(cls, preset=None, command="stage", **fields):
 COUNTS = {"batch_size", "grad_accum", "max_steps", "epochs", "iterations", "ppo_epochs", "group_size", "minibatch_size",
           "max_new_tokens", "eval_every", "ckpt_every", "keep", "eval_batches", "n_layer", "n_head", "n_embd", "seq_len",
           "vocab_size", "sample_every", "sample_tokens", "val_every", "normalize_max_new_tokens", "kl_horizon",
-          "n_kv_head"}
+          "n_kv_head", "rounds", "prompts_per_round", "k", "rankings_per_task", "labelers", "pool", "heads"}
 AT_LEAST_0 = {"warmup_steps", "weight_decay", "grad_clip", "beta", "target_kl", "missing_eos_penalty", "ptx_coef",
               "vf_coef", "eval_samples", "normalize_samples", "lora_r", "lora_alpha", "label_smoothing"}
-ABOVE_0 = {"lr", "temperature", "normalize_temperature", "clip", "vf_clip", "rope_theta"}
+ABOVE_0 = {"poll", "lr", "temperature", "normalize_temperature", "clip", "vf_clip", "rope_theta"}
 UNIT = {"min_lr_frac": "[0, 1]", "gamma": "[0, 1]", "lam": "[0, 1]", "beta1": "[0, 1)", "beta2": "[0, 1)",
         "ema_decay": "[0, 1)", "lora_dropout": "[0, 1)", "eval_frac": "(0, 1)"}
 
@@ -118,3 +119,20 @@ def load(command, preset=None, **fields):
     """(stage module, its Config built as `build` does) of a stage command."""
     mod = importlib.import_module(STAGES[command])
     return mod, build(mod.Config, preset, command, **fields)
+
+
+def finished(out):
+    """Whether a stage's output directory holds its final model (a run that stopped holds only checkpoints)."""
+    out = Path(out)
+    return (out / "config.json").exists() and any(out.glob("model*.safetensors"))
+
+
+def run(command, preset, out, **fields):
+    """Run stage `command` on its preset and fields into `out`, resumed from its last checkpoint
+    if it had started; returns its Config. The demo and `shoggoth rounds` chain stages this way."""
+    from .checkpoint import latest_checkpoint, write_json
+
+    mod, cfg = load(command, preset, **fields, out=str(out), resume=latest_checkpoint(out) is not None)
+    mod.run(cfg)
+    write_json(Path(out) / "run_config.json", dataclasses.asdict(cfg))  # what reproduces it, beside the model
+    return cfg

@@ -634,9 +634,15 @@ def split_rankings(path, eval_path="", eval_frac=0.1, skip_invalid=False, log=pr
     refuse_heldout(train, heldout, log)
     if eval_path:
         return train, read_rankings(eval_path, skip_invalid, log)
-    prompts = sorted({prompt_key(r) for r in train}, key=lambda k: (zlib.crc32(k.encode()), k))
-    held = set(prompts[:math.ceil(eval_frac * len(prompts))] if len(prompts) > 1 else [])
-    return [r for r in train if prompt_key(r) not in held], [r for r in train if prompt_key(r) in held]
+    return hold_out(train, eval_frac)
+
+
+def hold_out(rankings, frac):
+    """(train, held-out) rankings: the held-out ones are those of ceil(frac x prompts) prompts, chosen
+    by a hash of the prompt (the same every run), so that no held-out prompt has rankings in training."""
+    prompts = sorted({prompt_key(r) for r in rankings}, key=lambda k: (zlib.crc32(k.encode()), k))
+    held = set(prompts[:math.ceil(frac * len(prompts))] if len(prompts) > 1 else [])
+    return [r for r in rankings if prompt_key(r) not in held], [r for r in rankings if prompt_key(r) in held]
 
 
 def encode_rankings(records, tok, seq_len, pad):

@@ -61,11 +61,15 @@ def prompt_batch(n, batch_size, iteration, seed):
 def load_policy(c, device):
     """(tok, policy, ref) of a stage's Config: the model to train (c.policy), on device, with c's
     LoRA adapters when c.lora_r is set, and a frozen copy of it, the reference; with LoRA the
-    reference is the policy itself with its adapters off (reference()), and ref is None."""
+    reference is the policy itself with its adapters off (reference()), and ref is None. A Config
+    with a `ref` directory (PPO's) takes its reference from there, frozen, with LoRA too."""
     tok = tokenizer.load(c.policy)
     policy = checkpoint.load_pretrained(c.policy)
     tok.check_model(policy.config.vocab_size, c.policy)
-    ref = None if c.lora_r else frozen(checkpoint.load_pretrained(c.policy), device)
+    ref_dir = getattr(c, "ref", "") or c.policy  # PPO's --ref: a later round's leash stays on the SFT model
+    if ref_dir != c.policy and tokenizer.load(ref_dir).tok.get_vocab() != tok.tok.get_vocab():
+        raise DataError(f"--ref {ref_dir}: its tokenizer differs from the policy's; the KL compares the same tokens")
+    ref = None if c.lora_r and ref_dir == c.policy else frozen(checkpoint.load_pretrained(ref_dir), device)
     return tok, lora.wrap(policy, c, c.seed).to(device), ref
 
 

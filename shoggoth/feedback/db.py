@@ -338,8 +338,9 @@ def secret(engine):
 # ---------------------------------------------------------------- campaigns and labelers
 
 
-def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=None, rng=None):
+def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=None, rng=None, info=None):
     """Store ranking tasks under a campaign (made if new); tasks: dicts with prompt, completions, references.
+    `info`: a new training campaign's settings, stored with its tasks in one transaction (a round's).
 
     With `settings` (its "models": the names compared) it is an evaluation campaign, made once here:
     each task also has `models`, the model of each completion, one completion per model. Their
@@ -365,7 +366,7 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=
                             "an evaluation campaign is made once, under a name of its own")
         if c is None:
             c = Campaign(name=clean_text(campaign), k=k, rankings_per_task=rankings_per_task, source=clean_text(source),
-                         evaluation=evaluation, settings=settings)
+                         evaluation=evaluation, settings=settings if evaluation else info)
             s.add(c)
             s.flush()
         elif c.k != k:
@@ -381,6 +382,36 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=
             s.add_all(Completion(task_id=task.id, idx=i, text=clean_text(t["completions"][j]),
                                  model=t["models"][j] if evaluation else None) for i, j in enumerate(order))
         return c.id
+
+
+def set_round(engine, campaign, info):
+    """Merge `info` into a training campaign's settings: `shoggoth rounds` keeps there what the
+    admin page shows of a round (its number, the policy it sampled, the reward model's accuracy)."""
+    with writing(engine) as s:
+        c = s.scalar(select(Campaign).where(Campaign.name == campaign))
+        if c is None or c.evaluation:
+            raise DataError(f"campaign {campaign!r}: {'an evaluation' if c else 'no such campaign'}, not a round")
+        c.settings = {**(c.settings or {}), **info}
+
+
+def round_progress(engine, campaign):
+    """A campaign's rankings so far: {tasks, done, wanted, complete (tasks with all their rankings),
+    labelers {name: rankings}, first, last (times of its first and latest ranking)}."""
+    with Session(reading(engine)) as s:
+        c = s.scalar(select(Campaign).where(Campaign.name == campaign))
+        if c is None:
+            raise DataError(f"no campaign named {campaign!r}")
+        tasks, done, complete = s.execute(
+            select(func.count(), func.coalesce(func.sum(Task.n_done), 0),
+                   func.coalesce(func.sum((Task.n_done >= c.rankings_per_task).cast(Integer)), 0))
+            .where(Task.campaign_id == c.id)).one()
+        per = s.execute(select(Labeler.name, func.count(), func.min(Ranking.created_at), func.max(Ranking.created_at))
+                        .join(Labeler, Ranking.labeler_id == Labeler.id).join(Task, Ranking.task_id == Task.id)
+                        .where(Task.campaign_id == c.id).group_by(Labeler.name).order_by(Labeler.name)).all()
+    return {"tasks": tasks, "done": int(done), "wanted": tasks * c.rankings_per_task, "complete": int(complete),
+            "labelers": {name: n for name, n, _, _ in per}, "first": min((f for _, _, f, _ in per), default=None),
+            "last": max((t for _, _, _, t in per), default=None), "evaluation": c.evaluation,
+            "settings": dict(c.settings or {})}
 
 
 def set_rankings_per_task(engine, campaign_id, n):

@@ -42,7 +42,8 @@ from ..metrics import Metrics, Sums
 class Config(lora.Options, stage.Common):
     """PPO against a reward model with a KL penalty to the SFT model (InstructGPT)."""
 
-    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
+    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference unless --ref
+    ref: str = ""  # model directory of the KL reference; empty = --policy (`shoggoth rounds`: the SFT model, while --policy is the last round's)
     reward: str = ""  # reward model directory (a `shoggoth reward` output); also initialises the value model
     prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
     eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
@@ -125,7 +126,8 @@ def run(c: Config):
     metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main)
     dist.print0(f"ppo: policy {policy.num_params():,} parameters; {c.iterations} iterations of {c.batch_size} "
                 f"responses (<= {c.max_new_tokens} tokens), {c.ppo_epochs} epochs x {n_mb} minibatches; "
-                f"reward {'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}"
+                f"reward {'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; KL reference "
+                f"{c.ref or c.policy}; autocast {amp_dtype}"
                 f"{lora.summary(policy)}")
     bf16 = amp_dtype == torch.bfloat16
 

@@ -34,6 +34,7 @@ class Config(lora.Options, stage.Common):
     """Reward model on K-way rankings (or TRL pairs), InstructGPT's loss."""
 
     init: str = ""  # model directory whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
+    warm: str = ""  # reward model directory whose trunk and head start training instead (`shoggoth rounds`: the last round's)
     rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
     eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
@@ -111,6 +112,11 @@ def run(c: Config):
     torch.manual_seed(c.seed)
     model = RewardModel(config)  # head ~ N(0, 1/(d+1))
     checkpoint.load_trunk(model, c.init)
+    if c.warm:  # the last reward model goes on learning, head and all
+        if tokenizer.load(c.warm).tok.get_vocab() != tok.tok.get_vocab():
+            raise ShoggothError(f"--warm {c.warm}: its tokenizer differs from --init's; warm-start from a reward model "
+                                "trained from the same SFT model")
+        model.load_state_dict(checkpoint.load_reward(c.warm)[0].state_dict())
     lora.wrap(model, c, c.seed, trained=("score",)).to(d.device)  # with LoRA: adapters and the head train
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
