@@ -1,8 +1,9 @@
 """`shoggoth demo`: every layer of the cake on the built-in defaults, one after the other.
 
-pretrain (King James Bible, chit-chat conversations) -> SFT (chatterbot-corpus) -> K completions per
-prompt -> simulated labelers rank them through the feedback app's database ->
-reward model -> PPO, and DPO on the same rankings for comparison -> the mask
+pretrain (King James Bible, chit-chat conversations) -> SFT (chatterbot-corpus) -> two rounds of
+RLHF (`shoggoth rounds`): K completions per prompt from the current policy, ranked by simulated
+labelers through the feedback app's database -> reward model retrained on every round so far ->
+PPO from the current policy; then DPO on the same rankings for comparison -> the mask
 (held-out prompts through every model, proxy and gold scores) -> blind win rates
 (the simulated labelers rank every model's answers to the held-out prompts, as an
 evaluation campaign of the feedback app) -> report.html.
@@ -22,7 +23,8 @@ from . import checkpoint, config, metrics
 from .feedback import winrate
 from .metrics import duration
 
-MODELS = ("pretrained", "sft", "ppo", "dpo")
+MODELS = ("pretrained", "sft", "ppo-1", "ppo", "dpo")  # ppo-1: the first round's policy; ppo: the last round's
+ROUNDS = 2  # rounds of RLHF; the train prompts are split between them, and so are PPO's iterations
 K = 8  # completions per prompt (InstructGPT: 4 to 9); reward accuracy 0.674-0.728 on three draws (K = 4: 0.635-0.674)
 LABELERS = 3  # simulated labelers; each ranks every task, so they overlap and disagree
 MASK_PROMPTS = 6  # held-out prompts shown side by side in the report
@@ -36,9 +38,10 @@ QUICK = {
     "ppo": dict(iterations=2, batch_size=8, minibatch_size=4, eval_samples=8, eval_every=2, max_new_tokens=16),
     "dpo": dict(max_steps=4),
 }
+QUICK_PROMPTS = 40  # train prompts ranked at --quick, over all rounds
 
 
-ORDER = ("pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate")
+ORDER = ("pretrain", "sft", *(f"round-{n}" for n in range(1, ROUNDS + 1)), "dpo", "mask", "winrate")
 # --scale: the pretraining preset. cpu: the 4M-parameter model, its steps set by the budget; small-gpu:
 # a 30M-parameter model at its preset's steps (minutes on one GPU, hours on a CPU). The other
 # stages' presets fit both.
@@ -51,17 +54,18 @@ PRETRAIN_STEPS = (150, 2400)  # the budget picks the pretraining steps in this r
 # per step, as the budget sets its steps. bf16 from a CPU with AVX-512 bf16 (reward, SFT and DPO
 # scaled by their fp32 cuts), fp32 from the AVX2-only machine the README times. summary.json keeps
 # every run's rate and timings: re-measure when a preset changes.
+# A round is its sampling and ranking, its reward model (round 2's trains on both rounds' rankings)
+# and its share of PPO's iterations.
 WORK = {
     "bf16": {"pretrain": 62 * 7.8e11, "pretrain_step": 0.45 * 7.8e11, "sft": 75 * 7.8e11,
-             "feedback": 81 * 7.8e11, "reward": 44 * 7.8e11, "ppo": 98 * 7.8e11, "dpo": 82 * 7.8e11,
-             "mask": 27 * 7.8e11, "winrate": 4 * 7.8e11},
+             "round-1": 111 * 7.8e11, "round-2": 133 * 7.8e11, "dpo": 82 * 7.8e11,
+             "mask": 32 * 7.8e11, "winrate": 5 * 7.8e11},
     "fp32": {"pretrain": 70 * 1.68e11, "pretrain_step": 1.1 * 1.68e11, "sft": 130 * 1.68e11,
-             "feedback": 82 * 1.68e11, "reward": 95 * 1.68e11, "ppo": 138 * 1.68e11, "dpo": 152 * 1.68e11,
-             "mask": 28 * 1.68e11, "winrate": 4 * 1.68e11},
+             "round-1": 158 * 1.68e11, "round-2": 205 * 1.68e11, "dpo": 152 * 1.68e11,
+             "mask": 34 * 1.68e11, "winrate": 5 * 1.68e11},
 }
-WORK_QUICK = {"pretrain": 20 * 1.2e12, "pretrain_step": 0.02 * 1.2e12, "sft": 5 * 1.2e12, "feedback": 5 * 1.2e12,
-              "reward": 5 * 1.2e12, "ppo": 5 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12,
-              "winrate": 1 * 1.2e12}  # bf16 or fp32
+WORK_QUICK = {"pretrain": 20 * 1.2e12, "pretrain_step": 0.02 * 1.2e12, "sft": 5 * 1.2e12, "round-1": 8 * 1.2e12,
+              "round-2": 8 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12, "winrate": 1 * 1.2e12}  # bf16 or fp32
 
 
 def plan(rate, dtype, budget, quick=False):
@@ -133,17 +137,15 @@ class Run:
         """Stage `name` on its preset (or --quick's) and fields, into the run directory's `name`
         folder, unless it already finished; resumed if it had started."""
         out = self.out / name
-        if (out / "config.json").exists() and any(out.glob("model*.safetensors")):
+        if config.finished(out):
             self.log(f"{name}: done earlier ({out}), skipping")
             return out
         resume = checkpoint.latest_checkpoint(out) is not None
         self.log(f"{name}: {'resuming' if resume else 'starting'} -> {out}")
         if self.quick:
             preset, fields = QUICK_PRESETS.get(name, preset), {**fields, **QUICK.get(name, {})}
-        mod, cfg = config.load(name, preset, **fields, dtype=self.dtype, device=self.device, out=str(out),
-                               resume=resume)
         t = time.time()
-        mod.run(cfg)
+        cfg = config.run(name, preset, out, **fields, dtype=self.dtype, device=self.device)
         self.summary["config"][name] = dataclasses.asdict(cfg)
         self.summary["timings"][name] = self.summary["timings"].get(name, 0) + round(time.time() - t, 1)
         self.save()
@@ -156,63 +158,69 @@ def metric(path, key, which=-1):
     return vals[which] if vals else None
 
 
-def feedback(run: Run):
-    """K completions per training prompt from the SFT model, ranked by simulated
-    labelers through the feedback app's database; exported as rankings JSONL."""
-    from . import data
-    from .feedback import db as D, jobs
+def rlhf_round(run: Run, n):
+    """Round n of RLHF (`shoggoth rounds` on the built-in prompts): K completions per prompt from the
+    current policy (the SFT model in round 1), ranked by simulated labelers through the feedback app's
+    database; the reward model retrained on every round's rankings so far; PPO from the current
+    policy with the KL leash to the SFT model. In run/round-n/."""
+    from . import rounds
+    from .feedback import db as D
     from .feedback.agreement import agreement
 
-    fb = run.out / "feedback"
-    rankings = fb / "rankings.jsonl"
-    if rankings.exists():
-        run.log(f"feedback: done earlier ({rankings}), skipping")
-        return rankings
-    fb.mkdir(parents=True, exist_ok=True)
+    name, o = f"round-{n}", run.out
+    if config.finished(o / name / "ppo"):
+        run.log(f"{name}: done earlier ({o / name}), skipping")
+        return
+    (o / "feedback").mkdir(parents=True, exist_ok=True)
+    prompts = QUICK_PROMPTS if run.quick else len(rounds.prompt_records(rounds.Config()))
+    ppo_iterations = config.load("ppo", "demo-ppo")[1].iterations
+    c = rounds.Config(sft=str(o / "sft"), db=feedback_db(run), out=str(o), rounds=n, prompts_per_round=prompts // ROUNDS,
+                      k=K, rankings_per_task=LABELERS, simulate="balanced", labelers=LABELERS, eval_frac=0.1,
+                      max_new_tokens=16 if run.quick else 48, iterations=ppo_iterations // ROUNDS,
+                      dtype=run.dtype, device=run.device)
+    run.log(f"{name}: starting -> {o / name}")
     t = time.time()
-    prompts = fb / "prompts.jsonl"
-    recs = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in data.builtin_prompts("train")]
-    recs = recs[:40] if run.quick else recs
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    db = f"sqlite:///{(fb / 'feedback.db').resolve()}"
-    (fb / "feedback.db").unlink(missing_ok=True)  # an interrupted generate starts over
-    run.log(f"feedback: sampling {K} completions for each of {len(recs)} prompts from the SFT model")
-    jobs.generate(run.out / "sft", prompts, K, db, campaign="demo", rankings_per_task=LABELERS,
-                  max_new_tokens=16 if run.quick else 48, device=run.device)
-    done = jobs.simulate(db, persona="balanced", labelers=LABELERS, campaign="demo")
-    run.log(f"feedback: simulated labelers submitted {sum(done.values())} rankings ({done})")
-    engine = D.connect(db)
-    agree = agreement(D.rank_vectors(engine, D.campaign_id(engine, "demo")))
-    n = jobs.export(db, rankings)
-    run.summary["headline"]["labeler_agreement"] = agree["tau"]
-    run.summary["headline"]["labeler_alpha"] = agree["alpha"]
-    run.summary["timings"]["feedback"] = round(time.time() - t, 1)
+    rounds.run(c, reward=QUICK["reward"] if run.quick else None, ppo=QUICK["ppo"] if run.quick else None)
+    for stage in ("reward", "ppo"):
+        if (o / name / stage / "run_config.json").exists():  # (not if killed between the model and this file)
+            run.summary["config"][f"{name}/{stage}"] = json.loads((o / name / stage / "run_config.json").read_text())
+    engine = D.connect(c.db)
+    agree = agreement(D.rank_vectors(engine, D.campaign_id(engine, name)))
+    h = run.summary["headline"]
+    h.setdefault("labeler_agreement", agree["tau"])  # round 1's: the labelers on the SFT model's samples
+    h.setdefault("labeler_alpha", agree["alpha"])
+    run.summary["timings"][name] = run.summary["timings"].get(name, 0) + round(time.time() - t, 1)
     run.save()
-    run.log(f"feedback: {n} rankings exported to {rankings}; labelers' mutual Kendall tau {agree['tau']:.3f}; "
-            f"took {duration(time.time() - t)} (estimated {run.estimate('feedback')})")
-    return rankings
+    run.log(f"{name}: finished in {duration(time.time() - t)} (estimated {run.estimate(name)}); labelers' mutual "
+            f"Kendall tau {agree['tau']:.3f}")
+
+
+def feedback_db(run: Run):
+    return f"sqlite:///{(run.out / 'feedback' / 'feedback.db').resolve()}"
 
 
 SAMPLING = {"max_new_tokens": 48, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}  # of the held-out replies
 
 
-def gold_and_proxy(run: Run, name, model_dir, records, reward_dir):
-    """Mean gold (simulated labelers' noise-free taste) and proxy (reward model) score of
+def gold_and_proxy(run: Run, model_dir, records, reward_dirs):
+    """Mean gold (simulated labelers' noise-free taste) and proxy (each reward model's) score of
     SAMPLES sampled replies per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
     from . import data, labelers, sampling
     from .scoring import load_scorer, score_replies
 
-    model, scorer = sampling.load(model_dir, run.device), load_scorer(reward_dir)
+    model = sampling.load(model_dir, run.device)
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
     gold = [labelers.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
-    proxy = score_replies(scorer, [r["messages"] for r in records], replies)
-    return sum(gold) / len(gold), sum(proxy) / len(proxy), replies[::SAMPLES]
+    proxies = [score_replies(load_scorer(d), [r["messages"] for r in records], replies) for d in reward_dirs]
+    return sum(gold) / len(gold), proxies, replies[::SAMPLES]
 
 
 def model_dirs(run: Run):
-    return {"pretrained": run.out / "pretrain", "sft": run.out / "sft", "ppo": run.out / "ppo", "dpo": run.out / "dpo"}
+    o = run.out
+    return {"pretrained": o / "pretrain", "sft": o / "sft", "ppo-1": o / "round-1" / "ppo", "ppo": o / f"round-{ROUNDS}" / "ppo",
+            "dpo": o / "dpo"}
 
 
 def heldout_prompts(run: Run):
@@ -230,7 +238,7 @@ def mask(run: Run, reward_dir):
 
     scorer = load_scorer(reward_dir)
     held = heldout_prompts(run)
-    answers, seen, h = {}, set(), run.summary["headline"]
+    answers, seen, h, scored = {}, set(), run.summary["headline"], {}
     step = max(1, len(held) // MASK_PROMPTS)
     shown = held[::step][:MASK_PROMPTS]
     table = [{"prompt": data.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
@@ -248,8 +256,16 @@ def mask(run: Run, reward_dir):
         for row, r, text in zip(table, shown, replies):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
                                     "gold": labelers.gold_score(data.prompt_text(r), text, r["references"])}
-        g, p, answers[name] = gold_and_proxy(run, name, d, held, reward_dir)
-        h[f"gold_{name}"], h[f"proxy_{name}"] = g, p
+        # SFT and the first round's policy under the first round's reward model too: did round 2 catch its exploits?
+        first = [run.out / "round-1" / "reward"] if name in ("sft", "ppo-1") else []
+        g, p, answers[name] = gold_and_proxy(run, d, held, [reward_dir] + first)
+        h[f"gold_{name}"], h[f"proxy_{name}"] = g, sum(p[0]) / len(p[0])
+        scored[name] = p
+    if "ppo-1" in scored:  # how often each reward model scores round 1's answer above SFT's, sample by sample: a
+        # share, so that two reward models of different scales compare
+        for key, i in (("prefer_ppo-1", 0), ("prefer_ppo-1_round-1", 1)):
+            pairs = list(zip(scored["ppo-1"][i], scored["sft"][i]))
+            h[key] = sum(a > b for a, b in pairs) / len(pairs)
         seen.update(answers[name])
     # The taste must not be winnable by a trick: the best single reply given to every held-out
     # question, of every answer a model gave here and a list of generic replies, is measured too.
@@ -274,7 +290,7 @@ def blind_winrates(run: Run, answers):
     from . import data
     from .feedback import db as D, jobs
 
-    db = f"sqlite:///{(run.out / 'feedback' / 'feedback.db').resolve()}"
+    db = feedback_db(run)
     engine = D.connect(db)
     if D.campaign_id(engine, "heldout", required=False) is None:  # made by an earlier, interrupted run: kept
         held = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in heldout_prompts(run)]
@@ -295,28 +311,34 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     steps = r.summary["plan"]["pretrain_steps"]
     r.stage("pretrain", SCALES[r.scale], **({} if steps is None else {"max_steps": steps}))
     r.stage("sft", "demo-sft", init=str(o / "pretrain"))
-    rankings = str(feedback(r))
-    r.stage("reward", "demo-reward", init=str(o / "sft"), rankings=rankings)
-    r.stage("ppo", "demo-ppo", policy=str(o / "sft"), reward=str(o / "reward"))
-    r.stage("dpo", "demo-dpo", policy=str(o / "sft"), rankings=rankings)
+    for n in range(1, ROUNDS + 1):
+        rlhf_round(r, n)
+    last = o / f"round-{ROUNDS}"
+    # DPO on what the last reward model trained on (every round's rankings but the last one's held-out share)
+    r.stage("dpo", "demo-dpo", policy=str(o / "sft"), rankings=str(last / "train.jsonl"))
 
     h = r.summary["headline"]
     t = time.time()
     r.log("mask: held-out prompts through every model, scored by the reward model (proxy) and the labelers' taste (gold)")
-    answers = mask(r, o / "reward")
+    answers = mask(r, last / "reward")
     h["sft_val_loss_base"] = metric(o / "sft" / "metrics.jsonl", "val_loss", 0)
     h["sft_val_loss"] = metric(o / "sft" / "metrics.jsonl", "val_loss")
     h["pretrain_val_loss"] = metric(o / "pretrain" / "metrics.jsonl", "val_loss")
-    h["reward_accuracy"] = metric(o / "reward" / "metrics.jsonl", "val_accuracy")
-    h["kl_ppo"] = metric(o / "ppo" / "metrics.jsonl", "eval/kl") or metric(o / "ppo" / "metrics.jsonl", "objective/kl")
+    r.summary["rounds"] = json.loads((o / "rounds.json").read_text())["rounds"]
+    h["reward_accuracy"] = r.summary["rounds"][-1]["reward_accuracy_after"]
+    h["reward_accuracy_before"] = r.summary["rounds"][-1]["reward_accuracy_before"]
+    ppo = last / "ppo" / "metrics.jsonl"
+    h["kl_ppo"] = metric(ppo, "eval/kl") or metric(ppo, "objective/kl")
     r.summary["timings"]["mask"] = round(time.time() - t, 1)
     t = time.time()
     r.log("winrate: the simulated labelers rank every model's answers to the held-out prompts, blind")
     w = r.summary["winrate"] = blind_winrates(r, answers)
-    ppo_sft, ppo_dpo = winrate.lookup(w, "ppo", "sft"), winrate.lookup(w, "ppo", "dpo")
+    ppo_sft, ppo_dpo, ppo_1 = (winrate.lookup(w, "ppo", m) for m in ("sft", "dpo", "ppo-1"))
     h["winrate_ppo_sft"], h["winrate_ppo_dpo"] = ppo_sft["win_rate"], ppo_dpo["win_rate"]
     h["winrate_ppo_sft_low"] = ppo_sft["ci"][0] if ppo_sft["ci"] else None
     h["lc_winrate_ppo_sft"] = ppo_sft["lc_win_rate"]
+    h["winrate_ppo_ppo-1"] = ppo_1["win_rate"]
+    h["winrate_ppo_ppo-1_low"] = ppo_1["ci"][0] if ppo_1["ci"] else None
     r.summary["timings"]["winrate"] = round(time.time() - t, 1)
     r.save()
 
@@ -324,20 +346,31 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
 
     html = report.write(o)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    pct = lambda k: "n/a" if h.get(k) is None else f"{100 * h[k]:.0f}%"  # noqa: E731
     gold_diff = h["gold_ppo"] - h["gold_sft"]
     print("\n=== What each layer did (held-out data, default seed) ===")
-    print(f"blind win rate: {winrate.sentence(w, 'ppo', ['sft', 'dpo'], report.MODELS)} (length-controlled "
+    print(f"blind win rate: {winrate.sentence(w, 'ppo', ['sft', 'ppo-1', 'dpo'], report.MODELS)} (length-controlled "
           f"{winrate.pct(ppo_sft['lc_win_rate'])} and {winrate.pct(ppo_dpo['lc_win_rate'])}; {w['judgements']} "
           f"rankings of {len(w['models'])} models' answers to {w['prompts']} held-out prompts by simulated labelers)")
     print(f"pretraining : held-out loss {fmt(h.get('pretrain_val_loss'))} (Bible chapters and conversations)")
     print(f"SFT         : held-out chat loss {fmt(h.get('sft_val_loss_base'))} (pretrained) -> {fmt(h.get('sft_val_loss'))} (SFT)")
     print(f"reward model: held-out pairwise accuracy {fmt(h.get('reward_accuracy'))} "
           f"(labelers agree with each other at Kendall tau {fmt(h.get('labeler_agreement'))})")
+    for x in r.summary["rounds"]:
+        before = "no earlier model" if x["reward_accuracy_before"] is None else \
+            f"{fmt(x['reward_accuracy_before'])} (the last round's model)"
+        print(f"round {x['round']}     : {x['prompts']} prompts, {x['rankings']} rankings; reward accuracy on the round's "
+              f"held-out rankings {before} -> {fmt(x['reward_accuracy_after'])}; PPO's held-out gold {fmt(x['eval_gold'])}, proxy "
+              f"{fmt(x['eval_scores'])}, distinct greedy answers {fmt(x['eval_distinct'])}")
+    caught = h["prefer_ppo-1"] < h["prefer_ppo-1_round-1"]
+    print(f"exploits    : round {ROUNDS}'s reward model scores round 1's answer above SFT's {pct('prefer_ppo-1')} of the "
+          f"time, round 1's did {pct('prefer_ppo-1_round-1')} ({'less: ' if caught else 'not less: no '}exploit caught); "
+          f"gold SFT {fmt(h.get('gold_sft'))}, round 1's policy {fmt(h.get('gold_ppo-1'))}, round {ROUNDS}'s "
+          f"{fmt(h.get('gold_ppo'))}")
     print(f"gold reward : SFT {fmt(h.get('gold_sft'))} -> PPO {fmt(h.get('gold_ppo'))} (KL to SFT {fmt(h.get('kl_ppo'))}); "
           f"DPO {fmt(h.get('gold_dpo'))}; PPO - SFT {gold_diff:+.3f}, "
           f"{'the same sign as' if (gold_diff > 0) == (ppo_sft['win_rate'] > 0.5) else 'against'} the win rate")
     print(f"proxy reward: SFT {fmt(h.get('proxy_sft'))} -> PPO {fmt(h.get('proxy_ppo'))}; DPO {fmt(h.get('proxy_dpo'))}")
-    pct = lambda k: "n/a" if h.get(k) is None else f"{100 * h[k]:.0f}%"  # noqa: E731
     print(f"answers     : real English words SFT {pct('real_words_sft')}, PPO {pct('real_words_ppo')}, "
           f"DPO {pct('real_words_dpo')}; distinct answers per held-out question SFT {fmt(h.get('distinct_sft'))}, "
           f"PPO {fmt(h.get('distinct_ppo'))}; on topic SFT {pct('on_topic_sft')}, PPO {pct('on_topic_ppo')}, "

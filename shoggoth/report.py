@@ -19,10 +19,15 @@ from . import metrics
 from .errors import ShoggothError
 from .metrics import duration
 
-STAGES = ["pretrain", "sft", "reward", "ppo", "dpo"]  # a full demo run; grpo is shown only when present
+ROUNDS = 2  # the demo's rounds of RLHF (demo.ROUNDS), each a reward model and PPO in run/round-n/
+ROUND_STAGES = [f"round-{n}/{s}" for n in range(1, ROUNDS + 1) for s in ("reward", "ppo")]
+STAGES = ["pretrain", "sft", *ROUND_STAGES, "dpo"]  # a full demo run; others are shown only when present
 STAGE_NAMES = {"pretrain": "Pretraining", "sft": "Supervised fine-tuning", "reward": "Reward model",
-               "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}
-MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}  # mask columns
+               "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO",
+               **{s: f"Round {s[6:s.index('/')]}: {'reward model' if s.endswith('reward') else 'PPO'}"
+                  for s in ROUND_STAGES}}
+MODELS = {"pretrained": "Pretrained", "sft": "SFT", "ppo-1": "PPO, round 1", "ppo": "PPO", "dpo": "DPO",
+          "grpo": "GRPO"}  # mask columns; the demo's "ppo" is its last round's policy
 HEADLINE = {
     "winrate_ppo_sft": "PPO preferred over SFT (blind)",
     "winrate_ppo_dpo": "PPO preferred over DPO (blind)",
@@ -47,6 +52,14 @@ HEADLINE = {
     "lc_winrate_ppo_sft": "PPO over SFT, length-controlled",
     "mask_ppo_distinct": "Different PPO answers among the 6 shown", "mask_ppo_on_topic": "On-topic PPO answers among the 6 shown",
     "taste": "The simulated labelers' taste",
+    "gold_ppo-1": "Gold reward, PPO round 1", "proxy_ppo-1": "Proxy reward, PPO round 1",
+    "prefer_ppo-1": "Last reward model: round 1's answer above SFT's",
+    "prefer_ppo-1_round-1": "Round 1's reward model: round 1's answer above SFT's",
+    "real_words_ppo-1": "Real English words, PPO round 1", "distinct_ppo-1": "Distinct answers per question, PPO round 1",
+    "on_topic_ppo-1": "On-topic answers, PPO round 1",
+    "reward_accuracy_before": "Last round's rankings: the previous reward model's accuracy",
+    "winrate_ppo_ppo-1": "Last round's PPO preferred over round 1's (blind)",
+    "winrate_ppo_ppo-1_low": "Last round over round 1, lower end of the 95% interval",
 }
 # What a person reading the answers needs, checked on the held-out questions (greedy answers,
 # except the gold rewards and win rates, which are of sampled ones). A key pair (a, b) reads a OP b.
@@ -61,7 +74,10 @@ TARGETS = [("real_words_sft", ">=", 0.9, "at least 90% of the words in SFT answe
            ("winrate_ppo_sft", ">=", 0.65, "labelers prefer PPO's answer over SFT's at least 65% of the time"),
            ("winrate_ppo_sft_low", ">", 0.5, "the lower end of that win rate's 95% interval is above 50%"),
            ("mask_ppo_distinct", ">=", 6, "the six PPO answers shown side by side all differ"),
-           ("mask_ppo_on_topic", ">=", 6, "each of the six PPO answers shown is on the question's topic")]
+           ("mask_ppo_on_topic", ">=", 6, "each of the six PPO answers shown is on the question's topic"),
+           (("prefer_ppo-1_round-1", "prefer_ppo-1"), ">", None, "the last round's reward model prefers round 1's "
+            "answers to SFT's less often than round 1's did (its exploits caught)"),
+           ("winrate_ppo_ppo-1", ">", 0.5, "labelers prefer the last round's policy over the first round's")]
 COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#dc2626"]
 OVEROPT = ("Each point is one iteration; the line is a running mean along KL. The policy climbs the reward "
            "model (proxy); the gold reward is the simulated labelers' own taste. Proxy still rising while gold "
@@ -126,6 +142,66 @@ PLOTS = [
 ]
 
 e = html.escape
+
+
+def plots(stage):
+    """The plots of a stage's directory: a round's reward model and PPO (round-n/reward, round-n/ppo)
+    get their kind's plots, titled and named for the round."""
+    kind = stage.rsplit("/", 1)[-1]
+    if kind == stage:
+        return [p for p in PLOTS if p.stage == stage]
+    head = STAGE_NAMES.get(stage, stage).split(":")[0]
+    return [p._replace(stage=stage, id=f"{stage.split('/')[0]}-{p.id}", title=f"{head}: {p.title}")
+            for p in PLOTS if p.stage == kind]
+
+
+ACTIVE = Plot("active", "active-selection", "Active selection: held-out reward accuracy by prompts ranked", "prompts",
+              [("random", "random prompts"), ("uncertain", "prompts the reward heads disagree on most")],
+              note="Mean over seeds of the reward model's pairwise accuracy on a fixed test set of rankings, as more "
+                   "prompts are ranked and the model is retrained warm (bench/active.py).", xlabel="prompts ranked")
+
+
+def active_section(active):
+    """bench/active.py's curves (run/active.json: {"method/seed": [[prompts, accuracy], ...]}), averaged over seeds."""
+    if not isinstance(active, dict) or not active:
+        return ""
+    by = {}
+    for key, curve in active.items():
+        method = str(key).split("/")[0]
+        for point in curve if isinstance(curve, list) else []:
+            if isinstance(point, list) and len(point) == 2 and number(point[0]) and number(point[1]):
+                by.setdefault(point[0], {}).setdefault(method, []).append(point[1])
+    rows = [{"prompts": n, **{m: sum(v) / len(v) for m, v in ms.items()}} for n, ms in sorted(by.items())]
+    fig = svg(ACTIVE, rows)
+    seeds = len({str(k).split("/", 1)[-1] for k in active})
+    return section("active", "Which prompts to rank: random or uncertain", (
+        f'<p class="lead">{seeds} seed(s), from the run\'s active.json.</p><div class="plots">{fig or ""}</div>'))
+
+
+def rounds_section(rounds):
+    """Per round of RLHF (summary.json's "rounds", from `shoggoth rounds`): its rankings, the reward
+    model's accuracy on them before and after retraining, and PPO's held-out rewards after it."""
+    rows = [r for r in rounds if isinstance(r, dict)] if isinstance(rounds, list) else []
+    if not rows:
+        return ""
+    pct = lambda v: e(f"{100 * v:.0f}%") if number(v) else "—"  # noqa: E731
+    body = "".join(f'<tr data-round="{e(fmt(r.get("round")))}"><td>{e(fmt(r.get("round")))}</td>'
+                   f'<td class="num">{e(fmt(r.get("prompts")))}</td><td class="num">{e(fmt(r.get("rankings")))}</td>'
+                   f'<td class="num before">{pct(r.get("reward_accuracy_before"))}</td>'
+                   f'<td class="num after">{pct(r.get("reward_accuracy_after"))}</td>'
+                   f'<td class="num">{e(fmt(r.get("eval_gold"), 3))}</td><td class="num">{e(fmt(r.get("eval_scores"), 3))}</td>'
+                   f'<td class="num">{e(fmt(r.get("eval_kl"), 2))}</td><td class="num">{e(fmt(r.get("eval_distinct"), 2))}</td>'
+                   "</tr>" for r in rows)
+    return section("rounds", "Rounds of RLHF", (
+        '<p class="lead">Each round ranks the current policy\'s answers to fresh prompts; the reward model is then '
+        "retrained on every round so far, warm from the last one, and PPO goes on from the current policy with the "
+        "KL leash to the SFT model. <b>Before</b>: the previous reward model's pairwise accuracy on the round's "
+        "held-out rankings, how much of what the new policy writes it still judged as the labelers do; "
+        "<b>after</b>: the retrained model's on the same rankings. Gold, proxy, KL and distinct answers: PPO's last "
+        "held-out evaluation of the round (greedy answers for distinct).</p>"
+        '<table id="rounds-table" class="kv"><thead><tr><th>Round</th><th>Prompts</th><th>Rankings</th>'
+        "<th>Reward accuracy before</th><th>after</th><th>Gold</th><th>Proxy</th><th>KL</th><th>Distinct</th></tr>"
+        f"</thead><tbody>{body}</tbody></table>"))
 
 
 # ---------------------------------------------------------------- reading the run
@@ -317,7 +393,8 @@ def winrate_section(w, head):
 
     lead = ""
     try:
-        lead = f'<p class="lead-big" id="winrate-headline">{e(winrate.sentence(w, "ppo", ["sft", "dpo"], MODELS))}.</p>'
+        others = ["sft", "ppo-1", "dpo"] if "ppo-1" in w["models"] else ["sft", "dpo"]
+        lead = f'<p class="lead-big" id="winrate-headline">{e(winrate.sentence(w, "ppo", others, MODELS))}.</p>'
     except (KeyError, TypeError):  # a run without those models
         pass
     name = lambda m: e(MODELS.get(m, str(m)))  # noqa: E731
@@ -429,18 +506,18 @@ def write(run_dir, out=None) -> Path:
         if not path.exists():
             notes.append(f"no {stage}/metrics.jsonl")
             status.append(f'<span class="pill missing-pill">{stage}: missing</span>')
-            sections.append(section(f"stage-{stage}", STAGE_NAMES[stage], missing(
+            sections.append(section(f"stage-{stage.replace('/', '-')}", STAGE_NAMES[stage], missing(
                 f"Missing: {stage}/metrics.jsonl not found (the stage did not run, or the run stopped before it).")))
             continue
         bad = []
         rows = metrics.read(path, bad)  # a torn last line (a run killed mid-write) is not counted
         if bad:
             notes.append(f"{stage}/metrics.jsonl: skipped {len(bad)} unreadable line(s)")
-        figs = [f for f in (svg(p, rows) for p in PLOTS if p.stage == stage) if f]
+        figs = [f for f in (svg(p, rows) for p in plots(stage)) if f]
         last = max((r["step"] for r in rows if number(r.get("step"))), default=0)
         status.append(f'<span class="pill">{stage}: {e(str(last))} steps</span>')
         body = f'<div class="plots">{"".join(figs)}</div>' if figs else missing("metrics.jsonl holds no plottable values.")
-        sections.append(section(f"stage-{stage}", STAGE_NAMES[stage], body))
+        sections.append(section(f"stage-{stage.replace('/', '-')}", STAGE_NAMES[stage], body))
 
     plan = summary.get("plan") if isinstance(summary.get("plan"), dict) else {}
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -454,10 +531,12 @@ def write(run_dir, out=None) -> Path:
 <body><main>
 <header><h1>Shoggoth run report</h1>
 <p class="meta">{" · ".join(meta)} · generated {when}</p>
-<p class="meta">pretrain → SFT → rankings → reward model → PPO (DPO for comparison)</p>
+<p class="meta">pretrain → SFT → rounds of (rankings → reward model → PPO) (DPO for comparison)</p>
 <div class="pills">{"".join(status)}</div>{gaps}</header>
 {winrate_section(summary.get("winrate"), summary.get("headline") if isinstance(summary.get("headline"), dict) else {})}
 {headline_section(summary.get("headline") if isinstance(summary.get("headline"), dict) else {})}
+{rounds_section(summary.get("rounds"))}
+{active_section(read_json(run / "active.json", []) if (run / "active.json").exists() else {})}
 {mask_section(mask)}
 {"".join(sections)}
 {config_section(summary.get("config"), summary.get("timings"), plan.get("estimate"))}

@@ -21,49 +21,62 @@ def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "reward: starting" in line:  # pretrain, sft and the rankings are done
+        if "round 2: sampling" in line:  # pretrain, sft and round 1 are done
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    assert (out / "feedback" / "rankings.jsonl").exists() and not (out / "report.html").exists()
+    assert (out / "round-1" / "rankings.jsonl").exists() and (out / "round-1" / "ppo" / "model.safetensors").exists()
+    assert not (out / "report.html").exists()
 
     r = shoggoth("demo", "--quick", "--out", out)
-    for stage in ("pretrain", "sft", "feedback"):
+    for stage in ("pretrain", "sft", "round-1"):
         assert f"{stage}: done earlier" in r.stdout  # not run again
-    for stage in ("reward", "ppo", "dpo"):
+    for stage in ("round-2", "dpo"):
         assert f"{stage}: finished" in r.stdout
+    assert "round 1: sampling" not in r.stdout
+    engine = D.connect(out / "feedback" / "feedback.db")  # killed while sampling: round 2's campaign opened once
+    assert [D.round_progress(engine, f"round-{n}")["tasks"] for n in (1, 2)] == [20, 20]
     assert "=== What each layer did" in r.stdout and "reward model: held-out pairwise accuracy" in r.stdout
     # The headline leads with the blind win rates (12 held-out prompts at --quick, 3 labelers each).
     lead = r.stdout.split("=== What each layer did (held-out data, default seed) ===\n")[1].splitlines()[0]
-    assert re.fullmatch(r"blind win rate: PPO preferred over SFT \d+% \[\d+%, \d+%\] of the time; over DPO \d+% "
-                        r"\[\d+%, \d+%\] \(length-controlled \d+% and \d+%; 36 rankings of 4 models' answers to 12 "
-                        r"held-out prompts by simulated labelers\)", lead), lead
+    assert re.fullmatch(r"blind win rate: PPO preferred over SFT \d+% \[\d+%, \d+%\] of the time; over PPO, round 1 "
+                        r"\d+% \[\d+%, \d+%\]; over DPO \d+% \[\d+%, \d+%\] \(length-controlled \d+% and \d+%; 36 "
+                        r"rankings of 5 models' answers to 12 held-out prompts by simulated labelers\)", lead), lead
     assert re.search(r"PPO - SFT [+-]\d\.\d{3}, (the same sign as|against) the win rate", r.stdout)
     summary = json.loads((out / "summary.json").read_text())
     h = summary["headline"]
     for key in ("pretrain_val_loss", "sft_val_loss", "sft_val_loss_base", "reward_accuracy", "gold_sft", "gold_ppo",
                 "gold_dpo", "proxy_ppo", "kl_ppo", "labeler_agreement", "gold_pretrained", "winrate_ppo_sft",
-                "winrate_ppo_dpo"):
+                "winrate_ppo_dpo", "reward_accuracy_before", "proxy_ppo-1", "prefer_ppo-1", "prefer_ppo-1_round-1",
+                "winrate_ppo_ppo-1"):
         assert isinstance(h[key], float), key
     assert 0 <= h["reward_accuracy"] <= 1 and h["sft_val_loss"] < h["sft_val_loss_base"]
-    assert set(summary["timings"]) >= {"pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate"}
+    assert set(summary["timings"]) >= {"pretrain", "sft", "round-1", "round-2", "dpo", "mask", "winrate"}
+    # two rounds: fresh prompts each, round 2's reward model measured on its rankings before and after
+    assert [x["round"] for x in summary["rounds"]] == [1, 2] and all(x["prompts"] == 20 for x in summary["rounds"])
+    assert summary["rounds"][0]["reward_accuracy_before"] is None and 0 <= h["reward_accuracy_before"] <= 1
+    assert "round 2     : 20 prompts, 60 rankings; reward accuracy on the round's held-out rankings" in r.stdout
+    assert re.search(r"exploits    : round 2's reward model scores round 1's answer above SFT's \d+% of the time, "
+                     r"round 1's did \d+% \((less: |not less: no )exploit caught\)", r.stdout)
     w = summary["winrate"]
-    assert w["models"] == ["pretrained", "sft", "ppo", "dpo"] and len(w["pairs"]) == 6
+    assert w["models"] == ["pretrained", "sft", "ppo-1", "ppo", "dpo"] and len(w["pairs"]) == 10
     assert all(p["n"] == 36 and p["ci"][0] <= p["win_rate"] <= p["ci"][1] for p in w["pairs"])
     db = D.connect(out / "feedback" / "feedback.db")  # the evaluation is there, and out of the training export
-    assert {r["campaign"] for r in D.export_rows(db)} == {"demo"} and len(list(D.export_rows(db, "heldout"))) == 36
+    assert {r["campaign"] for r in D.export_rows(db)} == {"round-1", "round-2"}
+    assert len(list(D.export_rows(db, "heldout"))) == 36
     plan = summary["plan"]
     assert plan["pretrain_steps"] == 30 and set(plan["estimate"]) == set(summary["timings"]) and plan["matmul_flops"] > 0
-    assert summary["config"]["pretrain"]["dtype"] == plan["dtype"] == summary["config"]["ppo"]["dtype"]
+    assert summary["config"]["pretrain"]["dtype"] == plan["dtype"] == summary["config"]["round-2/ppo"]["dtype"]
+    assert summary["config"]["round-2/ppo"]["ref"] == str(out / "sft")  # the leash stays on the SFT model
     table = r.stdout[r.stdout.index("stage      estimated"):].splitlines()
-    assert [ln.split()[0] for ln in table[1:10]] == ["pretrain", "sft", "feedback", "reward", "ppo", "dpo", "mask", "winrate",
-                                                  "total"]
+    assert [ln.split()[0] for ln in table[1:9]] == ["pretrain", "sft", "round-1", "round-2", "dpo", "mask", "winrate",
+                                                 "total"]
     assert "answers     : real English words SFT" in r.stdout
     for key in ("real_words_sft", "real_words_ppo", "distinct_ppo"):
         assert 0 <= h[key] <= 1, key
     mask = json.loads((out / "mask.json").read_text())["prompts"]
-    assert mask and all(set(row["answers"]) == {"pretrained", "sft", "ppo", "dpo"} for row in mask)
+    assert mask and all(set(row["answers"]) == {"pretrained", "sft", "ppo-1", "ppo", "dpo"} for row in mask)
     html = (out / "report.html").read_text()
     assert "the mask" in html.lower() and "<svg" in html
 

@@ -77,8 +77,8 @@ def test_full_run_report_in_chromium(demo_run, tmp_path, page):
 
     # Every plot of every stage that ran, with its title and a drawn curve for every metric it
     # names: the stages' metric names and the report's agree.
-    plots = [p for p in report.PLOTS if p.stage in report.STAGES]
-    assert {p.stage for p in plots} == set(report.STAGES)
+    plots = [p for stage in report.STAGES for p in report.plots(stage)]
+    assert {p.stage for p in plots} == set(report.STAGES) and len({p.id for p in plots}) == len(plots)
     for p in plots:
         svg = page.locator(f"svg#plot-{p.id}")
         assert svg.count() == 1, p.id
@@ -90,17 +90,21 @@ def test_full_run_report_in_chromium(demo_run, tmp_path, page):
         assert svg.bounding_box()["height"] > 150
     assert page.get_by_text("Not logged").count() == 0
     # Over-optimisation: proxy and gold, one marker per PPO iteration.
-    iterations = [r for r in metric_rows(run, "ppo") if "objective/kl" in r]
+    iterations = [r for r in metric_rows(run, "round-2/ppo") if "objective/kl" in r]
     assert iterations and all("objective/scores" in r and "objective/gold" in r for r in iterations)
-    assert page.locator("svg#plot-ppo-overopt circle").count() == 2 * len(iterations)
+    assert page.locator("svg#plot-round-2-ppo-overopt circle").count() == 2 * len(iterations)
+    # the rounds: one row each, the reward model's accuracy before (none in round 1) and after
+    rounds = page.locator("#rounds-table tbody tr")
+    assert rounds.count() == 2 and rounds.first.locator("td.before").text_content() == "—"
+    assert rounds.nth(1).locator("td.before").text_content().endswith("%")
 
     # The mask: one row per prompt, a column per model, scores in each cell.
     table = page.locator("table#mask")
-    assert table.locator("thead th[data-model]").all_text_contents() == ["Pretrained", "SFT", "PPO", "DPO"]
+    assert table.locator("thead th[data-model]").all_text_contents() == ["Pretrained", "SFT", "PPO, round 1", "PPO", "DPO"]
     rows = table.locator("tbody tr")
     assert rows.count() == len(mask["prompts"])
     for i, prompt in enumerate(mask["prompts"]):
-        assert rows.nth(i).locator("td.answer").count() == 4
+        assert rows.nth(i).locator("td.answer").count() == 5
         assert prompt["prompt"] in rows.nth(i).locator("td.prompt").text_content()
     gold = mask["prompts"][0]["answers"]["dpo"]["gold"]
     assert f"gold {gold:.2f}" in rows.first.locator('td[data-model="dpo"]').text_content()
@@ -111,9 +115,10 @@ def test_full_run_report_in_chromium(demo_run, tmp_path, page):
 
     # The report leads with the blind win rates, next to the gold and proxy rewards.
     lead = page.locator("#winrate-headline").text_content()
-    assert re.fullmatch(r"PPO preferred over SFT \d+% \[\d+%, \d+%\] of the time; over DPO \d+% \[\d+%, \d+%\]\.", lead)
+    assert re.fullmatch(r"PPO preferred over SFT \d+% \[\d+%, \d+%\] of the time; over PPO, round 1 \d+% \[\d+%, \d+%\]; "
+                        r"over DPO \d+% \[\d+%, \d+%\]\.", lead)
     assert page.locator("section").first.get_attribute("id") == "winrate"
-    assert page.locator("#winrates tbody tr").count() == len(summary["winrate"]["pairs"]) == 6
+    assert page.locator("#winrates tbody tr").count() == len(summary["winrate"]["pairs"]) == 10
     assert "PPO over SFT" in page.locator('#winrates tr[data-pair="ppo/sft"]').text_content()
     assert page.locator('#rewards tr[data-model="ppo"]').locator("td").all_text_contents()[1:3] == [
         f"{head['gold_ppo']:.3f}", f"{head['proxy_ppo']:.3f}"]
@@ -152,12 +157,13 @@ def test_partial_run_says_what_is_missing(demo_run, tmp_path, page):
     shoggoth("report", run, "--out", out)
     page.goto(out.resolve().as_uri())
     assert page.locator("svg#plot-pretrain-loss path.series").count() == 2  # train and held-out
-    assert page.locator("svg#plot-ppo-overopt").count() == 0
+    assert page.locator("svg#plot-round-2-ppo-overopt").count() == 0
     note = page.locator("#missing").text_content()
-    for what in ("sft/metrics.jsonl", "ppo/metrics.jsonl", "dpo/metrics.jsonl", "mask.json", "summary.json"):
+    for what in ("sft/metrics.jsonl", "round-1/reward/metrics.jsonl", "round-2/ppo/metrics.jsonl", "dpo/metrics.jsonl",
+                 "mask.json", "summary.json"):
         assert what in note
     assert "unreadable line" not in note  # the torn last line a killed run leaves is no fault of the file
-    assert "Missing" in page.locator("#stage-ppo .missing").text_content()
+    assert "Missing" in page.locator("#stage-round-2-ppo .missing").text_content()
     assert page.locator("table#mask").count() == 0
     assert page.locator("#mask-section .missing").count() == 1
     assert page.locator("#winrate .missing").count() == 1
