@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, config, data, losses, metrics, tokenizer
+from . import checkpoint, config, data, metrics, tokenizer
 from .errors import DataError, ShoggothError
 from .feedback import db as D, jobs
 from .metrics import duration
@@ -70,6 +70,7 @@ class Config:
     seed: int = 0  # seeds the prompt order, sampling and the ensemble
 
 
+CHANCE = 0.55  # held-out pairwise accuracy below which a round's reward model is said to have learnt nothing
 ASKED = ("round", "out", "policy", "select", "prompts", "disagreement")  # what asked.json and the campaign keep of step 1
 
 
@@ -105,7 +106,7 @@ def fit_heads(reward_dir, rankings, heads, seed, steps=200, lr=0.05, l2=1e-3):
     """An ensemble of reward heads: each a copy of the reward model's head, refitted with InstructGPT's
     loss on a bootstrap resample of the rankings (features of the frozen trunk). Where the rankings
     pin the reward down the heads agree; where they do not, the resamples pull them apart
-    (a last-layer bootstrap ensemble: one trunk pass, heads in milliseconds). Returns (model, tok, W (H, d))."""
+    (a last-layer bootstrap ensemble: one trunk pass, heads in seconds). Returns (model, tok, W (H, d))."""
     model, _ = checkpoint.load_reward(reward_dir)
     model.eval()
     tok = tokenizer.load(reward_dir)
@@ -116,18 +117,34 @@ def fit_heads(reward_dir, rankings, heads, seed, steps=200, lr=0.05, l2=1e-3):
         r["rows"] = data.reward_rows(tok, r["prompt"], r["completions"])
     rows, which, ranks, groups = data.flatten_rankings(recs)
     F = features(model, rows, tok.pad_id)  # (R, d)
+    # Every ranking's untied pairs (better i, worse j), found once: losses.ranking_loss finds them
+    # among all N x N completions of its batch, too slow for every ranking so far at every step.
+    pi, pj, pg = [], [], []
+    start = 0
+    for g, r in enumerate(recs):
+        k = len(r["ranks"])
+        for a in range(k):
+            for b in range(k):
+                if r["ranks"][a] < r["ranks"][b]:
+                    pi.append(int(which[start + a]))
+                    pj.append(int(which[start + b]))
+                    pg.append(g)
+        start += k
+    pi, pj, pg = torch.tensor(pi), torch.tensor(pj), torch.tensor(pg)
+    per_ranking = torch.bincount(pg, minlength=len(recs)).float()  # (G,) untied pairs of each ranking
     w0 = model.score.weight.detach().float()[0]  # (d,)
     gen = torch.Generator().manual_seed(seed)
-    start = torch.cat([torch.tensor([0]), torch.bincount(groups).cumsum(0)])  # each ranking's first completion
     W = []
     for _ in range(heads):
-        pick = torch.randint(len(recs), (len(recs),), generator=gen)  # a bootstrap resample of the rankings
-        idx = torch.cat([torch.arange(start[g], start[g + 1]) for g in pick.tolist()])
-        g_new = torch.repeat_interleave(torch.arange(len(pick)), start[pick + 1] - start[pick])
+        # A bootstrap resample of the rankings, as how often each is drawn; InstructGPT's loss over it:
+        # the mean over drawn rankings of the mean over each one's pairs of -log sigmoid(r_i - r_j).
+        drawn = torch.bincount(torch.randint(len(recs), (len(recs),), generator=gen), minlength=len(recs)).float()
+        weight = (drawn / per_ranking)[pg] / drawn.sum()  # (P,)
         w = w0.clone().requires_grad_(True)
         opt = torch.optim.Adam([w], lr=lr)
         for _ in range(steps):
-            loss, _ = losses.ranking_loss(F[which[idx]] @ w, ranks[idx], g_new)
+            s = F @ w  # (R,)
+            loss = (weight * -torch.nn.functional.logsigmoid(s[pi] - s[pj])).sum()
             (loss + l2 * (w - w0).pow(2).sum()).backward()
             opt.step()
             opt.zero_grad()
@@ -255,6 +272,7 @@ def check_campaigns(c: Config, engine):
             raise DataError(f"campaign 'round-{n}' is an evaluation campaign (a blind comparison of models); "
                             "evaluations never feed training: use another --db or rename that campaign")
     if c.rankings:
+        data.read_rankings(c.rankings, log=lambda *_: None)  # a bad line is a one-line error now, not rounds later
         for i, line in enumerate(Path(c.rankings).read_text(encoding="utf-8").splitlines(), 1):
             if line.strip() and "models" in json.loads(line):
                 raise DataError(f"{c.rankings}:{i}: a ranking of an evaluation campaign (it names its models); "
@@ -268,6 +286,10 @@ def run(c: Config, reward=None, ppo=None):
         raise ShoggothError("rounds: --sft DIR (the SFT model, the KL reference) is required")
     if c.select not in ("random", "uncertain"):
         raise ShoggothError(f"--select must be random or uncertain (got {c.select!r})")
+    if not 2 <= c.k <= D.MAX_K:
+        raise ShoggothError(f"--k must be between 2 and {D.MAX_K} (got {c.k})")
+    if c.heads < 2:
+        raise ShoggothError(f"--heads must be at least 2: disagreement needs two heads (got {c.heads})")
     if c.simulate:
         from .labelers import persona
         persona(c.simulate)  # an unknown persona fails before anything runs
@@ -309,6 +331,10 @@ def run(c: Config, reward=None, ppo=None):
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         log(f"round {n}: reward accuracy on this round's held-out rankings: before {fmt(before)} (the last reward "
             f"model), after {fmt(after)}")
+        if after is not None and after < CHANCE:
+            log(f"round {n}: warning: the reward model is near chance ({after:.3f}) on this round's held-out rankings: it "
+                f"has not learnt the labelers' taste from these rankings, and PPO against it learns noise. Rank more "
+                "prompts per round (--prompts-per-round) or more rankings per prompt (--rankings-per-task)")
         pdir = rdir / "ppo"
         if not config.finished(pdir):
             config.run("ppo", c.ppo_config, pdir, policy=str(policy), ref=c.sft, reward=str(rw),

@@ -49,6 +49,9 @@ def test_two_simulated_rounds_end_to_end(tmp_path, sft, db_url, chromium):
     assert summary[0]["reward_accuracy_before"] is None  # no reward model before round 1
     assert 0 <= summary[1]["reward_accuracy_before"] <= 1 and 0 <= summary[1]["reward_accuracy_after"] <= 1
     assert "round 2: reward accuracy on this round's held-out rankings: before" in r.stdout
+    for n in (1, 2):  # a reward model near chance is said to have learnt nothing (a tiny random model often is)
+        assert (f"round {n}: warning: the reward model is near chance" in r.stdout) == \
+            (summary[n - 1]["reward_accuracy_after"] < rounds.CHANCE)
     # fresh prompts each round; the campaigns and what the admin page shows of them
     asked = [json.loads((run / f"round-{n}" / "asked.json").read_text())["prompts"] for n in (1, 2)]
     assert len(asked[0]) == len(asked[1]) == 6 and not set(asked[0]) & set(asked[1])
@@ -196,8 +199,12 @@ def test_evaluation_campaigns_never_feed_training(tmp_path, sft):
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, sft):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi", "completions": ["a", "b"], "ranks": [0, 1]})
+                                        + "\n{not json\n")
     for extra, msg in ((["--select", "loud"], "--select must be random or uncertain"),
-                       (["--simulate", "nobody"], "nobody"), (["--rounds", "0"], "--rounds must be at least 1")):
+                       (["--simulate", "nobody"], "nobody"), (["--rounds", "0"], "--rounds must be at least 1"),
+                       (["--k", "40"], "--k must be between 2 and 16"), (["--heads", "1"], "--heads must be at least 2"),
+                       (["--rankings", tmp_path / "bad.jsonl"], "bad.jsonl:2")):
         r = shoggoth(*args(tmp_path, sft, f"sqlite:///{tmp_path / 'f.db'}", *extra), check=False, env=ENV)
         assert r.returncode in (1, 2) and msg in r.stderr and "Traceback" not in r.stderr
     r = shoggoth("rounds", "--db", tmp_path / "f.db", check=False)
