@@ -3,8 +3,8 @@
 pretrain (King James Bible, chit-chat conversations) -> SFT (chatterbot-corpus) -> two rounds of
 RLHF (`shoggoth rounds`): K completions per prompt from the current policy, ranked by simulated
 labelers through the feedback app's database -> reward model retrained on every round so far ->
-PPO from the current policy; then DPO on the same rankings for comparison -> the mask
-(held-out prompts through every model, proxy and gold scores) -> blind win rates
+PPO from the current policy; then DPO on the same rankings for comparison -> answers (the
+held-out prompts through every model, proxy and gold scores; "the mask" of the report) -> blind win rates
 (the simulated labelers rank every model's answers to the held-out prompts, as an
 evaluation campaign of the feedback app) -> report.html.
 
@@ -41,7 +41,7 @@ QUICK = {
 QUICK_PROMPTS = 40  # train prompts ranked at --quick, over all rounds
 
 
-ORDER = ("pretrain", "sft", *(f"round-{n}" for n in range(1, ROUNDS + 1)), "dpo", "mask", "winrate")
+ORDER = ("pretrain", "sft", *(f"round-{n}" for n in range(1, ROUNDS + 1)), "dpo", "answers", "winrate")
 # --scale: the pretraining preset. cpu: the 4M-parameter model, its steps set by the budget; small-gpu:
 # a 30M-parameter model at its preset's steps (minutes on one GPU, hours on a CPU). The other
 # stages' presets fit both.
@@ -59,13 +59,13 @@ PRETRAIN_STEPS = (150, 2400)  # the budget picks the pretraining steps in this r
 WORK = {
     "bf16": {"pretrain": 62 * 7.8e11, "pretrain_step": 0.45 * 7.8e11, "sft": 75 * 7.8e11,
              "round-1": 111 * 7.8e11, "round-2": 133 * 7.8e11, "dpo": 82 * 7.8e11,
-             "mask": 32 * 7.8e11, "winrate": 5 * 7.8e11},
+             "answers": 32 * 7.8e11, "winrate": 5 * 7.8e11},
     "fp32": {"pretrain": 70 * 1.68e11, "pretrain_step": 1.1 * 1.68e11, "sft": 130 * 1.68e11,
              "round-1": 158 * 1.68e11, "round-2": 205 * 1.68e11, "dpo": 152 * 1.68e11,
-             "mask": 34 * 1.68e11, "winrate": 5 * 1.68e11},
+             "answers": 34 * 1.68e11, "winrate": 5 * 1.68e11},
 }
 WORK_QUICK = {"pretrain": 20 * 1.2e12, "pretrain_step": 0.02 * 1.2e12, "sft": 5 * 1.2e12, "round-1": 8 * 1.2e12,
-              "round-2": 8 * 1.2e12, "dpo": 3 * 1.2e12, "mask": 5 * 1.2e12, "winrate": 1 * 1.2e12}  # bf16 or fp32
+              "round-2": 8 * 1.2e12, "dpo": 3 * 1.2e12, "answers": 5 * 1.2e12, "winrate": 1 * 1.2e12}  # bf16 or fp32
 
 
 def plan(rate, dtype, budget, quick=False):
@@ -230,7 +230,7 @@ def heldout_prompts(run: Run):
     return held[:12] if run.quick else held
 
 
-def mask(run: Run, reward_dir):
+def answers(run: Run, reward_dir):
     """The same held-out prompts answered by every model, greedy, with proxy and gold scores; returns
     each model's first sampled reply to every held-out prompt."""
     from . import data, labelers, sampling
@@ -271,11 +271,11 @@ def mask(run: Run, reward_dir):
     # question, of every answer a model gave here and a list of generic replies, is measured too.
     h["gold_constant"], h["constant_reply"] = labelers.best_constant(
         [(data.prompt_text(r), r["references"]) for r in held], seen | set(labelers.GENERIC))
-    h["mask_ppo_distinct"] = len({row["answers"]["ppo"]["text"] for row in table if "ppo" in row["answers"]})
-    h["mask_ppo_on_topic"] = sum(labelers.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
+    h["shown_ppo_distinct"] = len({row["answers"]["ppo"]["text"] for row in table if "ppo" in row["answers"]})
+    h["shown_ppo_on_topic"] = sum(labelers.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
                                  for row in table if "ppo" in row["answers"])
     h["taste"] = labelers.TASTE
-    checkpoint.write_json(run.out / "mask.json", {"prompts": table})
+    checkpoint.write_json(run.out / "answers.json", {"prompts": table})
     run.save()
     return answers
 
@@ -319,8 +319,8 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
 
     h = r.summary["headline"]
     t = time.time()
-    r.log("mask: held-out prompts through every model, scored by the reward model (proxy) and the labelers' taste (gold)")
-    answers = mask(r, last / "reward")
+    r.log("answers: held-out prompts through every model, scored by the reward model (proxy) and the labelers' taste (gold)")
+    shown = answers(r, last / "reward")
     h["sft_val_loss_base"] = metric(o / "sft" / "metrics.jsonl", "val_loss", 0)
     h["sft_val_loss"] = metric(o / "sft" / "metrics.jsonl", "val_loss")
     h["pretrain_val_loss"] = metric(o / "pretrain" / "metrics.jsonl", "val_loss")
@@ -329,10 +329,10 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     h["reward_accuracy_before"] = r.summary["rounds"][-1]["reward_accuracy_before"]
     ppo = last / "ppo" / "metrics.jsonl"
     h["kl_ppo"] = metric(ppo, "eval/kl") or metric(ppo, "objective/kl")
-    r.summary["timings"]["mask"] = round(time.time() - t, 1)
+    r.summary["timings"]["answers"] = round(time.time() - t, 1)
     t = time.time()
     r.log("winrate: the simulated labelers rank every model's answers to the held-out prompts, blind")
-    w = r.summary["winrate"] = blind_winrates(r, answers)
+    w = r.summary["winrate"] = blind_winrates(r, shown)
     ppo_sft, ppo_dpo, ppo_1 = (winrate.lookup(w, "ppo", m) for m in ("sft", "dpo", "ppo-1"))
     h["winrate_ppo_sft"], h["winrate_ppo_dpo"] = ppo_sft["win_rate"], ppo_dpo["win_rate"]
     h["winrate_ppo_sft_low"] = ppo_sft["ci"][0] if ppo_sft["ci"] else None
@@ -380,7 +380,7 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     missed = [t for t, verdict in report.target_verdicts(h) if verdict != "met"]
     print(f"targets     : {len(report.TARGETS) - len(missed)} of {len(report.TARGETS)} met"
           + "".join(f"\n  missed: {t}" for t in missed))
-    for row in json.loads((o / "mask.json").read_text())["prompts"][:3]:
+    for row in json.loads((o / "answers.json").read_text())["prompts"][:3]:
         print(f"\nuser> {row['prompt']}")
         for name in MODELS:
             if name in row["answers"]:

@@ -1,6 +1,6 @@
 """`shoggoth report RUN_DIR`: one self-contained HTML file showing what every stage of a run did.
 
-Reads what the run directory holds (each stage's metrics.jsonl, mask.json,
+Reads what the run directory holds (each stage's metrics.jsonl, answers.json,
 summary.json) and renders whatever is there, naming what is missing: a run that
 stopped early still gets a report. Plots are inline SVG drawn here (no plotting
 library, no script, nothing fetched), so the file opens anywhere, offline.
@@ -50,7 +50,7 @@ HEADLINE = {
     "gold_constant": "Gold reward, best single reply to every question", "constant_reply": "That single reply",
     "winrate_ppo_sft_low": "PPO over SFT, lower end of the 95% interval",
     "lc_winrate_ppo_sft": "PPO over SFT, length-controlled",
-    "mask_ppo_distinct": "Different PPO answers among the 6 shown", "mask_ppo_on_topic": "On-topic PPO answers among the 6 shown",
+    "shown_ppo_distinct": "Different PPO answers among the 6 shown", "shown_ppo_on_topic": "On-topic PPO answers among the 6 shown",
     "taste": "The simulated labelers' taste",
     "gold_ppo-1": "Gold reward, PPO round 1", "proxy_ppo-1": "Proxy reward, PPO round 1",
     "prefer_ppo-1": "Last reward model: round 1's answer above SFT's",
@@ -73,8 +73,8 @@ TARGETS = [("real_words_sft", ">=", 0.9, "at least 90% of the words in SFT answe
             "no single reply given to every question earns SFT's gold reward (the taste cannot be won by a trick)"),
            ("winrate_ppo_sft", ">=", 0.65, "labelers prefer PPO's answer over SFT's at least 65% of the time"),
            ("winrate_ppo_sft_low", ">", 0.5, "the lower end of that win rate's 95% interval is above 50%"),
-           ("mask_ppo_distinct", ">=", 6, "the six PPO answers shown side by side all differ"),
-           ("mask_ppo_on_topic", ">=", 6, "each of the six PPO answers shown is on the question's topic"),
+           ("shown_ppo_distinct", ">=", 6, "the six PPO answers shown side by side all differ"),
+           ("shown_ppo_on_topic", ">=", 6, "each of the six PPO answers shown is on the question's topic"),
            (("prefer_ppo-1_round-1", "prefer_ppo-1"), ">", None, "the last round's reward model prefers round 1's "
             "answers to SFT's less often than round 1's did (its exploits caught)"),
            ("winrate_ppo_ppo-1", ">", 0.5, "labelers prefer the last round's policy over the first round's")]
@@ -428,12 +428,13 @@ def winrate_section(w, head):
         f'<th>Answer length (chars)</th></tr></thead><tbody>{models}</tbody></table></div>'))
 
 
-def mask_section(mask):
-    prompts = mask.get("prompts") if isinstance(mask.get("prompts"), list) else []
+def answers_section(shown):
+    """"The mask": the same held-out prompts answered by every model, side by side (answers.json)."""
+    prompts = shown.get("prompts") if isinstance(shown.get("prompts"), list) else []
     prompts = [p for p in prompts if isinstance(p, dict)]
     title = "The mask: same prompts, every model"
     if not prompts:
-        return section("mask-section", title, missing("No mask.json answers in this run (it stopped before the comparison)."))
+        return section("answers-section", title, missing("No answers.json in this run (it stopped before the comparison)."))
     seen = {m for p in prompts if isinstance(p.get("answers"), dict) for m in p["answers"]}
     cols = [m for m in MODELS if m in seen] + sorted(seen - set(MODELS))
     head = "".join(f'<th data-model="{e(m)}">{e(MODELS.get(m, m))}</th>' for m in cols)
@@ -455,10 +456,10 @@ def mask_section(mask):
                          f'proxy <b>{e(fmt(a.get("proxy"), 2))}</b> · gold <b>{e(fmt(a.get("gold"), 2))}</b>'
                          f'{" ★" if best else ""}</div></td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return section("mask-section", title, (
+    return section("answers-section", title, (
         '<p class="lead">Held-out prompts answered by each stage\'s model. <b>Proxy</b>: the learned reward model. '
         '<b>Gold</b>: the simulated labelers\' taste the reward model tries to learn. ★ best gold in the row.</p>'
-        f'<table id="mask" class="mask"><thead><tr><th class="prompt">Prompt</th>{head}</tr></thead>'
+        f'<table id="answers" class="answers"><thead><tr><th class="prompt">Prompt</th>{head}</tr></thead>'
         f'<tbody>{"".join(body)}</tbody></table>'))
 
 
@@ -492,13 +493,13 @@ def config_section(config, timings, estimate):
 
 
 def write(run_dir, out=None) -> Path:
-    """Render RUN_DIR's metrics, mask and summary into one HTML file (default RUN_DIR/report.html); its path."""
+    """Render RUN_DIR's metrics, answers and summary into one HTML file (default RUN_DIR/report.html); its path."""
     run = Path(run_dir)
     if not run.is_dir():
         raise ShoggothError(f"{run}: no such run directory")
     notes = []
     summary = read_json(run / "summary.json", notes)
-    mask = read_json(run / "mask.json", notes)
+    shown = read_json(run / "answers.json", notes)
     stages = STAGES + [s for s in STAGE_NAMES if s not in STAGES and (run / s / "metrics.jsonl").exists()]
     sections, status = [], []
     for stage in stages:
@@ -537,7 +538,7 @@ def write(run_dir, out=None) -> Path:
 {headline_section(summary.get("headline") if isinstance(summary.get("headline"), dict) else {})}
 {rounds_section(summary.get("rounds"))}
 {active_section(read_json(run / "active.json", []) if (run / "active.json").exists() else {})}
-{mask_section(mask)}
+{answers_section(shown)}
 {"".join(sections)}
 {config_section(summary.get("config"), summary.get("timings"), plan.get("estimate"))}
 </main></body></html>
@@ -588,8 +589,8 @@ svg.plot .series{fill:none;stroke-width:2;stroke-linejoin:round}
 table{border-collapse:collapse;background:#fff;width:100%}
 th,td{border:1px solid var(--line);padding:8px 10px;vertical-align:top;text-align:left}
 th{background:#f1f5f9;font-weight:600}
-table.mask{table-layout:fixed}
-table.mask th.prompt{width:17%}
+table.answers{table-layout:fixed}
+table.answers th.prompt{width:17%}
 td.prompt{font-weight:600}
 .refs{color:var(--muted);font-size:12px;font-weight:400;margin-top:6px}
 td.answer .text{white-space:pre-wrap;overflow-wrap:anywhere;max-height:15em;overflow:auto;

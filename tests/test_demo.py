@@ -52,7 +52,7 @@ def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
                 "winrate_ppo_ppo-1"):
         assert isinstance(h[key], float), key
     assert 0 <= h["reward_accuracy"] <= 1 and h["sft_val_loss"] < h["sft_val_loss_base"]
-    assert set(summary["timings"]) >= {"pretrain", "sft", "round-1", "round-2", "dpo", "mask", "winrate"}
+    assert set(summary["timings"]) >= {"pretrain", "sft", "round-1", "round-2", "dpo", "answers", "winrate"}
     # two rounds: fresh prompts each, round 2's reward model measured on its rankings before and after
     assert [x["round"] for x in summary["rounds"]] == [1, 2] and all(x["prompts"] == 20 for x in summary["rounds"])
     assert summary["rounds"][0]["reward_accuracy_before"] is None and 0 <= h["reward_accuracy_before"] <= 1
@@ -70,13 +70,13 @@ def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
     assert summary["config"]["pretrain"]["dtype"] == plan["dtype"] == summary["config"]["round-2/ppo"]["dtype"]
     assert summary["config"]["round-2/ppo"]["ref"] == str(out / "sft")  # the leash stays on the SFT model
     table = r.stdout[r.stdout.index("stage      estimated"):].splitlines()
-    assert [ln.split()[0] for ln in table[1:9]] == ["pretrain", "sft", "round-1", "round-2", "dpo", "mask", "winrate",
+    assert [ln.split()[0] for ln in table[1:9]] == ["pretrain", "sft", "round-1", "round-2", "dpo", "answers", "winrate",
                                                  "total"]
     assert "answers     : real English words SFT" in r.stdout
     for key in ("real_words_sft", "real_words_ppo", "distinct_ppo"):
         assert 0 <= h[key] <= 1, key
-    mask = json.loads((out / "mask.json").read_text())["prompts"]
-    assert mask and all(set(row["answers"]) == {"pretrained", "sft", "ppo-1", "ppo", "dpo"} for row in mask)
+    shown = json.loads((out / "answers.json").read_text())["prompts"]
+    assert shown and all(set(row["answers"]) == {"pretrained", "sft", "ppo-1", "ppo", "dpo"} for row in shown)
     html = (out / "report.html").read_text()
     assert "the mask" in html.lower() and "<svg" in html
 

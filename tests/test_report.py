@@ -1,7 +1,7 @@
 """`shoggoth report`: a real run directory (`shoggoth demo --quick`, run once for this module; then
 cut short) rendered by the real command line, opened in real headless Chromium: every plot draws
 every metric it names from the stages' real metrics.jsonl (a renamed metric fails here), the
-headline and the mask table are there, untrusted model text shows as text and never runs,
+headline and the answers table ("the mask") are there, untrusted model text shows as text and never runs,
 nothing is fetched from outside the file."""
 
 import json
@@ -26,12 +26,12 @@ def demo_run(tmp_path_factory):
     return out
 
 
-def copy_run(src, dest, stages=report.STAGES, mask=True, summary=True):
-    """What `shoggoth report` reads from a run (metrics, mask, summary), without the models."""
+def copy_run(src, dest, stages=report.STAGES, answers=True, summary=True):
+    """What `shoggoth report` reads from a run (metrics, answers, summary), without the models."""
     for stage in stages:
         (dest / stage).mkdir(parents=True)
         shutil.copy(src / stage / "metrics.jsonl", dest / stage / "metrics.jsonl")
-    for name, keep in (("mask.json", mask), ("summary.json", summary)):
+    for name, keep in (("answers.json", answers), ("summary.json", summary)):
         if keep:
             shutil.copy(src / name, dest / name)
     return dest
@@ -55,9 +55,9 @@ def page(chromium):
 def test_full_run_report_in_chromium(demo_run, tmp_path, page):
     run = copy_run(demo_run, tmp_path / "run")
     # Untrusted text where a run holds it: a model's answer and a labeler's name.
-    mask = json.loads((run / "mask.json").read_text())
-    mask["prompts"][1]["answers"]["ppo"]["text"] = PAYLOAD
-    (run / "mask.json").write_text(json.dumps(mask))
+    shown = json.loads((run / "answers.json").read_text())
+    shown["prompts"][1]["answers"]["ppo"]["text"] = PAYLOAD
+    (run / "answers.json").write_text(json.dumps(shown))
     summary = json.loads((run / "summary.json").read_text())
     labeler = summary["winrate"]["labelers"][1]
     for pair in summary["winrate"]["pairs"]:
@@ -99,14 +99,14 @@ def test_full_run_report_in_chromium(demo_run, tmp_path, page):
     assert rounds.nth(1).locator("td.before").text_content().endswith("%")
 
     # The mask: one row per prompt, a column per model, scores in each cell.
-    table = page.locator("table#mask")
+    table = page.locator("table#answers")
     assert table.locator("thead th[data-model]").all_text_contents() == ["Pretrained", "SFT", "PPO, round 1", "PPO", "DPO"]
     rows = table.locator("tbody tr")
-    assert rows.count() == len(mask["prompts"])
-    for i, prompt in enumerate(mask["prompts"]):
+    assert rows.count() == len(shown["prompts"])
+    for i, prompt in enumerate(shown["prompts"]):
         assert rows.nth(i).locator("td.answer").count() == 5
         assert prompt["prompt"] in rows.nth(i).locator("td.prompt").text_content()
-    gold = mask["prompts"][0]["answers"]["dpo"]["gold"]
+    gold = shown["prompts"][0]["answers"]["dpo"]["gold"]
     assert f"gold {gold:.2f}" in rows.first.locator('td[data-model="dpo"]').text_content()
     # Untrusted model text: shown as text, never run.
     assert rows.nth(1).locator('td[data-model="ppo"] .text').text_content() == PAYLOAD
@@ -150,7 +150,7 @@ def test_full_run_report_in_chromium(demo_run, tmp_path, page):
 
 
 def test_partial_run_says_what_is_missing(demo_run, tmp_path, page):
-    run = copy_run(demo_run, tmp_path / "run", stages=("pretrain",), mask=False, summary=False)
+    run = copy_run(demo_run, tmp_path / "run", stages=("pretrain",), answers=False, summary=False)
     with open(run / "pretrain/metrics.jsonl", "a") as f:
         f.write('{"step": 31, "loss": 3.')  # a run killed mid-write leaves a torn line
     out = tmp_path / "elsewhere" / "r.html"
@@ -160,12 +160,12 @@ def test_partial_run_says_what_is_missing(demo_run, tmp_path, page):
     assert page.locator("svg#plot-round-2-ppo-overopt").count() == 0
     note = page.locator("#missing").text_content()
     for what in ("sft/metrics.jsonl", "round-1/reward/metrics.jsonl", "round-2/ppo/metrics.jsonl", "dpo/metrics.jsonl",
-                 "mask.json", "summary.json"):
+                 "answers.json", "summary.json"):
         assert what in note
     assert "unreadable line" not in note  # the torn last line a killed run leaves is no fault of the file
     assert "Missing" in page.locator("#stage-round-2-ppo .missing").text_content()
-    assert page.locator("table#mask").count() == 0
-    assert page.locator("#mask-section .missing").count() == 1
+    assert page.locator("table#answers").count() == 0
+    assert page.locator("#answers-section .missing").count() == 1
     assert page.locator("#winrate .missing").count() == 1
     page.screenshot(path=str(tmp_path / "partial.png"), full_page=True)
     assert (tmp_path / "partial.png").stat().st_size > 20_000
