@@ -58,15 +58,40 @@ def prompt_batch(n, batch_size, iteration, seed):
 # ---------------------------------------------------------------- models
 
 
+@dataclass
+class Options:
+    """The fields PPO and GRPO share (their Configs inherit them, as lora.Options): the models, the
+    prompts, the rollouts, the schedule and the evaluation. A stage redeclares a field whose default differs."""
+
+    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference unless --ref
+    ref: str = ""  # model directory of the KL reference; empty = --policy (`shoggoth rounds`: the SFT model, while --policy is the last round's)
+    reward: str = ""  # reward model directory (a `shoggoth reward` output)
+    prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
+    eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
+    toy_reward: str = ""  # test/debug aid: reward = fraction of response tokens that are this word (no reward model)
+    skip_invalid: bool = False  # skip (and count) invalid prompt lines instead of stopping at the first
+    iterations: int = 100  # iterations (rollout + update)
+    max_new_tokens: int = 48  # longest response
+    temperature: float = 1.0  # rollout sampling temperature; training log-probs use the same
+    lr: float = 1e-5  # peak learning rate
+    min_lr_frac: float = 1.0  # final lr as a fraction of the peak (cosine decay; 1 = constant)
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    clip: float = 0.2  # policy ratio clip (epsilon)
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits a stop token (ends its turn)
+    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL, distinct answers)
+    eval_samples: int = 64  # held-out prompts per evaluation
+    ckpt_every: int = 20  # iterations between resume checkpoints
+
+
 def load_policy(c, device):
     """(tok, policy, ref) of a stage's Config: the model to train (c.policy), on device, with c's
     LoRA adapters when c.lora_r is set, and a frozen copy of it, the reference; with LoRA the
-    reference is the policy itself with its adapters off (reference()), and ref is None. A Config
-    with a `ref` directory (PPO's) takes its reference from there, frozen, with LoRA too."""
+    reference is the policy itself with its adapters off (reference()), and ref is None. With a `ref`
+    directory the reference is that model, frozen, with LoRA too."""
     tok = tokenizer.load(c.policy)
     policy = checkpoint.load_pretrained(c.policy)
     tok.check_model(policy.config.vocab_size, c.policy)
-    ref_dir = getattr(c, "ref", "") or c.policy  # PPO's --ref: a later round's leash stays on the SFT model
+    ref_dir = getattr(c, "ref", "") or c.policy  # PPO's and GRPO's --ref (DPO's reference is where it starts)
     if ref_dir != c.policy and tokenizer.load(ref_dir).tok.get_vocab() != tok.tok.get_vocab():
         raise DataError(f"--ref {ref_dir}: its tokenizer differs from the policy's; the KL compares the same tokens")
     ref = None if c.lora_r and ref_dir == c.policy else frozen(checkpoint.load_pretrained(ref_dir), device)

@@ -203,3 +203,15 @@ def test_torn_and_malformed_metrics_lines(tmp_path, capsys):
 def test_missing_run_directory_is_one_line_error(tmp_path):
     r = shoggoth("report", tmp_path / "nope", check=False)
     assert r.returncode == 1 and "no such run directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_active_selection_curves(demo_run, tmp_path, page):
+    """bench/active.py's curves (RUN/active.json), averaged over seeds: one line per method."""
+    run = copy_run(demo_run, tmp_path / "run")
+    (run / "active.json").write_text(json.dumps({"random/0": [[100, 0.70], [200, 0.72]], "random/1": [[100, 0.68], [200, 0.74]],
+                                                 "uncertain/0": [[100, 0.70], [200, 0.71]]}))
+    shoggoth("report", run)
+    page.goto((run / "report.html").resolve().as_uri())
+    plot = page.locator("svg#plot-active-selection")
+    assert plot.locator("path.series").count() == 2
+    assert "2 seed(s)" in page.locator("#active").text_content()

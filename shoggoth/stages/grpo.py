@@ -26,33 +26,16 @@ from ..metrics import Metrics, Sums
 
 
 @dataclass
-class Config(lora.Options, stage.Common):
+class Config(rl.Options, lora.Options, stage.Common):
     """GRPO (or RLOO): group-relative advantages over G responses per prompt, KL to the SFT model."""
 
-    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
-    reward: str = ""  # reward model directory (a `shoggoth reward` output)
-    prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
-    eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
     out: str = "runs/grpo"  # output Hugging Face model directory (the policy)
-    toy_reward: str = ""  # test/debug aid: reward = fraction of response tokens that are this word (no reward model)
-    skip_invalid: bool = False  # skip (and count) invalid prompt lines instead of stopping at the first
     advantage: str = "grpo"  # grpo: (r - group mean) / group std | drgrpo: r - group mean | rloo: r - mean of the others
-    iterations: int = 100  # iterations (rollout + update)
     batch_size: int = 16  # prompts per iteration, summed over ranks
     group_size: int = 4  # responses per prompt (G)
     minibatch_size: int = 32  # responses per optimizer step, summed over ranks
     epochs: int = 1  # passes over each rollout batch (1: the ratio is 1 and the clip never acts)
-    max_new_tokens: int = 48  # longest response
-    temperature: float = 1.0  # rollout sampling temperature; training log-probs use the same
-    lr: float = 1e-5
-    min_lr_frac: float = 1.0
-    warmup_steps: int = 0
     beta: float = 0.04  # weight of the KL term (k3 estimate, per token) in the loss
-    clip: float = 0.2  # policy ratio clip (epsilon)
-    missing_eos_penalty: float = 1.0  # subtracted from the reward of a response that never emits a stop token (ends its turn)
-    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL, distinct answers)
-    eval_samples: int = 64  # held-out prompts per evaluation
-    ckpt_every: int = 20  # iterations between resume checkpoints
 
 
 MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples"}

@@ -39,42 +39,27 @@ from ..metrics import Metrics, Sums
 
 
 @dataclass
-class Config(lora.Options, stage.Common):
+class Config(rl.Options, lora.Options, stage.Common):
     """PPO against a reward model with a KL penalty to the SFT model (InstructGPT)."""
 
-    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference unless --ref
-    ref: str = ""  # model directory of the KL reference; empty = --policy (`shoggoth rounds`: the SFT model, while --policy is the last round's)
     reward: str = ""  # reward model directory (a `shoggoth reward` output); also initialises the value model
-    prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
-    eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
     out: str = "runs/ppo"  # output Hugging Face model directory (the policy)
-    toy_reward: str = ""  # test/debug aid: reward = fraction of response tokens that are this word (no reward model)
-    skip_invalid: bool = False  # skip (and count) invalid prompt lines instead of stopping at the first
     iterations: int = 100  # PPO iterations (rollout + update)
     batch_size: int = 64  # prompts (one response each) per iteration, summed over ranks
     minibatch_size: int = 16  # responses per optimizer step, summed over ranks
     ppo_epochs: int = 4  # passes over each rollout batch
-    max_new_tokens: int = 48  # longest response
-    temperature: float = 1.0  # rollout sampling temperature; training log-probs use the same
     lr: float = 1e-5  # peak learning rate (policy and value model)
-    min_lr_frac: float = 1.0
-    warmup_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm of policy and value model together; 0 = off
     beta: float = 0.05  # KL penalty coefficient (the start value when target_kl is set)
     target_kl: float = 0.0  # adaptive KL controller's target KL per response (nats); 0 = fixed beta
     kl_horizon: int = 10000  # adaptive KL controller's horizon, in responses
     gamma: float = 1.0  # GAE discount
     lam: float = 0.95  # GAE lambda
-    clip: float = 0.2  # policy ratio clip (epsilon)
     vf_clip: float = 0.2  # value clip: how far a value may move from its rollout-time prediction
     vf_coef: float = 0.1  # weight of the value loss
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits a stop token (ends its turn)
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed into each update (InstructGPT's gamma); 0 = off
     ptx_data: str = ""  # token shards for PPO-ptx (a pretrain run's out/tokens folder)
     ema_decay: float = 0.0  # keep an EMA of the policy's weights with this decay, saved to out/ema; 0 = off
-    eval_every: int = 20  # iterations between held-out evaluations (reward, gold reward, KL, distinct answers)
-    eval_samples: int = 64  # held-out prompts per evaluation
-    ckpt_every: int = 20  # iterations between resume checkpoints
 
 
 MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples"}
