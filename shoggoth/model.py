@@ -5,7 +5,7 @@ Hugging Face's `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`,
 ...), so a state dict moves between the two without renaming.
 """
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 import math
 
 import torch
@@ -42,9 +42,6 @@ class GPTConfig:
             self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
-
-    def to_dict(self):
-        return asdict(self)
 
 
 class RMSNorm(nn.Module):

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from . import checkpoint, data, dist, lora, tokenizer
-from .data import builtin_prompts, prompt_text  # noqa: F401  (tests/test_feedback_cli.py reads them as rl.*)
 from .engine import Engine
 from .errors import DataError
 

@@ -130,9 +130,6 @@ class Tok:
     def __len__(self):
         return self.tok.get_vocab_size()
 
-    def token_id(self, token):
-        return self.tok.token_to_id(token)
-
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 

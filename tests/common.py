@@ -1,4 +1,5 @@
-"""Small fixtures shared by tests: a corpus cut from the built-in Bible, a tiny model directory."""
+"""Small fixtures shared by tests: a corpus cut from the built-in Bible, a tiny model directory, a ranking's
+versions as the feedback database keeps them, the real command line in a subprocess."""
 
 import json
 import subprocess
@@ -28,6 +29,29 @@ def tiny_model_dir(path, vocab=300, seed=0, **kw):
     tokenizer.save(tok, path)
     checkpoint.save_pretrained(model, path)
     return path
+
+
+def token_id(tok, token):
+    """The id of `token` (a special token such as <|im_end|>) in a shoggoth.tokenizer.Tok."""
+    return tok.tok.token_to_id(token)
+
+
+def ranking_history(engine, ranking_id):
+    """Every version of a ranking in the feedback database, oldest first: {version, ranks, flags,
+    created_at}; the last is the current one."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from shoggoth.feedback import db as D
+
+    with Session(D.reading(engine)) as s:
+        r = s.get(D.Ranking, ranking_id)
+        old = s.scalars(select(D.RankingVersion).where(D.RankingVersion.ranking_id == ranking_id)
+                        .order_by(D.RankingVersion.version)).all()
+        out = [{"version": v.version, "ranks": list(v.ranks), "flags": list(v.flags), "created_at": v.created_at}
+               for v in old]
+        out.append({"version": len(old) + 1, "ranks": list(r.ranks), "flags": list(r.flags), "created_at": r.created_at})
+    return out
 
 
 def shoggoth(*args, check=True, **kw):

@@ -7,6 +7,7 @@ import re
 import httpx
 import pytest
 
+from common import ranking_history
 from shoggoth.feedback import db as D
 
 ADMIN = "admin-secret-token"
@@ -456,4 +457,4 @@ def test_revise_own_ranking_over_http(live_app):
     (row,) = [json.loads(x) for x in admin]
     by_id = dict(zip(sorted(ids, key=lambda i: next(x["text"] for x in shown if x["id"] == i)), row["ranks"]))
     assert [by_id[i] for i in ids] == [0, 1, 2] and row["flags"] == []  # version 3, not 1 or 2
-    assert [v["version"] for v in D.ranking_history(srv.engine, rid)] == [1, 2, 3]
+    assert [v["version"] for v in ranking_history(srv.engine, rid)] == [1, 2, 3]

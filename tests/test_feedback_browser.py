@@ -8,6 +8,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
+from common import ranking_history
 from shoggoth.feedback import db as D
 
 TEXTS = ["alpha answer", "beta answer", "gamma answer", "delta answer"]
@@ -237,7 +238,7 @@ def test_revise_the_last_ranking_by_keyboard_and_click(live_app, context):
     export = [json.loads(x) for x in httpx.get(f"{srv.url}/admin/export.jsonl",
                                                headers={"Authorization": "Bearer admin-secret-token"}).text.splitlines()]
     assert [dict(zip(r["completions"], r["ranks"])) for r in export] == [want]
-    assert len(D.ranking_history(srv.engine, row_id(srv, first_prompt))) == 2
+    assert len(ranking_history(srv.engine, row_id(srv, first_prompt))) == 2
 
     # the button: the revised order comes back as version 2; Escape leaves it unchanged
     page.click("#revise")
@@ -247,7 +248,7 @@ def test_revise_the_last_ranking_by_keyboard_and_click(live_app, context):
     page.keyboard.press("Escape")
     expect(page.locator("#prompt")).to_have_text(second_prompt)
     assert page.locator(".card-text").all_text_contents() == in_progress
-    assert len(D.ranking_history(srv.engine, row_id(srv, first_prompt))) == 2
+    assert len(ranking_history(srv.engine, row_id(srv, first_prompt))) == 2
     assert not errors
 
 

@@ -153,9 +153,9 @@ GENERIC = ["I do you.", "I am not not?", "Thank you so much, I am happy to help!
 
 
 def test_a_reply_that_ignores_the_question_ranks_below_an_on_topic_one():
-    from shoggoth import rl
+    from shoggoth import data
 
-    refs = {rl.prompt_text(r): r["references"] for r in rl.builtin_prompts("heldout")}
+    refs = {data.prompt_text(r): r["references"] for r in data.builtin_prompts("heldout")}
     assert set(ON_TOPIC) <= set(refs)
     for q, good in ON_TOPIC.items():
         for bad in GENERIC:

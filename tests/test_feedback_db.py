@@ -12,6 +12,7 @@ from sqlalchemy import func, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from common import ranking_history
 from shoggoth.feedback import db as D
 from shoggoth.feedback import jobs
 
@@ -380,7 +381,7 @@ def test_revise_keeps_the_old_version_and_the_export_gives_the_latest(db_url):
     a, b, c = (x["id"] for x in t["completions"])
     assert D.revise(e, ann, rid, [[c], [a, b]], ["unsafe"]) == 2
     assert D.revise(e, ann, rid, [[b], [c], [a]]) == 3
-    history = D.ranking_history(e, rid)
+    history = ranking_history(e, rid)
     assert [h["version"] for h in history] == [1, 2, 3]
     assert history[0]["ranks"] == first["ranks"] and history[0]["flags"] == []
     assert history[1]["flags"] == ["unsafe"]
@@ -431,7 +432,7 @@ def test_invalid_revision_is_refused_and_changes_nothing(db_url, bad, status, me
     with pytest.raises(D.Rejected, match=message) as err:
         D.revise(e, who, target, groups, flags)
     assert err.value.status == status
-    assert list(D.export_rows(e)) == before and len(D.ranking_history(e, rid)) == 1
+    assert list(D.export_rows(e)) == before and len(ranking_history(e, rid)) == 1
 
 
 def test_only_the_last_rankings_can_be_revised(db_url):
@@ -468,5 +469,5 @@ def test_concurrent_revisions_each_get_their_own_version(db_url):
     for th in threads:
         th.join()
     assert not errors and sorted(got) == [2, 3, 4, 5, 6, 7]
-    assert [h["version"] for h in D.ranking_history(e, rid)] == list(range(1, 8))
-    assert list(D.export_rows(e))[0]["ranks"] == D.ranking_history(e, rid)[-1]["ranks"]
+    assert [h["version"] for h in ranking_history(e, rid)] == list(range(1, 8))
+    assert list(D.export_rows(e))[0]["ranks"] == ranking_history(e, rid)[-1]["ranks"]

@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from common import bible_corpus, shoggoth, tiny_model_dir
+from common import bible_corpus, shoggoth, tiny_model_dir, token_id
 from shoggoth import checkpoint, data, metrics, tokenizer
 
 TINY = ["--config", "tiny", "--vocab-size", "300"]
@@ -104,7 +104,7 @@ def test_tokenizer_command(corpus, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
     text = "And Jacob said unto Laban, Give me my wife"
     assert hf(text).input_ids == tok.encode(text) and hf.decode(tok.encode(text)) == text
-    assert len({tok.bos_id, tok.eos_id, tok.pad_id, tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")}) == 5
+    assert len({tok.bos_id, tok.eos_id, tok.pad_id, token_id(tok, "<|im_start|>"), token_id(tok, "<|im_end|>")}) == 5
 
 
 def test_token_shards_are_deterministic(corpus, tmp_path):

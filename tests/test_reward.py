@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from common import shoggoth, tiny_model_dir
+from common import shoggoth, tiny_model_dir, token_id
 from shoggoth import checkpoint, data, losses, metrics, tokenizer
 from shoggoth.errors import DataError
 from shoggoth.model import RewardModel
@@ -123,7 +123,7 @@ def test_reward_model_matches_transformers(model_dir, tmp_path):
 
     prompt = [{"role": "user", "content": "And God said, Let there be light"}]
     rows = data.reward_rows(tok, prompt, ["and there was light.", "", "In the beginning God created the heaven and the earth."])
-    assert all(r[-1] == tok.token_id(tokenizer.IM_END) for r in rows)
+    assert all(r[-1] == token_id(tok, tokenizer.IM_END) for r in rows)
     idx, last = data.pad_right(rows, tok.pad_id)
     with torch.no_grad():
         want = ours(idx, last=last)  # (B,) raw

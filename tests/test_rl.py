@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from common import bible_corpus, shoggoth
+from common import bible_corpus, shoggoth, token_id
 from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, records, rm_dir, series, toy_pairs, toy_probability  # noqa: F401
 from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
 from shoggoth.stages import grpo, ppo
@@ -45,7 +45,7 @@ def test_rollout_logprobs_are_the_training_forwards(lm_dir):
     with torch.no_grad():
         lp = rl.token_logprobs(rl.response_logits(model, r), r.tokens, 0.7)
     assert torch.allclose(lp * r.mask, r.logprobs, atol=1e-4)
-    assert tok.stop_ids == sorted([tok.eos_id, tok.token_id(tokenizer.IM_END)])
+    assert tok.stop_ids == sorted([tok.eos_id, token_id(tok, tokenizer.IM_END)])
     for b in range(len(recs)):  # the response sits right after its prompt, pad after
         n = int(r.lengths[b])
         assert r.seq[b, r.start[b]:r.start[b] + n].tolist() == r.tokens[b, :n].tolist()

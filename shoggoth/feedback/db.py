@@ -757,20 +757,6 @@ def revise(engine, labeler_id, ranking_id, groups, flags=(), last=REVISABLE):
     return retrying(attempt)
 
 
-def ranking_history(engine, ranking_id):
-    """Every version of a ranking, oldest first: {version, ranks, flags, created_at}; the last is the current."""
-    with Session(reading(engine)) as s:
-        r = s.get(Ranking, ranking_id)
-        if r is None:
-            raise Rejected(404, f"there is no ranking {ranking_id}")
-        old = s.scalars(select(RankingVersion).where(RankingVersion.ranking_id == ranking_id)
-                        .order_by(RankingVersion.version)).all()
-        out = [{"version": v.version, "ranks": list(v.ranks), "flags": list(v.flags), "created_at": v.created_at}
-               for v in old]
-        out.append({"version": len(old) + 1, "ranks": list(r.ranks), "flags": list(r.flags), "created_at": r.created_at})
-    return out
-
-
 def groups_from_ranks(ranks, completion_ids, order):
     """The inverse of ranks_from_groups: groups of completion ids, best first, each group in `order`
     (completion ids as the labeler saw them)."""
