@@ -1,7 +1,9 @@
-"""Stage Configs from presets: the stage commands, the TOML presets of shoggoth/configs/, and
-`load`, which builds a stage's Config from its defaults, a preset and typed fields. The command
-line (cli.py) and the demo (demo.py) both build their Configs here: a field that does not exist
-fails when the Config is made, before any stage runs."""
+"""Building a stage's Config: which module each stage command runs (STAGES), the TOML presets
+of shoggoth/configs/, `load`/`build` (a Config from its defaults < a preset or TOML file < typed
+fields), `check` (each numeric field in its range, refused with the flag's name) and `field_docs`
+(each field's one-line doc, for --help). The command line (cli.py) and the demo (demo.py) both
+build their Configs here: a field that does not exist or a value out of range fails when the
+Config is made, before any stage runs; UsageError is that failure."""
 
 import dataclasses
 import importlib

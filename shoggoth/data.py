@@ -1,4 +1,14 @@
-"""Data on disk: raw corpora -> token shards (memory-mapped) -> training batches.
+"""Data on disk and the batches the stages train on, in the formats users already have:
+
+- corpora for pretraining: .txt/.md files and folders, JSONL with `text`, the built-in
+  `builtin:bible` and `builtin:chitchat`; tokenized into memory-mapped token shards
+  (`build_shards`, `TokenShards`) that give deterministic random windows;
+- SFT conversations (TRL's conversational and prompt/completion records, the built-in
+  chatterbot-corpus split by question): checked, encoded with the loss mask, packed into rows;
+- prompts for PPO, GRPO and `feedback generate` (the built-in ones with their references);
+- rankings (K completions ranked, or TRL pairs): checked, split into train and held-out
+  (never a held-out evaluation prompt), encoded and batched for the reward model and DPO;
+- the epoch order of batches that every stage shares (the same batch at the same step on resume).
 
 Bad input gets a DataError naming the file and line; every reader counts what
 it read and what it skipped, and nothing is dropped without being counted.
