@@ -1,9 +1,12 @@
-"""Small fixtures shared by tests: a corpus cut from the built-in Bible, a tiny model directory, a ranking's
-versions as the feedback database keeps them, the real command line in a subprocess."""
+"""Small fixtures shared by tests: a corpus cut from the built-in Bible, a tiny model directory, the real
+command line (in this process), a ranking's versions as the feedback database keeps them."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+import traceback
 
 import torch
 
@@ -54,12 +57,38 @@ def ranking_history(engine, ranking_id):
     return out
 
 
-def shoggoth(*args, check=True, **kw):
-    """Run the real command line in a subprocess."""
-    r = subprocess.run([sys.executable, "-m", "shoggoth", *map(str, args)], capture_output=True, text=True, **kw)
+def shoggoth(*args, check=True, env=None, input=None):
+    """Run the real command line, `shoggoth ARGS`, as a CompletedProcess: its main() in this process,
+    with stdin, stdout and stderr redirected and torch on env's OMP_NUM_THREADS threads (a fresh
+    interpreter would spend seconds importing torch and transformers again); an exception main()
+    lets out is exit status 1 and its traceback. A test of what only a process of its own shows (a
+    kill, torchrun, its environment, its imports) starts one with subprocess."""
+    r = _in_process([str(a) for a in args], env, input)
     if check and r.returncode != 0:
         raise AssertionError(f"shoggoth {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def _in_process(args, env, stdin):
+    from shoggoth import cli
+
+    out, err, threads, was_stdin = io.StringIO(), io.StringIO(), torch.get_num_threads(), sys.stdin
+    if env and env.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.stdin = io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = cli.main(args)
+            except SystemExit as e:  # argparse's usage errors
+                rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+    finally:
+        sys.stdin = was_stdin
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["shoggoth", *args], rc, out.getvalue(), err.getvalue())
 
 
 def cut_after(out, step):
