@@ -17,6 +17,19 @@ import time
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (tests/run.sh runs `-n auto`) each worker is a process of its own on the same
+    cores: give each its share of them, in-process (torch) and in the commands it starts (OMP),
+    so that two workers' OpenMP threads do not fight over the same cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,15 +55,22 @@ def start_postgres(root):
     if os.geteuid() == 0:  # postgres will not run as root
         shutil.chown(root, "postgres")
         shutil.chown(sock, "postgres")
-        for up in (root.parent, root.parent.parent):
-            os.chmod(up, os.stat(up).st_mode | 0o055)
+        for up in root.parents:  # it must reach its folder (pytest's are 0700; xdist's a level deeper)
+            if not os.stat(up).st_mode & 0o001:
+                os.chmod(up, os.stat(up).st_mode | 0o055)
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
     run(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
-    run(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start", "-o",
-        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-        "-c full_page_writes=off -c max_connections=300")
+    for attempt in range(3):  # a free port may be taken before the server binds it (pytest-xdist's other workers)
+        port = free_port()
+        try:
+            run(f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start", "-o",
+                f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+                "-c full_page_writes=off -c max_connections=300")
+            break
+        except subprocess.CalledProcessError:
+            if attempt == 2:
+                raise
     stop = lambda: subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],  # noqa: E731
                                   capture_output=True)
     return "127.0.0.1", port, "postgres", stop

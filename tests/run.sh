@@ -12,4 +12,6 @@ if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/d
     apt-get install -y -qq chromium postgresql g++ >/dev/null
 fi
 python -m pip install -q -e '.[test]'
-python -m pytest -q "$@"
+# pytest-xdist: a worker per core, each on its share of the threads (tests/conftest.py); a test
+# file stays on one worker, so that its module fixtures (trained models, runs) are made once.
+python -m pytest -q -n auto --dist loadfile "$@"
