@@ -46,6 +46,7 @@ def test_a_turn_that_outgrows_the_context_is_refused_and_the_chat_goes_on(model_
     assert r.stdout.split("assistant> ")[-1].splitlines()[0].strip() == want
 
 
+@pytest.mark.slow
 def test_chat_imports_no_labeler_code(model_dir):
     """`shoggoth chat` loads the model and the engine only: no simulated labelers, no vaderSentiment."""
     code = ("import sys; from shoggoth.cli import main; "

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from common import shoggoth
 from shoggoth.feedback import db as D
 
 
+@pytest.mark.slow
 def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "shoggoth", "demo", "--quick", "--out", str(out)]

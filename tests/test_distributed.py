@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from common import bible_corpus, cut_after, shoggoth, tiny_lm_dir, tiny_model_dir
 from shoggoth import checkpoint, data, metrics
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+              pytest.mark.slow]  # real torchrun processes, every test
 
 STEPS = 20  # tiny checkpoints every 10 steps
 TINY = ["--config", "tiny", "--vocab-size", "300", "--dtype", "fp32", "--max-steps", STEPS]

@@ -88,6 +88,7 @@ def reference_logprobs(logits, temperature, top_k, top_p):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 def test_greedy_matches_naive_recompute(model, variant):
     m, kw = on(model, variant)
     gen = cpu(Engine(m, **kw).generate(PROMPTS, max_new_tokens=20, temperature=0))
@@ -103,6 +104,7 @@ def test_greedy_matches_naive_recompute(model, variant):
         torch.testing.assert_close(gen.logprobs[i], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.7)])
 def test_logprobs_match_full_forward(model, temperature, top_k, top_p, variant):
     m, kw = on(model, variant)
@@ -120,6 +122,7 @@ def test_logprobs_match_full_forward(model, temperature, top_k, top_p, variant):
         torch.testing.assert_close(gen.logprobs[i][gen.mask[i]], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_stop_ids_per_row(model, variant):
     m, kw = on(model, variant)
     full = Engine(m, **kw).generate(PROMPTS, max_new_tokens=16, temperature=0).tokens.tolist()
@@ -135,6 +138,7 @@ def test_stop_ids_per_row(model, variant):
         assert (gen.logprobs[i, :end] < 0).all()
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(model, variant):
     m, kw = on(model, variant)
     engine = Engine(m, **kw)
@@ -167,6 +171,7 @@ def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
     torch.testing.assert_close(lp, want[tok].log(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
 def test_stream_yields_what_generate_returns(model, variant, bf16):
     # Under bf16 autocast, stream() leaves autocast between steps, which empties its cache
@@ -205,6 +210,7 @@ def test_training_mode_is_restored(model):
     assert not model.training
 
 
+@pytest.mark.slow
 def test_packed_weights_follow_the_model_and_leave_it_untouched(model):
     # The engine decodes through copies of the weights packed for oneDNN, made per generate
     # call: a policy trained between calls must be sampled with its new weights.
@@ -228,6 +234,7 @@ def test_packed_weights_follow_the_model_and_leave_it_untouched(model):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16 autocast", "bf16"])
 @pytest.mark.parametrize("kernel", [True, False])
@@ -349,6 +356,7 @@ def test_attention_kernel_falls_back_to_sdpa(monkeypatch, capsys):
     assert kernels._build() is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(qk_norm=True, head_dim=24)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -394,6 +402,7 @@ def test_bad_requests(model):
     assert Engine(model).generate([[1] * 60], max_new_tokens=10, temperature=0).tokens.shape == (1, 4)
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(model, tmp_path, variant):
     m, kw = on(model, variant)
     dev = m.lm_head.weight.device
@@ -425,6 +434,7 @@ def model_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_complete_and_cli_sample(model_dir):
     prompt = "And God said"
     kw = dict(max_new_tokens=12, temperature=0.8, top_k=50, top_p=1.0, seed=0)

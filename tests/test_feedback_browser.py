@@ -77,6 +77,7 @@ def join_as(srv, context, name):
     return page, errors
 
 
+@pytest.mark.slow
 def test_rank_by_keyboard_and_drag_then_admin_sees_it(live_app, context):
     srv = live_app
     page, errors = signed_in_page(srv, context, "lena")
@@ -149,6 +150,7 @@ PAYLOADS = [
 ]
 
 
+@pytest.mark.slow
 def test_untrusted_text_never_runs(live_app, chromium):
     """Payloads in prompts, completions, a campaign and a labeler's name stay text. The context
     bypasses the Content-Security-Policy, so the rendering alone must keep them from running."""

@@ -320,6 +320,7 @@ def bulk_insert(engine, table, rows):
             conn.execute(table.insert(), [dict(zip(cols, r)) for r in rows])
 
 
+@pytest.mark.slow
 def test_export_of_200k_rankings_streams(db_url, tmp_path):
     """200,000 rankings of 100,000 tasks (more than a driver binds parameters: the export once sent
     one per task) exported to a file, in order, with memory bounded while the rows are read."""

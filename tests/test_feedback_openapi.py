@@ -127,6 +127,7 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     assert {"401", "403", "404", "409", "422"} <= set(ops[("PUT", "/api/rankings/{ranking_id}")]["responses"])
 
 
+@pytest.mark.slow
 def test_fuzz_the_api_as_nobody_labeler_and_admin(live_app):
     """No 5xx, every answer as declared; a time bound on the whole (the fuzzer must stay cheap)."""
     srv = live_app
@@ -146,6 +147,7 @@ def test_fuzz_the_api_as_nobody_labeler_and_admin(live_app):
     assert time.monotonic() - started < 120
 
 
+@pytest.mark.slow
 def test_fuzz_forged_cookie_requests_are_refused(live_app):
     """A cookie session without the page's CSRF token, with a wrong one, or with the right one from a
     foreign Origin: every POST and PUT is refused and the database is unchanged."""

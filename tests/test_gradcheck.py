@@ -40,6 +40,7 @@ def test_rmsnorm_backward_through_the_cast_to_bf16():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_linear_cross_entropy_backward():
     torch.manual_seed(0)
     h = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)

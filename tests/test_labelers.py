@@ -42,6 +42,7 @@ def sometimes_on_topic(score, start, offset):
                                          refs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persona", sorted(L.PERSONAS))
 def test_no_single_reply_earns_what_a_model_sometimes_on_topic_earns(persona):
     gold = lambda q, c, refs: L.gold_score(q, c, refs, persona)  # noqa: E731
@@ -56,6 +57,7 @@ def test_no_single_reply_earns_what_a_model_sometimes_on_topic_earns(persona):
         assert mean(lambda q, refs, i: gold(q, c, refs)) < m20 - 0.01, c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persona", sorted(L.PERSONAS))
 def test_each_labelers_own_noisy_scores_hold_the_same(persona):
     """Each simulated labeler (their jittered weights and noise): the single replies that win

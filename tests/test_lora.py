@@ -44,6 +44,7 @@ def test_flags_parse_on_every_stage():
         lora.lora_config(cls(lora_r=4, lora_targets=["q_proj", "lm_head"]))
 
 
+@pytest.mark.slow
 def test_engine_decodes_with_the_adapters_and_without(lm_dir):
     """The engine packs W + (alpha/r) B A for its decode steps: its log-probs are a training
     forward's through peft's layers, with the adapters on and (the reference) off."""
@@ -67,6 +68,7 @@ def test_engine_decodes_with_the_adapters_and_without(lm_dir):
         assert not torch.allclose(rl.response_logits(model, r), rl.response_logits(base, r), atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["smollm2", "qwen2.5"])
 def test_adapter_loads_in_peft_with_the_merged_logits(family, tmp_path):
     """SFT and reward outputs: the merged directory, and out/adapter that PeftModel applies to the
@@ -120,6 +122,7 @@ def test_adapter_loads_in_peft_with_the_merged_logits(family, tmp_path):
     assert json.loads((rm / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
 
 
+@pytest.mark.slow
 def test_lora_sft_lowers_heldout_loss(lm_dir, tmp_path):
 
     convs = data.chatterbot_conversations("train")
@@ -138,6 +141,7 @@ def test_lora_sft_lowers_heldout_loss(lm_dir, tmp_path):
         checkpoint.load_state_dict(lm_dir)["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_lora_dpo_raises_heldout_implicit_reward_accuracy(lm_dir, tmp_path):
     out = tmp_path / "dpo"
     shoggoth("dpo", "--policy", lm_dir, "--rankings", toy_pairs(tmp_path / "pairs.jsonl", 240, 0), "--out", out,
@@ -149,6 +153,7 @@ def test_lora_dpo_raises_heldout_implicit_reward_accuracy(lm_dir, tmp_path):
     assert acc[-1] > 0.9 and acc[-1] > acc[0] + 0.3 and margin[-1] > 0.3
 
 
+@pytest.mark.slow
 def test_lora_ppo_raises_toy_reward_with_bounded_kl(lm_dir, tmp_path):
     out = tmp_path / "ppo"
     shoggoth("ppo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20, "--batch-size", 64,
@@ -188,6 +193,7 @@ def test_ppo_value_model_shares_the_reward_models_trunk(lm_dir, rm_dir):
         assert torch.equal(reward_fn(r), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_lora_run_resumes_exactly(stage, lm_dir, rm_dir, tmp_path):
     """Stopped after a checkpoint and resumed: bit-identical merged weights and adapter (PPO: with a

@@ -34,6 +34,7 @@ def trained(corpus, tmp_path_factory):
     return out, r.stdout
 
 
+@pytest.mark.slow
 def test_pretrain_outputs_hf_directory(trained):
     out, stdout = trained
     assert "data: read 1 file(s), 1,500 lines, 1,500 documents" in stdout
@@ -59,6 +60,7 @@ def test_pretrain_outputs_hf_directory(trained):
     assert hf_tok.pad_token_id != hf_tok.eos_token_id
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(trained, corpus, tmp_path):
     ref, _ = trained
     out = tmp_path / "p"
@@ -169,6 +171,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_auto_dtype_is_fp32_where_kernels_are_limited_to_avx2():
     """An AVX2 machine has no fast bf16 matmul; ATEN_CPU_CAPABILITY=avx2 runs this machine's
     kernels as there, and 'auto' must then pick fp32 whatever /proc/cpuinfo's flags say."""

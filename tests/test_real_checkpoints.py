@@ -166,6 +166,7 @@ def test_template_that_cannot_render_is_one_clear_error(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_chat_and_sample_on_real_families(dirs):
     for family in ("smollm2", "llama3"):
         r = shoggoth("chat", dirs[family], "--prompt", "What is the capital of France?", "--max-new-tokens", 8,
@@ -193,6 +194,7 @@ def same_text_files(a, b):
         assert hf_a.apply_chat_template(conv, tokenize=False) == hf_b.apply_chat_template(conv, tokenize=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", hf_families.FAMILIES)
 def test_every_stage_runs_and_keeps_the_template(dirs, family, tmp_path):
     src = dirs[family]

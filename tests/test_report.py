@@ -52,6 +52,7 @@ def page(chromium):
     ctx.close()
 
 
+@pytest.mark.slow
 def test_full_run_report_in_chromium(demo_run, tmp_path, page):
     run = copy_run(demo_run, tmp_path / "run")
     # Untrusted text where a run holds it: a model's answer and a labeler's name.
@@ -149,6 +150,7 @@ def test_full_run_report_in_chromium(demo_run, tmp_path, page):
     shutil.copy(shot, keep / "report.png")  # to look at by eye; runs/ is not committed
 
 
+@pytest.mark.slow
 def test_partial_run_says_what_is_missing(demo_run, tmp_path, page):
     run = copy_run(demo_run, tmp_path / "run", stages=("pretrain",), answers=False, summary=False)
     with open(run / "pretrain/metrics.jsonl", "a") as f:

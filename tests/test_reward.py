@@ -175,6 +175,7 @@ ARGS = ["--batch-size", 8, "--lr", 1e-3, "--warmup-steps", 3, "--dtype", "fp32",
         "--normalize-samples", 8, "--normalize-max-new-tokens", 8]  # 64 rankings, one epoch: 8 steps
 
 
+@pytest.mark.slow
 def test_tiny_reward_run_learns_rankings_and_resumes(model_dir, tmp_path):
     train = synthetic(tmp_path / "train.jsonl", 64, 0)
     held = synthetic(tmp_path / "held.jsonl", 32, 1, pairs=True)  # TRL pairs are accepted too
@@ -231,6 +232,7 @@ def test_rankings_of_heldout_prompts_are_refused(tmp_path):
     assert len(data.split_rankings(f, eval_frac=0, log=lambda *_: None)[0]) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
 def test_reward_and_dpo_refuse_heldout_prompts_cleanly(tmp_path, model_dir, stage):
     f = tmp_path / "r.jsonl"

@@ -56,6 +56,7 @@ def evals(out):
     return [x for x in records(out) if "eval/distinct" in x]
 
 
+@pytest.mark.slow
 def test_ppo_raises_toy_reward_with_bounded_kl(lm_dir, tmp_path):
     out = tmp_path / "ppo"
     r = shoggoth("ppo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20,
@@ -107,6 +108,7 @@ def test_collapse_warning_names_the_stages_own_options():
         assert all(hasattr(c, flag.replace("-", "_")) for flag in re.findall(r"--([a-z-]+)", line))
 
 
+@pytest.mark.slow
 def test_ppo_collapse_monitor_warns_when_every_answer_is_alike(lm_dir, tmp_path):
     """Without the KL leash (beta 0) and at 3x test_ppo_raises_toy_reward's lr, the policy learns to answer
     every question " the the the ...": the toy reward's optimum, one answer to everything. Measured on
@@ -134,6 +136,7 @@ def test_ppo_collapse_monitor_warns_when_every_answer_is_alike(lm_dir, tmp_path)
     assert float(m[3]) == round(last["eval/similarity"], 2)
 
 
+@pytest.mark.slow
 def test_ppo_with_reward_model_ptx_ema_adaptive_kl_resumes_exactly(lm_dir, rm_dir, tmp_path):
     tok = tokenizer.load(lm_dir)
     data.build_shards([bible_corpus(tmp_path / "corpus.jsonl", verses=300)], tok, tmp_path / "tokens", log=lambda *a: None)
@@ -151,6 +154,7 @@ def test_ppo_with_reward_model_ptx_ema_adaptive_kl_resumes_exactly(lm_dir, rm_di
     check_outputs(out / "ema", lm_dir)
 
 
+@pytest.mark.slow
 def test_grpo_raises_toy_reward(lm_dir, tmp_path):
     out = tmp_path / "grpo"
     shoggoth("grpo", "--policy", lm_dir, "--toy-reward", "the", "--out", out, "--iterations", 20, "--batch-size", 8,
@@ -166,6 +170,7 @@ def test_grpo_raises_toy_reward(lm_dir, tmp_path):
     assert toy_probability(out) > 5 * toy_probability(lm_dir)  # measured 40-44x (seed 1337, fp32 and bf16)
 
 
+@pytest.mark.slow
 def test_grpo_rloo_with_reward_model_resumes_exactly(lm_dir, rm_dir, tmp_path):
     out = tmp_path / "grpo"
     args = ["--policy", lm_dir, "--reward", rm_dir, "--out", out, "--iterations", 4, "--batch-size", 4,
@@ -203,6 +208,7 @@ def test_dpo_sequence_logps_are_the_full_forwards():
             torch.testing.assert_close(lp, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dpo_learns_toy_pairs(lm_dir, tmp_path):
     out = tmp_path / "dpo"
     shoggoth("dpo", "--policy", lm_dir, "--rankings", toy_pairs(tmp_path / "pairs.jsonl", 240, 0), "--out", out,
@@ -217,6 +223,7 @@ def test_dpo_learns_toy_pairs(lm_dir, tmp_path):
     assert after > 2 * before  # measured 7.0-7.8x over seeds 1337, 0-3 in fp32 and bf16
 
 
+@pytest.mark.slow
 def test_dpo_expands_rankings_and_resumes_exactly(lm_dir, tmp_path):
     rankings = tmp_path / "rankings.jsonl"
     rows = [{"prompt": q, "completions": ["In the beginning.", "the LORD", "And God said", "Let there be light"],

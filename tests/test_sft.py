@@ -141,6 +141,7 @@ def pretrained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tiny_sft_lowers_heldout_loss_and_loads_in_transformers(pretrained, tmp_path):
     out = tmp_path / "sft"
     args = ["--init", pretrained, "--out", out, "--max-steps", 40, "--eval-every", 20, "--ckpt-every", 20,
@@ -163,6 +164,7 @@ def test_tiny_sft_lowers_heldout_loss_and_loads_in_transformers(pretrained, tmp_
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_sft_from_transformers_llama_directory(tmp_path):
     src = tiny_model_dir(tmp_path / "ours")
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
