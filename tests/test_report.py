@@ -207,6 +207,7 @@ def test_missing_run_directory_is_one_line_error(tmp_path):
     assert r.returncode == 1 and "no such run directory" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_active_selection_curves(demo_run, tmp_path, page):
     """bench/active.py's curves (RUN/active.json), averaged over seeds: one line per method."""
     run = copy_run(demo_run, tmp_path / "run")

@@ -40,6 +40,7 @@ def rows(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_simulated_rounds_end_to_end(tmp_path, sft, db_url, chromium):
     r = shoggoth(*args(tmp_path, sft, db_url, "--rounds", 2, "--simulate", "balanced"), env=ENV)
     run = tmp_path / "run"
@@ -149,6 +150,7 @@ KILLS = {"ranking": ["campaign 'round-2' open"], "reward": ["round 2: training t
          "ppo": ["round 2: reward accuracy", "step 1/"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", KILLS)
 def test_killed_in_any_step_resumes(tmp_path, sft, step):
     """SIGKILL in round 2 after its campaign opened, in the reward stage, in PPO: the same command
@@ -233,6 +235,7 @@ def test_the_ensemble_disagrees_where_the_rankings_do(tmp_path, sft):
     assert d_split > 3 * d_agreed
 
 
+@pytest.mark.slow
 def test_uncertain_selection_runs_a_round(tmp_path, sft):
     """--select uncertain from round 2 on (round 1 has no reward model of its own yet): it samples a
     pool of candidates and keeps those the heads disagree on most."""
@@ -247,6 +250,7 @@ def test_uncertain_selection_runs_a_round(tmp_path, sft):
     assert D.round_progress(D.connect(db), "round-2")["settings"]["select"] == "uncertain"
 
 
+@pytest.mark.slow
 def test_rounds_with_lora_on_a_qwen_checkpoint(tmp_path):
     """Rounds on a Hugging Face checkpoint (Qwen2.5's tokenizer and chat template, tiny random
     weights), reward model and PPO with LoRA adapters: round 2's PPO starts from round 1's merged
