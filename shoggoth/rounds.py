@@ -17,8 +17,8 @@ waiting for people):
   3. reward: the reward model retrained on every round's rankings so far (and --rankings), warm
              from the last one; its accuracy on the round's held-out prompts (eval_frac of them)
              at step 0 is the last model's, before, and at the end the new one's, after.
-  4. ppo:    PPO continues from the current policy against the new reward model, the KL leash
-             still to the SFT model (--sft).
+  4. ppo:    PPO (or GRPO, --rl grpo) continues from the current policy against the new reward
+             model, the KL leash still to the SFT model (--sft).
 
 Evaluation campaigns (blind comparisons) never feed training: a round named like one is refused.
 """
@@ -62,6 +62,8 @@ class Config:
     temperature: float = 1.0  # sampling temperature of the completions
     reward_config: str = "demo-reward"  # preset or TOML file of the reward stage
     ppo_config: str = "demo-ppo"  # preset or TOML file of the PPO stage
+    rl: str = "ppo"  # ppo | grpo: the RL stage of each round (its policy goes to round-N/ppo either way)
+    grpo_config: str = ""  # preset or TOML file of the GRPO stage with --rl grpo; empty = its defaults
     iterations: int = 0  # PPO iterations per round; 0 = the PPO preset's
     wait: bool = True  # wait while people rank; --no-wait shows the progress once and stops (re-run to go on)
     poll: float = 30.0  # seconds between progress checks while people rank
@@ -286,6 +288,8 @@ def run(c: Config, reward=None, ppo=None):
         raise ShoggothError("rounds: --sft DIR (the SFT model, the KL reference) is required")
     if c.select not in ("random", "uncertain"):
         raise ShoggothError(f"--select must be random or uncertain (got {c.select!r})")
+    if c.rl not in ("ppo", "grpo"):
+        raise ShoggothError(f"--rl must be ppo or grpo (got {c.rl!r})")
     if not 2 <= c.k <= D.MAX_K:
         raise ShoggothError(f"--k must be between 2 and {D.MAX_K} (got {c.k})")
     if c.heads < 2:
@@ -337,8 +341,9 @@ def run(c: Config, reward=None, ppo=None):
                 "prompts per round (--prompts-per-round) or more rankings per prompt (--rankings-per-task)")
         pdir = rdir / "ppo"
         if not config.finished(pdir):
-            config.run("ppo", c.ppo_config, pdir, policy=str(policy), ref=c.sft, reward=str(rw),
-                       prompts=c.prompts, dtype=c.dtype, device=c.device, seed=c.seed + n, **ppo_fields)
+            preset = c.ppo_config if c.rl == "ppo" else c.grpo_config or None
+            config.run(c.rl, preset, pdir, policy=str(policy), ref=c.sft, reward=str(rw), prompts=c.prompts,
+                       dtype=c.dtype, device=c.device, seed=c.seed + n, **ppo_fields)
         ev = metrics.read(pdir / "metrics.jsonl")
         last = lambda k: next((r[k] for r in reversed(ev) if k in r), None)  # noqa: E731
         row = {"round": n, "policy": str(policy), "prompts": len(json.loads((rdir / "asked.json").read_text())["prompts"]),

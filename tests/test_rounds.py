@@ -275,3 +275,18 @@ def test_rounds_with_lora_on_a_qwen_checkpoint(tmp_path):
     kl = [m["objective/kl"] for m in metrics.read(tmp_path / "run" / "round-2" / "ppo" / "metrics.jsonl")
           if "objective/kl" in m]
     assert kl[0] > 1e-4  # round 2's policy (round 1's, adapters merged) starts away from the reference
+
+
+@pytest.mark.slow
+def test_rounds_with_grpo(tmp_path, sft):
+    """--rl grpo: GRPO instead of PPO in each round, from the last round's policy, the leash on the SFT model."""
+    (tmp_path / "grpo.toml").write_text("iterations = 2\nbatch_size = 2\ngroup_size = 2\nminibatch_size = 4\n"
+                                        "max_new_tokens = 8\neval_samples = 4\neval_every = 1\nckpt_every = 1\n")
+    r = shoggoth(*args(tmp_path, sft, f"sqlite:///{tmp_path / 'f.db'}", "--rounds", 2, "--simulate", "balanced",
+                       "--rl", "grpo", "--grpo-config", tmp_path / "grpo.toml"), env=ENV)
+    assert "grpo:" in r.stdout and "ppo: policy" not in r.stdout
+    kl = [[m["objective/kl"] for m in metrics.read(tmp_path / "run" / f"round-{n}" / "ppo" / "metrics.jsonl")
+           if "objective/kl" in m] for n in (1, 2)]
+    assert abs(kl[0][0]) < 1e-6 and abs(kl[1][0]) > 1e-4  # (GRPO logs the sampled log-ratio's mean: either sign)
+    bad = shoggoth(*args(tmp_path, sft, f"sqlite:///{tmp_path / 'g.db'}", "--rl", "a2c"), check=False, env=ENV)
+    assert bad.returncode == 1 and "--rl must be ppo or grpo" in bad.stderr
