@@ -261,12 +261,12 @@ def answers(run: Run, reward_dir):
         g, p, answers[name] = gold_and_proxy(run, d, held, [reward_dir] + first)
         h[f"gold_{name}"], h[f"proxy_{name}"] = g, sum(p[0]) / len(p[0])
         scored[name] = p
+        seen.update(answers[name])
     if "ppo-1" in scored:  # how often each reward model scores round 1's answer above SFT's, sample by sample: a
         # share, so that two reward models of different scales compare
         for key, i in (("prefer_ppo-1", 0), ("prefer_ppo-1_round-1", 1)):
             pairs = list(zip(scored["ppo-1"][i], scored["sft"][i]))
             h[key] = sum(a > b for a, b in pairs) / len(pairs)
-        seen.update(answers[name])
     # The taste must not be winnable by a trick: the best single reply given to every held-out
     # question, of every answer a model gave here and a list of generic replies, is measured too.
     h["gold_constant"], h["constant_reply"] = labelers.best_constant(
