@@ -202,18 +202,17 @@ def feedback_db(run: Run):
 SAMPLING = {"max_new_tokens": 48, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}  # of the held-out replies
 
 
-def gold_and_proxy(run: Run, model_dir, records, reward_dirs):
-    """Mean gold (simulated labelers' noise-free taste) and proxy (each reward model's) score of
-    SAMPLES sampled replies per held-out prompt (SAMPLING: the same for every model), and the
+def gold_and_proxy(model, records, scorers):
+    """Mean gold (simulated labelers' noise-free taste) and proxy (each of scorers', load_scorer's)
+    score of SAMPLES replies sampled from model (sampling.load's) per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
     from . import data, labelers, sampling
-    from .scoring import load_scorer, score_replies
+    from .scoring import score_replies
 
-    model = sampling.load(model_dir, run.device)
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
     gold = [labelers.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
-    proxies = [score_replies(load_scorer(d), [r["messages"] for r in records], replies) for d in reward_dirs]
+    proxies = [score_replies(scorer, [r["messages"] for r in records], replies) for scorer in scorers]
     return sum(gold) / len(gold), proxies, replies[::SAMPLES]
 
 
@@ -237,6 +236,8 @@ def answers(run: Run, reward_dir):
     from .scoring import load_scorer, score_texts
 
     scorer = load_scorer(reward_dir)
+    first = run.out / "round-1" / "reward"
+    first = load_scorer(first) if (first / "config.json").exists() else None
     held = heldout_prompts(run)
     answers, seen, h, scored = {}, set(), run.summary["headline"], {}
     step = max(1, len(held) // MASK_PROMPTS)
@@ -257,8 +258,7 @@ def answers(run: Run, reward_dir):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
                                     "gold": labelers.gold_score(data.prompt_text(r), text, r["references"])}
         # SFT and the first round's policy under the first round's reward model too: did round 2 catch its exploits?
-        first = [run.out / "round-1" / "reward"] if name in ("sft", "ppo-1") else []
-        g, p, answers[name] = gold_and_proxy(run, d, held, [reward_dir] + first)
+        g, p, answers[name] = gold_and_proxy(model, held, [scorer] + ([first] if name in ("sft", "ppo-1") else []))
         h[f"gold_{name}"], h[f"proxy_{name}"] = g, sum(p[0]) / len(p[0])
         scored[name] = p
         seen.update(answers[name])
