@@ -157,9 +157,12 @@ def fit_heads(reward_dir, rankings, heads, seed, steps=200, lr=0.05, l2=1e-3):
 def disagreement(model, tok, W, records, texts):
     """Per prompt: the ensemble's disagreement over which of its completions is better, the variance
     across heads of sigmoid(r_i - r_j), averaged over its pairs of completions."""
-    out = []
-    for rec, comps in zip(records, texts):
-        s = features(model, data.reward_rows(tok, rec["messages"], comps), tok.pad_id) @ W.T  # (K, H)
+    rows = [row for rec, comps in zip(records, texts) for row in data.reward_rows(tok, rec["messages"], comps)]
+    scores = features(model, rows, tok.pad_id) @ W.T  # (rows, H): every prompt's completions in one pass
+    out, start = [], 0
+    for comps in texts:
+        s = scores[start:start + len(comps)]  # (K, H)
+        start += len(comps)
         p = torch.sigmoid(s[:, None, :] - s[None, :, :])  # (K, K, H)
         i, j = torch.triu_indices(len(comps), len(comps), 1)
         out.append(p[i, j].var(dim=-1).mean().item())
@@ -181,7 +184,8 @@ def ask(c: Config, n, policy, reward, engine):
     records = prompt_records(c)
     used = used_prompts(Path(c.out), n)
     order = [int(i) for i in np.random.default_rng(c.seed).permutation(len(records)) if int(i) not in used]
-    uncertain = c.select == "uncertain" and bool(reward) and bool(training_rankings(c, n))
+    known = training_rankings(c, n) if c.select == "uncertain" and reward else []
+    uncertain = bool(known)
     if c.select == "uncertain" and not uncertain:
         log(f"round {n}: no reward model or rankings yet to measure disagreement with: a random slice this round")
     cand = order[:c.prompts_per_round * (c.pool if uncertain else 1)]
@@ -193,7 +197,7 @@ def ask(c: Config, n, policy, reward, engine):
                         device=c.device or "cpu")
     scores = None
     if uncertain:
-        model, tok, W = fit_heads(reward, training_rankings(c, n), c.heads, c.seed + n)
+        model, tok, W = fit_heads(reward, known, c.heads, c.seed + n)
         scores = disagreement(model, tok, W, [records[i] for i in cand], texts)
         keep = sorted(np.argsort(scores, kind="stable")[::-1][:c.prompts_per_round].tolist())
         log(f"round {n}: kept the {len(keep)} of {len(cand)} prompts the {c.heads} reward heads disagree on most "
@@ -347,7 +351,7 @@ def run(c: Config, reward=None, ppo=None):
         ev = metrics.read(pdir / "metrics.jsonl")
         last = lambda k: next((r[k] for r in reversed(ev) if k in r), None)  # noqa: E731
         row = {"round": n, "policy": str(policy), "prompts": len(json.loads((rdir / "asked.json").read_text())["prompts"]),
-               "rankings": sum(1 for _ in open(rdir / "rankings.jsonl")), "reward_warm_start": reward or None,
+               "rankings": len((rdir / "rankings.jsonl").read_text().splitlines()), "reward_warm_start": reward or None,
                "reward_accuracy_before": before,
                "reward_accuracy_after": after, "eval_scores": last("eval/scores"), "eval_kl": last("eval/kl"),
                "eval_distinct": last("eval/distinct"), "eval_gold": last("eval/gold")}

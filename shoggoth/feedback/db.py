@@ -394,22 +394,30 @@ def set_round(engine, campaign, info):
         c.settings = {**(c.settings or {}), **info}
 
 
+def _task_counts(s, c):
+    """Campaign c's tasks and their rankings: {tasks, done, open, skipped, complete (tasks with all
+    their rankings), wanted (tasks x rankings per task)}."""
+    tasks, done, open_, skipped, complete = s.execute(
+        select(func.count(), func.coalesce(func.sum(Task.n_done), 0), func.coalesce(func.sum(Task.n_open), 0),
+               func.coalesce(func.sum(Task.n_skipped), 0),
+               func.coalesce(func.sum((Task.n_done >= c.rankings_per_task).cast(Integer)), 0))
+        .where(Task.campaign_id == c.id)).one()
+    return {"tasks": tasks, "done": int(done), "open": int(open_), "skipped": int(skipped), "complete": int(complete),
+            "wanted": tasks * c.rankings_per_task}
+
+
 def round_progress(engine, campaign):
-    """A campaign's rankings so far: {tasks, done, wanted, complete (tasks with all their rankings),
-    labelers {name: rankings}, first, last (times of its first and latest ranking)}."""
+    """A campaign's rankings so far: _task_counts' {tasks, done, wanted, complete, ...}, and labelers
+    {name: rankings}, first, last (times of its first and latest ranking), evaluation, settings."""
     with Session(reading(engine)) as s:
         c = s.scalar(select(Campaign).where(Campaign.name == campaign))
         if c is None:
             raise DataError(f"no campaign named {campaign!r}")
-        tasks, done, complete = s.execute(
-            select(func.count(), func.coalesce(func.sum(Task.n_done), 0),
-                   func.coalesce(func.sum((Task.n_done >= c.rankings_per_task).cast(Integer)), 0))
-            .where(Task.campaign_id == c.id)).one()
+        counts = _task_counts(s, c)
         per = s.execute(select(Labeler.name, func.count(), func.min(Ranking.created_at), func.max(Ranking.created_at))
                         .join(Labeler, Ranking.labeler_id == Labeler.id).join(Task, Ranking.task_id == Task.id)
                         .where(Task.campaign_id == c.id).group_by(Labeler.name).order_by(Labeler.name)).all()
-    return {"tasks": tasks, "done": int(done), "wanted": tasks * c.rankings_per_task, "complete": int(complete),
-            "labelers": {name: n for name, n, _, _ in per}, "first": min((f for _, _, f, _ in per), default=None),
+    return {**counts, "labelers": {name: n for name, n, _, _ in per}, "first": min((f for _, _, f, _ in per), default=None),
             "last": max((t for _, _, _, t in per), default=None), "evaluation": c.evaluation,
             "settings": dict(c.settings or {})}
 
@@ -968,15 +976,8 @@ def overview(engine):
     with Session(reading(engine)) as s:
         camps = []
         for c in s.scalars(select(Campaign).order_by(Campaign.id)):
-            n_tasks, done, open_, skipped, complete = s.execute(
-                select(func.count(), func.coalesce(func.sum(Task.n_done), 0), func.coalesce(func.sum(Task.n_open), 0),
-                       func.coalesce(func.sum(Task.n_skipped), 0),
-                       func.coalesce(func.sum((Task.n_done >= c.rankings_per_task).cast(Integer)), 0))
-                .where(Task.campaign_id == c.id)).one()
             camps.append({"id": c.id, "name": c.name, "k": c.k, "n": c.rankings_per_task, "source": c.source,
-                          "evaluation": c.evaluation, "settings": c.settings,
-                          "tasks": n_tasks, "done": int(done), "open": int(open_), "skipped": int(skipped),
-                          "complete": int(complete), "wanted": n_tasks * c.rankings_per_task})
+                          "evaluation": c.evaluation, "settings": c.settings, **_task_counts(s, c)})
         labs = []
         rows = s.execute(select(Labeler.id, Labeler.name, Labeler.simulated, Campaign.name)
                          .outerjoin(Campaign, Labeler.campaign_id == Campaign.id).order_by(Labeler.id)).all()
