@@ -83,7 +83,7 @@ def load_reward(reward_dir, toy_word, tok, device):
         ids = toy_target_ids(tok, toy_word)
         return (lambda r: toy_scores(r, ids)), None
     model, shift = checkpoint.load_reward(reward_dir)
-    if tokenizer.load(reward_dir).tok.get_vocab() != tok.tok.get_vocab():
+    if not tok.same_tokens(reward_dir):
         raise DataError(f"{reward_dir}: the reward model's tokenizer differs from the policy's; it must score the "
                         "policy's tokens as they are (train the reward model from the same SFT model)")
     model = rl.frozen(model, device)

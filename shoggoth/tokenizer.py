@@ -267,6 +267,11 @@ class Tok:
             start -= 1
         return ids[:end], [0] * start + [1] * (end - start)
 
+    def same_tokens(self, model_dir):
+        """Whether the tokenizer of model_dir has this one's vocabulary: models that must read each
+        other's token ids (policy, reference, reward model) need it."""
+        return load(model_dir).tok.get_vocab() == self.tok.get_vocab()
+
     def check_model(self, vocab_size, where):
         """A tokenizer whose ids do not all fit the model's embedding is an error."""
         if len(self) > vocab_size:

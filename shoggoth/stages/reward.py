@@ -113,7 +113,7 @@ def run(c: Config):
     model = RewardModel(config)  # head ~ N(0, 1/(d+1))
     checkpoint.load_trunk(model, c.init)
     if c.warm:  # the last reward model goes on learning, head and all
-        if tokenizer.load(c.warm).tok.get_vocab() != tok.tok.get_vocab():
+        if not tok.same_tokens(c.warm):
             raise ShoggothError(f"--warm {c.warm}: its tokenizer differs from --init's; warm-start from a reward model "
                                 "trained from the same SFT model")
         model.load_state_dict(checkpoint.load_reward(c.warm)[0].state_dict())
