@@ -269,8 +269,9 @@ def answers(run: Run, reward_dir):
             h[key] = sum(a > b for a, b in pairs) / len(pairs)
     # The taste must not be winnable by a trick: the best single reply given to every held-out
     # question, of every answer a model gave here and a list of generic replies, is measured too.
-    h["gold_constant"], h["constant_reply"] = labelers.best_constant(
-        [(data.prompt_text(r), r["references"]) for r in held], seen | set(labelers.GENERIC))
+    qs = [(data.prompt_text(r), r["references"]) for r in held]
+    h["gold_constant"], h["constant_reply"] = labelers.best_constant(qs, seen | set(labelers.GENERIC))
+    h["gold_echo"] = sum(labelers.gold_score(q, q, refs) for q, refs in qs) / len(qs)  # each question echoed back
     h["shown_ppo_distinct"] = len({row["answers"]["ppo"]["text"] for row in table if "ppo" in row["answers"]})
     h["shown_ppo_on_topic"] = sum(labelers.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
                                  for row in table if "ppo" in row["answers"])
@@ -376,7 +377,8 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
           f"PPO {fmt(h.get('distinct_ppo'))}; on topic SFT {pct('on_topic_sft')}, PPO {pct('on_topic_ppo')}, "
           f"DPO {pct('on_topic_dpo')}")
     print(f"taste       : {h.get('taste')}; the best single reply given to every held-out question, "
-          f"{h.get('constant_reply')!r}, earns gold {fmt(h.get('gold_constant'))} (SFT {fmt(h.get('gold_sft'))})")
+          f"{h.get('constant_reply')!r}, earns gold {fmt(h.get('gold_constant'))}; echoing each question back "
+          f"{fmt(h.get('gold_echo'))} (SFT {fmt(h.get('gold_sft'))})")
     missed = [t for t, verdict in report.target_verdicts(h) if verdict != "met"]
     print(f"targets     : {len(report.TARGETS) - len(missed)} of {len(report.TARGETS)} met"
           + "".join(f"\n  missed: {t}" for t in missed))

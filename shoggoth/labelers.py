@@ -2,16 +2,20 @@
 
 What people reward is a reply that answers *this* question. A reply that would fit
 any question ("Yes.", "I am doing well.", "I am not sure.") answers none of them, and
-people rank it low however short and polite it is. The taste (the "specific" taste)
+people rank it low however short and polite it is. The taste (the "specific-2" taste)
 has four parts, each in [0, 1]:
 
-- relevance, specific to the question: how much better the reply fits its own question
+- relevance, specific to the question: how much better the reply answers its own question
   than the other questions people ask,
 
-      fit(c, q)  = max(IDF-weighted F1 of c's content words with each of q's reference
-                       answers, HALF x the same with the question q itself)
+      new(x, q)  = the words of x that are not words of the question q
+      fit(c, q)  = max over q's reference answers r of the IDF-weighted F1 of
+                   new(c, q)'s content words with new(r, q)'s
       relevance  = max(0, fit(c, q) - mean over the other questions q' of fit(c, q'))
 
+  Only what a reply adds to the question counts: repeating the question's words is not an
+  answer (echoing the question back earns nothing), and a reference is read for what it
+  adds too ("A cat is a small animal." to "What is a cat?" is {small, animal}).
   Content words leave out function words ("I", "do", "you", "the"), which any reply
   shares with any question; a reference made only of them ("Yes.", "No.") is matched on
   all its words. IDF weights (over the built-in questions and their answers) make a
@@ -19,7 +23,7 @@ has four parts, each in [0, 1]:
   "think"), so a kitchen-sink reply of common words fits many questions weakly. The
   mean over the other questions (the built-in chatterbot-corpus questions, about 750)
   takes away what a reply earns everywhere: a reply that fits every question equally
-  gets nothing. Echoing the question counts half: on topic, but not an answer.
+  gets nothing.
 - fluency: the share of the completion's words that are English words, i.e. words of
   the built-in corpora (the King James Bible and the English chatterbot-corpus, about
   15,000 words). People punish gibberish, on topic or not;
@@ -44,9 +48,13 @@ tests/test_labelers.py holds the taste to that, for every persona and every simu
 labeler: over the held-out questions the best single reply given to all of them (every
 answer of the corpus, generic replies, kitchen sinks of common words) earns less than
 a model that answers on topic one time in twenty (the question's own reference) and
-gives another question's reference otherwise, and far less than the references.
-The taste before this one (relevance as unspecific content-word overlap, every part a
-plain weighted sum) was won by "Yes." given to every question.
+gives another question's reference otherwise, and far less than the references; so
+does answering each question with the question itself.
+The tastes before this one were won by a trick: "specific" (the same, but the reply's
+fit to the question's own words counted 0.3) by echoing each question back (0.49, the
+balanced persona, against 0.29 for the model on topic one time in twenty); the first
+(relevance as unspecific content-word overlap, every part a plain weighted sum) by
+"Yes." given to every question.
 
 `gold_score` is a persona's noise-free taste (the gold reward the learned reward model is
 measured against). A `SimulatedLabeler` adds its own seeded noise: a jitter of the
@@ -66,8 +74,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from .errors import DataError
 
-TASTE = "specific"  # the taste's name, recorded with the runs that use it (the report says which)
-HALF = 0.3  # weight of a reply's fit to the question itself (an echo of the question is on topic, not an answer)
+TASTE = "specific-2"  # the taste's name, recorded with the runs that use it (the report says which)
 ON_TOPIC = 0.5  # relevance from which friendliness and brevity count in full
 OFF_TOPIC = 0.05  # the share of them an off-topic reply (relevance 0) still gets
 
@@ -136,16 +143,22 @@ def token_f1(a, b, tokens=words):
 # ---------------------------------------------------------------- relevance
 
 
+def new_words(text, question):
+    """The words of `text` that are not words of `question`: what it adds to the question."""
+    asked = set(words(question))
+    return [w for w in words(text) if w not in asked]
+
+
 class _Text:
-    """A reference or question as the relevance reads it: its bag of content words (all words
-    when it has no content word, as "Yes." has none), and their IDF mass."""
+    """A reference as the relevance reads it: the bag of its content words (all its words when
+    it has no content word, as "Yes." has none), and their IDF mass."""
 
     __slots__ = ("bag", "mass", "plain")
 
-    def __init__(self, text, idf):
-        cw = content_words(text)
+    def __init__(self, ws, idf):
+        cw = [w for w in ws if w not in FUNCTION_WORDS]
         self.plain = not cw  # matched on all its words
-        self.bag = Counter(cw or words(text))
+        self.bag = Counter(cw or ws)
         self.mass = sum(idf(w) * n for w, n in self.bag.items())
 
 
@@ -161,7 +174,7 @@ def _f1(bag, mass, ref: _Text, idf):
 class Pool:
     """The questions a reply's fit is compared against (the built-in chatterbot-corpus questions,
     train and held-out, with their answers), their words' IDF, and an index from a word to the
-    questions whose texts hold it, so that a reply is compared only with those it can fit."""
+    questions whose answers hold it, so that a reply is compared only with those it can fit."""
 
     def __init__(self, questions):
         docs = [set(content_words(" ".join([q, *refs]))) for q, refs in questions]
@@ -169,61 +182,56 @@ class Pool:
         n = len(docs)
         self._idf = {w: math.log((n + 1) / (c + 1)) + 1 for w, c in df.items()}
         self._unseen = math.log(n + 1) + 1
-        self.entries = [(q, [_Text(r, self.idf) for r in refs if r.strip()], _Text(q, self.idf)) for q, refs in questions]
-        self.ids, self._totals, self._texts = {}, {}, {}  # question -> its entry ids; reply -> (bags, total fit over the pool)
+        self.entries = [[t for t in (self._text(r, q) for r in refs) if t.bag] for q, refs in questions]
+        self.ids, self._totals = {}, {}  # question -> its entry ids; reply's new words -> (bags, total fit)
         for i, (q, _) in enumerate(questions):
             self.ids.setdefault(q, []).append(i)
         self.index, self.plain = {}, []  # word -> entry ids; entries with a reference matched on all words
-        for i, (_, refs, qt) in enumerate(self.entries):
-            for t in [*refs, qt]:
+        for i, refs in enumerate(self.entries):
+            for t in refs:
                 for w in t.bag:
                     self.index.setdefault(w, set()).add(i)
-            if any(t.plain for t in [*refs, qt]):
+            if any(t.plain for t in refs):
                 self.plain.append(i)
 
     def idf(self, w):
         return self._idf.get(w, self._unseen)
 
+    @lru_cache(maxsize=100_000)
+    def _text(self, ref, question):
+        return _Text(new_words(ref, question), self.idf)
+
     def fit(self, reply, question, refs):
-        """fit(c, q): the best IDF-weighted F1 of the reply with a reference, or HALF that with the question."""
-        texts = [(1.0, self._text(r)) for r in refs if r.strip()] + [(HALF, self._text(question))]
-        return self._fit(self._totals[reply][0] if reply in self._totals else self._bags(reply), texts)
+        """fit(c, q): the best IDF-weighted F1 of what the reply adds to the question with what a
+        reference adds to it."""
+        return self._fit(self._bags(reply, question), [self._text(r, question) for r in refs if r.strip()])
 
-    def _text(self, s):
-        if s not in self._texts:
-            if len(self._texts) > 100_000:
-                self._texts.clear()
-            self._texts[s] = _Text(s, self.idf)
-        return self._texts[s]
-
-    def _bags(self, reply):
-        """The reply's (bag, IDF mass) of content words and of all words."""
+    @lru_cache(maxsize=100_000)
+    def _bags(self, reply, question):
+        """What the reply adds to the question: (bag, IDF mass) of its content words and of all its words."""
+        ws = new_words(reply, question)
         out = []
-        for bag in (Counter(content_words(reply)), Counter(words(reply))):
+        for bag in (Counter(w for w in ws if w not in FUNCTION_WORDS), Counter(ws)):
             out.append((bag, sum(self.idf(w) * n for w, n in bag.items())))
-        return out
+        return tuple(out)
 
-    def _fit(self, bags, texts):
+    def _fit(self, bags, refs):
         (content, cmass), (every, emass) = bags
-        return max([w * (_f1(every, emass, t, self.idf) if t.plain else _f1(content, cmass, t, self.idf) if cmass else 0.0)
-                    for w, t in texts] + [0.0])
-
-    def _entry_fit(self, bags, i):
-        _, refs, qt = self.entries[i]
-        return self._fit(bags, [(1.0, t) for t in refs] + [(HALF, qt)])
+        return max([_f1(every, emass, t, self.idf) if t.plain else _f1(content, cmass, t, self.idf) if cmass else 0.0
+                    for t in refs] + [0.0])
 
     def others(self, reply, question):
-        """Mean fit of the reply over the pool's questions other than `question`: the reply's
-        total fit over the pool (kept per reply) less its fit to `question`'s own entries."""
-        if reply not in self._totals:
+        """Mean fit of what the reply adds to `question` over the pool's other questions: its total
+        fit over the pool (kept per bag of words) less its fit to `question`'s own entries."""
+        bags = self._bags(reply, question)
+        key = tuple(sorted(bags[1][0].items()))
+        if key not in self._totals:
             if len(self._totals) > 100_000:
                 self._totals.clear()
-            bags = self._bags(reply)
             near = set(self.plain).union(*(self.index.get(w, ()) for w in bags[1][0]))
-            self._totals[reply] = bags, sum(self._entry_fit(bags, i) for i in near)
-        bags, total = self._totals[reply]
-        own = sum(self._entry_fit(bags, i) for i in self.ids.get(question, ()))
-        return (total - own) / max(len(self.entries) - len(self.ids.get(question, ())), 1)
+            self._totals[key] = sum(self._fit(bags, self.entries[i]) for i in near)
+        own = sum(self._fit(bags, self.entries[i]) for i in self.ids.get(question, ()))
+        return (self._totals[key] - own) / max(len(self.entries) - len(self.ids.get(question, ())), 1)
 
 
 def pool():
@@ -240,13 +248,12 @@ def pool():
 @lru_cache(maxsize=65536)
 def _relevance(prompt, completion, references):
     p = pool()
-    others = p.others(completion, prompt)  # first: it keeps the reply's bags of words for fit
-    return max(0.0, p.fit(completion, prompt, references) - others)
+    return max(0.0, p.fit(completion, prompt, references) - p.others(completion, prompt))
 
 
 def relevance(prompt, completion, references=None):
-    """How much better the completion fits this prompt (its references, and half the prompt
-    itself) than it fits the other questions of the pool: 0 for a reply that fits them all alike."""
+    """How much better what the completion adds to this prompt fits its references than the other
+    questions' of the pool: 0 for a reply that fits them all alike, or only repeats the prompt."""
     return _relevance(prompt, completion, tuple(r for r in references or [] if r))
 
 
