@@ -48,8 +48,13 @@ ORDER = ("pretrain", "sft", *(f"round-{n}" for n in range(1, ROUNDS + 1)), "dpo"
 SCALES = {"cpu": "demo-cpu", "small-gpu": "demo-gpu"}
 BUDGET = 20 * 60  # --budget's default: the whole demo in 20 minutes, on the machine that runs it
 PRETRAIN_STEPS = (150, 2400)  # the budget picks the pretraining steps in this range (2400: about 2 passes over the corpus)
-# Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s measured at the start (in
-# the run's dtype), so a machine of half the rate is estimated to take twice as long. Pretraining
+# Each stage's work in matmul-seconds: its seconds x the matmul FLOP/s of the machine it was timed on
+# (in the run's dtype), so a machine of half the rate is estimated to take twice as long. A machine's
+# rate for the plan is read from one real pretraining step timed at the start (`step_seconds`):
+# pretrain_step / its seconds. The square-matmul rate alone misjudged CPUs both ways (an AMD EPYC
+# with AVX-512 bf16 measured 380-440 GFLOP/s and ran every stage in 0.34-0.5 of the estimate it
+# gave, so the budget's other half went unused and its pretraining steps swung 189-311 with the
+# benchmark's noise; a Sapphire Rapids Xeon measured 1,384 and ran over its estimate). Pretraining
 # is its set-up (tokenizer, token shards, the first build of the decode kernel) plus pretrain_step
 # per step, as the budget sets its steps. bf16 from a CPU with AVX-512 bf16 (reward, SFT and DPO
 # scaled by their fp32 cuts), fp32 from the AVX2-only machine the README times. summary.json keeps
@@ -81,6 +86,33 @@ def plan(rate, dtype, budget, quick=False):
     return steps, {k: est[k] for k in ORDER}
 
 
+def step_seconds(amp_dtype):
+    """Seconds of one step of the demo's pretraining (its preset's model and batch, forward,
+    backward and AdamW, in the run's dtype) on this machine: the median of four after two to warm up."""
+    import torch
+
+    from . import dist
+    from .model import GPT, GPTConfig
+
+    _, c = config.load("pretrain", SCALES["cpu"])
+    model = GPT(GPTConfig(vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
+                          n_embd=c.n_embd, max_seq_len=c.seq_len, rope_theta=c.rope_theta,
+                          tie_embeddings=c.tie_embeddings))
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr)
+    x = torch.randint(0, c.vocab_size, (c.batch_size, c.seq_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        with dist.autocast(torch.device("cpu"), amp_dtype):
+            loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    t = sorted(times[2:])
+    return (t[1] + t[2]) / 2
+
+
 class Run:
     def __init__(self, out, quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu"):
         import torch
@@ -100,13 +132,15 @@ class Run:
             amp = dist.autocast_dtype(dev, dtype)
             name = "bf16" if amp == torch.bfloat16 else "fp32"
             rate = metrics.peak_flops(dev, amp)  # measured on a CPU; a GPU's spec sheet (bf16) or measured
+            step = None
             if dev.type == "cpu" and scale == "cpu":
-                steps, est = plan(rate, name, budget, quick)
+                step = None if quick else step_seconds(amp)
+                steps, est = plan(WORK[name]["pretrain_step"] / step if step else rate, name, budget, quick)
             else:  # WORK is measured on CPUs at the cpu scale: no estimate, no budget
                 steps = 30 if quick else PRETRAIN_STEPS[1] if scale == "cpu" else None
                 est = None
             self.summary["plan"] = {"dtype": name, "device": str(dev), "scale": scale, "matmul_flops": rate,
-                                    "budget": budget, "pretrain_steps": steps, "estimate": est}
+                                    "step_seconds": step, "budget": budget, "pretrain_steps": steps, "estimate": est}
             self.save()
         p = self.summary["plan"]
         # the plan's dtype and scale, so that a resumed stage matches its checkpoint; the device asked for now
@@ -114,6 +148,8 @@ class Run:
         steps = "its preset's" if p["pretrain_steps"] is None else p["pretrain_steps"]
         rate = (f"{p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s" if p.get("device", "cpu") == "cpu"
                 else f"{p['dtype']} peak {p['matmul_flops'] / 1e12:,.0f} TFLOP/s")
+        if p.get("step_seconds"):
+            rate += f", a pretraining step in {p['step_seconds']:.2f} s"
         self.log(f"{self.summary['machine']}: {rate}; scale {self.scale} on {self.device}; "
                  f"{'--quick' if quick else 'budget ' + duration(p['budget']) if p['estimate'] else 'no budget'}: "
                  f"{steps} pretraining steps")

@@ -96,6 +96,23 @@ def test_the_budget_sizes_pretraining_to_the_machine():
     assert demo.plan(1e12, "bf16", 20 * 60, quick=True)[0] == 30
 
 
+@pytest.mark.slow
+def test_the_plan_reads_the_machine_from_a_real_pretraining_step(tmp_path, monkeypatch):
+    import torch
+
+    from shoggoth import demo, dist
+
+    amp = dist.autocast_dtype(torch.device("cpu"), "auto")
+    assert 0 < demo.step_seconds(amp) < 60
+    for step in (0.5, 1.0):
+        monkeypatch.setattr(demo, "step_seconds", lambda amp: step)
+        p = demo.Run(tmp_path / str(step)).summary["plan"]
+        assert p["step_seconds"] == step
+        steps, est = demo.plan(demo.WORK[p["dtype"]]["pretrain_step"] / step, p["dtype"], demo.BUDGET)
+        assert (p["pretrain_steps"], p["estimate"]) == (steps, est)
+        assert abs(est["sft"] - demo.WORK[p["dtype"]]["sft"] / demo.WORK[p["dtype"]]["pretrain_step"] * step) < 1e-6
+
+
 def test_demo_flags_are_checked(tmp_path):
     bad = [["--budget", "soon"], ["--budget", "0m"], ["--dtype", "fp16"], ["--scale", "huge"], ["--device", "tpu"]]
     if not torch.cuda.is_available():
