@@ -210,18 +210,22 @@ def cmd_demo(argv):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the same pipeline at toy scale, for smoke tests")
     p.add_argument("--budget", default="20m", type=seconds,
-                   help="time for the whole run, e.g. 20m, 1h, 900s (default 20m): the matmul rate measured at the "
-                        "start sets the pretraining steps to fit it")
+                   help="time for the whole run, e.g. 20m, 1h, 900s (default 20m): a pretraining step timed at the "
+                        "start sets the pretraining steps to fit it (with --init: the prompts a round)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype of every stage (auto: bf16 where this CPU runs it fast, else fp32)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--init", default="", metavar="DIR",
+                   help="your model (a Hugging Face directory with a chat template): run the RLHF half (two rounds of "
+                        "simulated rankings, reward model, PPO; DPO; blind win rates) on it instead of pretraining one, "
+                        "its prompts a round sized to --budget from its sampling speed: a pre-flight before paying people")
     p.add_argument("--scale", default="cpu", choices=["cpu", "small-gpu"],
                    help="cpu: a 4M-parameter model, pretraining steps fitted to --budget; small-gpu: a 30M-parameter "
                         "model at fixed steps (minutes on one GPU; no budget)")
     a = p.parse_args(argv)
     from . import demo
 
-    demo.run(a.out, a.quick, a.dtype, a.budget, a.device, a.scale)
+    demo.run(a.out, a.quick, a.dtype, a.budget, a.device, a.scale, a.init)
 
 
 def seconds(text):

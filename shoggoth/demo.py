@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import checkpoint, config, metrics
+from .errors import ShoggothError
 from .feedback import winrate
 from .metrics import duration
 
@@ -39,6 +40,16 @@ QUICK = {
     "dpo": dict(max_steps=4),
 }
 QUICK_PROMPTS = 40  # train prompts ranked at --quick, over all rounds
+# --init DIR: the RLHF half on the user's model. Its rounds' prompts are sized from its measured
+# sampling speed: sampling K replies to each prompt takes INIT_SAMPLING of the budget (sampling is
+# about a third of a round here; the reward model and PPO the rest), at least INIT_PROMPTS prompts
+# a round (fewer and the reward model learnt nothing: at 24 prompts x 4 a 135M model's reward model
+# was at chance, and PPO came out worse than its start). A model above LORA_PARAMS parameters is
+# trained through LoRA adapters (rank 16) in the reward model, PPO and DPO.
+INIT_SAMPLING = 0.25
+INIT_PROMPTS = 48
+LORA_PARAMS = 50e6
+LORA = {"lora_r": 16, "lora_alpha": 32.0}
 
 
 ORDER = ("pretrain", "sft", *(f"round-{n}" for n in range(1, ROUNDS + 1)), "dpo", "answers", "winrate")
@@ -113,8 +124,28 @@ def step_seconds(amp_dtype):
     return (t[1] + t[2]) / 2
 
 
+def init_plan(init, dev, amp, budget, quick):
+    """(prompts per round, LoRA fields, seconds per prompt) for the RLHF half on the model in `init`:
+    K replies to two built-in prompts timed, the rounds' prompts sized to the budget (see INIT_SAMPLING)."""
+    import torch
+
+    from . import data, dist, sampling
+
+    model, tok = sampling.load(init, dev)
+    params = sum(p.numel() for p in model.parameters())
+    msgs = [r["messages"] for r in data.builtin_prompts("train")[:2] for _ in range(K)]
+    t = time.time()
+    with torch.no_grad(), dist.autocast(dev, amp):
+        sampling.chat_replies((model, tok), msgs, max_new_tokens=16 if quick else 48, temperature=1.0, seed=0)
+    per_prompt = (time.time() - t) / 2
+    full = len(data.builtin_prompts("train")) // ROUNDS
+    prompts = QUICK_PROMPTS // ROUNDS if quick else \
+        int(min(max(budget * INIT_SAMPLING / ROUNDS / per_prompt, INIT_PROMPTS), full))
+    return prompts, LORA if params > LORA_PARAMS else {}, per_prompt, params
+
+
 class Run:
-    def __init__(self, out, quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu"):
+    def __init__(self, out, quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu", init=""):
         import torch
 
         from . import dist, metrics
@@ -133,18 +164,36 @@ class Run:
             name = "bf16" if amp == torch.bfloat16 else "fp32"
             rate = metrics.peak_flops(dev, amp)  # measured on a CPU; a GPU's spec sheet (bf16) or measured
             step = None
-            if dev.type == "cpu" and scale == "cpu":
+            if init:  # the user's model: no pretraining, its rounds sized by its sampling speed
+                prompts, lora, per_prompt, params = init_plan(init, dev, amp, budget, quick)
+                self.summary["plan"] = {"dtype": name, "device": str(dev), "init": str(Path(init).resolve()),
+                                        "params": params, "prompts_per_round": prompts, "lora": lora,
+                                        "sampling_seconds_per_prompt": per_prompt, "budget": budget,
+                                        "matmul_flops": rate, "pretrain_steps": 0, "estimate": None}
+            elif dev.type == "cpu" and scale == "cpu":
                 step = None if quick else step_seconds(amp)
                 steps, est = plan(WORK[name]["pretrain_step"] / step if step else rate, name, budget, quick)
             else:  # WORK is measured on CPUs at the cpu scale: no estimate, no budget
                 steps = 30 if quick else PRETRAIN_STEPS[1] if scale == "cpu" else None
                 est = None
-            self.summary["plan"] = {"dtype": name, "device": str(dev), "scale": scale, "matmul_flops": rate,
-                                    "step_seconds": step, "budget": budget, "pretrain_steps": steps, "estimate": est}
+            if not init:
+                self.summary["plan"] = {"dtype": name, "device": str(dev), "scale": scale, "matmul_flops": rate,
+                                        "step_seconds": step, "budget": budget, "pretrain_steps": steps, "estimate": est}
             self.save()
         p = self.summary["plan"]
         # the plan's dtype and scale, so that a resumed stage matches its checkpoint; the device asked for now
         self.dtype, self.scale, self.device = p["dtype"], p.get("scale", "cpu"), str(dev)
+        self.init = p.get("init", "")
+        if (init and str(Path(init).resolve()) != self.init) or (self.init and not init):
+            raise ShoggothError(f"{self.out} holds a demo run {'on ' + self.init if self.init else 'that pretrained its own model'}:"
+                                f" run it again with {'--init ' + self.init if self.init else 'no --init'}, or use another --out")
+        if self.init:
+            self.log(f"{self.summary['machine']}: {p['dtype']} on {self.device}; --init {self.init} "
+                     f"({p['params'] / 1e6:,.1f}M parameters{', LoRA rank ' + str(p['lora']['lora_r']) if p['lora'] else ''}): "
+                     f"K={K} replies to a prompt in {p['sampling_seconds_per_prompt']:.1f} s, so "
+                     f"{p['prompts_per_round']} prompts a round ({'--quick' if quick else 'budget ' + duration(p['budget'])}); "
+                     f"no pretraining or SFT: your model is the start of RLHF and its KL reference")
+            return
         steps = "its preset's" if p["pretrain_steps"] is None else p["pretrain_steps"]
         rate = (f"{p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s" if p.get("device", "cpu") == "cpu"
                 else f"{p['dtype']} peak {p['matmul_flops'] / 1e12:,.0f} TFLOP/s")
@@ -190,6 +239,8 @@ class Run:
 
 
 def metric(path, key, which=-1):
+    if not Path(path).exists():  # a stage --init skips
+        return None
     vals = [r[key] for r in metrics.read(path) if key in r]
     return vals[which] if vals else None
 
@@ -208,15 +259,19 @@ def rlhf_round(run: Run, n):
         run.log(f"{name}: done earlier ({o / name}), skipping")
         return
     (o / "feedback").mkdir(parents=True, exist_ok=True)
-    prompts = QUICK_PROMPTS if run.quick else len(rounds.prompt_records(rounds.Config()))
+    p = run.summary["plan"]
+    per_round = p["prompts_per_round"] if run.init else \
+        (QUICK_PROMPTS if run.quick else len(rounds.prompt_records(rounds.Config()))) // ROUNDS
     ppo_iterations = config.load("ppo", "demo-ppo")[1].iterations
-    c = rounds.Config(sft=str(o / "sft"), db=feedback_db(run), out=str(o), rounds=n, prompts_per_round=prompts // ROUNDS,
+    c = rounds.Config(sft=str(model_dirs(run)["sft"]), db=feedback_db(run), out=str(o), rounds=n, prompts_per_round=per_round,
                       k=K, rankings_per_task=LABELERS, simulate="balanced", labelers=LABELERS, eval_frac=0.1,
                       max_new_tokens=16 if run.quick else 48, iterations=ppo_iterations // ROUNDS,
                       dtype=run.dtype, device=run.device)
     run.log(f"{name}: starting -> {o / name}")
     t = time.time()
-    rounds.run(c, reward=QUICK["reward"] if run.quick else None, ppo=QUICK["ppo"] if run.quick else None)
+    lora = p.get("lora") or {}
+    rounds.run(c, reward={**(QUICK["reward"] if run.quick else {}), **lora} or None,
+               ppo={**(QUICK["ppo"] if run.quick else {}), **lora} or None)
     for stage in ("reward", "ppo"):
         if (o / name / stage / "run_config.json").exists():  # (not if killed between the model and this file)
             run.summary["config"][f"{name}/{stage}"] = json.loads((o / name / stage / "run_config.json").read_text())
@@ -253,9 +308,10 @@ def gold_and_proxy(model, records, scorers):
 
 
 def model_dirs(run: Run):
+    """Each model the demo compares; with --init the user's model takes SFT's place, and there is no pretrained one."""
     o = run.out
-    return {"pretrained": o / "pretrain", "sft": o / "sft", "ppo-1": o / "round-1" / "ppo", "ppo": o / f"round-{ROUNDS}" / "ppo",
-            "dpo": o / "dpo"}
+    start = {"sft": Path(run.init)} if run.init else {"pretrained": o / "pretrain", "sft": o / "sft"}
+    return {**start, "ppo-1": o / "round-1" / "ppo", "ppo": o / f"round-{ROUNDS}" / "ppo", "dpo": o / "dpo"}
 
 
 def heldout_prompts(run: Run):
@@ -342,17 +398,19 @@ def blind_winrates(run: Run, answers):
     return s
 
 
-def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu"):
-    r = Run(out, quick, dtype, budget, device, scale)
+def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu", init=""):
+    r = Run(out, quick, dtype, budget, device, scale, init)
     o = r.out
-    steps = r.summary["plan"]["pretrain_steps"]
-    r.stage("pretrain", SCALES[r.scale], **({} if steps is None else {"max_steps": steps}))
-    r.stage("sft", "demo-sft", init=str(o / "pretrain"))
+    if not r.init:
+        steps = r.summary["plan"]["pretrain_steps"]
+        r.stage("pretrain", SCALES[r.scale], **({} if steps is None else {"max_steps": steps}))
+        r.stage("sft", "demo-sft", init=str(o / "pretrain"))
     for n in range(1, ROUNDS + 1):
         rlhf_round(r, n)
     last = o / f"round-{ROUNDS}"
     # DPO on what the last reward model trained on (every round's rankings but the last one's held-out share)
-    r.stage("dpo", "demo-dpo", policy=str(o / "sft"), rankings=str(last / "train.jsonl"))
+    r.stage("dpo", "demo-dpo", policy=str(model_dirs(r)["sft"]), rankings=str(last / "train.jsonl"),
+            **r.summary["plan"].get("lora", {}))
 
     h = r.summary["headline"]
     t = time.time()
@@ -379,7 +437,7 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     r.summary["timings"]["winrate"] = round(time.time() - t, 1)
     r.save()
 
-    from . import report
+    from . import report, rounds
 
     html = report.write(o)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -389,10 +447,17 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     print(f"blind win rate: {winrate.sentence(w, 'ppo', ['sft', 'ppo-1', 'dpo'], report.MODELS)} (length-controlled "
           f"{winrate.pct(ppo_sft['lc_win_rate'])} and {winrate.pct(ppo_dpo['lc_win_rate'])}; {w['judgements']} "
           f"rankings of {len(w['models'])} models' answers to {w['prompts']} held-out prompts by simulated labelers)")
-    print(f"pretraining : held-out loss {fmt(h.get('pretrain_val_loss'))} (Bible chapters and conversations)")
-    print(f"SFT         : held-out chat loss {fmt(h.get('sft_val_loss_base'))} (pretrained) -> {fmt(h.get('sft_val_loss'))} (SFT)")
+    if r.init:
+        print(f"your model  : {r.init} in SFT's place (the start of RLHF and the KL reference); no pretraining or SFT")
+    else:
+        print(f"pretraining : held-out loss {fmt(h.get('pretrain_val_loss'))} (Bible chapters and conversations)")
+        print(f"SFT         : held-out chat loss {fmt(h.get('sft_val_loss_base'))} (pretrained) -> "
+              f"{fmt(h.get('sft_val_loss'))} (SFT)")
     print(f"reward model: held-out pairwise accuracy {fmt(h.get('reward_accuracy'))} "
-          f"(labelers agree with each other at Kendall tau {fmt(h.get('labeler_agreement'))})")
+          f"(labelers agree with each other at Kendall tau {fmt(h.get('labeler_agreement'))})"
+          + (f"; below {rounds.CHANCE:.2f}, it learnt next to nothing from {sum(x['rankings'] for x in r.summary['rounds'])}"
+             " rankings: PPO against it measures noise; rank more prompts a round (--budget) before paying people"
+             if h.get("reward_accuracy") is not None and h["reward_accuracy"] < rounds.CHANCE else ""))
     for x in r.summary["rounds"]:
         before = "no earlier model" if x["reward_accuracy_before"] is None else \
             f"{fmt(x['reward_accuracy_before'])} (the last round's model)"
@@ -426,7 +491,7 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
                 print(f"  {name:10s}> {a['text'][:100]!r}  (gold {a['gold']:.2f}, proxy {a['proxy']:.2f})")
     est, took = r.summary["plan"]["estimate"], r.summary["timings"]
     print(f"\n{'stage':10s} {'estimated':>9s} {'actual':>9s}")
-    for name in ORDER:
+    for name in ORDER[2:] if r.init else ORDER:
         print(f"{name:10s} {r.estimate(name):>9s} {duration(took[name]) if name in took else '-':>9s}")
     print(f"{'total':10s} {duration(sum(est.values())) if est else '-':>9s} {duration(sum(took.values())):>9s}")
     print(f"\nreport: {html}\nmodels in {o}/")

@@ -139,3 +139,34 @@ def test_small_gpu_scale_is_a_30m_model_without_a_budget(tmp_path):
     assert run.estimate("sft") == "-"
     again = demo.Run(tmp_path / "run", device="cpu", scale="cpu")  # a re-run keeps the first plan
     assert (again.scale, again.device) == ("small-gpu", "cpu")
+
+
+@pytest.mark.slow
+def test_the_rlhf_half_runs_on_the_users_model(tmp_path, monkeypatch):
+    """`shoggoth demo --init DIR`: two rounds, DPO and the blind win rates on a real family's model
+    (SmolLM2's tokenizer and chat template, tiny random weights), through LoRA as a big model
+    would be; no pretraining or SFT; a run directory keeps the model it started on."""
+    import hf_families
+
+    from shoggoth import demo
+
+    model = hf_families.build("smollm2", tmp_path / "smol")
+    monkeypatch.setattr(demo, "LORA_PARAMS", 0)  # as for a model above 50M parameters
+    out = tmp_path / "demo"
+    r = shoggoth("demo", "--quick", "--init", model, "--out", out)
+    assert f"--init {model}" in r.stdout and "LoRA rank 16" in r.stdout and "your model  :" in r.stdout
+    assert not (out / "pretrain").exists() and not (out / "sft").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plan"]["prompts_per_round"] == demo.QUICK_PROMPTS // demo.ROUNDS
+    for stage in ("round-1/reward", "round-2/ppo", "dpo"):
+        assert summary["config"][stage]["lora_r"] == 16, stage
+    assert summary["config"]["round-1/ppo"]["ref"] == str(model)  # the KL leash is to the user's model
+    h = summary["headline"]
+    for key in ("gold_sft", "gold_ppo", "gold_dpo", "winrate_ppo_sft", "reward_accuracy"):
+        assert isinstance(h[key], float), key
+    assert "gold_pretrained" not in h and set(summary["winrate"]["models"]) == {"sft", "ppo-1", "ppo", "dpo"}
+
+    again = shoggoth("demo", "--quick", "--out", out, check=False)  # the same directory without --init
+    assert again.returncode != 0 and "Traceback" not in again.stderr and f"--init {model}" in again.stderr
+    bad = shoggoth("demo", "--quick", "--init", tmp_path / "nothing", "--out", tmp_path / "d2", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "nothing" in bad.stderr
