@@ -51,6 +51,59 @@ def write_json(path, obj):
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+# ---------------------------------------------------------------- hub ids
+
+# What a stage reads of a hub repository; a download skips the rest (Llama repos also hold their
+# original/ weights, others ONNX or GGUF files: gigabytes that nothing here reads).
+MODEL_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
+
+
+def resolve(name, revision="", files=MODEL_FILES):
+    """The local directory of a model argument: a path that exists, as given; otherwise a Hugging
+    Face hub id (`org/name` or `name`) at `revision` (empty: main), from the hub cache or downloaded
+    into it by huggingface_hub, which honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and the saved
+    token. A missing path that cannot be an id (./x, /x, ~/x, a/b/c) comes back as given, for the
+    loader's "no such model directory"."""
+    if not name or os.path.exists(name) or _looks_local(name):
+        if revision:
+            raise ModelDirError(f"--revision {revision}: {name!r} is a local path, and a revision picks a version "
+                                f"of a Hugging Face hub id")
+        return name
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    what = f"model {name!r}" + (f" (revision {revision!r})" if revision else "")
+    cache = constants.HF_HUB_CACHE
+    try:
+        return snapshot_download(name, revision=revision or None, allow_patterns=list(files))
+    except HFValidationError as e:
+        raise ModelDirError(f"model {name!r} is not a local directory, nor a valid Hugging Face hub id ({e})") from None
+    except IncompleteSnapshotError:
+        raise ModelDirError(f"{what} is only partly in the Hugging Face cache {cache} and the hub cannot be reached: "
+                            f"finish the download on a machine with access, or give a directory") from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise ModelDirError(f"{what} is not a local directory and is not in the Hugging Face cache {cache} ({why}): "
+                            f"download it on a machine with access, or give a directory") from None
+    except RevisionNotFoundError:
+        raise ModelDirError(f"model {name!r} has no revision {revision!r} on the Hugging Face hub") from None
+    except GatedRepoError:
+        raise ModelDirError(f"{what} is gated: accept its terms on huggingface.co, then log in (`hf auth login` "
+                            f"or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelDirError(f"{what} is not a local directory, nor a model on the Hugging Face hub that this token "
+                            f"may read (a private one needs `hf auth login` or HF_TOKEN)") from None
+    except OSError as e:  # the hub's other HTTP errors (a 5xx), a full disk or an unwritable cache
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelDirError(f"{what}: download into the Hugging Face cache {cache} failed ({first})") from None
+
+
+def _looks_local(name):
+    """Whether name can only be a path: a hub id is `name` or `org/name`, and starts with a letter or digit."""
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 # ---------------------------------------------------------------- HF config
 
 

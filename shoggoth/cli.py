@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 from .config import STAGES, UsageError, build, field_docs
+from .errors import ShoggothError
 
 
 def _kind(tp):
@@ -52,6 +53,8 @@ def make_config(cls, argv, command="stage"):
     args = vars(stage_parser(command, cls).parse_args(argv))
     try:
         return build(cls, args.pop("config", None), command, **args)
+    except ShoggothError:  # a model that cannot be found (checkpoint.resolve): the stage's own kind of error
+        raise
     except (TypeError, ValueError) as e:
         raise UsageError(f"shoggoth {command}: {e}") from None
 
@@ -83,7 +86,7 @@ def cmd_tokenizer(argv):
 
 def cmd_sample(argv):
     p = argparse.ArgumentParser(prog="shoggoth sample", description="Print completions of a prompt.")
-    p.add_argument("model_dir")
+    model_flags(p, "model_dir", "a model directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -94,11 +97,22 @@ def cmd_sample(argv):
     a = p.parse_args(argv)
     check_sampling(a)
     from . import sampling
+    from .checkpoint import resolve
 
-    for text in sampling.complete(a.model_dir, [a.prompt] * a.num_samples, max_new_tokens=a.max_new_tokens,
-                                  temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed):
+    for text in sampling.complete(resolve(a.model_dir, a.revision), [a.prompt] * a.num_samples,
+                                  max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                  top_p=a.top_p, seed=a.seed):
         print(a.prompt + text)
         print("-" * 40)
+
+
+def model_flags(p, name, what):
+    """A command's model argument (`name`: positional or a flag), which may be a Hugging Face hub id
+    (checkpoint.resolve makes it a directory), and its --revision."""
+    p.add_argument(name, **({"required": True} if name.startswith("-") else {}),
+                   help=f"{what}, or a Hugging Face hub id (org/name)")
+    p.add_argument("--revision", default="", help=f"branch, tag or commit of {name.lstrip('-').upper()} when it is a "
+                                                  f"hub id (default: main)")
 
 
 def check_sampling(a):
@@ -129,19 +143,20 @@ def valid_text(text):
 
 def cmd_score(argv):
     p = argparse.ArgumentParser(prog="shoggoth score", description="Print a reward model's score of a completion.")
-    p.add_argument("model_dir", help="a `shoggoth reward` output directory")
+    model_flags(p, "model_dir", "a `shoggoth reward` output directory")
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument("--completion", required=True, help="the assistant's reply")
     p.add_argument("--raw", action="store_true", help="without the normalisation shift (what transformers gives)")
     a = p.parse_args(argv)
+    from .checkpoint import resolve
     from .scoring import score_texts
 
-    print(f"{score_texts(a.model_dir, a.prompt, [a.completion], raw=a.raw)[0]:.4f}")
+    print(f"{score_texts(resolve(a.model_dir, a.revision), a.prompt, [a.completion], raw=a.raw)[0]:.4f}")
 
 
 def cmd_chat(argv):
     p = argparse.ArgumentParser(prog="shoggoth chat", description="Talk to a model directory in the terminal.")
-    p.add_argument("model_dir")
+    model_flags(p, "model_dir", "a model directory")
     p.add_argument("--prompt", help="answer this once and exit (for scripts)")
     p.add_argument("--system", help="a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -152,9 +167,10 @@ def cmd_chat(argv):
     a = p.parse_args(argv)
     check_sampling(a)
     from . import sampling
+    from .checkpoint import resolve
     from .errors import DataError
 
-    model = sampling.load(a.model_dir)
+    model = sampling.load(resolve(a.model_dir, a.revision))
     opts = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     start = [{"role": "system", "content": a.system}] if a.system else []
     history = list(start)
@@ -256,7 +272,7 @@ def cmd_feedback(argv):
     sub = p.add_subparsers(dest="action", required=True)
     db_help = "SQLAlchemy URL (postgresql://user@host/db) or a SQLite file path (default: feedback.db)"
     g = sub.add_parser("generate", help="sample K completions per prompt and store them as ranking tasks")
-    g.add_argument("--policy", required=True, help="model directory to sample from")
+    model_flags(g, "--policy", "model directory to sample from")
     g.add_argument("--prompts", required=True, help="JSONL of {prompt} or {messages}, optionally {references}")
     g.add_argument("-k", type=int, default=4, help="completions per prompt")
     g.add_argument("--db", default="feedback.db", help=db_help)
@@ -264,7 +280,8 @@ def cmd_feedback(argv):
     sampling_flags(g)
     c = sub.add_parser("compare", help="a blind evaluation: one answer per prompt from each model, ranked by labelers")
     c.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
-                   help="the models to compare, e.g. sft=runs/sft ppo=runs/ppo (win rates: each over those before it)")
+                   help="the models to compare, e.g. sft=runs/sft ppo=runs/ppo (win rates: each over those before it); "
+                        "a DIR may be a Hugging Face hub id (org/name, at main)")
     c.add_argument("--prompts", required=True,
                    help="held-out prompts: JSONL of {prompt} or {messages}, optionally {references}")
     c.add_argument("--db", default="feedback.db", help=db_help)
@@ -298,14 +315,16 @@ def cmd_feedback(argv):
     e.add_argument("--pairs", action="store_true", help="TRL pairs {prompt, chosen, rejected} instead of rankings")
     e.add_argument("--campaign", help="only this campaign (evaluation campaigns are exported only when named)")
     a = p.parse_args(argv)
+    from .checkpoint import resolve
     from .feedback import jobs
 
     if a.action == "generate":
-        name, n = jobs.generate(a.policy, a.prompts, a.k, a.db, a.campaign, a.rankings_per_task, a.max_new_tokens,
-                                a.temperature, a.top_k, a.top_p, a.seed)
+        name, n = jobs.generate(resolve(a.policy, a.revision), a.prompts, a.k, a.db, a.campaign, a.rankings_per_task,
+                                a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
         print(f"campaign {name!r}: {n} tasks of {a.k} completions stored in {a.db}")
     elif a.action == "compare":
-        name, n = jobs.compare(jobs.parse_models(a.models), a.prompts, a.db, a.campaign, a.rankings_per_task,
+        models = {m: resolve(d) for m, d in jobs.parse_models(a.models).items()}
+        name, n = jobs.compare(models, a.prompts, a.db, a.campaign, a.rankings_per_task,
                                a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
         print(f"evaluation campaign {name!r}: {n} prompts, one answer from each of {len(a.models)} models, stored in "
               f"{a.db}; labelers rank them blind (`feedback serve` or `feedback simulate --campaign {name}`)")
@@ -358,8 +377,6 @@ def _main(argv):
         print(f"usage: shoggoth <command> [flags]\ncommands: {', '.join(names)}\n`shoggoth <command> --help` lists a command's flags.")
         return 0
     cmd, rest = argv[0], argv[1:]
-    from .errors import ShoggothError
-
     try:
         if cmd in STAGES:
             mod = importlib.import_module(STAGES[cmd])

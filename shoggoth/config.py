@@ -71,6 +71,26 @@ def build(cls, preset=None, command="stage", **fields):
         values.update(table)
     cfg = cls(**{**values, **fields})
     check(cfg)
+    return resolve_models(cfg)
+
+
+# Fields that name a model (or tokenizer) directory. Each may be a Hugging Face hub id instead, made
+# a directory when the Config is built; --revision picks the version of the first of them a Config has.
+MODELS = ("init", "sft", "policy", "ref", "reward", "warm", "tokenizer")
+
+
+def resolve_models(cfg):
+    """cfg with each model field a local directory (checkpoint.resolve: a hub id becomes its
+    snapshot in the Hugging Face cache, downloaded if need be), so that stages read directories only."""
+    from .checkpoint import MODEL_FILES, TOKENIZER_FILES, resolve
+
+    names = [n for n in MODELS if hasattr(cfg, n)]
+    revision = getattr(cfg, "revision", "")
+    if revision and not getattr(cfg, names[0]):
+        raise UsageError(f"--revision {revision} needs --{names[0]} (a Hugging Face hub id)")
+    for n in names:
+        setattr(cfg, n, resolve(getattr(cfg, n), revision if n == names[0] else "",
+                                ("config.json", *TOKENIZER_FILES) if n == "tokenizer" else MODEL_FILES))
     return cfg
 
 

@@ -62,9 +62,10 @@ class Options:
     """The fields PPO and GRPO share (their Configs inherit them, as lora.Options): the models, the
     prompts, the rollouts, the schedule and the evaluation. A stage redeclares a field whose default differs."""
 
-    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference unless --ref
-    ref: str = ""  # model directory of the KL reference; empty = --policy (`shoggoth rounds`: the SFT model, while --policy is the last round's)
-    reward: str = ""  # reward model directory (a `shoggoth reward` output)
+    policy: str = ""  # model directory (or hub id) to optimise (the SFT model); also the frozen reference unless --ref
+    revision: str = ""  # branch, tag or commit of --policy when it is a hub id (--ref and --reward: main); empty = main
+    ref: str = ""  # model directory (or hub id) of the KL reference; empty = --policy (`shoggoth rounds`: the SFT model, while --policy is the last round's)
+    reward: str = ""  # reward model directory or hub id (a `shoggoth reward` output)
     prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
     eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
     toy_reward: str = ""  # test/debug aid: reward = fraction of response tokens that are this word (no reward model)

@@ -41,7 +41,8 @@ from .metrics import duration
 class Config:
     """RLHF in rounds: sample the current policy, rank (people or simulated), retrain the reward model, PPO again."""
 
-    sft: str = ""  # the SFT model: every round's KL reference, and the first round's policy unless --policy
+    sft: str = ""  # the SFT model (a directory or hub id): every round's KL reference, and the first round's policy unless --policy
+    revision: str = ""  # branch, tag or commit of --sft when it is a hub id (--policy and --reward: main); empty = main
     policy: str = ""  # the policy round 1 samples and PPO continues; empty = --sft
     reward: str = ""  # reward model round 1 warm-starts from (and the first ensemble reads); empty = round 1 trains from --sft
     rankings: str = ""  # rankings JSONL collected before the rounds (the first campaign's export): in every round's training

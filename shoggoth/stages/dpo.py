@@ -27,7 +27,8 @@ from ..metrics import Metrics, Sums
 class Config(lora.Options, stage.Common):
     """DPO on K-way rankings (every untied pair) or TRL pairs, with a frozen reference."""
 
-    policy: str = ""  # model directory to optimise (the SFT model); also the frozen reference
+    policy: str = ""  # model directory (or hub id) to optimise (the SFT model); also the frozen reference
+    revision: str = ""  # branch, tag or commit of --policy when it is a hub id; empty = main
     rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
     eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings

@@ -42,7 +42,7 @@ from ..metrics import Metrics, Sums
 class Config(rl.Options, lora.Options, stage.Common):
     """PPO against a reward model with a KL penalty to the SFT model (InstructGPT)."""
 
-    reward: str = ""  # reward model directory (a `shoggoth reward` output); also initialises the value model
+    reward: str = ""  # reward model directory or hub id (a `shoggoth reward` output); also initialises the value model
     out: str = "runs/ppo"  # output Hugging Face model directory (the policy)
     iterations: int = 100  # PPO iterations (rollout + update)
     batch_size: int = 64  # prompts (one response each) per iteration, summed over ranks

@@ -25,8 +25,9 @@ class Config(stage.Common):
 
     corpus: list[str] = field(default_factory=list)  # .txt/.md files, folders, JSONL with "text", builtin:bible, builtin:chitchat; empty = builtin:bible
     out: str = "runs/pretrain"
-    init: str = ""  # continue from this Hugging Face model directory (Llama/Qwen2/Qwen3); its tokenizer is used
-    tokenizer: str = ""  # tokenizer directory; empty = train one on the corpus (or use init's)
+    init: str = ""  # continue from this Hugging Face model directory or hub id (Llama/Qwen2/Qwen3); its tokenizer is used
+    revision: str = ""  # branch, tag or commit of --init when it is a hub id; empty = main
+    tokenizer: str = ""  # tokenizer directory or hub id (at main); empty = train one on the corpus (or use init's)
     vocab_size: int = 4096  # vocabulary of a newly trained tokenizer
     n_layer: int = 4  # decoder blocks (ignored with --init)
     n_head: int = 4  # attention heads

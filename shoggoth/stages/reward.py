@@ -33,8 +33,9 @@ from ..scoring import score_pad, scores
 class Config(lora.Options, stage.Common):
     """Reward model on K-way rankings (or TRL pairs), InstructGPT's loss."""
 
-    init: str = ""  # model directory whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
-    warm: str = ""  # reward model directory whose trunk and head start training instead (`shoggoth rounds`: the last round's)
+    init: str = ""  # model directory (or hub id) whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
+    revision: str = ""  # branch, tag or commit of --init when it is a hub id (--warm: main); empty = main
+    warm: str = ""  # reward model directory (or hub id) whose trunk and head start training instead (`shoggoth rounds`: the last round's)
     rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
     eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings

@@ -28,7 +28,8 @@ from ..model import Documents
 class Config(lora.Options, stage.Common):
     """Supervised fine-tuning on conversations (loss on assistant turns only)."""
 
-    init: str = ""  # model directory to fine-tune (a pretrain output or a Hugging Face Llama/Qwen directory)
+    init: str = ""  # model directory to fine-tune (a pretrain output or a Hugging Face Llama/Qwen directory or hub id)
+    revision: str = ""  # branch, tag or commit of --init when it is a hub id; empty = main
     data: str = ""  # JSONL of {"messages": [...]} or {"prompt", "completion"}; empty = built-in chatterbot-corpus
     eval_data: str = ""  # held-out JSONL; empty = the built-in held-out questions, or 5% of --data
     out: str = "runs/sft"
