@@ -232,7 +232,7 @@ def cmd_demo(argv):
                    help="autocast dtype of every stage (auto: bf16 where this CPU runs it fast, else fp32)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
     p.add_argument("--init", default="", metavar="DIR",
-                   help="your model (a Hugging Face directory with a chat template): run the RLHF half (two rounds of "
+                   help="your model (a Hugging Face directory or hub id, with a chat template): run the RLHF half (two rounds of "
                         "simulated rankings, reward model, PPO; DPO; blind win rates) on it instead of pretraining one, "
                         "its prompts a round sized to --budget from its sampling speed: a pre-flight before paying people")
     p.add_argument("--scale", default="cpu", choices=["cpu", "small-gpu"],

@@ -399,7 +399,7 @@ def blind_winrates(run: Run, answers):
 
 
 def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu", init=""):
-    r = Run(out, quick, dtype, budget, device, scale, init)
+    r = Run(out, quick, dtype, budget, device, scale, str(checkpoint.resolve(init)) if init else "")
     o = r.out
     if not r.init:
         steps = r.summary["plan"]["pretrain_steps"]
