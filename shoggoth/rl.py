@@ -91,7 +91,7 @@ def load_policy(c, device):
     tok = tokenizer.load(c.policy)
     policy = checkpoint.load_pretrained(c.policy)
     tok.check_model(policy.config.vocab_size, c.policy)
-    ref_dir = getattr(c, "ref", "") or c.policy  # PPO's and GRPO's --ref (DPO's reference is where it starts)
+    ref_dir = c.ref or c.policy
     if ref_dir != c.policy and not tok.same_tokens(ref_dir):
         raise DataError(f"--ref {ref_dir}: its tokenizer differs from the policy's; the KL compares the same tokens")
     ref = None if c.lora_r and ref_dir == c.policy else frozen(checkpoint.load_pretrained(ref_dir), device)

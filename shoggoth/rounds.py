@@ -18,7 +18,9 @@ waiting for people):
              from the last one; its accuracy on the round's held-out prompts (eval_frac of them)
              at step 0 is the last model's, before, and at the end the new one's, after.
   4. ppo:    PPO (or GRPO, --rl grpo) continues from the current policy against the new reward
-             model, the KL leash still to the SFT model (--sft).
+             model, the KL leash still to the SFT model (--sft). Or online DPO (--rl dpo): DPO from
+             the current policy on every round's rankings so far, its frozen reference the SFT model;
+             the reward model then only measures the round.
 
 Evaluation campaigns (blind comparisons) never feed training: a round named like one is refused.
 """
@@ -63,8 +65,9 @@ class Config:
     temperature: float = 1.0  # sampling temperature of the completions
     reward_config: str = "demo-reward"  # preset or TOML file of the reward stage
     ppo_config: str = "demo-ppo"  # preset or TOML file of the PPO stage
-    rl: str = "ppo"  # ppo | grpo: the RL stage of each round (its policy goes to round-N/ppo either way)
+    rl: str = "ppo"  # ppo | grpo | dpo: the RL stage of each round (its policy goes to round-N/ppo either way)
     grpo_config: str = ""  # preset or TOML file of the GRPO stage with --rl grpo; empty = its defaults
+    dpo_config: str = "demo-dpo"  # preset or TOML file of the DPO stage with --rl dpo (online DPO: each round's on the rankings so far)
     iterations: int = 0  # PPO iterations per round; 0 = the PPO preset's
     wait: bool = True  # wait while people rank; --no-wait shows the progress once and stops (re-run to go on)
     poll: float = 30.0  # seconds between progress checks while people rank
@@ -293,8 +296,8 @@ def run(c: Config, reward=None, ppo=None):
         raise ShoggothError("rounds: --sft DIR (the SFT model, the KL reference) is required")
     if c.select not in ("random", "uncertain"):
         raise ShoggothError(f"--select must be random or uncertain (got {c.select!r})")
-    if c.rl not in ("ppo", "grpo"):
-        raise ShoggothError(f"--rl must be ppo or grpo (got {c.rl!r})")
+    if c.rl not in ("ppo", "grpo", "dpo"):
+        raise ShoggothError(f"--rl must be ppo, grpo or dpo (got {c.rl!r})")
     if not 2 <= c.k <= D.MAX_K:
         raise ShoggothError(f"--k must be between 2 and {D.MAX_K} (got {c.k})")
     if c.heads < 2:
@@ -346,9 +349,15 @@ def run(c: Config, reward=None, ppo=None):
                 "prompts per round (--prompts-per-round) or more rankings per prompt (--rankings-per-task)")
         pdir = rdir / "ppo"
         if not config.finished(pdir):
-            preset = c.ppo_config if c.rl == "ppo" else c.grpo_config or None
-            config.run(c.rl, preset, pdir, policy=str(policy), ref=c.sft, reward=str(rw), prompts=c.prompts,
-                       dtype=c.dtype, device=c.device, seed=c.seed + n, **ppo_fields)
+            if c.rl == "dpo":  # online DPO: from the current policy on every round's rankings so far, the
+                # reference the SFT model (the same leash as PPO's KL); the reward model above only measures the round
+                config.run("dpo", c.dpo_config, pdir, policy=str(policy), ref=c.sft, rankings=str(rdir / "train.jsonl"),
+                           eval_rankings=str(rdir / "eval.jsonl"), dtype=c.dtype, device=c.device, seed=c.seed + n,
+                           **(ppo or {}))
+            else:
+                preset = c.ppo_config if c.rl == "ppo" else c.grpo_config or None
+                config.run(c.rl, preset, pdir, policy=str(policy), ref=c.sft, reward=str(rw), prompts=c.prompts,
+                           dtype=c.dtype, device=c.device, seed=c.seed + n, **ppo_fields)
         ev = metrics.read(pdir / "metrics.jsonl")
         last = lambda k: next((r[k] for r in reversed(ev) if k in r), None)  # noqa: E731
         row = {"round": n, "policy": str(policy), "prompts": len(json.loads((rdir / "asked.json").read_text())["prompts"]),

@@ -278,6 +278,24 @@ def test_rounds_with_lora_on_a_qwen_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_rounds_with_online_dpo(tmp_path, sft):
+    """--rl dpo: each round's DPO starts from the last round's policy, on every round's rankings so
+    far, with the SFT model as its frozen reference; the next round samples the DPO policy."""
+    (tmp_path / "dpo.toml").write_text("max_steps = 2\nbatch_size = 4\nlr = 1e-4\neval_every = 1\nckpt_every = 1\n")
+    shoggoth(*args(tmp_path, sft, f"sqlite:///{tmp_path / 'f.db'}", "--rounds", 2, "--simulate", "balanced",
+                   "--rl", "dpo", "--dpo-config", tmp_path / "dpo.toml"), env=ENV)
+    run = tmp_path / "run"
+    cfg = [json.loads((run / f"round-{n}" / "ppo" / "run_config.json").read_text()) for n in (1, 2)]
+    assert [c["policy"] for c in cfg] == [str(sft), str(run / "round-1" / "ppo")]
+    assert all(c["ref"] == str(sft) and c["rankings"] == str(run / f"round-{n}" / "train.jsonl")
+               for n, c in zip((1, 2), cfg))
+    assert json.loads((run / "rounds.json").read_text())["rounds"][1]["policy"] == str(run / "round-1" / "ppo")
+    # at step 0 round 1's policy is its reference (implicit reward margin 0); round 2's is away from it
+    m0 = [next(m["val/rewards/margins"] for m in metrics.read(run / f"round-{n}" / "ppo" / "metrics.jsonl")
+               if "val/rewards/margins" in m) for n in (1, 2)]
+    assert abs(m0[0]) < 1e-6 and abs(m0[1]) > 1e-4, m0
+
+
 def test_rounds_with_grpo(tmp_path, sft):
     """--rl grpo: GRPO instead of PPO in each round, from the last round's policy, the leash on the SFT model."""
     (tmp_path / "grpo.toml").write_text("iterations = 2\nbatch_size = 2\ngroup_size = 2\nminibatch_size = 4\n"
@@ -289,4 +307,4 @@ def test_rounds_with_grpo(tmp_path, sft):
            if "objective/kl" in m] for n in (1, 2)]
     assert abs(kl[0][0]) < 1e-6 and abs(kl[1][0]) > 1e-4  # (GRPO logs the sampled log-ratio's mean: either sign)
     bad = shoggoth(*args(tmp_path, sft, f"sqlite:///{tmp_path / 'g.db'}", "--rl", "a2c"), check=False, env=ENV)
-    assert bad.returncode == 1 and "--rl must be ppo or grpo" in bad.stderr
+    assert bad.returncode == 1 and "--rl must be ppo, grpo or dpo" in bad.stderr

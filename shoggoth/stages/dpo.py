@@ -28,6 +28,7 @@ class Config(lora.Options, stage.Common):
     """DPO on K-way rankings (every untied pair) or TRL pairs, with a frozen reference."""
 
     policy: str = ""  # model directory (or hub id) to optimise (the SFT model); also the frozen reference
+    ref: str = ""  # frozen reference model; empty = the policy (where DPO starts). `shoggoth rounds --rl dpo` sets the SFT model
     revision: str = ""  # branch, tag or commit of --policy when it is a hub id; empty = main
     rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
     eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
