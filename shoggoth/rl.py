@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, lora, tokenizer
+from . import checkpoint, data, dist, lora, sampling, tokenizer
 from .engine import Engine
 from .errors import DataError
 
@@ -39,11 +39,8 @@ def load_prompt_sets(c, log):
 
 
 def encode_prompts(tok, records, room):
-    """Chat-template token ids of each prompt, ready for the assistant's reply; a prompt
-    longer than room keeps its last room tokens."""
-    if room < 1:
-        raise DataError(f"max_new_tokens leaves no room for a prompt in the context window ({room})")
-    return [tok.prompt_ids(r["messages"])[-room:] for r in records]
+    """Chat-template token ids of each prompt record, ready for the assistant's reply (sampling.fit_prompts)."""
+    return sampling.fit_prompts(tok, [r["messages"] for r in records], room)
 
 
 def prompt_batch(n, batch_size, iteration, seed):

@@ -1,7 +1,10 @@
 """Text in, text out, over the Engine: load a model directory and complete prompts."""
 
+from tqdm import tqdm
+
 from . import checkpoint, tokenizer
 from .engine import Engine
+from .errors import DataError
 
 
 def load(model_dir, device="cpu"):
@@ -27,14 +30,31 @@ def complete(model, prompts, max_new_tokens=100, temperature=1.0, top_k=0, top_p
     return tok.decode_rows(gen.tokens, gen.mask)
 
 
-def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_k=0, top_p=1.0, seed=None):
-    """The assistant's next reply to each conversation (lists of messages), in one batch.
-    Rendered with the directory's chat template; a reply ends at one of tok.stop_ids."""
+def fit_prompts(tok, conversations, room):
+    """Chat-template token ids of each conversation, ready for the assistant's reply; one longer
+    than room keeps its last room tokens (the end is what the reply answers)."""
+    if room < 1:
+        raise DataError(f"max_new_tokens leaves no room for a prompt in the context window ({room})")
+    return [tok.prompt_ids(conv)[-room:] for conv in conversations]
+
+
+def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_k=0, top_p=1.0, seed=None,
+                 batch_size=0, strip=True, progress=False):
+    """The assistant's next reply to each conversation (lists of messages): the one way every
+    caller samples chat replies (the demo, `feedback generate`, rounds, the reward model's
+    normalisation). Rendered with the directory's chat template, a long prompt cut to fit the
+    context window with the reply; a reply ends at one of tok.stop_ids. batch_size rows at a time
+    (0: all at once), the batch starting at row b sampled with seed + b, so that models given the same
+    prompts and settings are sampled alike; strip: without the reply's surrounding white space."""
     model, tok = load(model) if not isinstance(model, tuple) else model
-    ids = [tok.prompt_ids(conv) for conv in conversations]
-    gen = Engine(model, pad_id=tok.pad_id).generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                    top_k=top_k, top_p=top_p, stop_ids=tok.stop_ids, seed=seed)
-    return [text.strip() for text in tok.decode_rows(gen.tokens, gen.mask)]
+    ids = fit_prompts(tok, conversations, model.config.max_seq_len - max_new_tokens)
+    eng, step = Engine(model, pad_id=tok.pad_id), batch_size or max(len(ids), 1)
+    texts = []
+    for b in tqdm(range(0, len(ids), step), desc="generate", unit="batch", disable=None if progress else True):
+        gen = eng.generate(ids[b:b + step], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, stop_ids=tok.stop_ids, seed=None if seed is None else seed + b)
+        texts += tok.decode_rows(gen.tokens, gen.mask)
+    return [t.strip() for t in texts] if strip else texts
 
 
 def chat_reply(model, conversation, **kw):

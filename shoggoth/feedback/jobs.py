@@ -6,8 +6,6 @@ import re
 import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .. import data
 from ..checkpoint import atomic_write
 from ..errors import DataError
@@ -23,29 +21,12 @@ def read_prompts(path):
 def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=32,
            device="cpu"):
     """n completions of each prompt record sampled from `policy` (a model directory, run on device): a list of n
-    texts per record. Batch b of batch_size rows is sampled with seed + b, so that models given the
-    same prompts and settings are sampled alike."""
-    from .. import engine as E
+    texts per record (sampling.chat_replies, batch_size rows at a time)."""
     from .. import sampling
 
-    model, tok = sampling.load(policy, device)
-    eng = E.Engine(model, pad_id=tok.pad_id)
-    limit = getattr(getattr(model, "config", None), "max_seq_len", None)
-    rows = []  # (record index, prompt ids), n per record
-    for i, rec in enumerate(records):
-        ids = tok.prompt_ids(rec["messages"])
-        if limit is not None and len(ids) + max_new_tokens > limit:
-            ids = ids[-(limit - max_new_tokens):]  # keep the end of a long prompt
-        rows += [(i, ids)] * n
-    texts = [[] for _ in records]
-    stop = tok.stop_ids
-    for b in tqdm(range(0, len(rows), batch_size), desc="generate", unit="batch", disable=None):  # a bar on a terminal
-        batch = rows[b:b + batch_size]
-        gen = eng.generate([ids for _, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, stop_ids=stop, seed=seed + b)
-        for (i, _), text in zip(batch, tok.decode_rows(gen.tokens, gen.mask)):
-            texts[i].append(text)
-    return texts
+    flat = sampling.chat_replies(sampling.load(policy, device), [r["messages"] for r in records for _ in range(n)],
+                                 max_new_tokens, temperature, top_k, top_p, seed, batch_size, strip=False, progress=True)
+    return [flat[i * n:(i + 1) * n] for i in range(len(records))]
 
 
 def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,

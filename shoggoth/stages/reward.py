@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, lora, losses, stage, tokenizer
+from .. import checkpoint, data, dist, lora, losses, sampling, stage, tokenizer
 from ..errors import ShoggothError
 from ..feedback.agreement import kendall_tau_b
 from ..metrics import Metrics, Sums
@@ -65,19 +65,10 @@ def load_rankings(c: Config, log):
 
 def normalization_shift(model, c: Config, tok, prompts, device, log):
     """Mean raw reward of one completion per prompt sampled from the SFT policy (--init)."""
-    from ..engine import Engine
-
     policy = checkpoint.load_pretrained(c.init).to(device)
-    eng = Engine(policy, pad_id=tok.pad_id)
-    stop = tok.stop_ids
-    room = policy.config.max_seq_len - c.normalize_max_new_tokens
-    texts = []
-    for i in range(0, len(prompts), 64):
-        ids = [tok.prompt_ids(p)[-room:] for p in prompts[i:i + 64]]
-        gen = eng.generate(ids, max_new_tokens=c.normalize_max_new_tokens, temperature=c.normalize_temperature,
-                           stop_ids=stop, seed=c.seed + i)
-        texts += [tok.decode([t for t, m in zip(row, keep) if m]) for row, keep in zip(gen.tokens.tolist(), gen.mask.tolist())]
-    del policy, eng
+    texts = sampling.chat_replies((policy, tok), prompts, c.normalize_max_new_tokens, c.normalize_temperature,
+                                  seed=c.seed, batch_size=64, strip=False)
+    del policy
     rows = [data.reward_rows(tok, p, [t])[0][-(c.seq_len or model.config.max_seq_len):] for p, t in zip(prompts, texts)]
     with torch.no_grad():  # fp32, as `shoggoth score` and transformers compute it
         raw = scores(model.eval(), rows, tok.pad_id, device)
