@@ -26,10 +26,11 @@ Who may do what:
   every status an operation gives and the `{"error": ...}` body of JSON errors. Errors
   are JSON under /api/, /admin/api/ and /admin/export, an HTML page elsewhere.
 - Strangers reach it: every request body is bounded (MAX_BODY) before anything
-  parses it or asks who sent it; bad tokens on /join and /admin?token= from one
-  address are refused for a while after GUESSES of them (429); cookies are
-  Secure when the app is reached over HTTPS (directly, or through a proxy the
-  admin names with `--trusted-proxy`).
+  parses it or asks who sent it; wrong tokens (invites, the admin token in
+  /admin?token= or a Bearer header) from one address, an IPv6 /64 counting as one,
+  are refused for a while after GUESSES of them, and from everyone after
+  ALL_GUESSES (429, auth.Guesses); cookies are Secure when the app is reached over
+  HTTPS (directly, or through a proxy the admin names with `--trusted-proxy`).
 """
 
 import secrets
