@@ -277,7 +277,10 @@ def cmd_feedback(argv):
     s.add_argument("--db", default="feedback.db", help=db_help)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--admin-token", help="admin token, 16+ varied characters (default: a random one, printed)")
+    s.add_argument("--admin-token", help="admin token, 128+ bits (visible to every user of this machine in `ps`: prefer "
+                                         "$SHOGGOTH_ADMIN_TOKEN or --admin-token-file; default: a random one, printed)")
+    s.add_argument("--admin-token-file", help="a file holding the admin token (default: $SHOGGOTH_ADMIN_TOKEN, else "
+                                              "a random one, printed)")
     s.add_argument("--trusted-proxy", help="address of a TLS reverse proxy whose X-Forwarded-Proto is believed "
                                            "(cookies are then Secure); see docs/deploy.md")
     m = sub.add_parser("simulate", help="simulated labelers rank the open tasks")
@@ -315,7 +318,10 @@ def cmd_feedback(argv):
     elif a.action == "serve":
         from .feedback.app import serve
 
-        serve(a.db, a.host, a.port, a.admin_token, trusted_proxy=a.trusted_proxy)
+        if a.admin_token is not None:
+            print("warning: --admin-token is visible to every user of this machine (ps, /proc); "
+                  "prefer $SHOGGOTH_ADMIN_TOKEN or --admin-token-file", file=sys.stderr)
+        serve(a.db, a.host, a.port, a.admin_token, trusted_proxy=a.trusted_proxy, admin_token_file=a.admin_token_file)
     elif a.action == "simulate":
         done = jobs.simulate(a.db, a.persona, a.labelers, a.campaign, a.seed, a.noise, a.max_tasks)
         print(f"{sum(done.values())} rankings by {len(done)} simulated labelers: "

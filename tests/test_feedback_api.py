@@ -388,10 +388,20 @@ def test_cookies_are_secure_over_https(tmp_path):
 
 
 def test_weak_admin_token_is_refused(tmp_path):
-    from common import shoggoth
+    import secrets
 
-    r = shoggoth("feedback", "serve", "--db", tmp_path / "f.db", "--admin-token", "admin", "--port", 0, check=False)
-    assert r.returncode == 1 and "too weak" in r.stderr and "Traceback" not in r.stderr
+    from common import shoggoth
+    from shoggoth.feedback.auth import TOKEN_BITS, token_bits
+
+    for weak in ("admin", "password12345678", "1234567890123456", "a" * 64, "passwordpassword" * 4,
+                 "abcdefghijklmnopqrstuvwxyz0123456789", "qwertyuiop" * 5):
+        r = shoggoth("feedback", "serve", "--db", tmp_path / "f.db", "--admin-token", weak, "--port", 0, check=False)
+        assert r.returncode == 1 and "too weak" in r.stderr and "128" in r.stderr, (weak, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 2  # the --admin-token warning, the error
+    # what the app makes itself, and what `openssl rand -hex 16` or -base64 24 make, pass
+    assert min(token_bits(secrets.token_urlsafe(24)) for _ in range(2000)) >= TOKEN_BITS
+    assert min(token_bits(secrets.token_hex(16)) for _ in range(2000)) >= TOKEN_BITS
+    assert min(token_bits(secrets.token_urlsafe(24).replace("-", "+").replace("_", "/")) for _ in range(2000)) >= TOKEN_BITS
 
 
 def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import ipaddress
 import math
+import string
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -30,6 +31,8 @@ from .contract import ADMIN_COOKIE, LABELER_COOKIE
 GUESSES, GUESS_WINDOW = 10, 60.0  # wrong tokens per client address, per seconds
 ALL_GUESSES = 1000  # wrong tokens from all addresses together per window: many addresses guess no faster
 ADDRESSES = 10_000  # client addresses the limiter remembers at most
+TOKEN_BITS = 128  # estimated entropy an admin token needs to face a network
+CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, string.punctuation + " ")
 NOT_SIGNED_IN = "not signed in: open your invite link"
 NOT_ADMIN = "admin only: open the admin link printed by `shoggoth feedback serve`"
 
@@ -145,6 +148,29 @@ def counted(request, check):
 def bearer(request):
     h = request.headers.get("authorization", "")
     return h[7:].strip() if h[:7].lower() == "bearer " else None
+
+
+def token_bits(token):
+    """An estimate of a token's entropy in bits: log2 of the alphabet of the character classes it uses
+    (lower case, upper case, digits, punctuation, anything else) for each character that does not
+    continue a run or a sequence (aaaa, 1234, fedc), a repeat of an earlier stretch (passwordpassword)
+    counting as one character. A random token's estimate is near its true entropy; a pattern's far
+    below, though its length alone would make it look strong. Words count as random letters."""
+    token = token[:256]  # longer ones are judged by this much: enough for 128 bits, and the search stays cheap
+    sizes = [len(c) for c in CLASSES if any(ch in c for ch in token)]
+    alphabet = sum(sizes) + (100 if any(not any(ch in c for c in CLASSES) for ch in token) else 0)
+    free, i, code = 0, 0, [ord(ch) for ch in token]
+    while i < len(token):
+        copy = 0  # the longest stretch from i that also starts before i
+        while i + copy < len(token) and token[i:i + copy + 1] in token[:i + copy]:
+            copy += 1
+        if copy >= 3:
+            free, i = free + 1, i + copy
+            continue
+        if not (i >= 2 and code[i] - code[i - 1] == code[i - 1] - code[i - 2]):
+            free += 1
+        i += 1
+    return free * math.log2(alphabet) if alphabet > 1 else 0.0
 
 
 def csrf_for(request, role, token):
