@@ -298,16 +298,17 @@ def cmd_feedback(argv):
     e.add_argument("--campaign", help="only this campaign (evaluation campaigns are exported only when named)")
     a = p.parse_args(argv)
     from .feedback import jobs
+    from .feedback.db import shown_url
 
     if a.action == "generate":
         name, n = jobs.generate(a.policy, a.prompts, a.k, a.db, a.campaign, a.rankings_per_task, a.max_new_tokens,
                                 a.temperature, a.top_k, a.top_p, a.seed)
-        print(f"campaign {name!r}: {n} tasks of {a.k} completions stored in {a.db}")
+        print(f"campaign {name!r}: {n} tasks of {a.k} completions stored in {shown_url(a.db)}")
     elif a.action == "compare":
         name, n = jobs.compare(jobs.parse_models(a.models), a.prompts, a.db, a.campaign, a.rankings_per_task,
                                a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
         print(f"evaluation campaign {name!r}: {n} prompts, one answer from each of {len(a.models)} models, stored in "
-              f"{a.db}; labelers rank them blind (`feedback serve` or `feedback simulate --campaign {name}`)")
+              f"{shown_url(a.db)}; labelers rank them blind (`feedback serve` or `feedback simulate --campaign {name}`)")
     elif a.action == "winrate":
         from .feedback import winrate
 

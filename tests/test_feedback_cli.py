@@ -265,3 +265,12 @@ def test_admin_token_from_a_file_or_the_environment(tmp_path, monkeypatch):
     r, app, _ = serve(monkeypatch, "--db", db)  # none given: a random one, printed (the admin's only way in)
     assert r.returncode == 0 and f"admin?token={app.state.admin_token}" in r.stdout
     assert token_bits(app.state.admin_token) >= TOKEN_BITS
+
+
+def test_database_password_is_never_printed(pg_url, monkeypatch):
+    url = pg_url.replace("://postgres@", "://postgres:s3cret-pw@")  # the test server trusts any password
+    r, app, _ = serve(monkeypatch, "--db", url)
+    assert r.returncode == 0 and "s3cret" not in r.stdout + r.stderr and "postgres:***@" in r.stdout, r.stdout
+    for cmd in (["simulate"], ["export", "--out", "/dev/null"], ["serve"]):  # a server that is not there
+        r = shoggoth("feedback", *cmd, "--db", "postgresql://u:s3cret-pw@127.0.0.1:1/x", check=False)
+        assert r.returncode == 1 and "u:***@127.0.0.1:1/x" in r.stderr and "s3cret" not in r.stderr, r.stderr

@@ -178,7 +178,7 @@ def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning"
     token, where = admin_token_from(admin_token, admin_token_file)
     app = create_app(db, token)
     shown = f"[{host}]" if ":" in host else host
-    print(f"feedback app on http://{shown}:{port}/  (database {D.normalize_url(db)})")
+    print(f"feedback app on http://{shown}:{port}/  (database {D.shown_url(D.normalize_url(db))})")
     # a token of the admin's own stays out of the log; one made here is the admin's only way in
     link_token = app.state.admin_token if token is None else f"<the token of {where}>"
     print(f"admin: http://{shown}:{port}/admin?token={link_token}", flush=True)
