@@ -274,3 +274,17 @@ def test_database_password_is_never_printed(pg_url, monkeypatch):
     for cmd in (["simulate"], ["export", "--out", "/dev/null"], ["serve"]):  # a server that is not there
         r = shoggoth("feedback", *cmd, "--db", "postgresql://u:s3cret-pw@127.0.0.1:1/x", check=False)
         assert r.returncode == 1 and "u:***@127.0.0.1:1/x" in r.stderr and "s3cret" not in r.stderr, r.stderr
+
+
+def test_trusted_proxy_must_name_the_proxy(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    for everyone in ("*", "127.0.0.1, *", "0.0.0.0/0", "::/0"):
+        r, app, _ = serve(monkeypatch, "--db", tmp_path / "f.db", "--trusted-proxy", everyone)
+        assert r.returncode == 1 and "name the proxy's address" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert app is None
+    r, app, kw = serve(monkeypatch, "--db", tmp_path / "f.db", "--trusted-proxy", "127.0.0.1")
+    assert r.returncode == 0 and kw["proxy_headers"] and kw["forwarded_allow_ips"] == "127.0.0.1"
+    # nginx's $host drops a port other than 443, and the app refuses every POST whose Origin names it
+    deploy = (Path(__file__).parent.parent / "docs" / "deploy.md").read_text()
+    assert "proxy_set_header Host $http_host;" in deploy and "Host $host;" not in deploy

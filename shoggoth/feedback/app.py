@@ -33,6 +33,7 @@ Who may do what:
   HTTPS (directly, or through a proxy the admin names with `--trusted-proxy`).
 """
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -176,6 +177,9 @@ def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning"
     import uvicorn
 
     token, where = admin_token_from(admin_token, admin_token_file)
+    if trusted_proxy is not None and any(everyone(p.strip()) for p in trusted_proxy.split(",")):
+        raise ShoggothError(f"--trusted-proxy {trusted_proxy!r} would believe any client's X-Forwarded-For (each "
+                            "guess could claim a new address, past the wrong-token limit): name the proxy's address")
     app = create_app(db, token)
     shown = f"[{host}]" if ":" in host else host
     print(f"feedback app on http://{shown}:{port}/  (database {D.shown_url(D.normalize_url(db))})")
@@ -211,3 +215,11 @@ def admin_token_from(token=None, file=None):
                             "or more random letters and digits, e.g. `python -c 'import secrets; "
                             "print(secrets.token_urlsafe(24))'`, or none for a random one")
     return token, where
+
+
+def everyone(proxy):
+    """Whether a --trusted-proxy entry names every address ('*', 0.0.0.0/0, ::/0)."""
+    try:
+        return proxy == "*" or ipaddress.ip_network(proxy, strict=False).prefixlen == 0
+    except ValueError:
+        return False
