@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import random
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -157,9 +158,10 @@ def run(backend, url, args):
     tokens, n_tasks = prepare(url, args.labelers, args.rankings, args.k, args.per_task)
     port = free_port()
     log = open(Path(tempfile.gettempdir()) / f"feedback_load_server_{port}.log", "w")
-    admin_token = "bench-admin-token-" + os.urandom(8).hex()
-    server = subprocess.Popen([sys.executable, "-m", "shoggoth", "feedback", "serve", "--db", url, "--port", str(port),
-                               "--admin-token", admin_token], stdout=log, stderr=subprocess.STDOUT, text=True)
+    admin_token = secrets.token_urlsafe(24)
+    server = subprocess.Popen([sys.executable, "-m", "shoggoth", "feedback", "serve", "--db", url, "--port", str(port)],
+                              env={**os.environ, "SHOGGOTH_ADMIN_TOKEN": admin_token},  # as docs/deploy.md advises
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):

@@ -298,7 +298,10 @@ def cmd_feedback(argv):
     s.add_argument("--db", default="feedback.db", help=db_help)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--admin-token", help="admin token, 16+ varied characters (default: a random one, printed)")
+    s.add_argument("--admin-token", help="admin token, 128+ bits (visible to every user of this machine in `ps`: prefer "
+                                         "$SHOGGOTH_ADMIN_TOKEN or --admin-token-file; default: a random one, printed)")
+    s.add_argument("--admin-token-file", help="a file holding the admin token (default: $SHOGGOTH_ADMIN_TOKEN, else "
+                                              "a random one, printed)")
     s.add_argument("--trusted-proxy", help="address of a TLS reverse proxy whose X-Forwarded-Proto is believed "
                                            "(cookies are then Secure); see docs/deploy.md")
     m = sub.add_parser("simulate", help="simulated labelers rank the open tasks")
@@ -317,17 +320,18 @@ def cmd_feedback(argv):
     a = p.parse_args(argv)
     from .checkpoint import resolve
     from .feedback import jobs
+    from .feedback.db import shown_url
 
     if a.action == "generate":
         name, n = jobs.generate(resolve(a.policy, a.revision), a.prompts, a.k, a.db, a.campaign, a.rankings_per_task,
                                 a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
-        print(f"campaign {name!r}: {n} tasks of {a.k} completions stored in {a.db}")
+        print(f"campaign {name!r}: {n} tasks of {a.k} completions stored in {shown_url(a.db)}")
     elif a.action == "compare":
         models = {m: resolve(d) for m, d in jobs.parse_models(a.models).items()}
         name, n = jobs.compare(models, a.prompts, a.db, a.campaign, a.rankings_per_task,
                                a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
         print(f"evaluation campaign {name!r}: {n} prompts, one answer from each of {len(a.models)} models, stored in "
-              f"{a.db}; labelers rank them blind (`feedback serve` or `feedback simulate --campaign {name}`)")
+              f"{shown_url(a.db)}; labelers rank them blind (`feedback serve` or `feedback simulate --campaign {name}`)")
     elif a.action == "winrate":
         from .feedback import winrate
 
@@ -338,7 +342,10 @@ def cmd_feedback(argv):
     elif a.action == "serve":
         from .feedback.app import serve
 
-        serve(a.db, a.host, a.port, a.admin_token, trusted_proxy=a.trusted_proxy)
+        if a.admin_token is not None:
+            print("warning: --admin-token is visible to every user of this machine (ps, /proc); "
+                  "prefer $SHOGGOTH_ADMIN_TOKEN or --admin-token-file", file=sys.stderr)
+        serve(a.db, a.host, a.port, a.admin_token, trusted_proxy=a.trusted_proxy, admin_token_file=a.admin_token_file)
     elif a.action == "simulate":
         done = jobs.simulate(a.db, a.persona, a.labelers, a.campaign, a.seed, a.noise, a.max_tasks)
         print(f"{sum(done.values())} rankings by {len(done)} simulated labelers: "

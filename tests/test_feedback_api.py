@@ -297,6 +297,80 @@ def test_guessing_tokens_is_slowed_down(live_app):
         assert c.post("/api/next", headers=bearer(session)).status_code == 200  # a signed-in labeler works on
 
 
+def test_wrong_admin_bearer_tokens_count_as_guesses(live_app):
+    """A script's `Authorization: Bearer` is as much a way to guess the admin token as /admin?token=: both count."""
+    from shoggoth.feedback.auth import GUESSES
+
+    srv = live_app
+    labeler = signed_in(srv, "quinn")
+    with httpx.Client(base_url=srv.url) as c:
+        for i in range(GUESSES - 1):
+            assert c.get("/admin/api/overview", headers=bearer(f"guess-{i}")).status_code == 401
+        assert c.get("/admin?token=guess").status_code == 401  # the two ways share one count
+        r = c.get("/admin/api/overview", headers=bearer("guess-last"))
+        assert r.status_code == 429 and "wait" in r.json()["error"] and 0 < int(r.headers["retry-after"]) <= 60
+        assert c.get("/admin/api/overview", headers=bearer(ADMIN)).status_code == 429  # even the right one, for a while
+        assert c.post("/admin/invite", data={"name": "x"}, headers=bearer(ADMIN)).status_code == 429
+        assert c.post("/api/next", headers=bearer(labeler)).status_code == 200  # a signed-in labeler works on
+
+
+def test_concurrent_wrong_tokens_get_no_more_answers_than_the_limit(live_app):
+    """Check and record are one step: 60 wrong invite tokens at once get GUESSES answers, not more."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from shoggoth.feedback.auth import GUESSES
+
+    srv, n = live_app, 60
+    start = Barrier(n)
+
+    def guess(i):
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            start.wait()
+            return c.get(f"/join/guess-{i}").status_code
+
+    with ThreadPoolExecutor(n) as pool:
+        codes = list(pool.map(guess, range(n)))
+    assert sorted(set(codes)) == [404, 429] and codes.count(404) == GUESSES, codes
+
+
+def test_wrong_token_limiter_forgets_is_bounded_and_groups_ipv6(tmp_path):
+    """Per address (an IPv6 /64 is one), forgotten a window after, a bounded table, a ceiling over all addresses."""
+    from fastapi.testclient import TestClient
+
+    from shoggoth.feedback.app import create_app
+    from shoggoth.feedback.auth import GUESS_WINDOW, GUESSES
+
+    app = create_app(f"sqlite:///{tmp_path / 'f.db'}", admin_token=ADMIN)
+    limiter, now = app.state.guesses, [0.0]
+    limiter.clock = lambda: now[0]
+
+    def guess(address, path="/join/guess"):
+        return TestClient(app, client=(address, 1234)).get(path, follow_redirects=False).status_code
+
+    assert [guess(f"2001:db8:0:1::{i:x}") for i in range(GUESSES + 1)] == [404] * GUESSES + [429]
+    assert guess("2001:db8:0:1:ffff::1", f"/admin?token={ADMIN}") == 429  # the same /64
+    assert guess("2001:db8:0:2::1") == 404  # the next /64 is another address
+    assert guess("::ffff:192.0.2.7") == 404 and guess("192.0.2.7") == 404
+    assert len(limiter.seen["192.0.2.7"]) == 2  # an IPv4 address however written: one address
+    for i in range(200):
+        guess(f"10.0.{i // 250}.{i % 250}")
+    assert len(limiter.seen) == 203
+    now[0] += GUESS_WINDOW  # a window later every entry is stale: the next request sweeps them
+    assert guess("2001:db8:0:1::1") == 404 and len(limiter.seen) == 1 and len(limiter.everyone) == 1
+    limiter.addresses = 50
+    for i in range(100):
+        guess(f"10.1.0.{i}")
+    assert len(limiter.seen) == 50  # the table's cap: the addresses wrong longest ago go first
+    now[0] += GUESS_WINDOW
+    limiter.total = 30  # many addresses, one wrong token each: the ceiling over all of them
+    assert [guess(f"10.2.0.{i}") for i in range(30)] == [404] * 30
+    r = TestClient(app, client=("10.3.0.1", 1)).get("/admin/api/overview", headers=bearer(ADMIN))
+    assert r.status_code == 429 and "from all addresses" in r.json()["error"]
+    now[0] += GUESS_WINDOW
+    assert guess("10.3.0.1", f"/admin?token={ADMIN}") == 303  # the window past, the right token works again
+
+
 def test_cookies_are_secure_over_https(tmp_path):
     from fastapi.testclient import TestClient
 
@@ -314,10 +388,20 @@ def test_cookies_are_secure_over_https(tmp_path):
 
 
 def test_weak_admin_token_is_refused(tmp_path):
-    from common import shoggoth
+    import secrets
 
-    r = shoggoth("feedback", "serve", "--db", tmp_path / "f.db", "--admin-token", "admin", "--port", 0, check=False)
-    assert r.returncode == 1 and "too weak" in r.stderr and "Traceback" not in r.stderr
+    from common import shoggoth
+    from shoggoth.feedback.auth import TOKEN_BITS, token_bits
+
+    for weak in ("admin", "password12345678", "1234567890123456", "a" * 64, "passwordpassword" * 4,
+                 "abcdefghijklmnopqrstuvwxyz0123456789", "qwertyuiop" * 5):
+        r = shoggoth("feedback", "serve", "--db", tmp_path / "f.db", "--admin-token", weak, "--port", 0, check=False)
+        assert r.returncode == 1 and "too weak" in r.stderr and "128" in r.stderr, (weak, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 2  # the --admin-token warning, the error
+    # what the app makes itself, and what `openssl rand -hex 16` or -base64 24 make, pass
+    assert min(token_bits(secrets.token_urlsafe(24)) for _ in range(2000)) >= TOKEN_BITS
+    assert min(token_bits(secrets.token_hex(16)) for _ in range(2000)) >= TOKEN_BITS
+    assert min(token_bits(secrets.token_urlsafe(24).replace("-", "+").replace("_", "/")) for _ in range(2000)) >= TOKEN_BITS
 
 
 def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):

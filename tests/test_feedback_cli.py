@@ -1,9 +1,11 @@
 """`shoggoth feedback generate|simulate|export` through the real command line, and the simulated labelers."""
 
 import json
+import secrets
 
 import pytest
 
+from common import shoggoth
 from shoggoth.cli import main
 from shoggoth.feedback import db as D
 from shoggoth.feedback.agreement import agreement, kendall_tau_b, krippendorff_alpha
@@ -221,3 +223,68 @@ def test_export_never_overwrites_its_database_and_a_non_database_is_named(tmp_pa
         assert main(["feedback", *cmd, "--db", str(junk)]) == 1, cmd
         assert "not a" in capsys.readouterr().err
     assert junk.read_text() == "hello, not a database\n"
+
+
+def serve(monkeypatch, *args):
+    """`shoggoth feedback serve ARGS` up to where uvicorn would take over: (the run, the app it would serve
+    or None, uvicorn's keywords)."""
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, kw=kw))
+    return shoggoth("feedback", "serve", *args, check=False), served.get("app"), served.get("kw")
+
+
+def test_admin_token_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    """Out of `ps`: the admin token from --admin-token-file or $SHOGGOTH_ADMIN_TOKEN; --admin-token works, warned."""
+    from fastapi.testclient import TestClient
+
+    from shoggoth.feedback.auth import TOKEN_BITS, token_bits
+
+    db = tmp_path / "f.db"
+    monkeypatch.delenv("SHOGGOTH_ADMIN_TOKEN", raising=False)
+    from_file, from_env, from_flag = (secrets.token_urlsafe(24) for _ in range(3))
+    (tmp_path / "token").write_text(from_file + "\n")
+    monkeypatch.setenv("SHOGGOTH_ADMIN_TOKEN", from_env)
+    for args, token, warned in ((["--admin-token-file", tmp_path / "token"], from_file, False),
+                                ([], from_env, False), (["--admin-token", from_flag], from_flag, True)):
+        r, app, _ = serve(monkeypatch, "--db", db, *args)
+        assert r.returncode == 0 and app.state.admin_token == token, (args, r.stderr)
+        assert token not in r.stdout and "admin: http://127.0.0.1:8000/admin?token=<the token of" in r.stdout
+        assert ("visible to every user of this machine" in r.stderr) == warned and r.stderr.count("\n") == warned
+        with TestClient(app) as c:
+            assert c.get("/admin/api/overview", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    monkeypatch.setenv("SHOGGOTH_ADMIN_TOKEN", "password12345678")
+    r, app, _ = serve(monkeypatch, "--db", db)
+    assert r.returncode == 1 and r.stderr == "error: $SHOGGOTH_ADMIN_TOKEN is too weak" + r.stderr.split("too weak")[1]
+    for args, message in ((["--admin-token-file", tmp_path / "none"], "cannot read it (No such file or directory)"),
+                          (["--admin-token-file", tmp_path / "token", "--admin-token", from_flag], "one way")):
+        r, app, _ = serve(monkeypatch, "--db", db, *args)
+        assert r.returncode == 1 and message in r.stderr and app is None, r.stderr
+    monkeypatch.delenv("SHOGGOTH_ADMIN_TOKEN")
+    r, app, _ = serve(monkeypatch, "--db", db)  # none given: a random one, printed (the admin's only way in)
+    assert r.returncode == 0 and f"admin?token={app.state.admin_token}" in r.stdout
+    assert token_bits(app.state.admin_token) >= TOKEN_BITS
+
+
+def test_database_password_is_never_printed(pg_url, monkeypatch):
+    url = pg_url.replace("://postgres@", "://postgres:s3cret-pw@")  # the test server trusts any password
+    r, app, _ = serve(monkeypatch, "--db", url)
+    assert r.returncode == 0 and "s3cret" not in r.stdout + r.stderr and "postgres:***@" in r.stdout, r.stdout
+    for cmd in (["simulate"], ["export", "--out", "/dev/null"], ["serve"]):  # a server that is not there
+        r = shoggoth("feedback", *cmd, "--db", "postgresql://u:s3cret-pw@127.0.0.1:1/x", check=False)
+        assert r.returncode == 1 and "u:***@127.0.0.1:1/x" in r.stderr and "s3cret" not in r.stderr, r.stderr
+
+
+def test_trusted_proxy_must_name_the_proxy(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    for everyone in ("*", "127.0.0.1, *", "0.0.0.0/0", "::/0"):
+        r, app, _ = serve(monkeypatch, "--db", tmp_path / "f.db", "--trusted-proxy", everyone)
+        assert r.returncode == 1 and "name the proxy's address" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert app is None
+    r, app, kw = serve(monkeypatch, "--db", tmp_path / "f.db", "--trusted-proxy", "127.0.0.1")
+    assert r.returncode == 0 and kw["proxy_headers"] and kw["forwarded_allow_ips"] == "127.0.0.1"
+    # nginx's $host drops a port other than 443, and the app refuses every POST whose Origin names it
+    deploy = (Path(__file__).parent.parent / "docs" / "deploy.md").read_text()
+    assert "proxy_set_header Host $http_host;" in deploy and "Host $host;" not in deploy

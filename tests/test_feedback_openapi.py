@@ -67,7 +67,7 @@ def fuzz(srv, ops, headers, examples=EXAMPLES, each=None, mode=GenerationMode.PO
     """Every operation, `examples` generated requests each, with `headers` added; `each(op, case, response)`
     runs after the schema checks."""
     for op in ops:
-        srv.app.state.guesses.seen.clear()  # the wrong-token limiter is per address: each operation starts afresh
+        srv.app.state.guesses.clear()  # the wrong-token limiter is per address: each operation starts afresh
 
         @given(case=strategy(srv, op, mode))
         @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
@@ -168,7 +168,7 @@ def test_fuzz_forged_cookie_requests_are_refused(live_app):
     before = snapshot(srv.engine)
 
     def refused(op, case, response):
-        srv.app.state.guesses.seen.clear()  # a wrong /join token counts; keep the answers about CSRF
+        srv.app.state.guesses.clear()  # a wrong /join token counts; keep the answers about CSRF
         if op.path == "/join/{token}":  # public: the token is the credential (none valid here)
             assert response.status_code in (403, 404), (op.path, response.status_code)
         else:

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from . import db as D
 from . import winrate
 from .agreement import agreement
-from .auth import DB, Admin, AdminForm, ValidateFirst, check_admin, csrf_for, is_admin_token, set_cookie
+from .auth import DB, Admin, AdminForm, ValidateFirst, check_admin, counted, csrf_for, is_admin_token, set_cookie
 from .contract import ADMIN_COOKIE, ADMIN_READ, ADMIN_WRITE, ID, PUBLIC, doc, page
 
 router = APIRouter(route_class=ValidateFirst)
@@ -74,10 +74,7 @@ def admin_home(request: Request, db: DB, token: str | None = Query(None, max_len
         check_admin(request, db, None)  # a GET: no CSRF token to check
         return admin_page(request, db)
     # the admin link: trade the token in the URL for a cookie
-    guesses = request.app.state.guesses
-    guesses.check(request)
-    if not is_admin_token(request, token):
-        guesses.failed(request)
+    if not counted(request, lambda: is_admin_token(request, token)):
         raise HTTPException(401, "wrong admin token")
     resp = RedirectResponse("/admin", 303)
     set_cookie(request, resp, ADMIN_COOKIE, D.admin_session(db, request.app.state.admin_token))

@@ -26,12 +26,15 @@ Who may do what:
   every status an operation gives and the `{"error": ...}` body of JSON errors. Errors
   are JSON under /api/, /admin/api/ and /admin/export, an HTML page elsewhere.
 - Strangers reach it: every request body is bounded (MAX_BODY) before anything
-  parses it or asks who sent it; bad tokens on /join and /admin?token= from one
-  address are refused for a while after GUESSES of them (429); cookies are
-  Secure when the app is reached over HTTPS (directly, or through a proxy the
-  admin names with `--trusted-proxy`).
+  parses it or asks who sent it; wrong tokens (invites, the admin token in
+  /admin?token= or a Bearer header) from one address, an IPv6 /64 counting as one,
+  are refused for a while after GUESSES of them, and from everyone after
+  ALL_GUESSES (429, auth.Guesses); cookies are Secure when the app is reached over
+  HTTPS (directly, or through a proxy the admin names with `--trusted-proxy`).
 """
 
+import ipaddress
+import os
 import secrets
 from pathlib import Path
 
@@ -42,12 +45,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ShoggothError
 from . import admin, labeling
 from . import db as D
-from .auth import Guesses
+from .auth import TOKEN_BITS, Guesses, token_bits
 from .contract import SECURITY_SCHEMES, error, is_json_path
 
 HERE = Path(__file__).parent
+ADMIN_TOKEN_ENV = "SHOGGOTH_ADMIN_TOKEN"  # where `serve` finds the admin token that no flag gives
 MAX_BODY = 16 * 1024  # bytes: a ranking is a few hundred, a form a few dozen
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -163,21 +168,58 @@ def openapi(app):
     return app.openapi_schema
 
 
-def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning", trusted_proxy=None):
-    """Run the app with uvicorn. trusted_proxy: the address of a TLS-terminating reverse proxy
-    whose X-Forwarded-Proto/For headers are believed (so cookies are Secure behind it)."""
+def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning", trusted_proxy=None,
+          admin_token_file=None):
+    """Run the app with uvicorn. The admin token: admin_token, or the text of admin_token_file, or
+    $SHOGGOTH_ADMIN_TOKEN, or else a random one (printed). trusted_proxy: the address of a
+    TLS-terminating reverse proxy whose X-Forwarded-Proto/For headers are believed (so cookies are
+    Secure behind it)."""
     import uvicorn
 
-    from ..errors import ShoggothError
-
-    if admin_token is not None and (len(admin_token) < 16 or len(set(admin_token)) < 6):
-        raise ShoggothError("--admin-token is too weak to face a network: use 16 or more varied characters "
-                            "(or leave it out for a random one)")
-    app = create_app(db, admin_token)
+    token, where = admin_token_from(admin_token, admin_token_file)
+    if trusted_proxy is not None and any(everyone(p.strip()) for p in trusted_proxy.split(",")):
+        raise ShoggothError(f"--trusted-proxy {trusted_proxy!r} would believe any client's X-Forwarded-For (each "
+                            "guess could claim a new address, past the wrong-token limit): name the proxy's address")
+    app = create_app(db, token)
     shown = f"[{host}]" if ":" in host else host
-    print(f"feedback app on http://{shown}:{port}/  (database {D.normalize_url(db)})")
-    print(f"admin: http://{shown}:{port}/admin?token={app.state.admin_token}", flush=True)
+    print(f"feedback app on http://{shown}:{port}/  (database {D.shown_url(D.normalize_url(db))})")
+    # a token of the admin's own stays out of the log; one made here is the admin's only way in
+    link_token = app.state.admin_token if token is None else f"<the token of {where}>"
+    print(f"admin: http://{shown}:{port}/admin?token={link_token}", flush=True)
     # Keep idle connections 75 s (nginx's default), not uvicorn's 5 s: a labeler reading a task for a while
     # would otherwise race the server's close with their next request.
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=75,
                 proxy_headers=trusted_proxy is not None, forwarded_allow_ips=trusted_proxy or "127.0.0.1")
+
+
+def admin_token_from(token=None, file=None):
+    """(the admin token, where it came from): `token`, else `file`'s text, else $SHOGGOTH_ADMIN_TOKEN;
+    (None, None) when none is given. One under TOKEN_BITS bits of estimated entropy is refused."""
+    if token is not None and file is not None:
+        raise ShoggothError("give the admin token one way: --admin-token or --admin-token-file, not both")
+    if file is not None:
+        where = f"--admin-token-file {file}"
+        try:
+            token = Path(file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ShoggothError(f"--admin-token-file {file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    elif token is not None:
+        where = "--admin-token"
+    elif ADMIN_TOKEN_ENV in os.environ:
+        token, where = os.environ[ADMIN_TOKEN_ENV], f"${ADMIN_TOKEN_ENV}"
+    else:
+        return None, None
+    bits = token_bits(token)
+    if bits < TOKEN_BITS:
+        raise ShoggothError(f"{where} is too weak to face a network (about {bits:.0f} bits; {TOKEN_BITS} wanted): use 22 "
+                            "or more random letters and digits, e.g. `python -c 'import secrets; "
+                            "print(secrets.token_urlsafe(24))'`, or none for a random one")
+    return token, where
+
+
+def everyone(proxy):
+    """Whether a --trusted-proxy entry names every address ('*', 0.0.0.0/0, ::/0)."""
+    try:
+        return proxy == "*" or ipaddress.ip_network(proxy, strict=False).prefixlen == 0
+    except ValueError:
+        return False

@@ -12,8 +12,12 @@ the input, before the endpoint's first line.
 import functools
 import hashlib
 import hmac
+import ipaddress
+import math
+import string
 import threading
 import time
+from collections import Counter, OrderedDict, deque
 from typing import Annotated, NamedTuple
 from urllib.parse import urlsplit
 
@@ -24,7 +28,11 @@ from sqlalchemy import Engine
 from . import db as D
 from .contract import ADMIN_COOKIE, LABELER_COOKIE
 
-GUESSES, GUESS_WINDOW = 10, 60.0  # bad tokens per client address, per seconds
+GUESSES, GUESS_WINDOW = 10, 60.0  # wrong tokens per client address, per seconds
+ALL_GUESSES = 1000  # wrong tokens from all addresses together per window: many addresses guess no faster
+ADDRESSES = 10_000  # client addresses the limiter remembers at most
+TOKEN_BITS = 128  # estimated entropy an admin token needs to face a network
+CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, string.punctuation + " ")
 NOT_SIGNED_IN = "not signed in: open your invite link"
 NOT_ADMIN = "admin only: open the admin link printed by `shoggoth feedback serve`"
 
@@ -43,26 +51,96 @@ DB = Annotated[Engine, Depends(database)]
 
 
 class Guesses:
-    """Bad tokens per client address over the last `window` seconds; over `limit`, refuse."""
+    """Wrong tokens over the last `window` seconds: from one client address, at most `limit` (an IPv6 /64
+    counts as one address, since one host may hold all of it), and from all addresses together at most
+    `total`; past either, the token checks it covers answer 429 until the oldest is `window` old.
+    `addresses` bounds the table; an address is forgotten `window` seconds after its last wrong token.
 
-    def __init__(self, limit=GUESSES, window=GUESS_WINDOW):
-        self.limit, self.window, self.seen, self.lock = limit, window, {}, threading.Lock()
+    Check and record are one step: `guess` counts a token as in flight before it is checked, and
+    waits while this address's wrong and in-flight tokens together reach the limit, so concurrent
+    wrong tokens cannot all pass the check before any is recorded; `settle` records the outcome."""
 
-    def check(self, request):
-        with self.lock:
-            now, who = time.monotonic(), self.address(request)
-            recent = [t for t in self.seen.get(who, []) if now - t < self.window]
-            self.seen[who] = recent
-            if len(recent) >= self.limit:
-                raise HTTPException(429, f"too many wrong tokens from your address: wait {self.window:.0f} s")
+    def __init__(self, limit=GUESSES, window=GUESS_WINDOW, total=ALL_GUESSES, addresses=ADDRESSES):
+        self.limit, self.window, self.total, self.addresses = limit, window, total, addresses
+        self.clock = time.monotonic  # a test may turn it
+        self.seen = OrderedDict()  # address -> times of its wrong tokens, the most recently wrong last
+        self.everyone = deque()  # times of every address's wrong tokens, oldest first
+        self.pending = Counter()  # address -> its tokens being checked now
+        self.cond = threading.Condition()
 
-    def failed(self, request):
-        with self.lock:
-            self.seen.setdefault(self.address(request), []).append(time.monotonic())
+    def guess(self, request):
+        """Count one token from `request` as in flight (429 if its address or everyone is over the
+        limit); returns the address to hand to `settle` once the token is checked."""
+        who = address(request)
+        with self.cond:
+            while True:
+                now = self.clock()
+                self.forget(now)
+                wrong = [t for t in self.seen.get(who, ()) if now - t < self.window]
+                if len(wrong) >= self.limit:
+                    raise self.too_many("from your address", wrong[0], now)
+                if len(self.everyone) >= self.total:
+                    raise self.too_many("from all addresses", self.everyone[0], now)
+                if (len(wrong) + self.pending[who] < self.limit
+                        and len(self.everyone) + self.pending.total() < self.total):
+                    break
+                self.cond.wait(1.0)  # others from here are being checked: their outcome decides ours
+            self.pending[who] += 1
+        return who
 
-    @staticmethod
-    def address(request):
-        return request.client.host if request.client else ""
+    def settle(self, who, wrong):
+        with self.cond:
+            self.pending[who] -= 1
+            if not self.pending[who]:
+                del self.pending[who]
+            if wrong:
+                now = self.clock()
+                self.seen[who] = [t for t in self.seen.pop(who, []) if now - t < self.window] + [now]
+                self.everyone.append(now)
+                while len(self.seen) > self.addresses:
+                    self.seen.popitem(last=False)  # the address wrong longest ago
+            self.cond.notify_all()
+
+    def forget(self, now):
+        """Drop what is older than the window: the table stays as small as the last window's guesses."""
+        while self.everyone and now - self.everyone[0] >= self.window:
+            self.everyone.popleft()
+        while self.seen and now - next(iter(self.seen.values()))[-1] >= self.window:
+            self.seen.popitem(last=False)
+
+    def too_many(self, where, oldest, now):
+        wait = max(1, math.ceil(self.window - (now - oldest)))
+        return HTTPException(429, f"too many wrong tokens {where}: wait {wait} s", {"Retry-After": str(wait)})
+
+    def clear(self):
+        with self.cond:
+            self.seen.clear()
+            self.everyone.clear()
+
+
+def address(request):
+    """The client's address as the limiter counts it: an IPv6 address by its /64 network."""
+    host = request.client.host if request.client else ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def counted(request, check):
+    """check() checks a token and returns what it opens; a falsy result counts as a wrong token."""
+    guesses = request.app.state.guesses
+    who, found = guesses.guess(request), None
+    try:
+        found = check()
+    finally:
+        guesses.settle(who, wrong=not found)
+    return found
 
 
 # ------------------------------------------------------------ tokens, CSRF, Origin
@@ -70,6 +148,29 @@ class Guesses:
 def bearer(request):
     h = request.headers.get("authorization", "")
     return h[7:].strip() if h[:7].lower() == "bearer " else None
+
+
+def token_bits(token):
+    """An estimate of a token's entropy in bits: log2 of the alphabet of the character classes it uses
+    (lower case, upper case, digits, punctuation, anything else) for each character that does not
+    continue a run or a sequence (aaaa, 1234, fedc), a repeat of an earlier stretch (passwordpassword)
+    counting as one character. A random token's estimate is near its true entropy; a pattern's far
+    below, though its length alone would make it look strong. Words count as random letters."""
+    token = token[:256]  # longer ones are judged by this much: enough for 128 bits, and the search stays cheap
+    sizes = [len(c) for c in CLASSES if any(ch in c for ch in token)]
+    alphabet = sum(sizes) + (100 if any(not any(ch in c for c in CLASSES) for ch in token) else 0)
+    free, i, code = 0, 0, [ord(ch) for ch in token]
+    while i < len(token):
+        copy = 0  # the longest stretch from i that also starts before i
+        while i + copy < len(token) and token[i:i + copy + 1] in token[:i + copy]:
+            copy += 1
+        if copy >= 3:
+            free, i = free + 1, i + copy
+            continue
+        if not (i >= 2 and code[i] - code[i - 1] == code[i - 1] - code[i - 2]):
+            free += 1
+        i += 1
+    return free * math.log2(alphabet) if alphabet > 1 else 0.0
 
 
 def csrf_for(request, role, token):
@@ -130,8 +231,8 @@ def admin_form(request: Request, db: DB, csrf: str = Form("", max_length=100)):
 
 def check_admin(request, db, csrf):
     token = bearer(request)
-    if token is not None:
-        if not is_admin_token(request, token):
+    if token is not None:  # counted as /admin?token= is: either way the admin token can be guessed
+        if not counted(request, lambda: is_admin_token(request, token)):
             raise HTTPException(401, NOT_ADMIN)
         return
     token = request.cookies.get(ADMIN_COOKIE)

@@ -41,14 +41,16 @@ ADMIN_WRITE = [{"adminToken": []}, {"adminCookie": [], "csrf": []}]
 PUBLIC = [{}]
 WHY = {400: "Bad Content-Length", 401: "Not signed in, or a wrong token", 403: "Refused: a missing or stale CSRF "
        "token, a foreign Origin, or not yours", 404: "No such thing", 409: "Conflicts with what is there",
-       413: "Request body over 16 KB", 422: "Invalid input", 429: "Too many wrong tokens from this address: "
-       "wait a minute", 503: "The database is busy: try again"}
+       413: "Request body over 16 KB", 422: "Invalid input", 429: "Too many wrong tokens from this address (or from all "
+       "addresses): wait as Retry-After says", 503: "The database is busy: try again"}
 ALWAYS = (400, 413, 503)  # the body limit answers before routing; any database may be busy
 
 
 def doc(security, *codes, html=False, redirect=None):
     """Route keywords that publish an operation's security and its error responses (documentation only)."""
     responses = {}
+    if any("adminToken" in way for way in security):
+        codes += (429,)  # a wrong admin token counts toward the wrong-token limit, as on /admin?token=
     for code in sorted(set(codes + ALWAYS)):
         if html:
             responses[code] = {"description": WHY[code], "content": {"text/html": {"schema": {"type": "string"}}}}

@@ -34,6 +34,7 @@ re-checks its WHERE clause after waiting for a row lock.
 import hashlib
 import json
 import random
+import re
 import secrets
 import threading
 import time
@@ -42,7 +43,8 @@ from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
                         event, false, func, inspect, select, text, update)
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 from sqlalchemy.schema import CreateColumn
 
@@ -204,6 +206,17 @@ def normalize_url(db):
     return db
 
 
+def shown_url(db):
+    """`--db` as it may be printed or logged: a URL with its password masked (a file path as it is)."""
+    db = str(db)
+    if "://" not in db:
+        return db
+    try:
+        return make_url(db).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy reads: mask what looks like user:password@
+        return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", db)
+
+
 def connect(db, create=True):
     """An Engine on `db` (URL or SQLite path) with the tables created."""
     url = normalize_url(db)
@@ -229,14 +242,14 @@ def connect(db, create=True):
         try:
             engine = create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
         except Exception as e:  # a malformed URL or a missing driver
-            raise DataError(f"--db {db!r}: {e}") from None
+            raise DataError(f"--db {shown_url(db)!r}: {str(e).replace(url, shown_url(url))}") from None
     if create:
         try:
             Base.metadata.create_all(engine)
         except OperationalError as e:
-            raise DataError(f"--db {db!r}: cannot open the database ({e.orig})") from None
+            raise DataError(f"--db {shown_url(db)!r}: cannot open the database ({e.orig})") from None
         except DBAPIError as e:  # e.g. a file that is not an SQLite database: sqlite3.DatabaseError
-            raise DataError(f"--db {db!r}: not a database this can open ({e.orig})") from None
+            raise DataError(f"--db {shown_url(db)!r}: not a database this can open ({e.orig})") from None
         _new_columns(engine)
         _invites_of_old_labelers(engine)
         _one_open_per_labeler(engine)

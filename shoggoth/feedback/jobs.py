@@ -157,7 +157,7 @@ def export(db, out, pairs=False, campaign=None):
         first = next(blocks, "")  # the first read: a database without our tables fails here
     except Exception as e:
         if type(e).__module__.startswith("sqlalchemy"):
-            raise DataError(f"--db {db}: not a feedback database ({type(e).__name__})") from None
+            raise DataError(f"--db {D.shown_url(db)}: not a feedback database ({type(e).__name__})") from None
         raise
     out = Path(out)
     if out.is_dir():

@@ -7,7 +7,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from . import db as D
-from .auth import DB, Labeler, ValidateFirst, bearer, check_origin, csrf_for, csrf_ok, set_cookie
+from .auth import DB, Labeler, ValidateFirst, bearer, check_origin, counted, csrf_for, csrf_ok, set_cookie
 from .contract import ADMIN_COOKIE, ID, LABELER_COOKIE, LABELER_READ, LABELER_WRITE, PUBLIC, doc, page
 
 SIGNED_IN = "Signed in (a session cookie): on to /label"
@@ -33,11 +33,8 @@ def favicon():
 # ------------------------------------------------------------ signing in and out
 
 def invite_or_404(request, db, token):
-    guesses = request.app.state.guesses
-    guesses.check(request)
-    who = D.labeler_by_token(db, token)
+    who = counted(request, lambda: D.labeler_by_token(db, token))
     if who is None:
-        guesses.failed(request)
         raise HTTPException(404, "this invite link is not valid: it was used already, has expired, or was "
                                  "revoked (ask for a new one)")
     return who
@@ -77,11 +74,8 @@ def join_confirmed(request: Request, db: DB, token: str = Path(max_length=200)):
 @router.post("/api/session", status_code=201, **doc([{"invite": []}], 401, 429))
 def api_session(request: Request, db: DB):
     """A script's sign-in: Authorization: Bearer <invite token> -> a session token."""
-    guesses = request.app.state.guesses
-    guesses.check(request)
-    traded = D.trade_invite(db, bearer(request))
+    traded = counted(request, lambda: D.trade_invite(db, bearer(request)))
     if traded is None:
-        guesses.failed(request)
         raise HTTPException(401, "not a valid invite token (used already, expired or revoked)")
     return {"session": traded[2], "name": traded[1], "expires_in": D.SESSION_TTL["labeler"]}
 
