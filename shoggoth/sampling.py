@@ -43,11 +43,14 @@ def chat_replies(model, conversations, max_new_tokens=128, temperature=0.7, top_
     """The assistant's next reply to each conversation (lists of messages): the one way every
     caller samples chat replies (the demo, `feedback generate`, rounds, the reward model's
     normalisation). Rendered with the directory's chat template, a long prompt cut to fit the
-    context window with the reply; a reply ends at one of tok.stop_ids. batch_size rows at a time
+    context window with the reply (a reply as long as the window: at its end); a reply ends at one of tok.stop_ids. batch_size rows at a time
     (0: all at once), the batch starting at row b sampled with seed + b, so that models given the same
     prompts and settings are sampled alike; strip: without the reply's surrounding white space."""
     model, tok = load(model) if not isinstance(model, tuple) else model
-    ids = fit_prompts(tok, conversations, model.config.max_seq_len - max_new_tokens)
+    room = model.config.max_seq_len - max_new_tokens
+    # a reply as long as the context (a tiny model's 64 tokens and a 64-token reply): the prompt keeps its
+    # last half, and the reply ends where the window fills
+    ids = fit_prompts(tok, conversations, room if room > 0 else model.config.max_seq_len // 2)
     eng, step = Engine(model, pad_id=tok.pad_id), batch_size or max(len(ids), 1)
     texts = []
     for b in tqdm(range(0, len(ids), step), desc="generate", unit="batch", disable=None if progress else True):
