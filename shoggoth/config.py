@@ -116,6 +116,11 @@ def check(cfg):
         flag = "--" + name.replace("_", "-")
         if name == "dtype" and v not in ("auto", "bf16", "fp32"):
             raise UsageError(f"{flag} must be auto, bf16 or fp32 (got {v!r})")
+        if name == "report_to":
+            from .trackers import check as check_trackers
+
+            if (problem := check_trackers(v)):
+                raise UsageError(problem)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if name in COUNTS:

@@ -1,11 +1,12 @@
 """One dense progress line per step with its ETA, a progress bar on a terminal,
-metrics.jsonl, TensorBoard when installed, and MFU."""
+metrics.jsonl, the experiment trackers of --report-to (trackers.py), and MFU."""
 
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -130,7 +131,8 @@ def read(path, skipped=None):
 
 
 class Metrics:
-    """Writes metrics to out_dir/metrics.jsonl (and TensorBoard) and prints a line per call,
+    """Writes metrics to out_dir/metrics.jsonl (and the trackers of config's --report-to; sample
+    completions, a value that is a list of rows, go to the trackers only) and prints a line per call,
     ending with the ETA of the remaining steps at the pace of the steps done in this process.
     On a terminal a tqdm bar stays under the lines (stderr; none when it is not a terminal).
 
@@ -138,10 +140,10 @@ class Metrics:
     step and without a torn last line, so that it holds one unbroken curve and the next record
     starts a line of its own. Only rank 0 should write (enabled=False elsewhere)."""
 
-    def __init__(self, out_dir, total_steps, resume_step=0, enabled=True):
+    def __init__(self, out_dir, total_steps, resume_step=0, enabled=True, config=None):
         self.enabled, self.total = enabled, total_steps
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.tb = None
+        self.trackers = []
         self.start, self.t0 = resume_step, time.perf_counter()
         if not enabled:
             return
@@ -156,12 +158,11 @@ class Metrics:
         self.file = open(self.path, "a")
         self.bar = tqdm(total=total_steps, initial=resume_step, desc=Path(out_dir).name, unit="step",
                         file=sys.stderr, disable=None, dynamic_ncols=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from . import trackers
 
-            self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step + 1)
-        except ImportError:
-            pass
+        stage = type(config).__module__.rsplit(".", 1)[-1] if config is not None else "stage"
+        self.trackers = trackers.open_all(getattr(config, "report_to", ["auto"]), out_dir, stage,
+                                          asdict(config) if config is not None else {}, resume_step)
 
     def eta(self, step):
         """Seconds left at the mean pace of this process's steps so far; None before the first."""
@@ -171,13 +172,18 @@ class Metrics:
     def log(self, step, echo=True, **values):
         if not self.enabled:
             return
+        tables = {k: values.pop(k) for k in [k for k, v in values.items() if isinstance(v, list)]}
         rec = {"step": step, **{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in values.items()}}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in rec.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        for t in self.trackers:
+            if scalars:
+                t.log(scalars, step)
+            for k, rows in tables.items():
+                if rows:
+                    t.table(k, rows, step)
         if step > self.bar.n:
             self.bar.update(step - self.bar.n)
         if echo:
@@ -192,5 +198,5 @@ class Metrics:
         if self.enabled:
             self.bar.close()
             self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            for t in self.trackers:
+                t.close()

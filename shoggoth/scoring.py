@@ -169,11 +169,15 @@ def with_gold(stats, key, always=False):
 # ---------------------------------------------------------------- evaluation
 
 
+SAMPLES = 8  # held-out samples each evaluation hands the trackers
+
+
 def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, name, show=2):
     """One response per held-out prompt (this rank's share), sampled with the same seed at every
     evaluation: mean reward, gold reward, KL to the reference per response, end-of-text rate, length,
     and the collapse monitor over every rank's greedy answers (answer_diversity), with rank 0's warning
-    line (collapse_warning) when fewer than COLLAPSE of the answers are distinct.
+    line (collapse_warning) when fewer than COLLAPSE of the answers are distinct; and rank 0's first
+    SAMPLES samples (eval/completions: rows for the trackers, not metrics.jsonl).
     c: the stage's Config (max_new_tokens, temperature, seed, minibatch_size); name: the stage's, for the warning."""
     recs = dist.share(records, d)
     room = policy.config.max_seq_len - c.max_new_tokens
@@ -198,7 +202,10 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, name, show=2
     stats = with_gold(dist.all_means({"eval/scores": reward.float().mean(), **gold_sums(recs, texts),
                                       "eval/kl": kl.float().mean(), "eval/eot_rate": r.ended.float().mean(),
                                       "eval/length": r.lengths.float().mean()}, d.device), "eval/gold", always=True)
-    return {**stats, "eval/distinct": distinct, "eval/similarity": similarity}
+    # the first few samples with their rewards, for the trackers' table (TRL's LogCompletionsCallback)
+    samples = [{"prompt": data.prompt_text(rec), "completion": text, "reward": round(float(v), 4)}
+               for rec, text, v in list(zip(recs, texts, reward.tolist()))[:SAMPLES]] if d.main else []
+    return {**stats, "eval/distinct": distinct, "eval/similarity": similarity, "eval/completions": samples}
 
 
 # ---------------------------------------------------------------- collapse monitor

@@ -15,7 +15,7 @@ Each stage's loop stays written out in its own file (stages/*.py); a stage reads
     stage.finish(d, metrics, model, dist.model_state(model), out, c.init)
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,10 +42,11 @@ class Common:
     keep: int = 3  # resume checkpoints kept
     resume: bool = False  # continue from the last checkpoint in out/checkpoints
     seed: int = 1337  # seeds the data order, sampling and any new weights
+    report_to: list[str] = field(default_factory=lambda: ["auto"])  # trackers: auto (TensorBoard if installed), none, tensorboard, wandb, mlflow, trackio
 
 
 # Common fields a resumed run may change; each stage adds its own. The rest must match the checkpoint's.
-MAY_CHANGE = frozenset({"eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out"})
+MAY_CHANGE = frozenset({"eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "report_to"})
 
 
 def begin(c, may_change, auto=()):

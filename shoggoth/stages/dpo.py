@@ -126,7 +126,7 @@ def run(c: Config):
     if state:
         checkpoint.load_trained(policy, state["model"], ckpt_path)
     train_model, opt, step = stage.train_setup(policy, c, d, amp_dtype, state, ckpt_path)
-    metrics = Metrics(out, total, resume_step=step, enabled=d.main)
+    metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"dpo: {policy.num_params():,} parameters, {total} steps of {c.batch_size} pairs, beta {c.beta}, "
                 f"autocast {amp_dtype}{lora.summary(policy)}")
 

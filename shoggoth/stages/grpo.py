@@ -75,7 +75,7 @@ def run(c: Config):
     mb = c.minibatch_size // d.world
     n_mb = rows // c.minibatch_size
     total_steps = c.iterations * c.epochs * n_mb
-    metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main)
+    metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main, config=c)
     dist.print0(f"grpo: policy {policy.num_params():,} parameters; {c.iterations} iterations of {c.batch_size} prompts "
                 f"x {c.group_size} responses (<= {c.max_new_tokens} tokens), {c.advantage} advantages, "
                 f"{c.epochs} epoch(s) x {n_mb} minibatches; reward "

@@ -108,7 +108,7 @@ def run(c: Config):
     mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
     n_mb = c.batch_size // c.minibatch_size
     total_steps = c.iterations * c.ppo_epochs * n_mb
-    metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main)
+    metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main, config=c)
     dist.print0(f"ppo: policy {policy.num_params():,} parameters; {c.iterations} iterations of {c.batch_size} "
                 f"responses (<= {c.max_new_tokens} tokens), {c.ppo_epochs} epochs x {n_mb} minibatches; "
                 f"reward {'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; KL reference "

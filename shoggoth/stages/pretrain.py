@@ -108,7 +108,7 @@ def run(c: Config):
     dist.print0(f"model: {model.num_params():,} parameters, {model.config.n_layer} layers, d={model.config.n_embd}; "
                 f"{tokens_per_step:,} tokens/step on {d.world} {d.device.type} process(es), autocast {amp_dtype}; "
                 f"train {shards.tokens('train'):,} tokens ({step * tokens_per_step / max(1, shards.tokens('train')):.2f} epochs done)")
-    metrics = Metrics(out, c.max_steps, resume_step=step, enabled=d.main)
+    metrics = Metrics(out, c.max_steps, resume_step=step, enabled=d.main, config=c)
 
     def evaluate():
         model.eval()

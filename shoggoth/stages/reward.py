@@ -115,7 +115,7 @@ def run(c: Config):
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
-    metrics = Metrics(out, total, resume_step=step, enabled=d.main)
+    metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"reward: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} "
                 f"rankings per micro-step), autocast {amp_dtype}{lora.summary(model)}")
 

@@ -128,7 +128,7 @@ def run(c: Config):
     train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
     peak = peak_flops(d.device, amp_dtype) * d.world
-    metrics = Metrics(out, total, resume_step=step, enabled=d.main)
+    metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {batch_size} rows "
                 f"x {seq_len} tokens per micro-step), autocast {amp_dtype}{lora.summary(model)}")
 
