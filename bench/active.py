@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shoggoth import config, data, metrics, rounds  # noqa: E402
 from shoggoth.feedback import jobs  # noqa: E402
-from shoggoth.labelers import SimulatedLabeler  # noqa: E402
+from shoggoth.simulated import SimulatedLabeler  # noqa: E402
 
 K, LABELERS, PERSONA, HEADS, POOL = 8, 3, "balanced", 8, 4
 

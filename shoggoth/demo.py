@@ -297,12 +297,12 @@ def gold_and_proxy(model, records, scorers):
     """Mean gold (simulated labelers' noise-free taste) and proxy (each of scorers', load_scorer's)
     score of SAMPLES replies sampled from model (sampling.load's) per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
-    from . import data, labelers, sampling
+    from . import data, sampling, simulated
     from .scoring import score_replies
 
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
-    gold = [labelers.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
+    gold = [simulated.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
     proxies = [score_replies(scorer, [r["messages"] for r in records], replies) for scorer in scorers]
     return sum(gold) / len(gold), proxies, replies[::SAMPLES]
 
@@ -324,7 +324,7 @@ def heldout_prompts(run: Run):
 def answers(run: Run, reward_dir):
     """The same held-out prompts answered by every model, greedy, with proxy and gold scores; returns
     each model's first sampled reply to every held-out prompt."""
-    from . import data, labelers, sampling
+    from . import data, sampling, simulated
     from .scoring import load_scorer, score_texts
 
     scorer = load_scorer(reward_dir)
@@ -341,14 +341,14 @@ def answers(run: Run, reward_dir):
         model = sampling.load(d, run.device)
         greedy = sampling.chat_replies(model, [r["messages"] for r in held], max_new_tokens=48, temperature=0.0)
         seen.update(greedy)
-        h[f"real_words_{name}"] = labelers.fluency(" ".join(greedy))  # share of real words
+        h[f"real_words_{name}"] = simulated.fluency(" ".join(greedy))  # share of real words
         h[f"distinct_{name}"] = len(set(greedy)) / len(greedy)
-        h[f"on_topic_{name}"] = sum(labelers.on_topic(data.prompt_text(r), a, r["references"])
+        h[f"on_topic_{name}"] = sum(simulated.on_topic(data.prompt_text(r), a, r["references"])
                                     for r, a in zip(held, greedy)) / len(held)
         replies = greedy[::step][:MASK_PROMPTS]
         for row, r, text in zip(table, shown, replies):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
-                                    "gold": labelers.gold_score(data.prompt_text(r), text, r["references"])}
+                                    "gold": simulated.gold_score(data.prompt_text(r), text, r["references"])}
         # SFT and the first round's policy under the first round's reward model too: did round 2 catch its exploits?
         g, p, answers[name] = gold_and_proxy(model, held, [scorer] + ([first] if name in ("sft", "ppo-1") else []))
         h[f"gold_{name}"], h[f"proxy_{name}"] = g, sum(p[0]) / len(p[0])
@@ -362,12 +362,12 @@ def answers(run: Run, reward_dir):
     # The taste must not be winnable by a trick: the best single reply given to every held-out
     # question, of every answer a model gave here and a list of generic replies, is measured too.
     qs = [(data.prompt_text(r), r["references"]) for r in held]
-    h["gold_constant"], h["constant_reply"] = labelers.best_constant(qs, seen | set(labelers.GENERIC))
-    h["gold_echo"] = sum(labelers.gold_score(q, q, refs) for q, refs in qs) / len(qs)  # each question echoed back
+    h["gold_constant"], h["constant_reply"] = simulated.best_constant(qs, seen | set(simulated.GENERIC))
+    h["gold_echo"] = sum(simulated.gold_score(q, q, refs) for q, refs in qs) / len(qs)  # each question echoed back
     h["shown_ppo_distinct"] = len({row["answers"]["ppo"]["text"] for row in table if "ppo" in row["answers"]})
-    h["shown_ppo_on_topic"] = sum(labelers.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
+    h["shown_ppo_on_topic"] = sum(simulated.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
                                  for row in table if "ppo" in row["answers"])
-    h["taste"] = labelers.TASTE
+    h["taste"] = simulated.TASTE
     checkpoint.write_json(run.out / "answers.json", {"prompts": table})
     run.save()
     return answers

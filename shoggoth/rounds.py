@@ -303,7 +303,7 @@ def run(c: Config, reward=None, ppo=None):
     if c.heads < 2:
         raise ShoggothError(f"--heads must be at least 2: disagreement needs two heads (got {c.heads})")
     if c.simulate:
-        from .labelers import persona
+        from .simulated import persona
         persona(c.simulate)  # an unknown persona fails before anything runs
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)

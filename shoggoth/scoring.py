@@ -143,9 +143,9 @@ def toy_scores(r: Rollout, target_ids):
 
 def gold_sums(records, texts):
     """{"gold_sum", "gold_n"}: the sum and count of the simulated labelers' noise-free taste
-    (labelers.gold_score) of the responses to prompts with reference answers, to be reduced over
+    (simulated.gold_score) of the responses to prompts with reference answers, to be reduced over
     ranks with a step's other statistics (dist.all_sums or all_means); with_gold reads them."""
-    from .labelers import gold_score
+    from .simulated import gold_score
 
     gold = torch.tensor([gold_score(data.prompt_text(rec), t, rec["references"])
                          for rec, t in zip(records, texts) if rec["references"]])
@@ -223,11 +223,11 @@ def answer_diversity(texts):
     """(distinct, similarity) of a policy's answers, one to each of n prompts: the number of
     distinct normalised answers / n (1/n when every answer is the same, 1 when all differ) and
     the mean over all pairs of their similarity, 1 for two equal normalised answers and else the
-    token F1 of their words (labelers.token_f1; 0 for two answers without a word in common): 1.0
+    token F1 of their words (simulated.token_f1; 0 for two answers without a word in common): 1.0
     when all are identical. Reward climbing while distinct falls and similarity rises is mode
     collapse, one answer to every question. O(n^2): meant for an evaluation's few dozen answers.
     Fewer than two answers have no pair: similarity 0 (and no answers, distinct 1)."""
-    from .labelers import token_f1
+    from .simulated import token_f1
 
     norm = [normalised_answer(t) for t in texts]
     pairs = [(a, b) for i, a in enumerate(norm) for b in norm[i + 1:]]

@@ -9,7 +9,7 @@ from common import shoggoth
 from shoggoth.cli import main
 from shoggoth.feedback import db as D
 from shoggoth.feedback.agreement import agreement, kendall_tau_b, krippendorff_alpha
-from shoggoth.labelers import SimulatedLabeler, fluency, gold_score, ranks_from_scores
+from shoggoth.simulated import SimulatedLabeler, fluency, gold_score, ranks_from_scores
 
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("How do I boil an egg?", "Put the egg in boiling water for about eight minutes."),

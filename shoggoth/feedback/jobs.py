@@ -111,7 +111,7 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
     """Simulated labelers `sim-<persona>-<i>` rank tasks through the same assignment and submission
     code as people, in turns, until nothing is left for them (or each did max_tasks). Returns
     {labeler name: rankings submitted}."""
-    from ..labelers import SimulatedLabeler, persona as get_persona
+    from ..simulated import SimulatedLabeler, persona as get_persona
 
     get_persona(persona)  # a clear error for an unknown name
     if labelers < 1:

@@ -1,12 +1,12 @@
 """The simulated labelers' taste cannot be won by a trick: no single reply given to every
-held-out question earns what a model that is sometimes on topic earns (labelers.py's docstring)."""
+held-out question earns what a model that is sometimes on topic earns (simulated.py's docstring)."""
 
 from collections import Counter
 from functools import lru_cache
 
 import pytest
 
-from shoggoth import data, labelers as L
+from shoggoth import data, simulated as L
 
 # What the demo's PPO said to every question under the taste before this one (issue: the smiley face).
 COLLAPSED = ["I am doing well.", "I am well.", "I am not sure.", "What?", "I do you."]

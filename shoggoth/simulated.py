@@ -44,7 +44,7 @@ off-topic replies people still prefer real words to gibberish, and every referen
 fluent, so it gives a one-size-fits-all reply nothing a model lacks. The gate is
 squared so that a partial fit earns little of it.
 
-tests/test_labelers.py holds the taste to that, for every persona and every simulated
+tests/test_simulated.py holds the taste to that, for every persona and every simulated
 labeler: over the held-out questions the best single reply given to all of them (every
 answer of the corpus, generic replies, kitchen sinks of common words) earns less than
 a model that answers on topic one time in twenty (the question's own reference) and
