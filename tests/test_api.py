@@ -38,3 +38,13 @@ def test_a_bad_call_raises_the_one_line_error(tmp_path):
         shoggoth.sft(init=str(tmp_path / "missing"), out=str(tmp_path / "out"))
     with pytest.raises(config.UsageError, match="no stage 'train'"):
         shoggoth.run("train")
+
+
+def test_the_stage_modules_stay_importable_by_name():
+    """`from shoggoth import rounds` is the module (shoggoth/rounds.py), not an API function of that name."""
+    import importlib
+
+    from shoggoth import rounds
+
+    assert rounds is importlib.import_module("shoggoth.rounds") and hasattr(rounds, "Config")
+    assert callable(shoggoth.sft) and shoggoth.run.__module__ == "shoggoth.api"
