@@ -96,6 +96,8 @@ def check(cfg):
         flag = "--" + name.replace("_", "-")
         if name == "dtype" and v not in ("auto", "bf16", "fp32"):
             raise UsageError(f"{flag} must be auto, bf16 or fp32 (got {v!r})")
+        if name == "grad_ckpt" and v not in ("auto", "on", "off"):
+            raise UsageError(f"{flag} must be auto, on or off (got {v!r})")
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if name in COUNTS:

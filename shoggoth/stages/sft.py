@@ -124,12 +124,13 @@ def run(c: Config):
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    _, ckpt_note = stage.grad_ckpt([model], c)
     train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
     peak = peak_flops(d.device, amp_dtype) * d.world
     metrics = Metrics(out, total, resume_step=step, enabled=d.main)
     dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {batch_size} rows "
-                f"x {seq_len} tokens per micro-step), autocast {amp_dtype}{lora.summary(model)}")
+                f"x {seq_len} tokens per micro-step), autocast {amp_dtype}{lora.summary(model)}{ckpt_note}")
 
     def micro_loss(examples, rows):
         """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
