@@ -1,15 +1,19 @@
 """Activation checkpointing (--grad-ckpt): the loss and every gradient bit for bit the same with
 it on and off (full model and LoRA with dropout, fp32 and bf16 autocast, packed rows, Hugging
-Face families); stage runs end with the same numbers."""
+Face families); stage runs end with the same numbers; auto turns it on when --max-memory says
+the step would not fit, and leaves it off otherwise."""
+
+import re
 
 import pytest
 import torch
 
 import hf_families
-from common import shoggoth
+from common import shoggoth, tiny_model_dir
 from rl_common import ENV, FAST, lm_dir, rm_dir, series  # noqa: F401  (fixtures)
-from shoggoth import checkpoint, lora
+from shoggoth import checkpoint, config, lora, metrics, stage
 from shoggoth.model import GPT, Documents, GPTConfig, RewardModel
+from shoggoth.stages import sft
 
 TINY = dict(vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64)
 
@@ -69,6 +73,52 @@ def test_hugging_face_families_identical_with_checkpointing(family, tmp_path):
     d = hf_families.build(family, tmp_path / family)
     assert_same(checkpoint.load_pretrained(d), amp=True)
     assert_same(with_lora(checkpoint.load_pretrained(d)), amp=True)
+
+
+def test_grad_ckpt_values_and_auto_rule():
+    with pytest.raises(config.UsageError, match="--grad-ckpt must be auto, on or off"):
+        config.build(sft.Config, grad_ckpt="yes")
+    model = GPT(GPTConfig(**TINY))
+    for value, need, have, on in [("auto", 0, 0, False), ("auto", 2, 1, True), ("auto", 1, 2, False),
+                                  ("on", 0, 0, True), ("off", 2, 1, False)]:
+        got, note = stage.grad_ckpt([model], sft.Config(grad_ckpt=value), need, have)
+        assert got == on == model.model.grad_ckpt and ("grad-ckpt on" in note) == on
+        assert ("auto:" in note) == (on and value == "auto")
+
+
+@pytest.mark.slow
+def test_sft_runs_alike_on_off_and_auto(tmp_path):
+    """Two SFT steps: --grad-ckpt on, off, and auto under a --max-memory too small for the step
+    end with the same losses and weights; auto with the machine's memory stays off."""
+    init = tiny_model_dir(tmp_path / "init")
+    args = ["--init", init, "--max-steps", 2, "--batch-size", 4, "--eval-every", 2, "--sample-every", 0,
+            "--dtype", "bf16"]
+    runs = {"off": ["--grad-ckpt", "off"], "on": ["--grad-ckpt", "on"], "small": ["--max-memory", "0.001"],
+            "auto": []}
+    out = {k: shoggoth("sft", *args, *extra, "--out", tmp_path / k, env=ENV).stdout for k, extra in runs.items()}
+    assert "grad-ckpt" not in out["off"] and "grad-ckpt" not in out["auto"]
+    assert ", grad-ckpt on\n" in out["on"]
+    assert re.search(r", grad-ckpt on \(auto: the step needs [\d.e-]+ GiB, 0\.001 GiB available\)", out["small"])
+    ref = [r for r in metrics.read(tmp_path / "off" / "metrics.jsonl") if "loss" in r or "val_loss" in r]
+    w = checkpoint.load_state_dict(tmp_path / "off")
+    for k in ("on", "small", "auto"):
+        got = [r for r in metrics.read(tmp_path / k / "metrics.jsonl") if "loss" in r or "val_loss" in r]
+        assert [(r.get("loss"), r.get("val_loss")) for r in got] == [(r.get("loss"), r.get("val_loss")) for r in ref]
+        wk = checkpoint.load_state_dict(tmp_path / k)
+        assert all(torch.equal(w[n], wk[n]) for n in w), k
+
+
+def test_sft_auto_sizes_rows_for_checkpointing():
+    """Where one row does not fit without checkpointing, auto turns it on and sizes the rows by
+    what a checkpointed token costs."""
+    model = GPT(GPTConfig(**{**TINY, "max_seq_len": 2048}))
+    plain, ckpt = sft.activation_bytes(model, False), sft.activation_bytes(model, True)
+    assert ckpt < plain / 2
+    budget = sft.weight_bytes(model) + plain * 1024  # half a 2,048-token row
+    on, _ = stage.grad_ckpt([model], sft.Config(), sft.weight_bytes(model) + plain * 2048, budget)
+    assert on
+    rows = sft.micro_rows(budget - sft.weight_bytes(model), ckpt, 2048, (budget, "test"), lambda *a: None)
+    assert rows == min(4, plain * 1024 // ckpt // 2048)
 
 
 @pytest.mark.slow
