@@ -69,6 +69,16 @@ def run(args, out, threads, own_value_trunk=False):
             "trained": trained.split("LoRA: ")[1].split(" parameters")[0] if trained else "all"}
 
 
+def cells(r):
+    """'peak GiB | s/step' of a run's result, two table cells."""
+    return f"{r['peak_rss_mib'] / 1024:.2f} | {r['s_per_step']:.2f}"
+
+
+def ratios(r, base):
+    """(peak memory, seconds per step) of run r over those of run base."""
+    return r["peak_rss_mib"] / base["peak_rss_mib"], r["s_per_step"] / base["s_per_step"]
+
+
 def make_inputs(work, n_pairs):
     """The model, a reward model on its trunk, SFT chats, DPO pairs and PPO prompts."""
     import torch
@@ -92,13 +102,18 @@ def make_inputs(work, n_pairs):
     return model
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def options(doc):
+    """The flags of this benchmark and bench/grad_ckpt.py (whose stage runs are these), parsed."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=4, help="steps (PPO: iterations) per run; the first is not timed")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steadiest on a shared machine)")
     ap.add_argument("--no-record", action="store_true", help="do not append the table to bench/RESULTS.md")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    a = options(__doc__)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     n = a.steps
     model = str(make_inputs(work, 4 * n))
@@ -129,19 +144,15 @@ def main():
              "| run | full: peak RSS (GiB) | full: s/step | LoRA: peak RSS (GiB) | LoRA: s/step | LoRA trains | "
              "memory LoRA/full | time LoRA/full |", "|---|---|---|---|---|---|---|---|"]
     for name, full, lo in rows:
-        lines.append(f"| {name} | {full['peak_rss_mib'] / 1024:.2f} | {full['s_per_step']:.2f} | "
-                     f"{lo['peak_rss_mib'] / 1024:.2f} | {lo['s_per_step']:.2f} | {lo['trained']} | "
-                     f"{lo['peak_rss_mib'] / full['peak_rss_mib']:.2f}x | {lo['s_per_step'] / full['s_per_step']:.2f}x |")
+        lines.append(f"| {name} | {cells(full)} | {cells(lo)} | {lo['trained']} | "
+                     "{:.2f}x | {:.2f}x |".format(*ratios(lo, full)))
     shared = rows[-1][2]
     lines += ["", f"PPO with LoRA, the value model on its own copy of the reward model's trunk instead of the reward "
                   f"model's trunk itself: {own['peak_rss_mib'] / 1024:.2f} GiB peak, {own['s_per_step']:.2f} s per "
                   f"iteration (shared: {shared['peak_rss_mib'] / 1024:.2f} GiB, {shared['s_per_step']:.2f} s)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not a.no_record:
-        results.record("## LoRA vs full fine-tuning on a SmolLM2-135M-shaped model (bench/lora.py)",
-                       "Peak memory and seconds per step of `shoggoth sft`, `dpo` and a `ppo` iteration, in full and "
-                       "with `--lora-r 16` (peft), each run in a fresh process.", "\n" + text)
+    results.publish(lines, not a.no_record, "## LoRA vs full fine-tuning on a SmolLM2-135M-shaped model (bench/lora.py)",
+                    "Peak memory and seconds per step of `shoggoth sft`, `dpo` and a `ppo` iteration, in full and "
+                    "with `--lora-r 16` (peft), each run in a fresh process.")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,11 @@ def record(heading, intro, entry, path=RESULTS):
     end = start + nxt.start() if nxt else len(text)
     section = text[start:end].rstrip("\n") + "\n" + entry
     path.write_text(text[:start] + section + ("\n" + text[end:] if nxt else ""))
+
+
+def publish(lines, keep, heading, intro):
+    """Print a benchmark's entry (its lines) and, with keep, append it to its section (record)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if keep:
+        record(heading, intro, "\n" + text)

@@ -101,7 +101,7 @@ COUNTS = {"batch_size", "grad_accum", "max_steps", "epochs", "iterations", "ppo_
           "vocab_size", "sample_every", "sample_tokens", "val_every", "normalize_max_new_tokens", "kl_horizon",
           "n_kv_head", "rounds", "prompts_per_round", "k", "rankings_per_task", "labelers", "pool", "heads"}
 AT_LEAST_0 = {"warmup_steps", "weight_decay", "grad_clip", "beta", "target_kl", "missing_eos_penalty", "ptx_coef",
-              "vf_coef", "eval_samples", "normalize_samples", "lora_r", "lora_alpha", "label_smoothing"}
+              "vf_coef", "eval_samples", "normalize_samples", "lora_r", "lora_alpha", "label_smoothing", "max_memory"}
 ABOVE_0 = {"poll", "lr", "temperature", "normalize_temperature", "clip", "vf_clip", "rope_theta"}
 UNIT = {"min_lr_frac": "[0, 1]", "gamma": "[0, 1]", "lam": "[0, 1]", "beta1": "[0, 1)", "beta2": "[0, 1)",
         "ema_decay": "[0, 1)", "lora_dropout": "[0, 1)", "eval_frac": "(0, 1)"}
@@ -121,6 +121,8 @@ def check(cfg):
 
             if (problem := check_trackers(v)):
                 raise UsageError(problem)
+        if name == "grad_ckpt" and v not in ("auto", "on", "off"):
+            raise UsageError(f"{flag} must be auto, on or off (got {v!r})")
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if name in COUNTS:

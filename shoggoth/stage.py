@@ -35,6 +35,7 @@ class Common:
     weight_decay: float = 0.0  # AdamW decay on matrices (not on norms or biases)
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype (auto = bf16 where fast)
+    grad_ckpt: str = "auto"  # auto | on | off: keep only each block's input and recompute the block in backward (less memory, about 1/3 more compute, same numbers); auto = on where the step would not fit the memory otherwise (SFT's sizing)
     fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out evaluations
@@ -46,7 +47,7 @@ class Common:
 
 
 # Common fields a resumed run may change; each stage adds its own. The rest must match the checkpoint's.
-MAY_CHANGE = frozenset({"eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "report_to"})
+MAY_CHANGE = frozenset({"eval_every", "ckpt_every", "keep", "resume", "device", "fsdp", "out", "report_to", "grad_ckpt"})
 
 
 def begin(c, may_change, auto=()):
@@ -56,6 +57,20 @@ def begin(c, may_change, auto=()):
     out = Path(c.out)
     state, ckpt_path = checkpoint.resume_state(out, c, c.resume, may_change, auto)
     return d, out, state, ckpt_path
+
+
+def grad_ckpt(models, c, need=0, have=0):
+    """Turn activation checkpointing on or off in the blocks of models (each a GPT or RewardModel)
+    as c.grad_ckpt says; with auto, on where the stage's memory sizing says the step needs more
+    bytes than it has (need > have; a stage without sizing passes neither: auto is off).
+    Returns whether it is on and what the stage's start-up line adds ('' when off)."""
+    on = c.grad_ckpt == "on" or (c.grad_ckpt == "auto" and need > have)
+    for m in models:
+        m.model.grad_ckpt = on
+    if not on:
+        return False, ""
+    why = f" (auto: the step needs {need / 2**30:.3g} GiB, {have / 2**30:.3g} GiB available)"
+    return True, ", grad-ckpt on" + (why if c.grad_ckpt == "auto" else "")
 
 
 def train_setup(model, c, d, amp_dtype, state, ckpt_path, betas=(0.9, 0.95), blocks=None, unit="step"):

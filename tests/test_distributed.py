@@ -210,6 +210,18 @@ def test_lora_sft_ddp_and_fsdp_match_single_process(tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "resumed")
 
 
+def test_grad_ckpt_under_ddp_and_fsdp_matches_single_process(tmp_path):
+    """Activation checkpointing recomputes each block inside FSDP2's hooks and DDP's reducer: both train
+    like one process without it."""
+    init = tiny_model_dir(tmp_path / "init")
+    args = ["sft", "--init", init, "--dtype", "fp32", "--max-steps", 4, "--batch-size", 8, "--eval-every", 2,
+            "--sample-every", 0]
+    shoggoth(*args, "--out", tmp_path / "one", "--grad-ckpt", "off")
+    for run, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        assert "grad-ckpt on" in run2(*args, "--out", tmp_path / run, "--grad-ckpt", "on", *extra).stdout
+        assert_same_run(tmp_path / "one", tmp_path / run)
+
+
 # ---------------------------------------------------------------- reward, DPO, PPO, GRPO
 
 

@@ -125,10 +125,11 @@ def run(c: Config):
 
     if state:
         checkpoint.load_trained(policy, state["model"], ckpt_path)
+    _, ckpt_note = stage.grad_ckpt([policy], c)
     train_model, opt, step = stage.train_setup(policy, c, d, amp_dtype, state, ckpt_path)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"dpo: {policy.num_params():,} parameters, {total} steps of {c.batch_size} pairs, beta {c.beta}, "
-                f"autocast {amp_dtype}{lora.summary(policy)}")
+                f"autocast {amp_dtype}{lora.summary(policy)}{ckpt_note}")
 
     def pair_stats(chosen, rejected, ref_chosen, ref_rejected):
         """(mean loss, sums of TRL's statistics) of pairs: their implicit rewards, accuracy, margin, log-probs."""

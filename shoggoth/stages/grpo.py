@@ -64,6 +64,7 @@ def run(c: Config):
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = dist.autocast(d.device, amp_dtype)
     bf16 = amp_dtype == torch.bfloat16
+    _, ckpt_note = stage.grad_ckpt([policy], c)
     pv = rl.PolicyValue(policy)  # DDP or FSDP2 over ranks; pv on one
     policy_t, opt, it = stage.train_setup(pv, c, d, amp_dtype, state, ckpt_path, blocks=policy.model.layers,
                                           unit="iteration")
@@ -80,7 +81,7 @@ def run(c: Config):
                 f"x {c.group_size} responses (<= {c.max_new_tokens} tokens), {c.advantage} advantages, "
                 f"{c.epochs} epoch(s) x {n_mb} minibatches; reward "
                 f"{'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; autocast {amp_dtype}"
-                f"{lora.summary(policy)}")
+                f"{lora.summary(policy)}{ckpt_note}")
 
     def score_rollout(r):
         """Reference log-probs and rewards of a rollout (call inside dist.full_weights(pv))."""

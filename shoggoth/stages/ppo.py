@@ -94,6 +94,7 @@ def run(c: Config):
             ema.load_state_dict(state["ema"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = dist.autocast(d.device, amp_dtype)
+    _, ckpt_note = stage.grad_ckpt([policy, value], c)
     both = rl.PolicyValue(policy, value)
     # DDP over ranks, or FSDP2 sharding every block of both models, then the rest; the models themselves on one
     both_t, opt, it = stage.train_setup(both, c, d, amp_dtype, state, ckpt_path,
@@ -113,7 +114,7 @@ def run(c: Config):
                 f"responses (<= {c.max_new_tokens} tokens), {c.ppo_epochs} epochs x {n_mb} minibatches; "
                 f"reward {'toy: fraction of ' + repr(c.toy_reward) if c.toy_reward else c.reward}; KL reference "
                 f"{c.ref or c.policy}; autocast {amp_dtype}"
-                f"{lora.summary(policy)}")
+                f"{lora.summary(policy)}{ckpt_note}")
     bf16 = amp_dtype == torch.bfloat16
 
     def score_rollout(r):

@@ -97,6 +97,7 @@ def run(c: Config):
     if state:
         model.load_state_dict(state["model"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    _, ckpt_note = stage.grad_ckpt([model], c)
     train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path, (c.beta1, c.beta2))
     if c.compile:
         train_model = torch.compile(train_model)
@@ -106,7 +107,7 @@ def run(c: Config):
     flops_per_step = model.flops_per_token(c.seq_len) * tokens_per_step
     peak = peak_flops(d.device, amp_dtype) * d.world
     dist.print0(f"model: {model.num_params():,} parameters, {model.config.n_layer} layers, d={model.config.n_embd}; "
-                f"{tokens_per_step:,} tokens/step on {d.world} {d.device.type} process(es), autocast {amp_dtype}; "
+                f"{tokens_per_step:,} tokens/step on {d.world} {d.device.type} process(es), autocast {amp_dtype}{ckpt_note}; "
                 f"train {shards.tokens('train'):,} tokens ({step * tokens_per_step / max(1, shards.tokens('train')):.2f} epochs done)")
     metrics = Metrics(out, c.max_steps, resume_step=step, enabled=d.main, config=c)
 

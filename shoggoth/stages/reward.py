@@ -113,11 +113,12 @@ def run(c: Config):
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
+    _, ckpt_note = stage.grad_ckpt([model], c)
     train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"reward: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {c.batch_size} "
-                f"rankings per micro-step), autocast {amp_dtype}{lora.summary(model)}")
+                f"rankings per micro-step), autocast {amp_dtype}{lora.summary(model)}{ckpt_note}")
 
     def micro(records, fwd):
         """This rank's share of rankings -> (loss, margins, tokens)."""

@@ -36,6 +36,7 @@ class Config(lora.Options, stage.Common):
     skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
     seq_len: int = 0  # packed row length; 0 = the longest example (rounded up to 64), at most the model's context
     batch_size: int = 0  # packed rows per micro-step, summed over ranks; 0 = up to 8,192 tokens, fewer if memory is short
+    max_memory: float = 0.0  # GiB a micro-step may use (weights, AdamW state, activations), for --batch-size 0 and --grad-ckpt auto; 0 = half the memory available now
     grad_accum: int = 1  # micro-steps per optimizer step
     epochs: int = 3  # passes over the training conversations
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
@@ -45,7 +46,7 @@ class Config(lora.Options, stage.Common):
     sample_every: int = 100  # steps between held-out answers printed; 0 = never
 
 
-MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "sample_every"}
+MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "sample_every", "max_memory"}
 
 
 def load_conversations(c: Config, log):
@@ -61,27 +62,44 @@ def load_conversations(c: Config, log):
     return train[n:], train[:n] or train
 
 
-def micro_rows(model, seq_len, device, log):
-    """Rows per micro-step per process when --batch-size is 0: up to 8,192 tokens, fewer
-    where their activations would not fit in half the memory available now (the GPU's
-    on CUDA). Activations cost about 29 bytes per token, layer and unit of n_embd +
-    intermediate_size under autocast (61 KB per token and layer measured at SmolLM2-135M's
-    shape in bf16: bench/RESULTS.md), weights and AdamW 16 bytes per trained parameter, 4 per
-    frozen one (LoRA)."""
+def memory_budget(c: Config, device):
+    """(bytes, whence) a micro-step may use (weights, AdamW state, activations): --max-memory,
+    or half the memory available now (the GPU's on CUDA)."""
+    if c.max_memory:
+        return int(c.max_memory * 2**30), "--max-memory"
     available = 16 * 2**30  # where the machine does not say
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     elif Path("/proc/meminfo").exists():
         found = [ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:")]
         available = int(found[0]) * 1024 if found else available
+    return available // 2, "half the memory available"
+
+
+def weight_bytes(model):
+    """Weights and AdamW state: 16 bytes per trained parameter, 4 per frozen one (LoRA)."""
+    return sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters())
+
+
+def activation_bytes(model, ckpt):
+    """Activations kept for backward, in bytes per token. Without checkpointing about 29 per
+    layer and unit of n_embd + intermediate_size under autocast (61 KB per token and layer
+    measured at SmolLM2-135M's shape in bf16: bench/RESULTS.md); with it, each block's fp32
+    input plus the activations of the one block being recomputed."""
     c = model.config
-    per_token = 29 * c.n_layer * (c.n_embd + c.intermediate_size)
-    weights = sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters())
-    fits = (available // 2 - weights) // per_token
+    block = 29 * (c.n_embd + c.intermediate_size)
+    return 4 * c.n_layer * c.n_embd + block if ckpt else c.n_layer * block
+
+
+def micro_rows(free, per_token, seq_len, budget, log):
+    """Rows per micro-step per process when --batch-size is 0: up to 8,192 tokens, fewer
+    where their activations (per_token bytes each) would not fit in `free` bytes of the
+    budget (its size and whence, for the message)."""
+    fits = free // per_token
     rows = max(1, min(8192, max(seq_len, fits)) // seq_len)
     if fits < 8192:
-        log(f"sft: {rows} row(s) of {seq_len} tokens per micro-step per process, to fit the memory available "
-            f"({available / 2**30:.1f} GiB); raise --grad-accum for larger batches")
+        log(f"sft: {rows} row(s) of {seq_len} tokens per micro-step per process, to fit {budget[0] / 2**30:.3g} GiB "
+            f"({budget[1]}); raise --grad-accum for larger batches")
     return rows
 
 
@@ -100,12 +118,18 @@ def run(c: Config):
     if not train:
         raise ShoggothError(f"{c.data or 'the built-in data'}: no conversation has an assistant turn to train on")
     # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real
-    # checkpoints); rows per micro-step that fit the machine, the same on every rank, and
-    # kept by a resumed run (its checkpoint holds them), so that it sees the same batches.
+    # checkpoints); rows per micro-step that fit the memory, the same on every rank, and kept
+    # by a resumed run (its checkpoint holds them), so that it sees the same batches.
+    # Checkpointing (auto) where the rows asked for, or one, would not fit without it.
     saved = state["config"] if state else {}
     seq_len = c.seq_len or saved.get("seq_len") or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
-    batch_size = c.batch_size or saved.get("batch_size") or d.world * int(dist.all_min(
-        torch.tensor(micro_rows(model, seq_len, d.device, dist.print0), device=d.device)))
+    budget, whence = memory_budget(c, d.device)
+    budget = int(dist.all_min(torch.tensor(budget, device=d.device)))  # the least any rank has
+    asked = c.batch_size or saved.get("batch_size")
+    need = weight_bytes(model) + activation_bytes(model, False) * seq_len * (math.ceil(asked / d.world) if asked else 1)
+    ckpt, ckpt_note = stage.grad_ckpt([model], c, need, budget)
+    batch_size = asked or d.world * micro_rows(budget - weight_bytes(model), activation_bytes(model, ckpt), seq_len,
+                                               (budget, whence), dist.print0)
     c = dataclasses.replace(c, seq_len=seq_len, batch_size=batch_size)  # what the checkpoints record
     n_loss = sum(int((y != -100).sum()) for _, y in train)
     dist.print0(f"data: {len(train)} train / {len(held)} held-out examples, {n_loss:,} trained tokens per epoch; "
@@ -130,7 +154,7 @@ def run(c: Config):
     peak = peak_flops(d.device, amp_dtype) * d.world
     metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"sft: {model.num_params():,} parameters, {total} steps ({c.epochs} epoch(s), {batch_size} rows "
-                f"x {seq_len} tokens per micro-step), autocast {amp_dtype}{lora.summary(model)}")
+                f"x {seq_len} tokens per micro-step), autocast {amp_dtype}{lora.summary(model)}{ckpt_note}")
 
     def micro_loss(examples, rows):
         """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
