@@ -136,7 +136,9 @@ def test_corpus_from_parquet_and_saved_datasets(tmp_path, model_dir):
     said = []
     assert data.build_shards(sources, tok, tmp_path / "tok", log=said.append) == first and "reusing" in said[0]
     with pytest.raises(DataError, match=r"t\.parquet row 1: no string column 'text'"):
-        data.read_corpus([parquet(tmp_path / "t.parquet", [{"text": "a"}, {"text": None}])])
+        data.read_corpus([parquet(tmp_path / "t.parquet", [{"text": "a"}, {"title": "no text"}])])
+    r = shoggoth("tokenizer", "--corpus", *sources, "--vocab-size", 300, "--out", tmp_path / "tok-dir")
+    assert (tmp_path / "tok-dir" / "tokenizer.json").exists(), r.stdout
 
 
 def test_bad_rows_are_one_line_errors_naming_source_row_and_column(tmp_path, model_dir):
