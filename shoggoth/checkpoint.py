@@ -64,7 +64,7 @@ def resolve(name, revision="", files=MODEL_FILES):
     into it by huggingface_hub, which honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and the saved
     token. A missing path that cannot be an id (./x, /x, ~/x, a/b/c) comes back as given, for the
     loader's "no such model directory"."""
-    if not name or os.path.exists(name) or _looks_local(name):
+    if not name or os.path.exists(name) or looks_local(name):
         if revision:
             raise ModelDirError(f"--revision {revision}: {name!r} is a local path, and a revision picks a version "
                                 f"of a Hugging Face hub id")
@@ -99,7 +99,7 @@ def resolve(name, revision="", files=MODEL_FILES):
         raise ModelDirError(f"{what}: download into the Hugging Face cache {cache} failed ({first})") from None
 
 
-def _looks_local(name):
+def looks_local(name):
     """Whether name can only be a path: a hub id is `name` or `org/name`, and starts with a letter or digit."""
     return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 

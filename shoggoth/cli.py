@@ -64,7 +64,7 @@ def make_config(cls, argv, command="stage"):
 
 def cmd_tokenizer(argv):
     p = argparse.ArgumentParser(prog="shoggoth tokenizer", description="Train a byte-level BPE tokenizer.")
-    p.add_argument("--corpus", nargs="*", default=[], help="text/markdown files, folders, JSONL with 'text', builtin:bible or builtin:chitchat (default: builtin:bible)")
+    p.add_argument("--corpus", nargs="*", default=[], help="text/markdown files, folders, JSONL with 'text' (or Parquet, Arrow, a save_to_disk folder, a hub ID:SPLIT), builtin:bible or builtin:chitchat (default: builtin:bible)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -273,7 +273,7 @@ def cmd_feedback(argv):
     db_help = "SQLAlchemy URL (postgresql://user@host/db) or a SQLite file path (default: feedback.db)"
     g = sub.add_parser("generate", help="sample K completions per prompt and store them as ranking tasks")
     model_flags(g, "--policy", "model directory to sample from")
-    g.add_argument("--prompts", required=True, help="JSONL of {prompt} or {messages}, optionally {references}")
+    g.add_argument("--prompts", required=True, help="{prompt} or {messages} records, optionally {references}: JSONL, Parquet, Arrow, a save_to_disk folder or a hub ID:SPLIT")
     g.add_argument("-k", type=int, default=4, help="completions per prompt")
     g.add_argument("--db", default="feedback.db", help=db_help)
     g.add_argument("--campaign", help="campaign name (default: the prompts file's name)")
@@ -283,7 +283,7 @@ def cmd_feedback(argv):
                    help="the models to compare, e.g. sft=runs/sft ppo=runs/ppo (win rates: each over those before it); "
                         "a DIR may be a Hugging Face hub id (org/name, at main)")
     c.add_argument("--prompts", required=True,
-                   help="held-out prompts: JSONL of {prompt} or {messages}, optionally {references}")
+                   help="held-out prompts (as generate's --prompts)")
     c.add_argument("--db", default="feedback.db", help=db_help)
     c.add_argument("--campaign", help="campaign name, new (default: eval-<the prompts file's name>); labelers "
                                       "see only 'evaluation'")

@@ -63,8 +63,8 @@ class Options:
     revision: str = ""  # branch, tag or commit of --policy when it is a hub id (--ref and --reward: main); empty = main
     ref: str = ""  # model directory (or hub id) of the KL reference; empty = --policy (`shoggoth rounds`: the SFT model, while --policy is the last round's)
     reward: str = ""  # reward model directory or hub id (a `shoggoth reward` output)
-    prompts: str = ""  # JSONL of {"prompt"} or {"messages"}, optional "references"; empty = built-in chatterbot questions
-    eval_prompts: str = ""  # held-out prompts JSONL; empty = built-in held-out questions when --prompts is empty, else none
+    prompts: str = ""  # {"prompt"} or {"messages"} records, optional "references": JSONL, Parquet, Arrow, a save_to_disk folder or a hub ID:SPLIT; empty = built-in chatterbot questions
+    eval_prompts: str = ""  # held-out prompts (as --prompts); empty = built-in held-out questions when --prompts is empty, else none
     toy_reward: str = ""  # test/debug aid: reward = fraction of response tokens that are this word (no reward model)
     skip_invalid: bool = False  # skip (and count) invalid prompt lines instead of stopping at the first
     iterations: int = 100  # iterations (rollout + update)

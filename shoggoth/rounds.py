@@ -47,8 +47,8 @@ class Config:
     revision: str = ""  # branch, tag or commit of --sft when it is a hub id (--policy and --reward: main); empty = main
     policy: str = ""  # the policy round 1 samples and PPO continues; empty = --sft
     reward: str = ""  # reward model round 1 warm-starts from (and the first ensemble reads); empty = round 1 trains from --sft
-    rankings: str = ""  # rankings JSONL collected before the rounds (the first campaign's export): in every round's training
-    prompts: str = ""  # prompts JSONL ({"prompt"} or {"messages"}, optional "references"); empty = built-in chatterbot questions
+    rankings: str = ""  # rankings collected before the rounds (as reward's --rankings) (the first campaign's export): in every round's training
+    prompts: str = ""  # prompts ({"prompt"} or {"messages"}, optional "references"; as ppo's --prompts); empty = built-in chatterbot questions
     db: str = "feedback.db"  # the ranking app's database: a SQLite file or a database URL
     out: str = "runs/rounds"  # run directory: round-1/, round-2/, ... and rounds.json
     rounds: int = 2  # rounds to run; a re-run with more continues from the last finished one
@@ -263,9 +263,7 @@ def export(c: Config, n, engine):
     out = Path(c.out) / f"round-{n}"
     mine = [{k: r[k] for k in D.EXPORT_KEYS if k in r} for r in D.export_rows(engine, campaign=f"round-{n}")]
     write_jsonl(out / "rankings.jsonl", mine)
-    raw = []
-    if c.rankings:
-        raw = [json.loads(line) for line in Path(c.rankings).read_text(encoding="utf-8").splitlines() if line.strip()]
+    raw = [row for _, row in data.iter_rows(c.rankings)] if c.rankings else []
     for m in range(1, n):
         raw += [json.loads(line) for line in (Path(c.out) / f"round-{m}" / "rankings.jsonl").read_text().splitlines()]
     train, held = data.hold_out(mine, c.eval_frac)
@@ -283,9 +281,9 @@ def check_campaigns(c: Config, engine):
                             "evaluations never feed training: use another --db or rename that campaign")
     if c.rankings:
         data.read_rankings(c.rankings, log=lambda *_: None)  # a bad line is a one-line error now, not rounds later
-        for i, line in enumerate(Path(c.rankings).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip() and "models" in json.loads(line):
-                raise DataError(f"{c.rankings}:{i}: a ranking of an evaluation campaign (it names its models); "
+        for where, row in data.iter_rows(c.rankings):
+            if "models" in row:
+                raise DataError(f"{where}: a ranking of an evaluation campaign (it names its models); "
                                 "evaluations never feed training")
 
 

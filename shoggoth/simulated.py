@@ -267,7 +267,7 @@ def english_words():
         from . import data
 
         vocab = set()
-        for _, rec in data.read_jsonl(data.bible_path()):
+        for _, rec in data.iter_rows(data.bible_path()):
             vocab.update(words(str(rec.get("text", ""))))
         for split in ("train", "heldout"):
             for conv in data.chatterbot_conversations(split):

@@ -113,7 +113,7 @@ def test_bad_sft_lines_name_file_and_line(model_dir, tmp_path):
     with pytest.raises(Exception):
         data.read_conversations(f, log=convs.append)
     kept = data.read_conversations(f, skip_invalid=True, log=convs.append)
-    assert len(kept) == 2 and "2 conversations read, 1 invalid line(s) skipped" in convs[-1]
+    assert len(kept) == 2 and "2 conversations read, 1 invalid row(s) skipped" in convs[-1]
 
 
 def test_prompt_completion_format_and_builtin_split():

@@ -30,12 +30,12 @@ class Config(lora.Options, stage.Common):
     policy: str = ""  # model directory (or hub id) to optimise (the SFT model); also the frozen reference
     ref: str = ""  # frozen reference model; empty = the policy (where DPO starts). `shoggoth rounds --rl dpo` sets the SFT model
     revision: str = ""  # branch, tag or commit of --policy when it is a hub id; empty = main
-    rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
-    eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
+    rankings: str = ""  # rankings {"prompt", "completions", "ranks"}, TRL pairs {"prompt", "chosen", "rejected"}, HH transcripts or scored completions: JSONL, Parquet, Arrow, a save_to_disk folder or a hub ID:SPLIT
+    eval_rankings: str = ""  # held-out rankings (as --rankings); empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
     heldout_prompts: str = "builtin"  # prompts kept for evaluation, whose rankings are refused: builtin (chatterbot held-out questions), a prompts JSONL, or none
     out: str = "runs/dpo"
-    skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
+    skip_invalid: bool = False  # skip (and count) invalid rows instead of stopping at the first
     seq_len: int = 0  # longest (prompt, response) row; longer ones keep their end; 0 = the model's max_seq_len
     batch_size: int = 16  # pairs per optimizer step, summed over ranks
     epochs: int = 1  # passes over the training pairs

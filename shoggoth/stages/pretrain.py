@@ -23,7 +23,7 @@ from ..model import GPT, GPTConfig
 class Config(stage.Common):
     """Pretrain a GPT by next-token prediction on raw text."""
 
-    corpus: list[str] = field(default_factory=list)  # .txt/.md files, folders, JSONL with "text", builtin:bible, builtin:chitchat; empty = builtin:bible
+    corpus: list[str] = field(default_factory=list)  # .txt/.md files, folders, JSONL with "text" (or Parquet, Arrow, a save_to_disk folder, a hub ID:SPLIT), builtin:bible, builtin:chitchat; empty = builtin:bible
     out: str = "runs/pretrain"
     init: str = ""  # continue from this Hugging Face model directory or hub id (Llama/Qwen2/Qwen3); its tokenizer is used
     revision: str = ""  # branch, tag or commit of --init when it is a hub id; empty = main

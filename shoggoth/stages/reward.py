@@ -36,12 +36,12 @@ class Config(lora.Options, stage.Common):
     init: str = ""  # model directory (or hub id) whose trunk starts the reward model (the SFT model); also the policy sampled for normalisation
     revision: str = ""  # branch, tag or commit of --init when it is a hub id (--warm: main); empty = main
     warm: str = ""  # reward model directory (or hub id) whose trunk and head start training instead (`shoggoth rounds`: the last round's)
-    rankings: str = ""  # JSONL of rankings {"prompt", "completions", "ranks"} or TRL pairs {"prompt", "chosen", "rejected"}
-    eval_rankings: str = ""  # held-out rankings JSONL; empty = hold out eval_frac of the prompts of --rankings
+    rankings: str = ""  # rankings {"prompt", "completions", "ranks"}, TRL pairs {"prompt", "chosen", "rejected"}, HH transcripts or scored completions: JSONL, Parquet, Arrow, a save_to_disk folder or a hub ID:SPLIT
+    eval_rankings: str = ""  # held-out rankings (as --rankings); empty = hold out eval_frac of the prompts of --rankings
     eval_frac: float = 0.1  # share of prompts (with all their rankings) held out when there is no --eval-rankings
     heldout_prompts: str = "builtin"  # prompts kept for evaluation, whose rankings are refused: builtin (chatterbot held-out questions), a prompts JSONL, or none
     out: str = "runs/reward"  # output Hugging Face sequence-classification directory
-    skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
+    skip_invalid: bool = False  # skip (and count) invalid rows instead of stopping at the first
     seq_len: int = 0  # longest (prompt, completion) row; longer ones keep their end; 0 = the model's max_seq_len
     batch_size: int = 8  # rankings per micro-step (each with all its K completions), summed over ranks; the rankings of one task stay together
     grad_accum: int = 1  # micro-steps per optimizer step

@@ -30,10 +30,10 @@ class Config(lora.Options, stage.Common):
 
     init: str = ""  # model directory to fine-tune (a pretrain output or a Hugging Face Llama/Qwen directory or hub id)
     revision: str = ""  # branch, tag or commit of --init when it is a hub id; empty = main
-    data: str = ""  # JSONL of {"messages": [...]} or {"prompt", "completion"}; empty = built-in chatterbot-corpus
-    eval_data: str = ""  # held-out JSONL; empty = the built-in held-out questions, or 5% of --data
+    data: str = ""  # {"messages": [...]} or {"prompt", "completion"} records: JSONL, Parquet, Arrow, a save_to_disk folder or a hub ID:SPLIT; empty = built-in chatterbot-corpus
+    eval_data: str = ""  # held-out conversations (as --data); empty = the built-in held-out questions, or 5% of --data
     out: str = "runs/sft"
-    skip_invalid: bool = False  # skip (and count) invalid lines instead of stopping at the first
+    skip_invalid: bool = False  # skip (and count) invalid rows instead of stopping at the first
     seq_len: int = 0  # packed row length; 0 = the longest example (rounded up to 64), at most the model's context
     batch_size: int = 0  # packed rows per micro-step, summed over ranks; 0 = up to 8,192 tokens, fewer if memory is short
     max_memory: float = 0.0  # GiB a micro-step may use (weights, AdamW state, activations), for --batch-size 0 and --grad-ckpt auto; 0 = half the memory available now
