@@ -14,7 +14,8 @@ server threads, processes and simulated labelers at once:
 - A task's slots are `n_open + n_done < rankings_per_task`; a slot is taken by
   a conditional UPDATE, which the database serialises, so concurrent labelers
   cannot over-assign a task, and an assignment moves open -> done by another
-  conditional UPDATE, so two submissions of one task cannot both count.
+  conditional UPDATE, so two submissions of one task cannot both count; one that finds the
+  assignment changed since it read it (its lease released meanwhile) reads it again (`_answer`).
 - Every change of a task's counters happens in the transaction that changes
   the assignment it counts.
 
@@ -705,6 +706,25 @@ def _assignment(s, labeler_id, task_id):
     return a
 
 
+def _answer(s, a, status):
+    """Move the caller's assignment `a` to `status` (done or skipped); returns the status it had.
+
+    A late answer counts: `a` may be open, or expired (another labeler's next_task released it
+    when its lease ran out, and may have taken the freed slot and not answered yet). Keeping it
+    is right: it is a labeler's finished work, and the task gets at most one ranking more than it
+    asked for (for each lease that ran out), which only adds to what agreement can measure.
+    Dropping it would tell the labeler their work is out when it could have been kept.
+
+    On PostgreSQL a release can commit between the read of `a` and this update, which then finds
+    another status. Then the whole attempt is retried (`retrying`): its fresh read keeps a
+    released assignment and refuses one done or skipped (409), so the 409 is never false."""
+    was = a.status
+    if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
+                 .values(status=status)).rowcount != 1:
+        raise OperationalError("answer", None, Exception(f"assignment {a.id} changed meanwhile"))  # retried
+    return was
+
+
 def submit(engine, labeler_id, task_id, groups, flags=()):
     """Store a labeler's ranking of their task; returns the ranking's id. Nothing is stored on a Rejected."""
     flags = _check_flags(list(flags))
@@ -715,10 +735,7 @@ def submit(engine, labeler_id, task_id, groups, flags=()):
             a = _assignment(s, labeler_id, task_id)
             ids = list(s.scalars(select(Completion.id).where(Completion.task_id == task_id).order_by(Completion.idx)))
             ranks = ranks_from_groups(groups, ids)
-            was = a.status  # open, or expired (its slot was freed; a late answer still counts)
-            if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
-                         .values(status="done")).rowcount != 1:
-                raise Rejected(409, f"task {task_id} was submitted or skipped meanwhile")
+            was = _answer(s, a, "done")
             r = Ranking(assignment_id=a.id, task_id=task_id, labeler_id=labeler_id, ranks=ranks, flags=flags,
                         seconds=now - a.created_at, created_at=now)
             s.add(r)
@@ -735,11 +752,7 @@ def skip(engine, labeler_id, task_id):
 
     def attempt():
         with writing(engine) as s:
-            a = _assignment(s, labeler_id, task_id)
-            was = a.status
-            if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
-                         .values(status="skipped")).rowcount != 1:
-                raise Rejected(409, f"task {task_id} was submitted or skipped meanwhile")
+            was = _answer(s, _assignment(s, labeler_id, task_id), "skipped")
             s.execute(update(Task).where(Task.id == task_id)
                       .values(n_skipped=Task.n_skipped + 1, n_open=Task.n_open - (1 if was == "open" else 0)))
 
