@@ -116,7 +116,7 @@ def create_app(db, admin_token=None):
     app.state.admin_token = admin_token or secrets.token_urlsafe(24)
     app.state.csrf_key = D.secret(engine).encode()
     app.state.guesses = Guesses()
-    app.state.summaries = {}  # campaign id -> (its judgements, their win rates), for the admin's overview
+    app.state.winrates = admin.WinRates()  # the evaluations' win rates, for the admin's overview
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(labeling.router)

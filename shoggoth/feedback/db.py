@@ -926,7 +926,8 @@ def rank_vectors(engine, campaign_id):
     """{task_id, labeler, ranks} of a campaign's rankings: what agreement statistics need, without texts."""
     with Session(reading(engine)) as s:
         rows = s.execute(select(Ranking.task_id, Labeler.name, Ranking.ranks).join(Labeler, Ranking.labeler_id == Labeler.id)
-                         .join(Task, Ranking.task_id == Task.id).where(Task.campaign_id == campaign_id)).all()
+                         .join(Task, Ranking.task_id == Task.id).where(Task.campaign_id == campaign_id)
+                         .order_by(Ranking.id)).all()  # in one order: the win rates' cache compares them
     return [{"task_id": t, "labeler": name, "ranks": list(r)} for t, name, r in rows]
 
 
