@@ -508,6 +508,26 @@ def test_only_the_last_rankings_can_be_revised(db_url):
     assert [r["revisable"] for r in D.my_rankings(e, ann, limit=500)] == [True] * 4  # REVISABLE is 20
 
 
+def test_a_ranking_has_at_most_max_versions(db_url):
+    """Each revision is kept, so their number per ranking is capped (#33, item 3): past MAX_VERSIONS a
+    revision is refused (409), and every version, the first answer included, stays."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1, k=3), rankings_per_task=1)
+    ann = D.create_labeler(e, "ann")[0]
+    t, rid = ranked(e, ann)
+    groups = groups_in_order(t)
+    for v in range(2, D.MAX_VERSIONS + 1):
+        assert D.revise(e, ann, rid, groups if v % 2 else groups[::-1]) == v
+    assert D.my_rankings(e, ann)[0]["version"] == D.MAX_VERSIONS and not D.my_rankings(e, ann)[0]["revisable"]
+    before = list(D.export_rows(e))
+    with pytest.raises(D.Rejected, match=f"can no longer be revised: it has {D.MAX_VERSIONS} versions") as err:
+        D.revise(e, ann, rid, groups)
+    assert err.value.status == 409 and list(D.export_rows(e)) == before
+    history = ranking_history(e, rid)
+    assert [h["version"] for h in history] == list(range(1, D.MAX_VERSIONS + 1))
+    assert history[0]["ranks"] == history[2]["ranks"] != history[1]["ranks"]
+
+
 def test_concurrent_revisions_each_get_their_own_version(db_url):
     e = D.connect(db_url)
     D.add_tasks(e, "c", make_tasks(1, k=3), rankings_per_task=1)

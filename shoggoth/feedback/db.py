@@ -57,6 +57,9 @@ SESSION_TTL = {"labeler": 30 * 86400.0, "admin": 12 * 3600.0}  # how long a sign
 LEASE_S = 3600.0  # an unanswered assignment frees its slot after this long
 MAX_K = 16  # completions per task, at most
 REVISABLE = 20  # a labeler may revise their own last this many rankings
+# A ranking has at most this many versions (its first and 19 revisions); a further revision is refused
+# rather than an old version dropped: every version stays, the first answer above all.
+MAX_VERSIONS = 20
 
 
 class Rejected(DataError):
@@ -761,9 +764,10 @@ def skip(engine, labeler_id, task_id):
 
 def revise(engine, labeler_id, ranking_id, groups, flags=(), last=REVISABLE):
     """Replace a labeler's ranking, one of their own `last` rankings, by a new version; returns its
-    number (2 for the first revision). The version it replaces is kept in `ranking_versions`; the
-    `rankings` row takes the new ranks and flags, and created_at (the time of the latest version);
-    `seconds` stays the time to the first answer. Checked as `submit` checks. Nothing changes on a Rejected."""
+    number (2 for the first revision; MAX_VERSIONS at most). The version it replaces is kept in
+    `ranking_versions`; the `rankings` row takes the new ranks and flags, and created_at (the time of
+    the latest version); `seconds` stays the time to the first answer. Checked as `submit` checks.
+    Nothing changes on a Rejected."""
     flags = _check_flags(list(flags))
 
     def attempt():
@@ -779,10 +783,13 @@ def revise(engine, labeler_id, ranking_id, groups, flags=(), last=REVISABLE):
             if newer >= last:
                 raise Rejected(409, f"ranking {ranking_id} can no longer be revised: only your last {last} rankings "
                                     f"can be, and you have made {newer} since")
-            ids = list(s.scalars(select(Completion.id).where(Completion.task_id == r.task_id).order_by(Completion.idx)))
-            ranks = ranks_from_groups(groups, ids)
             version = 1 + s.scalar(select(func.count()).select_from(RankingVersion)
                                    .where(RankingVersion.ranking_id == r.id))  # the one being replaced
+            if version >= MAX_VERSIONS:
+                raise Rejected(409, f"ranking {ranking_id} can no longer be revised: it has {version} versions, "
+                                    f"the most a ranking may have")
+            ids = list(s.scalars(select(Completion.id).where(Completion.task_id == r.task_id).order_by(Completion.idx)))
+            ranks = ranks_from_groups(groups, ids)
             s.add(RankingVersion(ranking_id=r.id, version=version, ranks=list(r.ranks), flags=list(r.flags),
                                  seconds=r.seconds, created_at=r.created_at, replaced_at=now))
             r.ranks, r.flags, r.created_at = ranks, flags, now
@@ -824,7 +831,8 @@ def my_rankings(engine, labeler_id, limit=REVISABLE):
         out.append({"prompt": prompt, "completions": [t for _, t in comps[r.task_id]], "ranks": list(r.ranks),
                     "labeler": lab, "flags": list(r.flags), "campaign": shown_name(camp, ev), "task_id": r.task_id,
                     "seconds": round(r.seconds, 3), "ranking_id": r.id, "version": n_old.get(r.id, 0) + 1,
-                    "revisable": i < REVISABLE, "shown": [{"id": cid, "text": text[cid]} for cid in order],
+                    "revisable": i < REVISABLE and n_old.get(r.id, 0) + 1 < MAX_VERSIONS,
+                    "shown": [{"id": cid, "text": text[cid]} for cid in order],
                     "groups": groups_from_ranks(r.ranks, ids, order)})
     return out
 
