@@ -14,6 +14,7 @@ from common import ranking_history
 from shoggoth.feedback import db as D
 from shoggoth.feedback import winrate
 from shoggoth.feedback.admin import WinRates
+from shoggoth.feedback.auth import REVISION_WINDOW, REVISIONS
 
 ADMIN = "admin-secret-token"
 
@@ -660,3 +661,32 @@ def test_win_rates_are_computed_again_at_most_once_per_debounce(live_app):
         assert overview_until(c, "ready")["winrate"]["judgements"] == 3
     assert len(gate.calls) == 2
 
+
+def test_revisions_are_rate_limited_per_labeler(live_app):
+    srv = live_app
+    setup_campaign(srv, n_tasks=2, k=3, per_task=2)
+    alice, bob = signed_in(srv, "alice"), signed_in(srv, "bob")
+    limiter, now = srv.app.state.revisions, [1000.0]
+    limiter.clock = lambda: now[0]
+    with httpx.Client(base_url=srv.url) as c:
+        rids = {}
+        for who in (alice, bob):
+            task = c.post("/api/next", headers=bearer(who)).json()["task"]
+            groups = [[x["id"]] for x in task["completions"]]
+            rids[who] = c.post(f"/api/tasks/{task['task_id']}/ranking", json={"ranking": groups},
+                               headers=bearer(who)).json()["ranking_id"], groups
+        rid, groups = rids[alice]
+        for i in range(REVISIONS):
+            now[0] += 1
+            r = c.put(f"/api/rankings/{rid}", json={"ranking": groups[::-1] if i % 2 else groups}, headers=bearer(alice))
+            assert r.status_code == 200 and r.json()["version"] == i + 2
+        r = c.put(f"/api/rankings/{rid}", json={"ranking": groups}, headers=bearer(alice))
+        assert r.status_code == 429 and "too many revisions" in r.json()["error"]
+        assert r.headers["retry-after"] == str(int(REVISION_WINDOW) - REVISIONS + 1)  # until the oldest is a window old
+        assert len(ranking_history(srv.engine, rid)) == REVISIONS + 1  # nothing stored
+        r = c.put(f"/api/rankings/{rids[bob][0]}", json={"ranking": rids[bob][1][::-1]}, headers=bearer(bob))
+        assert r.status_code == 200  # per labeler
+        now[0] += REVISION_WINDOW
+        r = c.put(f"/api/rankings/{rid}", json={"ranking": groups[::-1]}, headers=bearer(alice))
+        assert r.status_code == 200 and r.json()["version"] == REVISIONS + 2
+    assert len(limiter.seen) <= 2  # labelers idle for a window are forgotten
