@@ -3,12 +3,18 @@
 import json
 import random
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from common import ranking_history
 from shoggoth.feedback import db as D
+from shoggoth.feedback import winrate
+from shoggoth.feedback.admin import WinRates
+from shoggoth.feedback.auth import REVISION_WINDOW, REVISIONS
 
 ADMIN = "admin-secret-token"
 
@@ -542,3 +548,145 @@ def test_revise_own_ranking_over_http(live_app):
     by_id = dict(zip(sorted(ids, key=lambda i: next(x["text"] for x in shown if x["id"] == i)), row["ranks"]))
     assert [by_id[i] for i in ids] == [0, 1, 2] and row["flags"] == []  # version 3, not 1 or 2
     assert [v["version"] for v in ranking_history(srv.engine, rid)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------ what one labeler action may cost (#33, item 3)
+
+def eval_campaign(srv, n=2):
+    models = ["alpha", "beta"]
+    D.add_tasks(srv.engine, "ev", [{"prompt": f"q{i}", "models": models, "completions": [f"x{i}", f"yy{i}"]}
+                                   for i in range(n)], rankings_per_task=1, settings={"models": models})
+
+
+def rank_one(srv, token):
+    with httpx.Client(base_url=srv.url) as c:
+        task = c.post("/api/next", headers=bearer(token)).json()["task"]
+        r = c.post(f"/api/tasks/{task['task_id']}/ranking", headers=bearer(token),
+                   json={"ranking": [[x["id"]] for x in task["completions"]]})
+        assert r.status_code == 201
+
+
+class Gate:
+    """winrate.summary, each call recorded (its thread's name) and held until the test opens the gate."""
+
+    def __init__(self):
+        self.calls, self.open = [], threading.Event()
+
+    def __call__(self, rows, models):
+
+        self.calls.append(threading.current_thread().name)
+        assert self.open.wait(60)
+        return winrate.summary(rows, models, resamples=20)
+
+
+def overview_until(c, state, timeout=60):
+    deadline = time.monotonic() + timeout
+    while (camp := c.get("/admin/api/overview").json()["campaigns"][0])["winrate_status"]["state"] != state:
+        assert time.monotonic() < deadline, camp["winrate_status"]
+        time.sleep(0.05)
+    return camp
+
+
+def test_admin_pages_never_compute_win_rates_in_the_request(live_app):
+    """A submit changes an evaluation's judgements; the next admin loads answer at once, from the last
+    finished win rates (none yet: "computing"; else "stale", with their age) while one background
+    thread computes them (held here until the test lets it finish, so a request that waited for it
+    would never return)."""
+
+    srv = live_app
+    gate = Gate()
+    srv.app.state.winrates = WinRates(gate, debounce=0)
+    eval_campaign(srv)
+    ann = signed_in(srv, "ann")
+    rank_one(srv, ann)
+    with httpx.Client(base_url=srv.url, headers=bearer(ADMIN), timeout=10) as c:
+        started = time.monotonic()
+        camp = c.get("/admin/api/overview").json()["campaigns"][0]
+        page = c.get("/admin").text
+        assert time.monotonic() - started < 5
+        assert camp["winrate"] is None and camp["winrate_status"]["state"] == "computing"
+        assert 'data-state="computing"' in page and "computing" in page and 'id="winrate-1"' not in page
+        assert camp["agreement"]["pairs"] == 0  # agreement needs no bootstrap: there at once
+        gate.open.set()
+        camp = overview_until(c, "ready")
+        assert camp["winrate"]["judgements"] == 1 and 'id="winrate-1"' in c.get("/admin").text
+        gate.open.clear()
+        rank_one(srv, ann)  # a change: computed again, in the background
+        started = time.monotonic()
+        camp = c.get("/admin/api/overview").json()["campaigns"][0]
+        page = c.get("/admin").text
+        assert time.monotonic() - started < 5
+        assert camp["winrate_status"]["state"] == "stale" and camp["winrate"]["judgements"] == 1  # the last result
+        assert camp["winrate_status"]["age_s"] >= 0 and "newer rankings are being included" in page
+        assert 'id="winrate-1"' in page
+        gate.open.set()
+        assert overview_until(c, "ready")["winrate"]["judgements"] == 2
+    assert gate.calls == ["win rates", "win rates"]  # the background thread's, never a request's
+
+
+def test_concurrent_admin_loads_start_one_computation(live_app):
+    srv = live_app
+    gate = Gate()
+    srv.app.state.winrates = WinRates(gate, debounce=0)
+    eval_campaign(srv)
+    rank_one(srv, signed_in(srv, "ann"))
+    with httpx.Client(base_url=srv.url, headers=bearer(ADMIN), timeout=10) as c:
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda path: c.get(path).status_code, ["/admin", "/admin/api/overview"] * 6))
+        assert codes == [200] * 12
+        gate.open.set()
+        overview_until(c, "ready")
+        c.get("/admin")
+    assert len(gate.calls) == 1
+
+
+def test_win_rates_are_computed_again_at_most_once_per_debounce(live_app):
+    srv = live_app
+    gate, now = Gate(), [0.0]
+    gate.open.set()
+    srv.app.state.winrates = rates = WinRates(gate, debounce=60)
+    rates.clock = lambda: now[0]
+    eval_campaign(srv, n=3)
+    ann = signed_in(srv, "ann")
+    rank_one(srv, ann)
+    with httpx.Client(base_url=srv.url, headers=bearer(ADMIN), timeout=10) as c:
+        assert overview_until(c, "ready")["winrate"]["judgements"] == 1  # the first at once
+        rank_one(srv, ann)
+        rank_one(srv, ann)
+        now[0] = 59.0
+        for _ in range(5):
+            assert c.get("/admin/api/overview").json()["campaigns"][0]["winrate_status"]["state"] == "stale"
+        assert len(gate.calls) == 1
+        now[0] = 61.0  # a minute after the first began: the two changes computed once
+        assert overview_until(c, "ready")["winrate"]["judgements"] == 3
+    assert len(gate.calls) == 2
+
+
+def test_revisions_are_rate_limited_per_labeler(live_app):
+    srv = live_app
+    setup_campaign(srv, n_tasks=2, k=3, per_task=2)
+    alice, bob = signed_in(srv, "alice"), signed_in(srv, "bob")
+    limiter, now = srv.app.state.revisions, [1000.0]
+    limiter.clock = lambda: now[0]
+    with httpx.Client(base_url=srv.url) as c:
+        rids = {}
+        for who in (alice, bob):
+            task = c.post("/api/next", headers=bearer(who)).json()["task"]
+            groups = [[x["id"]] for x in task["completions"]]
+            rids[who] = c.post(f"/api/tasks/{task['task_id']}/ranking", json={"ranking": groups},
+                               headers=bearer(who)).json()["ranking_id"], groups
+        rid, groups = rids[alice]
+        for i in range(REVISIONS):
+            now[0] += 1
+            r = c.put(f"/api/rankings/{rid}", json={"ranking": groups[::-1] if i % 2 else groups}, headers=bearer(alice))
+            assert r.status_code == 200 and r.json()["version"] == i + 2
+        r = c.put(f"/api/rankings/{rid}", json={"ranking": groups}, headers=bearer(alice))
+        assert r.status_code == 429 and "too many revisions" in r.json()["error"]
+        assert r.headers["retry-after"] == str(int(REVISION_WINDOW) - REVISIONS + 1)  # until the oldest is a window old
+        assert len(ranking_history(srv.engine, rid)) == REVISIONS + 1  # nothing stored
+        r = c.put(f"/api/rankings/{rids[bob][0]}", json={"ranking": rids[bob][1][::-1]}, headers=bearer(bob))
+        assert r.status_code == 200  # per labeler
+        now[0] += REVISION_WINDOW
+        r = c.put(f"/api/rankings/{rid}", json={"ranking": groups[::-1]}, headers=bearer(alice))
+        assert r.status_code == 200 and r.json()["version"] == REVISIONS + 2
+    assert len(limiter.seen) <= 2  # labelers idle for a window are forgotten

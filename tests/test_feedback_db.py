@@ -8,7 +8,7 @@ import tracemalloc
 from collections import Counter
 
 import pytest
-from sqlalchemy import func, inspect, select, text, update
+from sqlalchemy import event, func, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -174,6 +174,64 @@ def test_expired_assignment_frees_its_slot_but_a_late_answer_still_counts(db_url
     D.submit(e, a, late["task_id"], groups_in_order(late))
     assert count(e, D.Ranking) == 2
     assert D.overview(e)[0][0]["open"] == 0
+
+
+def release_during(e, statement, release):
+    """Run `release()` (another labeler's next_task) while this thread is about to execute its first
+    statement starting with `statement`: on PostgreSQL it commits in between (the race of issue #33);
+    SQLite's one writer at a time makes it wait until this thread's transaction ends."""
+    fired, out = [], []
+
+    @event.listens_for(e, "before_cursor_execute")
+    def between(conn, cursor, sql, *_):
+        if fired or not sql.startswith(statement) or threading.current_thread() is not threading.main_thread():
+            return
+        fired.append(threading.Thread(target=lambda: out.append(release())))
+        fired[0].start()
+        if e.dialect.name == "postgresql":
+            fired[0].join(30)
+            assert out, "the release did not commit in between"
+
+    return fired, out
+
+
+def counters_match_rows(e, tid):
+    with Session(e) as s:
+        task = s.get(D.Task, tid)
+        per = dict(s.execute(select(D.Assignment.status, func.count()).where(D.Assignment.task_id == tid)
+                             .group_by(D.Assignment.status)).all())
+        stored = s.scalar(select(func.count()).select_from(D.Ranking).where(D.Ranking.task_id == tid))
+        assert (task.n_open, task.n_done, task.n_skipped) == (per.get("open", 0), stored, per.get("skipped", 0))
+        return per
+
+
+@pytest.mark.parametrize("action", ["submit", "skip"])
+def test_a_lease_released_while_its_owner_answers_loses_nothing(db_url, action):
+    """Issue #33, item 5: the owner's lease has run out and another labeler's next_task releases it (and
+    takes the freed slot) between the owner's read of their assignment and its update. The owner's
+    answer counts, as a late answer does; before, PostgreSQL answered a false 409 and stored nothing."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1), rankings_per_task=1)
+    owner, other = D.create_labeler(e, "owner")[0], D.create_labeler(e, "other")[0]
+    task = D.next_task(e, owner)
+    with D.writing(e) as s:  # the lease ran out
+        s.execute(update(D.Assignment).values(expires_at=time.time() - 1))
+    fired, out = release_during(e, "UPDATE assignments SET status", lambda: D.next_task(e, other))
+    if action == "submit":
+        D.submit(e, owner, task["task_id"], groups_in_order(task))
+    else:
+        D.skip(e, owner, task["task_id"])
+    fired[0].join(30)
+    assert fired and out
+    per = counters_match_rows(e, task["task_id"])
+    assert per.get("done" if action == "submit" else "skipped") == 1
+    if e.dialect.name == "postgresql":  # released in between: the task went to the other labeler, who answers too
+        assert out[0]["task_id"] == task["task_id"] and per.get("open") == 1
+        D.submit(e, other, task["task_id"], groups_in_order(out[0]))
+        counters_match_rows(e, task["task_id"])
+    else:  # the release came after the owner's answer: nothing was left to release
+        assert out[0] is None if action == "submit" else out[0]["task_id"] == task["task_id"]
+    assert count(e, D.Ranking) == (action == "submit") + (e.dialect.name == "postgresql")
 
 
 def test_labeler_scoped_to_a_campaign_sees_only_its_tasks(db_url):
@@ -448,6 +506,26 @@ def test_only_the_last_rankings_can_be_revised(db_url):
     assert t["ranking_id"] == rids[1]
     assert D.revise(e, ann, rids[1], t["groups"][::-1], last=3) == 2
     assert [r["revisable"] for r in D.my_rankings(e, ann, limit=500)] == [True] * 4  # REVISABLE is 20
+
+
+def test_a_ranking_has_at_most_max_versions(db_url):
+    """Each revision is kept, so their number per ranking is capped (#33, item 3): past MAX_VERSIONS a
+    revision is refused (409), and every version, the first answer included, stays."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1, k=3), rankings_per_task=1)
+    ann = D.create_labeler(e, "ann")[0]
+    t, rid = ranked(e, ann)
+    groups = groups_in_order(t)
+    for v in range(2, D.MAX_VERSIONS + 1):
+        assert D.revise(e, ann, rid, groups if v % 2 else groups[::-1]) == v
+    assert D.my_rankings(e, ann)[0]["version"] == D.MAX_VERSIONS and not D.my_rankings(e, ann)[0]["revisable"]
+    before = list(D.export_rows(e))
+    with pytest.raises(D.Rejected, match=f"can no longer be revised: it has {D.MAX_VERSIONS} versions") as err:
+        D.revise(e, ann, rid, groups)
+    assert err.value.status == 409 and list(D.export_rows(e)) == before
+    history = ranking_history(e, rid)
+    assert [h["version"] for h in history] == list(range(1, D.MAX_VERSIONS + 1))
+    assert history[0]["ranks"] == history[2]["ranks"] != history[1]["ranks"]
 
 
 def test_concurrent_revisions_each_get_their_own_version(db_url):

@@ -124,7 +124,9 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     assert ops[("GET", "/join/{token}")]["security"] == [{}]
     assert "401" in ops[("POST", "/api/tasks/{task_id}/ranking")]["responses"]
     assert ops[("PUT", "/api/rankings/{ranking_id}")]["security"] == [{"session": []}, {"labelerCookie": [], "csrf": []}]
-    assert {"401", "403", "404", "409", "422"} <= set(ops[("PUT", "/api/rankings/{ranking_id}")]["responses"])
+    revise = ops[("PUT", "/api/rankings/{ranking_id}")]["responses"]
+    assert {"401", "403", "404", "409", "422", "429"} <= set(revise)
+    assert "revisions" in revise["429"]["description"] and "Retry-After" in revise["429"]["headers"]
 
 
 @pytest.mark.slow

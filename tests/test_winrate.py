@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+import time
 from collections import Counter
 
 import httpx
@@ -208,7 +209,10 @@ def test_labelers_see_nothing_of_the_models(live_app):
     assert settings["models"] == MODELS and len(rows) == 3 * n
     assert all(sorted(r["models"]) == sorted(MODELS) for r in rows)
     with httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer admin-secret-token"}) as c:
-        camp = c.get("/admin/api/overview").json()["campaigns"][0]
+        deadline = time.monotonic() + 60
+        while (camp := c.get("/admin/api/overview").json()["campaigns"][0])["winrate_status"]["state"] != "ready":
+            assert time.monotonic() < deadline, camp["winrate_status"]  # computed in the background
+            time.sleep(0.1)
         assert camp["evaluation"] and [(p["a"], p["b"]) for p in camp["winrate"]["pairs"]] == [
             ("quokka", "zebra"), ("narwhal", "zebra"), ("narwhal", "quokka")]
         page = c.get("/admin").text

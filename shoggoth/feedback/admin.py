@@ -2,7 +2,10 @@
 labelers), inviting and revoking labelers, a campaign's rankings per task, and the export. Every
 route but the sign-in declares `_: Admin` (reads) or `_: AdminForm` (a page's form: its `csrf` field)."""
 
+import math
 import re
+import threading
+import time
 
 from fastapi import APIRouter, Form, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -20,20 +23,81 @@ EXPORT_DOC["responses"][200] = {"description": "One JSON object a line (a downlo
                                 "content": {"application/jsonl": {"schema": {"type": "string"}}}}
 
 
+DEBOUNCE_S = 30.0  # after a change, an evaluation's win rates are computed again at most this often
+
+
+class WinRates:
+    """The win rates the admin's overview shows, computed by one background thread, one campaign at a
+    time, never inside a request: the bootstrap of a large evaluation takes seconds to minutes, and
+    any submit or revision changes its judgements. A request hands over the judgements it read and
+    gets the last finished result at once, with its age; a campaign is computed again at most once
+    every `debounce` seconds, so a busy team does not keep the thread (and a core) busy for a page
+    nobody may be looking at."""
+
+    def __init__(self, compute=winrate.summary, debounce=DEBOUNCE_S):
+        self.compute, self.debounce = compute, debounce
+        self.clock = time.monotonic  # a test may turn it
+        self.done = {}  # campaign id -> (the judgements, their summary or None if it failed, finished at, error)
+        self.wanted = {}  # campaign id -> (judgements, models): the latest handed over, not computed yet
+        self.started = {}  # campaign id -> when its last computation started
+        self.running = None  # (campaign id, judgements) being computed now
+        self.cond = threading.Condition()
+        self.thread = None
+
+    def get(self, cid, rows, models):
+        """{"summary": the last finished summary or None, "state": "ready" (of these judgements),
+        "stale" (of earlier ones; these are computed within `debounce` seconds), "computing" (none
+        yet) or "failed", "age_s": seconds since it finished, "error"}; asks for these judgements."""
+        with self.cond:
+            done = self.done.get(cid)
+            if done is not None and done[0] == rows:
+                self.wanted.pop(cid, None)
+            elif self.running != (cid, rows):
+                self.wanted[cid] = rows, models
+                if self.thread is None:
+                    self.thread = threading.Thread(target=self.work, name="win rates", daemon=True)
+                    self.thread.start()
+                self.cond.notify_all()
+            if done is None:
+                return {"summary": None, "state": "computing", "age_s": None, "error": None}
+            state = "stale" if done[0] != rows else "failed" if done[3] else "ready"
+            return {"summary": done[1], "state": state, "age_s": round(self.clock() - done[2], 1), "error": done[3]}
+
+    def work(self):
+        while True:
+            with self.cond:
+                while True:  # the campaign due first, once its debounce has passed
+                    now = self.clock()
+                    due = {cid: self.started.get(cid, -math.inf) + self.debounce for cid in self.wanted}
+                    cid = min(due, key=due.get, default=None)
+                    if cid is not None and due[cid] <= now:
+                        break
+                    self.cond.wait(None if cid is None else due[cid] - now)
+                rows, models = self.wanted.pop(cid)
+                self.running, self.started[cid] = (cid, rows), now
+            result, error = None, None
+            try:
+                result = self.compute(rows, models)
+            except Exception as e:  # noqa: BLE001 - shown on the page; the thread must live on
+                error = f"{type(e).__name__}: {e}"
+            with self.cond:
+                self.done[cid], self.running = (rows, result, self.clock(), error), None
+
+
 def overview_with_agreement(request, db):
-    """The overview, each campaign with its labelers' agreement and an evaluation with its win rates.
-    app.state.summaries keeps each evaluation's (judgements, win rates): the bootstrap reruns on a change."""
-    summaries = request.app.state.summaries
+    """The overview, each campaign with its labelers' agreement, and an evaluation with its win rates
+    as app.state.winrates last computed them (`winrate`, None until the first is done) and how
+    current they are (`winrate_status`: state and age, as WinRates.get says)."""
     camps, labs = D.overview(db)
     for c in camps:
         if c["evaluation"]:
             settings, rows = D.judgements(db, c["name"])
-            if summaries.get(c["id"], (None,))[0] != rows:
-                summaries[c["id"]] = rows, winrate.summary(rows, settings["models"])
-            c["winrate"] = summaries[c["id"]][1]
-            c["agreement"] = c["winrate"]["agreement"]
+            status = request.app.state.winrates.get(c["id"], rows, settings["models"])
+            c["winrate"] = status.pop("summary")
+            c["winrate_status"] = status
         else:
-            c["agreement"] = agreement(D.rank_vectors(db, c["id"]))
+            rows = D.rank_vectors(db, c["id"])
+        c["agreement"] = agreement(rows)
     return camps, labs
 
 

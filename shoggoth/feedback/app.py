@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ShoggothError
 from . import admin, labeling
 from . import db as D
-from .auth import TOKEN_BITS, Guesses, token_bits
+from .auth import REVISION_WINDOW, REVISIONS, TOKEN_BITS, Guesses, Rate, token_bits
 from .contract import SECURITY_SCHEMES, error, is_json_path
 
 HERE = Path(__file__).parent
@@ -116,7 +116,8 @@ def create_app(db, admin_token=None):
     app.state.admin_token = admin_token or secrets.token_urlsafe(24)
     app.state.csrf_key = D.secret(engine).encode()
     app.state.guesses = Guesses()
-    app.state.summaries = {}  # campaign id -> (its judgements, their win rates), for the admin's overview
+    app.state.revisions = Rate("revisions", REVISIONS, REVISION_WINDOW)  # PUT /api/rankings/{id}, per labeler
+    app.state.winrates = admin.WinRates()  # the evaluations' win rates, for the admin's overview
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(labeling.router)

@@ -31,6 +31,7 @@ from .contract import ADMIN_COOKIE, LABELER_COOKIE
 GUESSES, GUESS_WINDOW = 10, 60.0  # wrong tokens per client address, per seconds
 ALL_GUESSES = 1000  # wrong tokens from all addresses together per window: many addresses guess no faster
 ADDRESSES = 10_000  # client addresses the limiter remembers at most
+REVISIONS, REVISION_WINDOW = 10, 60.0  # revisions (PUTs) per labeler, per seconds: fixing mistakes needs fewer
 TOKEN_BITS = 128  # estimated entropy an admin token needs to face a network
 CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, string.punctuation + " ")
 NOT_SIGNED_IN = "not signed in: open your invite link"
@@ -109,13 +110,41 @@ class Guesses:
             self.seen.popitem(last=False)
 
     def too_many(self, where, oldest, now):
-        wait = max(1, math.ceil(self.window - (now - oldest)))
-        return HTTPException(429, f"too many wrong tokens {where}: wait {wait} s", {"Retry-After": str(wait)})
+        return too_many(f"too many wrong tokens {where}", self.window - (now - oldest))
 
     def clear(self):
         with self.cond:
             self.seen.clear()
             self.everyone.clear()
+
+
+def too_many(what, wait):
+    """429: `what`, and how many seconds to wait (at least 1, in Retry-After too)."""
+    wait = max(1, math.ceil(wait))
+    return HTTPException(429, f"{what}: wait {wait} s", {"Retry-After": str(wait)})
+
+
+class Rate:
+    """At most `limit` actions per key (a labeler) over the last `window` seconds; `take` raises 429 past
+    that. A key is forgotten `window` seconds after its last action, so the table stays small."""
+
+    def __init__(self, what, limit, window):
+        self.what, self.limit, self.window = what, limit, window
+        self.clock = time.monotonic  # a test may turn it
+        self.seen = OrderedDict()  # key -> times of its actions in the window, the most recently active last
+        self.lock = threading.Lock()
+
+    def take(self, key):
+        with self.lock:
+            now = self.clock()
+            while self.seen and now - next(iter(self.seen.values()))[-1] >= self.window:
+                self.seen.popitem(last=False)
+            times = [t for t in self.seen.pop(key, []) if now - t < self.window]
+            if len(times) >= self.limit:
+                self.seen[key] = times
+                raise too_many(f"too many {self.what} (at most {self.limit} in {self.window:.0f} s)",
+                               self.window - (now - times[0]))
+            self.seen[key] = times + [now]
 
 
 def address(request):

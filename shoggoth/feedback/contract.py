@@ -46,16 +46,20 @@ WHY = {400: "Bad Content-Length", 401: "Not signed in, or a wrong token", 403: "
 ALWAYS = (400, 413, 503)  # the body limit answers before routing; any database may be busy
 
 
-def doc(security, *codes, html=False, redirect=None):
-    """Route keywords that publish an operation's security and its error responses (documentation only)."""
-    responses = {}
+def doc(security, *codes, html=False, redirect=None, why=None):
+    """Route keywords that publish an operation's security and its error responses (documentation only);
+    `why`: {code: description} where this operation's reason differs from WHY's."""
+    responses, why = {}, {**WHY, **(why or {})}
     if any("adminToken" in way for way in security):
         codes += (429,)  # a wrong admin token counts toward the wrong-token limit, as on /admin?token=
     for code in sorted(set(codes + ALWAYS)):
         if html:
-            responses[code] = {"description": WHY[code], "content": {"text/html": {"schema": {"type": "string"}}}}
+            responses[code] = {"description": why[code], "content": {"text/html": {"schema": {"type": "string"}}}}
         else:
-            responses[code] = {"description": WHY[code], "model": Error}
+            responses[code] = {"description": why[code], "model": Error}
+        if code == 429:
+            responses[code]["headers"] = {"Retry-After": {"description": "Seconds to wait",
+                                                          "schema": {"type": "integer"}}}
     if redirect:
         responses[303] = {"description": redirect, "headers": {"Location": {"schema": {"type": "string"}}}}
     return {"responses": responses, "openapi_extra": {"security": security}}

@@ -14,7 +14,8 @@ server threads, processes and simulated labelers at once:
 - A task's slots are `n_open + n_done < rankings_per_task`; a slot is taken by
   a conditional UPDATE, which the database serialises, so concurrent labelers
   cannot over-assign a task, and an assignment moves open -> done by another
-  conditional UPDATE, so two submissions of one task cannot both count.
+  conditional UPDATE, so two submissions of one task cannot both count; one that finds the
+  assignment changed since it read it (its lease released meanwhile) reads it again (`_answer`).
 - Every change of a task's counters happens in the transaction that changes
   the assignment it counts.
 
@@ -56,6 +57,9 @@ SESSION_TTL = {"labeler": 30 * 86400.0, "admin": 12 * 3600.0}  # how long a sign
 LEASE_S = 3600.0  # an unanswered assignment frees its slot after this long
 MAX_K = 16  # completions per task, at most
 REVISABLE = 20  # a labeler may revise their own last this many rankings
+# A ranking has at most this many versions (its first and 19 revisions); a further revision is refused
+# rather than an old version dropped: every version stays, the first answer above all.
+MAX_VERSIONS = 20
 
 
 class Rejected(DataError):
@@ -705,6 +709,25 @@ def _assignment(s, labeler_id, task_id):
     return a
 
 
+def _answer(s, a, status):
+    """Move the caller's assignment `a` to `status` (done or skipped); returns the status it had.
+
+    A late answer counts: `a` may be open, or expired (another labeler's next_task released it
+    when its lease ran out, and may have taken the freed slot and not answered yet). Keeping it
+    is right: it is a labeler's finished work, and the task gets at most one ranking more than it
+    asked for (for each lease that ran out), which only adds to what agreement can measure.
+    Dropping it would tell the labeler their work is out when it could have been kept.
+
+    On PostgreSQL a release can commit between the read of `a` and this update, which then finds
+    another status. Then the whole attempt is retried (`retrying`): its fresh read keeps a
+    released assignment and refuses one done or skipped (409), so the 409 is never false."""
+    was = a.status
+    if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
+                 .values(status=status)).rowcount != 1:
+        raise OperationalError("answer", None, Exception(f"assignment {a.id} changed meanwhile"))  # retried
+    return was
+
+
 def submit(engine, labeler_id, task_id, groups, flags=()):
     """Store a labeler's ranking of their task; returns the ranking's id. Nothing is stored on a Rejected."""
     flags = _check_flags(list(flags))
@@ -715,10 +738,7 @@ def submit(engine, labeler_id, task_id, groups, flags=()):
             a = _assignment(s, labeler_id, task_id)
             ids = list(s.scalars(select(Completion.id).where(Completion.task_id == task_id).order_by(Completion.idx)))
             ranks = ranks_from_groups(groups, ids)
-            was = a.status  # open, or expired (its slot was freed; a late answer still counts)
-            if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
-                         .values(status="done")).rowcount != 1:
-                raise Rejected(409, f"task {task_id} was submitted or skipped meanwhile")
+            was = _answer(s, a, "done")
             r = Ranking(assignment_id=a.id, task_id=task_id, labeler_id=labeler_id, ranks=ranks, flags=flags,
                         seconds=now - a.created_at, created_at=now)
             s.add(r)
@@ -735,11 +755,7 @@ def skip(engine, labeler_id, task_id):
 
     def attempt():
         with writing(engine) as s:
-            a = _assignment(s, labeler_id, task_id)
-            was = a.status
-            if s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == was)
-                         .values(status="skipped")).rowcount != 1:
-                raise Rejected(409, f"task {task_id} was submitted or skipped meanwhile")
+            was = _answer(s, _assignment(s, labeler_id, task_id), "skipped")
             s.execute(update(Task).where(Task.id == task_id)
                       .values(n_skipped=Task.n_skipped + 1, n_open=Task.n_open - (1 if was == "open" else 0)))
 
@@ -748,9 +764,10 @@ def skip(engine, labeler_id, task_id):
 
 def revise(engine, labeler_id, ranking_id, groups, flags=(), last=REVISABLE):
     """Replace a labeler's ranking, one of their own `last` rankings, by a new version; returns its
-    number (2 for the first revision). The version it replaces is kept in `ranking_versions`; the
-    `rankings` row takes the new ranks and flags, and created_at (the time of the latest version);
-    `seconds` stays the time to the first answer. Checked as `submit` checks. Nothing changes on a Rejected."""
+    number (2 for the first revision; MAX_VERSIONS at most). The version it replaces is kept in
+    `ranking_versions`; the `rankings` row takes the new ranks and flags, and created_at (the time of
+    the latest version); `seconds` stays the time to the first answer. Checked as `submit` checks.
+    Nothing changes on a Rejected."""
     flags = _check_flags(list(flags))
 
     def attempt():
@@ -766,10 +783,13 @@ def revise(engine, labeler_id, ranking_id, groups, flags=(), last=REVISABLE):
             if newer >= last:
                 raise Rejected(409, f"ranking {ranking_id} can no longer be revised: only your last {last} rankings "
                                     f"can be, and you have made {newer} since")
-            ids = list(s.scalars(select(Completion.id).where(Completion.task_id == r.task_id).order_by(Completion.idx)))
-            ranks = ranks_from_groups(groups, ids)
             version = 1 + s.scalar(select(func.count()).select_from(RankingVersion)
                                    .where(RankingVersion.ranking_id == r.id))  # the one being replaced
+            if version >= MAX_VERSIONS:
+                raise Rejected(409, f"ranking {ranking_id} can no longer be revised: it has {version} versions, "
+                                    f"the most a ranking may have")
+            ids = list(s.scalars(select(Completion.id).where(Completion.task_id == r.task_id).order_by(Completion.idx)))
+            ranks = ranks_from_groups(groups, ids)
             s.add(RankingVersion(ranking_id=r.id, version=version, ranks=list(r.ranks), flags=list(r.flags),
                                  seconds=r.seconds, created_at=r.created_at, replaced_at=now))
             r.ranks, r.flags, r.created_at = ranks, flags, now
@@ -811,7 +831,8 @@ def my_rankings(engine, labeler_id, limit=REVISABLE):
         out.append({"prompt": prompt, "completions": [t for _, t in comps[r.task_id]], "ranks": list(r.ranks),
                     "labeler": lab, "flags": list(r.flags), "campaign": shown_name(camp, ev), "task_id": r.task_id,
                     "seconds": round(r.seconds, 3), "ranking_id": r.id, "version": n_old.get(r.id, 0) + 1,
-                    "revisable": i < REVISABLE, "shown": [{"id": cid, "text": text[cid]} for cid in order],
+                    "revisable": i < REVISABLE and n_old.get(r.id, 0) + 1 < MAX_VERSIONS,
+                    "shown": [{"id": cid, "text": text[cid]} for cid in order],
                     "groups": groups_from_ranks(r.ranks, ids, order)})
     return out
 
@@ -913,7 +934,8 @@ def rank_vectors(engine, campaign_id):
     """{task_id, labeler, ranks} of a campaign's rankings: what agreement statistics need, without texts."""
     with Session(reading(engine)) as s:
         rows = s.execute(select(Ranking.task_id, Labeler.name, Ranking.ranks).join(Labeler, Ranking.labeler_id == Labeler.id)
-                         .join(Task, Ranking.task_id == Task.id).where(Task.campaign_id == campaign_id)).all()
+                         .join(Task, Ranking.task_id == Task.id).where(Task.campaign_id == campaign_id)
+                         .order_by(Ranking.id)).all()  # in one order: the win rates' cache compares them
     return [{"task_id": t, "labeler": name, "ranks": list(r)} for t, name, r in rows]
 
 

@@ -7,7 +7,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from . import db as D
-from .auth import DB, Labeler, ValidateFirst, bearer, check_origin, counted, csrf_for, csrf_ok, set_cookie
+from .auth import DB, REVISIONS, Labeler, ValidateFirst, bearer, check_origin, counted, csrf_for, csrf_ok, set_cookie
 from .contract import ADMIN_COOKIE, ID, LABELER_COOKIE, LABELER_READ, LABELER_WRITE, PUBLIC, doc, page
 
 SIGNED_IN = "Signed in (a session cookie): on to /label"
@@ -140,8 +140,11 @@ def my_rankings(db: DB, who: Labeler, limit: int = Query(20, ge=1, le=500)):
     return {"rankings": D.my_rankings(db, who.id, limit=limit)}
 
 
-@router.put("/api/rankings/{ranking_id}", **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
-def revise(db: DB, who: Labeler, body: RankingIn, ranking_id: int = Path(**ID)):
+@router.put("/api/rankings/{ranking_id}", **doc(LABELER_WRITE, 401, 403, 404, 409, 422, 429,
+                                                 why={429: f"Over {REVISIONS} revisions a minute: wait as Retry-After says"}))
+def revise(request: Request, db: DB, who: Labeler, body: RankingIn, ranking_id: int = Path(**ID)):
     """Revise one of your last 20 rankings (the body as for submitting): it becomes a new version,
-    the earlier ones are kept, the export gives the latest. 409: older than your last 20."""
+    the earlier ones are kept, the export gives the latest. 409: older than your last 20, or revised
+    19 times already. 429: more than 10 revisions in a minute."""
+    request.app.state.revisions.take(who.id)  # each version is kept: revisions are bounded in rate and number
     return {"ranking_id": ranking_id, "version": D.revise(db, who.id, ranking_id, body.ranking, body.flags)}
