@@ -312,6 +312,17 @@ def cmd_feedback(argv):
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--noise", type=float, help="score noise of each labeler (default: the persona's)")
     m.add_argument("--max-tasks", type=int, help="at most this many rankings per labeler")
+    i = sub.add_parser("import", help="a preference set (rankings, TRL pairs, HH transcripts, scored completions) as a "
+                                      "new campaign for people to re-rank; its order kept as a hidden reference")
+    i.add_argument("--data", required=True, help="JSONL, Parquet, Arrow, a save_to_disk folder or a hub ID:SPLIT")
+    i.add_argument("--db", default="feedback.db", help=db_help)
+    i.add_argument("--campaign", help="a new campaign's name (default: import-<the file's name>)")
+    i.add_argument("--rankings-per-task", type=int, default=3, help="rankings each task collects")
+    i.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid rows instead of stopping")
+    r = sub.add_parser("agreement", help="how the labelers of a campaign agree with each other, and with an imported "
+                                         "set's own order")
+    r.add_argument("--db", default="feedback.db", help=db_help)
+    r.add_argument("--campaign", required=True)
     e = sub.add_parser("export", help="write rankings (or TRL pairs) as JSONL")
     e.add_argument("--db", default="feedback.db", help=db_help)
     e.add_argument("--out", required=True)
@@ -350,6 +361,24 @@ def cmd_feedback(argv):
         done = jobs.simulate(a.db, a.persona, a.labelers, a.campaign, a.seed, a.noise, a.max_tasks)
         print(f"{sum(done.values())} rankings by {len(done)} simulated labelers: "
               + ", ".join(f"{k} {v}" for k, v in done.items()))
+    elif a.action == "import":
+        name, n, k = jobs.import_preferences(a.data, a.db, a.campaign, a.rankings_per_task, a.skip_invalid)
+        print(f"campaign {name!r}: {n} tasks of {k} completions imported from {a.data} into {shown_url(a.db)}, their "
+              f"order kept as a hidden reference (`feedback agreement --campaign {name}`)")
+    elif a.action == "agreement":
+        from .feedback import db as D
+        from .feedback.agreement import agreement
+
+        engine = D.connect(a.db)
+        g = agreement(D.rank_vectors(engine, D.campaign_id(engine, a.campaign)))
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"campaign {a.campaign!r}: labelers agree with each other at Kendall tau {fmt(g['tau'])} "
+              f"({g['pairs']} pairs of rankings of one task), Krippendorff alpha {fmt(g['alpha'])}")
+        for name, tau in sorted(g["per_labeler"].items()):
+            print(f"  {name}: tau {fmt(tau)} with the others")
+        if "reference_ranks" in D.round_progress(engine, a.campaign)["settings"]:
+            for name, (tau, n) in jobs.reference_agreement(a.db, a.campaign).items():
+                print(f"  {name}: tau {fmt(tau)} with the imported order over {n} rankings")
     else:
         n = jobs.export(a.db, a.out, a.pairs, a.campaign)
         print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")

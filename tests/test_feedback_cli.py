@@ -1,6 +1,7 @@
 """`shoggoth feedback generate|simulate|export` through the real command line, and the simulated labelers."""
 
 import json
+import re
 import secrets
 
 import pytest
@@ -288,3 +289,45 @@ def test_trusted_proxy_must_name_the_proxy(tmp_path, monkeypatch):
     # nginx's $host drops a port other than 443, and the app refuses every POST whose Origin names it
     deploy = (Path(__file__).parent.parent / "docs" / "deploy.md").read_text()
     assert "proxy_set_header Host $http_host;" in deploy and "Host $host;" not in deploy
+
+
+def test_a_preference_set_comes_in_as_a_campaign_with_its_order_hidden(tmp_path):
+    """`feedback import`: TRL pairs (and a HH-style or scored set through the same reader) become a
+    campaign for people to re-rank; the set's own order is the hidden reference that `feedback
+    agreement` measures each labeler against (the simulated labelers follow a set whose chosen
+    answers are the real ones, and go against the same set reversed); a bad row or a mix of K
+    imports nothing."""
+    from shoggoth import data
+
+    recs = data.builtin_prompts("train")[:8]
+    rows = [{"prompt": data.prompt_text(r), "chosen": r["references"][0], "rejected": "zq vvx kkp qqz."} for r in recs]
+    good, bad_order = tmp_path / "pairs.jsonl", tmp_path / "reversed.jsonl"
+    good.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    bad_order.write_text("".join(json.dumps({**x, "chosen": x["rejected"], "rejected": x["chosen"]}) + "\n" for x in rows))
+    db = tmp_path / "f.db"
+    r = shoggoth("feedback", "import", "--data", good, "--db", db)
+    assert "campaign 'import-pairs': 8 tasks of 2 completions imported" in r.stdout
+    shoggoth("feedback", "import", "--data", bad_order, "--db", db, "--campaign", "rev")
+    engine = D.connect(db)
+    person = D.labeler_id(engine, "p", simulated=False)
+    task = D.next_task(engine, person, campaign_id=D.campaign_id(engine, "rev"))
+    assert task["prompt"] in {x["prompt"] for x in rows} and "ranks" not in json.dumps(task)  # nothing of the order shown
+    D.skip(engine, person, task["task_id"])
+    for c in ("import-pairs", "rev"):
+        shoggoth("feedback", "simulate", "--db", db, "--campaign", c, "--labelers", 3)
+    out = {c: shoggoth("feedback", "agreement", "--db", db, "--campaign", c).stdout for c in ("import-pairs", "rev")}
+    taus = {c: [float(t) for t in re.findall(r"tau (-?\d\.\d+) with the imported order over 8 rankings", o)]
+            for c, o in out.items()}
+    assert len(taus["import-pairs"]) == 3 and min(taus["import-pairs"]) > 0.9, out
+    assert len(taus["rev"]) == 3 and max(taus["rev"]) < -0.9, out
+    # bad rows and mixed K: one line, nothing imported
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "hi", "completions": ["a", "b", "c"],
+                                                               "ranks": [0, 1, 2]}) + "\n")
+    for f, msg in ((broken, f"{broken}:2"), (mixed, "K = 2, 3"), (good, "exists already")):
+        r = shoggoth("feedback", "import", "--data", f, "--db", db, "--campaign", "import-pairs" if f == good else "x",
+                     check=False)
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert D.campaign_id(engine, "x", required=False) is None

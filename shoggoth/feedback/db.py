@@ -930,6 +930,12 @@ def rankings(engine, campaign=None, labeler=None, limit=None):
         return _export_format(s, rows, {r[4] for r in rows})
 
 
+def task_ids(engine, campaign_id):
+    """A campaign's task ids in the order its tasks were added."""
+    with Session(reading(engine)) as s:
+        return list(s.scalars(select(Task.id).where(Task.campaign_id == campaign_id).order_by(Task.id)))
+
+
 def rank_vectors(engine, campaign_id):
     """{task_id, labeler, ranks} of a campaign's rankings: what agreement statistics need, without texts."""
     with Session(reading(engine)) as s:

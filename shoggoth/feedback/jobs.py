@@ -95,6 +95,45 @@ def compare(models, prompts_path, db, campaign=None, rankings_per_task=3, max_ne
     return name, add_comparison(engine, name, records, answers, settings, rankings_per_task)
 
 
+def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invalid=False, log=print):
+    """A preference set (rankings as exported, TRL pairs, HH transcripts, scored completions: what
+    `shoggoth reward` reads, from JSONL or a dataset) as a new campaign of ranking tasks, so that
+    people re-rank or extend it; its own order is kept as the campaign's hidden reference
+    (reference_agreement), never shown to labelers. Every row is read and checked before anything
+    is stored: a bad row is a one-line error and nothing is imported. Returns (name, tasks, K)."""
+    recs = data.read_rankings(str(path), skip_invalid, log)
+    ks = sorted({len(r["completions"]) for r in recs})
+    if len(ks) > 1:
+        raise DataError(f"{path}: a campaign's tasks all have one number of completions; this set has K = "
+                        f"{', '.join(map(str, ks))}: split it by K and import each as its own campaign")
+    name = campaign or f"import-{Path(str(path)).stem}"
+    engine = D.connect(db)
+    if D.campaign_id(engine, name, required=False) is not None:
+        raise DataError(f"campaign {name!r} exists already: import into a new campaign (--campaign)")
+    tasks = [{"prompt": data.prompt_text({"messages": r["prompt"]}), "references": [], "completions": r["completions"]}
+             for r in recs]
+    info = {"imported": str(path), "reference_ranks": [list(r["ranks"]) for r in recs]}
+    D.add_tasks(engine, name, tasks, rankings_per_task, source=f"import {path}", info=info)
+    return name, len(tasks), ks[0]
+
+
+def reference_agreement(db, campaign):
+    """{labeler: (mean Kendall tau-b with an imported campaign's own order, rankings compared)}."""
+    from .agreement import kendall_tau_b
+
+    engine = D.connect(db)
+    ref = D.round_progress(engine, campaign)["settings"].get("reference_ranks")
+    if ref is None:
+        raise DataError(f"campaign {campaign!r} was not imported (`feedback import`): it has no reference order")
+    order = dict(zip(D.task_ids(engine, D.campaign_id(engine, campaign)), ref))
+    taus = {}
+    for row in D.rank_vectors(engine, D.campaign_id(engine, campaign)):
+        t = kendall_tau_b(row["ranks"], order[row["task_id"]])
+        if t is not None:
+            taus.setdefault(row["labeler"], []).append(t)
+    return {name: (sum(v) / len(v), len(v)) for name, v in sorted(taus.items())}
+
+
 def winrates(db, campaign, resamples=None, seed=0):
     """The win-rate summary (winrate.summary) of an evaluation campaign."""
     from . import winrate
