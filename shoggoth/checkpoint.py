@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelDirError
+from .files import atomic_write, looks_local, write_json
 from .model import GPT, GPTConfig
 
 # What a model directory says about its text, copied unchanged from a stage's input to its output.
@@ -23,32 +24,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-
-# ---------------------------------------------------------------- atomic files
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), fsync it, then rename over path: a reader (or a run
-    killed mid-write) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # ---------------------------------------------------------------- hub ids
@@ -97,11 +72,6 @@ def resolve(name, revision="", files=MODEL_FILES):
     except OSError as e:  # the hub's other HTTP errors (a 5xx), a full disk or an unwritable cache
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelDirError(f"{what}: download into the Hugging Face cache {cache} failed ({first})") from None
-
-
-def looks_local(name):
-    """Whether name can only be a path: a hub id is `name` or `org/name`, and starts with a letter or digit."""
-    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 # ---------------------------------------------------------------- HF config

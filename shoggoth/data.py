@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write, looks_local, write_json
+from .files import atomic_write, looks_local, write_json
 from .errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md"}

@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import checkpoint, config, metrics
+from . import checkpoint, config, files, metrics
 from .errors import ShoggothError
 from .feedback import winrate
 from .metrics import duration
@@ -220,7 +220,7 @@ class Run:
         print(f"[demo {time.time() - self.t0:5.0f}s] {msg}", flush=True)
 
     def save(self):
-        checkpoint.write_json(self.out / "summary.json", self.summary)
+        files.write_json(self.out / "summary.json", self.summary)
 
     def stage(self, name, preset, **fields):
         """Stage `name` on its preset (or --quick's) and fields, into the run directory's `name`
@@ -372,7 +372,7 @@ def answers(run: Run, reward_dir):
     h["shown_ppo_on_topic"] = sum(simulated.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
                                  for row in table if "ppo" in row["answers"])
     h["taste"] = simulated.TASTE
-    checkpoint.write_json(run.out / "answers.json", {"prompts": table})
+    files.write_json(run.out / "answers.json", {"prompts": table})
     run.save()
     return answers
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .dist import clock
 
 # Dense bf16 peak FLOP/s of common accelerators (spec sheets, no sparsity).

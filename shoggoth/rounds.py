@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, config, data, metrics, tokenizer
+from . import checkpoint, config, data, files, metrics, tokenizer
 from .errors import DataError, ShoggothError
 from .feedback import db as D, jobs
 from .metrics import duration
@@ -214,7 +214,7 @@ def ask(c: Config, n, policy, reward, engine):
                              [cand[i] for i in keep], None if scores is None else [scores[i] for i in keep])))
     # the campaign and what it asked, in one transaction: a kill after it resumes from the database
     D.add_tasks(engine, name, tasks, c.rankings_per_task, source=str(policy), info=asked)
-    checkpoint.write_json(out / "asked.json", asked)
+    files.write_json(out / "asked.json", asked)
     log(f"round {n}: campaign {name!r} open with {len(tasks)} prompts x {c.k} completions, "
         f"{c.rankings_per_task} rankings each")
 
@@ -253,7 +253,7 @@ def progress_line(p, now=None):
 
 
 def write_jsonl(path, recs):
-    checkpoint.atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+    files.atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                        for r in recs), encoding="utf-8"))
 
 
@@ -323,7 +323,7 @@ def run(c: Config, reward=None, ppo=None):
                 if asked.get("out") != str(out.resolve()):
                     raise DataError(f"campaign {name!r} in {c.db} belongs to another run ({asked.get('out')}): give "
                                     "this run its own --db, or the --out of that run")
-                checkpoint.write_json(rdir / "asked.json", {k: asked.get(k) for k in ASKED})
+                files.write_json(rdir / "asked.json", {k: asked.get(k) for k in ASKED})
         if not (rdir / "rankings.jsonl").exists() or not (rdir / "train.jsonl").exists():
             if not rank(c, n, engine):
                 return summary
@@ -364,7 +364,7 @@ def run(c: Config, reward=None, ppo=None):
                "reward_accuracy_after": after, "eval_scores": last("eval/scores"), "eval_kl": last("eval/kl"),
                "eval_distinct": last("eval/distinct"), "eval_gold": last("eval/gold")}
         summary["rounds"] = [r for r in summary["rounds"] if r["round"] != n] + [row]
-        checkpoint.write_json(summary_path, summary)
+        files.write_json(summary_path, summary)
         log(f"round {n}: done; policy {pdir} (held-out proxy reward {fmt(row['eval_scores'])}, KL {fmt(row['eval_kl'])}, "
             f"distinct answers {fmt(row['eval_distinct'])})")
         policy, reward = str(pdir), str(rw)

@@ -7,7 +7,7 @@ import zlib
 from pathlib import Path
 
 from .. import data
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..errors import DataError
 from . import db as D
 
