@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .files import atomic_write
 from .dist import clock
+from .files import atomic_write
+from .trackers import open_all, trl_name
 
 # Dense bf16 peak FLOP/s of common accelerators (spec sheets, no sparsity).
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
@@ -158,10 +159,8 @@ class Metrics:
         self.file = open(self.path, "a")
         self.bar = tqdm(total=total_steps, initial=resume_step, desc=Path(out_dir).name, unit="step",
                         file=sys.stderr, disable=None, dynamic_ncols=True)
-        from . import trackers
-
-        stage = type(config).__module__.rsplit(".", 1)[-1] if config is not None else "stage"
-        self.trackers = trackers.open_all(getattr(config, "report_to", ["auto"]), out_dir, stage,
+        self.stage = type(config).__module__.rsplit(".", 1)[-1] if config is not None else "stage"
+        self.trackers = open_all(getattr(config, "report_to", ["auto"]), out_dir, self.stage,
                                           asdict(config) if config is not None else {}, resume_step)
 
     def eta(self, step):
@@ -176,14 +175,15 @@ class Metrics:
         rec = {"step": step, **{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in values.items()}}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        scalars = {k: v for k, v in rec.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        for t in self.trackers:
-            if scalars:
-                t.log(scalars, step)
-            for k, rows in tables.items():
-                if rows:
-                    t.table(k, rows, step)
+        if self.trackers:  # under TRL's names, renamed once for them all
+            named = {trl_name(self.stage, k): v for k, v in rec.items()
+                     if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            for t in self.trackers:
+                if named:
+                    t.log(named, step)
+                for k, rows in tables.items():
+                    if rows:
+                        t.table(trl_name(self.stage, k), rows, step)
         if step > self.bar.n:
             self.bar.update(step - self.bar.n)
         if echo:

@@ -69,21 +69,25 @@ def open_all(names, out, stage, config, resume_step):
     return opened
 
 
+# Each tracker: log(values, step) and table(name, rows, step), names already TRL's (Metrics renames
+# once for all of them), and close().
+
+
 class TensorBoard:
     def __init__(self, out, stage, config, resume_step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.stage, self.w = stage, SummaryWriter(str(Path(out) / "tb"), purge_step=resume_step + 1)
+        self.w = SummaryWriter(str(Path(out) / "tb"), purge_step=resume_step + 1)
 
     def log(self, values, step):
         for k, v in values.items():
-            self.w.add_scalar(trl_name(self.stage, k), v, step)
+            self.w.add_scalar(k, v, step)
 
-    def table(self, key, rows, step):
+    def table(self, name, rows, step):
         head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
         body = "".join("| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r.values()) + " |\n"
                        for r in rows)
-        self.w.add_text(trl_name(self.stage, key), head + body, step)
+        self.w.add_text(name, head + body, step)
 
     def close(self):
         self.w.close()
@@ -93,16 +97,15 @@ class WandB:
     def __init__(self, out, stage, config, resume_step):
         import wandb
 
-        self.stage, self.wandb = stage, wandb
+        self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=f"{Path(out).name} ({stage})",
                               dir=os.environ.get("WANDB_DIR", str(out)), config=config, reinit="create_new")
 
     def log(self, values, step):
-        self.run.log({trl_name(self.stage, k): v for k, v in values.items()}, step=step)
+        self.run.log(values, step=step)
 
-    def table(self, key, rows, step):
-        self.run.log({trl_name(self.stage, key): self.wandb.Table(columns=list(rows[0]),
-                                                                    data=[list(r.values()) for r in rows])}, step=step)
+    def table(self, name, rows, step):
+        self.run.log({name: self.wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])}, step=step)
 
     def close(self):
         self.run.finish()
@@ -112,7 +115,7 @@ class MLflow:
     def __init__(self, out, stage, config, resume_step):
         import mlflow
 
-        self.stage, self.mlflow = stage, mlflow
+        self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri("sqlite:///mlflow.db")  # MLflow's own advice (its file store is frozen)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT))
@@ -120,10 +123,10 @@ class MLflow:
         mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
 
     def log(self, values, step):
-        self.mlflow.log_metrics({trl_name(self.stage, k): v for k, v in values.items()}, step=step)
+        self.mlflow.log_metrics(values, step=step)
 
-    def table(self, key, rows, step):
-        self.mlflow.log_text(json.dumps(rows, indent=1), f"{trl_name(self.stage, key)}/step_{step}.json")
+    def table(self, name, rows, step):
+        self.mlflow.log_text(json.dumps(rows, indent=1), f"{name}/step_{step}.json")
 
     def close(self):
         self.mlflow.end_run()
@@ -133,16 +136,15 @@ class Trackio:
     def __init__(self, out, stage, config, resume_step):
         import trackio
 
-        self.stage, self.trackio = stage, trackio
+        self.trackio = trackio
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", PROJECT), name=f"{Path(out).name}-{stage}",
                                 config=config, resume="allow", auto_log_cpu=False, auto_log_gpu=False)
 
     def log(self, values, step):
-        self.trackio.log({trl_name(self.stage, k): v for k, v in values.items()}, step=step)
+        self.trackio.log(values, step=step)
 
-    def table(self, key, rows, step):
-        self.trackio.log({trl_name(self.stage, key): self.trackio.Table(columns=list(rows[0]),
-                                                                         data=[list(r.values()) for r in rows])},
+    def table(self, name, rows, step):
+        self.trackio.log({name: self.trackio.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])},
                          step=step)
 
     def close(self):
