@@ -103,12 +103,9 @@ def step_seconds(amp_dtype):
     import torch
 
     from . import dist
-    from .model import GPT, GPTConfig
 
-    _, c = config.load("pretrain", SCALES["cpu"])
-    model = GPT(GPTConfig(vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
-                          n_embd=c.n_embd, max_seq_len=c.seq_len, rope_theta=c.rope_theta,
-                          tie_embeddings=c.tie_embeddings))
+    stage, c = config.load("pretrain", SCALES["cpu"])
+    model = stage.new_model(c, c.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr)
     x = torch.randint(0, c.vocab_size, (c.batch_size, c.seq_len), generator=torch.Generator().manual_seed(0))
     times = []
@@ -167,22 +164,23 @@ class Run:
             amp = dist.autocast_dtype(dev, dtype)
             name = "bf16" if amp == torch.bfloat16 else "fp32"
             rate = metrics.peak_flops(dev, amp)  # measured on a CPU; a GPU's spec sheet (bf16) or measured
-            step = None
             if init:  # the user's model: no pretraining, its rounds sized by its sampling speed
                 prompts, lora, per_prompt, params = init_plan(init, dev, amp, budget, quick)
                 self.summary["plan"] = {"dtype": name, "device": str(dev), "init": str(Path(init).resolve()),
                                         "params": params, "prompts_per_round": prompts, "lora": lora,
                                         "sampling_seconds_per_prompt": per_prompt, "budget": budget,
                                         "matmul_flops": rate, "pretrain_steps": 0, "estimate": None}
-            elif dev.type == "cpu" and scale == "cpu":
-                step = None if quick else step_seconds(amp)
-                steps, est = plan(WORK[name]["pretrain_step"] / step if step else rate, name, budget, quick)
-            else:  # WORK is measured on CPUs at the cpu scale: no estimate, no budget
-                steps = 30 if quick else PRETRAIN_STEPS[1] if scale == "cpu" else None
-                est = None
-            if not init:
+            else:
+                step = None
+                if dev.type == "cpu" and scale == "cpu":
+                    step = None if quick else step_seconds(amp)
+                    steps, est = plan(WORK[name]["pretrain_step"] / step if step else rate, name, budget, quick)
+                else:  # WORK is measured on CPUs at the cpu scale: no estimate, no budget
+                    steps = 30 if quick else PRETRAIN_STEPS[1] if scale == "cpu" else None
+                    est = None
                 self.summary["plan"] = {"dtype": name, "device": str(dev), "scale": scale, "matmul_flops": rate,
-                                        "step_seconds": step, "budget": budget, "pretrain_steps": steps, "estimate": est}
+                                        "step_seconds": step, "budget": budget, "pretrain_steps": steps,
+                                        "estimate": est}
             self.save()
         p = self.summary["plan"]
         # the plan's dtype and scale, so that a resumed stage matches its checkpoint; the device asked for now

@@ -58,6 +58,13 @@ MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "eval_batches", "sample_every", "s
 SAMPLE_PROMPTS = ["In the beginning", "And the LORD said", "Blessed are"]
 
 
+def new_model(c: Config, vocab):
+    """A fresh GPT of c's shape for a vocabulary of `vocab` tokens (rounded up to a multiple of 64)."""
+    return GPT(GPTConfig(vocab_size=64 * math.ceil(vocab / 64), n_layer=c.n_layer, n_head=c.n_head,
+                         n_kv_head=c.n_kv_head, n_embd=c.n_embd, max_seq_len=c.seq_len, rope_theta=c.rope_theta,
+                         tie_embeddings=c.tie_embeddings))
+
+
 def run(c: Config):
     d, out, state, ckpt_path = stage.begin(c, MAY_CHANGE)
     if c.batch_size % d.world:
@@ -88,9 +95,7 @@ def run(c: Config):
         if c.seq_len > model.config.max_seq_len:
             raise ShoggothError(f"seq_len {c.seq_len} exceeds {c.init}'s max_position_embeddings {model.config.max_seq_len}")
     else:
-        model = GPT(GPTConfig(vocab_size=64 * math.ceil(len(tok) / 64), n_layer=c.n_layer, n_head=c.n_head,
-                              n_kv_head=c.n_kv_head, n_embd=c.n_embd, max_seq_len=c.seq_len,
-                              rope_theta=c.rope_theta, tie_embeddings=c.tie_embeddings))
+        model = new_model(c, len(tok))
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = \
         tok.bos_id, tok.eos_id, tok.pad_id if tok.has_pad else None
     tok.check_model(model.config.vocab_size, tok_dir)
