@@ -366,19 +366,14 @@ def cmd_feedback(argv):
         print(f"campaign {name!r}: {n} tasks of {k} completions imported from {a.data} into {shown_url(a.db)}, their "
               f"order kept as a hidden reference (`feedback agreement --campaign {name}`)")
     elif a.action == "agreement":
-        from .feedback import db as D
-        from .feedback.agreement import agreement
-
-        engine = D.connect(a.db)
-        g = agreement(D.rank_vectors(engine, D.campaign_id(engine, a.campaign)))
+        g, ref = jobs.agreements(a.db, a.campaign)
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"campaign {a.campaign!r}: labelers agree with each other at Kendall tau {fmt(g['tau'])} "
               f"({g['pairs']} pairs of rankings of one task), Krippendorff alpha {fmt(g['alpha'])}")
         for name, tau in sorted(g["per_labeler"].items()):
             print(f"  {name}: tau {fmt(tau)} with the others")
-        if "reference_ranks" in D.round_progress(engine, a.campaign)["settings"]:
-            for name, (tau, n) in jobs.reference_agreement(a.db, a.campaign).items():
-                print(f"  {name}: tau {fmt(tau)} with the imported order over {n} rankings")
+        for name, (tau, n) in (ref or {}).items():
+            print(f"  {name}: tau {fmt(tau)} with the imported order over {n} rankings")
     else:
         n = jobs.export(a.db, a.out, a.pairs, a.campaign)
         print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")

@@ -99,7 +99,7 @@ def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invali
     """A preference set (rankings as exported, TRL pairs, HH transcripts, scored completions: what
     `shoggoth reward` reads, from JSONL or a dataset) as a new campaign of ranking tasks, so that
     people re-rank or extend it; its own order is kept as the campaign's hidden reference
-    (reference_agreement), never shown to labelers. Every row is read and checked before anything
+    (agreements), never shown to labelers. Every row is read and checked before anything
     is stored: a bad row is a one-line error and nothing is imported. Returns (name, tasks, K)."""
     recs = data.read_rankings(str(path), skip_invalid, log)
     ks = sorted({len(r["completions"]) for r in recs})
@@ -117,21 +117,25 @@ def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invali
     return name, len(tasks), ks[0]
 
 
-def reference_agreement(db, campaign):
-    """{labeler: (mean Kendall tau-b with an imported campaign's own order, rankings compared)}."""
-    from .agreement import kendall_tau_b
+def agreements(db, campaign):
+    """(how a campaign's labelers agree with each other: agreement.agreement's summary, and
+    {labeler: (mean Kendall tau-b with an imported campaign's own order, rankings compared)}, None
+    for a campaign that was not imported), from one read of its rankings."""
+    from .agreement import agreement, kendall_tau_b
 
     engine = D.connect(db)
+    cid = D.campaign_id(engine, campaign)
+    rows = D.rank_vectors(engine, cid)
     ref = D.round_progress(engine, campaign)["settings"].get("reference_ranks")
     if ref is None:
-        raise DataError(f"campaign {campaign!r} was not imported (`feedback import`): it has no reference order")
-    order = dict(zip(D.task_ids(engine, D.campaign_id(engine, campaign)), ref))
+        return agreement(rows), None
+    order = dict(zip(D.task_ids(engine, cid), ref))
     taus = {}
-    for row in D.rank_vectors(engine, D.campaign_id(engine, campaign)):
+    for row in rows:
         t = kendall_tau_b(row["ranks"], order[row["task_id"]])
         if t is not None:
             taus.setdefault(row["labeler"], []).append(t)
-    return {name: (sum(v) / len(v), len(v)) for name, v in sorted(taus.items())}
+    return agreement(rows), {name: (sum(v) / len(v), len(v)) for name, v in sorted(taus.items())}
 
 
 def winrates(db, campaign, resamples=None, seed=0):
