@@ -40,14 +40,17 @@ QUICK = {
     "dpo": dict(max_steps=4),
 }
 QUICK_PROMPTS = 40  # train prompts ranked at --quick, over all rounds
-# --init DIR: the RLHF half on the user's model. Its rounds' prompts are sized from its measured
-# sampling speed: sampling K replies to each prompt takes INIT_SAMPLING of the budget (sampling is
-# about a third of a round here; the reward model and PPO the rest), at least INIT_PROMPTS prompts
-# a round (fewer and the reward model learnt nothing: at 24 prompts x 4 a 135M model's reward model
-# was at chance, and PPO came out worse than its start). A model above LORA_PARAMS parameters is
-# trained through LoRA adapters (rank 16) in the reward model, PPO and DPO.
-INIT_SAMPLING = 0.25
-INIT_PROMPTS = 48
+# --init DIR: the RLHF half on the user's model, sized to the budget from three costs measured on it
+# (init_costs): sampling a reply, one training step and one forward pass. The rounds' labels (sampling
+# K replies a prompt, ranking them, training the reward model on every round's rankings so far) take
+# INIT_SHARES["labels"] of the budget, the held-out answers INIT_SHARES["answers"]; what is left goes to
+# PPO's iterations (INIT_SHARES["ppo"] of it) and DPO's steps. Each size lies between its minimum
+# (INIT_MIN) and the demo's own: fewer than 48 prompts a round and the reward model learnt nothing (at 24
+# prompts x 4 a 135M model's reward model was at chance, and PPO came out worse than its start). A
+# 135M model's PPO iteration took 102 s, so the preset's 15 a round would be 26 minutes. A model above
+# LORA_PARAMS parameters is trained through LoRA adapters (rank 16) in the reward model, PPO and DPO.
+INIT_SHARES = {"labels": 0.4, "answers": 0.15, "ppo": 0.75}
+INIT_MIN = {"prompts": 48, "ppo": 2, "dpo": 10, "heldout": 40}  # per round for prompts and PPO iterations
 LORA_PARAMS = 50e6
 LORA = {"lora_r": 16, "lora_alpha": 32.0}
 
@@ -121,28 +124,89 @@ def step_seconds(amp_dtype):
     return (t[1] + t[2]) / 2
 
 
-def init_plan(init, dev, amp, budget, quick):
-    """(prompts per round, LoRA fields, seconds per prompt, parameters) for the RLHF half on the model in
-    `init`: K replies to four built-in prompts timed (one batch of 4K rows, after a warm-up), the rounds'
-    prompts sized to the budget (see INIT_SAMPLING)."""
+def init_costs(init, dev, amp):
+    """(costs, parameters, LoRA fields) of the model in `init`, measured in the run's dtype: costs["row"]
+    the seconds to sample one reply (K replies to four built-in prompts, one batch of 4K rows of
+    up to 48 tokens, after a warm-up batch), costs["step"] one training step (forward, backward and
+    AdamW, through LoRA adapters where the stages use them) and costs["fwd"] one forward without
+    gradients, both on a 16-row minibatch of a prompt and a 48-token reply: what PPO, DPO and the
+    reward model do over and over."""
     import torch
 
-    from . import data, dist, sampling
+    from . import data, dist, lora, sampling
 
     model, tok = sampling.load(init, dev)
     params = sum(p.numel() for p in model.parameters())
-    msgs = [r["messages"] for r in data.builtin_prompts("train")[:4] for _ in range(K)]
+    opts = LORA if params > LORA_PARAMS else {}
+    prompts = [r["messages"] for r in data.builtin_prompts("train")[:4]]
+    msgs = [m for m in prompts for _ in range(K)]
     with torch.no_grad(), dist.autocast(dev, amp):
         # first, a short batch that pays the one-off costs (the decode kernel's build, weight packing): timed
         # with them, a 135M model's K replies took 21.6 s a prompt where the round then sampled at 2.5 s
         sampling.chat_replies((model, tok), msgs[:K], max_new_tokens=4, temperature=1.0, seed=0)
-        t = time.time()
-        sampling.chat_replies((model, tok), msgs, max_new_tokens=16 if quick else 48, temperature=1.0, seed=0)
-    per_prompt = (time.time() - t) / 4
-    full = len(data.builtin_prompts("train")) // ROUNDS
-    prompts = QUICK_PROMPTS // ROUNDS if quick else \
-        int(min(max(budget * INIT_SAMPLING / ROUNDS / per_prompt, INIT_PROMPTS), full))
-    return prompts, LORA if params > LORA_PARAMS else {}, per_prompt, params
+        t = time.perf_counter()
+        sampling.chat_replies((model, tok), msgs, max_new_tokens=48, temperature=1.0, seed=0)
+    costs = {"row": (time.perf_counter() - t) / len(msgs)}
+    length = min(max(len(tok.prompt_ids(m)) for m in prompts) + 48, model.config.max_seq_len)
+    x = torch.randint(0, model.config.vocab_size, (16, length), generator=torch.Generator().manual_seed(0), device=dev)
+    model = lora.wrap(model.train(), lora.Options(**opts), seed=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    steps, fwds = [], []
+    for _ in range(3):  # the first of each pays one-off costs; the least of three: a shared machine only adds
+        t = time.perf_counter()
+        with dist.autocast(dev, amp):
+            model(x, x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.no_grad(), dist.autocast(dev, amp):
+            model(x)
+        fwds.append(time.perf_counter() - t)
+    costs["step"], costs["fwd"] = min(steps), min(fwds)
+    return costs, params, opts
+
+
+def init_plan(costs, budget, train_prompts, heldout_prompts):
+    """The RLHF half's sizes for a model of measured `costs` (init_costs) and the seconds each stage
+    should take: {"prompts_per_round", "ppo_iterations" (a round), "dpo_steps", "heldout", "estimate",
+    "over"}. Each stage's seconds are counted from its preset's work in replies sampled, training steps
+    and forwards (16 rows each); "over" is True when even the minimums take longer than the budget."""
+    row, step, fwd = costs["row"], costs["step"], costs["fwd"]
+    ppo, dpo, rm = (config.load(s, f"demo-{s}")[1] for s in ("ppo", "dpo", "reward"))
+
+    def labels(p, n):  # round n's: K replies to p prompts, then a reward model on every round's rankings so far
+        rankings = p * n * LABELERS * 0.9  # (a tenth of the round's prompts held out)
+        shift = min(rm.normalize_samples, p * n)  # the replies that set the reward's zero
+        return (p * K * row + rankings / rm.batch_size * (rm.batch_size // LABELERS * K / 16) * step
+                + (p * 0.1 * K * 2 + shift) / 16 * fwd + shift * rm.normalize_max_new_tokens / 48 * row)
+
+    def answers(n):  # greedy and SAMPLES sampled replies of every model but the pretrained one, scored
+        models = len(MODELS) - 1
+        return models * n * (1 + SAMPLES) * row + n * SAMPLES * (models + 2) / 16 * fwd
+
+    def largest(cost, low, high, share):  # the largest size in [low, high] whose cost fits the share
+        return max([n for n in range(low, high + 1) if cost(n) <= share * budget] or [low])
+
+    prompts = largest(lambda p: sum(labels(p, n) for n in range(1, ROUNDS + 1)), INIT_MIN["prompts"],
+                      train_prompts // ROUNDS, INIT_SHARES["labels"])
+    heldout = largest(answers, INIT_MIN["heldout"], heldout_prompts, INIT_SHARES["answers"])
+    minibatches = ppo.batch_size / ppo.minibatch_size
+    # an iteration: a reply to each prompt, four scorings (policy, reference, value, reward), then the
+    # epochs' updates of policy and value; an evaluation every eval_every iterations and at the start
+    iteration = ppo.batch_size * row + 4 * minibatches * fwd + ppo.ppo_epochs * minibatches * 2 * step
+    evaluation = ppo.eval_samples * row + 3 * ppo.eval_samples / 16 * fwd
+    ppo_seconds = lambda n: n * iteration + (n // ppo.eval_every + 1) * evaluation  # noqa: E731
+    dpo_step = 2 * dpo.batch_size / 16 * (step + fwd)  # chosen and rejected, through the policy and the reference
+    winrate = 5.0
+    left = budget - sum(labels(prompts, n) for n in range(1, ROUNDS + 1)) - answers(heldout) - winrate
+    iterations = int(min(max(left * INIT_SHARES["ppo"] / ROUNDS / (iteration + evaluation / ppo.eval_every),
+                             INIT_MIN["ppo"]), ppo.iterations // ROUNDS))
+    dpo_steps = int(min(max((left - ROUNDS * ppo_seconds(iterations)) / dpo_step, INIT_MIN["dpo"]), dpo.max_steps))
+    est = {**{f"round-{n}": labels(prompts, n) + ppo_seconds(iterations) for n in range(1, ROUNDS + 1)},
+           "dpo": dpo_steps * dpo_step, "answers": answers(heldout), "winrate": winrate}
+    return {"prompts_per_round": prompts, "ppo_iterations": iterations, "dpo_steps": dpo_steps, "heldout": heldout,
+            "estimate": est, "over": sum(est.values()) > budget * 1.05}
 
 
 class Run:
@@ -164,12 +228,15 @@ class Run:
             amp = dist.autocast_dtype(dev, dtype)
             name = "bf16" if amp == torch.bfloat16 else "fp32"
             rate = metrics.peak_flops(dev, amp)  # measured on a CPU; a GPU's spec sheet (bf16) or measured
-            if init:  # the user's model: no pretraining, its rounds sized by its sampling speed
-                prompts, lora, per_prompt, params = init_plan(init, dev, amp, budget, quick)
+            if init:  # the user's model: no pretraining, the RLHF half sized to the budget by its measured costs
+                from . import data
+
+                costs, params, lora = init_costs(init, dev, amp)
+                sizes = {"prompts_per_round": QUICK_PROMPTS // ROUNDS, "estimate": None} if quick else \
+                    init_plan(costs, budget, len(data.builtin_prompts("train")), len(data.builtin_prompts("heldout")))
                 self.summary["plan"] = {"dtype": name, "device": str(dev), "init": str(Path(init).resolve()),
-                                        "params": params, "prompts_per_round": prompts, "lora": lora,
-                                        "sampling_seconds_per_prompt": per_prompt, "budget": budget,
-                                        "matmul_flops": rate, "pretrain_steps": 0, "estimate": None}
+                                        "params": params, "lora": lora, "costs": costs, "budget": budget,
+                                        "matmul_flops": rate, "pretrain_steps": 0, **sizes}
             else:
                 step = None
                 if dev.type == "cpu" and scale == "cpu":
@@ -190,11 +257,23 @@ class Run:
             raise ShoggothError(f"{self.out} holds a demo run {'on ' + self.init if self.init else 'that pretrained its own model'}:"
                                 f" run it again with {'--init ' + self.init if self.init else 'no --init'}, or use another --out")
         if self.init:
+            c = p.get("costs") or {}  # (a run planned before the costs were measured has none)
             self.log(f"{self.summary['machine']}: {p['dtype']} on {self.device}; --init {self.init} "
-                     f"({p['params'] / 1e6:,.1f}M parameters{', LoRA rank ' + str(p['lora']['lora_r']) if p['lora'] else ''}): "
-                     f"K={K} replies to a prompt in {p['sampling_seconds_per_prompt']:.1f} s, so "
-                     f"{p['prompts_per_round']} prompts a round ({'--quick' if quick else 'budget ' + duration(p['budget'])}); "
-                     f"no pretraining or SFT: your model is the start of RLHF and its KL reference")
+                     f"({p['params'] / 1e6:,.1f}M parameters{', LoRA rank ' + str(p['lora']['lora_r']) if p['lora'] else ''})"
+                     + (f": a reply sampled in {c['row']:.2f} s, a training step of 16 rows in {c['step']:.2f} s, a "
+                        f"forward in {c['fwd']:.2f} s" if c else "")
+                     + "; no pretraining or SFT: your model is the start of RLHF and its KL reference")
+            if p["estimate"]:
+                self.log(f"budget {duration(p['budget'])}: {p['prompts_per_round']} prompts a round, {p['ppo_iterations']} "
+                         f"PPO iterations a round, {p['dpo_steps']} DPO steps, {p['heldout']} held-out prompts; estimated: "
+                         + ", ".join(f"{k} {duration(v)}" for k, v in p["estimate"].items())
+                         + f"; total {duration(sum(p['estimate'].values()))}")
+                if p["over"]:
+                    self.log(f"warning: even the smallest sizes ({INIT_MIN['prompts']} prompts and {INIT_MIN['ppo']} PPO "
+                             f"iterations a round, {INIT_MIN['dpo']} DPO steps, {INIT_MIN['heldout']} held-out prompts) "
+                             f"take longer than the budget on this machine: about {duration(sum(p['estimate'].values()))}")
+            else:
+                self.log(f"--quick: {p['prompts_per_round']} prompts a round, the --quick sizes of every stage")
             return
         steps = "its preset's" if p["pretrain_steps"] is None else p["pretrain_steps"]
         rate = (f"{p['dtype']} matmuls at {p['matmul_flops'] / 1e9:,.0f} GFLOP/s" if p.get("device", "cpu") == "cpu"
@@ -264,10 +343,10 @@ def rlhf_round(run: Run, n):
     p = run.summary["plan"]
     per_round = p["prompts_per_round"] if run.init else \
         (QUICK_PROMPTS if run.quick else len(rounds.prompt_records(rounds.Config()))) // ROUNDS
-    ppo_iterations = config.load("ppo", "demo-ppo")[1].iterations
+    iterations = p.get("ppo_iterations") or config.load("ppo", "demo-ppo")[1].iterations // ROUNDS  # a round's
     c = rounds.Config(sft=str(model_dirs(run)["sft"]), db=feedback_db(run), out=str(o), rounds=n, prompts_per_round=per_round,
                       k=K, rankings_per_task=LABELERS, simulate="balanced", labelers=LABELERS, eval_frac=0.1,
-                      max_new_tokens=16 if run.quick else 48, iterations=ppo_iterations // ROUNDS,
+                      max_new_tokens=16 if run.quick else 48, iterations=iterations,
                       dtype=run.dtype, device=run.device)
     run.log(f"{name}: starting -> {o / name}")
     t = time.time()
@@ -320,7 +399,7 @@ def heldout_prompts(run: Run):
     from . import data
 
     held = data.builtin_prompts("heldout")
-    return held[:12] if run.quick else held
+    return held[:12] if run.quick else held[:run.summary["plan"].get("heldout") or len(held)]
 
 
 def answers(run: Run, reward_dir):
@@ -411,8 +490,9 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
         rlhf_round(r, n)
     last = o / f"round-{ROUNDS}"
     # DPO on what the last reward model trained on (every round's rankings but the last one's held-out share)
+    p = r.summary["plan"]
     r.stage("dpo", "demo-dpo", policy=str(model_dirs(r)["sft"]), rankings=str(last / "train.jsonl"),
-            **r.summary["plan"].get("lora", {}))
+            **p.get("lora", {}), **({"max_steps": p["dpo_steps"]} if p.get("dpo_steps") else {}))
 
     h = r.summary["headline"]
     t = time.time()

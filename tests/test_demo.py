@@ -96,6 +96,28 @@ def test_the_budget_sizes_pretraining_to_the_machine():
     assert demo.plan(1e12, "bf16", 20 * 60, quick=True)[0] == 30
 
 
+def test_the_budget_sizes_the_rlhf_half_on_the_users_model():
+    """--init: prompts, PPO iterations, DPO steps and held-out prompts follow the budget and the
+    model's measured costs, between their minimums and the demo's own sizes."""
+    from shoggoth import config, demo
+
+    ppo, dpo = config.load("ppo", "demo-ppo")[1], config.load("dpo", "demo-dpo")[1]
+    big = {"row": 0.19, "step": 5.3, "fwd": 1.6}  # measured on a 135M model (LoRA), bf16, 2-core AMD EPYC
+    sizes = [demo.init_plan(big, budget, 665, 83) for budget in (1200, 3600, 7200)]
+    keys = ("prompts_per_round", "ppo_iterations", "dpo_steps", "heldout")
+    for key in keys:  # more budget, never less of anything
+        assert [s[key] for s in sizes] == sorted(s[key] for s in sizes), key
+    assert sizes[2]["ppo_iterations"] > sizes[0]["ppo_iterations"] and sizes[2]["prompts_per_round"] > 48
+    small = sizes[0]  # 20 minutes are too few for a 135M model even at the smallest sizes: said, not hidden
+    assert [small[k] for k in keys] == [demo.INIT_MIN[k] for k in ("prompts", "ppo", "dpo", "heldout")]
+    assert small["over"] and sum(small["estimate"].values()) > 1200
+    for s, budget in zip(sizes[1:], (3600, 7200)):  # within the budget once it allows more than the minimums
+        assert not s["over"] and budget * 0.9 < sum(s["estimate"].values()) <= budget * 1.05
+    fast = demo.init_plan({"row": 0.004, "step": 0.06, "fwd": 0.02}, 1200, 665, 83)  # the demo's own 4M model
+    assert [fast[k] for k in keys] == [665 // demo.ROUNDS, ppo.iterations // demo.ROUNDS, dpo.max_steps, 83]
+    assert set(fast["estimate"]) == set(demo.ORDER[2:])
+
+
 @pytest.mark.slow
 def test_the_plan_reads_the_machine_from_a_real_pretraining_step(tmp_path, monkeypatch):
     import torch
