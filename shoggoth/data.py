@@ -454,7 +454,7 @@ def build_shards(paths, tok, out_dir, val_every=50, log=print):
 
 def _corpus_key(paths, tok, val_every):
     h = hashlib.sha256(f"v1 {val_every} {tok.bos_id} {tok.eos_id}".encode())
-    h.update(json.dumps(tok.tok.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps(tok.vocab(), sort_keys=True).encode())
     for f in corpus_files(paths or ["builtin:bible"]):
         if isinstance(f, str):  # a saved or hub dataset: `datasets` fingerprints its files
             h.update(f"{f} {open_dataset(f)._fingerprint}".encode())
@@ -852,7 +852,7 @@ def encode_rankings(records, tok, seq_len, pad):
     for r in records:
         rows = reward_rows(tok, r["prompt"], r["completions"])
         if pad is not None and any(pad in row for row in rows):
-            raise DataError(f"{r['where']}: the text holds the token {tok.tok.id_to_token(pad)!r}, the reward model's "
+            raise DataError(f"{r['where']}: the text holds the token {tok.token(pad)!r}, the reward model's "
                             "pad, which would end the row early for transformers' sequence classification")
         cut += sum(len(row) > seq_len for row in rows)
         r["rows"] = [row[-seq_len:] for row in rows]

@@ -63,8 +63,8 @@ def score_pad(tok):
     if tok.has_pad and tok.pad_id not in tok.stop_ids:
         return tok.pad_id
     taken = {*tok.stop_ids, tok.bos_id}
-    for i, t in sorted(tok.hf.added_tokens_decoder.items()):
-        if t.special and i not in taken and t.content not in (tok.template or ""):
+    for i, content in tok.specials():
+        if i not in taken and content not in (tok.template or ""):
             return i
     return None
 

@@ -130,6 +130,18 @@ class Tok:
     def __len__(self):
         return self.tok.get_vocab_size()
 
+    def vocab(self):
+        """{token string: id}, added tokens included."""
+        return self.tok.get_vocab()
+
+    def token(self, i):
+        """The token string of id i (None for an id outside the vocabulary)."""
+        return self.tok.id_to_token(i)
+
+    def specials(self):
+        """[(id, token string)] of the added special tokens, by id."""
+        return [(i, t.content) for i, t in sorted(self.tok.get_added_tokens_decoder().items()) if t.special]
+
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 

@@ -36,7 +36,7 @@ def tiny_model_dir(path, vocab=300, seed=0, **kw):
 
 def token_id(tok, token):
     """The id of `token` (a special token such as <|im_end|>) in a shoggoth.tokenizer.Tok."""
-    return tok.tok.token_to_id(token)
+    return tok.vocab()[token]
 
 
 def ranking_history(engine, ranking_id):

@@ -57,7 +57,7 @@ def masked_spans(tok, ids, mask):
 def test_rendering_is_apply_chat_template(dirs, family):
     tok = tokenizer.load(dirs[family])
     hf = transformers.AutoTokenizer.from_pretrained(dirs[family])
-    assert [tok.tok.id_to_token(t) for t in tok.stop_ids] == sorted(STOPS[family], key=hf.convert_tokens_to_ids)
+    assert [tok.token(t) for t in tok.stop_ids] == sorted(STOPS[family], key=hf.convert_tokens_to_ids)
     for conv in CONVS:
         ids, mask = tok.render_chat(conv)
         assert ids == hf.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]

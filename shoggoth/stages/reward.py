@@ -202,5 +202,5 @@ def run(c: Config):
         metrics.log(step, echo=False, reward_shift=shift)
     pad = config.pad_token_id
     note = (f" (reward_shift {shift:.4f}; pad_token_id {pad} "
-            f"{tok.tok.id_to_token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})")
+            f"{tok.token(pad) if pad is not None else '(none: transformers scores one row at a time)'!r})")
     return stage.finish(d, metrics, model, dist.model_state(model), out, c.init, shift=shift, note=note)
