@@ -238,26 +238,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D): past and present keys
-        gqa = self.n_kv_head != self.n_head
-        if isinstance(mask, Documents):
-            return self.o_proj(mask.attend(q, k, v).transpose(1, 2).reshape(B, T, -1))
-        # Without a mask and without a cache the attention is plainly causal; with a
-        # cache and no mask every cached key is visible (one-token decode steps).
-        if cache is not None and T == 1 and q.device.type == "cpu" and (mask is None or mask.dtype == torch.bool):
-            y = decode_attention_cpu(q, k, v, mask)
-        elif mask is None and cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 512:
-            # In fp32 SDPA's flash kernel is the faster one (bench/RESULTS.md, 2026-12-01: these two
-            # matmuls took 1.20-1.31x its time there, 0.60-0.92x in bf16).
-            if gqa:
-                rep = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = causal_attention_cpu(q, k, v)
-        else:
-            # enable_gqa lets each group of query heads read its shared key/value head in
-            # place, instead of copying the whole cache per decode step.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-                                               enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(attend(q, k, v, mask, cache is not None).transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q, k, v, mask, cached):
+    """Attention of q (B, H, T, D) over k and v (B, Hkv, S, D) through the fastest back-end for the
+    case: packed documents' own attention, the CPU decode kernel, the CPU causal matmuls or SDPA.
+    Without a mask and without a cache (`cached`) the attention is plainly causal; with a cache and
+    no mask every cached key is visible (one-token decode steps)."""
+    if isinstance(mask, Documents):
+        return mask.attend(q, k, v)
+    gqa = k.shape[1] != q.shape[1]
+    if cached and q.shape[2] == 1 and q.device.type == "cpu" and (mask is None or mask.dtype == torch.bool):
+        return decode_attention_cpu(q, k, v, mask)
+    if mask is None and not cached and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] <= 512:
+        # In fp32 SDPA's flash kernel is the faster one (bench/RESULTS.md, 2026-12-01: these two
+        # matmuls took 1.20-1.31x its time there, 0.60-0.92x in bf16).
+        if gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return causal_attention_cpu(q, k, v)
+    # enable_gqa lets each group of query heads read its shared key/value head in
+    # place, instead of copying the whole cache per decode step.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not cached, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
