@@ -27,7 +27,7 @@ Evaluation campaigns (blind comparisons) never feed training: a round named like
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,14 @@ class Config:
     poll: float = 30.0  # seconds between progress checks while people rank
     dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype of the reward and PPO stages
     device: str = ""  # cpu | cuda; empty = cuda when available
+    grad_ckpt: str = "auto"  # auto | on | off: activation checkpointing of the reward and RL stages (as their --grad-ckpt)
+    report_to: list[str] = field(default_factory=lambda: ["auto"])  # trackers of the reward and RL stages (as their --report-to)
     seed: int = 0  # seeds the prompt order, sampling and the ensemble
+
+
+def passed(c: Config):
+    """The fields every round's reward and RL stage takes from the rounds' own flags."""
+    return {"dtype": c.dtype, "device": c.device, "grad_ckpt": c.grad_ckpt, "report_to": c.report_to}
 
 
 CHANCE = 0.55  # held-out pairwise accuracy below which a round's reward model is said to have learnt nothing
@@ -332,7 +339,7 @@ def run(c: Config, reward=None, ppo=None):
         rw = rdir / "reward"
         if not config.finished(rw):
             config.run("reward", c.reward_config, rw, init=c.sft, warm=reward, rankings=str(rdir / "train.jsonl"),
-                       eval_rankings=str(rdir / "eval.jsonl"), dtype=c.dtype, device=c.device, seed=c.seed + n,
+                       eval_rankings=str(rdir / "eval.jsonl"), seed=c.seed + n, **passed(c),
                        **reward_fields)
         acc = [r["val_accuracy"] for r in metrics.read(rw / "metrics.jsonl") if "val_accuracy" in r]
         before = acc[0] if reward and acc else None  # step 0: the last reward model, not yet trained on this round
@@ -350,12 +357,12 @@ def run(c: Config, reward=None, ppo=None):
             if c.rl == "dpo":  # online DPO: from the current policy on every round's rankings so far, the
                 # reference the SFT model (the same leash as PPO's KL); the reward model above only measures the round
                 config.run("dpo", c.dpo_config, pdir, policy=str(policy), ref=c.sft, rankings=str(rdir / "train.jsonl"),
-                           eval_rankings=str(rdir / "eval.jsonl"), dtype=c.dtype, device=c.device, seed=c.seed + n,
+                           eval_rankings=str(rdir / "eval.jsonl"), seed=c.seed + n, **passed(c),
                            **(ppo or {}))
             else:
                 preset = c.ppo_config if c.rl == "ppo" else c.grpo_config or None
                 config.run(c.rl, preset, pdir, policy=str(policy), ref=c.sft, reward=str(rw), prompts=c.prompts,
-                           dtype=c.dtype, device=c.device, seed=c.seed + n, **ppo_fields)
+                           seed=c.seed + n, **passed(c), **ppo_fields)
         ev = metrics.read(pdir / "metrics.jsonl")
         last = lambda k: next((r[k] for r in reversed(ev) if k in r), None)  # noqa: E731
         row = {"round": n, "policy": str(policy), "prompts": len(json.loads((rdir / "asked.json").read_text())["prompts"]),

@@ -297,12 +297,20 @@ def test_rounds_with_online_dpo(tmp_path, sft):
 
 
 def test_rounds_with_grpo(tmp_path, sft):
-    """--rl grpo: GRPO instead of PPO in each round, from the last round's policy, the leash on the SFT model."""
+    """--rl grpo: GRPO instead of PPO in each round, from the last round's policy, the leash on the SFT model.
+    The rounds' --grad-ckpt and --report-to reach every round's reward and RL stage."""
     (tmp_path / "grpo.toml").write_text("iterations = 2\nbatch_size = 2\ngroup_size = 2\nminibatch_size = 4\n"
                                         "max_new_tokens = 8\neval_samples = 4\neval_every = 1\nckpt_every = 1\n")
     r = shoggoth(*args(tmp_path, sft, f"sqlite:///{tmp_path / 'f.db'}", "--rounds", 2, "--simulate", "balanced",
-                       "--rl", "grpo", "--grpo-config", tmp_path / "grpo.toml"), env=ENV)
+                       "--rl", "grpo", "--grpo-config", tmp_path / "grpo.toml", "--grad-ckpt", "on",
+                       "--report-to", "tensorboard"), env=ENV)
     assert "grpo:" in r.stdout and "ppo: policy" not in r.stdout
+    for n in (1, 2):
+        for stage in ("reward", "ppo"):
+            d = tmp_path / "run" / f"round-{n}" / stage
+            cfg = json.loads((d / "run_config.json").read_text())
+            assert (cfg["grad_ckpt"], cfg["report_to"]) == ("on", ["tensorboard"]), d
+            assert list((d / "tb").glob("events.out.tfevents.*")), d
     kl = [[m["objective/kl"] for m in metrics.read(tmp_path / "run" / f"round-{n}" / "ppo" / "metrics.jsonl")
            if "objective/kl" in m] for n in (1, 2)]
     assert abs(kl[0][0]) < 1e-6 and abs(kl[1][0]) > 1e-4  # (GRPO logs the sampled log-ratio's mean: either sign)
