@@ -73,6 +73,35 @@ def grad_ckpt(models, c, need=0, have=0):
     return True, ", grad-ckpt on" + (why if c.grad_ckpt == "auto" else "")
 
 
+def memory_budget(c, device):
+    """(bytes, whence) a micro-step of a stage with --max-memory (c.max_memory, GiB) may use (weights,
+    AdamW state, activations): --max-memory, or half the memory available now (the GPU's on CUDA)."""
+    if c.max_memory:
+        return int(c.max_memory * 2**30), "--max-memory"
+    available = 16 * 2**30  # where the machine does not say
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    elif Path("/proc/meminfo").exists():
+        found = [ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:")]
+        available = int(found[0]) * 1024 if found else available
+    return available // 2, "half the memory available"
+
+
+def weight_bytes(model):
+    """Weights and AdamW state: 16 bytes per trained parameter, 4 per frozen one (LoRA)."""
+    return sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters())
+
+
+def activation_bytes(model, ckpt):
+    """Activations kept for backward, in bytes per token. Without checkpointing about 29 per
+    layer and unit of n_embd + intermediate_size under autocast (61 KB per token and layer
+    measured at SmolLM2-135M's shape in bf16: bench/RESULTS.md); with it, each block's fp32
+    input plus the activations of the one block being recomputed."""
+    c = model.config
+    block = 29 * (c.n_embd + c.intermediate_size)
+    return 4 * c.n_layer * c.n_embd + block if ckpt else c.n_layer * block
+
+
 def train_setup(model, c, d, amp_dtype, state, ckpt_path, betas=(0.9, 0.95), blocks=None, unit="step"):
     """(train_model, opt, step) of a model whose resume weights are loaded: model wrapped for
     d's ranks (dist.wrap: DDP, or FSDP2 in place), AdamW over what trains, and with a resume

@@ -10,7 +10,7 @@ import torch
 
 import hf_families
 from common import shoggoth, tiny_model_dir
-from rl_common import ENV, FAST, lm_dir, rm_dir, series  # noqa: F401  (fixtures)
+from rl_common import ENV, FAST, lm_dir, rm_dir, series, toy_pairs  # noqa: F401  (fixtures)
 from shoggoth import checkpoint, config, lora, metrics, stage
 from shoggoth.model import GPT, Documents, GPTConfig, RewardModel
 from shoggoth.stages import sft
@@ -112,13 +112,31 @@ def test_sft_auto_sizes_rows_for_checkpointing():
     """Where one row does not fit without checkpointing, auto turns it on and sizes the rows by
     what a checkpointed token costs."""
     model = GPT(GPTConfig(**{**TINY, "max_seq_len": 2048}))
-    plain, ckpt = sft.activation_bytes(model, False), sft.activation_bytes(model, True)
+    plain, ckpt = stage.activation_bytes(model, False), stage.activation_bytes(model, True)
     assert ckpt < plain / 2
-    budget = sft.weight_bytes(model) + plain * 1024  # half a 2,048-token row
-    on, _ = stage.grad_ckpt([model], sft.Config(), sft.weight_bytes(model) + plain * 2048, budget)
+    budget = stage.weight_bytes(model) + plain * 1024  # half a 2,048-token row
+    on, _ = stage.grad_ckpt([model], sft.Config(), stage.weight_bytes(model) + plain * 2048, budget)
     assert on
-    rows = sft.micro_rows(budget - sft.weight_bytes(model), ckpt, 2048, (budget, "test"), lambda *a: None)
+    rows = sft.micro_rows(budget - stage.weight_bytes(model), ckpt, 2048, (budget, "test"), lambda *a: None)
     assert rows == min(4, plain * 1024 // ckpt // 2048)
+
+
+@pytest.mark.slow
+def test_dpo_fits_max_memory_in_micro_steps(lm_dir, tmp_path):  # noqa: F811
+    """DPO under a --max-memory too small for a step's pairs goes through them one pair per
+    micro-step, with checkpointing (auto): the same losses and weights as one pass, up to float rounding."""
+    args = ["--policy", lm_dir, "--rankings", toy_pairs(tmp_path / "pairs.jsonl", 40, 0), "--max-steps", 3,
+            "--batch-size", 4, "--lr", 1e-4, "--warmup-steps", 1, "--eval-every", 3, "--dtype", "fp32"]
+    whole = shoggoth("dpo", *args, "--out", tmp_path / "whole", env=ENV).stdout
+    small = shoggoth("dpo", *args, "--max-memory", "0.001", "--out", tmp_path / "small", env=ENV).stdout
+    assert "per micro-step" not in whole and "grad-ckpt" not in whole
+    assert "dpo: 1 pair(s) per micro-step per process, to fit 0.001 GiB (--max-memory)" in small
+    assert re.search(r", grad-ckpt on \(auto: the step needs [\d.e-]+ GiB, 0\.001 GiB available\)", small)
+    for key in ("loss", "val_loss", "rewards/margins", "grad_norm"):
+        a, b = series(tmp_path / "whole", key), series(tmp_path / "small", key)
+        assert len(a) == len(b) > 0 and all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (key, a, b)
+    w, v = checkpoint.load_state_dict(tmp_path / "whole"), checkpoint.load_state_dict(tmp_path / "small")
+    assert all(torch.allclose(w[n], v[n], atol=1e-5) for n in w)
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ class Config(lora.Options, stage.Common):
     skip_invalid: bool = False  # skip (and count) invalid rows instead of stopping at the first
     seq_len: int = 0  # longest (prompt, response) row; longer ones keep their end; 0 = the model's max_seq_len
     batch_size: int = 16  # pairs per optimizer step, summed over ranks
+    max_memory: float = 0.0  # GiB a micro-step may use (weights, AdamW state, activations): a step's pairs go through in micro-steps that fit, and --grad-ckpt auto turns on where one pair would not; 0 = half the memory available now
     epochs: int = 1  # passes over the training pairs
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
     lr: float = 1e-6  # peak learning rate (the DPO paper's)
@@ -46,7 +47,7 @@ class Config(lora.Options, stage.Common):
     eval_every: int = 50  # steps between held-out loss and implicit-reward accuracy
 
 
-MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts"}
+MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts", "max_memory"}
 
 
 def encode_pairs(records, tok, seq_len):
@@ -125,7 +126,17 @@ def run(c: Config):
 
     if state:
         checkpoint.load_trained(policy, state["model"], ckpt_path)
-    _, ckpt_note = stage.grad_ckpt([policy], c)
+    # A step's pairs (this rank's share) go through in micro-steps that fit the memory budget, each
+    # a pair's two rows at the longest row's length; checkpointing (auto) where the whole share would not fit.
+    share, pair_tokens = -(-c.batch_size // d.world), 2 * max(len(x) for x, *_ in rows)
+    budget, whence = stage.memory_budget(c, d.device)
+    budget = int(dist.all_min(torch.tensor(budget, device=d.device)))  # the least any rank has
+    weights = stage.weight_bytes(policy)
+    ckpt, ckpt_note = stage.grad_ckpt([policy], c, weights + stage.activation_bytes(policy, False) * pair_tokens * share,
+                                      budget)
+    micro = int(max(1, min(share, (budget - weights) // (stage.activation_bytes(policy, ckpt) * pair_tokens))))
+    if micro < share:
+        dist.print0(f"dpo: {micro} pair(s) per micro-step per process, to fit {budget / 2**30:.3g} GiB ({whence})")
     train_model, opt, step = stage.train_setup(policy, c, d, amp_dtype, state, ckpt_path)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"dpo: {policy.num_params():,} parameters, {total} steps of {c.batch_size} pairs, beta {c.beta}, "
@@ -161,15 +172,19 @@ def run(c: Config):
         t0 = dist.clock(d.device)
         lr = stage.set_lr(opt, c, step, total)
         batch = batches[step - 1]
-        mine = dist.share(batch, d)
-        w = torch.tensor([p[0] for p in mine], device=d.device)
-        l = torch.tensor([p[1] for p in mine], device=d.device)
-        with amp:
-            logps = sequence_logps(train_model, [rows[i] for i in w.tolist() + l.tolist()], tok.pad_id, d.device)
-        chosen, rejected = logps[:len(mine)], logps[len(mine):]
-        loss, st = pair_stats(chosen, rejected, ref_logps[w], ref_logps[l])
-        (loss * len(mine) * d.world / len(batch)).backward()  # each pair weighs the same over ranks (DDP averages)
-        means = {k: v / len(batch) for k, v in dist.all_sums(Sums().add(loss=loss * len(mine), **st), d.device).items()}
+        mine, sums = dist.share(batch, d), Sums()
+        parts = [mine[j:j + micro] for j in range(0, len(mine), micro)]
+        for k, part in enumerate(parts):
+            w = torch.tensor([p[0] for p in part], device=d.device)
+            l = torch.tensor([p[1] for p in part], device=d.device)
+            with dist.grad_sync(train_model, k == len(parts) - 1):
+                with amp:
+                    logps = sequence_logps(train_model, [rows[i] for i in w.tolist() + l.tolist()], tok.pad_id, d.device)
+                chosen, rejected = logps[:len(part)], logps[len(part):]
+                loss, st = pair_stats(chosen, rejected, ref_logps[w], ref_logps[l])
+                (loss * len(part) * d.world / len(batch)).backward()  # each pair weighs the same over ranks (DDP averages)
+            sums.add(loss=loss * len(part), **st)
+        means = {k: v / len(batch) for k, v in dist.all_sums(sums, d.device).items()}
         grad_norm = stage.optimizer_step(opt, policy, c, out, f"step {step}", means["loss"])
         tokens = sum(len(rows[i][0]) for p in batch for i in p)
         metrics.log(step, **means, lr=lr, grad_norm=grad_norm.item(), **{"tok/s": tokens / (dist.clock(d.device) - t0)})

@@ -13,7 +13,6 @@ mask) make packing change speed, not the math.
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,35 +61,6 @@ def load_conversations(c: Config, log):
     return train[n:], train[:n] or train
 
 
-def memory_budget(c: Config, device):
-    """(bytes, whence) a micro-step may use (weights, AdamW state, activations): --max-memory,
-    or half the memory available now (the GPU's on CUDA)."""
-    if c.max_memory:
-        return int(c.max_memory * 2**30), "--max-memory"
-    available = 16 * 2**30  # where the machine does not say
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    elif Path("/proc/meminfo").exists():
-        found = [ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:")]
-        available = int(found[0]) * 1024 if found else available
-    return available // 2, "half the memory available"
-
-
-def weight_bytes(model):
-    """Weights and AdamW state: 16 bytes per trained parameter, 4 per frozen one (LoRA)."""
-    return sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters())
-
-
-def activation_bytes(model, ckpt):
-    """Activations kept for backward, in bytes per token. Without checkpointing about 29 per
-    layer and unit of n_embd + intermediate_size under autocast (61 KB per token and layer
-    measured at SmolLM2-135M's shape in bf16: bench/RESULTS.md); with it, each block's fp32
-    input plus the activations of the one block being recomputed."""
-    c = model.config
-    block = 29 * (c.n_embd + c.intermediate_size)
-    return 4 * c.n_layer * c.n_embd + block if ckpt else c.n_layer * block
-
-
 def micro_rows(free, per_token, seq_len, budget, log):
     """Rows per micro-step per process when --batch-size is 0: up to 8,192 tokens, fewer
     where their activations (per_token bytes each) would not fit in `free` bytes of the
@@ -123,12 +93,12 @@ def run(c: Config):
     # Checkpointing (auto) where the rows asked for, or one, would not fit without it.
     saved = state["config"] if state else {}
     seq_len = c.seq_len or saved.get("seq_len") or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
-    budget, whence = memory_budget(c, d.device)
+    budget, whence = stage.memory_budget(c, d.device)
     budget = int(dist.all_min(torch.tensor(budget, device=d.device)))  # the least any rank has
     asked = c.batch_size or saved.get("batch_size")
-    need = weight_bytes(model) + activation_bytes(model, False) * seq_len * (math.ceil(asked / d.world) if asked else 1)
+    need = stage.weight_bytes(model) + stage.activation_bytes(model, False) * seq_len * (math.ceil(asked / d.world) if asked else 1)
     ckpt, ckpt_note = stage.grad_ckpt([model], c, need, budget)
-    batch_size = asked or d.world * micro_rows(budget - weight_bytes(model), activation_bytes(model, ckpt), seq_len,
+    batch_size = asked or d.world * micro_rows(budget - stage.weight_bytes(model), stage.activation_bytes(model, ckpt), seq_len,
                                                (budget, whence), dist.print0)
     c = dataclasses.replace(c, seq_len=seq_len, batch_size=batch_size)  # what the checkpoints record
     n_loss = sum(int((y != -100).sum()) for _, y in train)
