@@ -302,20 +302,23 @@ def test_a_task_keeps_its_whole_conversation(db_url):
     assert all(isinstance(p["prompt"], str) for p in D.export_rows(e, campaign="single", as_pairs=True))
 
 
-def test_an_older_database_gets_task_conversations(db_url):
-    """A database made before tasks kept their conversation: connecting adds the column; its tasks
-    read, rank and export as conversations of their one user message, and new tasks keep theirs."""
+def test_an_older_database_gets_task_conversations(db_url, tmp_path):
+    """A database made before tasks kept their conversation: connecting adds the column (also for an
+    export, which opens it to read); its tasks read, rank and export as conversations of their one
+    user message, and new tasks keep theirs."""
     e = D.connect(db_url)
     D.add_tasks(e, "old", make_tasks(1, k=2), rankings_per_task=1)
+    lid = D.create_labeler(e, "ann")[0]
+    t = D.next_task(e, lid)
+    D.submit(e, lid, t["task_id"], groups_in_order(t))
     with D.writing(e) as s:
         s.execute(text("ALTER TABLE tasks DROP COLUMN messages"))
     e.dispose()
+    assert jobs.export(db_url, tmp_path / "old.jsonl") == 1
+    assert json.loads((tmp_path / "old.jsonl").read_text())["messages"] == [{"role": "user", "content": "prompt 0"}]
     e = D.connect(db_url)
     assert "messages" in {c["name"] for c in inspect(e).get_columns("tasks")}
-    lid = D.create_labeler(e, "ann")[0]
-    t = D.next_task(e, lid)
-    assert t["prompt"] == "prompt 0" and t["messages"] == [{"role": "user", "content": "prompt 0"}]
-    D.submit(e, lid, t["task_id"], groups_in_order(t))
+    assert D.my_rankings(e, lid)[0]["messages"] == [{"role": "user", "content": "prompt 0"}]
     D.add_tasks(e, "new", [{"messages": CHAT[1:], "completions": ["a", "b"]}], rankings_per_task=1)
     t = D.next_task(e, lid)
     D.submit(e, lid, t["task_id"], groups_in_order(t))

@@ -260,7 +260,17 @@ def connect(db, create=True):
         _new_columns(engine)
         _invites_of_old_labelers(engine)
         _one_open_per_labeler(engine)
+    elif _has_tasks(engine):
+        _new_columns(engine)  # an older database read without being opened to write (an export) reads as a new one
     return engine
+
+
+def _has_tasks(engine):
+    """Whether the database holds our tasks table (False where it cannot be read: its first read says why)."""
+    try:
+        return inspect(engine).has_table(Task.__tablename__)
+    except DBAPIError:
+        return False
 
 
 def _new_columns(engine):
