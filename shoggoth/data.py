@@ -751,8 +751,11 @@ def load_prompts(path, skip_invalid=False, log=print, split="train"):
 def ranking(obj, where):
     """A rankings record {"prompt", "completions", "ranks"} (rank 0 best, ties share a
     rank) or a TRL pair {"prompt", "chosen", "rejected"} (standard or conversational,
-    explicit or implicit prompt) -> {"prompt": messages, "completions", "ranks"}."""
-    prompt = obj.get("prompt", obj.get("messages"))
+    explicit or implicit prompt) -> {"prompt": messages, "completions", "ranks"}. A list `messages`
+    is the prompt also next to a `prompt`: the feedback app's export writes the whole conversation
+    there and its last user message as `prompt` (for tools that read a string)."""
+    msgs = obj.get("messages")
+    prompt = msgs if isinstance(msgs, list) else obj.get("prompt", msgs)
     if "chosen" in obj or "rejected" in obj:
         completions, ranks = [obj.get("chosen"), obj.get("rejected")], [0, 1]
         if all(isinstance(c, list) and c and isinstance(c[-1], dict) for c in completions):

@@ -215,7 +215,7 @@ def ask(c: Config, n, policy, reward, engine):
             f"(disagreement {np.mean([scores[i] for i in keep]):.4f} against {np.mean(scores):.4f} over all)")
     else:
         keep = list(range(len(cand)))
-    tasks = [{"prompt": data.prompt_text(records[cand[i]]), "references": records[cand[i]]["references"],
+    tasks = [{"messages": records[cand[i]]["messages"], "references": records[cand[i]]["references"],
               "completions": texts[i]} for i in keep]
     asked = dict(zip(ASKED, (n, str(Path(c.out).resolve()), str(policy), "uncertain" if uncertain else "random",
                              [cand[i] for i in keep], None if scores is None else [scores[i] for i in keep])))

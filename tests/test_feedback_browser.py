@@ -291,3 +291,52 @@ def test_rank_an_evaluation_task_by_keyboard(live_app, context):
     assert row["labeler"] == "eve" and settings["models"] == list(models)
     assert D.rankings(srv.engine, campaign="walrus-vs-ibis")[0]["campaign"] == "walrus-vs-ibis"
     assert list(D.export_rows(srv.engine)) == []  # an evaluation: not exported for training
+
+
+@pytest.mark.slow
+def test_a_conversation_shows_as_a_transcript_and_stays_text(live_app, chromium):
+    """A multi-turn task with a system prompt: the transcript shows the system prompt marked and boxed,
+    the earlier turns, then the user message the answers reply to (#prompt), each message's payloads
+    as text (the context bypasses the CSP); ranked by keyboard as any task; revising shows it again;
+    the admin's page of the labeler shows it as text too."""
+    srv = live_app
+    chat = [{"role": "system", "content": "Be a pirate. " + PAYLOADS[0]}, {"role": "user", "content": "Hi " + PAYLOADS[1]},
+            {"role": "assistant", "content": "Arr " + PAYLOADS[2]},
+            {"role": "user", "content": "Treasure? " + PAYLOADS[3] + PAYLOADS[5]}]
+    D.add_tasks(srv.engine, "camp", [{"messages": chat, "completions": TEXTS}], rankings_per_task=1)
+    ctx = chromium.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(10_000)
+    dialogs = []
+    ctx.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        page, errors = join_as(srv, ctx, "pat")
+        assert page.locator("#transcript .turn-role").all_text_contents() == [
+            "System prompt", "User", "Assistant", "User · the answers reply to this"]
+        assert page.locator("#transcript .prompt-text").all_text_contents() == [m["content"] for m in chat]
+        assert page.locator("#transcript .turn.answered #prompt").text_content() == chat[-1]["content"]
+        system = page.locator("#transcript .turn.system")
+        assert system.evaluate("e => getComputedStyle(e).borderTopStyle") == "dashed"  # boxed apart from the turns
+        focus(page, "delta answer")
+        page.keyboard.press("1")
+        page.wait_for_timeout(450)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#empty:not([hidden])")
+        (row,) = D.export_rows(srv.engine)
+        assert row["messages"] == chat and row["ranks"][TEXTS.index("delta answer")] == 0
+        page.keyboard.press("r")  # the revision shows the same conversation
+        expect(page.locator("#transcript .turn")).to_have_count(4)
+        assert page.locator("#transcript .prompt-text").all_text_contents() == [m["content"] for m in chat]
+        page.keyboard.press("Escape")
+        admin = ctx.new_page()
+        admin.goto(srv.admin_url)  # signs in
+        admin.goto(f"{srv.url}/admin/labelers/1")  # pat's rankings
+        admin.locator("#rankings summary").click()
+        assert admin.locator("#rankings .conversation .turn").all_text_contents() == [
+            m["role"] + m["content"] for m in chat]
+        for p in (page, admin):
+            p.locator(".turn").first.hover()
+            assert p.evaluate("window.__xss") is None
+            assert p.locator("img, iframe, svg, script:not([src])").count() == 0
+        assert dialogs == [] and not errors
+    finally:
+        ctx.close()

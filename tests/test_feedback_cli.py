@@ -42,7 +42,8 @@ def test_simulate_then_export(tmp_path, capsys):
     rows, pairs = read_jsonl(tmp_path / "r.jsonl"), read_jsonl(tmp_path / "p.jsonl")
     assert len(rows) == 18 and {r["labeler"] for r in rows} == {f"sim-helpful-{i}" for i in range(4)}
     for r in rows:
-        assert list(r) == ["prompt", "completions", "ranks", "labeler", "flags", "campaign", "task_id"]
+        assert list(r) == ["prompt", "messages", "completions", "ranks", "labeler", "flags", "campaign", "task_id"]
+        assert r["messages"] == [{"role": "user", "content": r["prompt"]}]
         assert r["ranks"][r["completions"].index(dict(QA)[r["prompt"]])] == 0  # the reference answer wins
     assert len(pairs) == sum(sum(1 for a in r["ranks"] for b in r["ranks"] if a < b) for r in rows)
     stats = agreement(rows)
@@ -142,6 +143,10 @@ def test_generate_with_a_tiny_model(tmp_path, capsys):
     assert main(["feedback", "simulate", "--db", str(db), "--labelers", "3"]) == 0
     rows = D.rankings(D.connect(db))
     assert [r["prompt"] for r in rows[:1]] == [QA[0][0]] and {r["prompt"] for r in rows} == {QA[0][0], QA[1][0]}
+    assert {json.dumps(r["messages"]) for r in rows} == {  # the conversation the replies were sampled for
+        json.dumps([{"role": "user", "content": QA[0][0]}]),
+        json.dumps([{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
+                    {"role": "user", "content": QA[1][0]}])}
     assert all(len(r["completions"]) == 3 and len(r["ranks"]) == 3 for r in rows)
 
 

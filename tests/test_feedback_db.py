@@ -255,11 +255,75 @@ def test_export_formats(tmp_path):
     D.submit(e, lid, t["task_id"], [[by_text["completion 0.2"]], [by_text["completion 0.0"], by_text["completion 0.1"]]],
              ["all_bad"])
     (row,) = D.export_rows(e)
-    assert row == {"prompt": "prompt 0", "completions": ["completion 0.0", "completion 0.1", "completion 0.2"],
+    assert row == {"prompt": "prompt 0", "messages": [{"role": "user", "content": "prompt 0"}],
+                   "completions": ["completion 0.0", "completion 0.1", "completion 0.2"],
                    "ranks": [1, 1, 0], "labeler": "ann", "flags": ["all_bad"], "campaign": "c", "task_id": 1}
     assert list(D.export_rows(e, as_pairs=True)) == [
         {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.0"},
         {"prompt": "prompt 0", "chosen": "completion 0.2", "rejected": "completion 0.1"}]
+
+
+CHAT = [{"role": "system", "content": "You are a pirate.\x00 Answer <b>briefly</b>."},
+        {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Arr, a bot."},
+        {"role": "user", "content": "And where is the treasure?"}]
+
+
+def test_a_task_keeps_its_whole_conversation(db_url):
+    """A task of a multi-turn conversation with a system prompt: the labeler gets it whole (its last
+    user message as `prompt`), the export writes it as `messages` and the pairs in TRL's conversational
+    form; a task of one user message reads as before; a malformed conversation stores nothing."""
+    e = D.connect(db_url)
+    chat = [{**m, "content": m["content"].replace("\x00", "\ufffd")} for m in CHAT]  # as PostgreSQL can store it
+    with pytest.raises(D.DataError, match="task 2: 'messages' must be"):
+        D.add_tasks(e, "c", [{"messages": CHAT, "completions": ["a", "b"]},
+                             {"messages": [{"role": "user"}], "completions": ["a", "b"]}])
+    assert D.overview(e)[0] == []  # nothing half-stored
+    D.add_tasks(e, "c", [{"messages": CHAT, "completions": ["a", "b"]}, {"prompt": "plain", "completions": ["c", "d"]}],
+                rankings_per_task=1)
+    lid = D.create_labeler(e, "ann")[0]
+    seen = []
+    while (t := D.next_task(e, lid)) is not None:
+        seen.append(t)
+        D.submit(e, lid, t["task_id"], [[c["id"]] for c in sorted(t["completions"], key=lambda c: c["text"])])
+    by_prompt = {t["prompt"]: t["messages"] for t in seen}
+    assert by_prompt == {"And where is the treasure?": chat, "plain": [{"role": "user", "content": "plain"}]}
+    rows = {r["prompt"]: r for r in D.export_rows(e)}
+    assert rows["And where is the treasure?"]["messages"] == chat and rows["plain"]["messages"] == by_prompt["plain"]
+    assert {r["prompt"]: r["messages"] for r in D.my_rankings(e, lid)} == by_prompt
+    assert sorted(map(json.dumps, D.export_rows(e, as_pairs=True))) == sorted(map(json.dumps, [
+        {"prompt": chat, "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "b"}]},
+        {"prompt": [{"role": "user", "content": "plain"}], "chosen": [{"role": "assistant", "content": "c"}],
+         "rejected": [{"role": "assistant", "content": "d"}]}]))
+    # an export of one-message conversations only: its pairs stay strings, as before
+    D.add_tasks(e, "single", make_tasks(1, k=2), rankings_per_task=1)
+    t = D.next_task(e, lid)
+    D.submit(e, lid, t["task_id"], groups_in_order(t))
+    assert all(isinstance(p["prompt"], str) for p in D.export_rows(e, campaign="single", as_pairs=True))
+
+
+def test_an_older_database_gets_task_conversations(db_url, tmp_path):
+    """A database made before tasks kept their conversation: connecting adds the column (also for an
+    export, which opens it to read); its tasks read, rank and export as conversations of their one
+    user message, and new tasks keep theirs."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "old", make_tasks(1, k=2), rankings_per_task=1)
+    lid = D.create_labeler(e, "ann")[0]
+    t = D.next_task(e, lid)
+    D.submit(e, lid, t["task_id"], groups_in_order(t))
+    with D.writing(e) as s:
+        s.execute(text("ALTER TABLE tasks DROP COLUMN messages"))
+    e.dispose()
+    assert jobs.export(db_url, tmp_path / "old.jsonl") == 1
+    assert json.loads((tmp_path / "old.jsonl").read_text())["messages"] == [{"role": "user", "content": "prompt 0"}]
+    e = D.connect(db_url)
+    assert "messages" in {c["name"] for c in inspect(e).get_columns("tasks")}
+    assert D.my_rankings(e, lid)[0]["messages"] == [{"role": "user", "content": "prompt 0"}]
+    D.add_tasks(e, "new", [{"messages": CHAT[1:], "completions": ["a", "b"]}], rankings_per_task=1)
+    t = D.next_task(e, lid)
+    D.submit(e, lid, t["task_id"], groups_in_order(t))
+    assert [r["messages"] for r in D.export_rows(e)] == [[{"role": "user", "content": "prompt 0"}], CHAT[1:]]
+    D.connect(db_url)  # once there, connecting again leaves it be
 
 
 def test_bad_campaigns_and_labelers(tmp_path):
@@ -387,7 +451,7 @@ def test_export_of_200k_rankings_streams(db_url, tmp_path):
     started = time.perf_counter()
     bulk_insert(e, D.Campaign.__table__, [(1, "big", k, per_task, "", 0.0, False, None)])
     bulk_insert(e, D.Labeler.__table__, [(i, f"lab{i}", f"h{i}", None, True, 0.0) for i in (1, 2)])
-    bulk_insert(e, D.Task.__table__, [(t, 1, f"prompt {t}", [], 0, per_task, 0) for t in range(1, n_tasks + 1)])
+    bulk_insert(e, D.Task.__table__, [(t, 1, f"prompt {t}", [], 0, per_task, 0, None) for t in range(1, n_tasks + 1)])
     bulk_insert(e, D.Completion.__table__, [(t * k + j, t, j, f"c{t}.{j}", None) for t in range(1, n_tasks + 1)
                                             for j in range(k)])
     ids = range(1, n_tasks * per_task + 1)  # ranking i: task (i+1)//2, labeler 1 or 2; ranks cycle
@@ -398,7 +462,8 @@ def test_export_of_200k_rankings_streams(db_url, tmp_path):
 
     def expected(i):
         t = (i + 1) // 2
-        return {"prompt": f"prompt {t}", "completions": [f"c{t}.{j}" for j in range(k)],
+        return {"prompt": f"prompt {t}", "messages": [{"role": "user", "content": f"prompt {t}"}],
+                "completions": [f"c{t}.{j}" for j in range(k)],
                 "ranks": [i % 3, (i + 1) % 3, (i + 2) % 3], "labeler": f"lab{2 - i % 2}",
                 "flags": ["unsafe"] if i % 1000 == 0 else [], "campaign": "big", "task_id": t}
 

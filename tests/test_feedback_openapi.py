@@ -34,8 +34,11 @@ def bearer(token):
 
 
 def setup_campaign(srv):
-    D.add_tasks(srv.engine, "camp", [{"prompt": f"p{i}", "completions": [f"c{i}.{j}" for j in range(3)]}
-                                     for i in range(4)], rankings_per_task=2)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "p4"}]
+    D.add_tasks(srv.engine, "camp", [{"messages": chat, "completions": ["c4.0", "c4.1", "c4.2"]}]  # task 1: the first given
+                + [{"prompt": f"p{i}", "completions": [f"c{i}.{j}" for j in range(3)]} for i in range(4)],
+                rankings_per_task=2)
 
 
 def operations(srv):
@@ -127,6 +130,17 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     revise = ops[("PUT", "/api/rankings/{ranking_id}")]["responses"]
     assert {"401", "403", "404", "409", "422", "429"} <= set(revise)
     assert "revisions" in revise["429"]["description"] and "Retry-After" in revise["429"]["headers"]
+    # a task's answer is published: its whole conversation (`messages`) next to its last user message
+    schemas = doc["components"]["schemas"]
+    ok = ops[("POST", "/api/next")]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/NextOut"}
+    assert {"$ref": "#/components/schemas/TaskOut"} in schemas["NextOut"]["properties"]["task"]["anyOf"]
+    task = schemas["TaskOut"]
+    assert {"task_id", "campaign", "prompt", "messages", "completions"} <= set(task["required"])
+    assert task["properties"]["messages"]["items"] == {"$ref": "#/components/schemas/Message"}
+    assert set(schemas["Message"]["required"]) == {"role", "content"}
+    mine = ops[("GET", "/api/rankings")]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert mine == {"$ref": "#/components/schemas/MyRankings"} and "messages" in schemas["MyRanking"]["required"]
 
 
 @pytest.mark.slow
@@ -140,6 +154,7 @@ def test_fuzz_the_api_as_nobody_labeler_and_admin(live_app):
     labeler = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "fuzzy")[1])[2]
     with httpx.Client(base_url=srv.url) as c:  # a ranking made and a task in hand: ranking, revise, skip reach the database
         task = c.post("/api/next", headers=bearer(labeler)).json()["task"]
+        assert task["messages"][0]["role"] == "system"  # the conversation's answers are checked against the schema too
         assert c.post(f"/api/tasks/{task['task_id']}/ranking", headers=bearer(labeler),
                       json={"ranking": [[x["id"]] for x in task["completions"]]}).status_code == 201
         assert c.post("/api/next", headers=bearer(labeler)).status_code == 200

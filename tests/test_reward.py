@@ -69,6 +69,14 @@ def test_k2_ranking_is_a_trl_pair():
     assert loss.item() == pytest.approx(-(torch.nn.functional.logsigmoid(torch.tensor([0.7, 1.0]))).mean().item())
 
 
+def test_an_exported_ranking_is_read_with_its_whole_conversation():
+    """The feedback export writes the conversation as `messages`, its last user message as `prompt`
+    (for tools that read a string): the conversation is the prompt the completions answer."""
+    chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    r = data.ranking({"prompt": "Hi", "messages": chat, "completions": ["Hello!", "Go away."], "ranks": [0, 1]}, "f:1")
+    assert r["prompt"] == chat
+
+
 @pytest.mark.parametrize("line, message", [
     ({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [0, 1]}, "2 ranks for 3 completions"),
     ({"prompt": "p", "completions": ["a", "b"], "ranks": [0, 1.5]}, "non-negative integers"),

@@ -91,11 +91,14 @@ class Task(Base):
     __tablename__ = "tasks"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
-    prompt: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text)  # the last user message of `messages`
     refs: Mapped[list] = mapped_column(JSON, default=list)  # reference answers (simulated labelers use them)
     n_open: Mapped[int] = mapped_column(Integer, default=0)  # assignments handed out, not yet answered
     n_done: Mapped[int] = mapped_column(Integer, default=0)  # rankings stored
     n_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    # The conversation the completions answer (system prompt and earlier turns, ending with `prompt`);
+    # NULL when it is `prompt` alone, as one user message (every task stored before conversations were kept).
+    messages: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Completion(Base):
@@ -257,12 +260,22 @@ def connect(db, create=True):
         _new_columns(engine)
         _invites_of_old_labelers(engine)
         _one_open_per_labeler(engine)
+    elif _has_tasks(engine):
+        _new_columns(engine)  # an older database read without being opened to write (an export) reads as a new one
     return engine
+
+
+def _has_tasks(engine):
+    """Whether the database holds our tasks table (False where it cannot be read: its first read says why)."""
+    try:
+        return inspect(engine).has_table(Task.__tablename__)
+    except DBAPIError:
+        return False
 
 
 def _new_columns(engine):
     """create_all adds no column to a table that is already there: a database made before a column
-    (campaigns.evaluation and .settings, completions.model) gets it here, empty or at its server
+    (campaigns.evaluation and .settings, completions.model, tasks.messages) gets it here, empty or at its server
     default. Another process adding it meanwhile is fine."""
     for table in Base.metadata.sorted_tables:
         have = {c["name"] for c in inspect(engine).get_columns(table.name)}
@@ -338,6 +351,34 @@ def clean_text(s):
     return str(s).replace("\x00", "\ufffd")
 
 
+def conversation(prompt, messages):
+    """A task's conversation: its stored messages, or its prompt as one user message (a task of a
+    single user message, or stored before conversations were kept)."""
+    return [dict(m) for m in messages] if messages else [{"role": "user", "content": prompt}]
+
+
+def last_user_text(messages):
+    """A conversation's last user message (its last message if none is the user's): a task's `prompt`,
+    what simulated labelers and the admin's lists read."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+
+
+def _stored_conversation(t, where):
+    """(prompt, messages to store) of a task dict with a `prompt`, `messages` (a list of {role,
+    content}) or both: messages None where they are the prompt alone."""
+    msgs = t.get("messages")
+    if msgs is None:
+        if not isinstance(t.get("prompt"), str):
+            raise DataError(f"{where}: a task needs a 'prompt' string or its 'messages'")
+        return clean_text(t["prompt"]), None
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
+    msgs = [{"role": clean_text(m["role"]), "content": clean_text(m["content"])} for m in msgs]
+    prompt = clean_text(t["prompt"]) if t.get("prompt") is not None else last_user_text(msgs)
+    return prompt, None if msgs == conversation(prompt, None) else msgs
+
+
 def hash_token(token):
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -356,7 +397,9 @@ def secret(engine):
 
 
 def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=None, rng=None, info=None):
-    """Store ranking tasks under a campaign (made if new); tasks: dicts with prompt, completions, references.
+    """Store ranking tasks under a campaign (made if new); tasks: dicts with completions, references and
+    the conversation they answer: `messages` (a list of {role, content}, system prompt and earlier
+    turns included), `prompt` (its last user message; alone: a conversation of that one message) or both.
     `info`: a new training campaign's settings, stored with its tasks in one transaction (a round's).
 
     With `settings` (its "models": the names compared) it is an evaluation campaign, made once here:
@@ -388,8 +431,9 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=
             s.flush()
         elif c.k != k:
             raise DataError(f"campaign {campaign!r} has K={c.k} completions per task; these tasks have {k}")
-        for t in tasks:
-            task = Task(campaign_id=c.id, prompt=clean_text(t["prompt"]),
+        for i, t in enumerate(tasks):
+            prompt, msgs = _stored_conversation(t, f"campaign {campaign!r}, task {i + 1}")
+            task = Task(campaign_id=c.id, prompt=prompt, messages=msgs,
                         refs=[clean_text(r) for r in t.get("references") or []], n_open=0, n_done=0, n_skipped=0)
             s.add(task)
             s.flush()
@@ -588,10 +632,13 @@ def shown_name(name, evaluation):
 
 
 def _task_view(s, a):
-    tid, prompt, camp, ev = s.execute(select(Task.id, Task.prompt, Campaign.name, Campaign.evaluation)
-                                      .join(Campaign, Task.campaign_id == Campaign.id).where(Task.id == a.task_id)).one()
+    """What a labeler sees of assignment a's task: its conversation (`messages`, ending with `prompt`,
+    the last user message) and its completions in the labeler's display order."""
+    tid, prompt, msgs, camp, ev = s.execute(
+        select(Task.id, Task.prompt, Task.messages, Campaign.name, Campaign.evaluation)
+        .join(Campaign, Task.campaign_id == Campaign.id).where(Task.id == a.task_id)).one()
     texts = dict(s.execute(select(Completion.id, Completion.text).where(Completion.task_id == tid)).all())
-    return {"task_id": tid, "campaign": shown_name(camp, ev), "prompt": prompt,
+    return {"task_id": tid, "campaign": shown_name(camp, ev), "prompt": prompt, "messages": conversation(prompt, msgs),
             "completions": [{"id": cid, "text": texts[cid]} for cid in a.display_order]}
 
 
@@ -810,8 +857,8 @@ def my_rankings(engine, labeler_id, limit=REVISABLE):
     one again: ranking_id, version, revisable, `shown` (the completions {id, text} in their display
     order) and `groups` (the current ranking as groups of completion ids, best first)."""
     with Session(reading(engine)) as s:
-        rows = s.execute(select(Ranking, Assignment.display_order, Task.prompt, Campaign.name, Campaign.evaluation,
-                                Labeler.name)
+        rows = s.execute(select(Ranking, Assignment.display_order, Task.prompt, Task.messages, Campaign.name,
+                                Campaign.evaluation, Labeler.name)
                          .join(Assignment, Ranking.assignment_id == Assignment.id)
                          .join(Task, Ranking.task_id == Task.id).join(Campaign, Task.campaign_id == Campaign.id)
                          .join(Labeler, Ranking.labeler_id == Labeler.id)
@@ -825,11 +872,12 @@ def my_rankings(engine, labeler_id, limit=REVISABLE):
                                .where(RankingVersion.ranking_id.in_([r.id for r, *_ in rows]))
                                .group_by(RankingVersion.ranking_id)).all()) if rows else {}
     out = []
-    for i, (r, order, prompt, camp, ev, lab) in enumerate(rows):
+    for i, (r, order, prompt, msgs, camp, ev, lab) in enumerate(rows):
         ids = [cid for cid, _ in comps[r.task_id]]
         text = dict(comps[r.task_id])
-        out.append({"prompt": prompt, "completions": [t for _, t in comps[r.task_id]], "ranks": list(r.ranks),
-                    "labeler": lab, "flags": list(r.flags), "campaign": shown_name(camp, ev), "task_id": r.task_id,
+        out.append({"prompt": prompt, "messages": conversation(prompt, msgs),
+                    "completions": [t for _, t in comps[r.task_id]], "ranks": list(r.ranks), "labeler": lab,
+                    "flags": list(r.flags), "campaign": shown_name(camp, ev), "task_id": r.task_id,
                     "seconds": round(r.seconds, 3), "ranking_id": r.id, "version": n_old.get(r.id, 0) + 1,
                     "revisable": i < REVISABLE and n_old.get(r.id, 0) + 1 < MAX_VERSIONS,
                     "shown": [{"id": cid, "text": text[cid]} for cid in order],
@@ -872,11 +920,13 @@ def _ranking_query(*cols, campaign=None, labeler=None, evaluations=True):
     return q
 
 
-_ROW = (Ranking.id, Ranking.ranks, Ranking.flags, Ranking.seconds, Task.id, Task.prompt, Campaign.name, Labeler.name)
+_ROW = (Ranking.id, Ranking.ranks, Ranking.flags, Ranking.seconds, Task.id, Task.prompt, Campaign.name, Labeler.name,
+        Task.messages)
 
 
 def _export_format(s, rows, task_ids):
-    """Rows of _ROW as records {"prompt", "completions": [c0, ..., cK-1], "ranks": [r0, ..., rK-1]
+    """Rows of _ROW as records {"prompt" (the last user message), "messages" (the whole conversation
+    the completions answer, ending with it), "completions": [c0, ..., cK-1], "ranks": [r0, ..., rK-1]
     (0 best, ties share a rank), "labeler", "flags", "campaign", "task_id", "seconds"}, with
     `models` (the model of each completion) for an evaluation campaign's; task_ids: their tasks' ids."""
     texts, models = {}, {}
@@ -885,9 +935,9 @@ def _export_format(s, rows, task_ids):
                                        .order_by(Completion.task_id, Completion.idx)):
         texts.setdefault(tid, []).append(text_)
         models.setdefault(tid, []).append(model)
-    out = [{"prompt": prompt, "completions": texts[tid], "ranks": list(ranks), "labeler": lab, "flags": list(flags),
-            "campaign": camp, "task_id": tid, "seconds": round(seconds, 3)}
-           for _, ranks, flags, seconds, tid, prompt, camp, lab in rows]
+    out = [{"prompt": prompt, "messages": conversation(prompt, msgs), "completions": texts[tid], "ranks": list(ranks),
+            "labeler": lab, "flags": list(flags), "campaign": camp, "task_id": tid, "seconds": round(seconds, 3)}
+           for _, ranks, flags, seconds, tid, prompt, camp, lab, msgs in rows]
     for r in out:
         if models[r["task_id"]][0] is not None:
             r["models"] = models[r["task_id"]]
@@ -967,16 +1017,23 @@ def judgements(engine, campaign):
     return settings, rows
 
 
-EXPORT_KEYS = ("prompt", "completions", "ranks", "labeler", "flags", "campaign", "task_id")
+EXPORT_KEYS = ("prompt", "messages", "completions", "ranks", "labeler", "flags", "campaign", "task_id")
 
 
 def export_rows(engine, campaign=None, as_pairs=False):
     """Rankings as the records `shoggoth reward` and `dpo` read (data.ranking; the EXPORT_KEYS of
     _export_format's, and `models`), or as TRL pairs: a generator, streamed from the database.
-    Evaluation campaigns never feed training: they are left out unless `campaign` names one."""
-    for r in iter_rankings(engine, campaign=campaign, evaluations=campaign is not None):
+    Evaluation campaigns never feed training: they are left out unless `campaign` names one.
+    Pairs are in TRL's conversational form when a ranking exported is of a conversation beyond
+    one user message, all of them, so that every line of the file has one shape."""
+    evaluations = campaign is not None
+    if as_pairs:
+        with Session(reading(engine)) as s:
+            conversational = s.scalar(_ranking_query(Ranking.id, campaign=campaign, evaluations=evaluations)
+                                      .where(Task.messages.is_not(None)).limit(1)) is not None
+    for r in iter_rankings(engine, campaign=campaign, evaluations=evaluations):
         if as_pairs:
-            yield from pairs(r)
+            yield from pairs(r, conversational)
         else:
             yield {k: r[k] for k in EXPORT_KEYS + ("models",) if k in r}
 
@@ -994,10 +1051,16 @@ def export_jsonl(engine, campaign=None, as_pairs=False, block=1 << 16):
         yield "".join(lines)
 
 
-def pairs(row):
-    """TRL preference pairs from one ranking: every two completions with different ranks."""
+def pairs(row, conversational=False):
+    """TRL preference pairs from one ranking: every two completions with different ranks. Standard
+    (strings: the prompt is the last user message), or conversational: `prompt` the whole
+    conversation, `chosen` and `rejected` an assistant message each."""
     c, r = row["completions"], row["ranks"]
-    return [{"prompt": row["prompt"], "chosen": c[i], "rejected": c[j]}
+    if conversational:
+        prompt, c = row["messages"], [[{"role": "assistant", "content": t}] for t in c]
+    else:
+        prompt = row["prompt"]
+    return [{"prompt": prompt, "chosen": c[i], "rejected": c[j]}
             for i in range(len(c)) for j in range(len(c)) if r[i] < r[j]]
 
 

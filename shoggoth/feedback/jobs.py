@@ -36,7 +36,8 @@ def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, ma
         raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
     records = read_prompts(prompts_path)  # bad input fails before the model loads
     texts = sample(policy, records, k, max_new_tokens, temperature, top_k, top_p, seed, batch_size, device)
-    tasks = [{"prompt": data.prompt_text(r), "references": r["references"], "completions": t}
+    # the whole conversation the replies were sampled for: what labelers read and the export writes
+    tasks = [{"messages": r["messages"], "references": r["references"], "completions": t}
              for r, t in zip(records, texts)]
     name = campaign or Path(prompts_path).stem
     engine = D.connect(db)
@@ -64,12 +65,12 @@ def parse_models(specs):
 
 
 def add_comparison(engine, campaign, records, answers, settings, rankings_per_task=3, rng=None):
-    """Store an evaluation campaign: for each prompt record, the answer of each model (answers:
-    {model: one text per record}), ranked blind (db.add_tasks shuffles them per task). settings:
-    how the answers were made; its "models" is set here."""
+    """Store an evaluation campaign: for each prompt record (its `messages`, or a `prompt` string, and
+    `references`), the answer of each model (answers: {model: one text per record}), ranked blind
+    (db.add_tasks shuffles them per task). settings: how the answers were made; its "models" is set here."""
     models = list(answers)
-    tasks = [{"prompt": r["prompt"], "references": r["references"], "completions": [answers[m][i] for m in models],
-              "models": models} for i, r in enumerate(records)]
+    tasks = [{"prompt": r.get("prompt"), "messages": r.get("messages"), "references": r["references"],
+              "completions": [answers[m][i] for m in models], "models": models} for i, r in enumerate(records)]
     D.add_tasks(engine, campaign, tasks, rankings_per_task, settings={**settings, "models": models},
                 source=" ".join(f"{m}={settings.get('dirs', {}).get(m, '')}" for m in models), rng=rng)
     return len(tasks)
@@ -91,7 +92,6 @@ def compare(models, prompts_path, db, campaign=None, rankings_per_task=3, max_ne
     # stripped: a stray space or newline around an answer is no clue to its model
     answers = {m: [t[0].strip() for t in sample(d, records, 1, max_new_tokens, temperature, top_k, top_p, seed,
                                                 batch_size)] for m, d in models.items()}
-    records = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in records]
     return name, add_comparison(engine, name, records, answers, settings, rankings_per_task)
 
 
@@ -110,8 +110,7 @@ def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invali
     engine = D.connect(db)
     if D.campaign_id(engine, name, required=False) is not None:
         raise DataError(f"campaign {name!r} exists already: import into a new campaign (--campaign)")
-    tasks = [{"prompt": data.prompt_text({"messages": r["prompt"]}), "references": [], "completions": r["completions"]}
-             for r in recs]
+    tasks = [{"messages": r["prompt"], "references": [], "completions": r["completions"]} for r in recs]  # whole
     info = {"imported": str(path), "reference_ranks": [list(r["ranks"]) for r in recs]}
     D.add_tasks(engine, name, tasks, rankings_per_task, source=f"import {path}", info=info)
     return name, len(tasks), ks[0]

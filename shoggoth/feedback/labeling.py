@@ -20,6 +20,69 @@ class RankingIn(BaseModel):
     flags: list[StrictStr] = Field(default=[], max_length=len(D.FLAGS))
 
 
+# What the labeler API answers (published in /openapi.json; the fuzzer checks answers against it).
+
+class Message(BaseModel):
+    role: str = Field(description="system, user or assistant")
+    content: str
+
+
+class Shown(BaseModel):
+    id: int = Field(description="the completion's id, what a ranking names")
+    text: str
+
+
+class TaskOut(BaseModel):
+    """A task as a labeler sees it: the conversation and the completions that answer it."""
+    task_id: int
+    campaign: str = Field(description="the campaign's name; an evaluation's shows as 'evaluation'")
+    prompt: str = Field(description="the last user message of `messages`")
+    messages: list[Message] = Field(description="the whole conversation the completions answer, oldest first: a "
+                                                "system prompt (role system), earlier user and assistant turns, then "
+                                                "the user message `prompt`")
+    completions: list[Shown] = Field(description="in the order this labeler sees them")
+
+
+class Progress(BaseModel):
+    done: int
+    skipped: int
+    open: int
+    left: int = Field(description="tasks still open to this labeler")
+
+
+class NextOut(BaseModel):
+    task: TaskOut | None = Field(description="null when nothing is left for this labeler")
+    progress: Progress
+
+
+class MyRanking(BaseModel):
+    """One of the labeler's rankings: the export's fields (prompt, messages, completions, ranks, ...)
+    and what revising it needs."""
+    ranking_id: int
+    task_id: int
+    campaign: str
+    prompt: str = Field(description="the last user message of `messages`")
+    messages: list[Message] = Field(description="the whole conversation the completions answer, as in a task")
+    completions: list[str] = Field(description="in the export's order, which `ranks` follows")
+    ranks: list[int] = Field(description="the rank of each completion, 0 best, ties share a rank")
+    flags: list[str]
+    version: int
+    revisable: bool
+    shown: list[Shown] = Field(description="the completions in the order this labeler saw them")
+    groups: list[list[int]] = Field(description="the ranking as groups of completion ids, best first")
+
+
+class MyRankings(BaseModel):
+    rankings: list[MyRanking]
+
+
+def answers(model, **doc_kw):
+    """doc()'s route keywords, with `model` as the success answer's published body schema (documentation
+    only: what the route returns is sent as it is)."""
+    doc_kw["responses"][200] = {"model": model, "description": model.__doc__ or "Successful Response"}
+    return doc_kw
+
+
 @router.get("/", include_in_schema=False)
 def home():
     return RedirectResponse("/label", 303)
@@ -116,8 +179,9 @@ def me(db: DB, who: Labeler):
     return {"name": who.name, "progress": D.progress(db, who.id)}
 
 
-@router.post("/api/next", **doc(LABELER_WRITE, 401, 403))
+@router.post("/api/next", **answers(NextOut, **doc(LABELER_WRITE, 401, 403)))
 def next_(db: DB, who: Labeler):
+    """Your open task, or a new one assigned to you now (`task`: null when nothing is left), and your progress."""
     return {"task": D.next_task(db, who.id), "progress": D.progress(db, who.id)}
 
 
@@ -132,7 +196,7 @@ def skip(db: DB, who: Labeler, task_id: int = Path(**ID)):
     return {"progress": D.progress(db, who.id)}
 
 
-@router.get("/api/rankings", **doc(LABELER_READ, 401, 422))
+@router.get("/api/rankings", **answers(MyRankings, **doc(LABELER_READ, 401, 422)))
 def my_rankings(db: DB, who: Labeler, limit: int = Query(20, ge=1, le=500)):
     """Your rankings, newest first: the export's fields, and ranking_id, version, revisable (one of
     your last 20), `shown` (the completions {id, text} in the order you saw them) and `groups`

@@ -8,7 +8,7 @@
   const $ = (id) => document.getElementById(id);
   const LETTERS = "ABCDEFGHIJKLMNOP";
 
-  let task = null;        // {task_id, campaign, prompt, completions: [{id, text}]}
+  let task = null;        // {task_id, campaign, prompt, messages: [{role, content}], completions: [{id, text}]}
   let groups = [];        // [[completion id, ...], ...] best first; a group of several is a tie
   let history = [];       // earlier `groups`, for undo
   let flags = new Set();
@@ -91,7 +91,8 @@
       if (!revising) stash = { task, groups, history, flags, focused, letter };
       revising = { list, i };
       const r = list[i];
-      start({ task_id: r.task_id, campaign: r.campaign, prompt: r.prompt, completions: r.shown }, r.groups, r.flags);
+      start({ task_id: r.task_id, campaign: r.campaign, prompt: r.prompt, messages: r.messages, completions: r.shown },
+        r.groups, r.flags);
     } catch (e) {
       toast(e.message, true);
     } finally {
@@ -158,7 +159,7 @@
     t.completions.forEach((c, i) => { letter[c.id] = LETTERS[i]; });
     groups = initial ? initial.map((g) => g.slice()) : t.completions.map((c) => [c.id]);
     focused = groups[0][0];
-    $("prompt").textContent = t.prompt;
+    showConversation(t);
     $("task-meta").textContent = `${t.campaign} · task ${t.task_id}`;
     render();
     window.scrollTo(0, 0);
@@ -230,6 +231,29 @@
     if (cls) e.className = cls;
     if (text !== undefined) e.textContent = text;
     return e;
+  }
+
+  const ROLE_NAMES = new Map([["system", "System prompt"], ["user", "User"], ["assistant", "Assistant"]]);
+
+  // The conversation the answers reply to, oldest first: a system prompt marked as such, earlier
+  // turns, and the last user message (#prompt), which the answers reply to. Text only.
+  function showConversation(t) {
+    const msgs = t.messages && t.messages.length ? t.messages : [{ role: "user", content: t.prompt }];
+    let last = msgs.map((m) => m.role).lastIndexOf("user");
+    if (last < 0) last = msgs.length - 1;
+    const list = $("transcript");
+    list.replaceChildren();
+    msgs.forEach((m, i) => {
+      const known = ROLE_NAMES.has(m.role);
+      const li = el("li", "turn " + (known ? m.role : "other") + (i === last ? " answered" : ""));
+      const name = known ? ROLE_NAMES.get(m.role) : String(m.role);
+      const role = i === last && msgs.length > 1 ? `${name} · the answers reply to this` : name;
+      li.appendChild(el("div", "turn-role", role));
+      const text = el("div", "prompt-text", m.content);  // untrusted: text only
+      if (i === last) text.id = "prompt";
+      li.appendChild(text);
+      list.appendChild(li);
+    });
   }
 
   function render() {
