@@ -164,7 +164,7 @@ class LiveServer:
 
     @property
     def admin_url(self):
-        return f"{self.url}/admin?token={self.app.state.admin_token}"
+        return f"{self.url}/admin/sign-in/{self.app.state.sign_in_links.new()}"  # a one-time link
 
     def stop(self):
         self.server.should_exit = True
