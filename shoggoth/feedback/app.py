@@ -22,7 +22,9 @@ Who may do what:
   other site can make a browser send it.
 - Model output is untrusted: the labeler page puts it into the DOM as text
   only, templates autoescape, and a Content-Security-Policy forbids inline
-  script as a second wall.
+  script as a second wall. A campaign's guidelines are the one HTML the pages
+  take from the database: the admin's Markdown, rendered and sanitised on the
+  server (guidelines.py), behind the same CSP.
 - The contract is published at /openapi.json (OpenAPI 3.1): the security schemes above
   (bearer session, invite or admin token; cookie session + X-CSRF-Token header),
   every status an operation gives and the `{"error": ...}` body of JSON errors. Errors
