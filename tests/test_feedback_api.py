@@ -413,6 +413,25 @@ def test_cookies_are_secure_over_https(tmp_path):
             assert r.status_code == 401 and (r.headers.get("strict-transport-security") is not None) == secure
 
 
+def test_https_behind_a_trusted_proxy_only(tmp_path):
+    """What `serve --trusted-proxy` sets up: X-Forwarded-Proto: https from the named proxy makes the cookies
+    __Host- and Secure, with HSTS; from any other client the header is ignored (plain HTTP, as sent)."""
+    from conftest import LiveServer
+    from shoggoth.feedback.app import create_app
+
+    for proxy, https in (("127.0.0.1", True), ("10.9.9.9", False)):  # the test client is 127.0.0.1
+        srv = LiveServer(create_app(f"sqlite:///{tmp_path / f'{proxy}.db'}", admin_token=ADMIN),
+                         proxy_headers=True, forwarded_allow_ips=proxy)
+        try:
+            _, token = D.create_labeler(srv.engine, "pat")
+            r = httpx.post(f"{srv.url}/join/{token}", headers={"X-Forwarded-Proto": "https"})
+            cookie = r.headers["set-cookie"]
+            assert r.status_code == 303 and cookie.startswith("__Host-sg_labeler=") == https, (proxy, cookie)
+            assert ("Secure" in cookie) == https and ("strict-transport-security" in r.headers) == https
+        finally:
+            srv.stop()
+
+
 def test_admin_signs_in_by_post_or_a_one_time_link(live_app):
     """The admin token travels in a form's body, never in a URL: an old `/admin?token=` bookmark gets
     a clear 401 and the form (the token in it neither checked nor counted); a one-time link works once."""
