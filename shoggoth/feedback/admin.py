@@ -1,6 +1,7 @@
 """The admin's side of the ranking app: the overview page (campaigns, their agreement and win rates,
-labelers), inviting and revoking labelers, a campaign's rankings per task, and the export. Every
-route but the sign-in declares `_: Admin` (reads) or `_: AdminForm` (a page's form: its `csrf` field)."""
+labelers), signing in, inviting and revoking labelers, a campaign's rankings per task and guidelines,
+and the export. Every route but the sign-in's declares `_: Admin` (reads) or `_: AdminForm` (a page's
+form: its `csrf` field)."""
 
 import math
 import re
@@ -15,10 +16,10 @@ from pydantic import BaseModel, Field, StrictStr
 from . import db as D
 from . import winrate
 from .agreement import agreement
-from .guidelines import render
 from .auth import (DB, Admin, AdminForm, ValidateFirst, check_admin, check_origin, cookie, counted, csrf_for,
                    is_admin_token, set_cookie)
 from .contract import ADMIN_COOKIE, ADMIN_READ, ADMIN_WRITE, ID, PUBLIC, doc, page
+from .guidelines import render
 
 router = APIRouter(route_class=ValidateFirst)
 
