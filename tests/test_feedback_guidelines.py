@@ -243,8 +243,12 @@ def test_hostile_guidelines_never_run_in_chromium(live_app, chromium):
         guide.wait_for_selector(".guidelines h1")
         assert guide.url.endswith(f"/guidelines?campaign={cid}")
         nothing_ran(guide)
-        admin = ctx.new_page()  # the admin's preview, and a change through the admin's form
-        admin.goto(srv.admin_url)
+        admin = ctx.new_page()  # signed in with the sign-in form (a POST); the preview; a change through the form
+        admin.goto(f"{srv.url}/admin")
+        admin.fill("#sign-in-form input[name=token]", srv.app.state.admin_token)
+        admin.click("#sign-in-form button")
+        admin.wait_for_url(f"{srv.url}/admin")
+        assert srv.app.state.admin_token not in admin.url
         admin.click(f'a[href="/admin/campaigns/{cid}/guidelines"]')
         admin.wait_for_selector("#guidelines-preview h1")
         nothing_ran(admin)
