@@ -323,6 +323,12 @@ def cmd_feedback(argv):
                                          "set's own order")
     r.add_argument("--db", default="feedback.db", help=db_help)
     r.add_argument("--campaign", required=True)
+    u = sub.add_parser("guidelines", help="set a campaign's guidelines for labelers from a Markdown file (shown before "
+                                          "their next task; a change is shown again)")
+    u.add_argument("--db", default="feedback.db", help=db_help)
+    u.add_argument("--campaign", required=True)
+    u.add_argument("file", nargs="?", help="a Markdown file, UTF-8 ('-': standard input)")
+    u.add_argument("--clear", action="store_true", help="remove the campaign's guidelines")
     e = sub.add_parser("export", help="write rankings (or TRL pairs) as JSONL")
     e.add_argument("--db", default="feedback.db", help=db_help)
     e.add_argument("--out", required=True)
@@ -374,6 +380,12 @@ def cmd_feedback(argv):
             print(f"  {name}: tau {fmt(tau)} with the others")
         for name, (tau, n) in (ref or {}).items():
             print(f"  {name}: tau {fmt(tau)} with the imported order over {n} rankings")
+    elif a.action == "guidelines":
+        if (a.file is None) == (not a.clear):
+            raise UsageError("give a Markdown FILE or --clear (not both)")
+        version, n = jobs.set_guidelines(a.db, a.campaign, a.file)
+        print(f"campaign {a.campaign!r}: guidelines " + (f"set ({n} characters, version {version}); each labeler reads "
+              "them before their next task" if version else "removed"))
     else:
         n = jobs.export(a.db, a.out, a.pairs, a.campaign)
         print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")

@@ -144,12 +144,14 @@ def chromium():
 class LiveServer:
     """The feedback app served by uvicorn on 127.0.0.1 in a background thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
+        """`config`: more of uvicorn.Config's settings (proxy_headers, forwarded_allow_ips, ...)."""
         import uvicorn
 
         self.app, self.port = app, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 20
@@ -164,7 +166,7 @@ class LiveServer:
 
     @property
     def admin_url(self):
-        return f"{self.url}/admin?token={self.app.state.admin_token}"
+        return f"{self.url}/admin/sign-in/{self.app.state.sign_in_links.new()}"  # a one-time link
 
     def stop(self):
         self.server.should_exit = True

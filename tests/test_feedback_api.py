@@ -38,6 +38,11 @@ def signed_in(srv, name):
     return D.trade_invite(srv.engine, D.create_labeler(srv.engine, name)[1])[2]
 
 
+def admin_sign_in(c, token=ADMIN):
+    """Sign client `c` in as the admin with the sign-in form (the token in the body, never in a URL)."""
+    return c.post("/admin/sign-in", data={"token": token}, follow_redirects=False)
+
+
 def n_rankings(srv):
     return len(D.rankings(srv.engine))
 
@@ -54,7 +59,7 @@ def test_tokens_gate_labeler_and_admin_endpoints(live_app):
         for path in ("/admin", "/admin/api/overview", "/admin/export.jsonl", "/admin/labelers/1"):
             assert c.get(path, headers=bearer(alice)).status_code == 401
             assert c.get(path, headers=bearer(ADMIN)).status_code == 200
-        assert c.get("/admin?token=wrong").status_code == 401
+        assert admin_sign_in(c, "wrong").status_code == 401
         task = c.post("/api/next", headers=bearer(alice)).json()["task"]
         groups = [[x["id"]] for x in task["completions"]]
         tid = task["task_id"]
@@ -99,7 +104,7 @@ def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
         assert n_rankings(srv) == 1
         assert c.get("/join/not-a-token").status_code == 404
     with httpx.Client(base_url=srv.url) as admin:
-        r = admin.get(f"/admin?token={ADMIN}")
+        r = admin_sign_in(admin)
         assert r.status_code == 303 and "sg_admin" in r.headers["set-cookie"]
         page = admin.get("/admin").text
         csrf = csrf_of(page)
@@ -243,7 +248,7 @@ def test_malformed_headers_and_fields_get_a_4xx(live_app):
         r = c.post("/api/next", headers={"Origin": "http://["})
         assert r.status_code == 403 and "cross-origin" in r.json()["error"]
     with httpx.Client(base_url=srv.url) as admin:
-        admin.get(f"/admin?token={ADMIN}")
+        admin_sign_in(admin)
         csrf = csrf_of(admin.get("/admin").text)
         assert admin.post("/admin/invite", data={"name": "x", "csrf": "ü" * 10}).status_code == 403
         for cid in ("²", "9" * 5000, "٣", "1e3", "-1"):
@@ -298,13 +303,13 @@ def test_guessing_tokens_is_slowed_down(live_app):
             assert c.get(f"/join/guess-{i}").status_code == 404
         r = c.get(f"/join/{token}")  # even the right token, from this address, for a while
         assert r.status_code == 429 and "wait" in r.text
-        assert c.get(f"/admin?token={ADMIN}").status_code == 429
+        assert admin_sign_in(c).status_code == 429
         session = D.trade_invite(srv.engine, token)[2]
         assert c.post("/api/next", headers=bearer(session)).status_code == 200  # a signed-in labeler works on
 
 
 def test_wrong_admin_bearer_tokens_count_as_guesses(live_app):
-    """A script's `Authorization: Bearer` is as much a way to guess the admin token as /admin?token=: both count."""
+    """A script's `Authorization: Bearer` is as much a way to guess the admin token as the sign-in form: both count."""
     from shoggoth.feedback.auth import GUESSES
 
     srv = live_app
@@ -312,7 +317,7 @@ def test_wrong_admin_bearer_tokens_count_as_guesses(live_app):
     with httpx.Client(base_url=srv.url) as c:
         for i in range(GUESSES - 1):
             assert c.get("/admin/api/overview", headers=bearer(f"guess-{i}")).status_code == 401
-        assert c.get("/admin?token=guess").status_code == 401  # the two ways share one count
+        assert admin_sign_in(c, "guess").status_code == 401  # the two ways share one count
         r = c.get("/admin/api/overview", headers=bearer("guess-last"))
         assert r.status_code == 429 and "wait" in r.json()["error"] and 0 < int(r.headers["retry-after"]) <= 60
         assert c.get("/admin/api/overview", headers=bearer(ADMIN)).status_code == 429  # even the right one, for a while
@@ -354,8 +359,11 @@ def test_wrong_token_limiter_forgets_is_bounded_and_groups_ipv6(tmp_path):
     def guess(address, path="/join/guess"):
         return TestClient(app, client=(address, 1234)).get(path, follow_redirects=False).status_code
 
+    def sign_in(address):
+        return admin_sign_in(TestClient(app, client=(address, 1234))).status_code
+
     assert [guess(f"2001:db8:0:1::{i:x}") for i in range(GUESSES + 1)] == [404] * GUESSES + [429]
-    assert guess("2001:db8:0:1:ffff::1", f"/admin?token={ADMIN}") == 429  # the same /64
+    assert sign_in("2001:db8:0:1:ffff::1") == 429  # the same /64
     assert guess("2001:db8:0:2::1") == 404  # the next /64 is another address
     assert guess("::ffff:192.0.2.7") == 404 and guess("192.0.2.7") == 404
     assert len(limiter.seen["192.0.2.7"]) == 2  # an IPv4 address however written: one address
@@ -374,23 +382,132 @@ def test_wrong_token_limiter_forgets_is_bounded_and_groups_ipv6(tmp_path):
     r = TestClient(app, client=("10.3.0.1", 1)).get("/admin/api/overview", headers=bearer(ADMIN))
     assert r.status_code == 429 and "from all addresses" in r.json()["error"]
     now[0] += GUESS_WINDOW
-    assert guess("10.3.0.1", f"/admin?token={ADMIN}") == 303  # the window past, the right token works again
+    assert sign_in("10.3.0.1") == 303  # the window past, the right token works again
 
 
 def test_cookies_are_secure_over_https(tmp_path):
+    """Over HTTPS: session cookies Secure, Path=/, no Domain, named __Host-... (so no sibling subdomain
+    can plant one), and HSTS on every response; plain HTTP (localhost) keeps plain names and no HSTS."""
     from fastapi.testclient import TestClient
 
-    from shoggoth.feedback.app import create_app
+    from shoggoth.feedback.app import HSTS, create_app
 
     app = create_app(f"sqlite:///{tmp_path / 'f.db'}", admin_token=ADMIN)
     for base, secure in (("https://labels.example", True), ("http://127.0.0.1", False)):
+        prefix = "__Host-" if secure else ""
         _, token = D.create_labeler(app.state.engine, f"trent {base}")
-        with TestClient(app, base_url=base) as c:
-            for method, path in (("POST", f"/join/{token}"), ("GET", f"/admin?token={ADMIN}")):
-                r = c.request(method, path, follow_redirects=False)
-                assert r.status_code == 303 and ("Secure" in r.headers["set-cookie"]) == secure, (base, path)
-                ttl = D.SESSION_TTL["labeler" if "join" in path else "admin"]  # the cookie lasts as its session
-                assert f"Max-Age={int(ttl)}" in r.headers["set-cookie"], r.headers["set-cookie"]
+        with TestClient(app, base_url=base, follow_redirects=False) as c:
+            for r, name in ((c.post(f"/join/{token}"), "sg_labeler"), (admin_sign_in(c), "sg_admin")):
+                cookie = r.headers["set-cookie"]
+                assert r.status_code == 303 and cookie.startswith(f"{prefix}{name}=") and "Path=/" in cookie
+                assert ("Secure" in cookie) == secure and "Domain" not in cookie, cookie
+                ttl = D.SESSION_TTL["labeler" if name == "sg_labeler" else "admin"]  # the cookie lasts as its session
+                assert f"Max-Age={int(ttl)}" in cookie, cookie
+                assert r.headers.get("strict-transport-security") == (HSTS if secure else None)
+            assert c.get("/label").status_code == 200 and c.get("/admin").status_code == 200
+            session = c.cookies[f"{prefix}sg_labeler"]
+            r = c.post("/logout", data={"csrf": csrf_of(c.get("/label").text)})
+            assert r.status_code == 200 and f'{prefix}sg_labeler=""' in r.headers["set-cookie"]
+        with TestClient(app, base_url=base, cookies={"sg_labeler": session}) as c:
+            r = c.get("/label")  # over HTTPS a cookie without the prefix is not this app's (anyone could plant it)
+            assert r.status_code == 401 and (r.headers.get("strict-transport-security") is not None) == secure
+
+
+def test_https_behind_a_trusted_proxy_only(tmp_path):
+    """What `serve --trusted-proxy` sets up: X-Forwarded-Proto: https from the named proxy makes the cookies
+    __Host- and Secure, with HSTS; from any other client the header is ignored (plain HTTP, as sent)."""
+    from conftest import LiveServer
+    from shoggoth.feedback.app import create_app
+
+    for proxy, https in (("127.0.0.1", True), ("10.9.9.9", False)):  # the test client is 127.0.0.1
+        srv = LiveServer(create_app(f"sqlite:///{tmp_path / f'{proxy}.db'}", admin_token=ADMIN),
+                         proxy_headers=True, forwarded_allow_ips=proxy)
+        try:
+            _, token = D.create_labeler(srv.engine, "pat")
+            r = httpx.post(f"{srv.url}/join/{token}", headers={"X-Forwarded-Proto": "https"})
+            cookie = r.headers["set-cookie"]
+            assert r.status_code == 303 and cookie.startswith("__Host-sg_labeler=") == https, (proxy, cookie)
+            assert ("Secure" in cookie) == https and ("strict-transport-security" in r.headers) == https
+        finally:
+            srv.stop()
+
+
+def test_admin_signs_in_by_post_or_a_one_time_link(live_app):
+    """The admin token travels in a form's body, never in a URL: an old `/admin?token=` bookmark gets
+    a clear 401 and the form (the token in it neither checked nor counted); a one-time link works once."""
+    from shoggoth.feedback.auth import GUESSES
+
+    srv = live_app
+    with httpx.Client(base_url=srv.url) as c:
+        for _ in range(GUESSES + 2):  # not counted as guesses: not checked at all
+            r = c.get(f"/admin?token={ADMIN}")
+            assert r.status_code == 401 and "no longer work" in r.text and 'action="/admin/sign-in"' in r.text
+            assert "set-cookie" not in r.headers
+        r = c.get("/admin")
+        assert r.status_code == 401 and 'action="/admin/sign-in"' in r.text and 'type="password"' in r.text
+        for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+            assert c.post("/admin/sign-in", data={"token": ADMIN}, headers=headers).status_code == 403
+        r = admin_sign_in(c, "wrong-token")
+        assert r.status_code == 401 and "Wrong admin token" in r.text and "sg_admin" not in c.cookies
+        assert c.post("/admin/sign-in", data={}).status_code == 422
+        r = admin_sign_in(c)
+        assert r.status_code == 303 and r.headers["location"] == "/admin" and c.get("/admin").status_code == 200
+        assert c.get(f"/admin?token={ADMIN}").status_code == 200  # signed in, an old bookmark shows the page
+    links = srv.app.state.sign_in_links
+    code = links.new()
+    with httpx.Client(base_url=srv.url) as c:
+        r = c.get(f"/admin/sign-in/{code}")
+        assert r.status_code == 303 and ADMIN not in r.headers["set-cookie"] and c.get("/admin").status_code == 200
+    with httpx.Client(base_url=srv.url) as c:
+        r = c.get(f"/admin/sign-in/{code}")  # once only
+        assert r.status_code == 404 and "used already" in r.text and "sg_admin" not in c.cookies
+        assert c.get(f"/admin/sign-in/{ADMIN}").status_code == 404  # the admin token is no link
+        code = links.new()
+        links.clock = lambda: time.time() + D.SESSION_TTL["admin"] + 1
+        assert c.get(f"/admin/sign-in/{code}").status_code == 404  # expired
+
+
+def test_join_refuses_a_cross_site_post_without_origin(live_app):
+    """A browser may leave Origin out of a form POST; its Sec-Fetch-Site still says where it came from."""
+    srv = live_app
+    _, token = D.create_labeler(srv.engine, "zack")
+    with httpx.Client(base_url=srv.url) as c:
+        for site in ("cross-site", "same-site"):  # same-site: a sibling subdomain
+            r = c.post(f"/join/{token}", headers={"Sec-Fetch-Site": site})
+            assert r.status_code == 403 and "cross-site" in r.text and "sg_labeler" not in c.cookies
+        assert D.labeler_by_token(srv.engine, token) is not None  # the invite is not spent
+        assert c.post(f"/join/{token}", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 303
+
+
+def test_revoking_frees_the_task_held_and_a_new_invite_ends_sessions(live_app):
+    srv = live_app
+    setup_campaign(srv, n_tasks=1, per_task=1)
+    alice_id, alice_link = D.create_labeler(srv.engine, "alice")
+    bob = signed_in(srv, "bob")
+    with httpx.Client(base_url=srv.url) as alice:
+        alice.post(f"/join/{alice_link}")
+        alice_csrf = csrf_of(alice.get("/label").text)
+        assert alice.post("/api/next", headers={"X-CSRF-Token": alice_csrf}).json()["task"] is not None
+    with httpx.Client(base_url=srv.url) as c:
+        assert c.post("/api/next", headers=bearer(bob)).json()["task"] is None  # alice holds the only slot
+        admin_sign_in(c)
+        csrf = csrf_of(c.get(f"/admin/labelers/{alice_id}").text)
+        assert c.post(f"/admin/labelers/{alice_id}/revoke", data={"csrf": csrf}).status_code == 200
+        assert c.post("/api/next", headers=bearer(bob)).json()["task"] is not None  # freed at once, not in an hour
+    # a new link: the sessions the labeler has (a lost laptop, a leaked cookie) end
+    carol_id, carol_link = D.create_labeler(srv.engine, "carol")
+    session = D.trade_invite(srv.engine, carol_link)[2]
+    with httpx.Client(base_url=srv.url, cookies={"sg_labeler": session}) as carol:
+        assert carol.get("/label").status_code == 200
+        with httpx.Client(base_url=srv.url) as c:
+            admin_sign_in(c)
+            csrf = csrf_of(c.get(f"/admin/labelers/{carol_id}").text)
+            r = c.post(f"/admin/labelers/{carol_id}/invite", data={"csrf": csrf})
+            link = r.text.split('id="invite-link">')[1].split("<")[0]
+        assert carol.get("/label").status_code == 401
+        assert carol.post("/api/next", headers=bearer(session)).status_code == 401
+    with httpx.Client(base_url=srv.url) as carol:
+        assert carol.post(link.replace(srv.url, "")).status_code == 303 and carol.get("/label").status_code == 200
 
 
 def test_weak_admin_token_is_refused(tmp_path):
@@ -435,7 +552,7 @@ def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
         assert s.post("/api/next", headers=bearer(session)).status_code == 200
         assert s.post("/api/next", headers=bearer(script_invite)).status_code == 401  # the invite is no session
     with httpx.Client(base_url=srv.url) as admin:
-        r = admin.get(f"/admin?token={ADMIN}")
+        r = admin_sign_in(admin)
         assert admin.cookies["sg_admin"] != ADMIN and ADMIN not in r.headers["set-cookie"]
         page = admin.get(f"/admin/labelers/{lid}").text
         r = admin.post(f"/admin/labelers/{lid}/revoke", data={"csrf": csrf_of(page)})
@@ -445,6 +562,7 @@ def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
         link = r.text.split('id="invite-link">')[1].split("<")[0]
     with httpx.Client(base_url=srv.url, cookies={"sg_labeler": cookie}) as c:
         assert c.get("/label").status_code == 401  # revoked: the old session ends at once
+    with httpx.Client(base_url=srv.url) as c:
         assert c.post(link.replace(srv.url, "")).status_code == 303 and c.get("/label").status_code == 200
 
 
@@ -480,14 +598,25 @@ def test_a_link_does_not_silently_switch_who_is_signed_in(live_app):
     setup_campaign(srv)
     _, mine = D.create_labeler(srv.engine, "xena")
     _, theirs = D.create_labeler(srv.engine, "yuri")
+    _, third = D.create_labeler(srv.engine, "zora")
     with httpx.Client(base_url=srv.url) as c:
         c.post(f"/join/{mine}")
+        real = c.cookies["sg_labeler"]
         r = c.get(f"/join/{theirs}")
         assert r.status_code == 200 and "Switch labeler?" in r.text and "xena" in r.text and "yuri" in r.text
         assert "xena" in c.get("/label").text  # still xena
         assert c.post(f"/join/{theirs}", headers={"Origin": "http://evil.example"}).status_code == 403
         r = c.post(f"/join/{theirs}", headers={"Origin": srv.url})
         assert r.status_code == 303 and "yuri" in c.get("/label").text
+    # A sibling subdomain can plant a second sg_labeler (Domain=the parent) that the browser sends beside the
+    # real one, in an order the planter steers: reading either one would let it dodge "Switch labeler?".
+    for planted in (f"sg_labeler={real}; sg_labeler=planted", f"sg_labeler=planted; sg_labeler={real}"):
+        with httpx.Client(base_url=srv.url, headers={"Cookie": planted}) as c:
+            r = c.get(f"/join/{third}")
+            assert r.status_code == 400 and "2 different sg_labeler cookies" in r.text and "Sign in as" not in r.text
+            assert c.get("/label").status_code == 400 and c.post("/api/next").status_code == 400
+    with httpx.Client(base_url=srv.url, headers={"Cookie": f"sg_labeler={real}; sg_labeler={real}"}) as c:
+        assert "Switch labeler?" in c.get(f"/join/{third}").text  # the same value twice is one cookie
 
 
 def test_a_new_admin_token_ends_admin_sessions(tmp_path):
@@ -497,7 +626,7 @@ def test_a_new_admin_token_ends_admin_sessions(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'f.db'}"
     with TestClient(create_app(url, admin_token=ADMIN)) as c:
-        c.get(f"/admin?token={ADMIN}", follow_redirects=False)
+        admin_sign_in(c)
         cookie = c.cookies["sg_admin"]
         assert c.get("/admin").status_code == 200
     with TestClient(create_app(url, admin_token="another-admin-token-9f3k"), cookies={"sg_admin": cookie}) as c:

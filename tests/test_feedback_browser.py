@@ -171,6 +171,7 @@ def test_untrusted_text_never_runs(live_app, chromium):
         assert page.locator("#prompt").text_content() == prompt
         assert sorted(page.locator(".card-text").all_text_contents()) == sorted(completions)
         page.locator(".card").first.hover()
+        page.locator("text=camp").first.hover()  # the hostile campaign name, while its task is on screen
         page.locator(".card").first.click()
         page.wait_for_timeout(450)
         page.keyboard.press("Enter")
@@ -180,8 +181,9 @@ def test_untrusted_text_never_runs(live_app, chromium):
         admin.locator("#labelers a").first.click()
         admin.wait_for_selector("#rankings")
         assert prompt in admin.locator("#rankings").text_content()
+        admin.locator("text=camp").first.hover()
+        assert page.locator("#work").is_hidden()  # nothing left: the last task's panel is gone, not left on screen
         for p in (page, admin):
-            p.locator("text=camp").first.hover()
             assert p.evaluate("window.__xss") is None
             assert p.locator("img, iframe, svg, script:not([src])").count() == 0
             assert "{{ 7 * 7 }}" not in p.content() or "49" not in p.locator("body").text_content()

@@ -256,10 +256,13 @@ def test_admin_token_from_a_file_or_the_environment(tmp_path, monkeypatch):
                                 ([], from_env, False), (["--admin-token", from_flag], from_flag, True)):
         r, app, _ = serve(monkeypatch, "--db", db, *args)
         assert r.returncode == 0 and app.state.admin_token == token, (args, r.stderr)
-        assert token not in r.stdout and "admin: http://127.0.0.1:8000/admin?token=<the token of" in r.stdout
+        assert token not in r.stdout and "then sign in at /admin with the token of" in r.stdout and "?token=" not in r.stdout
         assert ("visible to every user of this machine" in r.stderr) == warned and r.stderr.count("\n") == warned
-        with TestClient(app) as c:
+        link = re.search(r"admin: http://127\.0\.0\.1:8000(/admin/sign-in/\S+) ", r.stdout).group(1)
+        with TestClient(app, follow_redirects=False) as c:
             assert c.get("/admin/api/overview", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            assert c.get(link).status_code == 303 and c.get("/admin").status_code == 200
+            assert c.get(link).status_code == 404  # one-time
     monkeypatch.setenv("SHOGGOTH_ADMIN_TOKEN", "password12345678")
     r, app, _ = serve(monkeypatch, "--db", db)
     assert r.returncode == 1 and r.stderr == "error: $SHOGGOTH_ADMIN_TOKEN is too weak" + r.stderr.split("too weak")[1]
@@ -269,7 +272,7 @@ def test_admin_token_from_a_file_or_the_environment(tmp_path, monkeypatch):
         assert r.returncode == 1 and message in r.stderr and app is None, r.stderr
     monkeypatch.delenv("SHOGGOTH_ADMIN_TOKEN")
     r, app, _ = serve(monkeypatch, "--db", db)  # none given: a random one, printed (the admin's only way in)
-    assert r.returncode == 0 and f"admin?token={app.state.admin_token}" in r.stdout
+    assert r.returncode == 0 and f"Authorization: Bearer): {app.state.admin_token}\n" in r.stdout and "?token=" not in r.stdout
     assert token_bits(app.state.admin_token) >= TOKEN_BITS
 
 

@@ -39,6 +39,7 @@ def setup_campaign(srv):
     D.add_tasks(srv.engine, "camp", [{"messages": chat, "completions": ["c4.0", "c4.1", "c4.2"]}]  # task 1: the first given
                 + [{"prompt": f"p{i}", "completions": [f"c{i}.{j}" for j in range(3)]} for i in range(4)],
                 rankings_per_task=2)
+    D.set_guidelines(srv.engine, 1, "# Rules\n\nRank *carefully*.")  # so that the guidelines' routes reach them
 
 
 def operations(srv):
@@ -53,7 +54,7 @@ def known_ids(srv):
         tasks = [t for (t,) in conn.execute(select(D.Task.id))]
         rankings = [r for (r,) in conn.execute(select(D.Ranking.id))]
     return {"task_id": tasks, "lid": [lab["id"] for lab in labs], "cid": [c["id"] for c in camps],
-            "ranking_id": rankings}
+            "campaign_id": [c["id"] for c in camps], "ranking_id": rankings}
 
 
 def strategy(srv, op, mode):
@@ -107,7 +108,7 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     routes = {(m.upper(), r.path) for r in iter_route_contexts(srv.app.routes)  # through the included routers
               if getattr(r, "include_in_schema", False) for m in r.methods}
     ops = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
-    assert set(ops) == routes and len(ops) == 19
+    assert set(ops) == routes and len(ops) == 28
     for (method, path), op in ops.items():
         assert "security" in op, (method, path)
         for req in op["security"]:
@@ -125,6 +126,13 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     assert ops[("GET", "/admin/api/overview")]["security"] == [{"adminToken": []}, {"adminCookie": []}]
     assert ops[("POST", "/api/session")]["security"] == [{"invite": []}]
     assert ops[("GET", "/join/{token}")]["security"] == [{}]
+    # the admin token travels in a form's body, never in a URL: /admin takes no ?token= any more
+    assert ops[("POST", "/admin/sign-in")]["security"] == [{}] and "parameters" not in ops[("GET", "/admin")]
+    assert "token" in doc["components"]["schemas"]["Body_sign_in_admin_sign_in_post"]["properties"]
+    assert ops[("PUT", "/admin/api/campaigns/{cid}/guidelines")]["security"] == [{"adminToken": []},
+                                                                                {"adminCookie": [], "csrf": []}]
+    assert ops[("POST", "/api/guidelines/{campaign_id}/read")]["security"] == [{"session": []},
+                                                                              {"labelerCookie": [], "csrf": []}]
     assert "401" in ops[("POST", "/api/tasks/{task_id}/ranking")]["responses"]
     assert ops[("PUT", "/api/rankings/{ranking_id}")]["security"] == [{"session": []}, {"labelerCookie": [], "csrf": []}]
     revise = ops[("PUT", "/api/rankings/{ranking_id}")]["responses"]
@@ -171,7 +179,7 @@ def test_fuzz_forged_cookie_requests_are_refused(live_app):
     srv = live_app
     setup_campaign(srv)
     ops = [op for op in operations(srv) if op.method.upper() in ("POST", "PUT")]
-    assert len(ops) == 11
+    assert len(ops) == 15
     labeler = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "victim")[1])[2]
     admin = D.admin_session(srv.engine, ADMIN)
     with httpx.Client(base_url=srv.url, cookies={"sg_labeler": labeler}) as c:  # a ranking made, a task held

@@ -1,20 +1,25 @@
 """The admin's side of the ranking app: the overview page (campaigns, their agreement and win rates,
-labelers), inviting and revoking labelers, a campaign's rankings per task, and the export. Every
-route but the sign-in declares `_: Admin` (reads) or `_: AdminForm` (a page's form: its `csrf` field)."""
+labelers), signing in, inviting and revoking labelers, a campaign's rankings per task and guidelines,
+and the export. Every route but the sign-in's declares `_: Admin` (reads) or `_: AdminForm` (a page's
+form: its `csrf` field)."""
 
 import math
 import re
+import secrets
 import threading
 import time
 
-from fastapi import APIRouter, Form, HTTPException, Path, Query, Request
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, StrictStr
 
 from . import db as D
 from . import winrate
 from .agreement import agreement
-from .auth import DB, Admin, AdminForm, ValidateFirst, check_admin, counted, csrf_for, is_admin_token, set_cookie
+from .auth import (DB, Admin, AdminForm, ValidateFirst, check_admin, check_origin, cookie, counted, csrf_for,
+                   is_admin_token, set_cookie)
 from .contract import ADMIN_COOKIE, ADMIN_READ, ADMIN_WRITE, ID, PUBLIC, doc, page
+from .guidelines import render
 
 router = APIRouter(route_class=ValidateFirst)
 
@@ -84,6 +89,28 @@ class WinRates:
                 self.done[cid], self.running = (rows, result, self.clock(), error), None
 
 
+class SignInLinks:
+    """One-time admin sign-in links: random codes, kept hashed in this process, each good once within
+    `ttl` seconds. `serve` prints one at start; unlike the admin token, a link that reaches a proxy's
+    log or the browser's history once used opens nothing."""
+
+    def __init__(self, ttl=D.SESSION_TTL["admin"]):
+        self.ttl, self.codes, self.lock = ttl, {}, threading.Lock()
+        self.clock = time.time  # a test may turn it
+
+    def new(self):
+        code = secrets.token_urlsafe(24)
+        with self.lock:
+            self.codes[D.hash_token(code)] = self.clock() + self.ttl
+        return code
+
+    def spend(self, code):
+        """Whether `code` is a link made here, unused and unexpired; it is used up either way."""
+        with self.lock:
+            expires = self.codes.pop(D.hash_token(code), None)
+        return expires is not None and expires > self.clock()
+
+
 def overview_with_agreement(request, db):
     """The overview, each campaign with its labelers' agreement, and an evaluation with its win rates
     as app.state.winrates last computed them (`winrate`, None until the first is done) and how
@@ -102,7 +129,7 @@ def overview_with_agreement(request, db):
 
 
 def admin_csrf(request):
-    return csrf_for(request, "admin", request.cookies.get(ADMIN_COOKIE, ""))
+    return csrf_for(request, "admin", cookie(request, ADMIN_COOKIE) or "")
 
 
 def admin_page(request, db, status=200, **extra):
@@ -114,7 +141,8 @@ def admin_page(request, db, status=200, **extra):
     for lab in labs:
         ts = [t for t in per.get(lab["name"], []) if t is not None]
         lab["tau"] = sum(ts) / len(ts) if ts else None
-    return page(request, "admin.html", status, campaigns=camps, labelers=labs, csrf=admin_csrf(request), **extra)
+    return page(request, "admin.html", status, campaigns=camps, labelers=labs, csrf=admin_csrf(request),
+                guidelines=D.guidelines_summary(db), **extra)
 
 
 def labeler_page(request, db, lid, status=200, **extra):
@@ -131,18 +159,52 @@ def join_link(request, token):
     return str(request.base_url).rstrip("/") + f"/join/{token}"
 
 
-@router.get("/admin", response_class=HTMLResponse, summary="The admin page; ?token= signs in",
-            **doc(ADMIN_READ + PUBLIC, 401, 422, 429, html=True, redirect="Signed in (an admin cookie): on to /admin"))
-def admin_home(request: Request, db: DB, token: str | None = Query(None, max_length=200)):
-    if token is None:
-        check_admin(request, db, None)  # a GET: no CSRF token to check
-        return admin_page(request, db)
-    # the admin link: trade the token in the URL for a cookie
-    if not counted(request, lambda: is_admin_token(request, token)):
-        raise HTTPException(401, "wrong admin token")
+OLD_LINK = ("sign-in links with ?token= no longer work: they put the admin token in the proxy's log and the "
+            "browser's history. Enter the admin token below, or open the one-time link `shoggoth feedback serve` printed.")
+SIGNED_IN_ADMIN = "Signed in (an admin cookie): on to /admin"
+
+
+def sign_in_page(request, message, status=401):
+    return page(request, "sign_in.html", status, message=message)
+
+
+def admin_session_cookie(request, db):
     resp = RedirectResponse("/admin", 303)
     set_cookie(request, resp, ADMIN_COOKIE, D.admin_session(db, request.app.state.admin_token))
     return resp
+
+
+@router.get("/admin", response_class=HTMLResponse, summary="The admin page (a sign-in form when not signed in)",
+            **doc(ADMIN_READ, 401, html=True, why={401: "Not signed in: the sign-in form"}))
+def admin_home(request: Request, db: DB):
+    try:
+        check_admin(request, db, None)  # a GET: no CSRF token to check
+    except HTTPException as e:
+        if e.status_code != 401:
+            raise
+        # an old bookmark's ?token= is neither checked nor counted: the token must stop travelling in URLs
+        return sign_in_page(request, OLD_LINK if "token" in request.query_params else "Sign in with the admin token.")
+    return admin_page(request, db)
+
+
+@router.post("/admin/sign-in", response_class=RedirectResponse, status_code=303,
+             summary="Sign in with the admin token (the sign-in form)",
+             **doc(PUBLIC, 401, 403, 422, 429, html=True, redirect=SIGNED_IN_ADMIN))
+def sign_in(request: Request, db: DB, token: str = Form(min_length=1, max_length=200)):
+    """Trade the admin token, sent in the form's body (never in a URL), for an admin session cookie."""
+    check_origin(request)
+    if not counted(request, lambda: is_admin_token(request, token)):
+        return sign_in_page(request, "Wrong admin token.")
+    return admin_session_cookie(request, db)
+
+
+@router.get("/admin/sign-in/{code}", response_class=RedirectResponse, status_code=303,
+            summary="A one-time admin sign-in link (printed by `shoggoth feedback serve`)",
+            **doc(PUBLIC, 404, 422, 429, html=True, redirect=SIGNED_IN_ADMIN))
+def sign_in_link(request: Request, db: DB, code: str = Path(max_length=200)):
+    if not counted(request, lambda: request.app.state.sign_in_links.spend(code)):
+        raise HTTPException(404, "this sign-in link was used already or has expired: sign in at /admin with the admin token")
+    return admin_session_cookie(request, db)
 
 
 @router.post("/admin/invite", response_class=HTMLResponse, status_code=201, summary="Invite a labeler (a page)",
@@ -203,3 +265,53 @@ def export(db: DB, _: Admin, campaign: str | None = Query(None, max_length=200, 
     # streamed a piece at a time from the database (each piece read in a worker thread)
     return StreamingResponse(D.export_jsonl(db, campaign, pairs), media_type="application/jsonl",
                              headers={"Content-Disposition": f'attachment; filename="{fname}"'})
+
+
+# ------------------------------------------------------------ a campaign's guidelines
+
+class GuidelinesIn(BaseModel):
+    markdown: StrictStr | None = Field(max_length=D.MAX_GUIDELINES, description="Markdown; null or blank clears them")
+
+
+def guidelines_of(db, cid):
+    """{campaign_id, markdown, html (as labelers see it), version, readers (of this version)}."""
+    md = D.campaign_guidelines(db, cid)
+    readers = D.guidelines_summary(db).get(cid, {}).get("readers", 0)
+    return {"campaign_id": cid, "markdown": md, "html": render(md), "version": D.guidelines_version(md),
+            "readers": readers}
+
+
+@router.get("/admin/api/campaigns/{cid}/guidelines", **doc(ADMIN_READ, 401, 404, 422))
+def get_guidelines(db: DB, _: Admin, cid: int = Path(**ID)):
+    return guidelines_of(db, cid)
+
+
+@router.put("/admin/api/campaigns/{cid}/guidelines", **doc(ADMIN_WRITE, 401, 403, 404, 422))
+def put_guidelines(db: DB, _: Admin, body: GuidelinesIn, cid: int = Path(**ID)):
+    """Write a campaign's guidelines (Markdown): each labeler sees a new version before their next task."""
+    D.set_guidelines(db, cid, body.markdown)
+    return guidelines_of(db, cid)
+
+
+@router.get("/admin/campaigns/{cid}/guidelines", response_class=HTMLResponse,
+            summary="A campaign's guidelines: write, upload, preview (a page)", **doc(ADMIN_READ, 401, 404, 422, html=True))
+def guidelines_page(request: Request, db: DB, _: Admin, cid: int = Path(**ID)):
+    camp = next((c for c in D.overview(db)[0] if c["id"] == cid), None)
+    if camp is None:
+        raise HTTPException(404, f"no campaign {cid}")
+    return page(request, "admin_guidelines.html", campaign=camp, csrf=admin_csrf(request), **guidelines_of(db, cid))
+
+
+@router.post("/admin/campaigns/{cid}/guidelines", response_class=RedirectResponse, status_code=303,
+             summary="Write or upload a campaign's guidelines (the page's form)",
+             **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Saved: back to the guidelines' page"))
+def set_guidelines(db: DB, _: AdminForm, cid: int = Path(**ID), markdown: str = Form("", max_length=D.MAX_GUIDELINES),
+                   file: UploadFile = File(None, description="a Markdown file (UTF-8); replaces `markdown`")):
+    """The text of `file` when one is uploaded, else `markdown`; blank clears them."""
+    if file is not None and file.filename:
+        try:
+            markdown = file.file.read(4 * D.MAX_GUIDELINES + 1).decode("utf-8-sig")  # the body limit bounds it too
+        except UnicodeDecodeError:
+            raise HTTPException(422, f"{file.filename}: not UTF-8 text") from None
+    D.set_guidelines(db, cid, markdown)
+    return RedirectResponse(f"/admin/campaigns/{cid}/guidelines", 303)

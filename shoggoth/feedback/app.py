@@ -9,7 +9,9 @@ Who may do what:
   sessions end at once) and issue a new link; anyone can sign out. Opening a link
   while signed in as someone else asks before switching (no login CSRF). Every
   labeler endpoint acts on the caller's own assignments and rankings only.
-- The admin signs in with `/admin?token=<admin token>` (printed at start), traded
+- The admin signs in with the admin token in /admin's form (a POST: the token never
+  travels in a URL, so no proxy log or browser history keeps it), or with a one-time
+  link `/admin/sign-in/<code>` that `serve` prints (good once, for 12 hours), traded
   for an admin session: the admin token itself never sits in a cookie, and a
   restart with another admin token ends every admin session. Scripts may send
   the admin token as a Bearer header.
@@ -20,22 +22,28 @@ Who may do what:
   other site can make a browser send it.
 - Model output is untrusted: the labeler page puts it into the DOM as text
   only, templates autoescape, and a Content-Security-Policy forbids inline
-  script as a second wall.
+  script as a second wall. A campaign's guidelines are the one HTML the pages
+  take from the database: the admin's Markdown, rendered and sanitised on the
+  server (guidelines.py), behind the same CSP.
 - The contract is published at /openapi.json (OpenAPI 3.1): the security schemes above
   (bearer session, invite or admin token; cookie session + X-CSRF-Token header),
   every status an operation gives and the `{"error": ...}` body of JSON errors. Errors
   are JSON under /api/, /admin/api/ and /admin/export, an HTML page elsewhere.
 - Strangers reach it: every request body is bounded (MAX_BODY) before anything
   parses it or asks who sent it; wrong tokens (invites, the admin token in
-  /admin?token= or a Bearer header) from one address, an IPv6 /64 counting as one,
+  the sign-in form or a Bearer header, one-time sign-in links) from one address, an IPv6 /64 counting as one,
   are refused for a while after GUESSES of them, and from everyone after
-  ALL_GUESSES (429, auth.Guesses); cookies are Secure when the app is reached over
-  HTTPS (directly, or through a proxy the admin names with `--trusted-proxy`).
+  ALL_GUESSES (429, auth.Guesses); over HTTPS (directly, or through a proxy the admin names with `--trusted-proxy`,
+  whose X-Forwarded-Proto is then believed), session cookies are Secure and named
+  `__Host-sg_...` (no sibling subdomain can plant one), and responses carry HSTS; two
+  session cookies of one name are refused (400), not picked from.
 """
 
 import ipaddress
 import os
+import re
 import secrets
+import sys
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -48,30 +56,37 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ShoggothError
 from . import admin, labeling
 from . import db as D
-from .auth import REVISION_WINDOW, REVISIONS, TOKEN_BITS, Guesses, Rate, token_bits
+from .auth import REVISION_WINDOW, REVISIONS, TOKEN_BITS, Guesses, Rate, https, token_bits
 from .contract import SECURITY_SCHEMES, error, is_json_path
 
 HERE = Path(__file__).parent
 ADMIN_TOKEN_ENV = "SHOGGOTH_ADMIN_TOKEN"  # where `serve` finds the admin token that no flag gives
 MAX_BODY = 16 * 1024  # bytes: a ranking is a few hundred, a form a few dozen
+# A campaign's guidelines (db.MAX_GUIDELINES characters of Markdown) as a form, an upload or JSON's \u escapes
+LONG_BODIES = {re.compile(r"/admin/(api/)?campaigns/[^/]+/guidelines"): 1024 * 1024}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# Over HTTPS, the browser refuses plain HTTP to this host for a year. Not includeSubDomains: the app may
+# live beside other sites under one parent domain, and it does not speak for them.
+HSTS = "max-age=31536000"
 
 
 class BodyLimit:
     """ASGI middleware: a request body larger than limit bytes gets 413 before the app (and so
     routing, authentication and parsing) sees any of it. Bodies are read in full up to the
-    limit, so chunked uploads without a Content-Length are bounded too."""
+    limit, so chunked uploads without a Content-Length are bounded too. `longer`: {path pattern: its
+    limit} for the few routes that take more (the guidelines)."""
 
-    def __init__(self, app, limit):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit, longer=None):
+        self.app, self.limit, self.longer = app, limit, longer or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = next((n for pattern, n in self.longer.items() if pattern.fullmatch(scope["path"])), self.limit)
         length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.limit:
-            return await self.refuse(send, 413 if length.isdigit() else 400, scope["path"])
+        if not length.isdigit() or int(length) > limit:
+            return await self.refuse(send, 413 if length.isdigit() else 400, scope["path"], limit)
         chunks, size, more = [], 0, True
         while more:
             msg = await receive()
@@ -80,8 +95,8 @@ class BodyLimit:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             more = msg.get("more_body", False)
-            if size > self.limit:
-                return await self.refuse(send, 413, scope["path"])
+            if size > limit:
+                return await self.refuse(send, 413, scope["path"], limit)
         body = b"".join(chunks)
 
         async def replay():
@@ -95,8 +110,8 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def refuse(self, send, status, path):
-        text = (f"request body over {self.limit} bytes" if status == 413 else "bad Content-Length").encode()
+    async def refuse(self, send, status, path, limit):
+        text = (f"request body over {limit} bytes" if status == 413 else "bad Content-Length").encode()
         if is_json_path(path):
             kind, body = b"application/json", b'{"error": "' + text + b'"}'
         else:  # a browser's form: a page, like every other error there
@@ -117,12 +132,13 @@ def create_app(db, admin_token=None):
     app.state.csrf_key = D.secret(engine).encode()
     app.state.guesses = Guesses()
     app.state.revisions = Rate("revisions", REVISIONS, REVISION_WINDOW)  # PUT /api/rankings/{id}, per labeler
+    app.state.sign_in_links = admin.SignInLinks()  # one-time admin sign-in links (`serve` prints one)
     app.state.winrates = admin.WinRates()  # the evaluations' win rates, for the admin's overview
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(labeling.router)
     app.include_router(admin.router)
-    app.add_middleware(BodyLimit, limit=MAX_BODY)
+    app.add_middleware(BodyLimit, limit=MAX_BODY, longer=LONG_BODIES)
     app.middleware("http")(security_headers)  # added last, so outermost: the body limit's 413 gets them too
     answer_errors_in_one_shape(app)
     app.openapi = lambda: openapi(app)
@@ -135,6 +151,8 @@ async def security_headers(request, call_next):
     resp.headers["X-Content-Type-Options"] = "nosniff"
     # invite tokens are in URLs: never sent to other sites ("no-referrer" would make form posts send Origin: null)
     resp.headers["Referrer-Policy"] = "same-origin"
+    if https(request):
+        resp.headers["Strict-Transport-Security"] = HSTS
     if not request.url.path.startswith("/static/"):
         resp.headers["Cache-Control"] = "no-store"
     return resp
@@ -184,9 +202,12 @@ def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning"
     app = create_app(db, token)
     shown = f"[{host}]" if ":" in host else host
     print(f"feedback app on http://{shown}:{port}/  (database {D.shown_url(D.normalize_url(db))})")
-    # a token of the admin's own stays out of the log; one made here is the admin's only way in
-    link_token = app.state.admin_token if token is None else f"<the token of {where}>"
-    print(f"admin: http://{shown}:{port}/admin?token={link_token}", flush=True)
+    # The admin token never goes into a URL (a proxy's log, the browser's history); a one-time link may.
+    print(f"admin: http://{shown}:{port}/admin/sign-in/{app.state.sign_in_links.new()}  (a one-time sign-in link; "
+          f"then sign in at /admin with the token of {where or 'the next line'})")
+    if token is None:  # made here: the admin has no other way to learn it
+        print(f"admin token (for /admin's sign-in form and scripts' Authorization: Bearer): {app.state.admin_token}")
+    sys.stdout.flush()
     # Keep idle connections 75 s (nginx's default), not uvicorn's 5 s: a labeler reading a task for a while
     # would otherwise race the server's close with their next request.
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=75,

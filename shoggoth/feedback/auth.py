@@ -35,7 +35,7 @@ REVISIONS, REVISION_WINDOW = 10, 60.0  # revisions (PUTs) per labeler, per secon
 TOKEN_BITS = 128  # estimated entropy an admin token needs to face a network
 CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, string.punctuation + " ")
 NOT_SIGNED_IN = "not signed in: open your invite link"
-NOT_ADMIN = "admin only: open the admin link printed by `shoggoth feedback serve`"
+NOT_ADMIN = "admin only: sign in at /admin"
 
 
 class Caller(NamedTuple):
@@ -213,6 +213,12 @@ def csrf_ok(request, role, token, sent):
 
 
 def check_origin(request):
+    """403 for a write a browser sends from another site: an `Origin` that is not this server, or, when a
+    browser leaves Origin out, a `Sec-Fetch-Site` other than same-origin (a sibling subdomain is
+    "same-site": refused too). A script that sends neither header is no browser: nothing to forge."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):  # none: typed in, or a bookmark
+        raise HTTPException(403, f"cross-site request refused (Sec-Fetch-Site: {site[:20]})")
     origin = request.headers.get("origin")
     if origin is not None:
         try:
@@ -239,7 +245,7 @@ def labeler(request: Request, db: DB) -> Caller:
     """The signed-in labeler, or 401; a write signed in by a cookie needs the page's CSRF token."""
     token, via_cookie = bearer(request), False
     if token is None:
-        token, via_cookie = request.cookies.get(LABELER_COOKIE), True
+        token, via_cookie = cookie(request, LABELER_COOKIE), True
     who = D.session(db, token)
     if who is None or who[0] != "labeler":
         raise HTTPException(401, NOT_SIGNED_IN)
@@ -260,11 +266,11 @@ def admin_form(request: Request, db: DB, csrf: str = Form("", max_length=100)):
 
 def check_admin(request, db, csrf):
     token = bearer(request)
-    if token is not None:  # counted as /admin?token= is: either way the admin token can be guessed
+    if token is not None:  # counted as the sign-in form's is: either way the admin token can be guessed
         if not counted(request, lambda: is_admin_token(request, token)):
             raise HTTPException(401, NOT_ADMIN)
         return
-    token = request.cookies.get(ADMIN_COOKIE)
+    token = cookie(request, ADMIN_COOKIE)
     if D.session(db, token, request.app.state.admin_token) != ("admin", None):
         raise HTTPException(401, NOT_ADMIN)
     if request.method != "GET":
@@ -303,8 +309,42 @@ Admin = Annotated[None, Depends(handed_over(admin))]
 AdminForm = Annotated[None, Depends(handed_over(admin_form))]
 
 
+def https(request):
+    """Whether the request came over HTTPS: its scheme, which uvicorn takes from X-Forwarded-Proto only
+    when the request comes from the --trusted-proxy (so a client cannot claim it)."""
+    return request.url.scheme == "https"
+
+
+def cookie_name(request, name):
+    """A session cookie's name: over HTTPS with the `__Host-` prefix, which a browser keeps only when it
+    is Secure, Path=/ and has no Domain: no sibling subdomain and no plain-HTTP page can plant one."""
+    return "__Host-" + name if https(request) else name
+
+
+def cookie(request, name):
+    """The value of session cookie `name` (as cookie_name spells it here), or None; 400 when the request
+    carries two different values of it. A sibling subdomain can plant a second `sg_labeler` (Domain=
+    the parent), and the browser sends both: which one a server reads is up to the order the browser
+    picks, which the planter steers (a longer Path first), so neither is trusted."""
+    name = cookie_name(request, name)
+    values = set()
+    for header in request.headers.getlist("cookie"):
+        for part in header.split(";"):
+            key, _, value = part.partition("=")
+            if key.strip() == name:
+                values.add(value.strip().strip('"'))
+    if len(values) > 1:
+        raise HTTPException(400, f"this browser sent {len(values)} different {name} cookies (another site may have "
+                                 "set one): clear this site's cookies, then open your link again")
+    return values.pop() if values else None
+
+
 def set_cookie(request, resp, name, value):
     # The browser keeps the cookie as long as the session it holds lasts, not longer.
     ttl = D.SESSION_TTL["admin" if name == ADMIN_COOKIE else "labeler"]
-    resp.set_cookie(name, value, httponly=True, samesite="lax", max_age=int(ttl), path="/",
-                    secure=request.url.scheme == "https")  # https: directly, or from a trusted proxy's header
+    resp.set_cookie(cookie_name(request, name), value, httponly=True, samesite="lax", max_age=int(ttl), path="/",
+                    secure=https(request))
+
+
+def delete_cookie(request, resp, name):
+    resp.delete_cookie(cookie_name(request, name), path="/", secure=https(request), httponly=True, samesite="lax")

@@ -26,20 +26,22 @@ SECURITY_SCHEMES = {
     "adminToken": {"type": "http", "scheme": "bearer", "description":
                    "The admin token printed by `shoggoth feedback serve`. Needs no CSRF token."},
     "labelerCookie": {"type": "apiKey", "in": "cookie", "name": LABELER_COOKIE, "description":
-                      "A labeler's browser session, set by opening an invite link (HttpOnly)."},
+                      "A labeler's browser session, set by opening an invite link (HttpOnly; over HTTPS named "
+                      f"`__Host-{LABELER_COOKIE}`)."},
     "adminCookie": {"type": "apiKey", "in": "cookie", "name": ADMIN_COOKIE, "description":
-                    "The admin's browser session, set by opening `/admin?token=<admin token>` (HttpOnly)."},
+                    "The admin's browser session, set by the sign-in form of /admin (`POST /admin/sign-in`) or a "
+                    f"one-time sign-in link (HttpOnly; over HTTPS named `__Host-{ADMIN_COOKIE}`)."},
     "csrf": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token", "description":
              "With a cookie session, every POST or PUT carries the CSRF token of the page (its `csrf-token` meta or "
              "`csrf` form field), here or as the form field `csrf`; an `Origin` header, when sent, must be "
-             "this server."},
+             "this server, and a `Sec-Fetch-Site` header, when sent, same-origin."},
 }
 LABELER_READ = [{"session": []}, {"labelerCookie": []}]
 LABELER_WRITE = [{"session": []}, {"labelerCookie": [], "csrf": []}]
 ADMIN_READ = [{"adminToken": []}, {"adminCookie": []}]
 ADMIN_WRITE = [{"adminToken": []}, {"adminCookie": [], "csrf": []}]
 PUBLIC = [{}]
-WHY = {400: "Bad Content-Length", 401: "Not signed in, or a wrong token", 403: "Refused: a missing or stale CSRF "
+WHY = {400: "Bad Content-Length, or two different session cookies of one name", 401: "Not signed in, or a wrong token", 403: "Refused: a missing or stale CSRF "
        "token, a foreign Origin, or not yours", 404: "No such thing", 409: "Conflicts with what is there",
        413: "Request body over 16 KB", 422: "Invalid input", 429: "Too many wrong tokens from this address (or from all "
        "addresses): wait as Retry-After says", 503: "The database is busy: try again"}
@@ -51,7 +53,7 @@ def doc(security, *codes, html=False, redirect=None, why=None):
     `why`: {code: description} where this operation's reason differs from WHY's."""
     responses, why = {}, {**WHY, **(why or {})}
     if any("adminToken" in way for way in security):
-        codes += (429,)  # a wrong admin token counts toward the wrong-token limit, as on /admin?token=
+        codes += (429,)  # a wrong admin token counts toward the wrong-token limit, as in the sign-in form
     for code in sorted(set(codes + ALWAYS)):
         if html:
             responses[code] = {"description": why[code], "content": {"text/html": {"schema": {"type": "string"}}}}

@@ -85,6 +85,7 @@ class Campaign(Base):
     # a blind comparison of models (`feedback compare`): never exported for training unless named
     evaluation: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     settings: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # an evaluation's models and sampling settings
+    guidelines: Mapped[str | None] = mapped_column(Text, nullable=True)  # the labelers' instructions (Markdown)
 
 
 class Task(Base):
@@ -199,6 +200,20 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class GuidelinesRead(Base):
+    """A labeler has read a version of a campaign's guidelines (the first-visit screen shows a version
+    once). Kept here, not in a cookie: it follows the labeler to any browser or script, and the admin
+    sees who has read the current version."""
+
+    __tablename__ = "guidelines_read"
+    __table_args__ = (UniqueConstraint("labeler_id", "campaign_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    version: Mapped[str] = mapped_column(String(64))  # guidelines_version of the text read
+    read_at: Mapped[float] = mapped_column(Float)
+
+
 # ---------------------------------------------------------------- connecting
 
 
@@ -275,7 +290,7 @@ def _has_tasks(engine):
 
 def _new_columns(engine):
     """create_all adds no column to a table that is already there: a database made before a column
-    (campaigns.evaluation and .settings, completions.model, tasks.messages) gets it here, empty or at its server
+    (campaigns.evaluation, .settings and .guidelines, completions.model, tasks.messages) gets it here, empty or at its server
     default. Another process adding it meanwhile is fine."""
     for table in Base.metadata.sorted_tables:
         have = {c["name"] for c in inspect(engine).get_columns(table.name)}
@@ -537,10 +552,12 @@ def labeler_by_token(engine, token):
 
 
 def new_invite(engine, labeler_id):
-    """A fresh invite link token for an existing labeler (their earlier unused links stop working)."""
+    """A fresh invite link token for an existing labeler: their earlier unused links stop working and
+    their sessions end (a new link is what the admin sends when one leaked or a device was lost)."""
     token = secrets.token_urlsafe(24)
     with writing(engine) as s:
         _close_invites(s, labeler_id)
+        s.execute(SignIn.__table__.delete().where(SignIn.labeler_id == labeler_id))
         s.add(Invite(token_hash=hash_token(token), labeler_id=labeler_id, expires_at=time.time() + INVITE_TTL))
     return token
 
@@ -598,10 +615,13 @@ def end_session(engine, token):
 
 
 def revoke_labeler(engine, labeler_id):
-    """End the labeler's sessions and unused invites at once; their rankings stay."""
+    """End the labeler's sessions and unused invites at once, and free the slot of the task they hold
+    (as an expired lease is: nobody waits an hour for them); their rankings stay."""
     with writing(engine) as s:
         _close_invites(s, labeler_id)
         s.execute(SignIn.__table__.delete().where(SignIn.labeler_id == labeler_id))
+        _release(s, s.execute(select(Assignment.id, Assignment.task_id)
+                              .where(Assignment.labeler_id == labeler_id, _is_open)).all())
 
 
 def _close_invites(s, labeler_id):
@@ -1098,3 +1118,95 @@ def overview(engine):
                          "skipped": skips.get(lid, 0), "flagged": flagged.get(lid, 0),
                          "avg_seconds": sec, "last": last})
     return camps, labs
+
+
+# ---------------------------------------------------------------- guidelines
+
+
+MAX_GUIDELINES = 100_000  # characters of Markdown: a long instruction document with examples
+
+
+def guidelines_version(markdown):
+    """The version of a text of guidelines: labelers read each version once (a change shows them again)."""
+    return hashlib.sha256(markdown.encode()).hexdigest()[:16] if markdown else None
+
+
+def set_guidelines(engine, campaign_id, markdown):
+    """Store a campaign's guidelines (Markdown; None or blank clears them); returns their version."""
+    markdown = clean_text(markdown or "").strip() or None
+    if markdown is not None and len(markdown) > MAX_GUIDELINES:
+        raise Rejected(422, f"guidelines of {len(markdown)} characters: at most {MAX_GUIDELINES}")
+    with writing(engine) as s:
+        if s.execute(update(Campaign).where(Campaign.id == campaign_id).values(guidelines=markdown)).rowcount != 1:
+            raise Rejected(404, f"no campaign {campaign_id}")
+    return guidelines_version(markdown)
+
+
+def campaign_guidelines(engine, campaign_id):
+    """A campaign's guidelines (Markdown) or None; 404 for an unknown campaign."""
+    with Session(reading(engine)) as s:
+        row = s.execute(select(Campaign.guidelines).where(Campaign.id == campaign_id)).first()
+    if row is None:
+        raise Rejected(404, f"no campaign {campaign_id}")
+    return row[0]
+
+
+def labeler_guidelines(engine, labeler_id, campaign_id=None):
+    """The guidelines a labeler may read, of the campaigns open to them (their own, or every one when
+    they may label any), or only of campaign_id: [{campaign_id, campaign (as labelers see its name),
+    markdown, version, read (whether they have read this version)}], oldest campaign first."""
+    with Session(reading(engine)) as s:
+        scope = s.scalar(select(Labeler.campaign_id).where(Labeler.id == labeler_id))
+        q = select(Campaign.id, Campaign.name, Campaign.evaluation, Campaign.guidelines).where(
+            Campaign.guidelines.is_not(None)).order_by(Campaign.id)
+        if scope is not None:
+            q = q.where(Campaign.id == scope)
+        if campaign_id is not None:
+            q = q.where(Campaign.id == campaign_id)
+        read = dict(s.execute(select(GuidelinesRead.campaign_id, GuidelinesRead.version)
+                              .where(GuidelinesRead.labeler_id == labeler_id)).all())
+        return [{"campaign_id": cid, "campaign": shown_name(name, ev), "markdown": md,
+                 "version": guidelines_version(md), "read": read.get(cid) == guidelines_version(md)}
+                for cid, name, ev, md in s.execute(q).all()]
+
+
+def guidelines_of_task(engine, labeler_id, task_id):
+    """{campaign_id, version, read} of the guidelines of a task's campaign, or None when it has none."""
+    with Session(reading(engine)) as s:
+        cid = s.scalar(select(Task.campaign_id).where(Task.id == task_id))
+    found = labeler_guidelines(engine, labeler_id, cid) if cid is not None else []
+    return {k: found[0][k] for k in ("campaign_id", "version", "read")} if found else None
+
+
+def read_guidelines(engine, labeler_id, campaign_id, version):
+    """Note that the labeler has read `version` of a campaign's guidelines: 404 if they cannot see
+    them, 409 if they changed meanwhile (the labeler reads the new ones first)."""
+    found = labeler_guidelines(engine, labeler_id, campaign_id)
+    if not found:
+        raise Rejected(404, f"no guidelines of campaign {campaign_id} for you")
+    if found[0]["version"] != version:
+        raise Rejected(409, "the guidelines changed meanwhile: read them again")
+
+    def attempt():
+        with writing(engine) as s:
+            row = s.scalar(select(GuidelinesRead).where(GuidelinesRead.labeler_id == labeler_id,
+                                                        GuidelinesRead.campaign_id == campaign_id))
+            if row is None:
+                s.add(GuidelinesRead(labeler_id=labeler_id, campaign_id=campaign_id, version=version, read_at=time.time()))
+            else:
+                row.version, row.read_at = version, time.time()
+
+    retrying(attempt)  # two tabs at once: the loser's insert clashes, its retry updates
+
+
+def guidelines_summary(engine):
+    """{campaign id: {characters, readers}} of the campaigns with guidelines: how long they are, and how
+    many labelers have read their current version (for the admin page)."""
+    with Session(reading(engine)) as s:
+        texts = dict(s.execute(select(Campaign.id, Campaign.guidelines).where(Campaign.guidelines.is_not(None))).all())
+        reads = s.execute(select(GuidelinesRead.campaign_id, GuidelinesRead.version)).all()
+    out = {cid: {"characters": len(md), "readers": 0} for cid, md in texts.items()}
+    for cid, version in reads:
+        if cid in texts and version == guidelines_version(texts[cid]):
+            out[cid]["readers"] += 1
+    return out

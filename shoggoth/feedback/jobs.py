@@ -145,6 +145,30 @@ def winrates(db, campaign, resamples=None, seed=0):
     return winrate.summary(rows, settings["models"], resamples or winrate.RESAMPLES, seed)
 
 
+def set_guidelines(db, campaign, path=None):
+    """A campaign's guidelines from the Markdown file `path` ('-': standard input; None clears them):
+    (their version or None, characters). Nothing is stored unless the whole file reads as UTF-8."""
+    import sys
+
+    text = None
+    if path is not None:
+        try:
+            raw = sys.stdin.buffer.read() if path == "-" and hasattr(sys.stdin, "buffer") else (
+                sys.stdin.read().encode() if path == "-" else Path(path).read_bytes())
+            text = raw.decode("utf-8-sig")
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    engine = D.connect(db)
+    cid = D.campaign_id(engine, campaign)
+    try:
+        version = D.set_guidelines(engine, cid, text)
+    except D.Rejected as e:
+        raise DataError(f"{path}: {e}") from None
+    return version, len((text or "").strip())
+
+
 def labeler_seed(persona, i, seed):
     return zlib.crc32(f"{persona}/{i}/{seed}".encode())
 

@@ -7,12 +7,18 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from . import db as D
-from .auth import DB, REVISIONS, Labeler, ValidateFirst, bearer, check_origin, counted, csrf_for, csrf_ok, set_cookie
+from .auth import (DB, REVISIONS, Labeler, ValidateFirst, bearer, check_origin, cookie, counted, csrf_for, csrf_ok,
+                   delete_cookie, set_cookie)
 from .contract import ADMIN_COOKIE, ID, LABELER_COOKIE, LABELER_READ, LABELER_WRITE, PUBLIC, doc, page
+from .guidelines import render
 
 SIGNED_IN = "Signed in (a session cookie): on to /label"
 
 router = APIRouter(route_class=ValidateFirst)
+
+
+class ReadIn(BaseModel):
+    version: StrictStr = Field(max_length=64, description="the version of the guidelines read (as shown with them)")
 
 
 class RankingIn(BaseModel):
@@ -32,6 +38,12 @@ class Shown(BaseModel):
     text: str
 
 
+class GuidelinesState(BaseModel):
+    campaign_id: int
+    version: str = Field(description="changes whenever the guidelines' text does")
+    read: bool = Field(description="whether you marked this version read")
+
+
 class TaskOut(BaseModel):
     """A task as a labeler sees it: the conversation and the completions that answer it."""
     task_id: int
@@ -41,6 +53,8 @@ class TaskOut(BaseModel):
                                                 "system prompt (role system), earlier user and assistant turns, then "
                                                 "the user message `prompt`")
     completions: list[Shown] = Field(description="in the order this labeler sees them")
+    guidelines: GuidelinesState | None = Field(None, description="the campaign's guidelines and whether you read this "
+                                                                 "version; null when it has none")
 
 
 class Progress(BaseModel):
@@ -119,7 +133,7 @@ def join(request: Request, db: DB, token: str = Path(max_length=200)):
     preview or a mail scanner fetches it before the labeler does. Someone already signed in here is
     asked whether to switch (a link sent by someone else must not silently change who is labeling)."""
     _, name = invite_or_404(request, db, token)
-    current = D.session(db, request.cookies.get(LABELER_COOKIE))
+    current = D.session(db, cookie(request, LABELER_COOKIE))  # 400 if a second one was planted
     signed_in = current is not None and current[0] == "labeler"
     return page(request, "join.html", current=current[1][1] if signed_in else None, name=name, token=token)
 
@@ -149,20 +163,20 @@ def logout(request: Request, db: DB, csrf: str = Form("", max_length=100)):
     """Sign out of this browser's labeler and admin sessions."""
     check_origin(request)
     ended, signed_in = [], False
-    for cookie, role in ((LABELER_COOKIE, "labeler"), (ADMIN_COOKIE, "admin")):
-        token = request.cookies.get(cookie)
+    for name, role in ((LABELER_COOKIE, "labeler"), (ADMIN_COOKIE, "admin")):
+        token = cookie(request, name)
         who = D.session(db, token, request.app.state.admin_token)
         if who is not None and who[0] == role:
             signed_in = True
             if csrf_ok(request, role, token, csrf):  # the page's own form
                 D.end_session(db, token)
-                ended.append(cookie)
+                ended.append(name)
     if signed_in and not ended:
         raise HTTPException(403, "missing or stale CSRF token: reload the page")
     resp = page(request, "message.html", title="Signed out", message="You are signed out of this browser."
                 if ended else "You were not signed in.")
-    for cookie in ended:
-        resp.delete_cookie(cookie, path="/")
+    for name in ended:
+        delete_cookie(request, resp, name)
     return resp
 
 
@@ -170,7 +184,7 @@ def logout(request: Request, db: DB, csrf: str = Form("", max_length=100)):
 
 @router.get("/label", response_class=HTMLResponse, summary="The labeling page", **doc(LABELER_READ, 401, html=True))
 def label_page(request: Request, who: Labeler):
-    token = request.cookies.get(LABELER_COOKIE) or bearer(request)
+    token = cookie(request, LABELER_COOKIE) or bearer(request)
     return page(request, "label.html", name=who.name, csrf=csrf_for(request, "labeler", token), flags=D.FLAGS)
 
 
@@ -181,8 +195,13 @@ def me(db: DB, who: Labeler):
 
 @router.post("/api/next", **answers(NextOut, **doc(LABELER_WRITE, 401, 403)))
 def next_(db: DB, who: Labeler):
-    """Your open task, or a new one assigned to you now (`task`: null when nothing is left), and your progress."""
-    return {"task": D.next_task(db, who.id), "progress": D.progress(db, who.id)}
+    """Your open task, or a new one assigned to you now (`task`: null when nothing is left), and your
+    progress; the task carries `guidelines` ({campaign_id, version, read}, or null) of its campaign:
+    the page shows them first when you have not read this version."""
+    task = D.next_task(db, who.id)
+    if task is not None:
+        task["guidelines"] = D.guidelines_of_task(db, who.id, task["task_id"])
+    return {"task": task, "progress": D.progress(db, who.id)}
 
 
 @router.post("/api/tasks/{task_id}/ranking", status_code=201, **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
@@ -212,3 +231,36 @@ def revise(request: Request, db: DB, who: Labeler, body: RankingIn, ranking_id: 
     19 times already. 429: more than 10 revisions in a minute."""
     request.app.state.revisions.take(who.id)  # each version is kept: revisions are bounded in rate and number
     return {"ranking_id": ranking_id, "version": D.revise(db, who.id, ranking_id, body.ranking, body.flags)}
+
+
+# ------------------------------------------------------------ guidelines
+
+def my_guidelines(db, who, campaign_id):
+    """The guidelines `who` may read (of campaign_id, or all), each with `html`: rendered and sanitised."""
+    found = D.labeler_guidelines(db, who.id, campaign_id)
+    for g in found:
+        g["html"] = render(g.pop("markdown"))
+    return found
+
+
+@router.get("/guidelines", response_class=HTMLResponse, summary="The guidelines of your campaigns (a page)",
+            **doc(LABELER_READ, 401, 422, html=True))
+def guidelines_page(request: Request, db: DB, who: Labeler, campaign: int | None = Query(None, **ID)):
+    """The written guidelines of the campaigns you label (of one, with ?campaign=)."""
+    return page(request, "guidelines.html", name=who.name, guidelines=my_guidelines(db, who, campaign))
+
+
+@router.get("/api/guidelines/{campaign_id}", **doc(LABELER_READ, 401, 404, 422))
+def guidelines(db: DB, who: Labeler, campaign_id: int = Path(**ID)):
+    """A campaign's guidelines: {campaign_id, campaign, html (sanitised), version, read}."""
+    found = my_guidelines(db, who, campaign_id)
+    if not found:
+        raise HTTPException(404, f"campaign {campaign_id} has no guidelines for you")
+    return found[0]
+
+
+@router.post("/api/guidelines/{campaign_id}/read", **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
+def read_guidelines(db: DB, who: Labeler, body: ReadIn, campaign_id: int = Path(**ID)):
+    """Note that you have read this version of the guidelines (409: they changed meanwhile)."""
+    D.read_guidelines(db, who.id, campaign_id, body.version)
+    return {"read": True}

@@ -44,6 +44,7 @@
     try {
       const data = await api("/api/next");
       showProgress(data.progress);
+      await guidelinesFirst(data.task);
       start(data.task);
     } catch (e) {
       toast(e.message, true);
@@ -71,6 +72,33 @@
     } finally {
       busy = false;
       setBusy(false);
+    }
+  }
+
+  // ---------------------------------------------------------------- guidelines
+
+  // A campaign's guidelines come before its tasks: shown once per version (the server remembers who
+  // read which), again after the admin changes them. Resolves once they are read, or when there are none.
+  async function guidelinesFirst(t) {
+    const g = t && t.guidelines;
+    $("guidelines-link").href = g ? `/guidelines?campaign=${g.campaign_id}` : "/guidelines";
+    if (!g || g.read) return;
+    const data = await api(`/api/guidelines/${g.campaign_id}`, null, "GET");
+    $("guidelines-campaign").textContent = data.campaign;
+    // HTML rendered from the admin's Markdown and sanitised on the server (nh3); the CSP forbids inline script too
+    $("guidelines-body").innerHTML = data.html;
+    $("work").hidden = true;
+    $("empty").hidden = true;
+    $("guidelines-screen").hidden = false;
+    $("guidelines-ok").focus();
+    await new Promise((resolve) => { $("guidelines-ok").onclick = resolve; });
+    try {
+      await api(`/api/guidelines/${g.campaign_id}/read`, { version: data.version });
+    } catch (e) {  // changed meanwhile: the new version, from the top
+      toast(e.message, true);
+      return guidelinesFirst({ guidelines: { campaign_id: g.campaign_id, read: false } });
+    } finally {
+      $("guidelines-screen").hidden = true;
     }
   }
 
@@ -380,6 +408,7 @@
   document.addEventListener("keydown", (ev) => {
     if (ev.target.closest && ev.target.closest("input, textarea, select")) return;
     if ($("help").open) return;  // the dialog handles Escape itself
+    if (!$("guidelines-screen").hidden) return;  // read first: its button takes Enter
     if (ev.key === "?") { $("help").showModal(); ev.preventDefault(); return; }
     if (ev.key === "r" && !ev.ctrlKey && !ev.metaKey && !ev.altKey) { revise(); ev.preventDefault(); return; }
     if (ev.key === "Escape" && revising && !busy) { endRevision(); toast("Revision cancelled"); ev.preventDefault(); return; }
