@@ -116,12 +116,12 @@ def me(db: DB, who: Labeler):
     return {"name": who.name, "progress": D.progress(db, who.id)}
 
 
-@router.post("/api/next", **doc(LABELER_WRITE, 401, 403))
+@router.post("/api/next", **doc(LABELER_WRITE, 401, 403, 423))
 def next_(db: DB, who: Labeler):
     return {"task": D.next_task(db, who.id), "progress": D.progress(db, who.id)}
 
 
-@router.post("/api/tasks/{task_id}/ranking", status_code=201, **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
+@router.post("/api/tasks/{task_id}/ranking", status_code=201, **doc(LABELER_WRITE, 401, 403, 404, 409, 422, 423))
 def submit(db: DB, who: Labeler, body: RankingIn, task_id: int = Path(**ID)):
     return {"ranking_id": D.submit(db, who.id, task_id, body.ranking, body.flags)}  # /api/next tells progress
 
