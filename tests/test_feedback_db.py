@@ -665,3 +665,26 @@ def test_an_older_database_gets_the_quality_columns(db_url):
     e = D.connect(db_url)
     assert D.quality_settings(e) == ({1: {"gold_rate": 0.0, "flag_below": None, "expected": {}, "known": 0}}, {})
     assert D.next_task(e, lid)["task_id"] == 1
+
+
+def test_meeting_a_known_answer_task_counts_down_as_any_task(db_url):
+    """A labeler's `left` drops by one for every task they get, a known-answer task dealt beyond its
+    slots too (else it would give that task away), and is 0 once no ordinary work is left for them."""
+    import random
+
+    e = D.connect(db_url)
+    cid = D.add_tasks(e, "c", make_tasks(4) + [{**t, "expected": [0, 1, 2, 3]} for t in make_tasks(3, tag="k")],
+                      rankings_per_task=1)
+    D.set_quality(e, cid, gold_rate=0.5)
+    with D.writing(e) as s:  # the known tasks' one slot each taken by someone else
+        s.execute(update(D.Task).where(D.Task.expected.is_not(None)).values(n_done=1))
+    lid, rng, lefts, known = D.create_labeler(e, "b")[0], random.Random(3), [], 0
+    while True:
+        lefts.append(D.progress(e, lid)["left"])
+        t = D.next_task(e, lid, rng=rng)
+        if t is None:
+            break
+        known += t["prompt"].startswith("prompt k")
+        D.submit(e, lid, t["task_id"], groups_in_order(t))
+    assert known >= 1 and lefts[0] == 7 and lefts[-1] == 0, lefts
+    assert all(a - b == 1 for a, b in zip(lefts, lefts[1:-1])), lefts  # one down per task, to the last ordinary one
