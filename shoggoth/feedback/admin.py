@@ -1,5 +1,6 @@
-"""The admin's side of the ranking app: the overview page (campaigns, their agreement and win rates,
-labelers), inviting and revoking labelers, a campaign's rankings per task, and the export. Every
+"""The admin's side of the ranking app: the overview page (campaigns, their agreement, win rates and
+labeler quality, labelers), inviting, revoking and pausing labelers, known-answer tasks and a campaign's
+quality settings, a campaign's rankings per task, and the export. Every
 route but the sign-in declares `_: Admin` (reads) or `_: AdminForm` (a page's form: its `csrf` field)."""
 
 import logging
@@ -93,7 +94,7 @@ def overview_with_agreement(request, db):
     as app.state.winrates last computed them (`winrate`, None until the first is done) and how
     current they are (`winrate_status`: state and age, as WinRates.get says)."""
     camps, labs = D.overview(db)
-    settings, paused = D.quality_settings(db)
+    measures, paused = D.quality_settings(db)
     for lab in labs:
         lab["paused"] = paused.get(lab["id"])
     for c in camps:
@@ -105,7 +106,7 @@ def overview_with_agreement(request, db):
         else:
             rows = D.rank_vectors(db, c["id"])
         c["agreement"] = agreement(rows)
-        c["quality"] = labeler_quality(db, c["id"], rows, settings[c["id"]])
+        c["quality"] = labeler_quality(db, c["id"], rows, measures[c["id"]])
     return camps, labs
 
 

@@ -18,6 +18,10 @@ server threads, processes and simulated labelers at once:
   assignment changed since it read it (its lease released meanwhile) reads it again (`_answer`).
 - Every change of a task's counters happens in the transaction that changes
   the assignment it counts.
+- A known-answer task (its `expected` order set by the admin) is also dealt
+  beyond its slots, at its campaign's `gold_rate`, to labelers who still have
+  ordinary work (`_known_answer`): every labeler meets some, unannounced.
+  A paused labeler (`paused_at`) gets no task and stores no ranking.
 
 An evaluation campaign (`shoggoth feedback compare`) is a blind comparison of
 models: one answer per model for each prompt, ranked like any task. Which model
