@@ -402,15 +402,15 @@ def cmd_feedback(argv):
                   f"their order kept as a hidden reference (`feedback agreement --campaign {name}`)")
     elif a.action == "agreement":
         g, ref, (threshold, labs) = jobs.agreements(a.db, a.campaign, a.seed)
-        print(f"campaign {a.campaign!r}: labelers agree with each other at Kendall tau {fmt(g['tau'])} "
-              f"({g['pairs']} pairs of rankings of one task), Krippendorff alpha {fmt(g['alpha'])}")
+        print(f"campaign {a.campaign!r}: labelers agree with each other at Kendall tau {tau_text(g['tau'])} "
+              f"({g['pairs']} pairs of rankings of one task), Krippendorff alpha {tau_text(g['alpha'])}")
         for name, m in labs.items():
-            print(f"  {name}: " + "; ".join(f"tau {fmt(x['tau'])} {interval(x)} with {what} over {x['tasks']} tasks"
+            print(f"  {name}: " + "; ".join(f"tau {tau_text(x['tau'])} {interval_text(x)} with {what} over {x['tasks']} tasks"
                                              for what, x in (("the others' consensus", m["others"]),
                                                              ("the known answers", m["known"])) if x)
                   + (f"  FLAGGED ({', '.join(m['flagged'])})" if m["flagged"] else ""))
         for name, (tau, n) in (ref or {}).items():
-            print(f"  {name}: tau {fmt(tau)} with the imported order over {n} rankings")
+            print(f"  {name}: tau {tau_text(tau)} with the imported order over {n} rankings")
         flagged = [name for name, m in labs.items() if m["flagged"]]
         print(f"flagged (a 95% interval wholly below tau {threshold:g}): {', '.join(flagged) or 'nobody'}")
     elif a.action == "quality":
@@ -441,11 +441,12 @@ def cmd_feedback(argv):
         print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")
 
 
-def fmt(v):
+def tau_text(v):
+    """A Kendall tau as `feedback agreement` prints it ("-": none)."""
     return "-" if v is None else f"{v:.3f}"
 
 
-def interval(m):
+def interval_text(m):
     """A measure's interval as `feedback agreement` prints it."""
     return "[too few tasks for an interval]" if m["low"] is None else f"[{m['low']:.2f}, {m['high']:.2f}]"
 
