@@ -426,3 +426,26 @@ def test_a_team_with_a_careless_and_an_adversarial_labeler_through_the_cli(tmp_p
                           (("import", "--data", str(known), "--db", db, "--campaign", "team"), 1, "exists already")):
         err = run(*argv, rc=rc).err
         assert msg in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_consensus_taus_weigh_the_others_by_their_own_agreement():
+    """Two labelers rank three tasks alike, a third in reverse. With equal weights the first two find
+    the others' consensus all ties (nothing to measure); a round later the reversed one weighs
+    MIN_WEIGHT and each of the two agrees fully with the other. tau_b_rows is kendall_tau_b, row by row."""
+    import random
+
+    import numpy as np
+
+    from shoggoth.feedback.agreement import consensus_taus, tau_b_rows
+
+    rows = [{"task_id": t, "labeler": lab, "ranks": [2, 1, 0] if lab == "c" else [0, 1, 2]}
+            for t in range(3) for lab in "abc"]
+    assert consensus_taus(rows, rounds=1) == {"c": {0: -1.0, 1: -1.0, 2: -1.0}}
+    assert consensus_taus(rows) == {name: {t: 1.0 if name != "c" else -1.0 for t in range(3)} for name in "abc"}
+    rng = random.Random(0)
+    x = [[rng.randint(0, 3) for _ in range(5)] for _ in range(300)]
+    y = [[rng.randint(0, 3) for _ in range(5)] for _ in range(300)]
+    got = tau_b_rows(np.array(x, float), np.array(y, float))
+    for a, b, t in zip(x, y, got):
+        want = kendall_tau_b(a, b)
+        assert (np.isnan(t) and want is None) or t == pytest.approx(want)

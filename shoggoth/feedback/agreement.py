@@ -117,27 +117,55 @@ def consensus_taus(rows, rounds=ROUNDS):
     (at least MIN_WEIGHT), found by `rounds` rounds from equal weights. Plain mean pairwise tau lets
     bad labelers pull good ones down: among five, one random and one reversed, a careful labeler's
     mean tau with the others is about a quarter of their tau with another careful one, near the
-    random labeler's; the weighted consensus leaves the two out after one round."""
-    by_task = defaultdict(dict)
-    for r in rows:
-        by_task[r["task_id"]][r["labeler"]] = r["ranks"]
-    weight = defaultdict(lambda: 1.0)
-    per = {}
+    random labeler's; the weighted consensus leaves the two out after one round.
+
+    In numpy over all rankings at once (a team's campaign has tens of thousands, and the admin page
+    shows this on every load); the consensus is rounded to 9 decimals, so that the others' tie stays
+    a tie whatever the order the weights were summed in."""
+    latest = {(r["task_id"], r["labeler"]): r["ranks"] for r in rows}  # one ranking per labeler and task
+    names = sorted({lab for _, lab in latest})
+    index = {name: i for i, name in enumerate(names)}
+    by_k = defaultdict(list)  # rankings by their number of completions (a campaign has one K)
+    for (tid, lab), ranks in latest.items():
+        by_k[len(ranks)].append((tid, index[lab], ranks))
+    groups = []
+    for entries in by_k.values():
+        tids = np.array([t for t, _, _ in entries])
+        task = np.unique(tids, return_inverse=True)[1]
+        groups.append((tids, task, np.array([i for _, i, _ in entries]),
+                       np.array([r for _, _, r in entries], dtype=float)))
+    weight = np.ones(len(names))
     for _ in range(rounds):
-        per = defaultdict(dict)
-        for tid, ranks in by_task.items():
-            for name, mine in ranks.items():
-                others = [(weight[o], ranks[o]) for o in ranks if o != name]
-                if not others:
-                    continue
-                total = sum(w for w, _ in others)
-                mean = [sum(w * rk[i] for w, rk in others) / total for i in range(len(mine))]
-                t = kendall_tau_b(mine, mean)
-                if t is not None:
-                    per[name][tid] = t
-        weight = defaultdict(lambda: 1.0, {name: max(MIN_WEIGHT, sum(ts.values()) / len(ts))
-                                           for name, ts in per.items()})
+        total, count, found = np.zeros(len(names)), np.zeros(len(names)), []
+        for tids, task, lab, ranks in groups:
+            w = weight[lab][:, None]  # (n, 1)
+            wr = w * ranks  # (n, K)
+            s = np.zeros((task.max() + 1, ranks.shape[1]))
+            np.add.at(s, task, wr)  # each task's weighted sum of ranks
+            others = np.bincount(task, weights=w[:, 0])[task] - w[:, 0]  # (n,) the others' total weight
+            has = others > 1e-12  # a ranking with someone else's beside it
+            mean = np.round((s[task][has] - wr[has]) / others[has, None], 9)  # the others' consensus
+            tau = tau_b_rows(ranks[has], mean)
+            ok = ~np.isnan(tau)
+            found.append((tids[has][ok], lab[has][ok], tau[ok]))
+            np.add.at(total, lab[has][ok], tau[ok])
+            np.add.at(count, lab[has][ok], 1)
+        weight = np.where(count > 0, np.maximum(MIN_WEIGHT, total / np.maximum(count, 1)), 1.0)
+    per = defaultdict(dict)
+    for tids, lab, tau in found:
+        for t, i, v in zip(tids.tolist(), lab.tolist(), tau.tolist()):
+            per[names[i]][t] = v
     return dict(per)
+
+
+def tau_b_rows(x, y):
+    """Kendall's tau-b (kendall_tau_b) of each row of x (n, K) with the same row of y; NaN where either
+    row is all ties."""
+    i, j = np.triu_indices(x.shape[1], 1)
+    dx, dy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])  # (n, pairs)
+    denom = np.sqrt((len(i) - (dx == 0).sum(1)) * (len(i) - (dy == 0).sum(1)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (dx * dy).sum(1) / denom, np.nan)
 
 
 def interval(values, seed, resamples=RESAMPLES, level=LEVEL):
