@@ -268,6 +268,9 @@ def sampling_flags(p):
 
 
 def cmd_feedback(argv):
+    from .feedback.agreement import FLAG_BELOW
+    from .simulated import MODES
+
     p = argparse.ArgumentParser(prog="shoggoth feedback", description="Human (and simulated) rankings of completions.")
     sub = p.add_subparsers(dest="action", required=True)
     db_help = "SQLAlchemy URL (postgresql://user@host/db) or a SQLite file path (default: feedback.db)"
@@ -312,6 +315,9 @@ def cmd_feedback(argv):
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--noise", type=float, help="score noise of each labeler (default: the persona's)")
     m.add_argument("--max-tasks", type=int, help="at most this many rankings per labeler")
+    m.add_argument("--mode", default="normal", choices=MODES,
+                   help="normal: by the persona's taste; random or reverse (worst first): a careless or adversarial "
+                        "labeler, sim-<persona>-<mode>-<i>")
     i = sub.add_parser("import", help="a preference set (rankings, TRL pairs, HH transcripts, scored completions) as a "
                                       "new campaign for people to re-rank; its order kept as a hidden reference")
     i.add_argument("--data", required=True, help="JSONL, Parquet, Arrow, a save_to_disk folder or a hub ID:SPLIT")
@@ -319,21 +325,45 @@ def cmd_feedback(argv):
     i.add_argument("--campaign", help="a new campaign's name (default: import-<the file's name>)")
     i.add_argument("--rankings-per-task", type=int, default=3, help="rankings each task collects")
     i.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid rows instead of stopping")
+    i.add_argument("--known-answer", action="store_true",
+                   help="the rows are known-answer tasks, their order the expected one, added to --campaign (made if "
+                        "new) and mixed into its labelers' tasks at its --gold-rate (`feedback quality`)")
     r = sub.add_parser("agreement", help="how the labelers of a campaign agree with each other, and with an imported "
                                          "set's own order")
     r.add_argument("--db", default="feedback.db", help=db_help)
     r.add_argument("--campaign", required=True)
+    r.add_argument("--seed", type=int, default=0, help="the seed of the bootstrap intervals")
     u = sub.add_parser("guidelines", help="set a campaign's guidelines for labelers from a Markdown file (shown before "
                                           "their next task; a change is shown again)")
     u.add_argument("--db", default="feedback.db", help=db_help)
     u.add_argument("--campaign", required=True)
     u.add_argument("file", nargs="?", help="a Markdown file, UTF-8 ('-': standard input)")
     u.add_argument("--clear", action="store_true", help="remove the campaign's guidelines")
+    q = sub.add_parser("quality", help="a campaign's known-answer rate and flag threshold: show or set them")
+    q.add_argument("--db", default="feedback.db", help=db_help)
+    q.add_argument("--campaign", required=True)
+    q.add_argument("--gold-rate", type=float, help="share of each labeler's tasks drawn from the known-answer ones, "
+                                                   "unannounced (0 to 0.5; default 0: none)")
+    q.add_argument("--flag-below", type=float, help="flag a labeler whose agreement interval lies wholly below this "
+                                                    f"Kendall tau (default {FLAG_BELOW})")
+    x = sub.add_parser("expect", help="make a task a known-answer task (its expected ranking), or an ordinary one again")
+    x.add_argument("--db", default="feedback.db", help=db_help)
+    x.add_argument("--task", type=int, required=True, help="the task's id (as exported: task_id)")
+    x.add_argument("--ranks", type=int, nargs="+", help="the expected rank of each completion in its stored (exported) "
+                                                        "order, 0 best, ties share a rank")
+    x.add_argument("--clear", action="store_true", help="no known answer any more")
+    for verb, what in (("pause", "no new tasks for a labeler, their open one released"), ("resume", "undo pause")):
+        v = sub.add_parser(verb, help=what)
+        v.add_argument("name", help="the labeler's name")
+        v.add_argument("--db", default="feedback.db", help=db_help)
     e = sub.add_parser("export", help="write rankings (or TRL pairs) as JSONL")
     e.add_argument("--db", default="feedback.db", help=db_help)
     e.add_argument("--out", required=True)
     e.add_argument("--pairs", action="store_true", help="TRL pairs {prompt, chosen, rejected} instead of rankings")
     e.add_argument("--campaign", help="only this campaign (evaluation campaigns are exported only when named)")
+    e.add_argument("--min-agreement", type=float, metavar="TAU",
+                   help="leave out the rankings of labelers whose agreement with the others in a campaign (Kendall tau "
+                        "with their consensus, as `feedback agreement` shows) is below TAU; which, on stderr")
     a = p.parse_args(argv)
     from .checkpoint import resolve
     from .feedback import jobs
@@ -364,31 +394,73 @@ def cmd_feedback(argv):
                   "prefer $SHOGGOTH_ADMIN_TOKEN or --admin-token-file", file=sys.stderr)
         serve(a.db, a.host, a.port, a.admin_token, trusted_proxy=a.trusted_proxy, admin_token_file=a.admin_token_file)
     elif a.action == "simulate":
-        done = jobs.simulate(a.db, a.persona, a.labelers, a.campaign, a.seed, a.noise, a.max_tasks)
+        done = jobs.simulate(a.db, a.persona, a.labelers, a.campaign, a.seed, a.noise, a.max_tasks, a.mode)
         print(f"{sum(done.values())} rankings by {len(done)} simulated labelers: "
               + ", ".join(f"{k} {v}" for k, v in done.items()))
     elif a.action == "import":
-        name, n, k = jobs.import_preferences(a.data, a.db, a.campaign, a.rankings_per_task, a.skip_invalid)
-        print(f"campaign {name!r}: {n} tasks of {k} completions imported from {a.data} into {shown_url(a.db)}, their "
-              f"order kept as a hidden reference (`feedback agreement --campaign {name}`)")
+        name, n, k = jobs.import_preferences(a.data, a.db, a.campaign, a.rankings_per_task, a.skip_invalid,
+                                             known=a.known_answer)
+        if a.known_answer:
+            print(f"campaign {name!r}: {n} known-answer tasks of {k} completions added from {a.data}; labelers meet "
+                  f"them unannounced at the campaign's gold rate (`feedback quality --campaign {name} --gold-rate R`)")
+        else:
+                print(f"campaign {name!r}: {n} tasks of {k} completions imported from {a.data} into {shown_url(a.db)}, "
+                  f"their order kept as a hidden reference (`feedback agreement --campaign {name}`)")
     elif a.action == "agreement":
-        g, ref = jobs.agreements(a.db, a.campaign)
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"campaign {a.campaign!r}: labelers agree with each other at Kendall tau {fmt(g['tau'])} "
-              f"({g['pairs']} pairs of rankings of one task), Krippendorff alpha {fmt(g['alpha'])}")
-        for name, tau in sorted(g["per_labeler"].items()):
-            print(f"  {name}: tau {fmt(tau)} with the others")
+        g, ref, (threshold, labs) = jobs.agreements(a.db, a.campaign, a.seed)
+        print(f"campaign {a.campaign!r}: labelers agree with each other at Kendall tau {tau_text(g['tau'])} "
+              f"({g['pairs']} pairs of rankings of one task), Krippendorff alpha {tau_text(g['alpha'])}")
+        for name, m in labs.items():
+            print(f"  {name}: " + "; ".join(f"tau {tau_text(x['tau'])} {interval_text(x)} with {what} over {x['tasks']} tasks"
+                                             for what, x in (("the others' consensus", m["others"]),
+                                                             ("the known answers", m["known"])) if x)
+                  + (f"  FLAGGED ({', '.join(m['flagged'])})" if m["flagged"] else ""))
         for name, (tau, n) in (ref or {}).items():
-            print(f"  {name}: tau {fmt(tau)} with the imported order over {n} rankings")
+            print(f"  {name}: tau {tau_text(tau)} with the imported order over {n} rankings")
+        flagged = [name for name, m in labs.items() if m["flagged"]]
+        print(f"flagged (a 95% interval wholly below tau {threshold:g}): {', '.join(flagged) or 'nobody'}")
     elif a.action == "guidelines":
         if (a.file is None) == (not a.clear):
             raise UsageError("give a Markdown FILE or --clear (not both)")
         version, n = jobs.set_guidelines(a.db, a.campaign, a.file)
         print(f"campaign {a.campaign!r}: guidelines " + (f"set ({n} characters, version {version}); each labeler reads "
               "them before their next task" if version else "removed"))
+    elif a.action == "quality":
+        from .feedback import db as D
+
+        engine = D.connect(a.db)
+        cid = D.campaign_id(engine, a.campaign)
+        set_ = D.set_quality(engine, cid, a.gold_rate, a.flag_below)
+        below = FLAG_BELOW if set_["flag_below"] is None else set_["flag_below"]
+        known = D.quality_settings(engine)[0][cid]["known"]
+        print(f"campaign {a.campaign!r}: {known} known-answer tasks, met at rate {set_['gold_rate']:g}; labelers "
+              f"flagged below tau {below:g}")
+    elif a.action == "expect":
+        from .feedback import db as D
+
+        if (a.ranks is None) == (not a.clear):
+            raise UsageError("feedback expect: give --ranks R0 R1 ... or --clear")
+        got = D.set_expected(D.connect(a.db), a.task, a.ranks)
+        print(f"task {a.task}: " + (f"a known-answer task, expected ranks {got}" if got else "an ordinary task"))
+    elif a.action in ("pause", "resume"):
+        from .feedback import db as D
+
+        engine = D.connect(a.db)
+        D.pause_labeler(engine, D.find_labeler(engine, a.name), a.action == "pause")
+        print(f"{a.name}: " + ("paused (no new tasks; their open one released)" if a.action == "pause" else "resumed"))
     else:
-        n = jobs.export(a.db, a.out, a.pairs, a.campaign)
+        n = jobs.export(a.db, a.out, a.pairs, a.campaign, a.min_agreement, log=lambda m: print(m, file=sys.stderr))
         print(f"{n} {'pairs' if a.pairs else 'rankings'} written to {a.out}")
+
+
+def tau_text(v):
+    """A Kendall tau as `feedback agreement` prints it ("-": none)."""
+    return "-" if v is None else f"{v:.3f}"
+
+
+def interval_text(m):
+    """A measure's interval as `feedback agreement` prints it."""
+    return "[too few tasks for an interval]" if m["low"] is None else f"[{m['low']:.2f}, {m['high']:.2f}]"
 
 
 COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "chat": cmd_chat, "demo": cmd_demo, "feedback": cmd_feedback,

@@ -147,7 +147,7 @@ def init_costs(init, dev, amp):
         t = time.perf_counter()
         sampling.chat_replies((model, tok), msgs, max_new_tokens=48, temperature=1.0, seed=0)
     costs = {"row": (time.perf_counter() - t) / len(msgs)}
-    length = min(max(len(tok.prompt_ids(m)) for m in prompts) + 48, model.config.max_seq_len)
+    length = min(sum(len(tok.prompt_ids(m)) for m in prompts) // len(prompts) + 48, model.config.max_seq_len)
     x = torch.randint(0, model.config.vocab_size, (16, length), generator=torch.Generator().manual_seed(0), device=dev)
     model = lora.wrap(model.train(), lora.Options(**opts), seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -198,13 +198,15 @@ def init_plan(costs, budget, train_prompts, heldout_prompts):
     evaluation = ppo.eval_samples * row + 3 * ppo.eval_samples / 16 * fwd
     ppo_seconds = lambda n: n * iteration + (n // ppo.eval_every + 1) * evaluation  # noqa: E731
     dpo_step = 2 * dpo.batch_size / 16 * (step + fwd)  # chosen and rejected, through the policy and the reference
+    # before its steps, DPO scores every ranked reply under the reference once; it evaluates the held-out ones twice
+    dpo_once = prompts * ROUNDS * LABELERS * K * (1 + 0.1 * 2) / 16 * fwd
     winrate = 5.0
-    left = budget - sum(labels(prompts, n) for n in range(1, ROUNDS + 1)) - answers(heldout) - winrate
+    left = budget - sum(labels(prompts, n) for n in range(1, ROUNDS + 1)) - answers(heldout) - winrate - dpo_once
     iterations = int(min(max(left * INIT_SHARES["ppo"] / ROUNDS / (iteration + evaluation / ppo.eval_every),
                              INIT_MIN["ppo"]), ppo.iterations // ROUNDS))
     dpo_steps = int(min(max((left - ROUNDS * ppo_seconds(iterations)) / dpo_step, INIT_MIN["dpo"]), dpo.max_steps))
     est = {**{f"round-{n}": labels(prompts, n) + ppo_seconds(iterations) for n in range(1, ROUNDS + 1)},
-           "dpo": dpo_steps * dpo_step, "answers": answers(heldout), "winrate": winrate}
+           "dpo": dpo_once + dpo_steps * dpo_step, "answers": answers(heldout), "winrate": winrate}
     return {"prompts_per_round": prompts, "ppo_iterations": iterations, "dpo_steps": dpo_steps, "heldout": heldout,
             "estimate": est, "over": sum(est.values()) > budget * 1.05}
 

@@ -57,6 +57,7 @@ class Config:
     rankings_per_task: int = 3  # rankings each prompt collects
     simulate: str = ""  # persona of simulated labelers who rank each round at once; empty = people in the ranking app
     labelers: int = 3  # simulated labelers
+    min_agreement: float = -1.0  # leave out a round's rankings by labelers whose tau with the others is below this; -1 = none
     select: str = "random"  # random | uncertain: which prompts labelers get (uncertain: those the reward heads disagree on most)
     pool: int = 4  # with --select uncertain: candidate prompts sampled per prompt kept
     heads: int = 8  # reward heads in the ensemble that measures disagreement
@@ -265,10 +266,13 @@ def write_jsonl(path, recs):
 
 
 def export(c: Config, n, engine):
-    """round-n/rankings.jsonl (this round's, from the database), train.jsonl (--rankings, every earlier
-    round and this round's training share) and eval.jsonl (this round's held-out prompts)."""
+    """round-n/rankings.jsonl (this round's, from the database; without labelers below --min-agreement),
+    train.jsonl (--rankings, every earlier round and this round's training share) and eval.jsonl (this
+    round's held-out prompts)."""
     out = Path(c.out) / f"round-{n}"
-    mine = [{k: r[k] for k in D.EXPORT_KEYS if k in r} for r in D.export_rows(engine, campaign=f"round-{n}")]
+    leave_out = jobs.low_agreement(engine, c.min_agreement, f"round-{n}") if c.min_agreement > -1 else frozenset()
+    mine = [{k: r[k] for k in D.EXPORT_KEYS if k in r}
+            for r in D.export_rows(engine, campaign=f"round-{n}", leave_out=leave_out)]
     write_jsonl(out / "rankings.jsonl", mine)
     raw = [row for _, row in data.iter_rows(c.rankings)] if c.rankings else []
     for m in range(1, n):

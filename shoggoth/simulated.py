@@ -348,11 +348,19 @@ def ranks_from_scores(scores, tie_margin=0.0):
     return ranks
 
 
-class SimulatedLabeler:
-    """One simulated person of a persona; `seed` fixes their taste jitter and their noise."""
+MODES = ("normal", "random", "reverse")  # how a simulated labeler ranks, whatever their persona
 
-    def __init__(self, persona_name="balanced", seed=0, noise=None):
+
+class SimulatedLabeler:
+    """One simulated person of a persona; `seed` fixes their taste jitter and their noise. `mode`
+    "random" ranks at random (a careless labeler), "reverse" ranks worst first (an adversarial
+    one); "normal" ranks by the persona's taste."""
+
+    def __init__(self, persona_name="balanced", seed=0, noise=None, mode="normal"):
+        if mode not in MODES:
+            raise DataError(f"unknown labeler mode {mode!r}; known: {', '.join(MODES)}")
         base = persona(persona_name)
+        self.mode = mode
         self.rng = random.Random(seed)
         jitter = lambda w: max(0.0, w * (1 + self.rng.gauss(0, 0.25)))  # noqa: E731
         self.persona = replace(base, relevance=jitter(base.relevance), fluency=jitter(base.fluency),
@@ -365,6 +373,10 @@ class SimulatedLabeler:
 
     def rank(self, prompt, completions, references=None):
         """(ranks, flags): ranks 0 best with ties, flags as a person would set them."""
+        if self.mode == "random":
+            return ranks_from_scores([self.rng.random() for _ in completions]), []
         s = self.scores(prompt, completions, references)
         flags = ["all_bad"] if max(s) < 0.15 else []
+        if self.mode == "reverse":
+            return ranks_from_scores([-x for x in s], self.persona.tie_margin), []
         return ranks_from_scores(s, self.persona.tie_margin), flags

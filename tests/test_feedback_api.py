@@ -14,6 +14,7 @@ from common import ranking_history
 from shoggoth.feedback import db as D
 from shoggoth.feedback import winrate
 from shoggoth.feedback.admin import WinRates
+from shoggoth.feedback.agreement import kendall_tau_b
 from shoggoth.feedback.auth import REVISION_WINDOW, REVISIONS
 
 ADMIN = "admin-secret-token"
@@ -819,3 +820,130 @@ def test_revisions_are_rate_limited_per_labeler(live_app):
         r = c.put(f"/api/rankings/{rid}", json={"ranking": groups[::-1]}, headers=bearer(alice))
         assert r.status_code == 200 and r.json()["version"] == REVISIONS + 2
     assert len(limiter.seen) <= 2  # labelers idle for a window are forgotten
+
+
+# ------------------------------------------------------------ labeler quality
+
+
+def shape(x):
+    """The shape of a JSON value: its keys and the types of its leaves, not their values."""
+    if isinstance(x, dict):
+        return {k: shape(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [shape(v) for v in x]
+    return type(x).__name__
+
+
+def rank_by_text(c, token, task, reverse=False):
+    """Submit the ranking that orders the task's completions by their text (reversed: worst first)."""
+    order = sorted(task["completions"], key=lambda x: x["text"], reverse=reverse)
+    r = c.post(f"/api/tasks/{task['task_id']}/ranking", json={"ranking": [[x["id"]] for x in order]},
+               headers=bearer(token))
+    assert r.status_code == 201, r.text
+
+
+def test_known_answer_tasks_look_like_any_other_to_a_labeler(live_app):
+    """The admin marks tasks with an expected order and sets the campaign's rate; a labeler meets them
+    unannounced: what the labeler API answers for them has the shape (and campaign) of any other
+    task's, and names no expected order."""
+    srv = live_app
+    setup_campaign(srv, n_tasks=8, k=4, per_task=1)
+    known = [2, 5, 7]
+    with httpx.Client(base_url=srv.url) as c:
+        for tid in known:
+            r = c.post(f"/admin/api/tasks/{tid}/expected", json={"ranks": [0, 1, 2, 2]}, headers=bearer(ADMIN))
+            assert r.status_code == 200 and r.json() == {"task_id": tid, "expected": [0, 1, 2, 2]}
+        r = c.post("/admin/api/campaigns/1/quality", json={"gold_rate": 0.5}, headers=bearer(ADMIN))
+        assert r.json() == {"gold_rate": 0.5, "flag_below": None}
+        token = signed_in(srv, "ann")
+        seen = {}
+        while (r := c.post("/api/next", headers=bearer(token))).json()["task"] is not None:
+            task = r.json()["task"]
+            seen[task["task_id"]] = r
+            rank_by_text(c, token, task)
+        assert set(known) <= set(seen)
+        shapes = {tid: shape(r.json()) for tid, r in seen.items()}
+        assert all(shapes[tid] == shapes[known[0]] for tid in seen)
+        assert {r.json()["task"]["campaign"] for r in seen.values()} == {"camp"}
+        assert not any(w in r.text for r in seen.values() for w in ("expected", "known", "gold"))
+        mine = c.get("/api/rankings", headers=bearer(token)).json()["rankings"]
+        assert len({json.dumps(shape(x)) for x in mine}) == 1
+        assert not any(w in json.dumps(mine) for w in ("expected", "known", "gold"))
+        overview = c.get("/admin/api/overview", headers=bearer(ADMIN)).json()
+        q = overview["campaigns"][0]["quality"]
+        assert q["known"] == 3 and q["gold_rate"] == 0.5 and q["flag_below"] == 0.3
+        assert q["labelers"]["ann"]["known"]["tasks"] == 3  # ranked by text: c.0 c.1 c.2 c.3, ties at the end
+        assert q["labelers"]["ann"]["known"]["tau"] == pytest.approx(kendall_tau_b([0, 1, 2, 3], [0, 1, 2, 2]))
+
+
+def test_admin_pauses_a_labeler_and_sets_quality_over_http(live_app):
+    srv = live_app
+    setup_campaign(srv, n_tasks=2, k=3, per_task=1)
+    alice, bob = signed_in(srv, "alice"), signed_in(srv, "bob")
+    lid = D.session(srv.engine, alice)[1][0]
+    with httpx.Client(base_url=srv.url) as c:
+        held = c.post("/api/next", headers=bearer(alice)).json()["task"]
+        r = c.post(f"/admin/api/labelers/{lid}/pause", headers=bearer(ADMIN))
+        assert r.status_code == 200 and r.json()["paused"] > 0
+        for r in (c.post("/api/next", headers=bearer(alice)),
+                  c.post(f"/api/tasks/{held['task_id']}/ranking", headers=bearer(alice),
+                         json={"ranking": [[x["id"]] for x in held["completions"]]})):
+            assert r.status_code == 423 and "paused by the admin" in r.json()["error"]
+        assert n_rankings(srv) == 0
+        assert c.post("/api/next", headers=bearer(bob)).json()["task"]["task_id"] == held["task_id"]  # released
+        labs = {x["name"]: x for x in c.get("/admin/api/overview", headers=bearer(ADMIN)).json()["labelers"]}
+        assert labs["alice"]["paused"] and labs["bob"]["paused"] is None
+        assert c.post(f"/admin/api/labelers/{lid}/resume", headers=bearer(ADMIN)).json() == {"id": lid, "paused": None}
+        assert c.post("/api/next", headers=bearer(alice)).json()["task"]["task_id"] != held["task_id"]
+        # bad input: a clear 4xx, nothing changed
+        for r, status, msg in (
+                (c.post("/admin/api/labelers/999/pause", headers=bearer(ADMIN)), 404, "no labeler 999"),
+                (c.post("/admin/api/tasks/999/expected", json={"ranks": [0, 1, 2]}, headers=bearer(ADMIN)), 404,
+                 "no task 999"),
+                (c.post("/admin/api/tasks/1/expected", json={"ranks": [0, 1]}, headers=bearer(ADMIN)), 422,
+                 "a list of 3 integers"),
+                (c.post("/admin/api/tasks/1/expected", json={"ranks": ["0", 1, 2]}, headers=bearer(ADMIN)), 422, ""),
+                (c.post("/admin/api/tasks/1/expected", json={}, headers=bearer(ADMIN)), 422, "ranks"),
+                (c.post("/admin/api/campaigns/1/quality", json={"gold_rate": 0.9}, headers=bearer(ADMIN)), 422,
+                 "gold_rate"),
+                (c.post("/admin/api/campaigns/1/quality", content=b'{"flag_below": NaN}', headers=bearer(ADMIN)),
+                 422, ""),
+                (c.post("/admin/api/campaigns/9/quality", json={"gold_rate": 0.1}, headers=bearer(ADMIN)), 404,
+                 "no campaign 9"),
+                (c.post(f"/admin/api/labelers/{lid}/pause", headers=bearer(bob)), 401, "admin only"),
+                (c.get("/admin/export.jsonl?min_agreement=2", headers=bearer(ADMIN)), 422, "min_agreement")):
+            assert r.status_code == status and msg in r.json()["error"], (r.status_code, r.text)
+        assert D.quality_settings(srv.engine) == ({1: {"gold_rate": 0.0, "flag_below": None, "expected": {},
+                                                       "known": 0}}, {})
+    # the page's forms, with an admin cookie and the page's CSRF token
+    with httpx.Client(base_url=srv.url, cookies={"sg_admin": D.admin_session(srv.engine, ADMIN)}) as admin:
+        csrf = csrf_of(admin.get("/admin").text)
+        assert admin.post(f"/admin/labelers/{lid}/pause", data={}).status_code == 403  # no CSRF token
+        assert admin.post(f"/admin/labelers/{lid}/pause", data={"csrf": csrf}).status_code == 303
+        page = admin.get("/admin").text
+        assert f'action="/admin/labelers/{lid}/resume"' in page and 'class="paused-state">paused' in page
+        r = admin.post("/admin/campaigns/1/quality", data={"csrf": csrf, "gold_rate": "0.1", "flag_below": ""})
+        assert r.status_code == 303 and D.quality_settings(srv.engine)[0][1]["gold_rate"] == 0.1
+        for bad in ({"gold_rate": "abc"}, {"gold_rate": "nan"}, {"flag_below": "-3"}):
+            r = admin.post("/admin/campaigns/1/quality", data={"csrf": csrf, **bad})
+            assert r.status_code == 422 and r.headers["content-type"].startswith("text/html"), r.text
+        assert D.quality_settings(srv.engine)[0][1] == {"gold_rate": 0.1, "flag_below": None, "expected": {},
+                                                        "known": 0}
+
+
+def test_export_leaves_out_labelers_below_min_agreement(live_app):
+    srv = live_app
+    setup_campaign(srv, n_tasks=6, k=4, per_task=3)
+    tokens = {name: signed_in(srv, name) for name in ("ann", "ben", "cy")}
+    with httpx.Client(base_url=srv.url) as c:
+        for name, token in tokens.items():
+            while (task := c.post("/api/next", headers=bearer(token)).json()["task"]) is not None:
+                rank_by_text(c, token, task, reverse=name == "cy")  # cy ranks every task the other way round
+        every = c.get("/admin/export.jsonl", headers=bearer(ADMIN)).text.splitlines()
+        kept = [json.loads(x) for x in c.get("/admin/export.jsonl?min_agreement=0.5", headers=bearer(ADMIN)).text.splitlines()]
+        assert len(every) == 18 and len(kept) == 12 and {x["labeler"] for x in kept} == {"ann", "ben"}
+        q = c.get("/admin/api/overview", headers=bearer(ADMIN)).json()["campaigns"][0]["quality"]
+        assert q["flagged"] == ["cy"] and q["labelers"]["cy"]["others"]["high"] < 0.3
+        assert q["labelers"]["ann"]["others"]["tau"] == pytest.approx(1.0)
+        page = c.get("/admin", headers=bearer(ADMIN)).text
+        assert re.search(r'<td class="flagged"><a href="#quality-1" class="flag-name">cy</a>', page)

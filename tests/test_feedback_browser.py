@@ -184,6 +184,7 @@ def test_untrusted_text_never_runs(live_app, chromium):
         admin.locator("text=camp").first.hover()
         assert page.locator("#work").is_hidden()  # nothing left: the last task's panel is gone, not left on screen
         for p in (page, admin):
+            p.locator("text=camp").first.dispatch_event("mouseover")  # (on the label page, in the hidden work area)
             assert p.evaluate("window.__xss") is None
             assert p.locator("img, iframe, svg, script:not([src])").count() == 0
             assert "{{ 7 * 7 }}" not in p.content() or "49" not in p.locator("body").text_content()
@@ -343,3 +344,74 @@ def test_a_conversation_shows_as_a_transcript_and_stays_text(live_app, chromium)
         assert dialogs == [] and not errors
     finally:
         ctx.close()
+def rank_in_db(srv, name, reverse=False):
+    """A labeler `name` ranks every task left for them, by the completions' text (reversed: worst first)."""
+    lid = D.labeler_id(srv.engine, name, simulated=False)
+    while (t := D.next_task(srv.engine, lid)) is not None:
+        order = sorted(t["completions"], key=lambda c: c["text"], reverse=reverse)
+        D.submit(srv.engine, lid, t["task_id"], [[c["id"]] for c in order])
+
+
+@pytest.mark.slow
+def test_team_lead_screen_flags_pauses_and_keeps_itself_current(live_app, context):
+    """The admin page a team lead leaves open: each campaign's progress, agreement and flagged
+    labelers on one screen; a flagged labeler paused with one click (their page says so, and works
+    again once resumed); the known-answer rate set; the page loads itself again every minute."""
+    srv = live_app
+    D.add_tasks(srv.engine, "team", [{"prompt": f"question {i}", "completions": TEXTS} for i in range(8)],
+                rankings_per_task=4)
+    for name in ("careful-1", "careful-2"):
+        rank_in_db(srv, name)
+    rank_in_db(srv, "contrarian", reverse=True)
+    lena, errors = join_as(srv, context, "lena")  # a task of her own on screen
+
+    admin = context.new_page()
+    admin.clock.install()  # the page's refresh timer runs when the test says
+    admin.goto(srv.admin_url)
+    camp = admin.locator('#campaigns tr[data-campaign="team"]')
+    assert re.search(r"\b24\s*/\s*32\b", camp.text_content()) and "(1 open)" in camp.text_content()
+    assert camp.locator(".flagged").text_content().strip() == "contrarian"
+    quality = admin.locator('section.quality[data-campaign="team"]')
+    bad = quality.locator('tr[data-labeler="contrarian"]')
+    assert "flagged-row" in bad.get_attribute("class") and "flagged: others" in bad.text_content()
+    assert re.search(r"-1\.00\s*\[-1\.00, -1\.00\]", bad.text_content())
+    for name in ("careful-1", "careful-2"):
+        row = quality.locator(f'tr[data-labeler="{name}"]')
+        assert row.get_attribute("class") is None and re.search(r"1\.00\s*\[1\.00, 1\.00\]", row.text_content())
+
+    # pause the flagged labeler from the quality table, and lena from the labelers table
+    bad.locator("button.pause").click()
+    expect(quality.locator('tr[data-labeler="contrarian"] button.resume')).to_be_visible()
+    admin.locator('#labelers tr[data-labeler="lena"] button.pause').click()
+    expect(admin.locator('#labelers tr[data-labeler="lena"] .paused-state')).to_have_text("paused")
+    assert re.search(r"\b24\s*/\s*32\b", admin.locator('#campaigns tr[data-campaign="team"]').text_content())
+    assert "open" not in admin.locator('#campaigns tr[data-campaign="team"]').text_content()  # lena's released
+    lena.wait_for_timeout(450)  # Enter is ignored in the first 400 ms of a task
+    lena.keyboard.press("Enter")
+    expect(lena.locator("#paused")).to_be_visible()
+    assert "paused by the admin" in lena.locator("#paused-why").text_content()
+    assert lena.locator("#work").is_hidden() and n_rankings_of(srv, "lena") == 0
+    admin.locator('#labelers tr[data-labeler="lena"] button.resume').click()
+    expect(admin.locator('#labelers tr[data-labeler="lena"] button.pause')).to_be_visible()
+    lena.click("#paused-again")
+    expect(lena.locator("#work")).to_be_visible()
+    expect(lena.locator("#paused")).to_be_hidden()
+    assert not errors
+
+    # the known-answer rate and the threshold, set on the page
+    form = quality.locator("form.quality-settings")
+    form.locator("input[name=gold_rate]").fill("0.2")
+    form.locator("input[name=flag_below]").fill("0.5")
+    form.locator("button").click()
+    expect(quality.locator("input[name=gold_rate]")).to_have_value("0.2")
+    assert D.quality_settings(srv.engine)[0][1]["gold_rate"] == 0.2
+    admin.locator("body").click()  # nothing focused: the page may load itself again
+
+    # left open: new rankings show within a minute, without a click
+    rank_in_db(srv, "late")  # the 7 tasks lena does not hold
+    admin.clock.fast_forward(61_000)
+    expect(admin.locator('#campaigns tr[data-campaign="team"]')).to_contain_text("31 / 32")
+
+
+def n_rankings_of(srv, name):
+    return sum(r["labeler"] == name for r in D.rankings(srv.engine))

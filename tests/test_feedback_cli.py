@@ -339,3 +339,121 @@ def test_a_preference_set_comes_in_as_a_campaign_with_its_order_hidden(tmp_path)
                      check=False)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert D.campaign_id(engine, "x", required=False) is None
+
+
+def quality_tasks(n, seed):
+    """n ranking tasks of built-in questions, K=4: the question's own answer, another question's, a
+    Bible line and a non-answer (what careful labelers order alike)."""
+    import random
+
+    from shoggoth import data
+
+    recs = random.Random(seed).sample(data.builtin_prompts("train"), n + 1)
+    return [{"prompt": data.prompt_text(r), "references": r["references"],
+             "completions": [r["references"][0], recs[i + 1]["references"][0], FILLER[0], "I am not sure."]}
+            for i, r in enumerate(recs[:n])]
+
+
+def test_careless_and_adversarial_labelers_are_flagged_whatever_the_seed():
+    """Five simulated labelers rank the same 80 tasks: three by their taste, one at random, one in
+    reverse. For every seed the random and the reverse one are flagged (their interval wholly below
+    the default threshold) and the three are not, with room to spare; the mean pairwise tau would
+    not tell them apart (the two pull the careful ones' down to the random one's)."""
+    from shoggoth.feedback.agreement import FLAG_BELOW, labeler_quality
+
+    worst_good, best_bad = 1.0, -1.0
+    for seed in range(6):
+        crowd = [(f"n{i}", SimulatedLabeler("balanced", 100 * seed + i)) for i in range(3)]
+        crowd += [(mode, SimulatedLabeler("balanced", 100 * seed + 3 + j, mode=mode))
+                  for j, mode in enumerate(("random", "reverse"))]
+        rows = [{"task_id": i, "labeler": name, "ranks": sim.rank(t["prompt"], t["completions"], t["references"])[0]}
+                for i, t in enumerate(quality_tasks(80, seed)) for name, sim in crowd]
+        q = labeler_quality(rows, seed=seed)
+        assert {name for name, m in q.items() if m["flagged"]} == {"random", "reverse"}, (seed, q)
+        worst_good = min(worst_good, *(q[f"n{i}"]["others"]["low"] for i in range(3)))
+        best_bad = max(best_bad, *(q[name]["others"]["high"] for name in ("random", "reverse")))
+        assert max(agreement(rows)["per_labeler"][f"n{i}"] for i in range(3)) < FLAG_BELOW
+    assert worst_good > FLAG_BELOW + 0.1 and best_bad < FLAG_BELOW - 0.1, (worst_good, best_bad)
+
+
+def test_a_team_with_a_careless_and_an_adversarial_labeler_through_the_cli(tmp_path, capsys):
+    """The admin's whole loop on the command line: known-answer tasks imported and mixed in, five
+    simulated labelers (three careful, one random, one reversed), `feedback agreement` flags the two,
+    `feedback export --min-agreement` leaves their rankings out and says so, `feedback pause`
+    stops one; bad input is a one-line error."""
+    db = str(tmp_path / "f.db")
+    D.add_tasks(D.connect(db), "team", quality_tasks(40, 0), rankings_per_task=5)
+    known = tmp_path / "known.jsonl"
+    known.write_text("".join(json.dumps({"prompt": t["prompt"], "completions": t["completions"], "ranks": [0, 1, 2, 2]})
+                             + "\n" for t in quality_tasks(10, 1)))
+
+    def run(*argv, rc=0):
+        assert main(["feedback", *argv]) == rc
+        return capsys.readouterr()
+
+    assert "10 known-answer tasks of 4 completions added" in run("import", "--data", str(known), "--db", db,
+                                                                  "--campaign", "team", "--known-answer").out
+    assert "10 known-answer tasks, met at rate 0.2; labelers flagged below tau 0.3" in run(
+        "quality", "--db", db, "--campaign", "team", "--gold-rate", "0.2").out
+    run("simulate", "--db", db, "--campaign", "team", "--labelers", "3")
+    for mode in ("random", "reverse"):
+        assert f"sim-balanced-{mode}-0 " in run("simulate", "--db", db, "--campaign", "team", "--labelers", "1",
+                                                "--mode", mode).out
+    out = run("agreement", "--db", db, "--campaign", "team").out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  sim-")}
+    for name, line in lines.items():
+        assert re.search(r"tau -?\d\.\d+ \[-?\d\.\d\d, -?\d\.\d\d\] with the others' consensus over \d+ tasks; "
+                         r"tau -?\d\.\d+ \[-?\d\.\d\d, -?\d\.\d\d\] with the known answers over \d+ tasks", line), line
+        assert ("FLAGGED" in line) == (name in ("sim-balanced-random-0", "sim-balanced-reverse-0")), line
+    assert "flagged (a 95% interval wholly below tau 0.3): sim-balanced-random-0, sim-balanced-reverse-0" in out
+    r = run("export", "--db", db, "--out", str(tmp_path / "all.jsonl"))
+    r = run("export", "--db", db, "--out", str(tmp_path / "kept.jsonl"), "--min-agreement", "0.3")
+    everyone, kept = read_jsonl(tmp_path / "all.jsonl"), read_jsonl(tmp_path / "kept.jsonl")
+    bad = [x for x in everyone if x["labeler"] in ("sim-balanced-random-0", "sim-balanced-reverse-0")]
+    assert {x["labeler"] for x in kept} == {f"sim-balanced-{i}" for i in range(3)}
+    assert len(kept) == len(everyone) - len(bad) and f"{len(kept)} rankings written" in r.out
+    assert f"leaving out {len(bad)} rankings of 2 labeler(s) below it" in r.err
+    assert "sim-balanced-random-0 in 'team'" in r.err and "sim-balanced-reverse-0 in 'team'" in r.err
+    # pausing by name; a paused simulated labeler ranks nothing more
+    assert "paused" in run("pause", "sim-balanced-0", "--db", db).out
+    D.add_tasks(D.connect(db), "team", quality_tasks(2, 2))
+    assert "sim-balanced-0 0" in run("simulate", "--db", db, "--campaign", "team", "--labelers", "1").out
+    assert "resumed" in run("resume", "sim-balanced-0", "--db", db).out
+    assert "sim-balanced-0 2" in run("simulate", "--db", db, "--campaign", "team", "--labelers", "1").out
+    # marking a task by hand, and bad input
+    assert "expected ranks [1, 0, 2, 2]" in run("expect", "--db", db, "--task", "1", "--ranks", "1", "0", "3", "3").out
+    assert "an ordinary task" in run("expect", "--db", db, "--task", "1", "--clear").out
+    for argv, rc, msg in ((("expect", "--db", db, "--task", "1", "--ranks", "0", "1"), 1, "a list of 4 integers"),
+                          (("expect", "--db", db, "--task", "999", "--ranks", "0", "1"), 1, "no task 999"),
+                          (("expect", "--db", db, "--task", "1"), 2, "--ranks R0 R1 ... or --clear"),
+                          (("quality", "--db", db, "--campaign", "team", "--gold-rate", "0.9"), 1, "between 0 and 0.5"),
+                          (("quality", "--db", db, "--campaign", "nope"), 1, "no campaign named 'nope'"),
+                          (("pause", "nobody", "--db", db), 1, "no labeler named 'nobody'"),
+                          (("export", "--db", db, "--out", str(tmp_path / "x.jsonl"), "--min-agreement", "2"), 1,
+                           "between -1 and 1"),
+                          (("import", "--data", str(known), "--db", db, "--campaign", "team"), 1, "exists already")):
+        err = run(*argv, rc=rc).err
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_consensus_taus_weigh_the_others_by_their_own_agreement():
+    """Two labelers rank three tasks alike, a third in reverse. With equal weights the first two find
+    the others' consensus all ties (nothing to measure); a round later the reversed one weighs
+    MIN_WEIGHT and each of the two agrees fully with the other. tau_b_rows is kendall_tau_b, row by row."""
+    import random
+
+    import numpy as np
+
+    from shoggoth.feedback.agreement import consensus_taus, tau_b_rows
+
+    rows = [{"task_id": t, "labeler": lab, "ranks": [2, 1, 0] if lab == "c" else [0, 1, 2]}
+            for t in range(3) for lab in "abc"]
+    assert consensus_taus(rows, rounds=1) == {"c": {0: -1.0, 1: -1.0, 2: -1.0}}
+    assert consensus_taus(rows) == {name: {t: 1.0 if name != "c" else -1.0 for t in range(3)} for name in "abc"}
+    rng = random.Random(0)
+    x = [[rng.randint(0, 3) for _ in range(5)] for _ in range(300)]
+    y = [[rng.randint(0, 3) for _ in range(5)] for _ in range(300)]
+    got = tau_b_rows(np.array(x, float), np.array(y, float))
+    for a, b, t in zip(x, y, got):
+        want = kendall_tau_b(a, b)
+        assert (np.isnan(t) and want is None) or t == pytest.approx(want)

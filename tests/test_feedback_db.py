@@ -616,3 +616,140 @@ def test_concurrent_revisions_each_get_their_own_version(db_url):
     assert not errors and sorted(got) == [2, 3, 4, 5, 6, 7]
     assert [h["version"] for h in ranking_history(e, rid)] == list(range(1, 8))
     assert list(D.export_rows(e))[0]["ranks"] == ranking_history(e, rid)[-1]["ranks"]
+
+
+# ---------------------------------------------------------------- labeler quality
+
+
+def answer_in_turns(e, labs, campaign_id):
+    """The labelers rank tasks (as shown) in turns until none is left for any: {labeler: task ids they got}."""
+    import random
+
+    got, rngs, active = {lid: [] for lid in labs}, {lid: random.Random(lid) for lid in labs}, list(labs)
+    while active:
+        for lid in list(active):
+            t = D.next_task(e, lid, rng=rngs[lid], campaign_id=campaign_id)
+            if t is None:
+                active.remove(lid)
+                continue
+            D.submit(e, lid, t["task_id"], groups_in_order(t))
+            got[lid].append(t["task_id"])
+    return got
+
+
+def test_known_answer_tasks_are_mixed_in_at_the_campaigns_rate_beyond_their_slots(db_url):
+    """A known-answer task is dealt to every labeler (beyond its rankings per task), at the campaign's
+    gold rate, and never as all that is left for someone; at rate 0 it is an ordinary task."""
+    e = D.connect(db_url)
+    for name, rate in (("mixed", 0.25), ("plain", 0.0)):
+        cid = D.add_tasks(e, name, make_tasks(60, tag=name), rankings_per_task=1)
+        D.add_tasks(e, name, [{**t, "expected": [3, 2, 1, 0]} for t in make_tasks(20, tag=f"{name}-known")])
+        known = D.task_ids(e, cid)[60:]
+        assert D.set_quality(e, cid, gold_rate=rate) == {"gold_rate": rate, "flag_below": None}
+        labs = [D.create_labeler(e, f"{name}-{i}")[0] for i in range(3)]
+        got = answer_in_turns(e, labs, cid)
+        met = {lid: [t for t in ts if t in known] for lid, ts in got.items()}
+        with Session(e) as s:
+            done = dict(s.execute(select(D.Task.id, D.Task.n_done).where(D.Task.campaign_id == cid)).all())
+            assert s.scalar(select(func.sum(D.Task.n_open))) == 0
+        assert all(done[t] == 1 for t in D.task_ids(e, cid)[:60])  # an ordinary task: its one ranking
+        if rate == 0:
+            assert all(done[t] == 1 for t in known)  # known tasks are ordinary tasks, nothing mixed in
+            assert sum(map(len, met.values())) == 20
+            continue
+        # each labeler met about a quarter of their tasks' worth of known answers, however full those were
+        for lid in labs:
+            assert 0.1 < len(met[lid]) / len(got[lid]) < 0.5, (len(met[lid]), len(got[lid]))
+        assert max(done[t] for t in known) > 1  # dealt beyond the one slot
+        # known tasks are never all that is left: labelers who never met some of them get nothing more
+        assert any(set(known) - set(ts) for ts in got.values())
+        assert all(D.next_task(e, lid, campaign_id=cid) is None for lid in labs)
+
+
+def test_a_paused_labeler_gets_no_task_and_their_open_one_is_released(db_url):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(2), rankings_per_task=1)
+    a, b = D.create_labeler(e, "a")[0], D.create_labeler(e, "b")[0]
+    held = D.next_task(e, a)
+    assert D.pause_labeler(e, a) is not None
+    with Session(e) as s:
+        assert s.get(D.Task, held["task_id"]).n_open == 0  # its slot is free for others at once
+    for call in (lambda: D.next_task(e, a), lambda: D.submit(e, a, held["task_id"], groups_in_order(held))):
+        with pytest.raises(D.Rejected, match="paused by the admin") as why:
+            call()
+        assert why.value.status == 423
+    assert count(e, D.Ranking) == 0
+    assert D.next_task(e, b)["task_id"] == held["task_id"]  # the released task goes to another labeler
+    assert D.pause_labeler(e, a, False) is None
+    assert D.next_task(e, a)["task_id"] != held["task_id"]  # resumed: a task again (not the one they had)
+    with pytest.raises(D.Rejected, match="no labeler 99"):
+        D.pause_labeler(e, 99)
+    D.pause_labeler(e, D.labeler_id(e, "sim-balanced-0"))  # a paused simulated labeler stops, without an error
+    assert jobs.simulate(db_url, labelers=1) == {"sim-balanced-0": 0}
+
+
+@pytest.mark.parametrize("ranks, status, message", [
+    ([0, 1, 2], 422, "a list of 4 integers"), ([0, 1, 2, 4], 422, r"from 0 \(best\) to 3"),
+    ([0, 1, True, 2], 422, "integers"), ("0123", 422, "integers"), ([-1, 0, 1, 2], 422, "from 0")])
+def test_bad_expected_ranks_are_refused_and_change_nothing(db_url, ranks, status, message):
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(1), rankings_per_task=1)
+    assert D.set_expected(e, 1, [1, 1, 3, 0]) == [1, 1, 2, 0]  # made dense, as a ranking is stored
+    with pytest.raises(D.Rejected, match=message) as why:
+        D.set_expected(e, 1, ranks)
+    assert why.value.status == status
+    assert D.quality_settings(e)[0][1]["expected"] == {1: [1, 1, 2, 0]}
+    assert D.set_expected(e, 1, None) is None and D.quality_settings(e)[0][1]["known"] == 0
+
+
+def test_known_answers_and_settings_refuse_what_makes_no_sense(db_url):
+    e = D.connect(db_url)
+    jobs.add_comparison(e, "ev", [{"prompt": "p", "references": []}], {"a": ["x"], "b": ["y"]}, {})
+    for call, status, message in ((lambda: D.set_expected(e, 1, [0, 1]), 409, "evaluation"),
+                                  (lambda: D.set_expected(e, 5, [0, 1]), 404, "no task 5"),
+                                  (lambda: D.set_quality(e, 1, gold_rate=0.6), 422, "between 0 and 0.5"),
+                                  (lambda: D.set_quality(e, 1, flag_below=1.5), 422, "between -1 and 1"),
+                                  (lambda: D.set_quality(e, 9, gold_rate=0.1), 404, "no campaign 9")):
+        with pytest.raises(D.Rejected, match=message) as why:
+            call()
+        assert why.value.status == status
+    assert D.quality_settings(e)[0][1] == {"gold_rate": 0.0, "flag_below": None, "expected": {}, "known": 0}
+
+
+def test_an_older_database_gets_the_quality_columns(db_url):
+    """A database made before known answers, gold rates, thresholds and pausing: connecting adds the
+    columns, empty; its campaigns mix in nothing, nobody is paused."""
+    e = D.connect(db_url)
+    D.add_tasks(e, "c", make_tasks(2), rankings_per_task=1)
+    lid = D.create_labeler(e, "a")[0]
+    with D.writing(e) as s:
+        for table, col in (("campaigns", "gold_rate"), ("campaigns", "flag_below"), ("tasks", "expected"),
+                           ("labelers", "paused_at")):
+            s.execute(text(f"ALTER TABLE {table} DROP COLUMN {col}"))
+    e.dispose()
+    e = D.connect(db_url)
+    assert D.quality_settings(e) == ({1: {"gold_rate": 0.0, "flag_below": None, "expected": {}, "known": 0}}, {})
+    assert D.next_task(e, lid)["task_id"] == 1
+
+
+def test_meeting_a_known_answer_task_counts_down_as_any_task(db_url):
+    """A labeler's `left` drops by one for every task they get, a known-answer task dealt beyond its
+    slots too (else it would give that task away), and is 0 once no ordinary work is left for them."""
+    import random
+
+    e = D.connect(db_url)
+    cid = D.add_tasks(e, "c", make_tasks(4) + [{**t, "expected": [0, 1, 2, 3]} for t in make_tasks(3, tag="k")],
+                      rankings_per_task=1)
+    D.set_quality(e, cid, gold_rate=0.5)
+    with D.writing(e) as s:  # the known tasks' one slot each taken by someone else
+        s.execute(update(D.Task).where(D.Task.expected.is_not(None)).values(n_done=1))
+    lid, rng, lefts, known = D.create_labeler(e, "b")[0], random.Random(3), [], 0
+    while True:
+        lefts.append(D.progress(e, lid)["left"])
+        t = D.next_task(e, lid, rng=rng)
+        if t is None:
+            break
+        known += t["prompt"].startswith("prompt k")
+        D.submit(e, lid, t["task_id"], groups_in_order(t))
+    assert known >= 1 and lefts[0] == 7 and lefts[-1] == 0, lefts
+    assert all(a - b == 1 for a, b in zip(lefts, lefts[1:-1])), lefts  # one down per task, to the last ordinary one

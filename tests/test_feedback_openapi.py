@@ -108,7 +108,7 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     routes = {(m.upper(), r.path) for r in iter_route_contexts(srv.app.routes)  # through the included routers
               if getattr(r, "include_in_schema", False) for m in r.methods}
     ops = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
-    assert set(ops) == routes and len(ops) == 28
+    assert set(ops) == routes and len(ops) == 35
     for (method, path), op in ops.items():
         assert "security" in op, (method, path)
         for req in op["security"]:
@@ -149,6 +149,12 @@ def test_openapi_document_is_valid_and_declares_auth(live_app):
     assert set(schemas["Message"]["required"]) == {"role", "content"}
     mine = ops[("GET", "/api/rankings")]["responses"]["200"]["content"]["application/json"]["schema"]
     assert mine == {"$ref": "#/components/schemas/MyRankings"} and "messages" in schemas["MyRanking"]["required"]
+    for path in ("/api/next", "/api/tasks/{task_id}/ranking"):  # a paused labeler: 423, not a 403 of auth
+        assert "Paused" in ops[("POST", path)]["responses"]["423"]["description"]
+    for path in ("/admin/api/tasks/{task_id}/expected", "/admin/api/campaigns/{cid}/quality",
+                 "/admin/api/labelers/{lid}/pause", "/admin/api/labelers/{lid}/resume"):
+        assert ops[("POST", path)]["security"] == [{"adminToken": []}, {"adminCookie": [], "csrf": []}], path
+    assert any(p["name"] == "min_agreement" for p in ops[("GET", "/admin/export.jsonl")]["parameters"])
 
 
 @pytest.mark.slow
@@ -179,7 +185,7 @@ def test_fuzz_forged_cookie_requests_are_refused(live_app):
     srv = live_app
     setup_campaign(srv)
     ops = [op for op in operations(srv) if op.method.upper() in ("POST", "PUT")]
-    assert len(ops) == 15
+    assert len(ops) == 22
     labeler = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "victim")[1])[2]
     admin = D.admin_session(srv.engine, ADMIN)
     with httpx.Client(base_url=srv.url, cookies={"sg_labeler": labeler}) as c:  # a ranking made, a task held

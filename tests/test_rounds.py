@@ -316,3 +316,24 @@ def test_rounds_with_grpo(tmp_path, sft):
     assert abs(kl[0][0]) < 1e-6 and abs(kl[1][0]) > 1e-4  # (GRPO logs the sampled log-ratio's mean: either sign)
     bad = shoggoth(*args(tmp_path, sft, f"sqlite:///{tmp_path / 'g.db'}", "--rl", "a2c"), check=False, env=ENV)
     assert bad.returncode == 1 and "--rl must be ppo, grpo or dpo" in bad.stderr
+
+
+def test_a_rounds_export_leaves_out_labelers_below_min_agreement(tmp_path, capsys):
+    """--min-agreement: a round's rankings by a labeler who ranks against the others stay out of its
+    training data (rankings.jsonl), as `feedback export --min-agreement` leaves them out."""
+    db = str(tmp_path / "f.db")
+    engine = D.connect(db)
+    D.add_tasks(engine, "round-1", [{"prompt": f"q{i}", "completions": [f"a{i}", f"b{i}", f"c{i}"]} for i in range(6)],
+                rankings_per_task=3)
+    for name in ("ann", "ben", "cy"):
+        lid = D.labeler_id(engine, name)
+        while (t := D.next_task(engine, lid)) is not None:
+            order = sorted(t["completions"], key=lambda x: x["text"], reverse=name == "cy")
+            D.submit(engine, lid, t["task_id"], [[x["id"]] for x in order])
+    for floor, who in ((-1.0, {"ann", "ben", "cy"}), (0.3, {"ann", "ben"})):
+        c = rounds.Config(db=db, out=str(tmp_path / str(floor)), min_agreement=floor, eval_frac=0.0)
+        (tmp_path / str(floor) / "round-1").mkdir(parents=True)
+        rounds.export(c, 1, engine)
+        got = [json.loads(x) for x in (tmp_path / str(floor) / "round-1" / "rankings.jsonl").read_text().splitlines()]
+        assert {r["labeler"] for r in got} == who and len(got) == 6 * len(who)
+    assert "leaving out 6 rankings of 1 labeler(s) below it" in capsys.readouterr().out

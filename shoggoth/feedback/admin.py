@@ -1,8 +1,9 @@
-"""The admin's side of the ranking app: the overview page (campaigns, their agreement and win rates,
-labelers), signing in, inviting and revoking labelers, a campaign's rankings per task and guidelines,
-and the export. Every route but the sign-in's declares `_: Admin` (reads) or `_: AdminForm` (a page's
-form: its `csrf` field)."""
+"""The admin's side of the ranking app: the overview page (campaigns, their agreement, win rates and
+labeler quality, labelers), signing in, inviting, revoking and pausing labelers, known-answer tasks and a
+campaign's quality settings, a campaign's rankings per task and guidelines, and the export. Every route but
+the sign-in's declares `_: Admin` (reads) or `_: AdminForm` (a page's form: its `csrf` field)."""
 
+import logging
 import math
 import re
 import secrets
@@ -11,10 +12,10 @@ import time
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, StrictStr
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from . import db as D
-from . import winrate
+from . import jobs, winrate
 from .agreement import agreement
 from .auth import (DB, Admin, AdminForm, ValidateFirst, check_admin, check_origin, cookie, counted, csrf_for,
                    is_admin_token, set_cookie)
@@ -22,12 +23,14 @@ from .contract import ADMIN_COOKIE, ADMIN_READ, ADMIN_WRITE, ID, PUBLIC, doc, pa
 from .guidelines import render
 
 router = APIRouter(route_class=ValidateFirst)
+log = logging.getLogger("shoggoth.feedback")
 
 EXPORT_DOC = doc(ADMIN_READ, 401, 422)
 EXPORT_DOC["responses"][200] = {"description": "One JSON object a line (a download)",
                                 "content": {"application/jsonl": {"schema": {"type": "string"}}}}
 
 
+REFRESH_S = 60  # the admin page, left open, loads itself again this often (admin.js), when nobody is typing
 DEBOUNCE_S = 30.0  # after a change, an evaluation's win rates are computed again at most this often
 
 
@@ -116,6 +119,9 @@ def overview_with_agreement(request, db):
     as app.state.winrates last computed them (`winrate`, None until the first is done) and how
     current they are (`winrate_status`: state and age, as WinRates.get says)."""
     camps, labs = D.overview(db)
+    measures, paused = D.quality_settings(db)
+    for lab in labs:
+        lab["paused"] = paused.get(lab["id"])
     for c in camps:
         if c["evaluation"]:
             settings, rows = D.judgements(db, c["name"])
@@ -125,7 +131,16 @@ def overview_with_agreement(request, db):
         else:
             rows = D.rank_vectors(db, c["id"])
         c["agreement"] = agreement(rows)
+        c["quality"] = labeler_quality(db, c["id"], rows, measures[c["id"]])
     return camps, labs
+
+
+def labeler_quality(db, cid, rows, settings):
+    """What the overview shows of a campaign's labelers' quality: its gold_rate, known (known-answer
+    tasks), flag_below (the threshold in force), labelers (jobs.quality's measures) and flagged (names)."""
+    threshold, labs = jobs.quality(db, cid, rows, settings)
+    return {"gold_rate": settings["gold_rate"], "known": settings["known"], "flag_below": threshold,
+            "labelers": labs, "flagged": [name for name, m in labs.items() if m["flagged"]]}
 
 
 def admin_csrf(request):
@@ -142,7 +157,8 @@ def admin_page(request, db, status=200, **extra):
         ts = [t for t in per.get(lab["name"], []) if t is not None]
         lab["tau"] = sum(ts) / len(ts) if ts else None
     return page(request, "admin.html", status, campaigns=camps, labelers=labs, csrf=admin_csrf(request),
-                guidelines=D.guidelines_summary(db), **extra)
+                guidelines=D.guidelines_summary(db), by_name={lab["name"]: lab for lab in labs}, refresh_s=REFRESH_S,
+                **extra)
 
 
 def labeler_page(request, db, lid, status=200, **extra):
@@ -260,10 +276,13 @@ def overview(request: Request, db: DB, _: Admin):
 
 @router.get("/admin/export.jsonl", response_class=Response, **EXPORT_DOC)
 def export(db: DB, _: Admin, campaign: str | None = Query(None, max_length=200, pattern=r"^[^\x00]*$"),
-           pairs: bool = False):
+           pairs: bool = False, min_agreement: float | None = Query(None, ge=-1, le=1)):
+    """Rankings (or TRL pairs) as JSONL; min_agreement: without the rankings of labelers whose agreement
+    with the others in a campaign is below it (as `feedback export --min-agreement`; which, in the log)."""
     fname = re.sub(r"[^A-Za-z0-9._-]", "_", f"{'pairs' if pairs else 'rankings'}-{campaign or 'all'}.jsonl")
+    leave_out = frozenset() if min_agreement is None else jobs.low_agreement(db, min_agreement, campaign, log.info)
     # streamed a piece at a time from the database (each piece read in a worker thread)
-    return StreamingResponse(D.export_jsonl(db, campaign, pairs), media_type="application/jsonl",
+    return StreamingResponse(D.export_jsonl(db, campaign, pairs, leave_out=leave_out), media_type="application/jsonl",
                              headers={"Content-Disposition": f'attachment; filename="{fname}"'})
 
 
@@ -315,3 +334,81 @@ def set_guidelines(db: DB, _: AdminForm, cid: int = Path(**ID), markdown: str = 
             raise HTTPException(422, f"{file.filename}: not UTF-8 text") from None
     D.set_guidelines(db, cid, markdown)
     return RedirectResponse(f"/admin/campaigns/{cid}/guidelines", 303)
+# ------------------------------------------------------------ labeler quality: known answers, thresholds, pausing
+
+class QualityIn(BaseModel):
+    gold_rate: float | None = Field(None, ge=0, le=0.5, description="share of each labeler's tasks drawn from the "
+                                    "known-answer ones, unannounced")
+    flag_below: float | None = Field(None, ge=-1, le=1, description="flag a labeler whose 95% interval of agreement "
+                                     "lies wholly below this Kendall tau")
+
+
+class ExpectedIn(BaseModel):
+    ranks: list[StrictInt] | None = Field(max_length=D.MAX_K, description="the expected rank of each completion in "
+                                          "its stored (exported) order, 0 best, ties share a rank; null: no known answer")
+
+
+def form_number(value, name, low, high):
+    """A page form's number field: None when empty, else a float in [low, high] (else 422)."""
+    if value.strip() == "":
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        raise HTTPException(422, f"{name} must be a number") from None
+    if not low <= x <= high:  # (NaN fails this too)
+        raise HTTPException(422, f"{name} must be between {low} and {high}")
+    return x
+
+
+@router.post("/admin/campaigns/{cid}/quality", response_class=RedirectResponse, status_code=303,
+             summary="Set a campaign's known-answer rate and flag threshold (the page's form)",
+             **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Done: back to /admin"))
+def set_quality_form(db: DB, _: AdminForm, cid: int = Path(**ID), gold_rate: str = Form("", max_length=30),
+                     flag_below: str = Form("", max_length=30)):
+    D.set_quality(db, cid, form_number(gold_rate, "gold_rate", 0, 0.5), form_number(flag_below, "flag_below", -1, 1))
+    return RedirectResponse("/admin", 303)
+
+
+@router.post("/admin/api/campaigns/{cid}/quality", **doc(ADMIN_WRITE, 401, 403, 404, 422))
+def set_quality(db: DB, _: Admin, body: QualityIn, cid: int = Path(**ID)):
+    """Set a campaign's known-answer rate and flag threshold (those given); returns both as stored
+    (flag_below null: the default)."""
+    return D.set_quality(db, cid, body.gold_rate, body.flag_below)
+
+
+@router.post("/admin/api/tasks/{task_id}/expected", **doc(ADMIN_WRITE, 401, 403, 404, 409, 422))
+def set_expected(db: DB, _: Admin, body: ExpectedIn, task_id: int = Path(**ID)):
+    """Make a task a known-answer task with this expected ranking (ranks null: an ordinary task again).
+    Labelers are never told: it is mixed into their tasks at its campaign's gold rate."""
+    return {"task_id": task_id, "expected": D.set_expected(db, task_id, body.ranks)}
+
+
+def pause_doc(verb):
+    return dict(summary=f"{verb} a labeler (the page's form)",
+                **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Done: back to /admin"))
+
+
+@router.post("/admin/labelers/{lid}/pause", response_class=RedirectResponse, status_code=303, **pause_doc("Pause"))
+def pause_form(db: DB, _: AdminForm, lid: int = Path(**ID)):
+    """No new tasks for the labeler (a clear message on their page), their open one released; rankings stay."""
+    D.pause_labeler(db, lid, True)
+    return RedirectResponse("/admin", 303)
+
+
+@router.post("/admin/labelers/{lid}/resume", response_class=RedirectResponse, status_code=303, **pause_doc("Resume"))
+def resume_form(db: DB, _: AdminForm, lid: int = Path(**ID)):
+    D.pause_labeler(db, lid, False)
+    return RedirectResponse("/admin", 303)
+
+
+@router.post("/admin/api/labelers/{lid}/pause", **doc(ADMIN_WRITE, 401, 403, 404, 422))
+def pause(db: DB, _: Admin, lid: int = Path(**ID)):
+    """Pause a labeler: no new tasks, no submissions, their open task released; rankings stay."""
+    return {"id": lid, "paused": D.pause_labeler(db, lid, True)}
+
+
+@router.post("/admin/api/labelers/{lid}/resume", **doc(ADMIN_WRITE, 401, 403, 404, 422))
+def resume(db: DB, _: Admin, lid: int = Path(**ID)):
+    """Undo a pause: the labeler gets tasks again."""
+    return {"id": lid, "paused": D.pause_labeler(db, lid, False)}

@@ -1,11 +1,23 @@
-"""Inter-annotator agreement on rankings: Kendall's tau-b and Krippendorff's alpha.
+"""Inter-annotator agreement on rankings: Kendall's tau-b and Krippendorff's alpha, and each
+labeler's agreement with the others and with known answers, with bootstrap intervals and a flag.
 
-Pure functions over plain lists, so that tests can check them against published values.
+Pure functions over plain lists (numpy for the bootstrap), so that tests can check them against
+published values.
 """
 
 import itertools
 import math
+import zlib
 from collections import defaultdict
+
+import numpy as np
+
+FLAG_BELOW = 0.3  # the default threshold: a labeler is flagged when their interval lies wholly under it (see docs)
+MIN_TASKS = 5  # a labeler measured on fewer tasks gets no interval and is never flagged
+RESAMPLES = 1000  # bootstrap resamples of a labeler's tasks
+LEVEL = 0.95  # the intervals' coverage
+ROUNDS = 3  # rounds of re-weighting the others' consensus by each one's own agreement
+MIN_WEIGHT = 0.01  # a labeler who agrees with nobody still weighs this much (never all weights 0)
 
 
 def kendall_tau_b(x, y):
@@ -95,3 +107,111 @@ def agreement(rows):
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"tau": mean(taus), "pairs": len(taus), "alpha": krippendorff_alpha(units, "ordinal"),
             "per_labeler": {name: mean(ts) for name, ts in per.items()}}
+
+
+def consensus_taus(rows, rounds=ROUNDS):
+    """{labeler: {task_id: Kendall tau-b of their ranking against the consensus of the others who ranked
+    that task}}; rows in the export format (task_id, labeler, ranks).
+
+    The consensus is the others' ranks averaged, each weighted by that labeler's own mean agreement
+    (at least MIN_WEIGHT), found by `rounds` rounds from equal weights. Plain mean pairwise tau lets
+    bad labelers pull good ones down: among five, one random and one reversed, a careful labeler's
+    mean tau with the others is about a quarter of their tau with another careful one, near the
+    random labeler's; the weighted consensus leaves the two out after one round.
+
+    In numpy over all rankings at once (a team's campaign has tens of thousands, and the admin page
+    shows this on every load); the consensus is rounded to 9 decimals, so that the others' tie stays
+    a tie whatever the order the weights were summed in."""
+    latest = {(r["task_id"], r["labeler"]): r["ranks"] for r in rows}  # one ranking per labeler and task
+    names = sorted({lab for _, lab in latest})
+    index = {name: i for i, name in enumerate(names)}
+    by_k = defaultdict(list)  # rankings by their number of completions (a campaign has one K)
+    for (tid, lab), ranks in latest.items():
+        by_k[len(ranks)].append((tid, index[lab], ranks))
+    groups = []
+    for entries in by_k.values():
+        tids = np.array([t for t, _, _ in entries])
+        task = np.unique(tids, return_inverse=True)[1]
+        groups.append((tids, task, np.array([i for _, i, _ in entries]),
+                       np.array([r for _, _, r in entries], dtype=float)))
+    weight = np.ones(len(names))
+    for _ in range(rounds):
+        total, count, found = np.zeros(len(names)), np.zeros(len(names)), []
+        for tids, task, lab, ranks in groups:
+            w = weight[lab][:, None]  # (n, 1)
+            wr = w * ranks  # (n, K)
+            s = np.zeros((task.max() + 1, ranks.shape[1]))
+            np.add.at(s, task, wr)  # each task's weighted sum of ranks
+            others = np.bincount(task, weights=w[:, 0])[task] - w[:, 0]  # (n,) the others' total weight
+            has = others > 1e-12  # a ranking with someone else's beside it
+            mean = np.round((s[task][has] - wr[has]) / others[has, None], 9)  # the others' consensus
+            tau = tau_b_rows(ranks[has], mean)
+            ok = ~np.isnan(tau)
+            found.append((tids[has][ok], lab[has][ok], tau[ok]))
+            np.add.at(total, lab[has][ok], tau[ok])
+            np.add.at(count, lab[has][ok], 1)
+        weight = np.where(count > 0, np.maximum(MIN_WEIGHT, total / np.maximum(count, 1)), 1.0)
+    per = defaultdict(dict)
+    for tids, lab, tau in found:
+        for t, i, v in zip(tids.tolist(), lab.tolist(), tau.tolist()):
+            per[names[i]][t] = v
+    return dict(per)
+
+
+def tau_b_rows(x, y):
+    """Kendall's tau-b (kendall_tau_b) of each row of x (n, K) with the same row of y; NaN where either
+    row is all ties."""
+    i, j = np.triu_indices(x.shape[1], 1)
+    dx, dy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])  # (n, pairs)
+    denom = np.sqrt((len(i) - (dx == 0).sum(1)) * (len(i) - (dy == 0).sum(1)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (dx * dy).sum(1) / denom, np.nan)
+
+
+def interval(values, seed, resamples=RESAMPLES, level=LEVEL):
+    """(low, high): the percentile bootstrap interval of the mean of `values` (one per task), the
+    tasks drawn with replacement `resamples` times from a generator seeded by `seed`."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def _measure(values, seed, resamples, min_tasks):
+    """{tau: the mean, low, high: its interval (None under min_tasks tasks), tasks}."""
+    vals = list(values)
+    low = high = None
+    if len(vals) >= min_tasks:
+        low, high = interval(vals, seed, resamples)
+    return {"tau": sum(vals) / len(vals), "low": low, "high": high, "tasks": len(vals)}
+
+
+def labeler_quality(rows, expected=None, threshold=FLAG_BELOW, resamples=RESAMPLES, seed=0, min_tasks=MIN_TASKS):
+    """How far each labeler of a campaign can be trusted; rows in the export format, expected
+    {task_id: ranks} the campaign's known answers.
+
+    Returns {name: {"others": measure of their tau with the others' consensus (consensus_taus),
+    "known": measure of their tau with the known answers they ranked (None: they ranked none),
+    "flagged": the reasons they are flagged, [] if not}}, a measure {tau, low, high, tasks}
+    with a bootstrap interval over tasks (seeded per labeler, so that one labeler's interval does
+    not change with who else is measured). A labeler is flagged ("others", "known answers") when
+    an interval lies wholly below `threshold`: their agreement is low beyond what chance in their
+    few tasks explains, so that a labeler new to the campaign is not flagged on a bad first task."""
+    expected = expected or {}
+    known = defaultdict(list)
+    for r in rows:
+        if r["task_id"] in expected:
+            t = kendall_tau_b(r["ranks"], expected[r["task_id"]])
+            if t is not None:
+                known[r["labeler"]].append(t)
+    mutual = consensus_taus(rows)
+    out = {}
+    for name in sorted(set(mutual) | set(known)):
+        key = zlib.crc32(name.encode())
+        m = _measure(mutual[name].values(), [seed, key, 0], resamples, min_tasks) if mutual.get(name) else None
+        k = _measure(known[name], [seed, key, 1], resamples, min_tasks) if known.get(name) else None
+        flagged = [why for why, x in (("others", m), ("known answers", k))
+                   if x is not None and x["high"] is not None and x["high"] < threshold]
+        out[name] = {"others": m, "known": k, "flagged": flagged}
+    return out

@@ -43,7 +43,8 @@ ADMIN_WRITE = [{"adminToken": []}, {"adminCookie": [], "csrf": []}]
 PUBLIC = [{}]
 WHY = {400: "Bad Content-Length, or two different session cookies of one name", 401: "Not signed in, or a wrong token", 403: "Refused: a missing or stale CSRF "
        "token, a foreign Origin, or not yours", 404: "No such thing", 409: "Conflicts with what is there",
-       413: "Request body over 16 KB", 422: "Invalid input", 429: "Too many wrong tokens from this address (or from all "
+       413: "Request body over 16 KB", 422: "Invalid input", 423: "Paused by the admin: no new tasks until resumed",
+       429: "Too many wrong tokens from this address (or from all "
        "addresses): wait as Retry-After says", 503: "The database is busy: try again"}
 ALWAYS = (400, 413, 503)  # the body limit answers before routing; any database may be busy
 

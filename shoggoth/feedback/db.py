@@ -18,6 +18,10 @@ server threads, processes and simulated labelers at once:
   assignment changed since it read it (its lease released meanwhile) reads it again (`_answer`).
 - Every change of a task's counters happens in the transaction that changes
   the assignment it counts.
+- A known-answer task (its `expected` order set by the admin) is also dealt
+  beyond its slots, at its campaign's `gold_rate`, to labelers who still have
+  ordinary work (`_known_answer`): every labeler meets some, unannounced.
+  A paused labeler (`paused_at`) gets no task and stores no ranking.
 
 An evaluation campaign (`shoggoth feedback compare`) is a blind comparison of
 models: one answer per model for each prompt, ranked like any task. Which model
@@ -43,7 +47,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, false, func, inspect, select, text, update)
+                        event, false, func, inspect, select, text, true, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
@@ -86,6 +90,10 @@ class Campaign(Base):
     evaluation: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     settings: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # an evaluation's models and sampling settings
     guidelines: Mapped[str | None] = mapped_column(Text, nullable=True)  # the labelers' instructions (Markdown)
+    # the share of a labeler's tasks drawn from the known-answer ones (Task.expected), unannounced
+    gold_rate: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    # a labeler whose agreement interval lies wholly below this is flagged (None: agreement.FLAG_BELOW)
+    flag_below: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Task(Base):
@@ -100,6 +108,8 @@ class Task(Base):
     # The conversation the completions answer (system prompt and earlier turns, ending with `prompt`);
     # NULL when it is `prompt` alone, as one user message (every task stored before conversations were kept).
     messages: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # a known-answer task's expected ranks by completion idx (0 best), set by the admin; never shown to labelers
+    expected: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class Completion(Base):
@@ -120,6 +130,7 @@ class Labeler(Base):
     campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), nullable=True)  # None: any
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    paused_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # paused by the admin: no new tasks
 
 
 class Invite(Base):
@@ -449,7 +460,8 @@ def add_tasks(engine, campaign, tasks, rankings_per_task=3, source="", settings=
         for i, t in enumerate(tasks):
             prompt, msgs = _stored_conversation(t, f"campaign {campaign!r}, task {i + 1}")
             task = Task(campaign_id=c.id, prompt=prompt, messages=msgs,
-                        refs=[clean_text(r) for r in t.get("references") or []], n_open=0, n_done=0, n_skipped=0)
+                        refs=[clean_text(r) for r in t.get("references") or []], n_open=0, n_done=0, n_skipped=0,
+                        expected=dense_ranks(t["expected"], k) if t.get("expected") is not None else None)
             s.add(task)
             s.flush()
             order = list(range(k))
@@ -538,6 +550,15 @@ def labeler_id(engine, name, simulated=True):
     except Rejected:  # made meanwhile by someone else
         with Session(reading(engine)) as s:
             return s.scalar(select(Labeler.id).where(Labeler.name == name))
+
+
+def find_labeler(engine, name):
+    """The id of the labeler called `name` (a one-line error if there is none)."""
+    with Session(reading(engine)) as s:
+        found = s.scalar(select(Labeler.id).where(Labeler.name == name))
+    if found is None:
+        raise DataError(f"no labeler named {name!r}")
+    return found
 
 
 def labeler_by_token(engine, token):
@@ -691,6 +712,7 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
     def attempt():
         now = time.time()
         with writing(engine) as s:
+            _check_not_paused(s, labeler_id)
             _release_expired(s, now)
             mine = s.execute(select(Assignment, Task.campaign_id).join(Task, Assignment.task_id == Task.id)
                              .where(Assignment.labeler_id == labeler_id, _is_open)
@@ -714,8 +736,10 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
                 candidates = s.execute(unlocked).all() or s.execute(q).all()  # (the held ones may have room)
                 if not candidates:
                     return None
-                for tid, n in candidates:
-                    took = s.execute(update(Task).where(Task.id == tid, Task.n_open + Task.n_done < n)
+                known = _known_answer(s, labeler_id, had, candidates[0][0], rng)
+                for tid, n in [(known, None)] if known else candidates:  # a known-answer task takes no slot
+                    took = s.execute(update(Task).where(Task.id == tid, true() if n is None else
+                                                        Task.n_open + Task.n_done < n)
                                      .values(n_open=Task.n_open + 1)).rowcount
                     if took != 1:
                         continue  # another labeler filled it meanwhile
@@ -729,6 +753,32 @@ def next_task(engine, labeler_id, lease_s=LEASE_S, rng=random, campaign_id=None)
             raise OperationalError("next_task", None, Exception("no free task after 50 looks"))  # retried
 
     return retrying(attempt)
+
+
+def _known_answer(s, labeler_id, had, candidate, rng):
+    """The id of a known-answer task to hand the labeler instead of `candidate` (a task with a free
+    slot), or None: with the probability its campaign's gold_rate, one of that campaign's known-answer
+    tasks this labeler never had (`had`: their tasks' ids, a subquery), drawn from rng. Known-answer
+    tasks are dealt beyond their slots, so that every labeler meets them, but only while the labeler
+    has ordinary work too: they are never all that is left for someone."""
+    cid, rate = s.execute(select(Campaign.id, Campaign.gold_rate).join(Task, Task.campaign_id == Campaign.id)
+                          .where(Task.id == candidate)).one()
+    if not rate:
+        return None
+    known = list(s.scalars(select(Task.id).where(Task.campaign_id == cid, Task.expected.is_not(None),
+                                                 Task.id.not_in(had)).order_by(Task.id)))
+    if not known or rng.random() >= rate:
+        return None
+    return rng.choice(known)
+
+
+PAUSED = ("your labeling is paused by the admin: no new tasks until they resume it (your rankings so far "
+          "are kept)")
+
+
+def _check_not_paused(s, labeler_id):
+    if s.scalar(select(Labeler.paused_at).where(Labeler.id == labeler_id)) is not None:
+        raise Rejected(423, PAUSED)
 
 
 def ranks_from_groups(groups, completion_ids):
@@ -803,6 +853,7 @@ def submit(engine, labeler_id, task_id, groups, flags=()):
         now = time.time()
         with writing(engine) as s:
             a = _assignment(s, labeler_id, task_id)
+            _check_not_paused(s, labeler_id)
             ids = list(s.scalars(select(Completion.id).where(Completion.task_id == task_id).order_by(Completion.idx)))
             ranks = ranks_from_groups(groups, ids)
             was = _answer(s, a, "done")
@@ -913,10 +964,13 @@ def progress(engine, labeler_id):
         scope = s.scalar(select(Labeler.campaign_id).where(Labeler.id == labeler_id))
         had = select(Assignment.task_id).where(Assignment.labeler_id == labeler_id)
         q = (select(func.count()).select_from(Task).join(Campaign, Task.campaign_id == Campaign.id)
-             .where(Task.n_open + Task.n_done < Campaign.rankings_per_task, Task.id.not_in(had)))
+             .where(Task.id.not_in(had)))
         if scope is not None:
             q = q.where(Task.campaign_id == scope)
-        left = s.scalar(q)
+        free = Task.n_open + Task.n_done < Campaign.rankings_per_task
+        left = s.scalar(q.where(free))
+        if left:  # known-answer tasks dealt beyond their slots count too, so that meeting one counts down as any task
+            left += s.scalar(q.where(~free, Task.expected.is_not(None), Campaign.gold_rate > 0))
     return {"done": counts.get("done", 0), "skipped": counts.get("skipped", 0), "open": counts.get("open", 0),
             "left": left}
 
@@ -1000,6 +1054,12 @@ def rankings(engine, campaign=None, labeler=None, limit=None):
         return _export_format(s, rows, {r[4] for r in rows})
 
 
+def campaigns(engine):
+    """(id, name, evaluation) of every campaign, oldest first."""
+    with Session(reading(engine)) as s:
+        return [tuple(r) for r in s.execute(select(Campaign.id, Campaign.name, Campaign.evaluation).order_by(Campaign.id))]
+
+
 def task_ids(engine, campaign_id):
     """A campaign's task ids in the order its tasks were added."""
     with Session(reading(engine)) as s:
@@ -1040,10 +1100,11 @@ def judgements(engine, campaign):
 EXPORT_KEYS = ("prompt", "messages", "completions", "ranks", "labeler", "flags", "campaign", "task_id")
 
 
-def export_rows(engine, campaign=None, as_pairs=False):
+def export_rows(engine, campaign=None, as_pairs=False, leave_out=frozenset()):
     """Rankings as the records `shoggoth reward` and `dpo` read (data.ranking; the EXPORT_KEYS of
     _export_format's, and `models`), or as TRL pairs: a generator, streamed from the database.
-    Evaluation campaigns never feed training: they are left out unless `campaign` names one.
+    Evaluation campaigns never feed training: they are left out unless `campaign` names one; so are
+    the rankings of the (campaign, labeler) names in `leave_out`.
     Pairs are in TRL's conversational form when a ranking exported is of a conversation beyond
     one user message, all of them, so that every line of the file has one shape."""
     evaluations = campaign is not None
@@ -1052,16 +1113,18 @@ def export_rows(engine, campaign=None, as_pairs=False):
             conversational = s.scalar(_ranking_query(Ranking.id, campaign=campaign, evaluations=evaluations)
                                       .where(Task.messages.is_not(None)).limit(1)) is not None
     for r in iter_rankings(engine, campaign=campaign, evaluations=evaluations):
+        if (r["campaign"], r["labeler"]) in leave_out:
+            continue
         if as_pairs:
             yield from pairs(r, conversational)
         else:
             yield {k: r[k] for k in EXPORT_KEYS + ("models",) if k in r}
 
 
-def export_jsonl(engine, campaign=None, as_pairs=False, block=1 << 16):
+def export_jsonl(engine, campaign=None, as_pairs=False, block=1 << 16, leave_out=frozenset()):
     """export_rows as JSONL text, in pieces of about `block` characters (whole lines each)."""
     lines, size = [], 0
-    for r in export_rows(engine, campaign, as_pairs):
+    for r in export_rows(engine, campaign, as_pairs, leave_out):
         lines.append(json.dumps(r, ensure_ascii=False) + "\n")
         size += len(lines[-1])
         if size >= block:
@@ -1210,3 +1273,79 @@ def guidelines_summary(engine):
         if cid in texts and version == guidelines_version(texts[cid]):
             out[cid]["readers"] += 1
     return out
+# ---------------------------------------------------------------- labeler quality
+
+
+def dense_ranks(ranks, k):
+    """`ranks` (a rank per completion position, 0 best, ties equal) checked for a task of k completions
+    and made dense (0, 1, 2, ... without gaps), as a ranking of the labeler page is stored."""
+    if not isinstance(ranks, list) or len(ranks) != k or \
+            any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < k for r in ranks):
+        raise Rejected(422, f"expected ranks must be a list of {k} integers from 0 (best) to {k - 1}, one per "
+                            "completion in its stored order; ties share a rank")
+    levels = sorted(set(ranks))
+    return [levels.index(r) for r in ranks]
+
+
+def set_expected(engine, task_id, ranks):
+    """Make a task a known-answer task with `ranks` its expected ranking (dense_ranks' form), or an
+    ordinary task again with ranks None. Returns the expected ranks stored."""
+    with writing(engine) as s:
+        task = s.get(Task, task_id)
+        if task is None:
+            raise Rejected(404, f"there is no task {task_id}")
+        if s.scalar(select(Campaign.evaluation).where(Campaign.id == task.campaign_id)):
+            raise Rejected(409, f"task {task_id} is in an evaluation campaign: its labelers' rankings are the "
+                                "measure, there is no known answer")
+        k = s.scalar(select(func.count()).select_from(Completion).where(Completion.task_id == task_id))
+        task.expected = None if ranks is None else dense_ranks(ranks, k)
+        return task.expected
+
+
+def set_quality(engine, campaign_id, gold_rate=None, flag_below=None):
+    """Set a campaign's share of known-answer tasks (0 to 0.5) and its flag threshold (a Kendall tau,
+    -1 to 1), those given. Returns {gold_rate, flag_below} as stored."""
+    if gold_rate is not None and not 0 <= gold_rate <= 0.5:
+        raise Rejected(422, "the known-answer rate must be between 0 and 0.5 (a share of each labeler's tasks)")
+    if flag_below is not None and not -1 <= flag_below <= 1:
+        raise Rejected(422, "the flag threshold is a Kendall tau: between -1 and 1")
+    with writing(engine) as s:
+        c = s.get(Campaign, campaign_id)
+        if c is None:
+            raise Rejected(404, f"no campaign {campaign_id}")
+        if gold_rate is not None:
+            c.gold_rate = gold_rate
+        if flag_below is not None:
+            c.flag_below = flag_below
+        return {"gold_rate": c.gold_rate, "flag_below": c.flag_below}
+
+
+def pause_labeler(engine, labeler_id, paused=True):
+    """Pause a labeler (no new tasks, no submissions; their open assignment released, its slot freed
+    for others) or resume them. Their rankings stay. Returns when they were paused, or None."""
+    with writing(engine) as s:
+        lab = s.get(Labeler, labeler_id)
+        if lab is None:
+            raise Rejected(404, f"no labeler {labeler_id}")
+        if not paused:
+            lab.paused_at = None
+            return None
+        lab.paused_at = lab.paused_at or time.time()
+        _release(s, s.execute(select(Assignment.id, Assignment.task_id)
+                              .where(Assignment.labeler_id == labeler_id, _is_open)).all())
+        return lab.paused_at
+
+
+def quality_settings(engine):
+    """{campaign id: {gold_rate, flag_below, known: its known-answer tasks, expected: {task id: ranks}}}
+    and {labeler id: when paused} of the paused ones: what the admin's overview adds to D.overview."""
+    with Session(reading(engine)) as s:
+        out = {cid: {"gold_rate": rate, "flag_below": below, "expected": {}}
+               for cid, rate, below in s.execute(select(Campaign.id, Campaign.gold_rate, Campaign.flag_below))}
+        for tid, cid, exp in s.execute(select(Task.id, Task.campaign_id, Task.expected)
+                                       .where(Task.expected.is_not(None))):
+            out[cid]["expected"][tid] = list(exp)
+        paused = dict(s.execute(select(Labeler.id, Labeler.paused_at).where(Labeler.paused_at.is_not(None))).all())
+    for q in out.values():
+        q["known"] = len(q["expected"])
+    return out, paused

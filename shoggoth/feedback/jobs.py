@@ -95,12 +95,15 @@ def compare(models, prompts_path, db, campaign=None, rankings_per_task=3, max_ne
     return name, add_comparison(engine, name, records, answers, settings, rankings_per_task)
 
 
-def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invalid=False, log=print):
+def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invalid=False, log=print, known=False):
     """A preference set (rankings as exported, TRL pairs, HH transcripts, scored completions: what
     `shoggoth reward` reads, from JSONL or a dataset) as a new campaign of ranking tasks, so that
     people re-rank or extend it; its own order is kept as the campaign's hidden reference
     (agreements), never shown to labelers. Every row is read and checked before anything
-    is stored: a bad row is a one-line error and nothing is imported. Returns (name, tasks, K)."""
+    is stored: a bad row is a one-line error and nothing is imported. Returns (name, tasks, K).
+
+    With `known`, the rows are known-answer tasks instead, their order the expected one, added to
+    `campaign` (made if new): they are mixed into its labelers' tasks at its gold rate."""
     recs = data.read_rankings(str(path), skip_invalid, log)
     ks = sorted({len(r["completions"]) for r in recs})
     if len(ks) > 1:
@@ -108,6 +111,11 @@ def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invali
                         f"{', '.join(map(str, ks))}: split it by K and import each as its own campaign")
     name = campaign or f"import-{Path(str(path)).stem}"
     engine = D.connect(db)
+    if known:
+        tasks = [{"messages": r["prompt"], "references": [], "completions": r["completions"],
+                  "expected": list(r["ranks"])} for r in recs]  # the whole conversation, as below
+        D.add_tasks(engine, name, tasks, rankings_per_task, source=f"import {path}")
+        return name, len(tasks), ks[0]
     if D.campaign_id(engine, name, required=False) is not None:
         raise DataError(f"campaign {name!r} exists already: import into a new campaign (--campaign)")
     tasks = [{"messages": r["prompt"], "references": [], "completions": r["completions"]} for r in recs]  # whole
@@ -116,25 +124,69 @@ def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invali
     return name, len(tasks), ks[0]
 
 
-def agreements(db, campaign):
-    """(how a campaign's labelers agree with each other: agreement.agreement's summary, and
-    {labeler: (mean Kendall tau-b with an imported campaign's own order, rankings compared)}, None
-    for a campaign that was not imported), from one read of its rankings."""
+def agreements(db, campaign, seed=0):
+    """(how a campaign's labelers agree with each other: agreement.agreement's summary, {labeler:
+    (mean Kendall tau-b with an imported campaign's own order, rankings compared)} or None for a
+    campaign that was not imported, and `quality`'s (threshold, each labeler's measures and flags)),
+    from one read of its rankings."""
     from .agreement import agreement, kendall_tau_b
 
     engine = D.connect(db)
     cid = D.campaign_id(engine, campaign)
     rows = D.rank_vectors(engine, cid)
+    measured = quality(engine, cid, rows, seed=seed)
     ref = D.round_progress(engine, campaign)["settings"].get("reference_ranks")
     if ref is None:
-        return agreement(rows), None
+        return agreement(rows), None, measured
     order = dict(zip(D.task_ids(engine, cid), ref))
     taus = {}
     for row in rows:
+        if row["task_id"] not in order:  # a known-answer task added to the imported campaign later
+            continue
         t = kendall_tau_b(row["ranks"], order[row["task_id"]])
         if t is not None:
             taus.setdefault(row["labeler"], []).append(t)
-    return agreement(rows), {name: (sum(v) / len(v), len(v)) for name, v in sorted(taus.items())}
+    return agreement(rows), {name: (sum(v) / len(v), len(v)) for name, v in sorted(taus.items())}, measured
+
+
+def quality(engine, cid, rows=None, settings=None, seed=0):
+    """(the campaign's flag threshold, agreement.labeler_quality of its labelers against each other
+    and its known answers); rows: its rank_vectors, settings: its D.quality_settings, read if None."""
+    from .agreement import FLAG_BELOW, labeler_quality
+
+    settings = settings or D.quality_settings(engine)[0][cid]
+    rows = D.rank_vectors(engine, cid) if rows is None else rows
+    threshold = FLAG_BELOW if settings["flag_below"] is None else settings["flag_below"]
+    return threshold, labeler_quality(rows, settings["expected"], threshold, seed=seed)
+
+
+def low_agreement(engine, below, campaign=None, log=print):
+    """{(campaign, labeler)} whose agreement with the others (agreement.consensus_taus, the mean over
+    their tasks) is below `below`, in the campaigns an export of `campaign` holds; says which on `log`.
+    A labeler who shares no task with another has no measure and is kept."""
+    from .agreement import consensus_taus
+
+    out, kept = {}, 0
+    for cid, name, evaluation in D.campaigns(engine):
+        if campaign not in (None, name) or (evaluation and campaign is None):
+            continue
+        rows = D.rank_vectors(engine, cid)
+        taus = consensus_taus(rows)
+        n = {}
+        for r in rows:
+            n[r["labeler"]] = n.get(r["labeler"], 0) + 1
+        for lab, ts in taus.items():
+            tau = sum(ts.values()) / len(ts)
+            if tau < below:
+                out[name, lab] = (tau, n[lab])
+        kept += len(set(n) - set(taus))
+    left = sum(m for _, m in out.values())
+    log(f"--min-agreement {below}: leaving out {left} rankings of {len(out)} labeler(s) below it"
+        + "".join(f"\n  {lab} in {c!r}: tau {tau:.3f} with the others, {m} rankings"
+                  for (c, lab), (tau, m) in sorted(out.items())))
+    if kept:
+        log(f"  kept {kept} labeler(s) who share no task with another (no agreement to measure)")
+    return set(out)
 
 
 def winrates(db, campaign, resamples=None, seed=0):
@@ -173,10 +225,11 @@ def labeler_seed(persona, i, seed):
     return zlib.crc32(f"{persona}/{i}/{seed}".encode())
 
 
-def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=None, max_tasks=None):
+def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=None, max_tasks=None, mode="normal"):
     """Simulated labelers `sim-<persona>-<i>` rank tasks through the same assignment and submission
-    code as people, in turns, until nothing is left for them (or each did max_tasks). Returns
-    {labeler name: rankings submitted}."""
+    code as people, in turns, until nothing is left for them (or each did max_tasks; a paused one
+    stops). `mode` (simulated.MODES) other than "normal": `sim-<persona>-<mode>-<i>`, who rank at
+    random or worst first. Returns {labeler name: rankings submitted}."""
     from ..simulated import SimulatedLabeler, persona as get_persona
 
     get_persona(persona)  # a clear error for an unknown name
@@ -185,9 +238,10 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
     engine = D.connect(db)
     cid = D.campaign_id(engine, campaign) if campaign else None
     crowd = []
+    kind = persona if mode == "normal" else f"{persona}-{mode}"
     for i in range(labelers):
-        name = f"sim-{persona}-{i}"
-        sim = SimulatedLabeler(persona, labeler_seed(persona, i, seed), noise)
+        name = f"sim-{kind}-{i}"
+        sim = SimulatedLabeler(persona, labeler_seed(kind, i, seed), noise, mode)
         # The order completions are shown in is shuffled (against position bias); seeded here,
         # so that the same seed gives the same rankings: the labeler's noise follows that order.
         shuffle = random.Random(f"display/{persona}/{i}/{seed}")
@@ -197,8 +251,13 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
         for entry in list(crowd):
             name, lid, sim, shuffle = entry
             # max_tasks is checked first: next_task assigns a task, which stays open until its lease expires
-            task = None if max_tasks is not None and done[name] >= max_tasks else \
-                D.next_task(engine, lid, rng=shuffle, campaign_id=cid)
+            try:
+                task = None if max_tasks is not None and done[name] >= max_tasks else \
+                    D.next_task(engine, lid, rng=shuffle, campaign_id=cid)
+            except D.Rejected as e:  # paused by the admin
+                if e.status != 423:
+                    raise
+                task = None
             if task is None:
                 crowd.remove(entry)
                 continue
@@ -211,20 +270,27 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
     return done
 
 
-def export(db, out, pairs=False, campaign=None):
+def export(db, out, pairs=False, campaign=None, min_agreement=None, log=print):
     """Write rankings (or TRL pairs) as JSONL, streamed from the database to a temporary file
-    renamed over `out` at the end; returns how many lines."""
+    renamed over `out` at the end; returns how many lines. With min_agreement, the rankings of
+    labelers whose agreement with the others is below it are left out (low_agreement, said on log)."""
     engine = D.connect(db, create=False)
     if engine.url.get_backend_name() == "sqlite" and engine.url.database \
             and Path(engine.url.database).resolve() == Path(out).resolve():
         raise DataError(f"--out {out} is the database itself: writing the export there would replace every ranking")
-    blocks = D.export_jsonl(engine, campaign, pairs)
+    if min_agreement is not None and not -1 <= min_agreement <= 1:
+        raise DataError(f"--min-agreement {min_agreement}: a Kendall tau, between -1 and 1")
+    leave_out = frozenset()
+    if min_agreement is not None:
+        try:
+            leave_out = low_agreement(engine, min_agreement, campaign, log)
+        except Exception as e:
+            not_ours(e, db)
+    blocks = D.export_jsonl(engine, campaign, pairs, leave_out=leave_out)
     try:
         first = next(blocks, "")  # the first read: a database without our tables fails here
     except Exception as e:
-        if type(e).__module__.startswith("sqlalchemy"):
-            raise DataError(f"--db {D.shown_url(db)}: not a feedback database ({type(e).__name__})") from None
-        raise
+        not_ours(e, db)
     out = Path(out)
     if out.is_dir():
         raise DataError(f"--out {out}: a directory; name the JSONL file to write")
@@ -240,3 +306,10 @@ def export(db, out, pairs=False, campaign=None):
 
     atomic_write(out, write)
     return lines
+
+
+def not_ours(e, db):
+    """Raise e again, as a one-line error if the database could not answer (not a feedback database)."""
+    if type(e).__module__.startswith("sqlalchemy"):
+        raise DataError(f"--db {D.shown_url(db)}: not a feedback database ({type(e).__name__})") from None
+    raise e

@@ -193,7 +193,7 @@ def me(db: DB, who: Labeler):
     return {"name": who.name, "progress": D.progress(db, who.id)}
 
 
-@router.post("/api/next", **answers(NextOut, **doc(LABELER_WRITE, 401, 403)))
+@router.post("/api/next", **answers(NextOut, **doc(LABELER_WRITE, 401, 403, 423)))
 def next_(db: DB, who: Labeler):
     """Your open task, or a new one assigned to you now (`task`: null when nothing is left), and your
     progress; the task carries `guidelines` ({campaign_id, version, read}, or null) of its campaign:
@@ -204,7 +204,7 @@ def next_(db: DB, who: Labeler):
     return {"task": task, "progress": D.progress(db, who.id)}
 
 
-@router.post("/api/tasks/{task_id}/ranking", status_code=201, **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
+@router.post("/api/tasks/{task_id}/ranking", status_code=201, **doc(LABELER_WRITE, 401, 403, 404, 409, 422, 423))
 def submit(db: DB, who: Labeler, body: RankingIn, task_id: int = Path(**ID)):
     return {"ranking_id": D.submit(db, who.id, task_id, body.ranking, body.flags)}  # /api/next tells progress
 

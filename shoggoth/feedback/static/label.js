@@ -30,7 +30,7 @@
     });
     let data = {};
     try { data = await res.json(); } catch (e) { /* not JSON */ }
-    if (!res.ok) throw new Error(data.error || `request failed (${res.status})`);
+    if (!res.ok) throw Object.assign(new Error(data.error || `request failed (${res.status})`), { status: res.status });
     return data;
   }
 
@@ -39,15 +39,26 @@
     $("progress").textContent = `${p.done} ranked · ${p.skipped} skipped · ${p.left + p.open} to go`;
   }
 
+  // 423: the admin paused this labeler; their page says so until a "Check again" finds them resumed
+  function paused(e) {
+    if (e.status !== 423) return false;
+    task = null;
+    $("work").hidden = $("empty").hidden = true;
+    $("paused").hidden = false;
+    $("paused-why").textContent = e.message;
+    return true;
+  }
+
   async function loadNext() {
     busy = true;
     try {
       const data = await api("/api/next");
+      $("paused").hidden = true;
       showProgress(data.progress);
       await guidelinesFirst(data.task);
       start(data.task);
     } catch (e) {
-      toast(e.message, true);
+      if (!paused(e)) toast(e.message, true);
     } finally {
       busy = false;
     }
@@ -68,7 +79,7 @@
       busy = false;
       await loadNext();
     } catch (e) {
-      toast(e.message, true);
+      if (!paused(e)) toast(e.message, true);
     } finally {
       busy = false;
       setBusy(false);
@@ -442,6 +453,7 @@
   $("submit").addEventListener("click", submit);
   $("skip").addEventListener("click", skip);
   $("again").addEventListener("click", loadNext);
+  $("paused-again").addEventListener("click", loadNext);
   $("revise").addEventListener("click", revise);
   $("revise-cancel").addEventListener("click", () => { if (!busy) { endRevision(); toast("Revision cancelled"); } });
   $("help-btn").addEventListener("click", () => $("help").showModal());
