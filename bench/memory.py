@@ -13,7 +13,7 @@ tokenizer and template on each, the model's own vocabulary size) go through, one
     at most 64 new tokens (one minibatch, one PPO epoch), against a reward model on the same
     trunk with a random head (bench/lora.py make_reward).
 At the 135M shape also `shoggoth sft` in full at its own default batch (--batch-size 0: rows
-sized to half the available memory), and TRL's SFTTrainer on the same 1 x 2,048-token rows at
+sized to half the available memory) and in full with --grad-ckpt on, and TRL's SFTTrainer on the same 1 x 2,048-token rows at
 its defaults (gradient checkpointing on; bench/sft_trl.py; skipped when trl is not importable).
 Full SFT of the 1B shape is skipped: weights, gradients and AdamW moments alone are 16 bytes x
 1.24B parameters = 18.4 GiB, over what a 24 GiB machine shared with other jobs can hold with
@@ -51,6 +51,7 @@ SHAPES = {"135m": "SmolLM2-135M", "qwen2.5-0.5b": "Qwen2.5-0.5B", "llama3.2-1b":
 ROW = 2048  # tokens per row
 NEW_TOKENS = 64  # PPO's response length
 SKIP = {("llama3.2-1b", "SFT full")}  # does not fit 24 GiB (docstring)
+EXTRA = ("SFT full (its default batch)", "SFT full (grad-ckpt on)")  # runs at the 135M shape only
 FREE_GIB = {"135m": 4, "qwen2.5-0.5b": 8, "llama3.2-1b": 12}  # wait for this much available before a run
 
 
@@ -103,6 +104,7 @@ def stage_runs(d, steps, dtype):
                      str(d / "held.jsonl"), "--batch-size", "1", "--seq-len", str(ROW), "--max-steps", n,
                      *common, *lora.LORA],
         "SFT full (its default batch)": sft_args,
+        "SFT full (grad-ckpt on)": sft_args + ["--batch-size", "1", "--grad-ckpt", "on"],
     }
 
 
@@ -127,8 +129,7 @@ def measure(work, shape, a):
         done = {(x["shape"], x["run"]): x for x in map(json.loads, store.read_text().splitlines())}
     d = make_inputs(work, shape)
     runs = stage_runs(d, a.steps, a.dtype)
-    if shape != "135m":
-        del runs["SFT full (its default batch)"]
+    runs = {k: v for k, v in runs.items() if shape == "135m" or k not in EXTRA}
     for name, args in runs.items():
         if (shape, name) in done or (shape, name) in SKIP or (a.runs and name not in a.runs.split(",")):
             continue
@@ -155,7 +156,7 @@ def measure(work, shape, a):
                 f.write(json.dumps(res) + "\n")
             print(res, flush=True)
             done[(shape, "TRL SFTTrainer")] = res
-    return {name: r for (s, name), r in done.items() if s == shape}
+    return {name: done[shape, name] for name in [*runs, "TRL SFTTrainer"] if (shape, name) in done}
 
 
 def table(measured, a):
