@@ -12,12 +12,16 @@ tokenizer and template on each, the model's own vocabulary size) go through, one
     trunk with them off): one prompt per iteration, of 1,960-1,984 tokens, and a response of
     at most 64 new tokens (one minibatch, one PPO epoch), against a reward model on the same
     trunk with a random head (bench/lora.py make_reward).
-At the 135M shape also `shoggoth sft` in full at its own default batch (--batch-size 0: rows
-sized to half the available memory) and in full with --grad-ckpt on, and TRL's SFTTrainer on the same 1 x 2,048-token rows at
-its defaults (gradient checkpointing on; bench/sft_trl.py; skipped when trl is not importable).
-Full SFT of the 1B shape is skipped: weights, gradients and AdamW moments alone are 16 bytes x
-1.24B parameters = 18.4 GiB, over what a 24 GiB machine shared with other jobs can hold with
-activations and the loss head's logits.
+DPO and PPO also with --grad-ckpt on: their `auto` is off (only SFT sizes its step to the
+memory). At the 135M shape also `shoggoth sft` in full at its own default batch
+(--batch-size 0: rows sized to half the available memory) and with --grad-ckpt on, and TRL's
+SFTTrainer on the same 1 x 2,048-token rows at its defaults (gradient checkpointing on;
+bench/sft_trl.py; skipped when trl is not importable).
+Skipped at the 1B shape, as estimated over 24 GiB: full SFT (weights, gradients and AdamW moments alone
+are 16 bytes x 1.24B parameters = 18.4 GiB, before activations and the 2,048 x 128,256 logits),
+and DPO and PPO with checkpointing off (the activations kept for backward, about 29 bytes per
+token, layer and unit of hidden + intermediate size, are 9.7 GB per 2,048-token row: DPO's pair
+is two rows, PPO's policy and value model each hold one, on 2 x 4.9 GB of fp32 weights).
 
 Each run is a fresh process (bench/lora.py `run`): peak memory is its ru_maxrss; seconds per
 step are between the step logs after the first (PPO: one iteration's rollout + score + update).
@@ -50,7 +54,7 @@ from shoggoth import metrics  # noqa: E402
 SHAPES = {"135m": "SmolLM2-135M", "qwen2.5-0.5b": "Qwen2.5-0.5B", "llama3.2-1b": "Llama-3.2-1B"}
 ROW = 2048  # tokens per row
 NEW_TOKENS = 64  # PPO's response length
-SKIP = {("llama3.2-1b", "SFT full")}  # does not fit 24 GiB (docstring)
+SKIP = {("llama3.2-1b", "SFT full"), ("llama3.2-1b", "DPO LoRA"), ("llama3.2-1b", "PPO LoRA")}  # over 24 GiB (docstring)
 EXTRA = ("SFT full (its default batch)", "SFT full (grad-ckpt on)")  # runs at the 135M shape only
 FREE_GIB = {"135m": 4, "qwen2.5-0.5b": 8, "llama3.2-1b": 12}  # wait for this much available before a run
 
@@ -94,17 +98,21 @@ def stage_runs(d, steps, dtype):
     common = ["--dtype", dtype, "--eval-every", "100000", "--ckpt-every", "100000"]
     sft_args = ["sft", "--init", model, "--data", str(d / "chats.jsonl"), "--seq-len", str(ROW), "--max-steps", n,
                 "--sample-every", "0", *common]
+    ppo = ["ppo", "--policy", model, "--reward", str(d / "reward"), "--prompts", str(d / "prompts.jsonl"),
+           "--batch-size", "1", "--minibatch-size", "1", "--ppo-epochs", "1", "--max-new-tokens",
+           str(NEW_TOKENS), "--iterations", n, *common, *lora.LORA]
+    dpo = ["dpo", "--policy", model, "--rankings", str(d / "pairs.jsonl"), "--eval-rankings",
+           str(d / "held.jsonl"), "--batch-size", "1", "--seq-len", str(ROW), "--max-steps", n,
+           *common, *lora.LORA]
     return {
         "SFT full": sft_args + ["--batch-size", "1"],
         "SFT LoRA": sft_args + ["--batch-size", "1", *lora.LORA],
-        "PPO LoRA": ["ppo", "--policy", model, "--reward", str(d / "reward"), "--prompts", str(d / "prompts.jsonl"),
-                     "--batch-size", "1", "--minibatch-size", "1", "--ppo-epochs", "1", "--max-new-tokens",
-                     str(NEW_TOKENS), "--iterations", n, *common, *lora.LORA],
-        "DPO LoRA": ["dpo", "--policy", model, "--rankings", str(d / "pairs.jsonl"), "--eval-rankings",
-                     str(d / "held.jsonl"), "--batch-size", "1", "--seq-len", str(ROW), "--max-steps", n,
-                     *common, *lora.LORA],
+        "PPO LoRA": ppo,
+        "DPO LoRA": dpo,
         "SFT full (its default batch)": sft_args,
         "SFT full (grad-ckpt on)": sft_args + ["--batch-size", "1", "--grad-ckpt", "on"],
+        "PPO LoRA (grad-ckpt on)": ppo + ["--grad-ckpt", "on"],
+        "DPO LoRA (grad-ckpt on)": dpo + ["--grad-ckpt", "on"],
     }
 
 
@@ -156,7 +164,8 @@ def measure(work, shape, a):
                 f.write(json.dumps(res) + "\n")
             print(res, flush=True)
             done[(shape, "TRL SFTTrainer")] = res
-    return {name: done[shape, name] for name in [*runs, "TRL SFTTrainer"] if (shape, name) in done}
+    names = [*runs, *(["TRL SFTTrainer"] if shape == "135m" else [])]
+    return {name: done.get((shape, name)) for name in names}  # None: not measured
 
 
 def table(measured, a):
@@ -166,9 +175,12 @@ def table(measured, a):
              "| model shape | run | peak RSS (GiB) | s/step | grad-ckpt | trains |", "|---|---|---|---|---|---|"]
     for shape, runs in measured.items():
         for name, r in runs.items():
-            lines.append(f"| {SHAPES.get(shape, shape)} | {name} | {lora.cells(r)} | {'on' if r['grad_ckpt'] else 'off'} | "
-                         f"{r['trained']} |")
-        lines += [f"| {SHAPES.get(shape, shape)} | {name} | skipped: does not fit | | | |" for s, name in SKIP if s == shape]
+            if r:
+                lines.append(f"| {SHAPES.get(shape, shape)} | {name} | {lora.cells(r)} | "
+                             f"{'on' if r['grad_ckpt'] else 'off'} | {r['trained']} |")
+            else:
+                why = "skipped: over 24 GiB (bench/memory.py)" if (shape, name) in SKIP else "not measured"
+                lines.append(f"| {SHAPES.get(shape, shape)} | {name} | {why} | | | |")
     return lines
 
 
