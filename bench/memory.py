@@ -17,16 +17,18 @@ memory). At the 135M shape also `shoggoth sft` in full at its own default batch
 (--batch-size 0: rows sized to half the available memory) and with --grad-ckpt on, and TRL's
 SFTTrainer on the same 1 x 2,048-token rows at its defaults (gradient checkpointing on;
 bench/sft_trl.py; skipped when trl is not importable).
-Skipped at the 1B shape, as estimated over 24 GiB: full SFT (weights, gradients and AdamW moments alone
-are 16 bytes x 1.24B parameters = 18.4 GiB, before activations and the 2,048 x 128,256 logits),
-and DPO and PPO with checkpointing off (the activations kept for backward, about 29 bytes per
-token, layer and unit of hidden + intermediate size, are 9.7 GB per 2,048-token row: DPO's pair
-is two rows, PPO's policy and value model each hold one, on 2 x 4.9 GB of fp32 weights).
+Skipped at the 1B shape, as estimated over what a 24 GiB machine shared with other jobs holds:
+full SFT (weights, gradients and AdamW moments alone are 16 bytes x 1.24B parameters = 18.4 GiB,
+before activations and the 2,048 x 128,256 logits), and DPO and PPO with checkpointing off (the
+activations kept for backward, about 29 bytes per token, layer and unit of hidden + intermediate
+size, are 9.7 GB per 2,048-token row: DPO's pair is two rows on 5 GB of fp32 weights, 24.4 GB;
+PPO's policy and value model each hold one, on 2 x 5 GB, 29.4 GB).
 
 Each run is a fresh process (bench/lora.py `run`): peak memory is its ru_maxrss; seconds per
 step are between the step logs after the first (PPO: one iteration's rollout + score + update).
 Every run's result is appended to WORK/results.jsonl as it ends; a rerun with the same --work
-keeps the models and results already there and does only what is missing (--runs: only those named).
+keeps the models and results already there and does only what is missing (--runs: only those
+named; --no-run: nothing, the table of what is there).
 
     python bench/memory.py [--shapes 135m,qwen2.5-0.5b,llama3.2-1b] [--steps 2] [--dtype bf16|fp32]
                            [--threads 1] [--work DIR] [--runs "SFT LoRA,PPO LoRA"] [--no-record]
@@ -54,7 +56,7 @@ from shoggoth import metrics  # noqa: E402
 SHAPES = {"135m": "SmolLM2-135M", "qwen2.5-0.5b": "Qwen2.5-0.5B", "llama3.2-1b": "Llama-3.2-1B"}
 ROW = 2048  # tokens per row
 NEW_TOKENS = 64  # PPO's response length
-SKIP = {("llama3.2-1b", "SFT full"), ("llama3.2-1b", "DPO LoRA"), ("llama3.2-1b", "PPO LoRA")}  # over 24 GiB (docstring)
+SKIP = {("llama3.2-1b", "SFT full"), ("llama3.2-1b", "DPO LoRA"), ("llama3.2-1b", "PPO LoRA")}  # estimated over 24 GiB
 EXTRA = ("SFT full (its default batch)", "SFT full (grad-ckpt on)")  # runs at the 135M shape only
 FREE_GIB = {"135m": 4, "qwen2.5-0.5b": 8, "llama3.2-1b": 12}  # wait for this much available before a run
 
@@ -139,7 +141,7 @@ def measure(work, shape, a):
     runs = stage_runs(d, a.steps, a.dtype)
     runs = {k: v for k, v in runs.items() if shape == "135m" or k not in EXTRA}
     for name, args in runs.items():
-        if (shape, name) in done or (shape, name) in SKIP or (a.runs and name not in a.runs.split(",")):
+        if (shape, name) in done or (shape, name) in SKIP or a.no_run or (a.runs and name not in a.runs.split(",")):
             continue
         wait_for_memory(FREE_GIB.get(shape, 2))
         t0 = time.time()
@@ -149,7 +151,8 @@ def measure(work, shape, a):
             f.write(json.dumps(res) + "\n")
         print(res, flush=True)
         done[(shape, name)] = res
-    if shape == "135m" and (shape, "TRL SFTTrainer") not in done and (not a.runs or "TRL SFTTrainer" in a.runs):
+    if (shape == "135m" and (shape, "TRL SFTTrainer") not in done and not a.no_run
+            and (not a.runs or "TRL SFTTrainer" in a.runs)):
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -179,7 +182,7 @@ def table(measured, a):
                 lines.append(f"| {SHAPES.get(shape, shape)} | {name} | {lora.cells(r)} | "
                              f"{'on' if r['grad_ckpt'] else 'off'} | {r['trained']} |")
             else:
-                why = "skipped: over 24 GiB (bench/memory.py)" if (shape, name) in SKIP else "not measured"
+                why = "skipped: estimated over 24 GiB (bench/memory.py)" if (shape, name) in SKIP else "not measured"
                 lines.append(f"| {SHAPES.get(shape, shape)} | {name} | {why} | | | |")
     return lines
 
@@ -187,6 +190,7 @@ def table(measured, a):
 def main():
     more = [("--shapes", dict(default=",".join(SHAPES), help="comma-separated shapes of bench/sft_data.py SHAPES")),
             ("--runs", dict(default="", help="comma-separated names of the runs to do (as in the table); default all")),
+            ("--no-run", dict(action="store_true", help="only the table of what --work's results.jsonl holds")),
             ("--work", dict(default="", help="work directory (models, inputs, results.jsonl); reused when given"))]
     a = lora.options(__doc__, steps=2, more=more)
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # TRL's run too
