@@ -66,7 +66,8 @@ def run(args, out, threads, own_value_trunk=False):
         per_step = (t[-1] - t[0]) / (len(t) - 1)
     trained = next((ln for ln in r.stdout.splitlines() if "LoRA:" in ln), "")
     return {"peak_rss_mib": res["peak_rss_mib"], "s_per_step": per_step,
-            "trained": trained.split("LoRA: ")[1].split(" parameters")[0] if trained else "all"}
+            "trained": trained.split("LoRA: ")[1].split(" parameters")[0] if trained else "all",
+            "grad_ckpt": "grad-ckpt on" in r.stdout}
 
 
 def cells(r):
@@ -79,18 +80,26 @@ def ratios(r, base):
     return r["peak_rss_mib"] / base["peak_rss_mib"], r["s_per_step"] / base["s_per_step"]
 
 
-def make_inputs(work, n_pairs):
-    """The model, a reward model on its trunk, SFT chats, DPO pairs and PPO prompts."""
+def make_reward(model, out):
+    """A reward model directory at out: model's trunk with a random head (seeded)."""
     import torch
 
-    from shoggoth import checkpoint, data
+    from shoggoth import checkpoint
     from shoggoth.model import RewardModel
 
-    model = sft_data.make_model_dir(work / "smollm2-135m")
     torch.manual_seed(1)
     rm = RewardModel(checkpoint.load_pretrained(model).config)
     checkpoint.load_trunk(rm, model)
-    checkpoint.save_reward(rm, work / "reward", tokenizer_dir=model)
+    checkpoint.save_reward(rm, out, tokenizer_dir=model)
+    return out
+
+
+def make_inputs(work, n_pairs):
+    """The model, a reward model on its trunk, SFT chats, DPO pairs and PPO prompts."""
+    from shoggoth import data
+
+    model = sft_data.make_model_dir(work / "smollm2-135m")
+    make_reward(model, work / "reward")
     chats = sft_data.make_data(work / "chats.jsonl", 64)
     convs = [json.loads(ln)["messages"] for ln in chats.read_text().splitlines()]
     pairs = [{"prompt": a[0]["content"], "chosen": a[1]["content"], "rejected": b[1]["content"]}
@@ -102,10 +111,13 @@ def make_inputs(work, n_pairs):
     return model
 
 
-def options(doc):
-    """The flags of this benchmark and bench/grad_ckpt.py (whose stage runs are these), parsed."""
+def options(doc, steps=4, more=()):
+    """The flags of this benchmark, bench/grad_ckpt.py and bench/memory.py (whose stage runs are these),
+    parsed; more: (flag, keyword arguments) of a benchmark's own flags."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=4, help="steps (PPO: iterations) per run; the first is not timed")
+    ap.add_argument("--steps", type=int, default=steps, help="steps (PPO: iterations) per run; the first is not timed")
+    for flag, kw in more:
+        ap.add_argument(flag, **kw)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steadiest on a shared machine)")
     ap.add_argument("--no-record", action="store_true", help="do not append the table to bench/RESULTS.md")

@@ -10,6 +10,10 @@ system prompt. No hub is reachable here, so the BPE is trained on text generated
 from the word lists below; it learns fewer than 49152 tokens (the text has a few
 thousand distinct words), and the model's embedding keeps SmolLM2's 49152 rows
 (the ids above the trained vocabulary are never seen, as with any padded vocab).
+With shape="qwen2.5-0.5b" or "llama3.2-1b" (for memory benchmarks) the model takes
+that checkpoint's public config.json values instead (Qwen2ForCausalLM with its q/k/v
+bias, or LlamaForCausalLM with llama3 RoPE scaling; each with its own vocab size),
+and keeps the same SmolLM2-like tokenizer and template.
 
 make_data(path, n) writes n conversations {"messages": [user, assistant, ...]},
 generated deterministically (seeded) from the same word lists: 1-3 exchanges, most
@@ -48,6 +52,18 @@ SMOLLM2_135M = dict(
 )
 SHAPES = {
     "135m": {},
+    # Qwen/Qwen2.5-0.5B's config.json (Qwen2: q/k/v bias, tied embeddings), SmolLM2's token ids.
+    "qwen2.5-0.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         initializer_range=0.02),
+    # meta-llama/Llama-3.2-1B's config.json (tied embeddings, llama3 RoPE scaling), SmolLM2's token ids.
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                               high_freq_factor=4.0,
+                                                               original_max_position_embeddings=8192),
+                        rms_norm_eps=1e-5, initializer_range=0.02),
     # For smoke tests only: SmolLM2's vocab and attention layout, 2 narrow layers.
     "tiny": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=3,
                  num_key_value_heads=1),
@@ -233,10 +249,11 @@ def make_model_dir(path, vocab_tokenizer=49152, shape="135m", seed=0):
     """Write the model directory (config, random float32 weights, tokenizer); returns its Path.
 
     vocab_tokenizer: the BPE's target vocabulary (it stops earlier when the text has no
-    more pairs to merge); the model's vocab_size stays 49152 whatever it learns.
+    more pairs to merge); the model's vocab_size stays the shape's (49152 for SmolLM2) whatever it learns.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -244,9 +261,11 @@ def make_model_dir(path, vocab_tokenizer=49152, shape="135m", seed=0):
     assert len(tok) <= SMOLLM2_135M["vocab_size"]
     tok.save_pretrained(path)
 
-    config = LlamaConfig(**{**SMOLLM2_135M, **SHAPES[shape]})
+    values = {**SMOLLM2_135M, **SHAPES[shape]}
+    arch = {"llama": "Llama", "qwen2": "Qwen2"}[values.pop("arch", "llama")]
+    config = getattr(transformers, arch + "Config")(**values)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float()  # weights from config.initializer_range
+    model = getattr(transformers, arch + "ForCausalLM")(config).float()  # weights from config.initializer_range
     model.save_pretrained(path)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(path)
     return path
