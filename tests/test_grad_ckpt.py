@@ -141,13 +141,19 @@ def test_dpo_fits_max_memory_in_micro_steps(lm_dir, tmp_path):  # noqa: F811
 
 @pytest.mark.slow
 def test_lora_ppo_with_reward_model_runs_alike_with_checkpointing(lm_dir, rm_dir, tmp_path):  # noqa: F811
-    """PPO checkpoints both trained models (policy, and the value model on the reward model's trunk)."""
+    """PPO checkpoints both trained models (policy, and the value model on the reward model's trunk);
+    auto turns it on where --max-memory does not hold a minibatch."""
     args = ["--policy", lm_dir, "--reward", rm_dir, "--iterations", 2, "--batch-size", 8, "--minibatch-size", 4,
             "--ppo-epochs", 1, "--lr", 1e-3, "--lora-r", 4, "--eval-every", 2, *FAST]
     r = shoggoth("ppo", *args, "--out", tmp_path / "on", "--grad-ckpt", "on", env=ENV)
     assert ", grad-ckpt on\n" in r.stdout
-    shoggoth("ppo", *args, "--out", tmp_path / "off", env=ENV)
-    for key in ("loss/policy", "loss/value", "objective/scores", "grad_norm"):
-        assert series(tmp_path / "on", key) == series(tmp_path / "off", key)
-    a, b = checkpoint.load_state_dict(tmp_path / "on"), checkpoint.load_state_dict(tmp_path / "off")
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    off = shoggoth("ppo", *args, "--out", tmp_path / "off", env=ENV).stdout
+    assert "grad-ckpt" not in off  # auto: the machine's memory holds the minibatch
+    # auto under a --max-memory the minibatch does not fit: on, and the same run
+    small = shoggoth("ppo", *args, "--out", tmp_path / "small", "--max-memory", "0.001", env=ENV).stdout
+    assert re.search(r", grad-ckpt on \(auto: the step needs [\d.e-]+ GiB, 0\.001 GiB available\)", small)
+    for run in ("on", "small"):
+        for key in ("loss/policy", "loss/value", "objective/scores", "grad_norm"):
+            assert series(tmp_path / run, key) == series(tmp_path / "off", key), (run, key)
+        a, b = checkpoint.load_state_dict(tmp_path / run), checkpoint.load_state_dict(tmp_path / "off")
+        assert all(torch.equal(a[n], b[n]) for n in a), run

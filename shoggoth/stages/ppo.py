@@ -47,6 +47,7 @@ class Config(rl.Options, lora.Options, stage.Common):
     iterations: int = 100  # PPO iterations (rollout + update)
     batch_size: int = 64  # prompts (one response each) per iteration, summed over ranks
     minibatch_size: int = 16  # responses per optimizer step, summed over ranks
+    max_memory: float = 0.0  # GiB an update may use (weights, AdamW state, activations of policy and value): --grad-ckpt auto turns checkpointing on where a minibatch would not fit; 0 = half the memory available now
     ppo_epochs: int = 4  # passes over each rollout batch
     lr: float = 1e-5  # peak learning rate (policy and value model)
     grad_clip: float = 1.0  # max global grad norm of policy and value model together; 0 = off
@@ -62,7 +63,7 @@ class Config(rl.Options, lora.Options, stage.Common):
     ema_decay: float = 0.0  # keep an EMA of the policy's weights with this decay, saved to out/ema; 0 = off
 
 
-MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples"}
+MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples", "max_memory"}
 
 
 def run(c: Config):
@@ -94,7 +95,17 @@ def run(c: Config):
             ema.load_state_dict(state["ema"])
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = dist.autocast(d.device, amp_dtype)
-    _, ckpt_note = stage.grad_ckpt([policy, value], c)
+    # ---- prompts
+    prompts, held = rl.load_prompt_sets(c, dist.print0)
+    room = policy.config.max_seq_len - c.max_new_tokens
+    prompt_ids = rl.encode_prompts(tok, prompts, room)
+    mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
+    # checkpointing (auto) where a minibatch of the longest rows would not fit the memory budget
+    budget, _ = stage.memory_budget(c, d.device)
+    budget = int(dist.all_min(torch.tensor(budget, device=d.device)))  # the least any rank has
+    tokens = mb * (max(map(len, prompt_ids)) + c.max_new_tokens)
+    need = sum(stage.weight_bytes(m) + stage.activation_bytes(m, False) * tokens for m in (policy, value))
+    _, ckpt_note = stage.grad_ckpt([policy, value], c, need, budget)
     both = rl.PolicyValue(policy, value)
     # DDP over ranks, or FSDP2 sharding every block of both models, then the rest; the models themselves on one
     both_t, opt, it = stage.train_setup(both, c, d, amp_dtype, state, ckpt_path,
@@ -102,11 +113,6 @@ def run(c: Config):
     beta = state["beta"] if state else c.beta
     shards = data.TokenShards(c.ptx_data, seed=c.seed) if c.ptx_coef else None
 
-    # ---- prompts
-    prompts, held = rl.load_prompt_sets(c, dist.print0)
-    room = policy.config.max_seq_len - c.max_new_tokens
-    prompt_ids = rl.encode_prompts(tok, prompts, room)
-    mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
     n_mb = c.batch_size // c.minibatch_size
     total_steps = c.iterations * c.ppo_epochs * n_mb
     metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main, config=c)
