@@ -35,7 +35,7 @@ class Common:
     weight_decay: float = 0.0  # AdamW decay on matrices (not on norms or biases)
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype (auto = bf16 where fast)
-    grad_ckpt: str = "auto"  # auto | on | off: keep only each block's input and recompute the block in backward (less memory, about 1/3 more compute, same numbers); auto = on where the step would not fit the memory otherwise (SFT's sizing)
+    grad_ckpt: str = "auto"  # auto | on | off: keep only each block's input and recompute the block in backward (less memory, about 1/3 more compute, same numbers); auto = on where the step would not fit the memory otherwise (SFT, DPO and PPO size it; elsewhere off)
     fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out evaluations
