@@ -73,18 +73,19 @@ def grad_ckpt(models, c, need=0, have=0):
     return True, ", grad-ckpt on" + (why if c.grad_ckpt == "auto" else "")
 
 
-def memory_budget(c, device):
+def memory_budget(c, d):
     """(bytes, whence) a micro-step of a stage with --max-memory (c.max_memory, GiB) may use (weights,
-    AdamW state, activations): --max-memory, or half the memory available now (the GPU's on CUDA)."""
+    AdamW state, activations): --max-memory, or half the memory available now (the GPU's on CUDA); the
+    least any rank of d (dist.setup's) has, so that every rank sizes its steps alike."""
     if c.max_memory:
         return int(c.max_memory * 2**30), "--max-memory"
     available = 16 * 2**30  # where the machine does not say
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
+    if d.device.type == "cuda":
+        available = torch.cuda.mem_get_info(d.device)[0]
     elif Path("/proc/meminfo").exists():
         found = [ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:")]
         available = int(found[0]) * 1024 if found else available
-    return available // 2, "half the memory available"
+    return int(dist.all_min(torch.tensor(available // 2, device=d.device))), "half the memory available"
 
 
 def weight_bytes(model):

@@ -129,8 +129,7 @@ def run(c: Config):
     # A step's pairs (this rank's share) go through in micro-steps that fit the memory budget, each
     # a pair's two rows at the longest row's length; checkpointing (auto) where the whole share would not fit.
     share, pair_tokens = -(-c.batch_size // d.world), 2 * max(len(x) for x, *_ in rows)
-    budget, whence = stage.memory_budget(c, d.device)
-    budget = int(dist.all_min(torch.tensor(budget, device=d.device)))  # the least any rank has
+    budget, whence = stage.memory_budget(c, d)  # the least any rank has
     weights = stage.weight_bytes(policy)
     ckpt, ckpt_note = stage.grad_ckpt([policy], c, weights + stage.activation_bytes(policy, False) * pair_tokens * share,
                                       budget)

@@ -101,8 +101,7 @@ def run(c: Config):
     prompt_ids = rl.encode_prompts(tok, prompts, room)
     mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
     # checkpointing (auto) where a minibatch of the longest rows would not fit the memory budget
-    budget, _ = stage.memory_budget(c, d.device)
-    budget = int(dist.all_min(torch.tensor(budget, device=d.device)))  # the least any rank has
+    budget, _ = stage.memory_budget(c, d)  # the least any rank has
     tokens = mb * (max(map(len, prompt_ids)) + c.max_new_tokens)
     need = sum(stage.weight_bytes(m) + stage.activation_bytes(m, False) * tokens for m in (policy, value))
     _, ckpt_note = stage.grad_ckpt([policy, value], c, need, budget)
