@@ -4,6 +4,7 @@ import itertools
 import random
 import re
 import zlib
+from collections import Counter
 from pathlib import Path
 
 from .. import data
@@ -172,9 +173,7 @@ def low_agreement(engine, below, campaign=None, log=print):
             continue
         rows = D.rank_vectors(engine, cid)
         taus = consensus_taus(rows)
-        n = {}
-        for r in rows:
-            n[r["labeler"]] = n.get(r["labeler"], 0) + 1
+        n = Counter(r["labeler"] for r in rows)  # rankings per labeler
         for lab, ts in taus.items():
             tau = sum(ts.values()) / len(ts)
             if tau < below:
