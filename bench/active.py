@@ -27,9 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shoggoth import config, data, metrics, rounds  # noqa: E402
+from shoggoth import config, data, rounds
+from shoggoth.train import metrics  # noqa: E402
 from shoggoth.feedback import jobs  # noqa: E402
-from shoggoth.simulated import SimulatedLabeler  # noqa: E402
+from shoggoth.evaluation.simulated import SimulatedLabeler  # noqa: E402
 
 K, LABELERS, PERSONA, HEADS, POOL = 8, 3, "balanced", 8, 4
 

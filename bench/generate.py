@@ -21,10 +21,11 @@ import torch
 import transformers
 
 from results import DTYPE_HELP, DTYPES, record, run_dtype
-from shoggoth import kernels, metrics
-from shoggoth.checkpoint import save_pretrained
-from shoggoth.engine import Engine
-from shoggoth.model import GPT, GPTConfig
+from shoggoth.lm import kernels
+from shoggoth.train import metrics
+from shoggoth.lm.checkpoint import save_pretrained
+from shoggoth.lm.engine import Engine
+from shoggoth.lm.model import GPT, GPTConfig
 
 SHAPES = {
     "demo": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, max_seq_len=512),
@@ -120,7 +121,7 @@ def main():
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     where = (f"{os.cpu_count()} host CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after" if gpu
              else f"{torch.get_num_threads()} threads, decode attention by "
-                  f"{'shoggoth.kernels' if kernels.load() else 'SDPA'}, load average {load_before:.1f} before, "
+                  f"{'shoggoth.lm.kernels' if kernels.load() else 'SDPA'}, load average {load_before:.1f} before, "
                   f"{os.getloadavg()[0]:.1f} after (other jobs share these CPUs)")
     entry = (f"\n### {date}, {mach}, {', '.join(dtypes)}\n\nModel `{a.shape}` ({model_desc}; {model.num_params() / 1e6:.1f}M params), "
              f"greedy, {a.new} new tokens (no early stop), ragged prompts of 16-48 tokens left-padded, "

@@ -19,7 +19,7 @@ import lora  # noqa: E402
 import results  # noqa: E402
 import sft_data  # noqa: E402
 
-from shoggoth import metrics  # noqa: E402
+from shoggoth.train import metrics  # noqa: E402
 
 
 def main():

@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 import sft_data  # noqa: E402
 
-from shoggoth import metrics  # noqa: E402
+from shoggoth.train import metrics  # noqa: E402
 
 # In the child: time every training step's log line, run the stage, report peak RSS.
 CHILD = """
@@ -84,8 +84,8 @@ def make_reward(model, out):
     """A reward model directory at out: model's trunk with a random head (seeded)."""
     import torch
 
-    from shoggoth import checkpoint
-    from shoggoth.model import RewardModel
+    from shoggoth.lm import checkpoint
+    from shoggoth.lm.model import RewardModel
 
     torch.manual_seed(1)
     rm = RewardModel(checkpoint.load_pretrained(model).config)

@@ -51,7 +51,7 @@ import results  # noqa: E402
 import sft  # noqa: E402
 import sft_data  # noqa: E402
 
-from shoggoth import metrics  # noqa: E402
+from shoggoth.train import metrics  # noqa: E402
 
 SHAPES = {"135m": "SmolLM2-135M", "qwen2.5-0.5b": "Qwen2.5-0.5B", "llama3.2-1b": "Llama-3.2-1B"}
 ROW = 2048  # tokens per row

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shoggoth.metrics import machine
+from shoggoth.train.metrics import machine
 
 H, HKV, D = 9, 3, 64  # SmolLM2-135M: query heads, key/value heads, head_dim
 LAYERS = 30

@@ -45,8 +45,10 @@ def make_models(root, shape, batch, response):
     """Tokenizer, policy (also the reference) and reward model directories, and the prompts file."""
     import torch
 
-    from shoggoth import checkpoint, data, rl, tokenizer
-    from shoggoth.model import GPT, GPTConfig, RewardModel
+    from shoggoth.lm import checkpoint, tokenizer
+    from shoggoth import data
+    from shoggoth.train import rl
+    from shoggoth.lm.model import GPT, GPTConfig, RewardModel
 
     verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:5000]]
     tok = tokenizer.train(verses, 4096)
@@ -68,7 +70,7 @@ def make_models(root, shape, batch, response):
 
 
 def run_shoggoth(root, a, tag):
-    from shoggoth import metrics
+    from shoggoth.train import metrics
     from shoggoth.stages import ppo
 
     out = root / f"shoggoth_{tag}"
@@ -96,7 +98,7 @@ def run_trl(root, a, tag):
     gen, whiten = P.batch_generation, P.masked_whiten
     cuda = a.device == "cuda"
 
-    def clock():  # shoggoth.dist.clock's twin: this interpreter need not have shoggoth
+    def clock():  # shoggoth.train.dist.clock's twin: this interpreter need not have shoggoth
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -175,7 +177,7 @@ def main():
     if a.half == "trl":
         print("RESULT " + json.dumps(run_trl(Path(a.root), a, a.tag)), flush=True)
         return
-    from shoggoth.metrics import machine
+    from shoggoth.train.metrics import machine
 
     if a.batch % MINIBATCHES:
         sys.exit(f"--batch must be a multiple of {MINIBATCHES} (got {a.batch})")

@@ -31,11 +31,11 @@ import torch
 import transformers
 
 from results import DTYPE_HELP, DTYPES, record, run_dtype
-from shoggoth import optim
-from shoggoth.checkpoint import save_pretrained
-from shoggoth.dist import autocast
-from shoggoth.metrics import machine
-from shoggoth.model import GPT, GPTConfig
+from shoggoth.train import optim
+from shoggoth.lm.checkpoint import save_pretrained
+from shoggoth.train.dist import autocast
+from shoggoth.train.metrics import machine
+from shoggoth.lm.model import GPT, GPTConfig
 
 # (model, batch): demo is `shoggoth pretrain --config demo-cpu`; 14m is a Llama-shaped
 # 13.8M-parameter model (tied embeddings, SwiGLU width 1024) at the same sequence length.

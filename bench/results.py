@@ -6,7 +6,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 DTYPES = ("auto", "bf16", "fp32")
-DTYPE_HELP = "precision of both sides (bf16: autocast); auto: what `shoggoth.dist.autocast_dtype` picks here"
+DTYPE_HELP = "precision of both sides (bf16: autocast); auto: what `shoggoth.train.dist.autocast_dtype` picks here"
 
 
 def run_dtype(dtype, device="cpu"):
@@ -14,7 +14,7 @@ def run_dtype(dtype, device="cpu"):
     as the stages resolve it)."""
     import torch
 
-    from shoggoth.dist import autocast_dtype
+    from shoggoth.train.dist import autocast_dtype
 
     return "bf16" if autocast_dtype(torch.device(device), dtype) == torch.bfloat16 else "fp32"
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 import sft_data  # noqa: E402
 from results import DTYPE_HELP, DTYPES, run_dtype  # noqa: E402
 
-from shoggoth import metrics  # noqa: E402
+from shoggoth.train import metrics  # noqa: E402
 
 OURS = """
 import json, resource, sys

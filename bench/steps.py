@@ -7,7 +7,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from shoggoth import metrics
+from shoggoth.train import metrics
 
 
 def main():

@@ -24,7 +24,8 @@ class Result:
 def run(command, preset=None, **fields):
     """Stage `command` ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rounds") on a preset or
     TOML file (optional) and fields named as its Config's (the flags with _ for -) -> Result."""
-    from . import config, metrics
+    from . import config
+    from .train import metrics
 
     if command not in config.STAGES:
         raise config.UsageError(f"no stage {command!r} (stages: {', '.join(config.STAGES)})")

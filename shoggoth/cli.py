@@ -68,7 +68,8 @@ def cmd_tokenizer(argv):
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    from . import data, tokenizer
+    from . import data
+    from .lm import tokenizer
 
     out = Path(a.out)
     if out.exists() and not out.is_dir():
@@ -96,8 +97,8 @@ def cmd_sample(argv):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     check_sampling(a)
-    from . import sampling
-    from .checkpoint import resolve
+    from .lm import sampling
+    from .lm.checkpoint import resolve
 
     for text in sampling.complete(resolve(a.model_dir, a.revision), [a.prompt] * a.num_samples,
                                   max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
@@ -148,8 +149,8 @@ def cmd_score(argv):
     p.add_argument("--completion", required=True, help="the assistant's reply")
     p.add_argument("--raw", action="store_true", help="without the normalisation shift (what transformers gives)")
     a = p.parse_args(argv)
-    from .checkpoint import resolve
-    from .scoring import score_texts
+    from .lm.checkpoint import resolve
+    from .evaluation.scoring import score_texts
 
     print(f"{score_texts(resolve(a.model_dir, a.revision), a.prompt, [a.completion], raw=a.raw)[0]:.4f}")
 
@@ -166,8 +167,8 @@ def cmd_chat(argv):
     p.add_argument("--seed", type=int, default=None)
     a = p.parse_args(argv)
     check_sampling(a)
-    from . import sampling
-    from .checkpoint import resolve
+    from .lm import sampling
+    from .lm.checkpoint import resolve
     from .errors import DataError
 
     model = sampling.load(resolve(a.model_dir, a.revision))
@@ -216,7 +217,7 @@ def cmd_report(argv):
     p.add_argument("run_dir", help="a `shoggoth demo` output directory (a run that stopped early works too)")
     p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
     a = p.parse_args(argv)
-    from . import report
+    from .evaluation import report
 
     print(f"report written to {report.write(a.run_dir, a.out)}")
 
@@ -269,7 +270,7 @@ def sampling_flags(p):
 
 def cmd_feedback(argv):
     from .feedback.agreement import FLAG_BELOW
-    from .simulated import MODES
+    from .evaluation.simulated import MODES
 
     p = argparse.ArgumentParser(prog="shoggoth feedback", description="Human (and simulated) rankings of completions.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -365,7 +366,7 @@ def cmd_feedback(argv):
                    help="leave out the rankings of labelers whose agreement with the others in a campaign (Kendall tau "
                         "with their consensus, as `feedback agreement` shows) is below TAU; which, on stderr")
     a = p.parse_args(argv)
-    from .checkpoint import resolve
+    from .lm.checkpoint import resolve
     from .feedback import jobs
     from .feedback.db import shown_url
 
@@ -469,7 +470,7 @@ COMMANDS = {"tokenizer": cmd_tokenizer, "sample": cmd_sample, "chat": cmd_chat, 
 
 def main(argv=None):
     rc = _main(argv)
-    d = sys.modules.get("shoggoth.dist")
+    d = sys.modules.get("shoggoth.train.dist")
     if d is not None and d.launched:
         # A torchrun worker leaves without finalizing the interpreter. Its gloo process
         # group outlives destroy_process_group (DDP and FSDP2's device mesh still hold

@@ -82,7 +82,7 @@ MODELS = ("init", "sft", "policy", "ref", "reward", "warm", "tokenizer")
 def resolve_models(cfg):
     """cfg with each model field a local directory (checkpoint.resolve: a hub id becomes its
     snapshot in the Hugging Face cache, downloaded if need be), so that stages read directories only."""
-    from .checkpoint import MODEL_FILES, TOKENIZER_FILES, resolve
+    from .lm.checkpoint import MODEL_FILES, TOKENIZER_FILES, resolve
 
     names = [n for n in MODELS if hasattr(cfg, n)]
     revision = getattr(cfg, "revision", "")
@@ -117,7 +117,7 @@ def check(cfg):
         if name == "dtype" and v not in ("auto", "bf16", "fp32"):
             raise UsageError(f"{flag} must be auto, bf16 or fp32 (got {v!r})")
         if name == "report_to":
-            from .trackers import check as check_trackers
+            from .train.trackers import check as check_trackers
 
             if (problem := check_trackers(v)):
                 raise UsageError(problem)
@@ -159,7 +159,7 @@ def finished(out):
 def run(command, preset, out, **fields):
     """Run stage `command` on its preset and fields into `out`, resumed from its last checkpoint
     if it had started; returns its Config. The demo and `shoggoth rounds` chain stages this way."""
-    from .checkpoint import latest_checkpoint
+    from .lm.checkpoint import latest_checkpoint
     from .files import write_json
 
     mod, cfg = load(command, preset, **fields, out=str(out), resume=latest_checkpoint(out) is not None)

@@ -546,7 +546,7 @@ def messages(msgs, where, what="'messages'", blank=True):
     """The one check of a list of chat messages (SFT conversations, prompts, rankings' prompts):
     a non-empty list of {"role": one of tokenizer.ROLES, "content": a string} (blank=False: a
     string with text) -> the messages with just those two keys, or a DataError naming `where`."""
-    from .tokenizer import ROLES
+    from .lm.tokenizer import ROLES
 
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: {what} must be a non-empty list of messages")

@@ -19,10 +19,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import checkpoint, config, files, metrics
+from .lm import checkpoint
+from . import config, files
+from .train import metrics
 from .errors import ShoggothError
 from .feedback import winrate
-from .metrics import duration
+from .train.metrics import duration
 
 MODELS = ("pretrained", "sft", "ppo-1", "ppo", "dpo")  # ppo-1: the first round's policy; ppo: the last round's
 ROUNDS = 2  # rounds of RLHF; the train prompts are split between them, and so are PPO's iterations
@@ -105,7 +107,7 @@ def step_seconds(amp_dtype):
     backward and AdamW, in the run's dtype) on this machine: the median of four after two to warm up."""
     import torch
 
-    from . import dist
+    from .train import dist
 
     stage, c = config.load("pretrain", SCALES["cpu"])
     model = stage.new_model(c, c.vocab_size)
@@ -133,7 +135,9 @@ def init_costs(init, dev, amp):
     reward model do over and over."""
     import torch
 
-    from . import data, dist, lora, sampling
+    from . import data
+    from .train import dist
+    from .lm import lora, sampling
 
     model, tok = sampling.load(init, dev)
     params = sum(p.numel() for p in model.parameters())
@@ -215,7 +219,7 @@ class Run:
     def __init__(self, out, quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu", init=""):
         import torch
 
-        from . import dist, metrics
+        from .train import dist, metrics
 
         dev = dist.device_or_error(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any file
         self.quick = quick
@@ -380,8 +384,10 @@ def gold_and_proxy(model, records, scorers):
     """Mean gold (simulated labelers' noise-free taste) and proxy (each of scorers', load_scorer's)
     score of SAMPLES replies sampled from model (sampling.load's) per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
-    from . import data, sampling, simulated
-    from .scoring import score_replies
+    from . import data
+    from .lm import sampling
+    from .evaluation import simulated
+    from .evaluation.scoring import score_replies
 
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
@@ -407,8 +413,10 @@ def heldout_prompts(run: Run):
 def answers(run: Run, reward_dir):
     """The same held-out prompts answered by every model, greedy, with proxy and gold scores; returns
     each model's first sampled reply to every held-out prompt."""
-    from . import data, sampling, simulated
-    from .scoring import load_scorer, score_texts
+    from . import data
+    from .lm import sampling
+    from .evaluation import simulated
+    from .evaluation.scoring import load_scorer, score_texts
 
     scorer = load_scorer(reward_dir)
     first = run.out / "round-1" / "reward"
@@ -521,7 +529,8 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     r.summary["timings"]["winrate"] = round(time.time() - t, 1)
     r.save()
 
-    from . import report, rounds
+    from .evaluation import report
+    from . import rounds
 
     html = report.write(o)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731

@@ -33,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, config, data, files, metrics, tokenizer
+from .lm import checkpoint, tokenizer
+from . import config, data, files
+from .train import metrics
 from .errors import DataError, ShoggothError
 from .feedback import db as D, jobs
-from .metrics import duration
+from .train.metrics import duration
 
 
 @dataclass
@@ -312,7 +314,7 @@ def run(c: Config, reward=None, ppo=None):
     if c.heads < 2:
         raise ShoggothError(f"--heads must be at least 2: disagreement needs two heads (got {c.heads})")
     if c.simulate:
-        from .simulated import persona
+        from .evaluation.simulated import persona
         persona(c.simulate)  # an unknown persona fails before anything runs
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ import traceback
 
 import torch
 
-from shoggoth import checkpoint, data, tokenizer
-from shoggoth.model import GPT, GPTConfig
+from shoggoth.lm import checkpoint, tokenizer
+from shoggoth import data
+from shoggoth.lm.model import GPT, GPTConfig
 
 
 def bible_corpus(path, verses=1500):
@@ -35,7 +36,7 @@ def tiny_model_dir(path, vocab=300, seed=0, **kw):
 
 
 def token_id(tok, token):
-    """The id of `token` (a special token such as <|im_end|>) in a shoggoth.tokenizer.Tok."""
+    """The id of `token` (a special token such as <|im_end|>) in a shoggoth.lm.tokenizer.Tok."""
     return tok.vocab()[token]
 
 

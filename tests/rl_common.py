@@ -11,8 +11,11 @@ import torch
 
 import common
 from common import tiny_lm_dir
-from shoggoth import checkpoint, data, metrics, rl, sampling, scoring, tokenizer
-from shoggoth.model import RewardModel
+from shoggoth.lm import checkpoint, sampling, tokenizer
+from shoggoth import data
+from shoggoth.train import metrics, rl
+from shoggoth.evaluation import scoring
+from shoggoth.lm.model import RewardModel
 
 
 # One thread per run: the tiny models gain nothing from more, and a loaded machine

@@ -2,7 +2,7 @@
 # The README's test command: installs what the tests need, then runs them.
 # Debian's chromium drives the web-app tests; Debian's postgresql serves the
 # Postgres path (the tests start their own server in a temporary folder);
-# g++ builds the engine's CPU attention kernel (shoggoth/kernels.py).
+# g++ builds the engine's CPU attention kernel (shoggoth/lm/kernels.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \

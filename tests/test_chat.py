@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from common import shoggoth, tiny_model_dir
-from shoggoth import sampling
+from shoggoth.lm import sampling
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,6 @@ def test_chat_imports_no_labeler_code(model_dir):
     """`shoggoth chat` loads the model and the engine only: no simulated labelers, no vaderSentiment."""
     code = ("import sys; from shoggoth.cli import main; "
             f"rc = main(['chat', {str(model_dir)!r}, '--prompt', 'Hello', '--max-new-tokens', '4']); "
-            "bad = [m for m in ('shoggoth.simulated', 'vaderSentiment', 'shoggoth.scoring') if m in sys.modules]; "
+            "bad = [m for m in ('shoggoth.evaluation.simulated', 'vaderSentiment', 'shoggoth.evaluation.scoring') if m in sys.modules]; "
             "assert rc == 0 and not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -51,8 +51,8 @@ def test_stage_fields_out_of_range_are_usage_errors(flags, says, tmp_path, capsy
 
 
 def test_a_stage_never_writes_over_a_model_or_a_broken_checkpoint(tmp_path, capsys):
-    from shoggoth.checkpoint import save_pretrained
-    from shoggoth.model import GPT, GPTConfig
+    from shoggoth.lm.checkpoint import save_pretrained
+    from shoggoth.lm.model import GPT, GPTConfig
 
     model = tmp_path / "model"
     save_pretrained(GPT(GPTConfig(vocab_size=50, n_layer=1, n_embd=32, n_head=2)), model)

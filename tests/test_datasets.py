@@ -129,7 +129,7 @@ def test_corpus_from_parquet_and_saved_datasets(tmp_path, model_dir):
     (tmp_path / "folder").mkdir()
     parquet(tmp_path / "folder" / "part-0.parquet", [{"text": t} for t in texts])
     assert data.read_corpus([tmp_path / "folder"]) == texts  # a folder's Parquet files are read too
-    from shoggoth import tokenizer
+    from shoggoth.lm import tokenizer
 
     tok = tokenizer.load(model_dir)
     first = data.build_shards(sources, tok, tmp_path / "tok", log=lambda *_: None)

@@ -122,7 +122,8 @@ def test_the_budget_sizes_the_rlhf_half_on_the_users_model():
 def test_the_plan_reads_the_machine_from_a_real_pretraining_step(tmp_path, monkeypatch):
     import torch
 
-    from shoggoth import demo, dist
+    from shoggoth import demo
+    from shoggoth.train import dist
 
     amp = dist.autocast_dtype(torch.device("cpu"), "auto")
     assert 0 < demo.step_seconds(amp) < 60
@@ -149,7 +150,7 @@ def test_demo_flags_are_checked(tmp_path):
 
 def test_small_gpu_scale_is_a_30m_model_without_a_budget(tmp_path):
     from shoggoth import config, demo
-    from shoggoth.model import GPT, GPTConfig
+    from shoggoth.lm.model import GPT, GPTConfig
 
     _, cfg = config.load("pretrain", demo.SCALES["small-gpu"])
     model = GPT(GPTConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,

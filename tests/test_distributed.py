@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from common import bible_corpus, cut_after, shoggoth, tiny_lm_dir, tiny_model_dir
-from shoggoth import checkpoint, data, metrics
+from shoggoth.lm import checkpoint
+from shoggoth import data
+from shoggoth.train import metrics
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
               pytest.mark.slow]  # real torchrun processes, every test
@@ -423,7 +425,7 @@ def test_collapse_monitor_reads_every_ranks_answers(tmp_path):
 def test_lora_ppo_with_reward_model_fsdp_trains_like_ddp(lm, prompts, tmp_path):
     """LoRA PPO against a reward model: the value model shares the reward model's trunk (with its
     own adapters and head), under DDP and sharded by FSDP2 alike."""
-    from shoggoth.model import RewardModel
+    from shoggoth.lm.model import RewardModel
 
     torch.manual_seed(1)
     rm = RewardModel(checkpoint.load_pretrained(lm).config)

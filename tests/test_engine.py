@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from shoggoth import kernels, sampling, tokenizer
-from shoggoth.checkpoint import save_pretrained
-from shoggoth.engine import Engine, sample
-from shoggoth.model import GPT, GPTConfig, apply_rope
-from shoggoth.packed import PackedWeights
+from shoggoth.lm import kernels, sampling, tokenizer
+from shoggoth.lm.checkpoint import save_pretrained
+from shoggoth.lm.engine import Engine, sample
+from shoggoth.lm.model import GPT, GPTConfig, apply_rope
+from shoggoth.lm.packed import PackedWeights
 
 V = 97
 PROMPTS = [[3, 14, 15, 92, 65], [35], [89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]]  # ragged on purpose
@@ -263,7 +263,7 @@ def test_decode_step_is_the_models_forward(kw, dtype, kernel, monkeypatch):
 @pytest.mark.parametrize("D", [64, 128, 24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_kernel_matches_sdpa(D, dtype):
-    # The kernel (shoggoth/csrc/decode_attention.cpp) against SDPA in fp64 on the same
+    # The kernel (shoggoth/lm/csrc/decode_attention.cpp) against SDPA in fp64 on the same
     # cache values: views narrowed out of a longer cache, grouped heads, left padding.
     assert kernels.load() is not None, "the kernel did not build (g++ and Python headers are test requirements)"
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ from common import shoggoth
 from shoggoth.cli import main
 from shoggoth.feedback import db as D
 from shoggoth.feedback.agreement import agreement, kendall_tau_b, krippendorff_alpha
-from shoggoth.simulated import SimulatedLabeler, fluency, gold_score, ranks_from_scores
+from shoggoth.evaluation.simulated import SimulatedLabeler, fluency, gold_score, ranks_from_scores
 
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("How do I boil an egg?", "Put the egg in boiling water for about eight minutes."),
@@ -121,10 +121,10 @@ def test_bad_prompts_file_names_file_and_line(tmp_path, capsys):
 
 
 def test_generate_with_a_tiny_model(tmp_path, capsys):
-    pytest.importorskip("shoggoth.sampling")
-    from shoggoth import tokenizer
-    from shoggoth.checkpoint import save_pretrained
-    from shoggoth.model import GPT, GPTConfig
+    pytest.importorskip("shoggoth.lm.sampling")
+    from shoggoth.lm import tokenizer
+    from shoggoth.lm.checkpoint import save_pretrained
+    from shoggoth.lm.model import GPT, GPTConfig
 
     tok = tokenizer.train([q + " " + a for q, a in QA] * 20, vocab_size=300)
     model_dir = tmp_path / "policy"

@@ -8,7 +8,9 @@ import httpx
 import pytest
 
 from common import tiny_model_dir
-from shoggoth import data, rl, tokenizer
+from shoggoth import data
+from shoggoth.train import rl
+from shoggoth.lm import tokenizer
 from shoggoth.feedback import db as D
 from shoggoth.feedback import jobs
 from shoggoth.stages import dpo, reward

@@ -11,8 +11,10 @@ import torch
 import hf_families
 from common import shoggoth, tiny_model_dir
 from rl_common import ENV, FAST, lm_dir, rm_dir, series, toy_pairs  # noqa: F401  (fixtures)
-from shoggoth import checkpoint, config, lora, metrics, stage
-from shoggoth.model import GPT, Documents, GPTConfig, RewardModel
+from shoggoth.lm import checkpoint, lora
+from shoggoth import config
+from shoggoth.train import metrics, stage
+from shoggoth.lm.model import GPT, Documents, GPTConfig, RewardModel
 from shoggoth.stages import sft
 
 TINY = dict(vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64)

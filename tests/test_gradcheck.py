@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-from shoggoth.model import GPT, Documents, GPTConfig, LinearCrossEntropy, _RMSNormFP32, causal_attention_cpu
+from shoggoth.lm.model import GPT, Documents, GPTConfig, LinearCrossEntropy, _RMSNormFP32, causal_attention_cpu
 
 
 def test_rmsnorm_backward():

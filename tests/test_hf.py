@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from shoggoth.checkpoint import ModelDirError, load_pretrained, save_pretrained
-from shoggoth.model import GPT, GPTConfig
+from shoggoth.lm.checkpoint import ModelDirError, load_pretrained, save_pretrained
+from shoggoth.lm.model import GPT, GPTConfig
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from common import shoggoth, tiny_model_dir
-from shoggoth import checkpoint, config
-from shoggoth.model import RewardModel
+from shoggoth.lm import checkpoint
+from shoggoth import config
+from shoggoth.lm.model import RewardModel
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 RM_REV = "89abcdef0123456789abcdef0123456789abcdef"  # org/rm's main: REV is not a commit of it

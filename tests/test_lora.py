@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 
 import hf_families
 from common import shoggoth
-from shoggoth import checkpoint, cli, data, lora, rl, sampling, scoring, tokenizer
+from shoggoth.lm import checkpoint, lora, sampling, tokenizer
+from shoggoth import cli, data
+from shoggoth.train import rl
+from shoggoth.evaluation import scoring
 from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, rm_dir, series, toy_pairs, toy_probability  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

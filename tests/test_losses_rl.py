@@ -1,11 +1,11 @@
-"""RL losses (shoggoth/losses.py) against values computed by hand: PPO clip, value clip, GAE, KL, DPO, GRPO."""
+"""RL losses (shoggoth/train/losses.py) against values computed by hand: PPO clip, value clip, GAE, KL, DPO, GRPO."""
 
 import math
 
 import pytest
 import torch
 
-from shoggoth import losses
+from shoggoth.train import losses
 
 
 def t(*rows):

@@ -13,7 +13,9 @@ import transformers
 from safetensors.torch import load_file
 
 from common import bible_corpus, shoggoth, tiny_model_dir, token_id
-from shoggoth import checkpoint, data, metrics, tokenizer
+from shoggoth.lm import checkpoint, tokenizer
+from shoggoth import data
+from shoggoth.train import metrics
 
 TINY = ["--config", "tiny", "--vocab-size", "300"]
 
@@ -175,7 +177,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
 def test_auto_dtype_is_fp32_where_kernels_are_limited_to_avx2():
     """An AVX2 machine has no fast bf16 matmul; ATEN_CPU_CAPABILITY=avx2 runs this machine's
     kernels as there, and 'auto' must then pick fp32 whatever /proc/cpuinfo's flags say."""
-    code = "import torch; from shoggoth.dist import autocast_dtype; print(autocast_dtype(torch.device('cpu'), 'auto'))"
+    code = "import torch; from shoggoth.train.dist import autocast_dtype; print(autocast_dtype(torch.device('cpu'), 'auto'))"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "torch.float32"

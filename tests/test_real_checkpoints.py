@@ -15,7 +15,10 @@ import transformers
 
 import hf_families
 from common import shoggoth
-from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
+from shoggoth.lm import checkpoint, sampling, tokenizer
+from shoggoth import data
+from shoggoth.train import rl
+from shoggoth.evaluation import scoring
 from shoggoth.stages import dpo, grpo, ppo, reward, sft
 
 CONVS = [

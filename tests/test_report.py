@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from common import shoggoth
-from shoggoth import metrics, report
-from shoggoth.metrics import duration
+from shoggoth.train import metrics
+from shoggoth.evaluation import report
+from shoggoth.train.metrics import duration
 
 PAYLOAD = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 

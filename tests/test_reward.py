@@ -10,9 +10,11 @@ import torch
 import transformers
 
 from common import shoggoth, tiny_model_dir, token_id
-from shoggoth import checkpoint, data, losses, metrics, tokenizer
+from shoggoth.lm import checkpoint, tokenizer
+from shoggoth import data
+from shoggoth.train import losses, metrics
 from shoggoth.errors import DataError
-from shoggoth.model import RewardModel
+from shoggoth.lm.model import RewardModel
 
 
 def sp(x):  # softplus(x) = -log sigmoid(-x)

@@ -17,7 +17,10 @@ import transformers
 
 from common import bible_corpus, shoggoth, token_id
 from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, records, rm_dir, series, toy_pairs, toy_probability  # noqa: F401
-from shoggoth import checkpoint, data, rl, sampling, scoring, tokenizer
+from shoggoth.lm import checkpoint, sampling, tokenizer
+from shoggoth import data
+from shoggoth.train import rl
+from shoggoth.evaluation import scoring
 from shoggoth.stages import grpo, ppo
 
 
@@ -187,7 +190,7 @@ def test_dpo_sequence_logps_are_the_full_forwards():
     # log-probs of ragged rows must be those of the whole forward pass.
     import numpy as np
 
-    from shoggoth.model import GPT, GPTConfig
+    from shoggoth.lm.model import GPT, GPTConfig
     from shoggoth.stages.dpo import sequence_logps
 
     torch.manual_seed(0)

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from common import shoggoth, tiny_model_dir
-from shoggoth import checkpoint, data, metrics, rounds
-from shoggoth.model import RewardModel
+from shoggoth.lm import checkpoint
+from shoggoth import data, rounds
+from shoggoth.train import metrics
+from shoggoth.lm.model import RewardModel
 from shoggoth.feedback import db as D, jobs
-from shoggoth.scoring import load_scorer, score_texts
+from shoggoth.evaluation.scoring import load_scorer, score_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

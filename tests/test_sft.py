@@ -8,8 +8,10 @@ import torch
 import transformers
 
 from common import bible_corpus, interrupt_and_resume, shoggoth, tiny_model_dir
-from shoggoth import checkpoint, data, metrics, tokenizer
-from shoggoth.model import GPT, Documents, GPTConfig
+from shoggoth.lm import checkpoint, tokenizer
+from shoggoth import data
+from shoggoth.train import metrics
+from shoggoth.lm.model import GPT, Documents, GPTConfig
 
 CONVS = [
     [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "The science of thinking machines."}],

@@ -6,7 +6,8 @@ from functools import lru_cache
 
 import pytest
 
-from shoggoth import data, simulated as L
+from shoggoth import data
+from shoggoth.evaluation import simulated as L
 
 # What the demo's PPO said to every question under the taste before this one (issue: the smiley face).
 COLLAPSED = ["I am doing well.", "I am well.", "I am not sure.", "What?", "I do you."]

@@ -12,7 +12,7 @@ import pytest
 from common import shoggoth
 from rl_common import ENV, FAST, lm_dir  # noqa: F401
 
-from shoggoth import metrics, trackers
+from shoggoth.train import metrics, trackers
 
 
 def test_trl_names():

@@ -17,8 +17,7 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 from . import db as D
 from . import jobs, winrate
 from .agreement import agreement
-from .auth import (DB, Admin, AdminForm, ValidateFirst, check_admin, check_origin, cookie, counted, csrf_for,
-                   is_admin_token, set_cookie)
+from .auth import DB, Admin, AdminForm, ValidateFirst, check_admin, check_origin, cookie, counted, csrf_for, is_admin_token, set_cookie
 from .contract import ADMIN_COOKIE, ADMIN_READ, ADMIN_WRITE, ID, PUBLIC, doc, page
 from .guidelines import render
 

@@ -23,7 +23,7 @@ def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_
            device="cpu"):
     """n completions of each prompt record sampled from `policy` (a model directory, run on device): a list of n
     texts per record (sampling.chat_replies, batch_size rows at a time)."""
-    from .. import sampling
+    from ..lm import sampling
 
     flat = sampling.chat_replies(sampling.load(policy, device), [r["messages"] for r in records for _ in range(n)],
                                  max_new_tokens, temperature, top_k, top_p, seed, batch_size, strip=False, progress=True)
@@ -229,7 +229,7 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
     code as people, in turns, until nothing is left for them (or each did max_tasks; a paused one
     stops). `mode` (simulated.MODES) other than "normal": `sim-<persona>-<mode>-<i>`, who rank at
     random or worst first. Returns {labeler name: rankings submitted}."""
-    from ..simulated import SimulatedLabeler, persona as get_persona
+    from ..evaluation.simulated import SimulatedLabeler, persona as get_persona
 
     get_persona(persona)  # a clear error for an unknown name
     if labelers < 1:

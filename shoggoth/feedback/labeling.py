@@ -7,8 +7,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from . import db as D
-from .auth import (DB, REVISIONS, Labeler, ValidateFirst, bearer, check_origin, cookie, counted, csrf_for, csrf_ok,
-                   delete_cookie, set_cookie)
+from .auth import DB, REVISIONS, Labeler, ValidateFirst, bearer, check_origin, cookie, counted, csrf_for, csrf_ok, delete_cookie, set_cookie
 from .contract import ADMIN_COOKIE, ID, LABELER_COOKIE, LABELER_READ, LABELER_WRITE, PUBLIC, doc, page
 from .guidelines import render
 

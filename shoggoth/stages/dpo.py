@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint, data, dist, lora, losses, rl, stage
+from ..lm import checkpoint, lora
+from .. import data
+from ..train import dist, losses, rl, stage
 from ..errors import ShoggothError
-from ..metrics import Metrics, Sums
+from ..train.metrics import Metrics, Sums
 
 
 @dataclass

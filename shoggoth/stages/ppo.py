@@ -33,9 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import checkpoint, data, dist, lora, losses, rl, scoring, stage
+from ..lm import checkpoint, lora
+from .. import data
+from ..train import dist, losses, rl, stage
+from ..evaluation import scoring
 from ..errors import ShoggothError
-from ..metrics import Metrics, Sums
+from ..train.metrics import Metrics, Sums
 
 
 @dataclass

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import checkpoint, data, dist, stage, tokenizer
+from ..lm import checkpoint, tokenizer
+from .. import data
+from ..train import dist, stage
 from ..errors import ShoggothError
-from ..metrics import Metrics, peak_flops
-from ..model import GPT, GPTConfig
+from ..train.metrics import Metrics, peak_flops
+from ..lm.model import GPT, GPTConfig
 
 
 @dataclass
@@ -160,7 +162,7 @@ def run(c: Config):
 
 
 def print_samples(model, tok, n_tokens, show=True):
-    from ..sampling import complete
+    from ..lm.sampling import complete
 
     texts = complete((model, tok), SAMPLE_PROMPTS, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=0)
     for prompt, text in zip(SAMPLE_PROMPTS, texts):

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, lora, losses, sampling, stage, tokenizer
+from ..lm import checkpoint, lora, sampling, tokenizer
+from .. import data
+from ..train import dist, losses, stage
 from ..errors import ShoggothError
 from ..feedback.agreement import kendall_tau_b
-from ..metrics import Metrics, Sums
-from ..model import RewardModel
-from ..scoring import score_pad, scores
+from ..train.metrics import Metrics, Sums
+from ..lm.model import RewardModel
+from ..evaluation.scoring import score_pad, scores
 
 
 @dataclass

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, lora, stage, tokenizer
+from ..lm import checkpoint, lora, tokenizer
+from .. import data
+from ..train import dist, stage
 from ..errors import ShoggothError
-from ..metrics import Metrics, peak_flops
-from ..model import Documents
+from ..train.metrics import Metrics, peak_flops
+from ..lm.model import Documents
 
 
 @dataclass
@@ -187,7 +189,7 @@ def run(c: Config):
 
 
 def print_answers(model, tok, convs, show=True):
-    from ..sampling import chat_reply
+    from ..lm.sampling import chat_reply
 
     for conv in convs:
         prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv

@@ -50,7 +50,7 @@ def trl_name(stage, key):
 def open_all(names, out, stage, config, resume_step):
     """The trackers `names` asks for, opened for this run: an explicitly named one that is not
     installed is a one-line error naming what to install."""
-    from .errors import ShoggothError
+    from ..errors import ShoggothError
 
     if "none" in names:
         return []

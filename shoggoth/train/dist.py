@@ -38,7 +38,7 @@ class Dist:
 
 def device_or_error(name):
     """torch.device(name), or a UsageError that says why it cannot run here."""
-    from .config import UsageError
+    from ..config import UsageError
 
     try:
         dev = torch.device(name)

@@ -72,7 +72,7 @@ from functools import lru_cache
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from .errors import DataError
+from ..errors import DataError
 
 TASTE = "specific-2"  # the taste's name, recorded with the runs that use it (the report says which)
 ON_TOPIC = 0.5  # relevance from which friendliness and brevity count in full
@@ -238,7 +238,7 @@ def pool():
     """The built-in pool, built once."""
     global _pool
     if _pool is None:
-        from . import data
+        from .. import data
 
         _pool = Pool([(data.prompt_text(r), r["references"]) for split in ("train", "heldout")
                       for r in data.builtin_prompts(split)])
@@ -264,7 +264,7 @@ def english_words():
     """The words of the built-in corpora (King James Bible, English chatterbot-corpus), built once."""
     global _english
     if _english is None:
-        from . import data
+        from .. import data
 
         vocab = set()
         for _, rec in data.iter_rows(data.bible_path()):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ShoggothError
+from ..errors import ShoggothError
 
 # The projections of a Llama-family block, by their Hugging Face names. Embeddings and the
 # output head are left out: the model reads lm_head.weight directly in its loss.
@@ -140,7 +140,7 @@ def save_adapter(model, sd, out_dir, base_dir, heads=()):
     what the stage's closing line adds; a no-op ('') without adapters."""
     from safetensors.torch import save_file
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     if not layers(model):
         return ""

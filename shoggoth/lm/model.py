@@ -221,7 +221,7 @@ class Attention(nn.Module):
             # matmul. Copying the weights pays on training batches (B*T rows >> n_embd),
             # not in one-token decode steps, so eval mode keeps three matmuls (the
             # engine fuses them once per generate call: packed.PackedWeights). A wrapped
-            # projection (a LoRA layer, shoggoth.lora) runs its own forward.
+            # projection (a LoRA layer, shoggoth.lm.lora) runs its own forward.
             bias = torch.cat([m.bias for m in p]) if p[0].bias is not None else None
             return F.linear(x, torch.cat([m.weight for m in p]), bias).split([m.out_features for m in p], dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)

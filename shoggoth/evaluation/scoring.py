@@ -13,9 +13,11 @@ import string
 
 import torch
 
-from . import checkpoint, data, dist, lora, rl, tokenizer
-from .errors import DataError
-from .rl import Rollout
+from ..lm import checkpoint, lora, tokenizer
+from .. import data
+from ..train import dist, rl
+from ..errors import DataError
+from ..train.rl import Rollout
 
 
 # ---------------------------------------------------------------- the reward model
@@ -98,7 +100,7 @@ def value_model(c, config, reward_model):
     """PPO's value model of a stage Config c (on the CPU, c's LoRA adapters on): the reward
     model (c.reward) with its head, as InstructGPT starts it; with LoRA the frozen reward model's
     own trunk (lora_value); with c.toy_reward the policy's trunk (c.policy, `config`) and a zero head."""
-    from .model import RewardModel
+    from ..lm.model import RewardModel
 
     if c.toy_reward:  # no reward model to start from
         value = RewardModel(config)
@@ -116,7 +118,7 @@ def lora_value(reward_model):
     lora.wrap then gives the value's own adapters, and a trained copy of its head. It starts
     as the reward model, as InstructGPT's value model does; the reward, computed with the
     adapters off (load_reward), stays the reward model's."""
-    from .model import RewardModel
+    from ..lm.model import RewardModel
 
     value = RewardModel(reward_model.config, trunk=reward_model.model)
     value.score.load_state_dict(reward_model.score.state_dict())

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist, lora, optim
-from .errors import TrainingError
+from ..lm import checkpoint, lora
+from . import dist, optim
+from ..errors import TrainingError
 
 
 @dataclass

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, lora, sampling, tokenizer
-from .engine import Engine
-from .errors import DataError
+from ..lm import checkpoint, lora, sampling, tokenizer
+from .. import data
+from . import dist
+from ..lm.engine import Engine
+from ..errors import DataError
 
 
 # ---------------------------------------------------------------- prompts
@@ -98,7 +100,7 @@ def load_policy(c, device):
 def check_lora(c):
     """Refuse LoRA dropout in an RL stage: the ratio and the KL compare a training forward with
     the rollout's (dropout-free) log-probs, which dropout would set apart."""
-    from .errors import ShoggothError
+    from ..errors import ShoggothError
 
     if c.lora_r and c.lora_dropout:
         raise ShoggothError("--lora-dropout must be 0 in PPO and GRPO: the policy's training forwards must compute "

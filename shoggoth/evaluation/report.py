@@ -13,10 +13,10 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import metrics
+from ..train import metrics
 from .svgplot import Plot, number, svg
-from .errors import ShoggothError
-from .metrics import duration
+from ..errors import ShoggothError
+from ..train.metrics import duration
 
 ROUNDS = 2  # the demo's rounds of RLHF (demo.ROUNDS), each a reward model and PPO in run/round-n/
 ROUND_STAGES = [f"round-{n}/{s}" for n in range(1, ROUNDS + 1) for s in ("reward", "ppo")]
@@ -270,7 +270,7 @@ def winrate_section(w, head):
     title = "Blind win rates: which answer the labelers preferred"
     if not isinstance(w, dict) or not isinstance(w.get("pairs"), list) or not isinstance(w.get("models"), list):
         return section("winrate", title, missing("No win rates in this run (it stopped before the blind comparison)."))
-    from .feedback import winrate
+    from ..feedback import winrate
 
     lead = ""
     try:

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 from . import graphs, kernels
-from .errors import DataError
+from ..errors import DataError
 from .graphs import StaticCache, StaticStep
 from .kvcache import KVCache
 from .packed import PackedWeights
@@ -78,7 +78,7 @@ def sample(logits, temperature, top_k, top_p, generator=None):
 
 
 class Engine:
-    """Sampling over a `GPT` (shoggoth.model): batched, cached, exact.
+    """Sampling over a `GPT` (shoggoth.lm.model): batched, cached, exact.
 
     bf16=True runs an fp32 model under bf16 autocast (about 2x faster matmuls on
     CPUs with AVX-512 bf16); a model already in bf16 runs in bf16 either way.

@@ -4,7 +4,7 @@ from tqdm import tqdm
 
 from . import checkpoint, tokenizer
 from .engine import Engine
-from .errors import DataError
+from ..errors import DataError
 
 
 def load(model_dir, device="cpu"):

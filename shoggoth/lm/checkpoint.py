@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ModelDirError
-from .files import atomic_write, looks_local, write_json
+from ..errors import ModelDirError
+from ..files import atomic_write, looks_local, write_json
 from .model import GPT, GPTConfig
 
 # What a model directory says about its text, copied unchanged from a stage's input to its output.
@@ -331,7 +331,7 @@ def trained(model, sd):
 
 def load_trained(model, sd, where):
     """Load what trained(model, ...) saved into model; the frozen rest stays as loaded."""
-    from .errors import ShoggothError
+    from ..errors import ShoggothError
 
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -346,7 +346,7 @@ def latest_checkpoint(out_dir):
 
 
 def load_checkpoint(path):
-    from .errors import ShoggothError
+    from ..errors import ShoggothError
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -361,7 +361,7 @@ def resume_state(out_dir, config, resume, may_change, auto=()):
     Refuses to start over a run that has checkpoints (no silent overwrite) and to
     resume with a config that differs, in fields outside may_change, from the saved one.
     Fields in auto that are 0 now (sized by the run) take the saved value: the caller reads it."""
-    from .errors import ShoggothError
+    from ..errors import ShoggothError
 
     path = latest_checkpoint(out_dir)
     if path and not resume:
