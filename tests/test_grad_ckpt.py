@@ -131,7 +131,7 @@ def test_dpo_fits_max_memory_in_micro_steps(lm_dir, tmp_path):  # noqa: F811
             "--batch-size", 4, "--lr", 1e-4, "--warmup-steps", 1, "--eval-every", 3, "--dtype", "fp32"]
     whole = shoggoth("dpo", *args, "--out", tmp_path / "whole", env=ENV).stdout
     small = shoggoth("dpo", *args, "--max-memory", "0.001", "--out", tmp_path / "small", env=ENV).stdout
-    assert "per micro-step" not in whole and "grad-ckpt" not in whole
+    assert "per micro-step per process" not in whole and "grad-ckpt" not in whole
     assert "dpo: 1 pair(s) per micro-step per process, to fit 0.001 GiB (--max-memory)" in small
     assert re.search(r", grad-ckpt on \(auto: the step needs [\d.e-]+ GiB, 0\.001 GiB available\)", small)
     for key in ("loss", "val_loss", "rewards/margins", "grad_norm"):
@@ -159,3 +159,41 @@ def test_lora_ppo_with_reward_model_runs_alike_with_checkpointing(lm_dir, rm_dir
             assert series(tmp_path / run, key) == series(tmp_path / "off", key), (run, key)
         a, b = checkpoint.load_state_dict(tmp_path / run), checkpoint.load_state_dict(tmp_path / "off")
         assert all(torch.equal(a[n], b[n]) for n in a), run
+
+
+@pytest.mark.slow
+def test_reward_fits_max_memory_in_micro_steps(lm_dir, tmp_path):  # noqa: F811
+    """The reward model under a --max-memory too small for a micro-step's rankings goes through them
+    one ranking at a time, with checkpointing (auto): the same losses and weights as one pass, up to
+    float rounding (shorter padding changes the shapes the matmuls see)."""
+    args = ["--init", lm_dir, "--rankings", toy_pairs(tmp_path / "pairs.jsonl", 40, 0), "--max-steps", 3,
+            "--batch-size", 4, "--lr", 1e-4, "--warmup-steps", 1, "--eval-every", 3, "--normalize-samples", 0,
+            "--dtype", "fp32", "--heldout-prompts", "none"]
+    whole = shoggoth("reward", *args, "--out", tmp_path / "whole", env=ENV).stdout
+    small = shoggoth("reward", *args, "--max-memory", "0.001", "--out", tmp_path / "small", env=ENV).stdout
+    assert "per micro-step per process" not in whole and "grad-ckpt" not in whole
+    assert "reward: 1 ranking(s) per micro-step per process, to fit 0.001 GiB (--max-memory)" in small
+    assert re.search(r", grad-ckpt on \(auto: the step needs [\d.e-]+ GiB, 0\.001 GiB available\)", small)
+    for key in ("loss", "accuracy", "margin", "grad_norm", "val_loss"):
+        a, b = series(tmp_path / "whole", key), series(tmp_path / "small", key)
+        assert len(a) == len(b) > 0 and all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (key, a, b)
+    w, v = checkpoint.load_state_dict(tmp_path / "whole"), checkpoint.load_state_dict(tmp_path / "small")
+    assert w.keys() == v.keys() and all(torch.allclose(w[n], v[n], atol=1e-5) for n in w)
+
+
+@pytest.mark.slow
+def test_grpo_turns_checkpointing_on_where_max_memory_says(lm_dir, rm_dir, tmp_path):  # noqa: F811
+    """GRPO's auto leaves checkpointing off where the machine holds a minibatch, and turns it on
+    under a --max-memory that does not: the same run, bit for bit."""
+    args = ["--policy", lm_dir, "--reward", rm_dir, "--iterations", 2, "--batch-size", 4, "--group-size", 4,
+            "--minibatch-size", 8, "--lr", 1e-3, "--eval-every", 2, *FAST]
+    off = shoggoth("grpo", *args, "--out", tmp_path / "off", env=ENV).stdout
+    assert "grad-ckpt" not in off
+    small = shoggoth("grpo", *args, "--out", tmp_path / "small", "--max-memory", "0.001", env=ENV).stdout
+    assert re.search(r", grad-ckpt on \(auto: the step needs [\d.e-]+ GiB, 0\.001 GiB available\)", small)
+    assert all(g > 0 for g in series(tmp_path / "off", "grad_norm"))  # it learns: there is something to differ
+    for key in ("loss/policy", "policy/kl", "objective/scores", "grad_norm", "eval/scores"):
+        a, b = series(tmp_path / "small", key), series(tmp_path / "off", key)
+        assert a == b and len(a) > 0, key
+    a, b = checkpoint.load_state_dict(tmp_path / "small"), checkpoint.load_state_dict(tmp_path / "off")
+    assert all(torch.equal(a[n], b[n]) for n in a)

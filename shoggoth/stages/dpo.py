@@ -130,14 +130,8 @@ def run(c: Config):
         checkpoint.load_trained(policy, state["model"], ckpt_path)
     # A step's pairs (this rank's share) go through in micro-steps that fit the memory budget, each
     # a pair's two rows at the longest row's length; checkpointing (auto) where the whole share would not fit.
-    share, pair_tokens = -(-c.batch_size // d.world), 2 * max(len(x) for x, *_ in rows)
-    budget, whence = stage.memory_budget(c, d)  # the least any rank has
-    weights = stage.weight_bytes(policy)
-    ckpt, ckpt_note = stage.grad_ckpt([policy], c, weights + stage.activation_bytes(policy, False) * pair_tokens * share,
-                                      budget)
-    micro = int(max(1, min(share, (budget - weights) // (stage.activation_bytes(policy, ckpt) * pair_tokens))))
-    if micro < share:
-        dist.print0(f"dpo: {micro} pair(s) per micro-step per process, to fit {budget / 2**30:.3g} GiB ({whence})")
+    micro, ckpt_note = stage.micro_steps(policy, c, d, -(-c.batch_size // d.world), 2 * max(len(x) for x, *_ in rows),
+                                         "dpo", "pair")
     train_model, opt, step = stage.train_setup(policy, c, d, amp_dtype, state, ckpt_path)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
     dist.print0(f"dpo: {policy.num_params():,} parameters, {total} steps of {c.batch_size} pairs, beta {c.beta}, "

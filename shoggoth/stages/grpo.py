@@ -38,9 +38,10 @@ class Config(rl.Options, lora.Options, stage.Common):
     minibatch_size: int = 32  # responses per optimizer step, summed over ranks
     epochs: int = 1  # passes over each rollout batch (1: the ratio is 1 and the clip never acts)
     beta: float = 0.04  # weight of the KL term (k3 estimate, per token) in the loss
+    max_memory: float = 0.0  # GiB an update may use (weights, AdamW state, the policy's activations): --grad-ckpt auto turns checkpointing on where a minibatch would not fit; 0 = half the memory available now
 
 
-MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples"}
+MAY_CHANGE = stage.MAY_CHANGE | {"iterations", "eval_samples", "max_memory"}
 
 
 def run(c: Config):
@@ -66,16 +67,20 @@ def run(c: Config):
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
     amp = dist.autocast(d.device, amp_dtype)
     bf16 = amp_dtype == torch.bfloat16
-    _, ckpt_note = stage.grad_ckpt([policy], c)
-    pv = rl.PolicyValue(policy)  # DDP or FSDP2 over ranks; pv on one
-    policy_t, opt, it = stage.train_setup(pv, c, d, amp_dtype, state, ckpt_path, blocks=policy.model.layers,
-                                          unit="iteration")
 
     # ---- prompts
     prompts, held = rl.load_prompt_sets(c, dist.print0)
     room = policy.config.max_seq_len - c.max_new_tokens
     prompt_ids = rl.encode_prompts(tok, prompts, room)
-    mb = c.minibatch_size // d.world
+    mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
+    # checkpointing (auto) where a minibatch of the longest rows would not fit the memory budget
+    budget, _ = stage.memory_budget(c, d)  # the least any rank has
+    tokens = mb * (max(map(len, prompt_ids)) + c.max_new_tokens)
+    _, ckpt_note = stage.grad_ckpt([policy], c, stage.weight_bytes(policy) + stage.activation_bytes(policy, False) * tokens,
+                                   budget)
+    pv = rl.PolicyValue(policy)  # DDP or FSDP2 over ranks; pv on one
+    policy_t, opt, it = stage.train_setup(pv, c, d, amp_dtype, state, ckpt_path, blocks=policy.model.layers,
+                                          unit="iteration")
     n_mb = rows // c.minibatch_size
     total_steps = c.iterations * c.epochs * n_mb
     metrics = Metrics(out, c.iterations, resume_step=it, enabled=d.main, config=c)

@@ -47,6 +47,7 @@ class Config(lora.Options, stage.Common):
     seq_len: int = 0  # longest (prompt, completion) row; longer ones keep their end; 0 = the model's max_seq_len
     batch_size: int = 8  # rankings per micro-step (each with all its K completions), summed over ranks; the rankings of one task stay together
     grad_accum: int = 1  # micro-steps per optimizer step
+    max_memory: float = 0.0  # GiB a micro-step may use (weights, AdamW state, activations): its rankings go through in smaller micro-steps that fit, and --grad-ckpt auto turns on where one ranking would not; 0 = half the memory available now
     epochs: int = 1  # passes over the training rankings (InstructGPT: 1; more overfits)
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
     eval_every: int = 50  # steps between held-out accuracy, Kendall tau and loss
@@ -56,7 +57,7 @@ class Config(lora.Options, stage.Common):
 
 
 MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts", "normalize_samples", "normalize_max_new_tokens",
-                                 "normalize_temperature"}
+                                 "normalize_temperature", "max_memory"}
 
 
 def load_rankings(c: Config, log):
@@ -115,7 +116,11 @@ def run(c: Config):
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)
-    _, ckpt_note = stage.grad_ckpt([model], c)
+    # A micro-step's rankings (this rank's share) go through in smaller micro-steps that fit the memory budget,
+    # each ranking at the most completions and the longest row; checkpointing (auto) where the share would not fit.
+    per, ckpt_note = stage.micro_steps(model, c, d, -(-c.batch_size // d.world),
+                                       max(len(r["rows"]) for r in train) * max(len(x) for r in train for x in r["rows"]),
+                                       "reward", "ranking")
     train_model, opt, step = stage.train_setup(model, c, d, amp_dtype, state, ckpt_path)
     amp = dist.autocast(d.device, amp_dtype)
     metrics = Metrics(out, total, resume_step=step, enabled=d.main, config=c)
@@ -173,11 +178,13 @@ def run(c: Config):
         s, tokens = Sums(), 0  # loss: summed over rankings
         for k, recs in enumerate(micro_batches):
             mine = dist.share(recs, d)
-            with amp, dist.grad_sync(train_model, k == len(micro_batches) - 1):
-                loss, m, n_tok = micro(mine, train_model)
-                (loss * len(mine) * d.world / n_rankings).backward()
-            s.add(loss=loss * len(mine), correct=(m > 0).sum(), pairs=len(m), margin=m.sum())
-            tokens += n_tok
+            parts = [mine[j:j + per] for j in range(0, len(mine), per)]
+            for p, part in enumerate(parts):
+                with amp, dist.grad_sync(train_model, k == len(micro_batches) - 1 and p == len(parts) - 1):
+                    loss, m, n_tok = micro(part, train_model)
+                    (loss * len(part) * d.world / n_rankings).backward()
+                s.add(loss=loss * len(part), correct=(m > 0).sum(), pairs=len(m), margin=m.sum())
+                tokens += n_tok
         s = dist.all_sums(s, d.device)
         loss_val = (s["loss"] / n_rankings).item()
         grad_norm = stage.optimizer_step(opt, model, c, out, f"step {step}", loss_val)

@@ -36,7 +36,7 @@ class Common:
     weight_decay: float = 0.0  # AdamW decay on matrices (not on norms or biases)
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     dtype: str = "auto"  # auto | bf16 | fp32: autocast dtype (auto = bf16 where fast)
-    grad_ckpt: str = "auto"  # auto | on | off: keep only each block's input and recompute the block in backward (less memory, about 1/3 more compute, same numbers); auto = on where the step would not fit the memory otherwise (SFT, DPO and PPO size it; elsewhere off)
+    grad_ckpt: str = "auto"  # auto | on | off: keep only each block's input and recompute the block in backward (less memory, about 1/3 more compute, same numbers); auto = on where the step would not fit the memory otherwise (every stage but pretraining sizes it; there off)
     fsdp: bool = False  # under torchrun, shard weights, grads and optimizer state over ranks (FSDP2) instead of DDP
     device: str = ""  # cpu | cuda; empty = cuda when available
     eval_every: int = 50  # steps between held-out evaluations
@@ -87,6 +87,20 @@ def memory_budget(c, d):
         found = [ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:")]
         available = int(found[0]) * 1024 if found else available
     return int(dist.all_min(torch.tensor(available // 2, device=d.device))), "half the memory available"
+
+
+def micro_steps(model, c, d, share, item_tokens, name, item):
+    """(items per micro-step, the start-up line's note) for a stage whose step puts `share` items (pairs,
+    rankings) of at most item_tokens tokens each through model on this rank: checkpointing (auto) where
+    the whole share would not fit the memory budget (the least any rank has), then as many items per
+    micro-step as fit, said when fewer than the share."""
+    budget, whence = memory_budget(c, d)
+    weights = weight_bytes(model)
+    ckpt, note = grad_ckpt([model], c, weights + activation_bytes(model, False) * item_tokens * share, budget)
+    per = int(max(1, min(share, (budget - weights) // (activation_bytes(model, ckpt) * item_tokens))))
+    if per < share:
+        dist.print0(f"{name}: {per} {item}(s) per micro-step per process, to fit {budget / 2**30:.3g} GiB ({whence})")
+    return per, note
 
 
 def weight_bytes(model):
