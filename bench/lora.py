@@ -32,7 +32,8 @@ from shoggoth.train import metrics  # noqa: E402
 # In the child: time every training step's log line, run the stage, report peak RSS.
 CHILD = """
 import copy, json, resource, sys, time
-from shoggoth import metrics, scoring
+from shoggoth.train import metrics
+from shoggoth.evaluation import scoring
 from shoggoth.cli import main
 times, log = [], metrics.Metrics.log
 def timed(self, step, echo=True, **values):
