@@ -62,7 +62,7 @@ from .contract import SECURITY_SCHEMES, error, is_json_path
 HERE = Path(__file__).parent
 ADMIN_TOKEN_ENV = "SHOGGOTH_ADMIN_TOKEN"  # where `serve` finds the admin token that no flag gives
 MAX_BODY = 16 * 1024  # bytes: a ranking is a few hundred, a form a few dozen
-# A campaign's guidelines (db.MAX_GUIDELINES characters of Markdown) as a form, an upload or JSON's \u escapes
+# A campaign's guidelines (guidelines.MAX_GUIDELINES characters of Markdown) as a form, an upload or JSON's \u escapes
 LONG_BODIES = {re.compile(r"/admin/(api/)?campaigns/[^/]+/guidelines"): 1024 * 1024}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
