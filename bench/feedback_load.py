@@ -33,22 +33,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import create_database, free_port, start_postgres  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
 
-from shoggoth.feedback import db as D  # noqa: E402
+from shoggoth.feedback import accounts, campaigns, queries  # noqa: E402
+from shoggoth.feedback.db import Ranking, connect  # noqa: E402
 
 SECTION = "## Feedback app load (bench/feedback_load.py)"
 
 
 def prepare(url, labelers, rankings, k, per_task):
-    engine = D.connect(url)
+    engine = connect(url)
     n_tasks = (labelers * rankings) // per_task + labelers  # enough for everyone, with a margin
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
     rng = random.Random(0)
     tasks = [{"prompt": f"Question {i}: " + " ".join(rng.choices(words, k=20)),
               "completions": [" ".join(rng.choices(words, k=rng.randint(20, 80))) for _ in range(k)]}
              for i in range(n_tasks)]
-    D.add_tasks(engine, "load", tasks, rankings_per_task=per_task)
-    tokens = [D.create_labeler(engine, f"load-{i}")[1] for i in range(labelers)]  # invites, traded by the clients
+    campaigns.add_tasks(engine, "load", tasks, rankings_per_task=per_task)
+    # invites, traded by the clients
+    tokens = [accounts.create_labeler(engine, f"load-{i}")[1] for i in range(labelers)]
     engine.dispose()
     return tokens, n_tasks
 
@@ -128,11 +132,11 @@ async def churn(base, admin_token, stop, lat, problems):
 
 
 def check(url, accepted, labelers, rankings, per_task):
-    engine = D.connect(url)
-    rows = D.rankings(engine)
-    with D.Session(engine) as s:
-        ids = set(s.scalars(D.select(D.Ranking.id)))
-    camp = D.overview(engine)[0][0]
+    engine = connect(url)
+    rows = queries.rankings(engine)
+    with Session(engine) as s:
+        ids = set(s.scalars(select(Ranking.id)))
+    camp = queries.overview(engine)[0][0]
     engine.dispose()
     pairs = Counter((r["task_id"], r["labeler"]) for r in rows)
     per_task_count = Counter(r["task_id"] for r in rows)

@@ -367,8 +367,8 @@ def cmd_feedback(argv):
                         "with their consensus, as `feedback agreement` shows) is below TAU; which, on stderr")
     a = p.parse_args(argv)
     from .lm.checkpoint import resolve
-    from .feedback import jobs
-    from .feedback.db import shown_url
+    from .feedback import accounts, campaigns, jobs, oversight
+    from .feedback.db import connect, shown_url
 
     if a.action == "generate":
         name, n = jobs.generate(resolve(a.policy, a.revision), a.prompts, a.k, a.db, a.campaign, a.rankings_per_task,
@@ -427,27 +427,21 @@ def cmd_feedback(argv):
         print(f"campaign {a.campaign!r}: guidelines " + (f"set ({n} characters, version {version}); each labeler reads "
               "them before their next task" if version else "removed"))
     elif a.action == "quality":
-        from .feedback import db as D
-
-        engine = D.connect(a.db)
-        cid = D.campaign_id(engine, a.campaign)
-        set_ = D.set_quality(engine, cid, a.gold_rate, a.flag_below)
+        engine = connect(a.db)
+        cid = campaigns.campaign_id(engine, a.campaign)
+        set_ = oversight.set_quality(engine, cid, a.gold_rate, a.flag_below)
         below = FLAG_BELOW if set_["flag_below"] is None else set_["flag_below"]
-        known = D.quality_settings(engine)[0][cid]["known"]
+        known = oversight.quality_settings(engine)[0][cid]["known"]
         print(f"campaign {a.campaign!r}: {known} known-answer tasks, met at rate {set_['gold_rate']:g}; labelers "
               f"flagged below tau {below:g}")
     elif a.action == "expect":
-        from .feedback import db as D
-
         if (a.ranks is None) == (not a.clear):
             raise UsageError("feedback expect: give --ranks R0 R1 ... or --clear")
-        got = D.set_expected(D.connect(a.db), a.task, a.ranks)
+        got = oversight.set_expected(connect(a.db), a.task, a.ranks)
         print(f"task {a.task}: " + (f"a known-answer task, expected ranks {got}" if got else "an ordinary task"))
     elif a.action in ("pause", "resume"):
-        from .feedback import db as D
-
-        engine = D.connect(a.db)
-        D.pause_labeler(engine, D.find_labeler(engine, a.name), a.action == "pause")
+        engine = connect(a.db)
+        oversight.pause_labeler(engine, accounts.find_labeler(engine, a.name), a.action == "pause")
         print(f"{a.name}: " + ("paused (no new tasks; their open one released)" if a.action == "pause" else "resumed"))
     else:
         n = jobs.export(a.db, a.out, a.pairs, a.campaign, a.min_agreement, log=lambda m: print(m, file=sys.stderr))

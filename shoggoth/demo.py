@@ -338,7 +338,8 @@ def rlhf_round(run: Run, n):
     database; the reward model retrained on every round's rankings so far; PPO from the current
     policy with the KL leash to the SFT model. In run/round-n/."""
     from . import rounds
-    from .feedback import db as D
+    from .feedback import campaigns, queries
+    from .feedback.db import connect
     from .feedback.agreement import agreement
 
     name, o = f"round-{n}", run.out
@@ -362,8 +363,8 @@ def rlhf_round(run: Run, n):
     for stage in ("reward", "ppo"):
         if (o / name / stage / "run_config.json").exists():  # (not if killed between the model and this file)
             run.summary["config"][f"{name}/{stage}"] = json.loads((o / name / stage / "run_config.json").read_text())
-    engine = D.connect(c.db)
-    agree = agreement(D.rank_vectors(engine, D.campaign_id(engine, name)))
+    engine = connect(c.db)
+    agree = agreement(queries.rank_vectors(engine, campaigns.campaign_id(engine, name)))
     h = run.summary["headline"]
     h.setdefault("labeler_agreement", agree["tau"])  # round 1's: the labelers on the SFT model's samples
     h.setdefault("labeler_alpha", agree["alpha"])
@@ -472,11 +473,12 @@ def blind_winrates(run: Run, answers):
     import random
 
     from . import data
-    from .feedback import db as D, jobs
+    from .feedback import campaigns, jobs
+    from .feedback.db import connect
 
     db = feedback_db(run)
-    engine = D.connect(db)
-    if D.campaign_id(engine, "heldout", required=False) is None:  # made by an earlier, interrupted run: kept
+    engine = connect(db)
+    if campaigns.campaign_id(engine, "heldout", required=False) is None:  # made by an earlier, interrupted run: kept
         held = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in heldout_prompts(run)]
         settings = {**SAMPLING, "dirs": {m: str(model_dirs(run)[m]) for m in answers},
                     "prompts": "chatterbot-corpus heldout", "replies": f"the first of the {SAMPLES} per prompt behind "

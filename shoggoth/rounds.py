@@ -37,7 +37,8 @@ from .lm import checkpoint, tokenizer
 from . import config, data, files
 from .train import metrics
 from .errors import DataError, ShoggothError
-from .feedback import db as D, jobs
+from .feedback import campaigns, jobs, queries
+from .feedback.db import connect
 from .train.metrics import duration
 
 
@@ -223,7 +224,7 @@ def ask(c: Config, n, policy, reward, engine):
     asked = dict(zip(ASKED, (n, str(Path(c.out).resolve()), str(policy), "uncertain" if uncertain else "random",
                              [cand[i] for i in keep], None if scores is None else [scores[i] for i in keep])))
     # the campaign and what it asked, in one transaction: a kill after it resumes from the database
-    D.add_tasks(engine, name, tasks, c.rankings_per_task, source=str(policy), info=asked)
+    campaigns.add_tasks(engine, name, tasks, c.rankings_per_task, source=str(policy), info=asked)
     files.write_json(out / "asked.json", asked)
     log(f"round {n}: campaign {name!r} open with {len(tasks)} prompts x {c.k} completions, "
         f"{c.rankings_per_task} rankings each")
@@ -238,7 +239,7 @@ def rank(c: Config, n, engine):
         log(f"round {n}: simulated labelers ({c.simulate}) submitted {sum(done.values())} rankings")
     shown = None
     while True:
-        p = D.round_progress(engine, name)
+        p = campaigns.round_progress(engine, name)
         if p["complete"] == p["tasks"]:
             return True
         line = progress_line(p)
@@ -273,8 +274,8 @@ def export(c: Config, n, engine):
     round's held-out prompts)."""
     out = Path(c.out) / f"round-{n}"
     leave_out = jobs.low_agreement(engine, c.min_agreement, f"round-{n}") if c.min_agreement > -1 else frozenset()
-    mine = [{k: r[k] for k in D.EXPORT_KEYS if k in r}
-            for r in D.export_rows(engine, campaign=f"round-{n}", leave_out=leave_out)]
+    mine = [{k: r[k] for k in queries.EXPORT_KEYS if k in r}
+            for r in queries.export_rows(engine, campaign=f"round-{n}", leave_out=leave_out)]
     write_jsonl(out / "rankings.jsonl", mine)
     raw = [row for _, row in data.iter_rows(c.rankings)] if c.rankings else []
     for m in range(1, n):
@@ -288,8 +289,8 @@ def export(c: Config, n, engine):
 def check_campaigns(c: Config, engine):
     """Refuse evaluation campaigns as training data: a round's name taken by one, or --rankings exported from one."""
     for n in range(1, c.rounds + 1):
-        cid = D.campaign_id(engine, f"round-{n}", required=False)
-        if cid is not None and D.round_progress(engine, f"round-{n}")["evaluation"]:
+        cid = campaigns.campaign_id(engine, f"round-{n}", required=False)
+        if cid is not None and campaigns.round_progress(engine, f"round-{n}")["evaluation"]:
             raise DataError(f"campaign 'round-{n}' is an evaluation campaign (a blind comparison of models); "
                             "evaluations never feed training: use another --db or rename that campaign")
     if c.rankings:
@@ -309,8 +310,8 @@ def run(c: Config, reward=None, ppo=None):
         raise ShoggothError(f"--select must be random or uncertain (got {c.select!r})")
     if c.rl not in ("ppo", "grpo", "dpo"):
         raise ShoggothError(f"--rl must be ppo, grpo or dpo (got {c.rl!r})")
-    if not 2 <= c.k <= D.MAX_K:
-        raise ShoggothError(f"--k must be between 2 and {D.MAX_K} (got {c.k})")
+    if not 2 <= c.k <= campaigns.MAX_K:
+        raise ShoggothError(f"--k must be between 2 and {campaigns.MAX_K} (got {c.k})")
     if c.heads < 2:
         raise ShoggothError(f"--heads must be at least 2: disagreement needs two heads (got {c.heads})")
     if c.simulate:
@@ -318,7 +319,7 @@ def run(c: Config, reward=None, ppo=None):
         persona(c.simulate)  # an unknown persona fails before anything runs
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
-    engine = D.connect(c.db)
+    engine = connect(c.db)
     check_campaigns(c, engine)
     summary_path = out / "rounds.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"rounds": []}
@@ -329,10 +330,10 @@ def run(c: Config, reward=None, ppo=None):
         rdir.mkdir(exist_ok=True)
         name = f"round-{n}"
         if not (rdir / "asked.json").exists():
-            if D.campaign_id(engine, name, required=False) is None:
+            if campaigns.campaign_id(engine, name, required=False) is None:
                 ask(c, n, policy, reward, engine)
             else:  # opened by this run, killed before it wrote asked.json; or another run's
-                asked = D.round_progress(engine, name)["settings"]
+                asked = campaigns.round_progress(engine, name)["settings"]
                 if asked.get("out") != str(out.resolve()):
                     raise DataError(f"campaign {name!r} in {c.db} belongs to another run ({asked.get('out')}): give "
                                     "this run its own --db, or the --out of that run")
@@ -350,7 +351,7 @@ def run(c: Config, reward=None, ppo=None):
         acc = [r["val_accuracy"] for r in metrics.read(rw / "metrics.jsonl") if "val_accuracy" in r]
         before = acc[0] if reward and acc else None  # step 0: the last reward model, not yet trained on this round
         after = acc[-1] if acc else None
-        D.set_round(engine, name, {"reward_accuracy_before": before, "reward_accuracy_after": after})
+        campaigns.set_round(engine, name, {"reward_accuracy_before": before, "reward_accuracy_after": after})
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         log(f"round {n}: reward accuracy on this round's held-out rankings: before {fmt(before)} (the last reward "
             f"model), after {fmt(after)}")

@@ -46,12 +46,12 @@ def ranking_history(engine, ranking_id):
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from shoggoth.feedback import db as D
+    from shoggoth.feedback.db import Ranking, RankingVersion, reading
 
-    with Session(D.reading(engine)) as s:
-        r = s.get(D.Ranking, ranking_id)
-        old = s.scalars(select(D.RankingVersion).where(D.RankingVersion.ranking_id == ranking_id)
-                        .order_by(D.RankingVersion.version)).all()
+    with Session(reading(engine)) as s:
+        r = s.get(Ranking, ranking_id)
+        old = s.scalars(select(RankingVersion).where(RankingVersion.ranking_id == ranking_id)
+                        .order_by(RankingVersion.version)).all()
         out = [{"version": v.version, "ranks": list(v.ranks), "flags": list(v.flags), "created_at": v.created_at}
                for v in old]
         out.append({"version": len(old) + 1, "ranks": list(r.ranks), "flags": list(r.flags), "created_at": r.created_at})

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 from common import shoggoth
-from shoggoth.feedback import db as D
+from shoggoth.feedback import campaigns, queries
+from shoggoth.feedback.db import connect
 
 
 @pytest.mark.slow
@@ -37,8 +38,8 @@ def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
     for stage in ("round-2", "dpo"):
         assert f"{stage}: finished" in r.stdout
     assert "round 1: sampling" not in r.stdout
-    engine = D.connect(out / "feedback" / "feedback.db")  # killed while sampling: round 2's campaign opened once
-    assert [D.round_progress(engine, f"round-{n}")["tasks"] for n in (1, 2)] == [20, 20]
+    engine = connect(out / "feedback" / "feedback.db")  # killed while sampling: round 2's campaign opened once
+    assert [campaigns.round_progress(engine, f"round-{n}")["tasks"] for n in (1, 2)] == [20, 20]
     assert "=== What each layer did" in r.stdout and "reward model: held-out pairwise accuracy" in r.stdout
     # The headline leads with the blind win rates (12 held-out prompts at --quick, 3 labelers each).
     lead = r.stdout.split("=== What each layer did (held-out data, default seed) ===\n")[1].splitlines()[0]
@@ -64,9 +65,9 @@ def test_quick_demo_is_killed_then_finishes_where_it_stopped(tmp_path):
     w = summary["winrate"]
     assert w["models"] == ["pretrained", "sft", "ppo-1", "ppo", "dpo"] and len(w["pairs"]) == 10
     assert all(p["n"] == 36 and p["ci"][0] <= p["win_rate"] <= p["ci"][1] for p in w["pairs"])
-    db = D.connect(out / "feedback" / "feedback.db")  # the evaluation is there, and out of the training export
-    assert {r["campaign"] for r in D.export_rows(db)} == {"round-1", "round-2"}
-    assert len(list(D.export_rows(db, "heldout"))) == 36
+    db = connect(out / "feedback" / "feedback.db")  # the evaluation is there, and out of the training export
+    assert {r["campaign"] for r in queries.export_rows(db)} == {"round-1", "round-2"}
+    assert len(list(queries.export_rows(db, "heldout"))) == 36
     plan = summary["plan"]
     assert plan["pretrain_steps"] == 30 and set(plan["estimate"]) == set(summary["timings"]) and plan["matmul_flops"] > 0
     assert summary["config"]["pretrain"]["dtype"] == plan["dtype"] == summary["config"]["round-2/ppo"]["dtype"]

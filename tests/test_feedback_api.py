@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from common import ranking_history
-from shoggoth.feedback import db as D
-from shoggoth.feedback import winrate
+from shoggoth.feedback import accounts, campaigns, oversight, queries, winrate
+from shoggoth.feedback.db import Invite, writing
 from shoggoth.feedback.admin import WinRates
 from shoggoth.feedback.agreement import kendall_tau_b
 from shoggoth.feedback.auth import REVISION_WINDOW, REVISIONS
@@ -21,7 +22,7 @@ ADMIN = "admin-secret-token"
 
 
 def setup_campaign(srv, n_tasks=3, k=4, per_task=2):
-    D.add_tasks(srv.engine, "camp", [{"prompt": f"p{i}", "completions": [f"c{i}.{j}" for j in range(k)]}
+    campaigns.add_tasks(srv.engine, "camp", [{"prompt": f"p{i}", "completions": [f"c{i}.{j}" for j in range(k)]}
                                      for i in range(n_tasks)], rankings_per_task=per_task)
 
 
@@ -36,7 +37,7 @@ def csrf_of(page):
 
 def signed_in(srv, name):
     """A new labeler's session token, as a script gets it (its invite traded once)."""
-    return D.trade_invite(srv.engine, D.create_labeler(srv.engine, name)[1])[2]
+    return accounts.trade_invite(srv.engine, accounts.create_labeler(srv.engine, name)[1])[2]
 
 
 def admin_sign_in(c, token=ADMIN):
@@ -45,7 +46,7 @@ def admin_sign_in(c, token=ADMIN):
 
 
 def n_rankings(srv):
-    return len(D.rankings(srv.engine))
+    return len(queries.rankings(srv.engine))
 
 
 def test_tokens_gate_labeler_and_admin_endpoints(live_app):
@@ -84,7 +85,7 @@ def test_tokens_gate_labeler_and_admin_endpoints(live_app):
 def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
     srv = live_app
     setup_campaign(srv)
-    _, token = D.create_labeler(srv.engine, "carol")
+    _, token = accounts.create_labeler(srv.engine, "carol")
     with httpx.Client(base_url=srv.url) as c:
         r = c.post(f"/join/{token}")
         assert r.status_code == 303 and r.headers["location"] == "/label"
@@ -115,12 +116,12 @@ def test_cookie_sessions_need_csrf_token_and_same_origin(live_app):
         r = admin.post("/admin/invite", data={"name": "dave", "csrf": csrf})
         assert r.status_code == 201
         link = r.text.split('id="invite-link">')[1].split("<")[0]
-        assert link.startswith(f"{srv.url}/join/") and D.labeler_by_token(srv.engine, link.rsplit("/", 1)[1])[1] == "dave"
+        assert link.startswith(f"{srv.url}/join/") and accounts.labeler_by_token(srv.engine, link.rsplit("/", 1)[1])[1] == "dave"
         r = admin.post("/admin/invite", data={"name": "dave", "csrf": csrf})
         assert r.status_code == 409 and "already a labeler named" in r.text
         assert r.headers["referrer-policy"] == "same-origin"  # "no-referrer" makes Chromium post Origin: null
         r = admin.post("/admin/campaigns/1/n", data={"n": "5", "csrf": csrf})
-        assert r.status_code == 303 and D.overview(srv.engine)[0][0]["n"] == 5
+        assert r.status_code == 303 and queries.overview(srv.engine)[0][0]["n"] == 5
 
 
 def test_bad_input_gets_a_clear_4xx_and_stores_nothing(live_app):
@@ -197,7 +198,7 @@ def test_export_endpoint(live_app):
         r = c.get("/admin/export.jsonl?campaign=camp", headers=bearer(ADMIN))
         assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
         (row,) = [json.loads(x) for x in r.text.splitlines()]
-        assert sorted(row) == sorted(D.EXPORT_KEYS) and sorted(row["ranks"]) == [0, 1, 2]
+        assert sorted(row) == sorted(queries.EXPORT_KEYS) and sorted(row["ranks"]) == [0, 1, 2]
         pairs = [json.loads(x) for x in c.get("/admin/export.jsonl?pairs=true", headers=bearer(ADMIN)).text.splitlines()]
         assert len(pairs) == 3 and all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
         assert c.get("/admin/export.jsonl?campaign=nope", headers=bearer(ADMIN)).text == ""
@@ -206,7 +207,7 @@ def test_export_endpoint(live_app):
 @pytest.mark.parametrize("name", ["<b>x</b>"])
 def test_admin_pages_escape_names(live_app, name):
     srv = live_app
-    D.create_labeler(srv.engine, name)
+    accounts.create_labeler(srv.engine, name)
     r = httpx.get(f"{srv.url}/admin", headers=bearer(ADMIN))
     assert "&lt;b&gt;x&lt;/b&gt;" in r.text and "<b>x</b>" not in r.text
     assert "script-src 'self'" in r.headers["content-security-policy"]
@@ -240,7 +241,7 @@ def test_malformed_headers_and_fields_get_a_4xx(live_app):
     """The inputs that once made 500s, each with a valid session."""
     srv = live_app
     setup_campaign(srv)
-    _, token = D.create_labeler(srv.engine, "oscar")
+    _, token = accounts.create_labeler(srv.engine, "oscar")
     with httpx.Client(base_url=srv.url) as c:
         c.post(f"/join/{token}")
         for csrf in ("é".encode("latin-1"), "\u00ff\u00fe".encode("latin-1")):
@@ -255,7 +256,7 @@ def test_malformed_headers_and_fields_get_a_4xx(live_app):
         for cid in ("²", "9" * 5000, "٣", "1e3", "-1"):
             r = admin.post("/admin/invite", data={"name": "zed", "campaign_id": cid, "csrf": csrf})
             assert r.status_code == 422 and "campaign_id" in r.text, (cid, r.status_code)
-        assert D.overview(srv.engine)[1] and all(lab["name"] != "zed" for lab in D.overview(srv.engine)[1])
+        assert queries.overview(srv.engine)[1] and all(lab["name"] != "zed" for lab in queries.overview(srv.engine)[1])
 
 
 def test_invalid_input_is_answered_before_who_is_asking(tmp_path):
@@ -267,8 +268,8 @@ def test_invalid_input_is_answered_before_who_is_asking(tmp_path):
     from shoggoth.feedback.app import create_app
 
     app = create_app(f"sqlite:///{tmp_path / 'f.db'}", admin_token=ADMIN)
-    labeler = D.trade_invite(app.state.engine, D.create_labeler(app.state.engine, "zoe")[1])[2]
-    admin = D.admin_session(app.state.engine, ADMIN)
+    labeler = accounts.trade_invite(app.state.engine, accounts.create_labeler(app.state.engine, "zoe")[1])[2]
+    admin = accounts.admin_session(app.state.engine, ADMIN)
     requests = [  # (method, path, malformed, well-formed)
         ("POST", "/api/tasks/{}/ranking", ("abc", {"json": {"ranking": [[1]]}}), ("1", {"json": {"ranking": [[1]]}})),
         ("POST", "/api/tasks/1/ranking{}", ("", {"json": {"ranking": "best"}}), ("", {"json": {"ranking": [[1]]}})),
@@ -298,14 +299,14 @@ def test_guessing_tokens_is_slowed_down(live_app):
     from shoggoth.feedback.auth import GUESSES
 
     srv = live_app
-    _, token = D.create_labeler(srv.engine, "peggy")
+    _, token = accounts.create_labeler(srv.engine, "peggy")
     with httpx.Client(base_url=srv.url) as c:
         for i in range(GUESSES):
             assert c.get(f"/join/guess-{i}").status_code == 404
         r = c.get(f"/join/{token}")  # even the right token, from this address, for a while
         assert r.status_code == 429 and "wait" in r.text
         assert admin_sign_in(c).status_code == 429
-        session = D.trade_invite(srv.engine, token)[2]
+        session = accounts.trade_invite(srv.engine, token)[2]
         assert c.post("/api/next", headers=bearer(session)).status_code == 200  # a signed-in labeler works on
 
 
@@ -396,13 +397,13 @@ def test_cookies_are_secure_over_https(tmp_path):
     app = create_app(f"sqlite:///{tmp_path / 'f.db'}", admin_token=ADMIN)
     for base, secure in (("https://labels.example", True), ("http://127.0.0.1", False)):
         prefix = "__Host-" if secure else ""
-        _, token = D.create_labeler(app.state.engine, f"trent {base}")
+        _, token = accounts.create_labeler(app.state.engine, f"trent {base}")
         with TestClient(app, base_url=base, follow_redirects=False) as c:
             for r, name in ((c.post(f"/join/{token}"), "sg_labeler"), (admin_sign_in(c), "sg_admin")):
                 cookie = r.headers["set-cookie"]
                 assert r.status_code == 303 and cookie.startswith(f"{prefix}{name}=") and "Path=/" in cookie
                 assert ("Secure" in cookie) == secure and "Domain" not in cookie, cookie
-                ttl = D.SESSION_TTL["labeler" if name == "sg_labeler" else "admin"]  # the cookie lasts as its session
+                ttl = accounts.SESSION_TTL["labeler" if name == "sg_labeler" else "admin"]  # the cookie lasts as its session
                 assert f"Max-Age={int(ttl)}" in cookie, cookie
                 assert r.headers.get("strict-transport-security") == (HSTS if secure else None)
             assert c.get("/label").status_code == 200 and c.get("/admin").status_code == 200
@@ -424,7 +425,7 @@ def test_https_behind_a_trusted_proxy_only(tmp_path):
         srv = LiveServer(create_app(f"sqlite:///{tmp_path / f'{proxy}.db'}", admin_token=ADMIN),
                          proxy_headers=True, forwarded_allow_ips=proxy)
         try:
-            _, token = D.create_labeler(srv.engine, "pat")
+            _, token = accounts.create_labeler(srv.engine, "pat")
             r = httpx.post(f"{srv.url}/join/{token}", headers={"X-Forwarded-Proto": "https"})
             cookie = r.headers["set-cookie"]
             assert r.status_code == 303 and cookie.startswith("__Host-sg_labeler=") == https, (proxy, cookie)
@@ -464,26 +465,26 @@ def test_admin_signs_in_by_post_or_a_one_time_link(live_app):
         assert r.status_code == 404 and "used already" in r.text and "sg_admin" not in c.cookies
         assert c.get(f"/admin/sign-in/{ADMIN}").status_code == 404  # the admin token is no link
         code = links.new()
-        links.clock = lambda: time.time() + D.SESSION_TTL["admin"] + 1
+        links.clock = lambda: time.time() + accounts.SESSION_TTL["admin"] + 1
         assert c.get(f"/admin/sign-in/{code}").status_code == 404  # expired
 
 
 def test_join_refuses_a_cross_site_post_without_origin(live_app):
     """A browser may leave Origin out of a form POST; its Sec-Fetch-Site still says where it came from."""
     srv = live_app
-    _, token = D.create_labeler(srv.engine, "zack")
+    _, token = accounts.create_labeler(srv.engine, "zack")
     with httpx.Client(base_url=srv.url) as c:
         for site in ("cross-site", "same-site"):  # same-site: a sibling subdomain
             r = c.post(f"/join/{token}", headers={"Sec-Fetch-Site": site})
             assert r.status_code == 403 and "cross-site" in r.text and "sg_labeler" not in c.cookies
-        assert D.labeler_by_token(srv.engine, token) is not None  # the invite is not spent
+        assert accounts.labeler_by_token(srv.engine, token) is not None  # the invite is not spent
         assert c.post(f"/join/{token}", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 303
 
 
 def test_revoking_frees_the_task_held_and_a_new_invite_ends_sessions(live_app):
     srv = live_app
     setup_campaign(srv, n_tasks=1, per_task=1)
-    alice_id, alice_link = D.create_labeler(srv.engine, "alice")
+    alice_id, alice_link = accounts.create_labeler(srv.engine, "alice")
     bob = signed_in(srv, "bob")
     with httpx.Client(base_url=srv.url) as alice:
         alice.post(f"/join/{alice_link}")
@@ -496,8 +497,8 @@ def test_revoking_frees_the_task_held_and_a_new_invite_ends_sessions(live_app):
         assert c.post(f"/admin/labelers/{alice_id}/revoke", data={"csrf": csrf}).status_code == 200
         assert c.post("/api/next", headers=bearer(bob)).json()["task"] is not None  # freed at once, not in an hour
     # a new link: the sessions the labeler has (a lost laptop, a leaked cookie) end
-    carol_id, carol_link = D.create_labeler(srv.engine, "carol")
-    session = D.trade_invite(srv.engine, carol_link)[2]
+    carol_id, carol_link = accounts.create_labeler(srv.engine, "carol")
+    session = accounts.trade_invite(srv.engine, carol_link)[2]
     with httpx.Client(base_url=srv.url, cookies={"sg_labeler": session}) as carol:
         assert carol.get("/label").status_code == 200
         with httpx.Client(base_url=srv.url) as c:
@@ -531,7 +532,7 @@ def test_weak_admin_token_is_refused(tmp_path):
 def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
     srv = live_app
     setup_campaign(srv)
-    lid, invite = D.create_labeler(srv.engine, "uma")
+    lid, invite = accounts.create_labeler(srv.engine, "uma")
     with httpx.Client(base_url=srv.url) as c:
         for _ in range(2):  # opening the link (a chat app's preview, a mail scanner) spends nothing
             r = c.get(f"/join/{invite}")
@@ -545,7 +546,7 @@ def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
         r = other.get(f"/join/{invite}")
         assert r.status_code == 404 and "used already" in r.text
         assert other.post("/api/session", headers=bearer(invite)).status_code == 401
-    _, script_invite = D.create_labeler(srv.engine, "script")
+    _, script_invite = accounts.create_labeler(srv.engine, "script")
     with httpx.Client(base_url=srv.url) as s:
         r = s.post("/api/session", headers=bearer(script_invite))
         assert r.status_code == 201 and r.json()["name"] == "script"
@@ -569,9 +570,9 @@ def test_invites_trade_once_for_sessions_that_the_admin_can_revoke(live_app):
 
 def test_invites_expire(live_app):
     srv = live_app
-    lid, invite = D.create_labeler(srv.engine, "vic")
-    with D.writing(srv.engine) as s:
-        s.execute(D.update(D.Invite).where(D.Invite.labeler_id == lid).values(expires_at=1.0))
+    lid, invite = accounts.create_labeler(srv.engine, "vic")
+    with writing(srv.engine) as s:
+        s.execute(update(Invite).where(Invite.labeler_id == lid).values(expires_at=1.0))
     with httpx.Client(base_url=srv.url) as c:
         assert c.get(f"/join/{invite}").status_code == 404
 
@@ -579,7 +580,7 @@ def test_invites_expire(live_app):
 def test_sign_out_ends_the_session(live_app):
     srv = live_app
     setup_campaign(srv)
-    _, invite = D.create_labeler(srv.engine, "wes")
+    _, invite = accounts.create_labeler(srv.engine, "wes")
     with httpx.Client(base_url=srv.url) as c:
         c.post(f"/join/{invite}")
         cookie = c.cookies["sg_labeler"]
@@ -597,9 +598,9 @@ def test_a_link_does_not_silently_switch_who_is_signed_in(live_app):
     """Login CSRF: a link from someone else, opened while signed in, asks first."""
     srv = live_app
     setup_campaign(srv)
-    _, mine = D.create_labeler(srv.engine, "xena")
-    _, theirs = D.create_labeler(srv.engine, "yuri")
-    _, third = D.create_labeler(srv.engine, "zora")
+    _, mine = accounts.create_labeler(srv.engine, "xena")
+    _, theirs = accounts.create_labeler(srv.engine, "yuri")
+    _, third = accounts.create_labeler(srv.engine, "zora")
     with httpx.Client(base_url=srv.url) as c:
         c.post(f"/join/{mine}")
         real = c.cookies["sg_labeler"]
@@ -684,7 +685,7 @@ def test_revise_own_ranking_over_http(live_app):
 
 def eval_campaign(srv, n=2):
     models = ["alpha", "beta"]
-    D.add_tasks(srv.engine, "ev", [{"prompt": f"q{i}", "models": models, "completions": [f"x{i}", f"yy{i}"]}
+    campaigns.add_tasks(srv.engine, "ev", [{"prompt": f"q{i}", "models": models, "completions": [f"x{i}", f"yy{i}"]}
                                    for i in range(n)], rankings_per_task=1, settings={"models": models})
 
 
@@ -880,7 +881,7 @@ def test_admin_pauses_a_labeler_and_sets_quality_over_http(live_app):
     srv = live_app
     setup_campaign(srv, n_tasks=2, k=3, per_task=1)
     alice, bob = signed_in(srv, "alice"), signed_in(srv, "bob")
-    lid = D.session(srv.engine, alice)[1][0]
+    lid = accounts.session(srv.engine, alice)[1][0]
     with httpx.Client(base_url=srv.url) as c:
         held = c.post("/api/next", headers=bearer(alice)).json()["task"]
         r = c.post(f"/admin/api/labelers/{lid}/pause", headers=bearer(ADMIN))
@@ -913,21 +914,21 @@ def test_admin_pauses_a_labeler_and_sets_quality_over_http(live_app):
                 (c.post(f"/admin/api/labelers/{lid}/pause", headers=bearer(bob)), 401, "admin only"),
                 (c.get("/admin/export.jsonl?min_agreement=2", headers=bearer(ADMIN)), 422, "min_agreement")):
             assert r.status_code == status and msg in r.json()["error"], (r.status_code, r.text)
-        assert D.quality_settings(srv.engine) == ({1: {"gold_rate": 0.0, "flag_below": None, "expected": {},
+        assert oversight.quality_settings(srv.engine) == ({1: {"gold_rate": 0.0, "flag_below": None, "expected": {},
                                                        "known": 0}}, {})
     # the page's forms, with an admin cookie and the page's CSRF token
-    with httpx.Client(base_url=srv.url, cookies={"sg_admin": D.admin_session(srv.engine, ADMIN)}) as admin:
+    with httpx.Client(base_url=srv.url, cookies={"sg_admin": accounts.admin_session(srv.engine, ADMIN)}) as admin:
         csrf = csrf_of(admin.get("/admin").text)
         assert admin.post(f"/admin/labelers/{lid}/pause", data={}).status_code == 403  # no CSRF token
         assert admin.post(f"/admin/labelers/{lid}/pause", data={"csrf": csrf}).status_code == 303
         page = admin.get("/admin").text
         assert f'action="/admin/labelers/{lid}/resume"' in page and 'class="paused-state">paused' in page
         r = admin.post("/admin/campaigns/1/quality", data={"csrf": csrf, "gold_rate": "0.1", "flag_below": ""})
-        assert r.status_code == 303 and D.quality_settings(srv.engine)[0][1]["gold_rate"] == 0.1
+        assert r.status_code == 303 and oversight.quality_settings(srv.engine)[0][1]["gold_rate"] == 0.1
         for bad in ({"gold_rate": "abc"}, {"gold_rate": "nan"}, {"flag_below": "-3"}):
             r = admin.post("/admin/campaigns/1/quality", data={"csrf": csrf, **bad})
             assert r.status_code == 422 and r.headers["content-type"].startswith("text/html"), r.text
-        assert D.quality_settings(srv.engine)[0][1] == {"gold_rate": 0.1, "flag_below": None, "expected": {},
+        assert oversight.quality_settings(srv.engine)[0][1] == {"gold_rate": 0.1, "flag_below": None, "expected": {},
                                                         "known": 0}
 
 

@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import expect
 
 from common import ranking_history
-from shoggoth.feedback import db as D
+from shoggoth.feedback import accounts, assignments, campaigns, oversight, queries
 
 TEXTS = ["alpha answer", "beta answer", "gamma answer", "delta answer"]
 
@@ -23,7 +23,7 @@ def context(chromium):
 
 
 def ranks_by_text(srv, prompt):
-    (row,) = [r for r in D.rankings(srv.engine) if r["prompt"] == prompt]
+    (row,) = [r for r in queries.rankings(srv.engine) if r["prompt"] == prompt]
     return {c: r for c, r in zip(row["completions"], row["ranks"])}, row
 
 
@@ -59,14 +59,14 @@ def drag(page, text, target):
 
 def signed_in_page(srv, context, name):
     """Two tasks of TEXTS and a labeler `name` signed in on a new page at /label: (page, its JS errors)."""
-    D.add_tasks(srv.engine, "camp", [{"prompt": f"prompt number {i}", "completions": TEXTS} for i in (1, 2)],
+    campaigns.add_tasks(srv.engine, "camp", [{"prompt": f"prompt number {i}", "completions": TEXTS} for i in (1, 2)],
                 rankings_per_task=1)
     return join_as(srv, context, name)
 
 
 def join_as(srv, context, name):
     """A new labeler `name` signed in with their invite link on a new page at /label: (page, its JS errors)."""
-    _, token = D.create_labeler(srv.engine, name)
+    _, token = accounts.create_labeler(srv.engine, name)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(e))
@@ -133,7 +133,7 @@ def test_rank_by_keyboard_and_drag_then_admin_sees_it(live_app, context):
     admin.fill("#invite-form input[name=name]", "otto")  # a form post: CSRF field and Origin must pass
     admin.click("#invite-form button")
     link = admin.locator("#invite-link").text_content()
-    assert link.startswith(f"{srv.url}/join/") and D.labeler_by_token(srv.engine, link.rsplit("/", 1)[1])[1] == "otto"
+    assert link.startswith(f"{srv.url}/join/") and accounts.labeler_by_token(srv.engine, link.rsplit("/", 1)[1])[1] == "otto"
     admin.locator('#labelers tr[data-labeler="lena"] a').click()
     admin.wait_for_selector("#rankings")
     body = admin.locator("#rankings").text_content()
@@ -157,9 +157,9 @@ def test_untrusted_text_never_runs(live_app, chromium):
     srv = live_app
     prompt = " ".join(PAYLOADS[:3])
     completions = PAYLOADS[2:]
-    D.add_tasks(srv.engine, '<b onmouseover="window.__xss=1">camp</b>',
+    campaigns.add_tasks(srv.engine, '<b onmouseover="window.__xss=1">camp</b>',
                 [{"prompt": prompt, "completions": completions}], rankings_per_task=1)
-    _, token = D.create_labeler(srv.engine, "<img src=x onerror=\"window.__xss='name'\">")
+    _, token = accounts.create_labeler(srv.engine, "<img src=x onerror=\"window.__xss='name'\">")
     ctx = chromium.new_context(bypass_csp=True)
     dialogs = []
     ctx.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
@@ -258,7 +258,7 @@ def test_revise_the_last_ranking_by_keyboard_and_click(live_app, context):
 
 
 def row_id(srv, prompt):
-    (r,) = [r for r in D.my_rankings(srv.engine, 1) if r["prompt"] == prompt]
+    (r,) = [r for r in assignments.my_rankings(srv.engine, 1) if r["prompt"] == prompt]
     return r["ranking_id"]
 
 
@@ -288,12 +288,12 @@ def test_rank_an_evaluation_task_by_keyboard(live_app, context):
     page.wait_for_selector("#empty:not([hidden])")
     assert not errors
 
-    settings, rows = D.judgements(srv.engine, "walrus-vs-ibis")
+    settings, rows = queries.judgements(srv.engine, "walrus-vs-ibis")
     (row,) = rows
     assert dict(zip(row["models"], row["ranks"])) == {"okapi": 0, "walrus": 1, "tapir": 1, "ibis": 2}
     assert row["labeler"] == "eve" and settings["models"] == list(models)
-    assert D.rankings(srv.engine, campaign="walrus-vs-ibis")[0]["campaign"] == "walrus-vs-ibis"
-    assert list(D.export_rows(srv.engine)) == []  # an evaluation: not exported for training
+    assert queries.rankings(srv.engine, campaign="walrus-vs-ibis")[0]["campaign"] == "walrus-vs-ibis"
+    assert list(queries.export_rows(srv.engine)) == []  # an evaluation: not exported for training
 
 
 @pytest.mark.slow
@@ -306,7 +306,7 @@ def test_a_conversation_shows_as_a_transcript_and_stays_text(live_app, chromium)
     chat = [{"role": "system", "content": "Be a pirate. " + PAYLOADS[0]}, {"role": "user", "content": "Hi " + PAYLOADS[1]},
             {"role": "assistant", "content": "Arr " + PAYLOADS[2]},
             {"role": "user", "content": "Treasure? " + PAYLOADS[3] + PAYLOADS[5]}]
-    D.add_tasks(srv.engine, "camp", [{"messages": chat, "completions": TEXTS}], rankings_per_task=1)
+    campaigns.add_tasks(srv.engine, "camp", [{"messages": chat, "completions": TEXTS}], rankings_per_task=1)
     ctx = chromium.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900})
     ctx.set_default_timeout(10_000)
     dialogs = []
@@ -325,7 +325,7 @@ def test_a_conversation_shows_as_a_transcript_and_stays_text(live_app, chromium)
         page.wait_for_timeout(450)
         page.keyboard.press("Enter")
         page.wait_for_selector("#empty:not([hidden])")
-        (row,) = D.export_rows(srv.engine)
+        (row,) = queries.export_rows(srv.engine)
         assert row["messages"] == chat and row["ranks"][TEXTS.index("delta answer")] == 0
         page.keyboard.press("r")  # the revision shows the same conversation
         expect(page.locator("#transcript .turn")).to_have_count(4)
@@ -346,10 +346,10 @@ def test_a_conversation_shows_as_a_transcript_and_stays_text(live_app, chromium)
         ctx.close()
 def rank_in_db(srv, name, reverse=False):
     """A labeler `name` ranks every task left for them, by the completions' text (reversed: worst first)."""
-    lid = D.labeler_id(srv.engine, name, simulated=False)
-    while (t := D.next_task(srv.engine, lid)) is not None:
+    lid = accounts.labeler_id(srv.engine, name, simulated=False)
+    while (t := assignments.next_task(srv.engine, lid)) is not None:
         order = sorted(t["completions"], key=lambda c: c["text"], reverse=reverse)
-        D.submit(srv.engine, lid, t["task_id"], [[c["id"]] for c in order])
+        assignments.submit(srv.engine, lid, t["task_id"], [[c["id"]] for c in order])
 
 
 @pytest.mark.slow
@@ -358,7 +358,7 @@ def test_team_lead_screen_flags_pauses_and_keeps_itself_current(live_app, contex
     labelers on one screen; a flagged labeler paused with one click (their page says so, and works
     again once resumed); the known-answer rate set; the page loads itself again every minute."""
     srv = live_app
-    D.add_tasks(srv.engine, "team", [{"prompt": f"question {i}", "completions": TEXTS} for i in range(8)],
+    campaigns.add_tasks(srv.engine, "team", [{"prompt": f"question {i}", "completions": TEXTS} for i in range(8)],
                 rankings_per_task=4)
     for name in ("careful-1", "careful-2"):
         rank_in_db(srv, name)
@@ -403,7 +403,7 @@ def test_team_lead_screen_flags_pauses_and_keeps_itself_current(live_app, contex
     form.locator("input[name=flag_below]").fill("0.5")
     form.locator("button").click()
     expect(quality.locator("input[name=gold_rate]")).to_have_value("0.2")
-    assert D.quality_settings(srv.engine)[0][1]["gold_rate"] == 0.2
+    assert oversight.quality_settings(srv.engine)[0][1]["gold_rate"] == 0.2
     admin.locator("body").click()  # nothing focused: the page may load itself again
 
     # left open: new rankings show within a minute, without a click
@@ -413,4 +413,4 @@ def test_team_lead_screen_flags_pauses_and_keeps_itself_current(live_app, contex
 
 
 def n_rankings_of(srv, name):
-    return sum(r["labeler"] == name for r in D.rankings(srv.engine))
+    return sum(r["labeler"] == name for r in queries.rankings(srv.engine))

@@ -5,10 +5,12 @@ import re
 import secrets
 
 import pytest
+from sqlalchemy.orm import Session
 
 from common import shoggoth
 from shoggoth.cli import main
-from shoggoth.feedback import db as D
+from shoggoth.feedback import accounts, assignments, campaigns, queries
+from shoggoth.feedback.db import Task, connect
 from shoggoth.feedback.agreement import agreement, kendall_tau_b, krippendorff_alpha
 from shoggoth.evaluation.simulated import SimulatedLabeler, fluency, gold_score, ranks_from_scores
 
@@ -25,7 +27,7 @@ FILLER = ["And it came to pass in those days that the multitude went up unto the
 
 def campaign(db):
     tasks = [{"prompt": q, "references": [a], "completions": [a, *FILLER]} for q, a in QA]
-    D.add_tasks(D.connect(db), "qa", tasks, rankings_per_task=3)
+    campaigns.add_tasks(connect(db), "qa", tasks, rankings_per_task=3)
 
 
 def read_jsonl(path):
@@ -58,8 +60,8 @@ def test_simulate_max_tasks_leaves_no_task_held(tmp_path, capsys):
     campaign(db)
     assert main(["feedback", "simulate", "--db", str(db), "--labelers", "2", "--max-tasks", "2"]) == 0
     assert "4 rankings by 2 simulated labelers" in capsys.readouterr().out
-    with D.Session(D.connect(db)) as s:
-        tasks = s.query(D.Task).all()
+    with Session(connect(db)) as s:
+        tasks = s.query(Task).all()
         assert sum(t.n_done for t in tasks) == 4
         assert sum(t.n_open for t in tasks) == 0  # a labeler who stopped holds no task another could take
 
@@ -89,7 +91,7 @@ def test_export_with_line_separators_in_completions_reads_back(tmp_path):
 
     odd = ["one\u2028two", "three\u2029four", "five\x85six"]
     db = tmp_path / "f.db"
-    D.add_tasks(D.connect(db), "qa", [{"prompt": f"question {i}?\u2028", "completions": [c, *FILLER, "Xqv zzkq"]}
+    campaigns.add_tasks(connect(db), "qa", [{"prompt": f"question {i}?\u2028", "completions": [c, *FILLER, "Xqv zzkq"]}
                                       for i, c in enumerate(odd)], rankings_per_task=2)  # gibberish: a pair in each
     assert main(["feedback", "simulate", "--db", str(db), "--persona", "helpful", "--labelers", "2"]) == 0
     assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path / "r.jsonl")]) == 0
@@ -141,7 +143,7 @@ def test_generate_with_a_tiny_model(tmp_path, capsys):
                  "--campaign", "tiny", "--max-new-tokens", "8"]) == 0
     assert "campaign 'tiny': 2 tasks of 3 completions" in capsys.readouterr().out
     assert main(["feedback", "simulate", "--db", str(db), "--labelers", "3"]) == 0
-    rows = D.rankings(D.connect(db))
+    rows = queries.rankings(connect(db))
     assert [r["prompt"] for r in rows[:1]] == [QA[0][0]] and {r["prompt"] for r in rows} == {QA[0][0], QA[1][0]}
     assert {json.dumps(r["messages"]) for r in rows} == {  # the conversation the replies were sampled for
         json.dumps([{"role": "user", "content": QA[0][0]}]),
@@ -219,8 +221,8 @@ def test_export_never_overwrites_its_database_and_a_non_database_is_named(tmp_pa
     assert main(["feedback", "export", "--db", str(db), "--out", str(db)]) == 1
     assert "is the database itself" in capsys.readouterr().err
     assert main(["feedback", "export", "--db", f"sqlite:///{db}", "--out", str(db)]) == 1
-    with D.Session(D.connect(db)) as s:
-        assert s.query(D.Task).count() == len(QA)  # the database is still there, whole
+    with Session(connect(db)) as s:
+        assert s.query(Task).count() == len(QA)  # the database is still there, whole
     assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path)]) == 1
     assert "a directory" in capsys.readouterr().err
     junk = tmp_path / "notes.db"
@@ -316,11 +318,11 @@ def test_a_preference_set_comes_in_as_a_campaign_with_its_order_hidden(tmp_path)
     r = shoggoth("feedback", "import", "--data", good, "--db", db)
     assert "campaign 'import-pairs': 8 tasks of 2 completions imported" in r.stdout
     shoggoth("feedback", "import", "--data", bad_order, "--db", db, "--campaign", "rev")
-    engine = D.connect(db)
-    person = D.labeler_id(engine, "p", simulated=False)
-    task = D.next_task(engine, person, campaign_id=D.campaign_id(engine, "rev"))
+    engine = connect(db)
+    person = accounts.labeler_id(engine, "p", simulated=False)
+    task = assignments.next_task(engine, person, campaign_id=campaigns.campaign_id(engine, "rev"))
     assert task["prompt"] in {x["prompt"] for x in rows} and "ranks" not in json.dumps(task)  # nothing of the order shown
-    D.skip(engine, person, task["task_id"])
+    assignments.skip(engine, person, task["task_id"])
     for c in ("import-pairs", "rev"):
         shoggoth("feedback", "simulate", "--db", db, "--campaign", c, "--labelers", 3)
     out = {c: shoggoth("feedback", "agreement", "--db", db, "--campaign", c).stdout for c in ("import-pairs", "rev")}
@@ -338,7 +340,7 @@ def test_a_preference_set_comes_in_as_a_campaign_with_its_order_hidden(tmp_path)
         r = shoggoth("feedback", "import", "--data", f, "--db", db, "--campaign", "import-pairs" if f == good else "x",
                      check=False)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert D.campaign_id(engine, "x", required=False) is None
+    assert campaigns.campaign_id(engine, "x", required=False) is None
 
 
 def quality_tasks(n, seed):
@@ -382,7 +384,7 @@ def test_a_team_with_a_careless_and_an_adversarial_labeler_through_the_cli(tmp_p
     `feedback export --min-agreement` leaves their rankings out and says so, `feedback pause`
     stops one; bad input is a one-line error."""
     db = str(tmp_path / "f.db")
-    D.add_tasks(D.connect(db), "team", quality_tasks(40, 0), rankings_per_task=5)
+    campaigns.add_tasks(connect(db), "team", quality_tasks(40, 0), rankings_per_task=5)
     known = tmp_path / "known.jsonl"
     known.write_text("".join(json.dumps({"prompt": t["prompt"], "completions": t["completions"], "ranks": [0, 1, 2, 2]})
                              + "\n" for t in quality_tasks(10, 1)))
@@ -416,7 +418,7 @@ def test_a_team_with_a_careless_and_an_adversarial_labeler_through_the_cli(tmp_p
     assert "sim-balanced-random-0 in 'team'" in r.err and "sim-balanced-reverse-0 in 'team'" in r.err
     # pausing by name; a paused simulated labeler ranks nothing more
     assert "paused" in run("pause", "sim-balanced-0", "--db", db).out
-    D.add_tasks(D.connect(db), "team", quality_tasks(2, 2))
+    campaigns.add_tasks(connect(db), "team", quality_tasks(2, 2))
     assert "sim-balanced-0 0" in run("simulate", "--db", db, "--campaign", "team", "--labelers", "1").out
     assert "resumed" in run("resume", "sim-balanced-0", "--db", db).out
     assert "sim-balanced-0 2" in run("simulate", "--db", db, "--campaign", "team", "--labelers", "1").out

@@ -11,8 +11,8 @@ from common import tiny_model_dir
 from shoggoth import data
 from shoggoth.train import rl
 from shoggoth.lm import tokenizer
-from shoggoth.feedback import db as D
-from shoggoth.feedback import jobs
+from shoggoth.feedback import accounts, assignments, jobs
+from shoggoth.feedback.db import connect
 from shoggoth.stages import dpo, reward
 
 ADMIN = "admin-secret-token"
@@ -33,12 +33,12 @@ def policy(tmp_path_factory):
 
 def every_task(db):
     """Every task of a database as a labeler gets it (each skipped to get the next)."""
-    e = D.connect(db)
-    lid = D.create_labeler(e, "ann")[0]
+    e = connect(db)
+    lid = accounts.create_labeler(e, "ann")[0]
     got = []
-    while (t := D.next_task(e, lid)) is not None:
+    while (t := assignments.next_task(e, lid)) is not None:
         got.append(t)
-        D.skip(e, lid, t["task_id"])
+        assignments.skip(e, lid, t["task_id"])
     return got
 
 
@@ -53,7 +53,7 @@ def test_a_conversation_is_the_same_from_labeler_to_reward_dpo_and_ppo(live_app,
     assert jobs.generate(policy, prompts, 3, db_url, campaign="chat", rankings_per_task=1, max_new_tokens=8) == ("chat", 2)
 
     # 1. the labeler gets the whole conversation (and its last user message as `prompt`), and ranks it
-    session = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "ann")[1])[2]
+    session = accounts.trade_invite(srv.engine, accounts.create_labeler(srv.engine, "ann")[1])[2]
     seen = {}
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {session}"}) as c:
         while (task := c.post("/api/next").json()["task"]) is not None:

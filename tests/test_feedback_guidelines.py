@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import text
 
 from common import shoggoth
-from shoggoth.feedback import db as D
-from shoggoth.feedback.guidelines import render
+from shoggoth.feedback import accounts, campaigns, guidelines
+from shoggoth.feedback.db import connect, writing
 
 ADMIN = {"Authorization": "Bearer admin-secret-token"}
 
@@ -70,7 +70,7 @@ def tags_of(html):
 
 
 def test_render_keeps_markdown_and_drops_everything_that_could_run():
-    html = render(HOSTILE)
+    html = guidelines.render(HOSTILE)
     for tag, attrs in tags_of(html):
         assert tag not in ("script", "style", "iframe", "object", "embed", "svg", "math", "meta", "base", "form",
                            "button", "link"), (tag, html)
@@ -82,36 +82,36 @@ def test_render_keeps_markdown_and_drops_everything_that_could_run():
     assert not re.search(r"<\s*script|on(error|load|click|toggle)\s*=", html, re.I)  # not even as a tag's text
     assert "<h1>Rank helpful answers first</h1>" in html and "<td>quote the prompt</td>" in html
     assert '<a href="https://example.com/guide" rel="noopener noreferrer nofollow">Read more</a>' in html
-    assert "<kbd>Enter</kbd>" in html and "<details" in html and render(None) == render("") == ""
+    assert "<kbd>Enter</kbd>" in html and "<details" in html and guidelines.render(None) == guidelines.render("") == ""
 
 
 def test_an_older_database_gets_the_guidelines_column(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    e = D.connect(url)
-    D.add_tasks(e, "old", [{"prompt": "p", "completions": ["a", "b"]}])
-    with D.writing(e) as s:  # as a database made before guidelines were
+    e = connect(url)
+    campaigns.add_tasks(e, "old", [{"prompt": "p", "completions": ["a", "b"]}])
+    with writing(e) as s:  # as a database made before guidelines were
         s.execute(text("DROP TABLE guidelines_read"))
         s.execute(text("ALTER TABLE campaigns DROP COLUMN guidelines"))
     e.dispose()
-    e = D.connect(url)
-    cid = D.campaign_id(e, "old")
-    assert D.campaign_guidelines(e, cid) is None
-    version = D.set_guidelines(e, cid, "# Be kind")
-    lid = D.create_labeler(e, "olga")[0]
-    D.read_guidelines(e, lid, cid, version)
-    assert D.labeler_guidelines(e, lid)[0]["read"] is True
+    e = connect(url)
+    cid = campaigns.campaign_id(e, "old")
+    assert guidelines.campaign_guidelines(e, cid) is None
+    version = guidelines.set_guidelines(e, cid, "# Be kind")
+    lid = accounts.create_labeler(e, "olga")[0]
+    guidelines.read_guidelines(e, lid, cid, version)
+    assert guidelines.labeler_guidelines(e, lid)[0]["read"] is True
 
 
 def signed_in(srv, name, campaign_id=None):
-    return D.trade_invite(srv.engine, D.create_labeler(srv.engine, name, campaign_id)[1])[2]
+    return accounts.trade_invite(srv.engine, accounts.create_labeler(srv.engine, name, campaign_id)[1])[2]
 
 
 def test_guidelines_over_the_api_and_the_admin_form(live_app):
     """The admin writes (JSON), uploads (the page's form) or clears them; a labeler's next task says
     whether they have read this version, and a change makes it unread again."""
     srv = live_app
-    cid = D.add_tasks(srv.engine, "camp", [{"prompt": f"p{i}", "completions": ["a", "b"]} for i in range(3)])
-    other = D.add_tasks(srv.engine, "other", [{"prompt": "q", "completions": ["a", "b"]}])
+    cid = campaigns.add_tasks(srv.engine, "camp", [{"prompt": f"p{i}", "completions": ["a", "b"]} for i in range(3)])
+    other = campaigns.add_tasks(srv.engine, "other", [{"prompt": "q", "completions": ["a", "b"]}])
     ann = signed_in(srv, "ann")
     scoped = signed_in(srv, "ben", campaign_id=other)
     me = {"Authorization": f"Bearer {ann}"}
@@ -124,7 +124,7 @@ def test_guidelines_over_the_api_and_the_admin_form(live_app):
         g = c.post("/api/next", headers=me).json()["task"]["guidelines"]
         assert g == {"campaign_id": cid, "version": version, "read": False}
         shown = c.get(f"/api/guidelines/{cid}", headers=me).json()
-        assert shown["html"] == render(HOSTILE) and "markdown" not in shown and shown["campaign"] == "camp"
+        assert shown["html"] == guidelines.render(HOSTILE) and "markdown" not in shown and shown["campaign"] == "camp"
         assert c.post(f"/api/guidelines/{cid}/read", json={"version": "0" * 16}, headers=me).status_code == 409
         assert c.post(f"/api/guidelines/{cid}/read", json={"version": version}, headers=me).json() == {"read": True}
         assert c.post("/api/next", headers=me).json()["task"]["guidelines"]["read"] is True
@@ -137,11 +137,11 @@ def test_guidelines_over_the_api_and_the_admin_form(live_app):
         r = c.put(f"/admin/api/campaigns/{cid}/guidelines", json={"markdown": "# New rules"}, headers=ADMIN)
         assert r.json()["readers"] == 0 and c.post("/api/next", headers=me).json()["task"]["guidelines"]["read"] is False
         # bad input: a clear 4xx, nothing stored
-        for body, code in (({"markdown": "x" * (D.MAX_GUIDELINES + 1)}, 422), ({"markdown": 5}, 422), ({}, 422)):
+        for body, code in (({"markdown": "x" * (guidelines.MAX_GUIDELINES + 1)}, 422), ({"markdown": 5}, 422), ({}, 422)):
             assert c.put(f"/admin/api/campaigns/{cid}/guidelines", json=body, headers=ADMIN).status_code == code
         assert c.put("/admin/api/campaigns/999/guidelines", json={"markdown": "x"}, headers=ADMIN).status_code == 404
         assert c.put(f"/admin/api/campaigns/{cid}/guidelines", json={"markdown": "x"}, headers=me).status_code == 401
-        assert D.campaign_guidelines(srv.engine, cid) == "# New rules"
+        assert guidelines.campaign_guidelines(srv.engine, cid) == "# New rules"
     with httpx.Client(base_url=srv.url) as admin:  # the page's form: a file upload, or the text area
         admin.post("/admin/sign-in", data={"token": "admin-secret-token"})
         page = admin.get(f"/admin/campaigns/{cid}/guidelines").text
@@ -150,26 +150,26 @@ def test_guidelines_over_the_api_and_the_admin_form(live_app):
         url = f"/admin/campaigns/{cid}/guidelines"
         assert admin.post(url, data={"markdown": "forged"}, files={"file": ("", b"")}).status_code == 403
         r = admin.post(url, data={"csrf": csrf}, files={"file": ("g.md", "\ufeff# Uploaded\n\nRank *carefully*.".encode())})
-        assert r.status_code == 303 and D.campaign_guidelines(srv.engine, cid) == "# Uploaded\n\nRank *carefully*."
+        assert r.status_code == 303 and guidelines.campaign_guidelines(srv.engine, cid) == "# Uploaded\n\nRank *carefully*."
         r = admin.post(url, data={"csrf": csrf}, files={"file": ("g.md", b"\xff\xfe bad")})
         assert r.status_code == 422 and "not UTF-8" in r.text
-        assert D.campaign_guidelines(srv.engine, cid) == "# Uploaded\n\nRank *carefully*."  # nothing half-stored
+        assert guidelines.campaign_guidelines(srv.engine, cid) == "# Uploaded\n\nRank *carefully*."  # nothing half-stored
         r = admin.post(url, data={"csrf": csrf, "markdown": "# Typed"}, files={"file": ("", b"")})
-        assert r.status_code == 303 and D.campaign_guidelines(srv.engine, cid) == "# Typed"
+        assert r.status_code == 303 and guidelines.campaign_guidelines(srv.engine, cid) == "# Typed"
         assert 'href="/admin/campaigns/%d/guidelines"' % cid in admin.get("/admin").text
         assert admin.post(url, data={"csrf": csrf, "markdown": ""}).status_code == 303  # blank clears
-        assert D.campaign_guidelines(srv.engine, cid) is None
+        assert guidelines.campaign_guidelines(srv.engine, cid) is None
 
 
 def test_guidelines_from_the_command_line(tmp_path):
     db = tmp_path / "f.db"
-    D.add_tasks(D.connect(db), "camp", [{"prompt": "p", "completions": ["a", "b"]}])
+    campaigns.add_tasks(connect(db), "camp", [{"prompt": "p", "completions": ["a", "b"]}])
     (tmp_path / "g.md").write_text("# Guidelines\n\nBe kind.\n")
     r = shoggoth("feedback", "guidelines", "--db", db, "--campaign", "camp", tmp_path / "g.md")
     assert "guidelines set (22 characters, version" in r.stdout
-    assert D.campaign_guidelines(D.connect(db), 1) == "# Guidelines\n\nBe kind."
+    assert guidelines.campaign_guidelines(connect(db), 1) == "# Guidelines\n\nBe kind."
     r = shoggoth("feedback", "guidelines", "--db", db, "--campaign", "camp", "-", input="# From stdin")
-    assert D.campaign_guidelines(D.connect(db), 1) == "# From stdin"
+    assert guidelines.campaign_guidelines(connect(db), 1) == "# From stdin"
     (tmp_path / "bad.md").write_bytes(b"\xff\xfe")
     for args, message in (([tmp_path / "none.md"], "cannot read it"), ([tmp_path / "bad.md"], "not UTF-8"),
                           (["--campaign", "nope", tmp_path / "g.md"], "no campaign named 'nope'"),
@@ -178,9 +178,9 @@ def test_guidelines_from_the_command_line(tmp_path):
             args = ["--campaign", "camp", *args]
         r = shoggoth("feedback", "guidelines", "--db", db, *args, check=False)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert D.campaign_guidelines(D.connect(db), 1) == "# From stdin"  # nothing stored by a failed command
+    assert guidelines.campaign_guidelines(connect(db), 1) == "# From stdin"  # nothing stored by a failed command
     r = shoggoth("feedback", "guidelines", "--db", db, "--campaign", "camp", "--clear")
-    assert "guidelines removed" in r.stdout and D.campaign_guidelines(D.connect(db), 1) is None
+    assert "guidelines removed" in r.stdout and guidelines.campaign_guidelines(connect(db), 1) is None
 
 
 @pytest.mark.slow
@@ -190,10 +190,10 @@ def test_hostile_guidelines_never_run_in_chromium(live_app, chromium):
     from shoggoth.feedback.app import CSP
 
     srv = live_app
-    cid = D.add_tasks(srv.engine, "camp", [{"prompt": f"prompt {i}", "completions": ["one", "two"]} for i in range(2)],
+    cid = campaigns.add_tasks(srv.engine, "camp", [{"prompt": f"prompt {i}", "completions": ["one", "two"]} for i in range(2)],
                       rankings_per_task=1)
-    D.set_guidelines(srv.engine, cid, HOSTILE)
-    _, token = D.create_labeler(srv.engine, "lea")
+    guidelines.set_guidelines(srv.engine, cid, HOSTILE)
+    _, token = accounts.create_labeler(srv.engine, "lea")
     # bypass_csp: the sanitiser alone must stop them; the CSP is checked on the responses
     ctx = chromium.new_context(bypass_csp=True)
     ctx.set_default_timeout(10_000)

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from shoggoth.feedback import db as D
+from shoggoth.feedback import accounts, campaigns, guidelines, queries
+from shoggoth.feedback.db import Base, Ranking, Task
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.checks import not_a_server_error  # noqa: E402
@@ -36,10 +37,10 @@ def bearer(token):
 def setup_campaign(srv):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "p4"}]
-    D.add_tasks(srv.engine, "camp", [{"messages": chat, "completions": ["c4.0", "c4.1", "c4.2"]}]  # task 1: the first given
+    campaigns.add_tasks(srv.engine, "camp", [{"messages": chat, "completions": ["c4.0", "c4.1", "c4.2"]}]  # task 1: the first given
                 + [{"prompt": f"p{i}", "completions": [f"c{i}.{j}" for j in range(3)]} for i in range(4)],
                 rankings_per_task=2)
-    D.set_guidelines(srv.engine, 1, "# Rules\n\nRank *carefully*.")  # so that the guidelines' routes reach them
+    guidelines.set_guidelines(srv.engine, 1, "# Rules\n\nRank *carefully*.")  # so that the guidelines' routes reach them
 
 
 def operations(srv):
@@ -49,10 +50,10 @@ def operations(srv):
 
 def known_ids(srv):
     """Path parameters that name things in the database (random ids alone would nearly all be 404s)."""
-    camps, labs = D.overview(srv.engine)
+    camps, labs = queries.overview(srv.engine)
     with srv.engine.connect() as conn:
-        tasks = [t for (t,) in conn.execute(select(D.Task.id))]
-        rankings = [r for (r,) in conn.execute(select(D.Ranking.id))]
+        tasks = [t for (t,) in conn.execute(select(Task.id))]
+        rankings = [r for (r,) in conn.execute(select(Ranking.id))]
     return {"task_id": tasks, "lid": [lab["id"] for lab in labs], "cid": [c["id"] for c in camps],
             "campaign_id": [c["id"] for c in camps], "ranking_id": rankings}
 
@@ -89,7 +90,7 @@ def fuzz(srv, ops, headers, examples=EXAMPLES, each=None, mode=GenerationMode.PO
 def snapshot(engine):
     """Every row of every table: what a refused request must leave alone."""
     with engine.connect() as conn:
-        return {t.name: sorted(map(repr, conn.execute(select(t)).all())) for t in D.Base.metadata.sorted_tables}
+        return {t.name: sorted(map(repr, conn.execute(select(t)).all())) for t in Base.metadata.sorted_tables}
 
 
 def test_openapi_document_is_valid_and_declares_auth(live_app):
@@ -165,7 +166,7 @@ def test_fuzz_the_api_as_nobody_labeler_and_admin(live_app):
     ops = operations(srv)
     started = time.monotonic()
     fuzz(srv, ops, {})
-    labeler = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "fuzzy")[1])[2]
+    labeler = accounts.trade_invite(srv.engine, accounts.create_labeler(srv.engine, "fuzzy")[1])[2]
     with httpx.Client(base_url=srv.url) as c:  # a ranking made and a task in hand: ranking, revise, skip reach the database
         task = c.post("/api/next", headers=bearer(labeler)).json()["task"]
         assert task["messages"][0]["role"] == "system"  # the conversation's answers are checked against the schema too
@@ -186,8 +187,8 @@ def test_fuzz_forged_cookie_requests_are_refused(live_app):
     setup_campaign(srv)
     ops = [op for op in operations(srv) if op.method.upper() in ("POST", "PUT")]
     assert len(ops) == 22
-    labeler = D.trade_invite(srv.engine, D.create_labeler(srv.engine, "victim")[1])[2]
-    admin = D.admin_session(srv.engine, ADMIN)
+    labeler = accounts.trade_invite(srv.engine, accounts.create_labeler(srv.engine, "victim")[1])[2]
+    admin = accounts.admin_session(srv.engine, ADMIN)
     with httpx.Client(base_url=srv.url, cookies={"sg_labeler": labeler}) as c:  # a ranking made, a task held
         task = c.post("/api/next", headers=bearer(labeler)).json()["task"]
         assert c.post(f"/api/tasks/{task['task_id']}/ranking", headers=bearer(labeler),
@@ -219,7 +220,7 @@ def test_errors_keep_the_declared_shape(live_app):
     srv = live_app
     with httpx.Client(base_url=srv.url) as c:
         for r in (c.post("/admin/campaigns/1/n", data={"n": "0"}, headers=bearer(ADMIN)),  # validation: 422
-                  c.post("/admin/campaigns/7/n", data={"n": "3"}, headers=bearer(ADMIN)),  # D.Rejected: 404
+                  c.post("/admin/campaigns/7/n", data={"n": "3"}, headers=bearer(ADMIN)),  # Rejected: 404
                   c.post("/admin/labelers/999/revoke", headers=bearer(ADMIN)),
                   c.post("/admin/invite", content=b"x" * 20000)):  # the body limit: 413
             assert r.status_code in (404, 413, 422) and r.headers["content-type"].startswith("text/html"), r
@@ -236,7 +237,7 @@ def test_errors_keep_the_declared_shape(live_app):
 def test_form_routes_take_the_csrf_header_too(live_app):
     """The docstring's promise: the CSRF token as header X-CSRF-Token or form field csrf, on every POST."""
     srv = live_app
-    admin = D.admin_session(srv.engine, ADMIN)
+    admin = accounts.admin_session(srv.engine, ADMIN)
     with httpx.Client(base_url=srv.url, cookies={"sg_admin": admin}) as c:
         csrf = c.get("/admin").text.split('name="csrf" value="')[1].split('"')[0]
         assert c.post("/admin/invite", data={"name": "hal"}).status_code == 403

@@ -15,7 +15,8 @@ from shoggoth.lm import checkpoint
 from shoggoth import data, rounds
 from shoggoth.train import metrics
 from shoggoth.lm.model import RewardModel
-from shoggoth.feedback import db as D, jobs
+from shoggoth.feedback import accounts, assignments, campaigns, jobs
+from shoggoth.feedback.db import connect
 from shoggoth.evaluation.scoring import load_scorer, score_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,9 +59,9 @@ def test_two_simulated_rounds_end_to_end(tmp_path, sft, db_url, chromium):
     # fresh prompts each round; the campaigns and what the admin page shows of them
     asked = [json.loads((run / f"round-{n}" / "asked.json").read_text())["prompts"] for n in (1, 2)]
     assert len(asked[0]) == len(asked[1]) == 6 and not set(asked[0]) & set(asked[1])
-    engine = D.connect(db_url)
+    engine = connect(db_url)
     for n in (1, 2):
-        p = D.round_progress(engine, f"round-{n}")
+        p = campaigns.round_progress(engine, f"round-{n}")
         assert p["complete"] == p["tasks"] == 6 and p["done"] == 12 and not p["evaluation"]
         assert p["settings"]["round"] == n and p["settings"]["reward_accuracy_after"] == summary[n - 1]["reward_accuracy_after"]
         assert set(p["labelers"]) == {"sim-balanced-0", "sim-balanced-1"}
@@ -164,9 +165,9 @@ def test_killed_in_any_step_resumes(tmp_path, sft, step):
     assert "sampling" not in r.stdout  # no round asks twice
     summary = json.loads((tmp_path / "run" / "rounds.json").read_text())["rounds"]
     assert [s["round"] for s in summary] == [1, 2]
-    engine = D.connect(db)
+    engine = connect(db)
     for n in (1, 2):
-        p = D.round_progress(engine, f"round-{n}")
+        p = campaigns.round_progress(engine, f"round-{n}")
         assert p["tasks"] == 6 and p["done"] == 12
 
 
@@ -191,7 +192,7 @@ def test_killed_between_campaign_and_its_record(tmp_path, sft):
 
 def test_evaluation_campaigns_never_feed_training(tmp_path, sft):
     db = f"sqlite:///{tmp_path / 'f.db'}"
-    engine = D.connect(db)
+    engine = connect(db)
     jobs.add_comparison(engine, "round-1", [{"prompt": "hi", "references": []}], {"a": ["x"], "b": ["y"]}, {})
     r = shoggoth(*args(tmp_path, sft, db, "--rounds", 1, "--simulate", "balanced"), check=False, env=ENV)
     assert r.returncode == 1 and "'round-1' is an evaluation campaign" in r.stderr and "Traceback" not in r.stderr
@@ -249,7 +250,7 @@ def test_uncertain_selection_runs_a_round(tmp_path, sft):
     assert "round 2: kept the 6 of 18 prompts the 8 reward heads disagree on most" in r.stdout
     asked = json.loads((tmp_path / "run" / "round-2" / "asked.json").read_text())
     assert asked["select"] == "uncertain" and len(asked["disagreement"]) == 6
-    assert D.round_progress(D.connect(db), "round-2")["settings"]["select"] == "uncertain"
+    assert campaigns.round_progress(connect(db), "round-2")["settings"]["select"] == "uncertain"
 
 
 @pytest.mark.slow
@@ -324,14 +325,14 @@ def test_a_rounds_export_leaves_out_labelers_below_min_agreement(tmp_path, capsy
     """--min-agreement: a round's rankings by a labeler who ranks against the others stay out of its
     training data (rankings.jsonl), as `feedback export --min-agreement` leaves them out."""
     db = str(tmp_path / "f.db")
-    engine = D.connect(db)
-    D.add_tasks(engine, "round-1", [{"prompt": f"q{i}", "completions": [f"a{i}", f"b{i}", f"c{i}"]} for i in range(6)],
+    engine = connect(db)
+    campaigns.add_tasks(engine, "round-1", [{"prompt": f"q{i}", "completions": [f"a{i}", f"b{i}", f"c{i}"]} for i in range(6)],
                 rankings_per_task=3)
     for name in ("ann", "ben", "cy"):
-        lid = D.labeler_id(engine, name)
-        while (t := D.next_task(engine, lid)) is not None:
+        lid = accounts.labeler_id(engine, name)
+        while (t := assignments.next_task(engine, lid)) is not None:
             order = sorted(t["completions"], key=lambda x: x["text"], reverse=name == "cy")
-            D.submit(engine, lid, t["task_id"], [[x["id"]] for x in order])
+            assignments.submit(engine, lid, t["task_id"], [[x["id"]] for x in order])
     for floor, who in ((-1.0, {"ann", "ben", "cy"}), (0.3, {"ann", "ben"})):
         c = rounds.Config(db=db, out=str(tmp_path / str(floor)), min_agreement=floor, eval_frac=0.0)
         (tmp_path / str(floor) / "round-1").mkdir(parents=True)

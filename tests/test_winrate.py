@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from common import tiny_model_dir
 from shoggoth.cli import main
 from shoggoth.errors import DataError
-from shoggoth.feedback import db as D
-from shoggoth.feedback import jobs
+from shoggoth.feedback import accounts, assignments, campaigns, jobs, queries
+from shoggoth.feedback.db import Completion, connect, writing
 from shoggoth.feedback import winrate as W
 
 
@@ -160,7 +160,7 @@ def eval_campaign(engine, n, name="zebra-vs-quokka-vs-narwhal", per_task=3, seed
 
 def model_of(engine):
     with Session(engine) as s:
-        return dict(s.execute(select(D.Completion.id, D.Completion.model)).all())
+        return dict(s.execute(select(Completion.id, Completion.model)).all())
 
 
 def test_labelers_see_nothing_of_the_models(live_app):
@@ -174,7 +174,7 @@ def test_labelers_see_nothing_of_the_models(live_app):
     bodies, first_shown, first_id, first_listed, id_orders = [], Counter(), Counter(), Counter(), set()
     with httpx.Client(base_url=srv.url) as c:
         for lab in ("ann", "ben", "cy"):
-            auth = {"Authorization": f"Bearer {D.trade_invite(srv.engine, D.create_labeler(srv.engine, lab)[1])[2]}"}
+            auth = {"Authorization": f"Bearer {accounts.trade_invite(srv.engine, accounts.create_labeler(srv.engine, lab)[1])[2]}"}
             for path in ("/label", "/static/label.js", "/api/me"):
                 bodies.append(c.get(path, headers=auth).text)
             while True:
@@ -205,7 +205,7 @@ def test_labelers_see_nothing_of_the_models(live_app):
         assert set(counts) == set(MODELS) and max(counts.values()) < 0.6 * 3 * n, counts
     assert len(id_orders) >= 4  # of the 6 orders of 3 models by id, not one fixed
     # What the labelers said, read back by model: the admin's win rates see every ranking.
-    settings, rows = D.judgements(srv.engine, "zebra-vs-quokka-vs-narwhal")
+    settings, rows = queries.judgements(srv.engine, "zebra-vs-quokka-vs-narwhal")
     assert settings["models"] == MODELS and len(rows) == 3 * n
     assert all(sorted(r["models"]) == sorted(MODELS) for r in rows)
     with httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer admin-secret-token"}) as c:
@@ -220,58 +220,58 @@ def test_labelers_see_nothing_of_the_models(live_app):
 
 
 def test_evaluations_stay_out_of_training_exports(db_url, tmp_path):
-    e = D.connect(db_url)
-    D.add_tasks(e, "train", [{"prompt": "p", "completions": ["a", "b"]}], rankings_per_task=1)
+    e = connect(db_url)
+    campaigns.add_tasks(e, "train", [{"prompt": "p", "completions": ["a", "b"]}], rankings_per_task=1)
     answers = eval_campaign(e, 2, name="ev", per_task=1)
-    lid = D.create_labeler(e, "l")[0]
-    while (t := D.next_task(e, lid)) is not None:
-        D.submit(e, lid, t["task_id"], [[c["id"]] for c in t["completions"]])
-    assert [r["campaign"] for r in D.export_rows(e)] == ["train"]
-    assert [r["prompt"] for r in D.export_rows(e, as_pairs=True)] == ["p"]
-    rows = list(D.export_rows(e, "ev"))  # named: there, with the model of each completion
+    lid = accounts.create_labeler(e, "l")[0]
+    while (t := assignments.next_task(e, lid)) is not None:
+        assignments.submit(e, lid, t["task_id"], [[c["id"]] for c in t["completions"]])
+    assert [r["campaign"] for r in queries.export_rows(e)] == ["train"]
+    assert [r["prompt"] for r in queries.export_rows(e, as_pairs=True)] == ["p"]
+    rows = list(queries.export_rows(e, "ev"))  # named: there, with the model of each completion
     assert len(rows) == 2 and all(set(r["models"]) == set(MODELS) for r in rows)
     for r in rows:
         assert [answers[m][r["task_id"] - 2] for m in r["models"]] == r["completions"]
-    assert "models" not in next(D.export_rows(e, "train"))
+    assert "models" not in next(queries.export_rows(e, "train"))
     with pytest.raises(DataError, match="exists already"):
         eval_campaign(e, 2, name="ev")
     with pytest.raises(DataError, match="exists already"):
         eval_campaign(e, 2, name="train")
     with pytest.raises(DataError, match="not an evaluation"):
-        D.judgements(e, "train")
+        queries.judgements(e, "train")
 
 
 def test_stored_order_is_random_per_task_and_seeded(tmp_path):
-    e = D.connect(tmp_path / "f.db")
+    e = connect(tmp_path / "f.db")
     eval_campaign(e, 40, seed=3)
     orders = Counter()
     with Session(e) as s:
         for tid in range(1, 41):
-            orders[tuple(s.scalars(select(D.Completion.model).where(D.Completion.task_id == tid)
-                                   .order_by(D.Completion.idx)))] += 1
+            orders[tuple(s.scalars(select(Completion.model).where(Completion.task_id == tid)
+                                   .order_by(Completion.idx)))] += 1
     assert len(orders) == 6 and max(orders.values()) < 15
-    e2 = D.connect(tmp_path / "g.db")
+    e2 = connect(tmp_path / "g.db")
     eval_campaign(e2, 40, seed=3)
     assert model_of(e2) == model_of(e)  # the same seed, the same stored order
 
 
 def test_an_older_database_gets_the_new_columns(db_url):
-    e = D.connect(db_url)
-    D.add_tasks(e, "old", [{"prompt": "p", "completions": ["a", "b"]}])
-    with D.writing(e) as s:
+    e = connect(db_url)
+    campaigns.add_tasks(e, "old", [{"prompt": "p", "completions": ["a", "b"]}])
+    with writing(e) as s:
         for table, col in (("campaigns", "evaluation"), ("campaigns", "settings"), ("completions", "model")):
             s.execute(text(f"ALTER TABLE {table} DROP COLUMN {col}"))
     e.dispose()
-    e = D.connect(db_url)
+    e = connect(db_url)
     assert {"evaluation", "settings"} <= {c["name"] for c in inspect(e).get_columns("campaigns")}
     assert "model" in {c["name"] for c in inspect(e).get_columns("completions")}
-    camp = D.overview(e)[0][0]
+    camp = queries.overview(e)[0][0]
     assert camp["name"] == "old" and camp["evaluation"] is False and camp["settings"] is None
-    lid = D.create_labeler(e, "l")[0]
-    t = D.next_task(e, lid)
-    D.submit(e, lid, t["task_id"], [[c["id"]] for c in t["completions"]])
-    assert [r["campaign"] for r in D.export_rows(e)] == ["old"]
-    D.connect(db_url)  # once there, connecting again leaves them be
+    lid = accounts.create_labeler(e, "l")[0]
+    t = assignments.next_task(e, lid)
+    assignments.submit(e, lid, t["task_id"], [[c["id"]] for c in t["completions"]])
+    assert [r["campaign"] for r in queries.export_rows(e)] == ["old"]
+    connect(db_url)  # once there, connecting again leaves them be
 
 
 # ---------------------------------------------------------------- the commands
@@ -291,15 +291,15 @@ def test_compare_then_winrate_commands(tmp_path, model, capsys):
     assert main(["feedback", "compare", "--models", f"base={model}", f"again={model}", "--prompts", str(prompts),
                  "--db", db, "--max-new-tokens", "12", "--seed", "5", "--rankings-per-task", "2"]) == 0
     assert "evaluation campaign 'eval-held': 4 prompts" in capsys.readouterr().out
-    e = D.connect(db)
-    camp = D.overview(e)[0][0]
+    e = connect(db)
+    camp = queries.overview(e)[0][0]
     assert camp["evaluation"] and camp["settings"]["seed"] == 5 and camp["settings"]["max_new_tokens"] == 12
     assert camp["settings"]["models"] == ["base", "again"] and camp["settings"]["dirs"]["again"] == str(model)
     for lab in ("u", "v"):
-        lid = D.create_labeler(e, lab)[0]
-        while (t := D.next_task(e, lid)) is not None:
+        lid = accounts.create_labeler(e, lab)[0]
+        while (t := assignments.next_task(e, lid)) is not None:
             assert len({c["text"] for c in t["completions"]}) == 1  # the same answer from both
-            D.submit(e, lid, t["task_id"], [[c["id"] for c in t["completions"]]])  # a tie
+            assignments.submit(e, lid, t["task_id"], [[c["id"] for c in t["completions"]]])  # a tie
     assert main(["feedback", "winrate", "--db", db, "--campaign", "eval-held"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"again over base\s+50%\s+\[50%, 50%\]\s+50%\s+\[50%, 50%\]\s+8", out), out

@@ -4,8 +4,11 @@
 - `labeling` and `admin`: the routes of the labelers' side and of the admin's side.
 - `auth`: who is asking (invite links traded for sessions, the admin token, CSRF), as FastAPI
   dependencies; `contract`: what every answer looks like and what /openapi.json publishes.
-- `db`: the tables, their migrations and the assignment/submission logic, invites and
-  sessions, the export.
+- the storage, each module on `db` (the tables, their migrations, the transactions):
+  `campaigns` (campaigns and their tasks), `accounts` (labelers, invites, sessions),
+  `assignments` (the labeling loop: next task, submit, skip, revise), `queries` (reading the
+  rankings back: the export, the admin's overview), `oversight` (known answers, quality
+  settings, pausing) and `guidelines` (stored, read, rendered).
 - `jobs`: the work behind `shoggoth feedback generate|simulate|export` (its flags are
   parsed in shoggoth/cli.py).
 - `agreement`: the inter-annotator statistics; `winrate`: the blind win rates of an

@@ -14,12 +14,11 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, 
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from . import db as D
-from . import jobs, winrate
+from . import accounts, campaigns, guidelines, jobs, oversight, queries, winrate
 from .agreement import agreement
 from .auth import DB, Admin, AdminForm, ValidateFirst, check_admin, check_origin, cookie, counted, csrf_for, is_admin_token, set_cookie
 from .contract import ADMIN_COOKIE, ADMIN_READ, ADMIN_WRITE, ID, PUBLIC, doc, page
-from .guidelines import render
+from .db import Rejected
 
 router = APIRouter(route_class=ValidateFirst)
 log = logging.getLogger("shoggoth.feedback")
@@ -96,20 +95,20 @@ class SignInLinks:
     `ttl` seconds. `serve` prints one at start; unlike the admin token, a link that reaches a proxy's
     log or the browser's history once used opens nothing."""
 
-    def __init__(self, ttl=D.SESSION_TTL["admin"]):
+    def __init__(self, ttl=accounts.SESSION_TTL["admin"]):
         self.ttl, self.codes, self.lock = ttl, {}, threading.Lock()
         self.clock = time.time  # a test may turn it
 
     def new(self):
         code = secrets.token_urlsafe(24)
         with self.lock:
-            self.codes[D.hash_token(code)] = self.clock() + self.ttl
+            self.codes[accounts.hash_token(code)] = self.clock() + self.ttl
         return code
 
     def spend(self, code):
         """Whether `code` is a link made here, unused and unexpired; it is used up either way."""
         with self.lock:
-            expires = self.codes.pop(D.hash_token(code), None)
+            expires = self.codes.pop(accounts.hash_token(code), None)
         return expires is not None and expires > self.clock()
 
 
@@ -117,18 +116,18 @@ def overview_with_agreement(request, db):
     """The overview, each campaign with its labelers' agreement, and an evaluation with its win rates
     as app.state.winrates last computed them (`winrate`, None until the first is done) and how
     current they are (`winrate_status`: state and age, as WinRates.get says)."""
-    camps, labs = D.overview(db)
-    measures, paused = D.quality_settings(db)
+    camps, labs = queries.overview(db)
+    measures, paused = oversight.quality_settings(db)
     for lab in labs:
         lab["paused"] = paused.get(lab["id"])
     for c in camps:
         if c["evaluation"]:
-            settings, rows = D.judgements(db, c["name"])
+            settings, rows = queries.judgements(db, c["name"])
             status = request.app.state.winrates.get(c["id"], rows, settings["models"])
             c["winrate"] = status.pop("summary")
             c["winrate_status"] = status
         else:
-            rows = D.rank_vectors(db, c["id"])
+            rows = queries.rank_vectors(db, c["id"])
         c["agreement"] = agreement(rows)
         c["quality"] = labeler_quality(db, c["id"], rows, measures[c["id"]])
     return camps, labs
@@ -156,15 +155,15 @@ def admin_page(request, db, status=200, **extra):
         ts = [t for t in per.get(lab["name"], []) if t is not None]
         lab["tau"] = sum(ts) / len(ts) if ts else None
     return page(request, "admin.html", status, campaigns=camps, labelers=labs, csrf=admin_csrf(request),
-                guidelines=D.guidelines_summary(db), by_name={lab["name"]: lab for lab in labs}, refresh_s=REFRESH_S,
-                **extra)
+                guidelines=guidelines.guidelines_summary(db), by_name={lab["name"]: lab for lab in labs},
+                refresh_s=REFRESH_S, **extra)
 
 
 def labeler_page(request, db, lid, status=200, **extra):
-    labs = {lab["id"]: lab for lab in D.overview(db)[1]}
+    labs = {lab["id"]: lab for lab in queries.overview(db)[1]}
     if lid not in labs:
         raise HTTPException(404, f"no labeler {lid}")
-    rows = D.rankings(db, labeler=lid, limit=200)
+    rows = queries.rankings(db, labeler=lid, limit=200)
     for r in rows:
         r["ordered"] = sorted(zip(r["ranks"], r["completions"]), key=lambda x: x[0])
     return page(request, "labeler.html", status, labeler=labs[lid], rows=rows, csrf=admin_csrf(request), **extra)
@@ -185,7 +184,7 @@ def sign_in_page(request, message, status=401):
 
 def admin_session_cookie(request, db):
     resp = RedirectResponse("/admin", 303)
-    set_cookie(request, resp, ADMIN_COOKIE, D.admin_session(db, request.app.state.admin_token))
+    set_cookie(request, resp, ADMIN_COOKIE, accounts.admin_session(db, request.app.state.admin_token))
     return resp
 
 
@@ -232,8 +231,8 @@ def invite(request: Request, db: DB, _: AdminForm, name: str = Form(min_length=1
             raise HTTPException(422, "campaign_id must be a campaign's id")
         cid = int(campaign_id)
     try:
-        token = D.create_labeler(db, name, cid)[1]
-    except D.Rejected as e:
+        token = accounts.create_labeler(db, name, cid)[1]
+    except Rejected as e:
         return admin_page(request, db, e.status, error=str(e))
     return admin_page(request, db, 201, invite={"name": name.strip(), "link": join_link(request, token)})
 
@@ -242,7 +241,7 @@ def invite(request: Request, db: DB, _: AdminForm, name: str = Form(min_length=1
              summary="Set a campaign's rankings per task (the page's form)",
              **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Done: back to /admin"))
 def set_n(db: DB, _: AdminForm, cid: int = Path(**ID), n: int = Form(ge=1, le=100)):
-    D.set_rankings_per_task(db, cid, n)
+    campaigns.set_rankings_per_task(db, cid, n)
     return RedirectResponse("/admin", 303)
 
 
@@ -256,7 +255,7 @@ def labeler_detail(request: Request, db: DB, _: Admin, lid: int = Path(**ID)):
              **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True))
 def revoke(request: Request, db: DB, _: AdminForm, lid: int = Path(**ID)):
     """End the labeler's sessions and unused links now; their rankings stay."""
-    D.revoke_labeler(db, lid)
+    accounts.revoke_labeler(db, lid)
     return labeler_page(request, db, lid, notice="Revoked: their sessions and unused links no longer work.")
 
 
@@ -264,7 +263,7 @@ def revoke(request: Request, db: DB, _: AdminForm, lid: int = Path(**ID)):
              summary="A new invite link for a labeler (a page)", **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True))
 def reinvite(request: Request, db: DB, _: AdminForm, lid: int = Path(**ID)):
     """A new invite link for the labeler (their earlier unused links stop working)."""
-    return labeler_page(request, db, lid, 201, link=join_link(request, D.new_invite(db, lid)))
+    return labeler_page(request, db, lid, 201, link=join_link(request, accounts.new_invite(db, lid)))
 
 
 @router.get("/admin/api/overview", **doc(ADMIN_READ, 401))
@@ -281,22 +280,23 @@ def export(db: DB, _: Admin, campaign: str | None = Query(None, max_length=200, 
     fname = re.sub(r"[^A-Za-z0-9._-]", "_", f"{'pairs' if pairs else 'rankings'}-{campaign or 'all'}.jsonl")
     leave_out = frozenset() if min_agreement is None else jobs.low_agreement(db, min_agreement, campaign, log.info)
     # streamed a piece at a time from the database (each piece read in a worker thread)
-    return StreamingResponse(D.export_jsonl(db, campaign, pairs, leave_out=leave_out), media_type="application/jsonl",
-                             headers={"Content-Disposition": f'attachment; filename="{fname}"'})
+    return StreamingResponse(queries.export_jsonl(db, campaign, pairs, leave_out=leave_out),
+                             media_type="application/jsonl", headers={"Content-Disposition": f'attachment; filename="{fname}"'})
 
 
 # ------------------------------------------------------------ a campaign's guidelines
 
 class GuidelinesIn(BaseModel):
-    markdown: StrictStr | None = Field(max_length=D.MAX_GUIDELINES, description="Markdown; null or blank clears them")
+    markdown: StrictStr | None = Field(max_length=guidelines.MAX_GUIDELINES,
+                                       description="Markdown; null or blank clears them")
 
 
 def guidelines_of(db, cid):
     """{campaign_id, markdown, html (as labelers see it), version, readers (of this version)}."""
-    md = D.campaign_guidelines(db, cid)
-    readers = D.guidelines_summary(db).get(cid, {}).get("readers", 0)
-    return {"campaign_id": cid, "markdown": md, "html": render(md), "version": D.guidelines_version(md),
-            "readers": readers}
+    md = guidelines.campaign_guidelines(db, cid)
+    readers = guidelines.guidelines_summary(db).get(cid, {}).get("readers", 0)
+    return {"campaign_id": cid, "markdown": md, "html": guidelines.render(md),
+            "version": guidelines.guidelines_version(md), "readers": readers}
 
 
 @router.get("/admin/api/campaigns/{cid}/guidelines", **doc(ADMIN_READ, 401, 404, 422))
@@ -307,14 +307,14 @@ def get_guidelines(db: DB, _: Admin, cid: int = Path(**ID)):
 @router.put("/admin/api/campaigns/{cid}/guidelines", **doc(ADMIN_WRITE, 401, 403, 404, 422))
 def put_guidelines(db: DB, _: Admin, body: GuidelinesIn, cid: int = Path(**ID)):
     """Write a campaign's guidelines (Markdown): each labeler sees a new version before their next task."""
-    D.set_guidelines(db, cid, body.markdown)
+    guidelines.set_guidelines(db, cid, body.markdown)
     return guidelines_of(db, cid)
 
 
 @router.get("/admin/campaigns/{cid}/guidelines", response_class=HTMLResponse,
             summary="A campaign's guidelines: write, upload, preview (a page)", **doc(ADMIN_READ, 401, 404, 422, html=True))
 def guidelines_page(request: Request, db: DB, _: Admin, cid: int = Path(**ID)):
-    camp = next((c for c in D.overview(db)[0] if c["id"] == cid), None)
+    camp = next((c for c in queries.overview(db)[0] if c["id"] == cid), None)
     if camp is None:
         raise HTTPException(404, f"no campaign {cid}")
     return page(request, "admin_guidelines.html", campaign=camp, csrf=admin_csrf(request), **guidelines_of(db, cid))
@@ -323,15 +323,17 @@ def guidelines_page(request: Request, db: DB, _: Admin, cid: int = Path(**ID)):
 @router.post("/admin/campaigns/{cid}/guidelines", response_class=RedirectResponse, status_code=303,
              summary="Write or upload a campaign's guidelines (the page's form)",
              **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Saved: back to the guidelines' page"))
-def set_guidelines(db: DB, _: AdminForm, cid: int = Path(**ID), markdown: str = Form("", max_length=D.MAX_GUIDELINES),
+def set_guidelines(db: DB, _: AdminForm, cid: int = Path(**ID),
+                   markdown: str = Form("", max_length=guidelines.MAX_GUIDELINES),
                    file: UploadFile = File(None, description="a Markdown file (UTF-8); replaces `markdown`")):
     """The text of `file` when one is uploaded, else `markdown`; blank clears them."""
     if file is not None and file.filename:
         try:
-            markdown = file.file.read(4 * D.MAX_GUIDELINES + 1).decode("utf-8-sig")  # the body limit bounds it too
+            # the body limit bounds it too
+            markdown = file.file.read(4 * guidelines.MAX_GUIDELINES + 1).decode("utf-8-sig")
         except UnicodeDecodeError:
             raise HTTPException(422, f"{file.filename}: not UTF-8 text") from None
-    D.set_guidelines(db, cid, markdown)
+    guidelines.set_guidelines(db, cid, markdown)
     return RedirectResponse(f"/admin/campaigns/{cid}/guidelines", 303)
 # ------------------------------------------------------------ labeler quality: known answers, thresholds, pausing
 
@@ -343,8 +345,9 @@ class QualityIn(BaseModel):
 
 
 class ExpectedIn(BaseModel):
-    ranks: list[StrictInt] | None = Field(max_length=D.MAX_K, description="the expected rank of each completion in "
-                                          "its stored (exported) order, 0 best, ties share a rank; null: no known answer")
+    ranks: list[StrictInt] | None = Field(max_length=campaigns.MAX_K,
+                                          description="the expected rank of each completion in its stored (exported) "
+                                          "order, 0 best, ties share a rank; null: no known answer")
 
 
 def form_number(value, name, low, high):
@@ -365,7 +368,8 @@ def form_number(value, name, low, high):
              **doc(ADMIN_WRITE, 401, 403, 404, 422, html=True, redirect="Done: back to /admin"))
 def set_quality_form(db: DB, _: AdminForm, cid: int = Path(**ID), gold_rate: str = Form("", max_length=30),
                      flag_below: str = Form("", max_length=30)):
-    D.set_quality(db, cid, form_number(gold_rate, "gold_rate", 0, 0.5), form_number(flag_below, "flag_below", -1, 1))
+    oversight.set_quality(db, cid, form_number(gold_rate, "gold_rate", 0, 0.5),
+                          form_number(flag_below, "flag_below", -1, 1))
     return RedirectResponse("/admin", 303)
 
 
@@ -373,14 +377,14 @@ def set_quality_form(db: DB, _: AdminForm, cid: int = Path(**ID), gold_rate: str
 def set_quality(db: DB, _: Admin, body: QualityIn, cid: int = Path(**ID)):
     """Set a campaign's known-answer rate and flag threshold (those given); returns both as stored
     (flag_below null: the default)."""
-    return D.set_quality(db, cid, body.gold_rate, body.flag_below)
+    return oversight.set_quality(db, cid, body.gold_rate, body.flag_below)
 
 
 @router.post("/admin/api/tasks/{task_id}/expected", **doc(ADMIN_WRITE, 401, 403, 404, 409, 422))
 def set_expected(db: DB, _: Admin, body: ExpectedIn, task_id: int = Path(**ID)):
     """Make a task a known-answer task with this expected ranking (ranks null: an ordinary task again).
     Labelers are never told: it is mixed into their tasks at its campaign's gold rate."""
-    return {"task_id": task_id, "expected": D.set_expected(db, task_id, body.ranks)}
+    return {"task_id": task_id, "expected": oversight.set_expected(db, task_id, body.ranks)}
 
 
 def pause_doc(verb):
@@ -391,23 +395,23 @@ def pause_doc(verb):
 @router.post("/admin/labelers/{lid}/pause", response_class=RedirectResponse, status_code=303, **pause_doc("Pause"))
 def pause_form(db: DB, _: AdminForm, lid: int = Path(**ID)):
     """No new tasks for the labeler (a clear message on their page), their open one released; rankings stay."""
-    D.pause_labeler(db, lid, True)
+    oversight.pause_labeler(db, lid, True)
     return RedirectResponse("/admin", 303)
 
 
 @router.post("/admin/labelers/{lid}/resume", response_class=RedirectResponse, status_code=303, **pause_doc("Resume"))
 def resume_form(db: DB, _: AdminForm, lid: int = Path(**ID)):
-    D.pause_labeler(db, lid, False)
+    oversight.pause_labeler(db, lid, False)
     return RedirectResponse("/admin", 303)
 
 
 @router.post("/admin/api/labelers/{lid}/pause", **doc(ADMIN_WRITE, 401, 403, 404, 422))
 def pause(db: DB, _: Admin, lid: int = Path(**ID)):
     """Pause a labeler: no new tasks, no submissions, their open task released; rankings stay."""
-    return {"id": lid, "paused": D.pause_labeler(db, lid, True)}
+    return {"id": lid, "paused": oversight.pause_labeler(db, lid, True)}
 
 
 @router.post("/admin/api/labelers/{lid}/resume", **doc(ADMIN_WRITE, 401, 403, 404, 422))
 def resume(db: DB, _: Admin, lid: int = Path(**ID)):
     """Undo a pause: the labeler gets tasks again."""
-    return {"id": lid, "paused": D.pause_labeler(db, lid, False)}
+    return {"id": lid, "paused": oversight.pause_labeler(db, lid, False)}

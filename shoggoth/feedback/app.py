@@ -55,14 +55,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ShoggothError
 from . import admin, labeling
-from . import db as D
+from .db import Rejected, connect, normalize_url, secret, shown_url
 from .auth import REVISION_WINDOW, REVISIONS, TOKEN_BITS, Guesses, Rate, https, token_bits
 from .contract import SECURITY_SCHEMES, error, is_json_path
 
 HERE = Path(__file__).parent
 ADMIN_TOKEN_ENV = "SHOGGOTH_ADMIN_TOKEN"  # where `serve` finds the admin token that no flag gives
 MAX_BODY = 16 * 1024  # bytes: a ranking is a few hundred, a form a few dozen
-# A campaign's guidelines (db.MAX_GUIDELINES characters of Markdown) as a form, an upload or JSON's \u escapes
+# A campaign's guidelines (guidelines.MAX_GUIDELINES characters of Markdown) as a form, an upload or JSON's \u escapes
 LONG_BODIES = {re.compile(r"/admin/(api/)?campaigns/[^/]+/guidelines"): 1024 * 1024}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -127,9 +127,9 @@ def create_app(db, admin_token=None):
     Its routes are in labeling.py (labelers) and admin.py (the admin); who may call them, in auth.py."""
     app = FastAPI(title="Shoggoth feedback", docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", version="1")
-    engine = app.state.engine = D.connect(db)  # what the DB dependency gives every route
+    engine = app.state.engine = connect(db)  # what the DB dependency gives every route
     app.state.admin_token = admin_token or secrets.token_urlsafe(24)
-    app.state.csrf_key = D.secret(engine).encode()
+    app.state.csrf_key = secret(engine).encode()
     app.state.guesses = Guesses()
     app.state.revisions = Rate("revisions", REVISIONS, REVISION_WINDOW)  # PUT /api/rankings/{id}, per labeler
     app.state.sign_in_links = admin.SignInLinks()  # one-time admin sign-in links (`serve` prints one)
@@ -165,7 +165,7 @@ def answer_errors_in_one_shape(app):
     async def http_error(request, exc):
         return error(request, exc.status_code, exc.detail, getattr(exc, "headers", None))
 
-    @app.exception_handler(D.Rejected)
+    @app.exception_handler(Rejected)
     async def rejected(request, exc):
         return error(request, exc.status, str(exc))
 
@@ -201,7 +201,7 @@ def serve(db, host="127.0.0.1", port=8000, admin_token=None, log_level="warning"
                             "guess could claim a new address, past the wrong-token limit): name the proxy's address")
     app = create_app(db, token)
     shown = f"[{host}]" if ":" in host else host
-    print(f"feedback app on http://{shown}:{port}/  (database {D.shown_url(D.normalize_url(db))})")
+    print(f"feedback app on http://{shown}:{port}/  (database {shown_url(normalize_url(db))})")
     # The admin token never goes into a URL (a proxy's log, the browser's history); a one-time link may.
     print(f"admin: http://{shown}:{port}/admin/sign-in/{app.state.sign_in_links.new()}  (a one-time sign-in link; "
           f"then sign in at /admin with the token of {where or 'the next line'})")

@@ -25,7 +25,7 @@ from fastapi import Depends, Form, HTTPException, Request
 from fastapi.routing import APIRoute
 from sqlalchemy import Engine
 
-from . import db as D
+from . import accounts
 from .contract import ADMIN_COOKIE, LABELER_COOKIE
 
 GUESSES, GUESS_WINDOW = 10, 60.0  # wrong tokens per client address, per seconds
@@ -246,7 +246,7 @@ def labeler(request: Request, db: DB) -> Caller:
     token, via_cookie = bearer(request), False
     if token is None:
         token, via_cookie = cookie(request, LABELER_COOKIE), True
-    who = D.session(db, token)
+    who = accounts.session(db, token)
     if who is None or who[0] != "labeler":
         raise HTTPException(401, NOT_SIGNED_IN)
     if via_cookie and request.method != "GET":
@@ -271,7 +271,7 @@ def check_admin(request, db, csrf):
             raise HTTPException(401, NOT_ADMIN)
         return
     token = cookie(request, ADMIN_COOKIE)
-    if D.session(db, token, request.app.state.admin_token) != ("admin", None):
+    if accounts.session(db, token, request.app.state.admin_token) != ("admin", None):
         raise HTTPException(401, NOT_ADMIN)
     if request.method != "GET":
         check_csrf(request, "admin", token, csrf)
@@ -341,7 +341,7 @@ def cookie(request, name):
 
 def set_cookie(request, resp, name, value):
     # The browser keeps the cookie as long as the session it holds lasts, not longer.
-    ttl = D.SESSION_TTL["admin" if name == ADMIN_COOKIE else "labeler"]
+    ttl = accounts.SESSION_TTL["admin" if name == ADMIN_COOKIE else "labeler"]
     resp.set_cookie(cookie_name(request, name), value, httponly=True, samesite="lax", max_age=int(ttl), path="/",
                     secure=https(request))
 

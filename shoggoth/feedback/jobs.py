@@ -10,7 +10,8 @@ from pathlib import Path
 from .. import data
 from ..files import atomic_write
 from ..errors import DataError
-from . import db as D
+from . import accounts, assignments, campaigns, guidelines, oversight, queries
+from .db import Rejected, connect, shown_url
 
 
 def read_prompts(path):
@@ -33,16 +34,16 @@ def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_
 def generate(policy, prompts_path, k, db, campaign=None, rankings_per_task=3, max_new_tokens=64, temperature=1.0,
              top_k=0, top_p=1.0, seed=0, batch_size=32, device="cpu"):
     """Sample k completions per prompt from `policy` and store them as the ranking tasks of `campaign`."""
-    if not 2 <= k <= D.MAX_K:
-        raise DataError(f"-k must be between 2 and {D.MAX_K} (got {k})")
+    if not 2 <= k <= campaigns.MAX_K:
+        raise DataError(f"-k must be between 2 and {campaigns.MAX_K} (got {k})")
     records = read_prompts(prompts_path)  # bad input fails before the model loads
     texts = sample(policy, records, k, max_new_tokens, temperature, top_k, top_p, seed, batch_size, device)
     # the whole conversation the replies were sampled for: what labelers read and the export writes
     tasks = [{"messages": r["messages"], "references": r["references"], "completions": t}
              for r, t in zip(records, texts)]
     name = campaign or Path(prompts_path).stem
-    engine = D.connect(db)
-    D.add_tasks(engine, name, tasks, rankings_per_task, source=str(policy))
+    engine = connect(db)
+    campaigns.add_tasks(engine, name, tasks, rankings_per_task, source=str(policy))
     return name, len(tasks)
 
 
@@ -60,19 +61,19 @@ def parse_models(specs):
         if name in models:
             raise DataError(f"--models: {name!r} given twice")
         models[name] = path
-    if not 2 <= len(models) <= D.MAX_K:
-        raise DataError(f"--models: between 2 and {D.MAX_K} models to compare (got {len(models)})")
+    if not 2 <= len(models) <= campaigns.MAX_K:
+        raise DataError(f"--models: between 2 and {campaigns.MAX_K} models to compare (got {len(models)})")
     return models
 
 
 def add_comparison(engine, campaign, records, answers, settings, rankings_per_task=3, rng=None):
     """Store an evaluation campaign: for each prompt record (its `messages`, or a `prompt` string, and
     `references`), the answer of each model (answers: {model: one text per record}), ranked blind
-    (db.add_tasks shuffles them per task). settings: how the answers were made; its "models" is set here."""
+    (campaigns.add_tasks shuffles them per task). settings: how the answers were made; its "models" is set here."""
     models = list(answers)
     tasks = [{"prompt": r.get("prompt"), "messages": r.get("messages"), "references": r["references"],
               "completions": [answers[m][i] for m in models], "models": models} for i, r in enumerate(records)]
-    D.add_tasks(engine, campaign, tasks, rankings_per_task, settings={**settings, "models": models},
+    campaigns.add_tasks(engine, campaign, tasks, rankings_per_task, settings={**settings, "models": models},
                 source=" ".join(f"{m}={settings.get('dirs', {}).get(m, '')}" for m in models), rng=rng)
     return len(tasks)
 
@@ -84,8 +85,8 @@ def compare(models, prompts_path, db, campaign=None, rankings_per_task=3, max_ne
     as ordinary tasks. Returns (campaign name, number of tasks)."""
     records = read_prompts(prompts_path)  # bad input fails before a model loads
     name = campaign or f"eval-{Path(prompts_path).stem}"
-    engine = D.connect(db)
-    if D.campaign_id(engine, name, required=False) is not None:
+    engine = connect(db)
+    if campaigns.campaign_id(engine, name, required=False) is not None:
         raise DataError(f"campaign {name!r} exists already: name the evaluation with --campaign")
     settings = {"dirs": {m: str(d) for m, d in models.items()}, "prompts": str(prompts_path),
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -111,17 +112,17 @@ def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invali
         raise DataError(f"{path}: a campaign's tasks all have one number of completions; this set has K = "
                         f"{', '.join(map(str, ks))}: split it by K and import each as its own campaign")
     name = campaign or f"import-{Path(str(path)).stem}"
-    engine = D.connect(db)
+    engine = connect(db)
     if known:
         tasks = [{"messages": r["prompt"], "references": [], "completions": r["completions"],
                   "expected": list(r["ranks"])} for r in recs]  # the whole conversation, as below
-        D.add_tasks(engine, name, tasks, rankings_per_task, source=f"import {path}")
+        campaigns.add_tasks(engine, name, tasks, rankings_per_task, source=f"import {path}")
         return name, len(tasks), ks[0]
-    if D.campaign_id(engine, name, required=False) is not None:
+    if campaigns.campaign_id(engine, name, required=False) is not None:
         raise DataError(f"campaign {name!r} exists already: import into a new campaign (--campaign)")
     tasks = [{"messages": r["prompt"], "references": [], "completions": r["completions"]} for r in recs]  # whole
     info = {"imported": str(path), "reference_ranks": [list(r["ranks"]) for r in recs]}
-    D.add_tasks(engine, name, tasks, rankings_per_task, source=f"import {path}", info=info)
+    campaigns.add_tasks(engine, name, tasks, rankings_per_task, source=f"import {path}", info=info)
     return name, len(tasks), ks[0]
 
 
@@ -132,14 +133,14 @@ def agreements(db, campaign, seed=0):
     from one read of its rankings."""
     from .agreement import agreement, kendall_tau_b
 
-    engine = D.connect(db)
-    cid = D.campaign_id(engine, campaign)
-    rows = D.rank_vectors(engine, cid)
+    engine = connect(db)
+    cid = campaigns.campaign_id(engine, campaign)
+    rows = queries.rank_vectors(engine, cid)
     measured = quality(engine, cid, rows, seed=seed)
-    ref = D.round_progress(engine, campaign)["settings"].get("reference_ranks")
+    ref = campaigns.round_progress(engine, campaign)["settings"].get("reference_ranks")
     if ref is None:
         return agreement(rows), None, measured
-    order = dict(zip(D.task_ids(engine, cid), ref))
+    order = dict(zip(queries.task_ids(engine, cid), ref))
     taus = {}
     for row in rows:
         if row["task_id"] not in order:  # a known-answer task added to the imported campaign later
@@ -152,11 +153,11 @@ def agreements(db, campaign, seed=0):
 
 def quality(engine, cid, rows=None, settings=None, seed=0):
     """(the campaign's flag threshold, agreement.labeler_quality of its labelers against each other
-    and its known answers); rows: its rank_vectors, settings: its D.quality_settings, read if None."""
+    and its known answers); rows: its rank_vectors, settings: its oversight.quality_settings, read if None."""
     from .agreement import FLAG_BELOW, labeler_quality
 
-    settings = settings or D.quality_settings(engine)[0][cid]
-    rows = D.rank_vectors(engine, cid) if rows is None else rows
+    settings = settings or oversight.quality_settings(engine)[0][cid]
+    rows = queries.rank_vectors(engine, cid) if rows is None else rows
     threshold = FLAG_BELOW if settings["flag_below"] is None else settings["flag_below"]
     return threshold, labeler_quality(rows, settings["expected"], threshold, seed=seed)
 
@@ -168,10 +169,10 @@ def low_agreement(engine, below, campaign=None, log=print):
     from .agreement import consensus_taus
 
     out, kept = {}, 0
-    for cid, name, evaluation in D.campaigns(engine):
+    for cid, name, evaluation in queries.campaigns(engine):
         if campaign not in (None, name) or (evaluation and campaign is None):
             continue
-        rows = D.rank_vectors(engine, cid)
+        rows = queries.rank_vectors(engine, cid)
         taus = consensus_taus(rows)
         n = Counter(r["labeler"] for r in rows)  # rankings per labeler
         for lab, ts in taus.items():
@@ -192,7 +193,7 @@ def winrates(db, campaign, resamples=None, seed=0):
     """The win-rate summary (winrate.summary) of an evaluation campaign."""
     from . import winrate
 
-    settings, rows = D.judgements(D.connect(db), campaign)
+    settings, rows = queries.judgements(connect(db), campaign)
     return winrate.summary(rows, settings["models"], resamples or winrate.RESAMPLES, seed)
 
 
@@ -211,11 +212,11 @@ def set_guidelines(db, campaign, path=None):
             raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    engine = D.connect(db)
-    cid = D.campaign_id(engine, campaign)
+    engine = connect(db)
+    cid = campaigns.campaign_id(engine, campaign)
     try:
-        version = D.set_guidelines(engine, cid, text)
-    except D.Rejected as e:
+        version = guidelines.set_guidelines(engine, cid, text)
+    except Rejected as e:
         raise DataError(f"{path}: {e}") from None
     return version, len((text or "").strip())
 
@@ -234,8 +235,8 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
     get_persona(persona)  # a clear error for an unknown name
     if labelers < 1:
         raise DataError("--labelers must be at least 1")
-    engine = D.connect(db)
-    cid = D.campaign_id(engine, campaign) if campaign else None
+    engine = connect(db)
+    cid = campaigns.campaign_id(engine, campaign) if campaign else None
     crowd = []
     kind = persona if mode == "normal" else f"{persona}-{mode}"
     for i in range(labelers):
@@ -244,7 +245,7 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
         # The order completions are shown in is shuffled (against position bias); seeded here,
         # so that the same seed gives the same rankings: the labeler's noise follows that order.
         shuffle = random.Random(f"display/{persona}/{i}/{seed}")
-        crowd.append((name, D.labeler_id(engine, name), sim, shuffle))
+        crowd.append((name, accounts.labeler_id(engine, name), sim, shuffle))
     done = {entry[0]: 0 for entry in crowd}
     while crowd:
         for entry in list(crowd):
@@ -252,19 +253,19 @@ def simulate(db, persona="balanced", labelers=3, campaign=None, seed=0, noise=No
             # max_tasks is checked first: next_task assigns a task, which stays open until its lease expires
             try:
                 task = None if max_tasks is not None and done[name] >= max_tasks else \
-                    D.next_task(engine, lid, rng=shuffle, campaign_id=cid)
-            except D.Rejected as e:  # paused by the admin
+                    assignments.next_task(engine, lid, rng=shuffle, campaign_id=cid)
+            except Rejected as e:  # paused by the admin
                 if e.status != 423:
                     raise
                 task = None
             if task is None:
                 crowd.remove(entry)
                 continue
-            refs = D.tasks_for_simulation(engine, [task["task_id"]])[task["task_id"]]["references"]
+            refs = queries.tasks_for_simulation(engine, [task["task_id"]])[task["task_id"]]["references"]
             shown = task["completions"]
             ranks, flags = sim.rank(task["prompt"], [c["text"] for c in shown], refs)
             groups = [[c["id"] for c, r in zip(shown, ranks) if r == g] for g in range(max(ranks) + 1)]
-            D.submit(engine, lid, task["task_id"], groups, flags)
+            assignments.submit(engine, lid, task["task_id"], groups, flags)
             done[name] += 1
     return done
 
@@ -273,7 +274,7 @@ def export(db, out, pairs=False, campaign=None, min_agreement=None, log=print):
     """Write rankings (or TRL pairs) as JSONL, streamed from the database to a temporary file
     renamed over `out` at the end; returns how many lines. With min_agreement, the rankings of
     labelers whose agreement with the others is below it are left out (low_agreement, said on log)."""
-    engine = D.connect(db, create=False)
+    engine = connect(db, create=False)
     if engine.url.get_backend_name() == "sqlite" and engine.url.database \
             and Path(engine.url.database).resolve() == Path(out).resolve():
         raise DataError(f"--out {out} is the database itself: writing the export there would replace every ranking")
@@ -285,7 +286,7 @@ def export(db, out, pairs=False, campaign=None, min_agreement=None, log=print):
             leave_out = low_agreement(engine, min_agreement, campaign, log)
         except Exception as e:
             not_ours(e, db)
-    blocks = D.export_jsonl(engine, campaign, pairs, leave_out=leave_out)
+    blocks = queries.export_jsonl(engine, campaign, pairs, leave_out=leave_out)
     try:
         first = next(blocks, "")  # the first read: a database without our tables fails here
     except Exception as e:
@@ -310,5 +311,5 @@ def export(db, out, pairs=False, campaign=None, min_agreement=None, log=print):
 def not_ours(e, db):
     """Raise e again, as a one-line error if the database could not answer (not a feedback database)."""
     if type(e).__module__.startswith("sqlalchemy"):
-        raise DataError(f"--db {D.shown_url(db)}: not a feedback database ({type(e).__name__})") from None
+        raise DataError(f"--db {shown_url(db)}: not a feedback database ({type(e).__name__})") from None
     raise e

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Form, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from . import db as D
+from . import accounts, assignments, campaigns
+from . import guidelines as guides  # (routes below are named guidelines and read_guidelines)
 from .auth import DB, REVISIONS, Labeler, ValidateFirst, bearer, check_origin, cookie, counted, csrf_for, csrf_ok, delete_cookie, set_cookie
 from .contract import ADMIN_COOKIE, ID, LABELER_COOKIE, LABELER_READ, LABELER_WRITE, PUBLIC, doc, page
-from .guidelines import render
 
 SIGNED_IN = "Signed in (a session cookie): on to /label"
 
@@ -21,8 +21,9 @@ class ReadIn(BaseModel):
 
 
 class RankingIn(BaseModel):
-    ranking: list[list[StrictInt]] = Field(max_length=D.MAX_K, description="groups of completion ids, best first")
-    flags: list[StrictStr] = Field(default=[], max_length=len(D.FLAGS))
+    ranking: list[list[StrictInt]] = Field(max_length=campaigns.MAX_K,
+                                           description="groups of completion ids, best first")
+    flags: list[StrictStr] = Field(default=[], max_length=len(assignments.FLAGS))
 
 
 # What the labeler API answers (published in /openapi.json; the fuzzer checks answers against it).
@@ -109,7 +110,7 @@ def favicon():
 # ------------------------------------------------------------ signing in and out
 
 def invite_or_404(request, db, token):
-    who = counted(request, lambda: D.labeler_by_token(db, token))
+    who = counted(request, lambda: accounts.labeler_by_token(db, token))
     if who is None:
         raise HTTPException(404, "this invite link is not valid: it was used already, has expired, or was "
                                  "revoked (ask for a new one)")
@@ -117,7 +118,7 @@ def invite_or_404(request, db, token):
 
 
 def sign_in(request, db, token):
-    traded = D.trade_invite(db, token)
+    traded = accounts.trade_invite(db, token)
     if traded is None:  # used by another request meanwhile
         raise HTTPException(404, "this invite link was used already (ask for a new one)")
     resp = RedirectResponse("/label", 303)
@@ -132,7 +133,7 @@ def join(request: Request, db: DB, token: str = Path(max_length=200)):
     preview or a mail scanner fetches it before the labeler does. Someone already signed in here is
     asked whether to switch (a link sent by someone else must not silently change who is labeling)."""
     _, name = invite_or_404(request, db, token)
-    current = D.session(db, cookie(request, LABELER_COOKIE))  # 400 if a second one was planted
+    current = accounts.session(db, cookie(request, LABELER_COOKIE))  # 400 if a second one was planted
     signed_in = current is not None and current[0] == "labeler"
     return page(request, "join.html", current=current[1][1] if signed_in else None, name=name, token=token)
 
@@ -150,10 +151,10 @@ def join_confirmed(request: Request, db: DB, token: str = Path(max_length=200)):
 @router.post("/api/session", status_code=201, **doc([{"invite": []}], 401, 429))
 def api_session(request: Request, db: DB):
     """A script's sign-in: Authorization: Bearer <invite token> -> a session token."""
-    traded = counted(request, lambda: D.trade_invite(db, bearer(request)))
+    traded = counted(request, lambda: accounts.trade_invite(db, bearer(request)))
     if traded is None:
         raise HTTPException(401, "not a valid invite token (used already, expired or revoked)")
-    return {"session": traded[2], "name": traded[1], "expires_in": D.SESSION_TTL["labeler"]}
+    return {"session": traded[2], "name": traded[1], "expires_in": accounts.SESSION_TTL["labeler"]}
 
 
 @router.post("/logout", response_class=HTMLResponse, summary="Sign out of this browser (a page)",
@@ -164,11 +165,11 @@ def logout(request: Request, db: DB, csrf: str = Form("", max_length=100)):
     ended, signed_in = [], False
     for name, role in ((LABELER_COOKIE, "labeler"), (ADMIN_COOKIE, "admin")):
         token = cookie(request, name)
-        who = D.session(db, token, request.app.state.admin_token)
+        who = accounts.session(db, token, request.app.state.admin_token)
         if who is not None and who[0] == role:
             signed_in = True
             if csrf_ok(request, role, token, csrf):  # the page's own form
-                D.end_session(db, token)
+                accounts.end_session(db, token)
                 ended.append(name)
     if signed_in and not ended:
         raise HTTPException(403, "missing or stale CSRF token: reload the page")
@@ -184,12 +185,12 @@ def logout(request: Request, db: DB, csrf: str = Form("", max_length=100)):
 @router.get("/label", response_class=HTMLResponse, summary="The labeling page", **doc(LABELER_READ, 401, html=True))
 def label_page(request: Request, who: Labeler):
     token = cookie(request, LABELER_COOKIE) or bearer(request)
-    return page(request, "label.html", name=who.name, csrf=csrf_for(request, "labeler", token), flags=D.FLAGS)
+    return page(request, "label.html", name=who.name, csrf=csrf_for(request, "labeler", token), flags=assignments.FLAGS)
 
 
 @router.get("/api/me", **doc(LABELER_READ, 401))
 def me(db: DB, who: Labeler):
-    return {"name": who.name, "progress": D.progress(db, who.id)}
+    return {"name": who.name, "progress": assignments.progress(db, who.id)}
 
 
 @router.post("/api/next", **answers(NextOut, **doc(LABELER_WRITE, 401, 403, 423)))
@@ -197,21 +198,21 @@ def next_(db: DB, who: Labeler):
     """Your open task, or a new one assigned to you now (`task`: null when nothing is left), and your
     progress; the task carries `guidelines` ({campaign_id, version, read}, or null) of its campaign:
     the page shows them first when you have not read this version."""
-    task = D.next_task(db, who.id)
+    task = assignments.next_task(db, who.id)
     if task is not None:
-        task["guidelines"] = D.guidelines_of_task(db, who.id, task["task_id"])
-    return {"task": task, "progress": D.progress(db, who.id)}
+        task["guidelines"] = guides.guidelines_of_task(db, who.id, task["task_id"])
+    return {"task": task, "progress": assignments.progress(db, who.id)}
 
 
 @router.post("/api/tasks/{task_id}/ranking", status_code=201, **doc(LABELER_WRITE, 401, 403, 404, 409, 422, 423))
 def submit(db: DB, who: Labeler, body: RankingIn, task_id: int = Path(**ID)):
-    return {"ranking_id": D.submit(db, who.id, task_id, body.ranking, body.flags)}  # /api/next tells progress
+    return {"ranking_id": assignments.submit(db, who.id, task_id, body.ranking, body.flags)}  # /api/next tells progress
 
 
 @router.post("/api/tasks/{task_id}/skip", **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
 def skip(db: DB, who: Labeler, task_id: int = Path(**ID)):
-    D.skip(db, who.id, task_id)
-    return {"progress": D.progress(db, who.id)}
+    assignments.skip(db, who.id, task_id)
+    return {"progress": assignments.progress(db, who.id)}
 
 
 @router.get("/api/rankings", **answers(MyRankings, **doc(LABELER_READ, 401, 422)))
@@ -219,7 +220,7 @@ def my_rankings(db: DB, who: Labeler, limit: int = Query(20, ge=1, le=500)):
     """Your rankings, newest first: the export's fields, and ranking_id, version, revisable (one of
     your last 20), `shown` (the completions {id, text} in the order you saw them) and `groups`
     (the current ranking, groups of completion ids best first): what revising one needs."""
-    return {"rankings": D.my_rankings(db, who.id, limit=limit)}
+    return {"rankings": assignments.my_rankings(db, who.id, limit=limit)}
 
 
 @router.put("/api/rankings/{ranking_id}", **doc(LABELER_WRITE, 401, 403, 404, 409, 422, 429,
@@ -229,16 +230,16 @@ def revise(request: Request, db: DB, who: Labeler, body: RankingIn, ranking_id: 
     the earlier ones are kept, the export gives the latest. 409: older than your last 20, or revised
     19 times already. 429: more than 10 revisions in a minute."""
     request.app.state.revisions.take(who.id)  # each version is kept: revisions are bounded in rate and number
-    return {"ranking_id": ranking_id, "version": D.revise(db, who.id, ranking_id, body.ranking, body.flags)}
+    return {"ranking_id": ranking_id, "version": assignments.revise(db, who.id, ranking_id, body.ranking, body.flags)}
 
 
 # ------------------------------------------------------------ guidelines
 
 def my_guidelines(db, who, campaign_id):
     """The guidelines `who` may read (of campaign_id, or all), each with `html`: rendered and sanitised."""
-    found = D.labeler_guidelines(db, who.id, campaign_id)
+    found = guides.labeler_guidelines(db, who.id, campaign_id)
     for g in found:
-        g["html"] = render(g.pop("markdown"))
+        g["html"] = guides.render(g.pop("markdown"))
     return found
 
 
@@ -261,5 +262,5 @@ def guidelines(db: DB, who: Labeler, campaign_id: int = Path(**ID)):
 @router.post("/api/guidelines/{campaign_id}/read", **doc(LABELER_WRITE, 401, 403, 404, 409, 422))
 def read_guidelines(db: DB, who: Labeler, body: ReadIn, campaign_id: int = Path(**ID)):
     """Note that you have read this version of the guidelines (409: they changed meanwhile)."""
-    D.read_guidelines(db, who.id, campaign_id, body.version)
+    guides.read_guidelines(db, who.id, campaign_id, body.version)
     return {"read": True}
