@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import DataError
 from .rows import read_records
 
+
 def messages(msgs, where, what="'messages'", blank=True):
     """The one check of a list of chat messages (SFT conversations, prompts, rankings' prompts):
     a non-empty list of {"role": one of tokenizer.ROLES, "content": a string} (blank=False: a

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from .rows import DATASET_SUFFIXES, JSONL_SUFFIXES, TEXT_SUFFIXES, dataset_source, is_saved_dataset, iter_rows, read_text
+from .rows import (DATASET_SUFFIXES, JSONL_SUFFIXES, TEXT_SUFFIXES, dataset_source, is_saved_dataset, iter_rows,
+                   read_text)
+
 
 @dataclass
 class CorpusStats:

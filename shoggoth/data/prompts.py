@@ -7,6 +7,7 @@ from ..errors import DataError
 from .conversations import chatterbot_conversations, messages
 from .rows import read_records
 
+
 def prompt_record(obj, where):
     """A prompts JSONL record -> {"messages", "references", "where"}: what PPO, GRPO and
     `feedback generate` sample replies to, with the same context.

@@ -15,6 +15,7 @@ from .conversations import messages
 from .prompts import load_prompts
 from .rows import read_records
 
+
 def ranking(obj, where):
     """A rankings record {"prompt", "completions", "ranks"} (rank 0 best, ties share a
     rank) or a TRL pair {"prompt", "chosen", "rejected"} (standard or conversational,
