@@ -331,7 +331,7 @@ def test_stale_build_lock_is_cleared(tmp_path):
     lock = Path(ext.__file__).parent / "lock"
     lock.touch()
     os.utime(lock, (time.time() - 600, time.time() - 600))
-    code = "from shoggoth import kernels; assert kernels.load() is not None"
+    code = "from shoggoth.lm import kernels; assert kernels.load() is not None"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     assert not lock.exists()
