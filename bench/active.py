@@ -27,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shoggoth import config, data, rounds
+from shoggoth import config, rounds
+from shoggoth.data.prompts import builtin_prompts, prompt_text
+from shoggoth.data.rankings import read_rankings
 from shoggoth.train import metrics  # noqa: E402
 from shoggoth.feedback import jobs  # noqa: E402
 from shoggoth.evaluation.simulated import SimulatedLabeler  # noqa: E402
@@ -41,8 +43,8 @@ def rank(records, texts, seed):
     for i in range(LABELERS):
         sim = SimulatedLabeler(PERSONA, jobs.labeler_seed(PERSONA, i, seed))
         for rec, comps in zip(records, texts):
-            ranks, _ = sim.rank(data.prompt_text(rec), comps, rec["references"])
-            out.append({"prompt": data.prompt_text(rec), "completions": comps, "ranks": list(ranks),
+            ranks, _ = sim.rank(prompt_text(rec), comps, rec["references"])
+            out.append({"prompt": prompt_text(rec), "completions": comps, "ranks": list(ranks),
                         "labeler": f"sim-{PERSONA}-{i}"})
     return out
 
@@ -76,7 +78,7 @@ def main():
     sft, work = str(Path(a.run) / "sft"), Path(a.work)
     a.out = a.out or str(Path(a.run) / "active.json")
     work.mkdir(parents=True, exist_ok=True)
-    records = data.builtin_prompts("train")
+    records = builtin_prompts("train")
     pool_file = work / "pool.json"
     if not pool_file.exists():
         t = time.time()
@@ -105,7 +107,7 @@ def main():
                 if method == "random":
                     new = cand[:a.add]
                 else:
-                    m, tok, W = rounds.fit_heads(model, data.read_rankings(work / f"{key.replace('/', '-')}-{step - 1}.jsonl"
+                    m, tok, W = rounds.fit_heads(model, read_rankings(work / f"{key.replace('/', '-')}-{step - 1}.jsonl"
                                                                           if step > 1 else work / f"{seed}-start.jsonl",
                                                                           log=lambda *_: None), HEADS, seed + step)
                     d = rounds.disagreement(m, tok, W, [records[i] for i in cand], [texts[i] for i in cand])

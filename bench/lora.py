@@ -97,7 +97,7 @@ def make_reward(model, out):
 
 def make_inputs(work, n_pairs):
     """The model, a reward model on its trunk, SFT chats, DPO pairs and PPO prompts."""
-    from shoggoth import data
+    from shoggoth.data.prompts import builtin_prompts
 
     model = sft_data.make_model_dir(work / "smollm2-135m")
     make_reward(model, work / "reward")
@@ -108,7 +108,7 @@ def make_inputs(work, n_pairs):
     for name, part in (("pairs", pairs[:n_pairs]), ("held", pairs[n_pairs:])):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
     (work / "prompts.jsonl").write_text("".join(json.dumps({"messages": p["messages"]}) + "\n"
-                                                for p in data.builtin_prompts("train")[:32]))
+                                                for p in builtin_prompts("train")[:32]))
     return model
 
 

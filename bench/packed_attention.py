@@ -1,7 +1,7 @@
 """Packed-row attention for SFT on the CPU: which kernel for block-diagonal causal attention.
 
 SFT packs several conversations into one row of T tokens; each must attend only to
-itself (shoggoth.data.collate builds a dense (B, 1, T, T) bool mask and the model
+itself (shoggoth.data.conversations.collate builds a dense (B, 1, T, T) bool mask and the model
 calls SDPA with it). This times one attention layer, forward + backward, with
 SmolLM2-135M's attention shape (9 query heads, 3 key/value heads, head_dim 64; the
 model has 30 layers, numbers here are per layer) for:
@@ -20,7 +20,7 @@ model has 30 layers, numbers here are per layer) for:
 
 on two layouts of documents in B rows of T tokens (fixed seed):
   chat  lengths ~ lognormal (mean 150 before clipping), clipped to [16, 1024], packed
-        next-fit as shoggoth.data.pack does; a row's unused tail is padding
+        next-fit as shoggoth.data.conversations.pack does; a row's unused tail is padding
   long  one document per even row, two (cut at a random point) per odd row
 
 Inputs are fp32 leaves (requires_grad) laid out as the model's projections give them,
@@ -88,7 +88,7 @@ def make_layout(name, B, T, seed=0):
         b, used, j = 0, 0, 0
         while True:
             n = int(np.clip(round(rng.lognormal(mu, sigma)), 16, 1024))
-            if used + n > T:  # next-fit, as shoggoth.data.pack
+            if used + n > T:  # next-fit, as shoggoth.data.conversations.pack
                 b, used, j = b + 1, 0, 0
                 if b == B:
                     break
@@ -116,7 +116,7 @@ def doc_lengths(seg):
 # ---------------------------------------------------------------------------- options
 
 def dense_mask(seg):
-    """The mask shoggoth.data.collate builds: same document and causal, (B, 1, T, T) bool."""
+    """The mask shoggoth.data.conversations.collate builds: same document and causal, (B, 1, T, T) bool."""
     T = seg.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]

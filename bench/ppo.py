@@ -46,11 +46,12 @@ def make_models(root, shape, batch, response):
     import torch
 
     from shoggoth.lm import checkpoint, tokenizer
-    from shoggoth import data
+    from shoggoth.data.corpus import bible_path
+    from shoggoth.data.prompts import builtin_prompts
     from shoggoth.train import rl
     from shoggoth.lm.model import GPT, GPTConfig, RewardModel
 
-    verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:5000]]
+    verses = [json.loads(ln)["text"] for ln in bible_path().read_text().splitlines()[:5000]]
     tok = tokenizer.train(verses, 4096)
     torch.manual_seed(0)
     cfg = GPTConfig(**SHAPES[shape], max_seq_len=256,
@@ -62,7 +63,7 @@ def make_models(root, shape, batch, response):
     rm.model.load_state_dict(policy.model.state_dict())
     checkpoint.save_reward(rm, root / "reward", shift=0.0)
     tokenizer.save(tok, root / "reward")
-    prompts = data.builtin_prompts("train")[:batch]
+    prompts = builtin_prompts("train")[:batch]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": p["messages"]}) + "\n" for p in prompts))
     ids = rl.encode_prompts(tokenizer.load(root / "policy"), prompts, 256 - response)  # with its chat template
     (root / "prompt_ids.json").write_text(json.dumps(ids))

@@ -68,7 +68,7 @@ def cmd_tokenizer(argv):
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    from . import data
+    from .data.corpus import read_corpus
     from .lm import tokenizer
 
     out = Path(a.out)
@@ -79,7 +79,7 @@ def cmd_tokenizer(argv):
     if a.vocab_size < 257 + len(tokenizer.SPECIALS):
         raise UsageError(f"--vocab-size must be at least {257 + len(tokenizer.SPECIALS)} (256 bytes, the special tokens "
                          f"and one merge; got {a.vocab_size})")
-    docs = data.read_corpus(a.corpus)
+    docs = read_corpus(a.corpus)
     tok = tokenizer.train(docs, a.vocab_size)
     tokenizer.save(tok, a.out)
     print(f"tokenizer: {len(tok)} tokens ({a.vocab_size} asked) saved to {a.out}")

@@ -160,7 +160,7 @@ def run(command, preset, out, **fields):
     """Run stage `command` on its preset and fields into `out`, resumed from its last checkpoint
     if it had started; returns its Config. The demo and `shoggoth rounds` chain stages this way."""
     from .lm.checkpoint import latest_checkpoint
-    from .files import write_json
+    from .data.files import write_json
 
     mod, cfg = load(command, preset, **fields, out=str(out), resume=latest_checkpoint(out) is not None)
     mod.run(cfg)

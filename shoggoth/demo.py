@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .lm import checkpoint
-from . import config, files
+from . import config
+from .data.files import write_json
 from .train import metrics
 from .errors import ShoggothError
 from .feedback import winrate
@@ -135,14 +136,14 @@ def init_costs(init, dev, amp):
     reward model do over and over."""
     import torch
 
-    from . import data
+    from .data.prompts import builtin_prompts
     from .train import dist
     from .lm import lora, sampling
 
     model, tok = sampling.load(init, dev)
     params = sum(p.numel() for p in model.parameters())
     opts = LORA if params > LORA_PARAMS else {}
-    prompts = [r["messages"] for r in data.builtin_prompts("train")[:4]]
+    prompts = [r["messages"] for r in builtin_prompts("train")[:4]]
     msgs = [m for m in prompts for _ in range(K)]
     with torch.no_grad(), dist.autocast(dev, amp):
         # first, a short batch that pays the one-off costs (the decode kernel's build, weight packing): timed
@@ -235,11 +236,11 @@ class Run:
             name = "bf16" if amp == torch.bfloat16 else "fp32"
             rate = metrics.peak_flops(dev, amp)  # measured on a CPU; a GPU's spec sheet (bf16) or measured
             if init:  # the user's model: no pretraining, the RLHF half sized to the budget by its measured costs
-                from . import data
+                from .data.prompts import builtin_prompts
 
                 costs, params, lora = init_costs(init, dev, amp)
                 sizes = {"prompts_per_round": QUICK_PROMPTS // ROUNDS, "estimate": None} if quick else \
-                    init_plan(costs, budget, len(data.builtin_prompts("train")), len(data.builtin_prompts("heldout")))
+                    init_plan(costs, budget, len(builtin_prompts("train")), len(builtin_prompts("heldout")))
                 self.summary["plan"] = {"dtype": name, "device": str(dev), "init": str(Path(init).resolve()),
                                         "params": params, "lora": lora, "costs": costs, "budget": budget,
                                         "matmul_flops": rate, "pretrain_steps": 0, **sizes}
@@ -303,7 +304,7 @@ class Run:
         print(f"[demo {time.time() - self.t0:5.0f}s] {msg}", flush=True)
 
     def save(self):
-        files.write_json(self.out / "summary.json", self.summary)
+        write_json(self.out / "summary.json", self.summary)
 
     def stage(self, name, preset, **fields):
         """Stage `name` on its preset (or --quick's) and fields, into the run directory's `name`
@@ -385,14 +386,14 @@ def gold_and_proxy(model, records, scorers):
     """Mean gold (simulated labelers' noise-free taste) and proxy (each of scorers', load_scorer's)
     score of SAMPLES replies sampled from model (sampling.load's) per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
-    from . import data
+    from .data.prompts import prompt_text
     from .lm import sampling
     from .evaluation import simulated
     from .evaluation.scoring import score_replies
 
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
-    gold = [simulated.gold_score(data.prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
+    gold = [simulated.gold_score(prompt_text(r), t, r["references"]) for r, t in zip(records, replies)]
     proxies = [score_replies(scorer, [r["messages"] for r in records], replies) for scorer in scorers]
     return sum(gold) / len(gold), proxies, replies[::SAMPLES]
 
@@ -405,16 +406,16 @@ def model_dirs(run: Run):
 
 
 def heldout_prompts(run: Run):
-    from . import data
+    from .data.prompts import builtin_prompts
 
-    held = data.builtin_prompts("heldout")
+    held = builtin_prompts("heldout")
     return held[:12] if run.quick else held[:run.summary["plan"].get("heldout") or len(held)]
 
 
 def answers(run: Run, reward_dir):
     """The same held-out prompts answered by every model, greedy, with proxy and gold scores; returns
     each model's first sampled reply to every held-out prompt."""
-    from . import data
+    from .data.prompts import prompt_text
     from .lm import sampling
     from .evaluation import simulated
     from .evaluation.scoring import load_scorer, score_texts
@@ -426,7 +427,7 @@ def answers(run: Run, reward_dir):
     answers, seen, h, scored = {}, set(), run.summary["headline"], {}
     step = max(1, len(held) // MASK_PROMPTS)
     shown = held[::step][:MASK_PROMPTS]
-    table = [{"prompt": data.prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
+    table = [{"prompt": prompt_text(r), "references": r["references"], "answers": {}} for r in shown]
     for name, d in model_dirs(run).items():
         if not (d / "config.json").exists():
             continue
@@ -435,12 +436,12 @@ def answers(run: Run, reward_dir):
         seen.update(greedy)
         h[f"real_words_{name}"] = simulated.fluency(" ".join(greedy))  # share of real words
         h[f"distinct_{name}"] = len(set(greedy)) / len(greedy)
-        h[f"on_topic_{name}"] = sum(simulated.on_topic(data.prompt_text(r), a, r["references"])
+        h[f"on_topic_{name}"] = sum(simulated.on_topic(prompt_text(r), a, r["references"])
                                     for r, a in zip(held, greedy)) / len(held)
         replies = greedy[::step][:MASK_PROMPTS]
         for row, r, text in zip(table, shown, replies):
             row["answers"][name] = {"text": text, "proxy": score_texts(scorer, r["messages"], [text])[0],
-                                    "gold": simulated.gold_score(data.prompt_text(r), text, r["references"])}
+                                    "gold": simulated.gold_score(prompt_text(r), text, r["references"])}
         # SFT and the first round's policy under the first round's reward model too: did round 2 catch its exploits?
         g, p, answers[name] = gold_and_proxy(model, held, [scorer] + ([first] if name in ("sft", "ppo-1") else []))
         h[f"gold_{name}"], h[f"proxy_{name}"] = g, sum(p[0]) / len(p[0])
@@ -453,14 +454,14 @@ def answers(run: Run, reward_dir):
             h[key] = sum(a > b for a, b in pairs) / len(pairs)
     # The taste must not be winnable by a trick: the best single reply given to every held-out
     # question, of every answer a model gave here and a list of generic replies, is measured too.
-    qs = [(data.prompt_text(r), r["references"]) for r in held]
+    qs = [(prompt_text(r), r["references"]) for r in held]
     h["gold_constant"], h["constant_reply"] = simulated.best_constant(qs, seen | set(simulated.GENERIC))
     h["gold_echo"] = sum(simulated.gold_score(q, q, refs) for q, refs in qs) / len(qs)  # each question echoed back
     h["shown_ppo_distinct"] = len({row["answers"]["ppo"]["text"] for row in table if "ppo" in row["answers"]})
     h["shown_ppo_on_topic"] = sum(simulated.on_topic(row["prompt"], row["answers"]["ppo"]["text"], row["references"])
                                  for row in table if "ppo" in row["answers"])
     h["taste"] = simulated.TASTE
-    files.write_json(run.out / "answers.json", {"prompts": table})
+    write_json(run.out / "answers.json", {"prompts": table})
     run.save()
     return answers
 
@@ -472,14 +473,14 @@ def blind_winrates(run: Run, answers):
     win rate of every pair with its bootstrap interval (`shoggoth feedback winrate`)."""
     import random
 
-    from . import data
+    from .data.prompts import prompt_text
     from .feedback import campaigns, jobs
     from .feedback.db import connect
 
     db = feedback_db(run)
     engine = connect(db)
     if campaigns.campaign_id(engine, "heldout", required=False) is None:  # made by an earlier, interrupted run: kept
-        held = [{"prompt": data.prompt_text(r), "references": r["references"]} for r in heldout_prompts(run)]
+        held = [{"prompt": prompt_text(r), "references": r["references"]} for r in heldout_prompts(run)]
         settings = {**SAMPLING, "dirs": {m: str(model_dirs(run)[m]) for m in answers},
                     "prompts": "chatterbot-corpus heldout", "replies": f"the first of the {SAMPLES} per prompt behind "
                     "the gold and proxy rewards"}

@@ -34,7 +34,11 @@ import numpy as np
 import torch
 
 from .lm import checkpoint, tokenizer
-from . import config, data, files
+from . import config
+from .data.files import atomic_write, write_json
+from .data.prompts import builtin_prompts
+from .data.rankings import flatten_rankings, hold_out, pad_right, read_rankings, reward_rows
+from .data.rows import iter_rows
 from .train import metrics
 from .errors import DataError, ShoggothError
 from .feedback import campaigns, jobs, queries
@@ -99,7 +103,7 @@ def log(msg):
 
 
 def prompt_records(c: Config):
-    return jobs.read_prompts(c.prompts) if c.prompts else data.builtin_prompts("train")
+    return jobs.read_prompts(c.prompts) if c.prompts else builtin_prompts("train")
 
 
 def used_prompts(out, n):
@@ -113,7 +117,7 @@ def features(model, rows, pad_id, batch_size=64):
     rows = [r[-limit:] for r in rows]  # a long row keeps its end, as the reward stage trains it
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            idx, last = data.pad_right(rows[i:i + batch_size], pad_id)
+            idx, last = pad_right(rows[i:i + batch_size], pad_id)
             h = model.model(idx)  # (B, T, d)
             out.append(h[torch.arange(len(idx)), last].float())  # (B, d)
     return torch.cat(out)
@@ -131,8 +135,8 @@ def fit_heads(reward_dir, rankings, heads, seed, steps=200, lr=0.05, l2=1e-3):
     if not recs:
         raise DataError("--select uncertain: no rankings with an untied pair to fit the ensemble of reward heads on")
     for r in recs:
-        r["rows"] = data.reward_rows(tok, r["prompt"], r["completions"])
-    rows, which, ranks, groups = data.flatten_rankings(recs)
+        r["rows"] = reward_rows(tok, r["prompt"], r["completions"])
+    rows, which, ranks, groups = flatten_rankings(recs)
     F = features(model, rows, tok.pad_id)  # (R, d)
     # Every ranking's untied pairs (better i, worse j), found once: losses.ranking_loss finds them
     # among all N x N completions of its batch, too slow for every ranking so far at every step.
@@ -172,7 +176,7 @@ def fit_heads(reward_dir, rankings, heads, seed, steps=200, lr=0.05, l2=1e-3):
 def disagreement(model, tok, W, records, texts):
     """Per prompt: the ensemble's disagreement over which of its completions is better, the variance
     across heads of sigmoid(r_i - r_j), averaged over its pairs of completions."""
-    rows = [row for rec, comps in zip(records, texts) for row in data.reward_rows(tok, rec["messages"], comps)]
+    rows = [row for rec, comps in zip(records, texts) for row in reward_rows(tok, rec["messages"], comps)]
     scores = features(model, rows, tok.pad_id) @ W.T  # (rows, H): every prompt's completions in one pass
     out, start = [], 0
     for comps in texts:
@@ -187,9 +191,9 @@ def disagreement(model, tok, W, records, texts):
 def training_rankings(c: Config, n):
     """Every ranking the reward model of round n trains on, before round n's own: --rankings and rounds 1..n-1."""
     out = Path(c.out)
-    recs = data.read_rankings(c.rankings, log=lambda *_: None) if c.rankings else []
+    recs = read_rankings(c.rankings, log=lambda *_: None) if c.rankings else []
     for m in range(1, n):
-        recs += data.read_rankings(out / f"round-{m}" / "rankings.jsonl", log=lambda *_: None)
+        recs += read_rankings(out / f"round-{m}" / "rankings.jsonl", log=lambda *_: None)
     return recs
 
 
@@ -225,7 +229,7 @@ def ask(c: Config, n, policy, reward, engine):
                              [cand[i] for i in keep], None if scores is None else [scores[i] for i in keep])))
     # the campaign and what it asked, in one transaction: a kill after it resumes from the database
     campaigns.add_tasks(engine, name, tasks, c.rankings_per_task, source=str(policy), info=asked)
-    files.write_json(out / "asked.json", asked)
+    write_json(out / "asked.json", asked)
     log(f"round {n}: campaign {name!r} open with {len(tasks)} prompts x {c.k} completions, "
         f"{c.rankings_per_task} rankings each")
 
@@ -264,8 +268,8 @@ def progress_line(p, now=None):
 
 
 def write_jsonl(path, recs):
-    files.atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                       for r in recs), encoding="utf-8"))
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                 for r in recs), encoding="utf-8"))
 
 
 def export(c: Config, n, engine):
@@ -277,10 +281,10 @@ def export(c: Config, n, engine):
     mine = [{k: r[k] for k in queries.EXPORT_KEYS if k in r}
             for r in queries.export_rows(engine, campaign=f"round-{n}", leave_out=leave_out)]
     write_jsonl(out / "rankings.jsonl", mine)
-    raw = [row for _, row in data.iter_rows(c.rankings)] if c.rankings else []
+    raw = [row for _, row in iter_rows(c.rankings)] if c.rankings else []
     for m in range(1, n):
         raw += [json.loads(line) for line in (Path(c.out) / f"round-{m}" / "rankings.jsonl").read_text().splitlines()]
-    train, held = data.hold_out(mine, c.eval_frac)
+    train, held = hold_out(mine, c.eval_frac)
     write_jsonl(out / "train.jsonl", raw + train)
     write_jsonl(out / "eval.jsonl", held)
     return len(raw) + len(train), len(held)
@@ -294,8 +298,8 @@ def check_campaigns(c: Config, engine):
             raise DataError(f"campaign 'round-{n}' is an evaluation campaign (a blind comparison of models); "
                             "evaluations never feed training: use another --db or rename that campaign")
     if c.rankings:
-        data.read_rankings(c.rankings, log=lambda *_: None)  # a bad line is a one-line error now, not rounds later
-        for where, row in data.iter_rows(c.rankings):
+        read_rankings(c.rankings, log=lambda *_: None)  # a bad line is a one-line error now, not rounds later
+        for where, row in iter_rows(c.rankings):
             if "models" in row:
                 raise DataError(f"{where}: a ranking of an evaluation campaign (it names its models); "
                                 "evaluations never feed training")
@@ -337,7 +341,7 @@ def run(c: Config, reward=None, ppo=None):
                 if asked.get("out") != str(out.resolve()):
                     raise DataError(f"campaign {name!r} in {c.db} belongs to another run ({asked.get('out')}): give "
                                     "this run its own --db, or the --out of that run")
-                files.write_json(rdir / "asked.json", {k: asked.get(k) for k in ASKED})
+                write_json(rdir / "asked.json", {k: asked.get(k) for k in ASKED})
         if not (rdir / "rankings.jsonl").exists() or not (rdir / "train.jsonl").exists():
             if not rank(c, n, engine):
                 return summary
@@ -378,7 +382,7 @@ def run(c: Config, reward=None, ppo=None):
                "reward_accuracy_after": after, "eval_scores": last("eval/scores"), "eval_kl": last("eval/kl"),
                "eval_distinct": last("eval/distinct"), "eval_gold": last("eval/gold")}
         summary["rounds"] = [r for r in summary["rounds"] if r["round"] != n] + [row]
-        files.write_json(summary_path, summary)
+        write_json(summary_path, summary)
         log(f"round {n}: done; policy {pdir} (held-out proxy reward {fmt(row['eval_scores'])}, KL {fmt(row['eval_kl'])}, "
             f"distinct answers {fmt(row['eval_distinct'])})")
         policy, reward = str(pdir), str(rw)

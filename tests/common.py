@@ -11,20 +11,20 @@ import traceback
 import torch
 
 from shoggoth.lm import checkpoint, tokenizer
-from shoggoth import data
+from shoggoth.data.corpus import bible_path
 from shoggoth.lm.model import GPT, GPTConfig
 
 
 def bible_corpus(path, verses=1500):
     """The first `verses` verses of the built-in corpus as a JSONL corpus with `text`."""
-    lines = data.bible_path().read_text().splitlines()[:verses]
+    lines = bible_path().read_text().splitlines()[:verses]
     path.write_text("".join(json.dumps({"text": json.loads(ln)["text"]}) + "\n" for ln in lines))
     return path
 
 
 def tiny_model_dir(path, vocab=300, seed=0, **kw):
     """A random 2-layer GPT and a tokenizer trained on a few verses, saved as a HF directory."""
-    docs = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:300]]
+    docs = [json.loads(ln)["text"] for ln in bible_path().read_text().splitlines()[:300]]
     tok = tokenizer.train(docs, vocab)
     torch.manual_seed(seed)
     cfg = dict(vocab_size=len(tok), n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=128,
@@ -116,7 +116,7 @@ def tiny_lm_dir(path, steps=100):
     says " the" now and then (about 2% of its tokens): a toy reward has something to reinforce."""
     d = tiny_model_dir(path)
     tok, model = tokenizer.load(d), checkpoint.load_pretrained(d)
-    lines = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:2000]]
+    lines = [json.loads(ln)["text"] for ln in bible_path().read_text().splitlines()[:2000]]
     ids = torch.tensor([t for row in tok.encode_batch(lines) for t in row + [tok.eos_id]])
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

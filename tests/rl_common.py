@@ -12,7 +12,8 @@ import torch
 import common
 from common import tiny_lm_dir
 from shoggoth.lm import checkpoint, sampling, tokenizer
-from shoggoth import data
+from shoggoth.data.corpus import bible_path
+from shoggoth.data.prompts import builtin_prompts
 from shoggoth.train import metrics, rl
 from shoggoth.evaluation import scoring
 from shoggoth.lm.model import RewardModel
@@ -58,7 +59,7 @@ def toy_probability(model_dir, seed=0):
     noise of counting them: for lm_dir it read 0.0197 to 0.0214 over sampling seeds 0-3, where the
     fraction of 64 sampled responses read 0.010 to 0.029, a spread that RL's gains were lost in."""
     model, tok = sampling.load(model_dir)
-    r = rl.generate(model, tok, rl.encode_prompts(tok, data.builtin_prompts("heldout"), 100), 16, 1.0, seed=seed)
+    r = rl.generate(model, tok, rl.encode_prompts(tok, builtin_prompts("heldout"), 100), 16, 1.0, seed=seed)
     with torch.no_grad():
         p = rl.response_logits(model, r).float().softmax(-1)[..., scoring.toy_target_ids(tok, "the")].sum(-1)
     return ((p * r.mask).sum() / r.mask.sum()).item()
@@ -67,9 +68,9 @@ def toy_probability(model_dir, seed=0):
 def toy_pairs(path, n, seed):
     """Pairs whose chosen response is a verse and whose rejected one is the same verse without " the "."""
     rng = random.Random(seed)
-    verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:3000]]
+    verses = [json.loads(ln)["text"] for ln in bible_path().read_text().splitlines()[:3000]]
     verses = [v for v in verses if v.count(" the ") >= 2 and len(v) < 120]
-    questions = [p["messages"][0]["content"] for p in data.builtin_prompts("train")]
+    questions = [p["messages"][0]["content"] for p in builtin_prompts("train")]
     with open(path, "w") as f:
         for _ in range(n):
             v = rng.choice(verses)

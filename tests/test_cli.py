@@ -78,10 +78,10 @@ def test_sampling_flags_and_prompts_are_checked(tmp_path, capsys):
 
 
 def test_outputs_and_inputs_of_the_wrong_kind_are_named(tmp_path, capsys):
-    from shoggoth import data
+    from shoggoth.data.shards import TokenShards
     from shoggoth.errors import DataError
 
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path)]) == 1
     assert "a directory; name the HTML file" in capsys.readouterr().err
     with pytest.raises(DataError, match="not a folder of token shards"):  # PPO-ptx's --ptx-data
-        data.TokenShards(tmp_path)
+        TokenShards(tmp_path)

@@ -11,7 +11,11 @@ import huggingface_hub
 import pytest
 
 from common import shoggoth, tiny_model_dir
-from shoggoth import data
+from shoggoth.data.conversations import read_conversations
+from shoggoth.data.corpus import read_corpus
+from shoggoth.data.prompts import load_prompts
+from shoggoth.data.rankings import read_rankings
+from shoggoth.data.shards import build_shards
 from shoggoth.errors import DataError
 from shoggoth.feedback import jobs
 
@@ -64,11 +68,11 @@ def test_sft_formats_in_every_kind_of_file_read_alike(tmp_path):
     sources = [tmp_path / "m.jsonl", parquet(tmp_path / "m.parquet", msgs), parquet(tmp_path / "s.parquet", strings),
                next(arrow.glob("*.arrow")), arrow, f"{saved(tmp_path / 'dict', lists, 'train')}:train"]
     for source in sources:
-        assert data.read_conversations(source, **QUIET) == CHATS, source
+        assert read_conversations(source, **QUIET) == CHATS, source
     # The prompts the RL stages and `feedback generate` sample for: the same reader.
     assert [r["messages"] for r in jobs.read_prompts(tmp_path / "s.parquet")] == [c[:1] for c in CHATS]
-    assert [r["references"] for r in data.load_prompts(tmp_path / "m.parquet", **QUIET)] == [[c[1]["content"]]
-                                                                                              for c in CHATS]
+    assert [r["references"] for r in load_prompts(tmp_path / "m.parquet", **QUIET)] == [[c[1]["content"]]
+                                                                                         for c in CHATS]
 
 
 def test_preference_formats_read_as_rankings(tmp_path):
@@ -77,7 +81,7 @@ def test_preference_formats_read_as_rankings(tmp_path):
             {"chosen": [user, reply], "rejected": [user, {"role": "assistant", "content": "Go away."}]},  # implicit
             {"prompt": [user], "chosen": [reply], "rejected": [{"role": "assistant", "content": "Go away."}]}]
     for i, row in enumerate(rows):
-        got = data.read_rankings(parquet(tmp_path / f"{i}.parquet", [row]), **QUIET)
+        got = read_rankings(parquet(tmp_path / f"{i}.parquet", [row]), **QUIET)
         assert [(r["prompt"], r["completions"], r["ranks"]) for r in got] == [([user], ["Hello!", "Go away."], [0, 1])]
 
 
@@ -85,24 +89,24 @@ def test_hh_transcripts_split_into_the_shared_conversation_and_two_replies(tmp_p
     rows = [hh("Tell me a joke.", "Why did the chicken cross the road?\n\nTo get to the other side.", "No.",
                before=[("Human", "Hi"), ("Assistant", "Hello! How can I help?")]),
             hh("What is 2 + 2?", "4", "5")]
-    got = data.read_rankings(parquet(tmp_path / "hh.parquet", rows), **QUIET)
+    got = read_rankings(parquet(tmp_path / "hh.parquet", rows), **QUIET)
     assert got[0]["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
                                 {"role": "user", "content": "Tell me a joke."}]
     assert got[0]["completions"] == ["Why did the chicken cross the road?\n\nTo get to the other side.", "No."]
     assert got[1]["prompt"] == [{"role": "user", "content": "What is 2 + 2?"}] and got[1]["ranks"] == [0, 1]
     # Its prompts are prompts for PPO and `feedback generate`: the conversation before the replies.
-    assert [r["messages"] for r in data.load_prompts(tmp_path / "hh.parquet", **QUIET)] == [g["prompt"] for g in got]
+    assert [r["messages"] for r in load_prompts(tmp_path / "hh.parquet", **QUIET)] == [g["prompt"] for g in got]
     bad = [{**hh("Q", "a", "b"), "rejected": "\n\nHuman: Another Q\n\nAssistant: b"},
            {**hh("Q", "a", "b"), "rejected": "\n\nHuman: Q\n\nAssistant: b\n\nHuman: and?"}]
     with pytest.raises(DataError, match=r"bad\.parquet row 0: 'chosen' and 'rejected' differ before their last"):
-        data.read_rankings(parquet(tmp_path / "bad.parquet", bad), **QUIET)
+        read_rankings(parquet(tmp_path / "bad.parquet", bad), **QUIET)
     log = []
-    assert len(data.read_rankings(parquet(tmp_path / "mixed.parquet", rows + bad), skip_invalid=True,
-                                  log=log.append)) == 2
+    assert len(read_rankings(parquet(tmp_path / "mixed.parquet", rows + bad), skip_invalid=True,
+                             log=log.append)) == 2
     assert "2 rankings read, 2 invalid row(s) skipped (first: " in log[0] and "mixed.parquet row 2: 'chosen'" in log[0]
     with pytest.raises(DataError, match=r"one\.parquet row 0: 'rejected' is not an HH transcript ending with an "
                                         r"Assistant: reply"):
-        data.read_rankings(parquet(tmp_path / "one.parquet", bad[1:]), **QUIET)
+        read_rankings(parquet(tmp_path / "one.parquet", bad[1:]), **QUIET)
 
 
 def test_scored_completions_become_rankings_with_ties(tmp_path):
@@ -111,32 +115,32 @@ def test_scored_completions_become_rankings_with_ties(tmp_path):
                              {"response": "A dog.", "overall_score": 2}, {"response": "Green.", "overall_score": 7.5}]},
             {"prompt": "Count to two.", "completions": [{"text": "1 2", "score": 1}, {"text": "1 3", "score": 0}]},
             {"prompt": "Say hi.", "responses": ["hi", "hello", "bye"], "scores": [3, 3, 1]}]
-    got = data.read_rankings(saved(tmp_path / "uf", rows), **QUIET)
+    got = read_rankings(saved(tmp_path / "uf", rows), **QUIET)
     assert [(r["prompt"][0]["content"], r["completions"], r["ranks"]) for r in got] == [
         ("Name a colour.", ["Red.", "Blue!", "A dog.", "Green."], [1, 0, 2, 1]),
         ("Count to two.", ["1 2", "1 3"], [0, 1]),
         ("Say hi.", ["hi", "hello", "bye"], [0, 0, 1])]
     bad = parquet(tmp_path / "bad.parquet", [rows[2], {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, None]}])
     with pytest.raises(DataError, match=r"bad\.parquet row 1: 'scores' item 1 must be a number \(got None\)"):
-        data.read_rankings(bad, **QUIET)
+        read_rankings(bad, **QUIET)
 
 
 def test_corpus_from_parquet_and_saved_datasets(tmp_path, model_dir):
     texts = [f"In the beginning {i}." for i in range(6)]
     sources = [parquet(tmp_path / "c.parquet", [{"text": t} for t in texts[:3]]),
                saved(tmp_path / "c", [{"text": t, "id": i} for i, t in enumerate(texts[3:])])]
-    assert data.read_corpus(sources) == texts
+    assert read_corpus(sources) == texts
     (tmp_path / "folder").mkdir()
     parquet(tmp_path / "folder" / "part-0.parquet", [{"text": t} for t in texts])
-    assert data.read_corpus([tmp_path / "folder"]) == texts  # a folder's Parquet files are read too
+    assert read_corpus([tmp_path / "folder"]) == texts  # a folder's Parquet files are read too
     from shoggoth.lm import tokenizer
 
     tok = tokenizer.load(model_dir)
-    first = data.build_shards(sources, tok, tmp_path / "tok", log=lambda *_: None)
+    first = build_shards(sources, tok, tmp_path / "tok", log=lambda *_: None)
     said = []
-    assert data.build_shards(sources, tok, tmp_path / "tok", log=said.append) == first and "reusing" in said[0]
+    assert build_shards(sources, tok, tmp_path / "tok", log=said.append) == first and "reusing" in said[0]
     with pytest.raises(DataError, match=r"t\.parquet row 1: no string column 'text'"):
-        data.read_corpus([parquet(tmp_path / "t.parquet", [{"text": "a"}, {"title": "no text"}])])
+        read_corpus([parquet(tmp_path / "t.parquet", [{"text": "a"}, {"title": "no text"}])])
     r = shoggoth("tokenizer", "--corpus", *sources, "--vocab-size", 300, "--out", tmp_path / "tok-dir")
     assert (tmp_path / "tok-dir" / "tokenizer.json").exists(), r.stdout
 
@@ -165,15 +169,15 @@ def test_bad_rows_are_one_line_errors_naming_source_row_and_column(tmp_path, mod
 def test_splits_missing_paths_and_offline_hub_ids(tmp_path, model_dir, monkeypatch):
     both = saved(tmp_path / "both", [{"messages": c} for c in CHATS], "train")
     with pytest.raises(DataError, match=f"{both}: several splits \\(it has train, test\\): name one as {both}:SPLIT"):
-        data.read_conversations(both, **QUIET)
+        read_conversations(both, **QUIET)
     with pytest.raises(DataError, match=f"{both}:dev: no split 'dev' \\(it has train, test\\)"):
-        data.read_conversations(f"{both}:dev", **QUIET)
+        read_conversations(f"{both}:dev", **QUIET)
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match="plain: a folder, but not a dataset that `save_to_disk` wrote"):
-        data.read_rankings(tmp_path / "plain", **QUIET)
+        read_rankings(tmp_path / "plain", **QUIET)
     for missing in (tmp_path / "none.parquet", "data/none.jsonl", "./org/name"):
         with pytest.raises(DataError, match=f"^{missing}: no such file or folder$"):
-            data.read_rankings(missing, **QUIET)
+            read_rankings(missing, **QUIET)
     # An id is looked up in the datasets cache only (HF_HUB_OFFLINE=1), where it is not.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
@@ -181,7 +185,7 @@ def test_splits_missing_paths_and_offline_hub_ids(tmp_path, model_dir, monkeypat
     for source in ("HuggingFaceH4/ultrafeedback_binarized:train_prefs", "org/prefs"):
         with pytest.raises(DataError, match=f"^{source}: no such file or folder, and no dataset of that id in the "
                                             f"Hugging Face cache {tmp_path / 'cache'} \\(HF_HUB_OFFLINE=1\\)"):
-            data.read_rankings(source, **QUIET)
+            read_rankings(source, **QUIET)
     assert one_line_error("sft", "--init", model_dir, "--data", "org/chats:train", "--out", tmp_path / "o") \
         .startswith("error: org/chats:train: no such file or folder, and no dataset of that id")
 
@@ -193,7 +197,7 @@ def test_without_the_datasets_library_the_error_names_the_extra(tmp_path, model_
     assert one_line_error("reward", "--init", model_dir, "--rankings", pq, "--out", tmp_path / "o") == \
         f"error: {pq}: Parquet, Arrow and Hugging Face datasets are read with the `datasets` library, which is not " \
         "installed: pip install 'shoggoth[datasets]'"
-    assert len(data.read_rankings(tmp_path / "p.jsonl", **QUIET)) == 1  # JSONL needs no datasets
+    assert len(read_rankings(tmp_path / "p.jsonl", **QUIET)) == 1  # JSONL needs no datasets
 
 
 @pytest.mark.slow

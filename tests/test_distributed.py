@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from common import bible_corpus, cut_after, shoggoth, tiny_lm_dir, tiny_model_dir
 from shoggoth.lm import checkpoint
-from shoggoth import data
+from shoggoth.data.conversations import chatterbot_conversations
+from shoggoth.data.prompts import builtin_prompts
 from shoggoth.train import metrics
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
@@ -178,7 +179,7 @@ def test_batch_must_split_evenly(corpus, tmp_path):
 
 def test_ddp_sft_matches_single_process(tmp_path):
     init = tiny_model_dir(tmp_path / "init")
-    convs = data.chatterbot_conversations("train")
+    convs = chatterbot_conversations("train")
     for name, part in (("train", convs[:300]), ("held", convs[-21:])):  # 21 held-out: a last batch of 1 row
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in part))
     args = ["--init", init, "--data", tmp_path / "train.jsonl", "--eval-data", tmp_path / "held.jsonl", "--dtype", "fp32", "--max-steps", 8, "--batch-size", 8, "--eval-every", 4,
@@ -196,7 +197,7 @@ def test_lora_sft_ddp_and_fsdp_match_single_process(tmp_path):
     gathered checkpoints (adapters only) resume in one process to the same end."""
     init = tiny_model_dir(tmp_path / "init")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n"
-                                                  for c in data.chatterbot_conversations("train")[:200]))
+                                                  for c in chatterbot_conversations("train")[:200]))
     args = ["sft", "--init", init, "--data", tmp_path / "train.jsonl", "--dtype", "fp32", "--max-steps", 6,
             "--batch-size", 8, "--eval-every", 3, "--ckpt-every", 3, "--sample-every", 0, "--lora-r", 4, "--lr", 1e-2]
     shoggoth(*args, "--out", tmp_path / "one")
@@ -236,7 +237,7 @@ def tiny(tmp_path_factory):
 def rankings(tmp_path_factory):
     """(train, held-out) rankings JSONL, K = 3, of chatterbot questions: the question's own answer
     first, two other questions' answers after it (tied in every third ranking); 32 and 5 of them."""
-    convs = data.chatterbot_conversations("train")
+    convs = chatterbot_conversations("train")
     rows = [{"prompt": convs[i][0]["content"], "completions": [convs[i + j][1]["content"] for j in range(3)],
              "ranks": [0, 1, 1 if i % 9 == 0 else 2]} for i in range(0, 3 * 37, 3)]
     paths = tmp_path_factory.mktemp("rankings") / "train.jsonl", tmp_path_factory.mktemp("rankings") / "held.jsonl"
@@ -316,7 +317,7 @@ def prompts(tmp_path_factory):
     """16 chatterbot questions with their answers as references; no held-out prompts, so no evaluation."""
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p["messages"], "references": p["references"]}) + "\n"
-                            for p in data.builtin_prompts("train")[:16]))
+                            for p in builtin_prompts("train")[:16]))
     return path
 
 

@@ -87,7 +87,7 @@ def test_export_with_line_separators_in_completions_reads_back(tmp_path):
     # The export keeps non-ASCII text as it is (ensure_ascii=False), so U+2028, U+2029 and U+0085 stay
     # raw inside its JSON strings: str.splitlines would cut those lines in two (a demo run's reward
     # stage failed on a sampled U+2028). Every reader splits JSONL at "\n" only.
-    from shoggoth import data
+    from shoggoth.data.rankings import read_rankings
 
     odd = ["one\u2028two", "three\u2029four", "five\x85six"]
     db = tmp_path / "f.db"
@@ -97,12 +97,12 @@ def test_export_with_line_separators_in_completions_reads_back(tmp_path):
     assert main(["feedback", "export", "--db", str(db), "--out", str(tmp_path / "r.jsonl")]) == 0
     text = (tmp_path / "r.jsonl").read_text()
     assert "\u2028" in text and "\x85" in text  # raw, as exported
-    rows = data.read_rankings(tmp_path / "r.jsonl", log=lambda *a: None)
+    rows = read_rankings(tmp_path / "r.jsonl", log=lambda *a: None)
     assert len(rows) == 6 == text.count("\n")
     assert {c for r in rows for c in r["completions"]} >= set(odd)
     crlf = tmp_path / "crlf.jsonl"  # and a file saved with Windows line ends
     crlf.write_bytes(text.replace("\n", "\r\n").encode())
-    assert [r["completions"] for r in data.read_rankings(crlf, log=lambda *a: None)] == [r["completions"] for r in rows]
+    assert [r["completions"] for r in read_rankings(crlf, log=lambda *a: None)] == [r["completions"] for r in rows]
 
 
 def test_bad_prompts_file_names_file_and_line(tmp_path, capsys):
@@ -163,9 +163,9 @@ GENERIC = ["I do you.", "I am not not?", "Thank you so much, I am happy to help!
 
 
 def test_a_reply_that_ignores_the_question_ranks_below_an_on_topic_one():
-    from shoggoth import data
+    from shoggoth.data.prompts import builtin_prompts, prompt_text
 
-    refs = {data.prompt_text(r): r["references"] for r in data.builtin_prompts("heldout")}
+    refs = {prompt_text(r): r["references"] for r in builtin_prompts("heldout")}
     assert set(ON_TOPIC) <= set(refs)
     for q, good in ON_TOPIC.items():
         for bad in GENERIC:
@@ -307,10 +307,10 @@ def test_a_preference_set_comes_in_as_a_campaign_with_its_order_hidden(tmp_path)
     agreement` measures each labeler against (the simulated labelers follow a set whose chosen
     answers are the real ones, and go against the same set reversed); a bad row or a mix of K
     imports nothing."""
-    from shoggoth import data
+    from shoggoth.data.prompts import builtin_prompts, prompt_text
 
-    recs = data.builtin_prompts("train")[:8]
-    rows = [{"prompt": data.prompt_text(r), "chosen": r["references"][0], "rejected": "zq vvx kkp qqz."} for r in recs]
+    recs = builtin_prompts("train")[:8]
+    rows = [{"prompt": prompt_text(r), "chosen": r["references"][0], "rejected": "zq vvx kkp qqz."} for r in recs]
     good, bad_order = tmp_path / "pairs.jsonl", tmp_path / "reversed.jsonl"
     good.write_text("".join(json.dumps(x) + "\n" for x in rows))
     bad_order.write_text("".join(json.dumps({**x, "chosen": x["rejected"], "rejected": x["chosen"]}) + "\n" for x in rows))
@@ -348,10 +348,10 @@ def quality_tasks(n, seed):
     Bible line and a non-answer (what careful labelers order alike)."""
     import random
 
-    from shoggoth import data
+    from shoggoth.data.prompts import builtin_prompts, prompt_text
 
-    recs = random.Random(seed).sample(data.builtin_prompts("train"), n + 1)
-    return [{"prompt": data.prompt_text(r), "references": r["references"],
+    recs = random.Random(seed).sample(builtin_prompts("train"), n + 1)
+    return [{"prompt": prompt_text(r), "references": r["references"],
              "completions": [r["references"][0], recs[i + 1]["references"][0], FILLER[0], "I am not sure."]}
             for i, r in enumerate(recs[:n])]
 

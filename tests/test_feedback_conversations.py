@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from common import tiny_model_dir
-from shoggoth import data
+from shoggoth.data.prompts import load_prompts, prompt_text
+from shoggoth.data.rankings import encode_rankings
 from shoggoth.train import rl
 from shoggoth.lm import tokenizer
 from shoggoth.feedback import accounts, assignments, jobs
@@ -45,10 +46,10 @@ def every_task(db):
 def test_a_conversation_is_the_same_from_labeler_to_reward_dpo_and_ppo(live_app, db_url, policy, tmp_path):
     srv = live_app
     prompts = tmp_path / "prompts.jsonl"
-    # the last prompt's trailing assistant turn is its reference, not part of the prompt (data.prompt_record)
+    # the last prompt's trailing assistant turn is its reference, not part of the prompt (prompts.prompt_record)
     prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS[:1])
                        + json.dumps({"messages": CHATS[1] + [{"role": "assistant", "content": "Darkness."}]}) + "\n")
-    records = data.load_prompts(str(prompts), log=lambda *_: None)
+    records = load_prompts(str(prompts), log=lambda *_: None)
     assert [r["messages"] for r in records] == CHATS
     assert jobs.generate(policy, prompts, 3, db_url, campaign="chat", rankings_per_task=1, max_new_tokens=8) == ("chat", 2)
 
@@ -62,7 +63,7 @@ def test_a_conversation_is_the_same_from_labeler_to_reward_dpo_and_ppo(live_app,
             assert c.post(f"/api/tasks/{task['task_id']}/ranking", json={"ranking": ranking}).status_code == 201
         mine = c.get("/api/rankings").json()["rankings"]
     assert sorted((t["messages"] for t in seen.values()), key=len, reverse=True) == CHATS
-    assert {t["prompt"] for t in seen.values()} == {data.prompt_text(r) for r in records}
+    assert {t["prompt"] for t in seen.values()} == {prompt_text(r) for r in records}
     assert {r["task_id"]: r["messages"] for r in mine} == {tid: t["messages"] for tid, t in seen.items()}
 
     # 2. the export (the admin's download) writes it whole as `messages`, its last user message as `prompt`
@@ -77,7 +78,7 @@ def test_a_conversation_is_the_same_from_labeler_to_reward_dpo_and_ppo(live_app,
     train, held = reward.load_rankings(reward.Config(rankings=str(exported), eval_frac=0, heldout_prompts="none"),
                                        lambda *_: None)
     assert held == [] and len(train) == 2
-    data.encode_rankings(train, tok, 10_000, None)  # the reward stage's rows (prompt + completion, to its end of turn)
+    encode_rankings(train, tok, 10_000, None)  # the reward stage's rows (prompt + completion, to its end of turn)
     dpo_rows, _ = dpo.encode_pairs(train, tok, 10_000)  # DPO's rows of the same rankings
     ppo = dict(zip((json.dumps(r["messages"]) for r in records), rl.encode_prompts(tok, records, 10_000)))
     for r in train:

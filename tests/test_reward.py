@@ -11,7 +11,8 @@ import transformers
 
 from common import shoggoth, tiny_model_dir, token_id
 from shoggoth.lm import checkpoint, tokenizer
-from shoggoth import data
+from shoggoth.data.rankings import (flatten_rankings, grouped_batches, pad_right, ranking, read_rankings, reward_rows,
+                                    split_rankings)
 from shoggoth.train import losses, metrics
 from shoggoth.errors import DataError
 from shoggoth.lm.model import RewardModel
@@ -47,10 +48,10 @@ def test_labelers_rankings_of_one_task_share_a_batch_and_its_scored_rows():
                                  "rows": [[ord(prompt), 1], [ord(prompt), 2], [ord(prompt), 3]]}
     recs = [rec("a", [0, 1, 2]), rec("b", [2, 1, 0]), rec("a", [0, 2, 1]), rec("a", [1, 0, 2])]
     for seed in range(5):
-        batches = data.grouped_batches(recs, 3, 2, seed, 1)
+        batches = grouped_batches(recs, 3, 2, seed, 1)
         assert sorted(len(b) for b in batches) == [1, 1, 3, 3]  # task a whole in one batch, each epoch
         assert all(len({r["prompt"] for r in b}) == 1 for b in batches)
-    rows, which, ranks, groups = data.flatten_rankings(recs)
+    rows, which, ranks, groups = flatten_rankings(recs)
     assert len(rows) == 6 and len(which) == 12  # 12 ranked completions, 6 distinct rows scored
     # The loss over the shared rows is the loss over every ranking's own rows.
     scores = torch.randn(6)
@@ -60,11 +61,11 @@ def test_labelers_rankings_of_one_task_share_a_batch_and_its_scored_rows():
 
 
 def test_k2_ranking_is_a_trl_pair():
-    pair = data.ranking({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "f:1")
-    k2 = data.ranking({"prompt": "Hi", "completions": ["Hello!", "Go away."], "ranks": [0, 1]}, "f:2")
+    pair = ranking({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "f:1")
+    k2 = ranking({"prompt": "Hi", "completions": ["Hello!", "Go away."], "ranks": [0, 1]}, "f:2")
     assert {**pair, "where": ""} == {**k2, "where": ""}
-    conv = data.ranking({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-                         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}, "f:3")
+    conv = ranking({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                    "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}, "f:3")
     assert {**conv, "where": ""} == {**k2, "where": ""}  # TRL's conversational format, implicit prompt
     r = torch.tensor([0.3, -0.4, 1.0, 2.0])
     loss, _ = losses.ranking_loss(r, torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1]))
@@ -75,7 +76,7 @@ def test_an_exported_ranking_is_read_with_its_whole_conversation():
     """The feedback export writes the conversation as `messages`, its last user message as `prompt`
     (for tools that read a string): the conversation is the prompt the completions answer."""
     chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
-    r = data.ranking({"prompt": "Hi", "messages": chat, "completions": ["Hello!", "Go away."], "ranks": [0, 1]}, "f:1")
+    r = ranking({"prompt": "Hi", "messages": chat, "completions": ["Hello!", "Go away."], "ranks": [0, 1]}, "f:1")
     assert r["prompt"] == chat
 
 
@@ -93,8 +94,8 @@ def test_bad_rankings_lines_name_file_and_line(tmp_path, line, message):
     good = {"prompt": [{"role": "user", "content": "p"}], "completions": ["a", "b"], "ranks": [0, 1], "labeler": "x"}
     f.write_text(json.dumps(good) + "\n\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
     with pytest.raises(DataError, match=f"{f}:3: .*{message}"):
-        data.read_rankings(f, log=lambda *a: None)
-    assert len(data.read_rankings(f, skip_invalid=True, log=lambda *a: None)) == 1
+        read_rankings(f, log=lambda *a: None)
+    assert len(read_rankings(f, skip_invalid=True, log=lambda *a: None)) == 1
 
 
 def test_all_tied_rankings_are_left_out_and_counted(tmp_path):
@@ -102,15 +103,15 @@ def test_all_tied_rankings_are_left_out_and_counted(tmp_path):
     tied = {"prompt": "p", "completions": ["a", "b", "c"], "ranks": [1, 1, 1]}
     f.write_text(json.dumps({**tied, "ranks": [0, 1, 1]}) + "\n" + json.dumps(tied) + "\n")
     said = []
-    recs = data.read_rankings(f, log=said.append)
+    recs = read_rankings(f, log=said.append)
     assert [r["ranks"] for r in recs] == [[0, 1, 1]] and "1 ranking(s) tie all" in said[-1] and f"{f}:2" in said[-1]
     f.write_text(json.dumps(tied) + "\n")
     with pytest.raises(DataError, match="no ranking holds two different texts"):
-        data.read_rankings(f, log=said.append)
+        read_rankings(f, log=said.append)
     # a TRL pair whose chosen is its rejected orders nothing either (held-out accuracy read 0.000 on such pairs)
     same = {"prompt": "p", "chosen": "x", "rejected": "x"}
     f.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}) + "\n" + json.dumps(same) + "\n")
-    assert [r["completions"] for r in data.read_rankings(f, log=said.append)] == [["x", "y"]]
+    assert [r["completions"] for r in read_rankings(f, log=said.append)] == [["x", "y"]]
     assert f"{f}:2" in said[-1]
 
 
@@ -132,9 +133,9 @@ def test_reward_model_matches_transformers(model_dir, tmp_path):
     assert shift == 0.25
 
     prompt = [{"role": "user", "content": "And God said, Let there be light"}]
-    rows = data.reward_rows(tok, prompt, ["and there was light.", "", "In the beginning God created the heaven and the earth."])
+    rows = reward_rows(tok, prompt, ["and there was light.", "", "In the beginning God created the heaven and the earth."])
     assert all(r[-1] == token_id(tok, tokenizer.IM_END) for r in rows)
-    idx, last = data.pad_right(rows, tok.pad_id)
+    idx, last = pad_right(rows, tok.pad_id)
     with torch.no_grad():
         want = ours(idx, last=last)  # (B,) raw
         alone = torch.cat([ours(torch.tensor([r])) for r in rows])  # unpadded, one at a time
@@ -232,14 +233,14 @@ def test_rankings_of_heldout_prompts_are_refused(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text(json.dumps(ok) + "\n" + json.dumps(held) + "\n")
     with pytest.raises(DataError, match=r"1 of 2 training rankings .* first .*r.jsonl:2: '  HELLO '"):
-        data.split_rankings(f, log=lambda *_: None)
-    assert len(data.split_rankings(f, eval_frac=0, log=lambda *_: None, heldout="none")[0]) == 2
+        split_rankings(f, log=lambda *_: None)
+    assert len(split_rankings(f, eval_frac=0, log=lambda *_: None, heldout="none")[0]) == 2
     mine = tmp_path / "eval.jsonl"
     mine.write_text(json.dumps({"prompt": "how are you TODAY?"}) + "\n")
     with pytest.raises(DataError, match="r.jsonl:1"):
-        data.split_rankings(f, log=lambda *_: None, heldout=str(mine))
+        split_rankings(f, log=lambda *_: None, heldout=str(mine))
     f.write_text(json.dumps(ok) + "\n")
-    assert len(data.split_rankings(f, eval_frac=0, log=lambda *_: None)[0]) == 1
+    assert len(split_rankings(f, eval_frac=0, log=lambda *_: None)[0]) == 1
 
 
 @pytest.mark.slow

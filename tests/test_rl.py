@@ -18,7 +18,8 @@ import transformers
 from common import bible_corpus, shoggoth, token_id
 from rl_common import ENV, FAST, interrupt_and_resume, lm_dir, records, rm_dir, series, toy_pairs, toy_probability  # noqa: F401
 from shoggoth.lm import checkpoint, sampling, tokenizer
-from shoggoth import data
+from shoggoth.data.prompts import builtin_prompts
+from shoggoth.data.shards import build_shards
 from shoggoth.train import rl
 from shoggoth.evaluation import scoring
 from shoggoth.stages import grpo, ppo
@@ -43,7 +44,7 @@ def test_rollout_logprobs_are_the_training_forwards(lm_dir):
     """The Engine's log-probs at temperature T are log_softmax(logits / T) of a plain forward over the
     right-padded [prompt | response] rows, and <|im_end|> ends a response (pad is another token)."""
     model, tok = sampling.load(lm_dir)
-    recs = data.builtin_prompts("train")[:6]
+    recs = builtin_prompts("train")[:6]
     r = rl.generate(model, tok, rl.encode_prompts(tok, recs, 100), 12, 0.7, seed=3)
     with torch.no_grad():
         lp = rl.token_logprobs(rl.response_logits(model, r), r.tokens, 0.7)
@@ -142,7 +143,7 @@ def test_ppo_collapse_monitor_warns_when_every_answer_is_alike(lm_dir, tmp_path)
 @pytest.mark.slow
 def test_ppo_with_reward_model_ptx_ema_adaptive_kl_resumes_exactly(lm_dir, rm_dir, tmp_path):
     tok = tokenizer.load(lm_dir)
-    data.build_shards([bible_corpus(tmp_path / "corpus.jsonl", verses=300)], tok, tmp_path / "tokens", log=lambda *a: None)
+    build_shards([bible_corpus(tmp_path / "corpus.jsonl", verses=300)], tok, tmp_path / "tokens", log=lambda *a: None)
     out = tmp_path / "ppo"
     args = ["--policy", lm_dir, "--reward", rm_dir, "--out", out, "--iterations", 4, "--batch-size", 8,
             "--minibatch-size", 4, "--ppo-epochs", 2, "--lr", 1e-4, "--ckpt-every", 2, "--eval-every", 2,

@@ -12,7 +12,8 @@ import torch
 
 from common import shoggoth, tiny_model_dir
 from shoggoth.lm import checkpoint
-from shoggoth import data, rounds
+from shoggoth import rounds
+from shoggoth.data.rankings import prompt_key, read_rankings
 from shoggoth.train import metrics
 from shoggoth.lm.model import RewardModel
 from shoggoth.feedback import accounts, assignments, campaigns, jobs
@@ -71,7 +72,7 @@ def test_two_simulated_rounds_end_to_end(tmp_path, sft, db_url, chromium):
                        rows(run / "round-2" / "eval.jsonl"))
     assert len(r1) == 12 and all(x in train for x in r1) and held
     assert {x["campaign"] for x in held} == {"round-2"}
-    assert not {data.prompt_key(x) for x in held} & {data.prompt_key(x) for x in train}
+    assert not {prompt_key(x) for x in held} & {prompt_key(x) for x in train}
     # warm from round 1's reward model: round 2's accuracy before is round 1's model's on round 2's held-out rankings
     assert summary[1]["reward_warm_start"] == str(run / "round-1" / "reward")
     scorer = load_scorer(run / "round-1" / "reward")
@@ -230,7 +231,7 @@ def test_the_ensemble_disagrees_where_the_rankings_do(tmp_path, sft):
     recs += [{"prompt": split[0], "completions": split[1], "ranks": [i % 2, 1 - i % 2]} for i in range(10)]
     path = tmp_path / "rankings.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    model, tok, W = rounds.fit_heads(reward_dir, data.read_rankings(path, log=lambda *_: None), heads=8, seed=0)
+    model, tok, W = rounds.fit_heads(reward_dir, read_rankings(path, log=lambda *_: None), heads=8, seed=0)
     assert W.shape[0] == 8 and not torch.allclose(W[0], W[1])  # the resamples set the heads apart
     msgs = lambda p: [{"role": "user", "content": p}]  # noqa: E731
     d_agreed, d_split = rounds.disagreement(model, tok, W, [{"messages": msgs(agreed[0])}, {"messages": msgs(split[0])}],

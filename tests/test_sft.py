@@ -9,7 +9,8 @@ import transformers
 
 from common import bible_corpus, interrupt_and_resume, shoggoth, tiny_model_dir
 from shoggoth.lm import checkpoint, tokenizer
-from shoggoth import data
+from shoggoth.data.conversations import (chatterbot_conversations, collate, conversation, encode_conversations, pack,
+                                         read_conversations)
 from shoggoth.train import metrics
 from shoggoth.lm.model import GPT, Documents, GPTConfig
 
@@ -45,7 +46,7 @@ def test_chat_template_matches_transformers(model_dir):
 
 def test_no_user_or_padding_token_is_trained(model_dir):
     tok = tokenizer.load(model_dir)
-    examples, _ = data.encode_conversations(CONVS, tok, 128)
+    examples, _ = encode_conversations(CONVS, tok, 128)
     for conv, (ids, labels) in zip(CONVS, examples):
         _, mask = tok.render_chat(conv)
         trained = labels != -100
@@ -53,9 +54,9 @@ def test_no_user_or_padding_token_is_trained(model_dir):
         assert np.array_equal(trained[:-1], np.array(mask[1:]) == 1) and not trained[-1]
         assert np.array_equal(labels[trained], ids[1:][trained[:-1]])
     model = checkpoint.load_pretrained(model_dir).eval()
-    rows = data.pack(examples, 128, [0, 2, 1])
+    rows = pack(examples, 128, [0, 2, 1])
     assert rows == [[0, 2], [1]]  # two short examples share a row
-    ids, labels, pos, seg = data.collate(examples, rows, 128, tok.pad_id)
+    ids, labels, pos, seg = collate(examples, rows, 128, tok.pad_id)
     mask = Documents(seg)
     used = [sum(len(examples[i][0]) for i in row) for row in rows]
     padding = torch.arange(128)[None] >= torch.tensor(used)[:, None]
@@ -113,18 +114,18 @@ def test_bad_sft_lines_name_file_and_line(model_dir, tmp_path):
         assert r.returncode == 1 and f"{f}:2: " in r.stderr and msg in r.stderr, r.stderr
     convs = []
     with pytest.raises(Exception):
-        data.read_conversations(f, log=convs.append)
-    kept = data.read_conversations(f, skip_invalid=True, log=convs.append)
+        read_conversations(f, log=convs.append)
+    kept = read_conversations(f, skip_invalid=True, log=convs.append)
     assert len(kept) == 2 and "2 conversations read, 1 invalid row(s) skipped" in convs[-1]
 
 
 def test_prompt_completion_format_and_builtin_split():
-    conv = data.conversation({"prompt": "2+2?", "completion": "4"}, "x")
+    conv = conversation({"prompt": "2+2?", "completion": "4"}, "x")
     assert conv == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-    conv = data.conversation({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-                              "completion": [{"role": "assistant", "content": "a"}]}, "x")
+    conv = conversation({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                         "completion": [{"role": "assistant", "content": "a"}]}, "x")
     assert [m["role"] for m in conv] == ["system", "user", "assistant"]
-    train, held = data.chatterbot_conversations("train"), data.chatterbot_conversations("heldout")
+    train, held = chatterbot_conversations("train"), chatterbot_conversations("heldout")
     assert len(train) > 1500 and len(held) > 150
     assert not {c[0]["content"] for c in train} & {c[0]["content"] for c in held}
     answers = {}

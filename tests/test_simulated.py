@@ -6,7 +6,8 @@ from functools import lru_cache
 
 import pytest
 
-from shoggoth import data
+from shoggoth.data.conversations import chatterbot_conversations
+from shoggoth.data.prompts import builtin_prompts, prompt_text
 from shoggoth.evaluation import simulated as L
 
 # What the demo's PPO said to every question under the taste before this one (issue: the smiley face).
@@ -15,14 +16,14 @@ COLLAPSED = ["I am doing well.", "I am well.", "I am not sure.", "What?", "I do 
 
 @lru_cache(maxsize=1)
 def questions():
-    return [(data.prompt_text(r), r["references"]) for r in data.builtin_prompts("heldout")]
+    return [(prompt_text(r), r["references"]) for r in builtin_prompts("heldout")]
 
 
 @lru_cache(maxsize=1)
 def candidates():
     """Every text of the corpus (each answer and question, held-out references included), generic
     and collapsed replies, and kitchen sinks of the commonest content words of the references."""
-    texts = {m["content"] for split in ("train", "heldout") for conv in data.chatterbot_conversations(split)
+    texts = {m["content"] for split in ("train", "heldout") for conv in chatterbot_conversations(split)
              for m in conv}
     common = [w for w, _ in Counter(w for _, refs in questions() for r in refs for w in set(L.content_words(r)))
               .most_common(12)]

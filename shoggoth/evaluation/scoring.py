@@ -14,7 +14,8 @@ import string
 import torch
 
 from ..lm import checkpoint, lora, tokenizer
-from .. import data
+from ..data.prompts import prompt_text
+from ..data.rankings import pad_right, reward_rows
 from ..train import dist, rl
 from ..errors import DataError
 from ..train.rl import Rollout
@@ -27,7 +28,7 @@ def scores(model, rows, pad_id, device, batch_size=64):
     """Raw scores (N,) of token rows, right-padded in batches."""
     out = []
     for i in range(0, len(rows), batch_size):
-        idx, last = data.pad_right(rows[i:i + batch_size], pad_id)
+        idx, last = pad_right(rows[i:i + batch_size], pad_id)
         out.append(model(idx.to(device), last=last.to(device)).float())
     return torch.cat(out)
 
@@ -50,7 +51,7 @@ def score_replies(scorer, conversations, replies, raw=False):
     """Scores (raw - shift, or raw) of one reply to each conversation (lists of messages), in
     batches. `scorer` is a reward directory or what load_scorer returned."""
     model, shift, tok = load_scorer(scorer) if not isinstance(scorer, tuple) else scorer
-    rows = [row for conv, text in zip(conversations, replies) for row in data.reward_rows(tok, conv, [text])]
+    rows = [row for conv, text in zip(conversations, replies) for row in reward_rows(tok, conv, [text])]
     with torch.no_grad():
         s = scores(model.eval(), rows, tok.pad_id, "cpu")
     return (s if raw else s - shift).tolist()
@@ -149,7 +150,7 @@ def gold_sums(records, texts):
     ranks with a step's other statistics (dist.all_sums or all_means); with_gold reads them."""
     from .simulated import gold_score
 
-    gold = torch.tensor([gold_score(data.prompt_text(rec), t, rec["references"])
+    gold = torch.tensor([gold_score(prompt_text(rec), t, rec["references"])
                          for rec, t in zip(records, texts) if rec["references"]])
     return {"gold_sum": gold.sum().double(), "gold_n": torch.tensor(len(gold), dtype=torch.float64)}
 
@@ -192,7 +193,7 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, name, show=2
     texts = rl.decode(tok, r)
     if d.main:
         for rec, text in list(zip(recs, texts))[:show]:
-            print(f"  user> {data.prompt_text(rec)}\n  assistant> {text}", flush=True)
+            print(f"  user> {prompt_text(rec)}\n  assistant> {text}", flush=True)
     # The collapse monitor reads greedy answers: sampled at temperature 1, a small model's answers stay
     # apart by their noise alone (a demo run: 64 of 64 sampled answers distinct at every evaluation
     # while its greedy answers were 4 different replies to 83 questions).
@@ -205,7 +206,7 @@ def evaluate(policy, ref, reward_fn, tok, records, c, amp, bf16, d, name, show=2
                                       "eval/kl": kl.float().mean(), "eval/eot_rate": r.ended.float().mean(),
                                       "eval/length": r.lengths.float().mean()}, d.device), "eval/gold", always=True)
     # the first few samples with their rewards, for the trackers' table (TRL's LogCompletionsCallback)
-    samples = [{"prompt": data.prompt_text(rec), "completion": text, "reward": round(float(v), 4)}
+    samples = [{"prompt": prompt_text(rec), "completion": text, "reward": round(float(v), 4)}
                for rec, text, v in list(zip(recs, texts, reward.tolist()))[:SAMPLES]] if d.main else []
     return {**stats, "eval/distinct": distinct, "eval/similarity": similarity, "eval/completions": samples}
 

@@ -238,10 +238,10 @@ def pool():
     """The built-in pool, built once."""
     global _pool
     if _pool is None:
-        from .. import data
+        from ..data.prompts import builtin_prompts, prompt_text
 
-        _pool = Pool([(data.prompt_text(r), r["references"]) for split in ("train", "heldout")
-                      for r in data.builtin_prompts(split)])
+        _pool = Pool([(prompt_text(r), r["references"]) for split in ("train", "heldout")
+                      for r in builtin_prompts(split)])
     return _pool
 
 
@@ -264,13 +264,15 @@ def english_words():
     """The words of the built-in corpora (King James Bible, English chatterbot-corpus), built once."""
     global _english
     if _english is None:
-        from .. import data
+        from ..data.conversations import chatterbot_conversations
+        from ..data.corpus import bible_path
+        from ..data.rows import iter_rows
 
         vocab = set()
-        for _, rec in data.iter_rows(data.bible_path()):
+        for _, rec in iter_rows(bible_path()):
             vocab.update(words(str(rec.get("text", ""))))
         for split in ("train", "heldout"):
-            for conv in data.chatterbot_conversations(split):
+            for conv in chatterbot_conversations(split):
                 for m in conv:
                     vocab.update(words(m["content"]))
         _english = frozenset(vocab)

@@ -7,8 +7,9 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from .. import data
-from ..files import atomic_write
+from ..data.files import atomic_write
+from ..data.prompts import load_prompts
+from ..data.rankings import read_rankings
 from ..errors import DataError
 from . import accounts, assignments, campaigns, guidelines, oversight, queries
 from .db import Rejected, connect, shown_url
@@ -16,8 +17,8 @@ from .db import Rejected, connect, shown_url
 
 def read_prompts(path):
     """Prompt records ({"messages", "references"}) of a prompts JSONL file, read and checked as
-    PPO and GRPO read them (data.prompt_record): the replies are sampled for the same context."""
-    return data.load_prompts(str(path), log=lambda *_: None)
+    PPO and GRPO read them (data.prompts.prompt_record): the replies are sampled for the same context."""
+    return load_prompts(str(path), log=lambda *_: None)
 
 
 def sample(policy, records, n, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=32,
@@ -106,7 +107,7 @@ def import_preferences(path, db, campaign=None, rankings_per_task=3, skip_invali
 
     With `known`, the rows are known-answer tasks instead, their order the expected one, added to
     `campaign` (made if new): they are mixed into its labelers' tasks at its gold rate."""
-    recs = data.read_rankings(str(path), skip_invalid, log)
+    recs = read_rankings(str(path), skip_invalid, log)
     ks = sorted({len(r["completions"]) for r in recs})
     if len(ks) > 1:
         raise DataError(f"{path}: a campaign's tasks all have one number of completions; this set has K = "

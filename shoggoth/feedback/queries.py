@@ -137,7 +137,7 @@ EXPORT_KEYS = ("prompt", "messages", "completions", "ranks", "labeler", "flags",
 
 
 def export_rows(engine, campaign=None, as_pairs=False, leave_out=frozenset()):
-    """Rankings as the records `shoggoth reward` and `dpo` read (data.ranking; the EXPORT_KEYS of
+    """Rankings as the records `shoggoth reward` and `dpo` read (data.rankings.ranking; the EXPORT_KEYS of
     _export_format's, and `models`), or as TRL pairs: a generator, streamed from the database.
     Evaluation campaigns never feed training: they are left out unless `campaign` names one; so are
     the rankings of the (campaign, labeler) names in `leave_out`.

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelDirError
-from ..files import atomic_write, looks_local, write_json
+from ..data.files import atomic_write, looks_local, write_json
 from .model import GPT, GPTConfig
 
 # What a model directory says about its text, copied unchanged from a stage's input to its output.

@@ -140,7 +140,7 @@ def save_adapter(model, sd, out_dir, base_dir, heads=()):
     what the stage's closing line adds; a no-op ('') without adapters."""
     from safetensors.torch import save_file
 
-    from ..files import atomic_write
+    from ..data.files import atomic_write
 
     if not layers(model):
         return ""

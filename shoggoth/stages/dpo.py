@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lm import checkpoint, lora
-from .. import data
+from ..data.rankings import epoch_batches, split_rankings
 from ..train import dist, losses, rl, stage
 from ..errors import ShoggothError
 from ..train.metrics import Metrics, Sums
@@ -94,8 +94,8 @@ def run(c: Config):
 
     tok, policy, ref = rl.load_policy(c, d.device)
     seq_len = c.seq_len or policy.config.max_seq_len
-    train_recs, held_recs = data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, dist.print0,
-                                                c.heldout_prompts)
+    train_recs, held_recs = split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, dist.print0,
+                                           c.heldout_prompts)
     rows, pairs = encode_pairs(train_recs, tok, seq_len)
     held_rows, held_pairs = encode_pairs(held_recs, tok, seq_len)
     dist.print0(f"data: {len(train_recs)} train / {len(held_recs)} held-out rankings -> {len(pairs)} / {len(held_pairs)} "
@@ -105,7 +105,7 @@ def run(c: Config):
     if c.batch_size < d.world:
         raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
 
-    batches = data.epoch_batches(pairs, c.batch_size, c.epochs, c.seed, d.world)  # of pairs
+    batches = epoch_batches(pairs, c.batch_size, c.epochs, c.seed, d.world)  # of pairs
     total = min(len(batches), c.max_steps) if c.max_steps else len(batches)
 
     amp_dtype = dist.autocast_dtype(d.device, c.dtype)

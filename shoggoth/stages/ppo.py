@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lm import checkpoint, lora
-from .. import data
+from ..data.shards import TokenShards
 from ..train import dist, losses, rl, stage
 from ..evaluation import scoring
 from ..errors import ShoggothError
@@ -113,7 +113,7 @@ def run(c: Config):
     both_t, opt, it = stage.train_setup(both, c, d, amp_dtype, state, ckpt_path,
                                         blocks=[*policy.model.layers, *value.model.layers], unit="iteration")
     beta = state["beta"] if state else c.beta
-    shards = data.TokenShards(c.ptx_data, seed=c.seed) if c.ptx_coef else None
+    shards = TokenShards(c.ptx_data, seed=c.seed) if c.ptx_coef else None
 
     n_mb = c.batch_size // c.minibatch_size
     total_steps = c.iterations * c.ppo_epochs * n_mb

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lm import checkpoint, tokenizer
-from .. import data
+from ..data.corpus import read_corpus
+from ..data.shards import TokenShards, build_shards
 from ..train import dist, stage
 from ..errors import ShoggothError
 from ..train.metrics import Metrics, peak_flops
@@ -82,13 +83,13 @@ def run(c: Config):
         tok_dir = out
         if d.main and not (out / "tokenizer.json").exists():
             dist.print0(f"tokenizer: training a {c.vocab_size}-token byte-level BPE on the corpus")
-            tokenizer.save(tokenizer.train(data.read_corpus(c.corpus), c.vocab_size), out, c.seq_len)
+            tokenizer.save(tokenizer.train(read_corpus(c.corpus), c.vocab_size), out, c.seq_len)
     dist.barrier()
     tok = tokenizer.load(tok_dir)
     if d.main:
-        data.build_shards(c.corpus, tok, out / "tokens", c.val_every, log=dist.print0)
+        build_shards(c.corpus, tok, out / "tokens", c.val_every, log=dist.print0)
     dist.barrier()
-    shards = data.TokenShards(out / "tokens", seed=c.seed)
+    shards = TokenShards(out / "tokens", seed=c.seed)
 
     # ---- model and optimizer
     torch.manual_seed(c.seed)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..lm import checkpoint, lora, sampling, tokenizer
-from .. import data
+from ..data.rankings import (encode_rankings, flatten_rankings, grouped_batches, pad_right, prompt_key, reward_rows,
+                             split_rankings)
 from ..train import dist, losses, stage
 from ..errors import ShoggothError
 from ..feedback.agreement import kendall_tau_b
@@ -63,7 +64,7 @@ MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "heldout_prompts", "normalize_samp
 def load_rankings(c: Config, log):
     """(train, held-out) rankings. Without --eval-rankings the held-out share is a set of
     prompts (chosen by a hash), so that no held-out prompt has rankings in training."""
-    return data.split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log, c.heldout_prompts)
+    return split_rankings(c.rankings, c.eval_rankings, c.eval_frac, c.skip_invalid, log, c.heldout_prompts)
 
 
 def normalization_shift(model, c: Config, tok, prompts, device, log):
@@ -72,7 +73,7 @@ def normalization_shift(model, c: Config, tok, prompts, device, log):
     texts = sampling.chat_replies((policy, tok), prompts, c.normalize_max_new_tokens, c.normalize_temperature,
                                   seed=c.seed, batch_size=64, strip=False)
     del policy
-    rows = [data.reward_rows(tok, p, [t])[0][-(c.seq_len or model.config.max_seq_len):] for p, t in zip(prompts, texts)]
+    rows = [reward_rows(tok, p, [t])[0][-(c.seq_len or model.config.max_seq_len):] for p, t in zip(prompts, texts)]
     with torch.no_grad():  # fp32, as `shoggoth score` and transformers compute it
         raw = scores(model.eval(), rows, tok.pad_id, device)
     log(f"normalisation: {len(rows)} SFT-policy completions of training prompts: raw reward mean "
@@ -91,15 +92,15 @@ def run(c: Config):
     config.pad_token_id = score_pad(tok)  # transformers reads the score at the last token that is not pad
     seq_len = c.seq_len or config.max_seq_len
     train, held = load_rankings(c, dist.print0)
-    cut = sum(data.encode_rankings(recs, tok, seq_len, config.pad_token_id) for recs in (train, held))
+    cut = sum(encode_rankings(recs, tok, seq_len, config.pad_token_id) for recs in (train, held))
     n_pairs = lambda recs: sum(sum(a < b for a in r["ranks"] for b in r["ranks"]) for r in recs)  # noqa: E731
     dist.print0(f"data: {len(train)} train / {len(held)} held-out rankings ({n_pairs(train)} / {n_pairs(held)} untied "
                 f"pairs), K = {sorted({len(r['rows']) for r in train})}; {cut} rows truncated to seq_len={seq_len}")
     if c.batch_size < d.world:
         raise ShoggothError(f"--batch-size {c.batch_size} is below the number of processes ({d.world})")
 
-    batches = data.grouped_batches(train, c.batch_size, c.epochs, c.seed, d.world)
-    held_batches = data.grouped_batches(held, c.batch_size, 1, c.seed, 1)
+    batches = grouped_batches(train, c.batch_size, c.epochs, c.seed, d.world)
+    held_batches = grouped_batches(held, c.batch_size, 1, c.seed, 1)
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
@@ -129,8 +130,8 @@ def run(c: Config):
 
     def micro(records, fwd):
         """This rank's share of rankings -> (loss, margins, tokens)."""
-        rows, which, ranks, groups = data.flatten_rankings(records)
-        idx, last = data.pad_right(rows, tok.pad_id)
+        rows, which, ranks, groups = flatten_rankings(records)
+        idx, last = pad_right(rows, tok.pad_id)
         rewards = fwd(idx.to(d.device), last=last.to(d.device))[which.to(d.device)]  # (N,)
         loss, margins = losses.ranking_loss(rewards, ranks.to(d.device), groups.to(d.device))
         return loss, margins, sum(map(len, rows))
@@ -147,7 +148,7 @@ def run(c: Config):
                 recs = dist.share(recs, d)
                 if not recs:
                     continue
-                rows, which, ranks, groups = data.flatten_rankings(recs)
+                rows, which, ranks, groups = flatten_rankings(recs)
                 r = scores(model, rows, tok.pad_id, d.device)[which.to(d.device)]
                 loss, m = losses.ranking_loss(r, ranks.to(d.device), groups.to(d.device))
                 sums.add(loss=loss * len(recs), rankings=len(recs), correct=(m > 0).sum(), pairs=len(m), margin=m.float().sum())
@@ -205,7 +206,7 @@ def run(c: Config):
 
     shift = 0.0
     if c.normalize_samples:
-        unique = list({data.prompt_key(r): r["prompt"] for r in train}.values())
+        unique = list({prompt_key(r): r["prompt"] for r in train}.values())
         pick = np.random.default_rng(c.seed).permutation(len(unique))[:c.normalize_samples]
         shift = normalization_shift(model, c, tok, [unique[i] for i in sorted(pick)], d.device, dist.print0)
         metrics.log(step, echo=False, reward_shift=shift)

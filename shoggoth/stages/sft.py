@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..lm import checkpoint, lora, tokenizer
-from .. import data
+from ..data.conversations import chatterbot_conversations, collate, encode_conversations, pack, read_conversations
 from ..train import dist, stage
 from ..errors import ShoggothError
 from ..train.metrics import Metrics, peak_flops
@@ -53,12 +53,12 @@ MAY_CHANGE = stage.MAY_CHANGE | {"max_steps", "sample_every", "max_memory"}
 def load_conversations(c: Config, log):
     """(train, held-out) conversations from the flags."""
     if not c.data:
-        train, held = data.chatterbot_conversations("train"), data.chatterbot_conversations("heldout")
+        train, held = chatterbot_conversations("train"), chatterbot_conversations("heldout")
         log(f"data: built-in chatterbot-corpus: {len(train)} train / {len(held)} held-out conversations (split by question)")
         return train, held
-    train = data.read_conversations(c.data, c.skip_invalid, log)
+    train = read_conversations(c.data, c.skip_invalid, log)
     if c.eval_data:
-        return train, data.read_conversations(c.eval_data, c.skip_invalid, log)
+        return train, read_conversations(c.eval_data, c.skip_invalid, log)
     n = max(1, len(train) // 20) if len(train) > 1 else 0
     return train[n:], train[:n] or train
 
@@ -85,8 +85,8 @@ def run(c: Config):
     tok.check_model(model.config.vocab_size, c.init)
     limit = c.seq_len or model.config.max_seq_len
     train_convs, held_convs = load_conversations(c, dist.print0)
-    train, cut = data.encode_conversations(train_convs, tok, limit)
-    held, held_cut = data.encode_conversations(held_convs, tok, limit)
+    train, cut = encode_conversations(train_convs, tok, limit)
+    held, held_cut = encode_conversations(held_convs, tok, limit)
     if not train:
         raise ShoggothError(f"{c.data or 'the built-in data'}: no conversation has an assistant turn to train on")
     # Rows as long as the data needs, not the model's context (8,192 to 128K tokens for real
@@ -110,12 +110,12 @@ def run(c: Config):
     batches = []
     for epoch in range(c.epochs):
         order = np.random.default_rng([c.seed, epoch]).permutation(len(train))
-        rows = data.pack(train, seq_len, order)
+        rows = pack(train, seq_len, order)
         batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     total = len(batches) // c.grad_accum
     if c.max_steps:
         total = min(total, c.max_steps)
-    held_rows = data.pack(held, seq_len, range(len(held)))
+    held_rows = pack(held, seq_len, range(len(held)))
 
     if state:
         checkpoint.load_trained(model, state["model"], ckpt_path)
@@ -129,7 +129,7 @@ def run(c: Config):
 
     def micro_loss(examples, rows):
         """This rank's rows of a global batch: (sum of token losses, global count of loss tokens)."""
-        ids, labels, pos, seg = data.collate(examples, rows, seq_len, tok.pad_id)
+        ids, labels, pos, seg = collate(examples, rows, seq_len, tok.pad_id)
         count = (labels != -100).sum().to(d.device, torch.float32)
         share = slice(d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world)
         if share.start == share.stop:  # fewer rows than ranks: run one row without loss tokens, so collectives match

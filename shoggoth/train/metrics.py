@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .dist import clock
-from ..files import atomic_write
+from ..data.files import atomic_write
 from .trackers import open_all, trl_name
 
 # Dense bf16 peak FLOP/s of common accelerators (spec sheets, no sparsity).

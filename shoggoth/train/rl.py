@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..lm import checkpoint, lora, sampling, tokenizer
-from .. import data
+from ..data.prompts import load_prompts
 from . import dist
 from ..lm.engine import Engine
 from ..errors import DataError
@@ -34,10 +34,10 @@ def load_prompt_sets(c, log):
     """(train, held-out) prompt records of a stage's Config: --prompts (default the built-in training
     questions) and at most eval_samples of --eval-prompts (default, when --prompts is empty, the
     built-in held-out questions; else none)."""
-    prompts = data.load_prompts(c.prompts, c.skip_invalid, log)
+    prompts = load_prompts(c.prompts, c.skip_invalid, log)
     if not (c.eval_prompts or not c.prompts):
         return prompts, []
-    return prompts, data.load_prompts(c.eval_prompts, c.skip_invalid, log, split="heldout")[:c.eval_samples]
+    return prompts, load_prompts(c.eval_prompts, c.skip_invalid, log, split="heldout")[:c.eval_samples]
 
 
 def encode_prompts(tok, records, room):

@@ -1,6 +1,6 @@
 """Files, without the model: atomic writes (a reader or a killed run sees the old file or the new
 one) and what can only be a local path. Reading data, metrics and the ranking app's exports needs
-these and nothing of torch (checkpoint.py holds the models' directories)."""
+these and nothing of torch (lm/checkpoint.py holds the models' directories)."""
 
 import json
 import os
