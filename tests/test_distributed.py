@@ -401,7 +401,8 @@ def test_fsdp_rl_run_trains_like_ddp_and_resumes_in_one_process(stage, lm, promp
 
 GATHER = """
 import json
-from shoggoth import dist, scoring
+from shoggoth.train import dist
+from shoggoth.evaluation import scoring
 d = dist.setup("cpu")
 answers = dist.gathered(["Amen."] if d.rank == 0 else ["amen", "Let there be light"], d)
 if d.main:
