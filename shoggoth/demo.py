@@ -15,16 +15,24 @@ checkpoint, so re-running the same command continues where it stopped.
 
 import dataclasses
 import json
+import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .lm import checkpoint
-from . import config
+import torch
+
+from . import config, rounds
 from .data.files import write_json
-from .train import metrics
+from .data.prompts import builtin_prompts, prompt_text
 from .errors import ShoggothError
-from .feedback import winrate
+from .evaluation import report, simulated
+from .evaluation.scoring import load_scorer, score_replies, score_texts
+from .feedback import campaigns, jobs, queries, winrate
+from .feedback.agreement import agreement
+from .feedback.db import connect
+from .lm import checkpoint, lora, sampling
+from .train import dist, metrics
 from .train.metrics import duration
 
 MODELS = ("pretrained", "sft", "ppo-1", "ppo", "dpo")  # ppo-1: the first round's policy; ppo: the last round's
@@ -106,9 +114,6 @@ def plan(rate, dtype, budget, quick=False):
 def step_seconds(amp_dtype):
     """Seconds of one step of the demo's pretraining (its preset's model and batch, forward,
     backward and AdamW, in the run's dtype) on this machine: the median of four after two to warm up."""
-    import torch
-
-    from .train import dist
 
     stage, c = config.load("pretrain", SCALES["cpu"])
     model = stage.new_model(c, c.vocab_size)
@@ -134,11 +139,6 @@ def init_costs(init, dev, amp):
     AdamW, through LoRA adapters where the stages use them) and costs["fwd"] one forward without
     gradients, both on a 16-row minibatch of a prompt and a 48-token reply: what PPO, DPO and the
     reward model do over and over."""
-    import torch
-
-    from .data.prompts import builtin_prompts
-    from .train import dist
-    from .lm import lora, sampling
 
     model, tok = sampling.load(init, dev)
     params = sum(p.numel() for p in model.parameters())
@@ -218,10 +218,6 @@ def init_plan(costs, budget, train_prompts, heldout_prompts):
 
 class Run:
     def __init__(self, out, quick=False, dtype="auto", budget=BUDGET, device="", scale="cpu", init=""):
-        import torch
-
-        from .train import dist, metrics
-
         dev = dist.device_or_error(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any file
         self.quick = quick
         self.out = Path(out)
@@ -236,7 +232,6 @@ class Run:
             name = "bf16" if amp == torch.bfloat16 else "fp32"
             rate = metrics.peak_flops(dev, amp)  # measured on a CPU; a GPU's spec sheet (bf16) or measured
             if init:  # the user's model: no pretraining, the RLHF half sized to the budget by its measured costs
-                from .data.prompts import builtin_prompts
 
                 costs, params, lora = init_costs(init, dev, amp)
                 sizes = {"prompts_per_round": QUICK_PROMPTS // ROUNDS, "estimate": None} if quick else \
@@ -338,10 +333,6 @@ def rlhf_round(run: Run, n):
     current policy (the SFT model in round 1), ranked by simulated labelers through the feedback app's
     database; the reward model retrained on every round's rankings so far; PPO from the current
     policy with the KL leash to the SFT model. In run/round-n/."""
-    from . import rounds
-    from .feedback import campaigns, queries
-    from .feedback.db import connect
-    from .feedback.agreement import agreement
 
     name, o = f"round-{n}", run.out
     if config.finished(o / name / "ppo"):
@@ -386,10 +377,6 @@ def gold_and_proxy(model, records, scorers):
     """Mean gold (simulated labelers' noise-free taste) and proxy (each of scorers', load_scorer's)
     score of SAMPLES replies sampled from model (sampling.load's) per held-out prompt (SAMPLING: the same for every model), and the
     first reply to each prompt (what the labelers compare blind)."""
-    from .data.prompts import prompt_text
-    from .lm import sampling
-    from .evaluation import simulated
-    from .evaluation.scoring import score_replies
 
     records = [r for r in records for _ in range(SAMPLES)]
     replies = sampling.chat_replies(model, [r["messages"] for r in records], **SAMPLING)
@@ -406,7 +393,6 @@ def model_dirs(run: Run):
 
 
 def heldout_prompts(run: Run):
-    from .data.prompts import builtin_prompts
 
     held = builtin_prompts("heldout")
     return held[:12] if run.quick else held[:run.summary["plan"].get("heldout") or len(held)]
@@ -415,10 +401,6 @@ def heldout_prompts(run: Run):
 def answers(run: Run, reward_dir):
     """The same held-out prompts answered by every model, greedy, with proxy and gold scores; returns
     each model's first sampled reply to every held-out prompt."""
-    from .data.prompts import prompt_text
-    from .lm import sampling
-    from .evaluation import simulated
-    from .evaluation.scoring import load_scorer, score_texts
 
     scorer = load_scorer(reward_dir)
     first = run.out / "round-1" / "reward"
@@ -471,11 +453,6 @@ def blind_winrates(run: Run, answers):
     model, blind, through the feedback app's database and the same code as people (an evaluation
     campaign, as `shoggoth feedback compare` makes, of the replies behind the gold reward); then the
     win rate of every pair with its bootstrap interval (`shoggoth feedback winrate`)."""
-    import random
-
-    from .data.prompts import prompt_text
-    from .feedback import campaigns, jobs
-    from .feedback.db import connect
 
     db = feedback_db(run)
     engine = connect(db)
@@ -531,9 +508,6 @@ def run(out="runs/demo", quick=False, dtype="auto", budget=BUDGET, device="", sc
     h["winrate_ppo_ppo-1_low"] = ppo_1["ci"][0] if ppo_1["ci"] else None
     r.summary["timings"]["winrate"] = round(time.time() - t, 1)
     r.save()
-
-    from .evaluation import report
-    from . import rounds
 
     html = report.write(o)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731

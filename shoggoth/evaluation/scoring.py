@@ -19,6 +19,8 @@ from ..data.rankings import pad_right, reward_rows
 from ..train import dist, rl
 from ..errors import DataError
 from ..train.rl import Rollout
+from ..lm.model import RewardModel
+from .simulated import gold_score, token_f1
 
 
 # ---------------------------------------------------------------- the reward model
@@ -101,8 +103,6 @@ def value_model(c, config, reward_model):
     """PPO's value model of a stage Config c (on the CPU, c's LoRA adapters on): the reward
     model (c.reward) with its head, as InstructGPT starts it; with LoRA the frozen reward model's
     own trunk (lora_value); with c.toy_reward the policy's trunk (c.policy, `config`) and a zero head."""
-    from ..lm.model import RewardModel
-
     if c.toy_reward:  # no reward model to start from
         value = RewardModel(config)
         checkpoint.load_trunk(value, c.policy)
@@ -119,8 +119,6 @@ def lora_value(reward_model):
     lora.wrap then gives the value's own adapters, and a trained copy of its head. It starts
     as the reward model, as InstructGPT's value model does; the reward, computed with the
     adapters off (load_reward), stays the reward model's."""
-    from ..lm.model import RewardModel
-
     value = RewardModel(reward_model.config, trunk=reward_model.model)
     value.score.load_state_dict(reward_model.score.state_dict())
     return value.to(reward_model.score.weight.device)
@@ -148,8 +146,6 @@ def gold_sums(records, texts):
     """{"gold_sum", "gold_n"}: the sum and count of the simulated labelers' noise-free taste
     (simulated.gold_score) of the responses to prompts with reference answers, to be reduced over
     ranks with a step's other statistics (dist.all_sums or all_means); with_gold reads them."""
-    from .simulated import gold_score
-
     gold = torch.tensor([gold_score(prompt_text(rec), t, rec["references"])
                          for rec, t in zip(records, texts) if rec["references"]])
     return {"gold_sum": gold.sum().double(), "gold_n": torch.tensor(len(gold), dtype=torch.float64)}
@@ -230,8 +226,6 @@ def answer_diversity(texts):
     when all are identical. Reward climbing while distinct falls and similarity rises is mode
     collapse, one answer to every question. O(n^2): meant for an evaluation's few dozen answers.
     Fewer than two answers have no pair: similarity 0 (and no answers, distinct 1)."""
-    from .simulated import token_f1
-
     norm = [normalised_answer(t) for t in texts]
     pairs = [(a, b) for i, a in enumerate(norm) for b in norm[i + 1:]]
     similarity = sum(1.0 if a == b else token_f1(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0

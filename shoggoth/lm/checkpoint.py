@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ModelDirError
+from ..errors import ModelDirError, ShoggothError
 from ..data.files import atomic_write, looks_local, write_json
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, RewardModel
 
 # What a model directory says about its text, copied unchanged from a stage's input to its output.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -275,8 +275,6 @@ def save_reward(model, out_dir, shift=0.0, tokenizer_dir=None, state_dict=None):
 
     transformers reads the score at the last token that is not pad_token_id and knows
     nothing of the shift: its logits are raw scores; shoggoth's scores are raw - shift."""
-    from .model import RewardModel  # noqa: F401  (the type this writes)
-
     out = Path(out_dir)
     save_pretrained(model, out, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
     cfg = read_config(out)  # pad_token_id: where transformers reads the score (stages/reward.score_pad)
@@ -288,8 +286,6 @@ def save_reward(model, out_dir, shift=0.0, tokenizer_dir=None, state_dict=None):
 
 def load_reward(model_dir, dtype=torch.float32):
     """A reward directory -> (RewardModel, shift); shoggoth's score is the model's output - shift."""
-    from .model import RewardModel
-
     d = Path(model_dir)
     cfg = read_config(d)
     if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []) \
@@ -331,8 +327,6 @@ def trained(model, sd):
 
 def load_trained(model, sd, where):
     """Load what trained(model, ...) saved into model; the frozen rest stays as loaded."""
-    from ..errors import ShoggothError
-
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or set(missing) - frozen:
@@ -346,8 +340,6 @@ def latest_checkpoint(out_dir):
 
 
 def load_checkpoint(path):
-    from ..errors import ShoggothError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or not a checkpoint: torch raises RuntimeError, pickle errors, EOFError
@@ -361,8 +353,6 @@ def resume_state(out_dir, config, resume, may_change, auto=()):
     Refuses to start over a run that has checkpoints (no silent overwrite) and to
     resume with a config that differs, in fields outside may_change, from the saved one.
     Fields in auto that are 0 now (sized by the run) take the saved value: the caller reads it."""
-    from ..errors import ShoggothError
-
     path = latest_checkpoint(out_dir)
     if path and not resume:
         raise ShoggothError(f"{out_dir} has checkpoints from an earlier run: pass --resume to continue it, or pick another --out")

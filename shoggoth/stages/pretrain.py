@@ -20,6 +20,7 @@ from ..train import dist, stage
 from ..errors import ShoggothError
 from ..train.metrics import Metrics, peak_flops
 from ..lm.model import GPT, GPTConfig
+from ..lm.sampling import complete
 
 
 @dataclass
@@ -163,8 +164,6 @@ def run(c: Config):
 
 
 def print_samples(model, tok, n_tokens, show=True):
-    from ..lm.sampling import complete
-
     texts = complete((model, tok), SAMPLE_PROMPTS, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=0)
     for prompt, text in zip(SAMPLE_PROMPTS, texts):
         if show:

@@ -23,6 +23,7 @@ from ..train import dist, stage
 from ..errors import ShoggothError
 from ..train.metrics import Metrics, peak_flops
 from ..lm.model import Documents
+from ..lm.sampling import chat_reply
 
 
 @dataclass
@@ -189,8 +190,6 @@ def run(c: Config):
 
 
 def print_answers(model, tok, convs, show=True):
-    from ..lm.sampling import chat_reply
-
     for conv in convs:
         prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv
         answer = chat_reply((model, tok), prompt, max_new_tokens=48, temperature=0.0)

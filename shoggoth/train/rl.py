@@ -24,7 +24,7 @@ from ..lm import checkpoint, lora, sampling, tokenizer
 from ..data.prompts import load_prompts
 from . import dist
 from ..lm.engine import Engine
-from ..errors import DataError
+from ..errors import DataError, ShoggothError
 
 
 # ---------------------------------------------------------------- prompts
@@ -100,8 +100,6 @@ def load_policy(c, device):
 def check_lora(c):
     """Refuse LoRA dropout in an RL stage: the ratio and the KL compare a training forward with
     the rollout's (dropout-free) log-probs, which dropout would set apart."""
-    from ..errors import ShoggothError
-
     if c.lora_r and c.lora_dropout:
         raise ShoggothError("--lora-dropout must be 0 in PPO and GRPO: the policy's training forwards must compute "
                             "the log-probs its rollouts were sampled with")

@@ -23,6 +23,7 @@ import torch
 from ..lm import checkpoint, lora
 from . import dist, optim
 from ..errors import TrainingError
+from .rl import split_state
 
 
 @dataclass
@@ -163,8 +164,6 @@ def save_checkpoint(out, step, model, opt, c, split=False, **extra):
     the others wait for it. Every rank resumes from it."""
     sd = checkpoint.trained(model, dist.model_state(model))
     if split:
-        from .rl import split_state
-
         sd = split_state(sd)
     models = sd if split else {"model": sd}
     optim_sd = dist.optim_state(model, opt)

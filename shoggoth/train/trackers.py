@@ -11,6 +11,7 @@ TRACKIO_PROJECT. `auto` (the default) is TensorBoard when it is installed, as be
 import json
 import os
 from pathlib import Path
+from ..errors import ShoggothError
 
 CHOICES = ("auto", "none", "tensorboard", "wandb", "mlflow", "trackio")
 MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
@@ -50,8 +51,6 @@ def trl_name(stage, key):
 def open_all(names, out, stage, config, resume_step):
     """The trackers `names` asks for, opened for this run: an explicitly named one that is not
     installed is a one-line error naming what to install."""
-    from ..errors import ShoggothError
-
     if "none" in names:
         return []
     if "auto" in names:
