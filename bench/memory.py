@@ -12,8 +12,8 @@ tokenizer and template on each, the model's own vocabulary size) go through, one
     trunk with them off): one prompt per iteration, of 1,960-1,984 tokens, and a response of
     at most 64 new tokens (one minibatch, one PPO epoch), against a reward model on the same
     trunk with a random head (bench/lora.py make_reward).
-DPO and PPO also with --grad-ckpt on: their `auto` is off (only SFT sizes its step to the
-memory). At the 135M shape also `shoggoth sft` in full at its own default batch
+DPO and PPO also with --grad-ckpt on (their `auto` turns it on only where the step would not fit half the
+memory available). At the 135M shape also `shoggoth sft` in full at its own default batch
 (--batch-size 0: rows sized to half the available memory) and with --grad-ckpt on, and TRL's
 SFTTrainer on the same 1 x 2,048-token rows at its defaults (gradient checkpointing on;
 bench/sft_trl.py; skipped when trl is not importable).
@@ -39,6 +39,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -145,7 +146,9 @@ def measure(work, shape, a):
             continue
         wait_for_memory(FREE_GIB.get(shape, 2))
         t0 = time.time()
-        res = {"shape": shape, "run": name, **lora.run(args, d / name.replace(" ", "-").replace(",", ""), a.threads),
+        out = d / name.replace(" ", "-").replace(",", "")
+        shutil.rmtree(out, ignore_errors=True)  # a run that was never recorded (killed, or its line removed) starts over
+        res = {"shape": shape, "run": name, **lora.run(args, out, a.threads),
                "wall_s": time.time() - t0, "when": f"{datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC"}
         with open(store, "a") as f:
             f.write(json.dumps(res) + "\n")
