@@ -1,6 +1,6 @@
-"""fp64 gradcheck of the hand-written backwards (RMSNorm's, SwiGLU's, the chunked linear + cross-entropy:
-the package's only autograd.Functions) and of the training paths that reshape the forward:
-fused q/k/v, GQA, causal attention as two matmuls, packed documents. A wrong backward would
+"""fp64 gradcheck of the hand-written backwards (RMSNorm's, SwiGLU's, causal attention's as two
+matmuls, the chunked linear + cross-entropy: the package's only autograd.Functions) and of the
+training paths that reshape the forward: fused q/k/v, GQA, packed documents. A wrong backward would
 train, slowly and wrongly, and pass every other test."""
 
 import pytest
@@ -95,6 +95,30 @@ def test_causal_attention_as_two_matmuls_backward():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.allclose(causal_attention_cpu(q, k, v), ref)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_matches_autograd_bit_for_bit_and_keeps_no_probabilities(dtype):
+    # The hand-written backward (probabilities recomputed) against autograd through the same two
+    # matmuls and softmax, which keeps the (N, T, T) probabilities: same output and gradients, bit for bit.
+    def autograd_form(q, k, v):
+        B, H, T, D = q.shape
+        bias = torch.zeros(T, T, dtype=q.dtype).masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        s = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5)
+        return (s.softmax(-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 37, 16).to(dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(3, 4, 37, 16).to(dtype)
+    runs = []
+    for f in (causal_attention_cpu, autograd_form):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            y = f(q, k, v)
+        runs.append((y, torch.autograd.grad(y, (q, k, v), grad), shapes))
+    (y0, g0, kept0), (y1, g1, kept1) = runs
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert (12, 37, 37) in kept1 and (12, 37, 37) not in kept0  # the probabilities: kept by autograd only
 
 def tiny(**kw):
     torch.manual_seed(0)

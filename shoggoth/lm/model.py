@@ -116,10 +116,42 @@ def causal_attention_cpu(q, k, v):
     its forward+backward is faster than SDPA's flash kernel; at T=1024 flash wins
     (bench/RESULTS.md, "Figures quoted in the code")."""
     B, H, T, D = q.shape
+    q, k, v = (x.reshape(B * H, T, D) for x in (q, k, v))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _CausalAttention.apply(q, k, v).view(B, H, T, D)
+    return (_causal_probs(q, k) @ v).view(B, H, T, D)
+
+
+def _causal_probs(q, k):
+    """softmax(q k^T / sqrt(D) + causal mask) of q, k (N, T, D): (N, T, T) in their dtype."""
+    T, D = q.shape[1:]
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-    s = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5)
-    return (s.softmax(-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
+    return torch.baddbmm(bias, q, k.transpose(1, 2), alpha=D**-0.5).softmax(-1)
+
+
+class _CausalAttention(torch.autograd.Function):
+    """causal_attention_cpu's two matmuls, keeping q, k and v for backward and recomputing the
+    probabilities there: autograd would keep them, (N, T, T) per layer (about 5.5 KB per token and
+    layer for 300-token documents at SmolLM2-135M's 9 heads in bf16, as much as the rest of the
+    attention), for one more q k^T in backward. Backward runs the ops autograd's formulas for bmm,
+    softmax and baddbmm run, in their order, so the gradients are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return _causal_probs(q, k) @ v
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        p = _causal_probs(q, k)  # (N, T, T), as forward made it
+        grad_v = p.transpose(1, 2).bmm(grad)  # p @ v: bmm's mat2
+        grad_s = torch._softmax_backward_data(grad.bmm(v.transpose(1, 2)), p, -1, p.dtype)  # bmm's self, softmax
+        scale = q.shape[-1] ** -0.5
+        grad_q = grad_s.bmm(k) * scale  # baddbmm's batch1, times alpha
+        grad_k = (q.transpose(1, 2).bmm(grad_s) * scale).transpose(1, 2)  # batch2 = k^T, back through the transpose
+        return grad_q, grad_k, grad_v
 
 
 def decode_attention_cpu(q, k, v, mask=None):
