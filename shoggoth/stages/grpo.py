@@ -74,10 +74,7 @@ def run(c: Config):
     prompt_ids = rl.encode_prompts(tok, prompts, room)
     mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
     # checkpointing (auto) where a minibatch of the longest rows would not fit the memory budget
-    budget, _ = stage.memory_budget(c, d)  # the least any rank has
-    tokens = mb * (max(map(len, prompt_ids)) + c.max_new_tokens)
-    _, ckpt_note = stage.grad_ckpt([policy], c, stage.weight_bytes(policy) + stage.activation_bytes(policy, False) * tokens,
-                                   budget)
+    _, ckpt_note, *_ = stage.sized_ckpt([policy], c, d, mb * (max(map(len, prompt_ids)) + c.max_new_tokens))
     pv = rl.PolicyValue(policy)  # DDP or FSDP2 over ranks; pv on one
     policy_t, opt, it = stage.train_setup(pv, c, d, amp_dtype, state, ckpt_path, blocks=policy.model.layers,
                                           unit="iteration")

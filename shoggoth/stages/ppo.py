@@ -104,10 +104,7 @@ def run(c: Config):
     prompt_ids = rl.encode_prompts(tok, prompts, room)
     mb = c.minibatch_size // d.world  # this rank's rows per optimizer step
     # checkpointing (auto) where a minibatch of the longest rows would not fit the memory budget
-    budget, _ = stage.memory_budget(c, d)  # the least any rank has
-    tokens = mb * (max(map(len, prompt_ids)) + c.max_new_tokens)
-    need = sum(stage.weight_bytes(m) + stage.activation_bytes(m, False) * tokens for m in (policy, value))
-    _, ckpt_note = stage.grad_ckpt([policy, value], c, need, budget)
+    _, ckpt_note, *_ = stage.sized_ckpt([policy, value], c, d, mb * (max(map(len, prompt_ids)) + c.max_new_tokens))
     both = rl.PolicyValue(policy, value)
     # DDP over ranks, or FSDP2 sharding every block of both models, then the rest; the models themselves on one
     both_t, opt, it = stage.train_setup(both, c, d, amp_dtype, state, ckpt_path,

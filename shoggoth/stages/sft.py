@@ -96,10 +96,9 @@ def run(c: Config):
     # Checkpointing (auto) where the rows asked for, or one, would not fit without it.
     saved = state["config"] if state else {}
     seq_len = c.seq_len or saved.get("seq_len") or min(limit, 64 * math.ceil(max(len(x) for x, _ in train + held) / 64))
-    budget, whence = stage.memory_budget(c, d)  # the least any rank has
     asked = c.batch_size or saved.get("batch_size")
-    need = stage.weight_bytes(model) + stage.activation_bytes(model, False) * seq_len * (math.ceil(asked / d.world) if asked else 1)
-    ckpt, ckpt_note = stage.grad_ckpt([model], c, need, budget)
+    rows = math.ceil(asked / d.world) if asked else 1  # this rank's rows per micro-step (at least one)
+    ckpt, ckpt_note, budget, whence = stage.sized_ckpt([model], c, d, seq_len * rows)
     batch_size = asked or d.world * micro_rows(budget - stage.weight_bytes(model), stage.activation_bytes(model, ckpt), seq_len,
                                                (budget, whence), dist.print0)
     c = dataclasses.replace(c, seq_len=seq_len, batch_size=batch_size)  # what the checkpoints record

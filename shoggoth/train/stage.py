@@ -90,15 +90,22 @@ def memory_budget(c, d):
     return int(dist.all_min(torch.tensor(available // 2, device=d.device))), "half the memory available"
 
 
+def sized_ckpt(models, c, d, tokens):
+    """grad_ckpt with the memory sizing of a step that puts `tokens` tokens through each of models at
+    once: (on, the start-up line's note, the budget in bytes, whence): checkpointing (auto) where their
+    weights, AdamW state and activations would not fit the memory budget (the least any rank has)."""
+    budget, whence = memory_budget(c, d)
+    need = sum(weight_bytes(m) + activation_bytes(m, False) * tokens for m in models)
+    return (*grad_ckpt(models, c, need, budget), budget, whence)
+
+
 def micro_steps(model, c, d, share, item_tokens, name, item):
     """(items per micro-step, the start-up line's note) for a stage whose step puts `share` items (pairs,
     rankings) of at most item_tokens tokens each through model on this rank: checkpointing (auto) where
     the whole share would not fit the memory budget (the least any rank has), then as many items per
     micro-step as fit, said when fewer than the share."""
-    budget, whence = memory_budget(c, d)
-    weights = weight_bytes(model)
-    ckpt, note = grad_ckpt([model], c, weights + activation_bytes(model, False) * item_tokens * share, budget)
-    per = int(max(1, min(share, (budget - weights) // (activation_bytes(model, ckpt) * item_tokens))))
+    ckpt, note, budget, whence = sized_ckpt([model], c, d, item_tokens * share)
+    per = int(max(1, min(share, (budget - weight_bytes(model)) // (activation_bytes(model, ckpt) * item_tokens))))
     if per < share:
         dist.print0(f"{name}: {per} {item}(s) per micro-step per process, to fit {budget / 2**30:.3g} GiB ({whence})")
     return per, note
